@@ -1,0 +1,57 @@
+# edgelb: `make demo` runs a demo, `make test` runs every test.
+SHELL := /bin/bash
+GO ?= go
+BIN := $(CURDIR)/bin
+CONSUL_VERSION := 1.13.9
+export PATH := $(BIN):$(PATH)
+
+.PHONY: all build test test-race test-alloc bench consul demo vet fmt clean peers
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# Consul: one on PATH is used as is; otherwise v$(CONSUL_VERSION) is built
+# from the Go module proxy (about 3 minutes the first time on 2 cores).
+consul: $(BIN)/consul
+
+$(BIN)/consul:
+	@mkdir -p $(BIN)
+	@if command -v consul >/dev/null 2>&1 && [ "$$(command -v consul)" != "$(BIN)/consul" ]; then \
+		echo "using $$(command -v consul)"; ln -sf "$$(command -v consul)" $(BIN)/consul; \
+	else \
+		echo "building consul v$(CONSUL_VERSION) into $(BIN)/consul (first time: a few minutes)"; \
+		cd cmd/consul && $(GO) build -o $(BIN)/consul github.com/hashicorp/consul; \
+	fi
+	@$(BIN)/consul version | head -1
+
+vet:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+# Every test: vet, the race-enabled suite (Consul integration tests
+# included, against a real agent), then the allocation tests, which only
+# build without -race.
+test: consul vet
+	$(GO) test -race -count=1 -timeout 30m ./...
+	$(GO) test -count=1 -run 'Alloc' -timeout 10m ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./...
+
+# nginx, HAProxy and wrk for side-by-side comparisons in the bench suite.
+peers:
+	@missing=""; for p in nginx haproxy wrk; do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+demo: build consul
+	$(BIN)/edgelb-demo
+
+clean:
+	rm -rf $(BIN) ./state ./.demo

@@ -1,0 +1,162 @@
+package balancer
+
+import (
+	"encoding/json"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/edgelb/edgelb/discovery"
+	"github.com/edgelb/edgelb/health"
+)
+
+// adminServer serves the admin API: /metrics, /status, /healthz, /readyz.
+type adminServer struct {
+	s   *Server
+	ln  net.Listener
+	srv *http.Server
+	mux *http.ServeMux
+}
+
+func newAdminServer(s *Server) *adminServer {
+	a := &adminServer{s: s, mux: http.NewServeMux()}
+	a.mux.HandleFunc("GET /metrics", a.metrics)
+	a.mux.HandleFunc("GET /status", a.status)
+	a.mux.HandleFunc("GET /healthz", a.healthz)
+	a.mux.HandleFunc("GET /readyz", a.readyz)
+	a.srv = &http.Server{Handler: a.mux, ReadHeaderTimeout: 5 * time.Second}
+	return a
+}
+
+func (a *adminServer) start(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	a.ln = ln
+	a.s.goSafe("admin", func() {
+		if err := a.srv.Serve(ln); err != nil && err != http.ErrServerClosed {
+			a.s.log.Error("admin server stopped", "err", err)
+		}
+	})
+	return nil
+}
+
+func (a *adminServer) addr() string { return a.ln.Addr().String() }
+
+func (a *adminServer) close() { a.srv.Close() }
+
+func (a *adminServer) metrics(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+	metrics.WritePrometheus(w, true)
+}
+
+func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {
+	w.Write([]byte("ok\n"))
+}
+
+func (a *adminServer) readyz(w http.ResponseWriter, _ *http.Request) {
+	if ok, why := a.s.Ready(); !ok {
+		http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
+		return
+	}
+	w.Write([]byte("ready\n"))
+}
+
+func (a *adminServer) status(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(a.s.Status())
+}
+
+// Ready reports whether routes are loaded and the server accepts requests,
+// and if not, why.
+func (s *Server) Ready() (bool, string) {
+	if !s.ready.Load() {
+		return false, "starting or shutting down"
+	}
+	rt := s.routes.Load()
+	if len(rt.any) == 0 && len(rt.byHost) == 0 {
+		return false, "no routes loaded"
+	}
+	return true, ""
+}
+
+// Status is the JSON document of GET /status.
+type Status struct {
+	Ready     bool                      `json:"ready"`
+	Services  map[string]*ServiceStatus `json:"services"`
+	Routes    []RouteStatus             `json:"routes"`
+	Conflicts []string                  `json:"conflicts,omitempty"`
+	Discovery []discovery.Status        `json:"discovery,omitempty"`
+}
+
+// ServiceStatus is one service in /status.
+type ServiceStatus struct {
+	Source    string          `json:"source"`
+	UpdatedAt time.Time       `json:"updated_at,omitzero"`
+	Backends  []BackendStatus `json:"backends"`
+	Available int             `json:"available"`
+}
+
+// BackendStatus is one backend in /status.
+type BackendStatus struct {
+	health.TargetStatus
+	Weight uint32 `json:"weight"`
+}
+
+// RouteStatus is one route in /status.
+type RouteStatus struct {
+	Host    string `json:"host"`
+	Path    string `json:"path"`
+	Service string `json:"service"`
+}
+
+// Status returns what GET /status shows.
+func (s *Server) Status() *Status {
+	now := time.Now()
+	st := &Status{Services: make(map[string]*ServiceStatus)}
+	st.Ready, _ = s.Ready()
+	for _, p := range s.poolsSorted() {
+		ss := &ServiceStatus{Backends: []BackendStatus{}}
+		if set := p.source.Load(); set != nil {
+			ss.Source = set.Source
+			ss.UpdatedAt = set.UpdatedAt
+		}
+		for _, b := range p.set.Load().list {
+			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight}
+			if bs.State == health.StateHealthy.String() {
+				ss.Available++
+			}
+			ss.Backends = append(ss.Backends, bs)
+		}
+		p.mu.Lock()
+		for _, d := range p.draining {
+			bs := BackendStatus{TargetStatus: d.b.target.Status(now), Weight: d.b.weight}
+			bs.State = health.StateDraining.String()
+			bs.Reason = "removed from discovery; finishing in-flight requests"
+			bs.Since = d.since
+			ss.Backends = append(ss.Backends, bs)
+		}
+		p.mu.Unlock()
+		st.Services[p.name] = ss
+	}
+	rt := s.routes.Load()
+	for _, r := range rt.any {
+		st.Routes = append(st.Routes, RouteStatus{Host: r.host, Path: r.path, Service: r.service})
+	}
+	for _, h := range sortedNames(rt.byHost) {
+		for _, r := range rt.byHost[h] {
+			if r.host != "*" {
+				st.Routes = append(st.Routes, RouteStatus{Host: r.host, Path: r.path, Service: r.service})
+			}
+		}
+	}
+	s.mu.Lock()
+	st.Conflicts = append([]string(nil), s.conflicts...)
+	s.mu.Unlock()
+	return st
+}

@@ -1,0 +1,39 @@
+//go:build !race
+
+package balancer
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/valyala/fasthttp"
+)
+
+
+func TestProxiedGetAllocatesNothing(t *testing.T) {
+	body := bytes.Repeat([]byte("x"), 64)
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.SetBody(body) })
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	h := s.Handler()
+
+	var req fasthttp.Request
+	req.SetRequestURI("/static/app.js?v=1")
+	req.Header.SetHost("www.example.com")
+	req.Header.Set("X-Forwarded-For", "198.51.100.1")
+	req.Header.Set("Connection", "keep-alive")
+	ctx := newBenchCtx(&req)
+	serve := func() {
+		req.CopyTo(&ctx.Request)
+		ctx.Response.Reset()
+		h(ctx)
+		if ctx.Response.StatusCode() != 200 || !bytes.Equal(ctx.Response.Body(), body) {
+			t.Fatalf("got %d %q", ctx.Response.StatusCode(), ctx.Response.Body())
+		}
+	}
+	for i := 0; i < 100; i++ {
+		serve() // warm up pools and buffers
+	}
+	if n := testing.AllocsPerRun(1000, serve); n != 0 {
+		t.Fatalf("proxied GET allocates %.2f times per request, want 0", n)
+	}
+}

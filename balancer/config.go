@@ -1,0 +1,551 @@
+package balancer
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"reflect"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/edgelb/edgelb/health"
+)
+
+// Config is the edgelb configuration file. The zero value of every field
+// selects its default, documented on the field.
+type Config struct {
+	// Listen is the client-facing address. DefaultListen is used if not set.
+	Listen string `yaml:"listen"`
+
+	// Admin is the admin API address. DefaultAdmin is used if not set.
+	Admin string `yaml:"admin"`
+
+	// StateDir holds the last-known-good discovery data and the stale
+	// store across restarts. DefaultStateDir is used if not set.
+	StateDir string `yaml:"state_dir"`
+
+	// Consul enables discovery from Consul. Omit it to run on static
+	// services only.
+	Consul *ConsulConfig `yaml:"consul"`
+
+	// Server tunes the client-facing listener.
+	Server ServerConfig `yaml:"server"`
+
+	// Services by name.
+	Services map[string]*ServiceConfig `yaml:"services"`
+
+	// Routes map hosts and path prefixes to services. The longest matching
+	// prefix wins; host "*" matches any host.
+	Routes []RouteConfig `yaml:"routes"`
+}
+
+// Defaults of Config and its parts.
+const (
+	DefaultListen             = "127.0.0.1:8080"
+	DefaultAdmin              = "127.0.0.1:9901"
+	DefaultStateDir           = "./state"
+	DefaultConnectTimeout     = 1 * time.Second
+	DefaultTryTimeout         = 5 * time.Second
+	DefaultRequestTimeout     = 15 * time.Second
+	DefaultRetries            = 2
+	DefaultMaxConnsPerBackend = 1024
+	DefaultMaxIdleConnTime    = 4 * time.Second
+	DefaultMaxResponseBody    = 64 << 20
+	DefaultMaxRequestBody     = 16 << 20
+	DefaultMaxHeaderBytes     = 16 << 10
+	DefaultIdleTimeout        = 60 * time.Second
+	DefaultDrainTimeout       = 20 * time.Second
+)
+
+// ConsulConfig says where Consul is.
+type ConsulConfig struct {
+	// Address is host:port of the Consul HTTP API. 127.0.0.1:8500 is used
+	// if not set.
+	Address string `yaml:"address"`
+
+	// Token is the ACL token, if Consul requires one.
+	Token string `yaml:"token"`
+
+	// Datacenter is the default datacenter of watched services; the
+	// agent's own if not set.
+	Datacenter string `yaml:"datacenter"`
+
+	// TagRoutes routes every service whose instances carry an
+	// `edge.route=HOST/PATH` tag, with no config.
+	TagRoutes bool `yaml:"tag_routes"`
+}
+
+// ServerConfig tunes the client-facing listener.
+type ServerConfig struct {
+	// MaxRequestBody is the largest accepted request body in bytes; larger
+	// ones get 413. DefaultMaxRequestBody is used if not set.
+	MaxRequestBody int `yaml:"max_request_body"`
+
+	// MaxHeaderBytes is the largest accepted request header in bytes;
+	// larger ones get 431. DefaultMaxHeaderBytes is used if not set.
+	MaxHeaderBytes int `yaml:"max_header_bytes"`
+
+	// IdleTimeout closes idle client keep-alive connections.
+	// DefaultIdleTimeout is used if not set.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+
+	// DrainTimeout bounds how long SIGTERM waits for in-flight requests.
+	// DefaultDrainTimeout is used if not set.
+	DrainTimeout time.Duration `yaml:"drain_timeout"`
+}
+
+// ServiceConfig is one service: where its instances come from and how
+// requests reach them.
+type ServiceConfig struct {
+	// Consul discovers the instances from Consul.
+	Consul *ConsulServiceConfig `yaml:"consul"`
+
+	// Static lists the instances as host:port.
+	Static []StaticBackend `yaml:"static"`
+
+	// Balance is the selection policy: "p2c" (power of two choices on
+	// in-flight requests, the default), "round_robin" or "random".
+	// All of them honour weights.
+	Balance string `yaml:"balance"`
+
+	// ConnectTimeout bounds a TCP connect. DefaultConnectTimeout is used
+	// if not set.
+	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+
+	// TryTimeout bounds one attempt on one backend. DefaultTryTimeout is
+	// used if not set.
+	TryTimeout time.Duration `yaml:"try_timeout"`
+
+	// Timeout bounds the whole request, retries included.
+	// DefaultRequestTimeout is used if not set.
+	Timeout time.Duration `yaml:"timeout"`
+
+	// Retries is how many other backends an idempotent request may be
+	// retried on. DefaultRetries is used if not set; -1 disables retries.
+	Retries int `yaml:"retries"`
+
+	// MaxConns caps connections to each backend.
+	// DefaultMaxConnsPerBackend is used if not set.
+	MaxConns int `yaml:"max_conns"`
+
+	// MaxIdleConnTime closes upstream keep-alive connections idle for
+	// longer; keep it below the backends' own idle timeout.
+	// DefaultMaxIdleConnTime is used if not set.
+	MaxIdleConnTime time.Duration `yaml:"max_idle_conn_time"`
+
+	// MaxResponseBody is the largest upstream response body in bytes.
+	// DefaultMaxResponseBody is used if not set.
+	MaxResponseBody int `yaml:"max_response_body"`
+
+	// Health configures active checks and passive outlier detection.
+	Health HealthConfig `yaml:"health"`
+
+	// Stale configures serving stored responses when origins fail.
+	Stale StaleConfig `yaml:"stale"`
+}
+
+// ConsulServiceConfig names a service in Consul.
+type ConsulServiceConfig struct {
+	// Name is the Consul service name.
+	Name string `yaml:"name"`
+
+	// Tags keep only instances carrying all of them.
+	Tags []string `yaml:"tags"`
+
+	// Datacenter overrides consul.datacenter for this service.
+	Datacenter string `yaml:"datacenter"`
+}
+
+// StaticBackend is one statically configured instance: either a plain
+// "host:port" string or a mapping {addr, weight}.
+type StaticBackend struct {
+	Addr   string `yaml:"addr"`
+	Weight int    `yaml:"weight"`
+}
+
+// UnmarshalYAML accepts "host:port" as well as {addr: host:port, weight: N}.
+func (b *StaticBackend) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		b.Addr = n.Value
+		return nil
+	}
+	type plain StaticBackend
+	return n.Decode((*plain)(b))
+}
+
+// HealthConfig configures how backends are judged.
+type HealthConfig struct {
+	// Active probes each backend periodically. Off if not set.
+	Active *ActiveCheckConfig `yaml:"active"`
+
+	// Passive ejects backends from what live traffic shows.
+	Passive health.PassiveConfig `yaml:"passive"`
+
+	// MaxInflight caps concurrent requests to one backend; 0 means no cap.
+	MaxInflight int `yaml:"max_inflight"`
+}
+
+// ActiveCheckConfig is a periodic probe.
+type ActiveCheckConfig struct {
+	Path     string        `yaml:"path"`
+	Interval time.Duration `yaml:"interval"`
+}
+
+// StaleConfig configures serving stored responses when origins fail.
+type StaleConfig struct {
+	// MaxStale is how long past its freshness a stored response may be
+	// served during failures. 0 disables the store for the service.
+	MaxStale time.Duration `yaml:"max_stale"`
+}
+
+// RouteConfig maps a host and path prefix to a service.
+type RouteConfig struct {
+	// Host is matched exactly (case-insensitive, port ignored); "*" or
+	// empty matches any host.
+	Host string `yaml:"host"`
+
+	// Path is a path prefix starting with "/". "/api" matches "/api" and
+	// "/api/x" but not "/apix". "/" is used if not set.
+	Path string `yaml:"path"`
+
+	// Service is the name of the service that answers.
+	Service string `yaml:"service"`
+}
+
+// LoadConfig reads and validates the config file at path. The error lists
+// every problem found, each naming its key.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read config %q: %w", path, err)
+	}
+	cfg, err := ParseConfig(data)
+	if err != nil {
+		return nil, fmt.Errorf("invalid config %q:\n%w", path, err)
+	}
+	return cfg, nil
+}
+
+// ParseConfig decodes and validates a YAML config. Unknown keys are errors.
+// The error lists every problem found, one per line, each naming its key.
+func ParseConfig(data []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, fmt.Errorf("cannot parse YAML: %w", err)
+	}
+	cfg := &Config{}
+	if len(root.Content) == 0 {
+		return nil, errors.New("config is empty")
+	}
+	var errs []error
+	lines := make(map[int]string)
+	checkKeys(root.Content[0], reflect.TypeOf(cfg).Elem(), "", lines, &errs)
+	if err := root.Content[0].Decode(cfg); err != nil {
+		errs = append(errs, decodeErrors(err, lines)...)
+	}
+	errs = append(errs, cfg.validate()...)
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return cfg, nil
+}
+
+// checkKeys walks a YAML mapping alongside the Go type it decodes into,
+// reporting unknown keys with their full dotted path. It records the path
+// of every line so that decode errors can be reported by key too.
+func checkKeys(n *yaml.Node, t reflect.Type, path string, lines map[int]string, errs *[]error) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if path != "" {
+		if _, ok := lines[n.Line]; !ok {
+			lines[n.Line] = path
+		}
+	}
+	if n.Kind == yaml.AliasNode {
+		n = n.Alias
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		if n.Kind != yaml.MappingNode {
+			if t == reflect.TypeOf(StaticBackend{}) || t == reflect.TypeOf(time.Time{}) {
+				return
+			}
+			return // the decoder reports the type mismatch
+		}
+		fields := yamlFields(t)
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			kp := joinKey(path, k.Value)
+			lines[k.Line] = kp
+			ft, ok := fields[k.Value]
+			if !ok {
+				*errs = append(*errs, fmt.Errorf("%s: unknown key (known keys: %s)", kp, strings.Join(sortedKeys(fields), ", ")))
+				continue
+			}
+			checkKeys(v, ft, kp, lines, errs)
+		}
+	case reflect.Map:
+		if n.Kind != yaml.MappingNode {
+			return
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			kp := joinKey(path, k.Value)
+			lines[k.Line] = kp
+			checkKeys(v, t.Elem(), kp, lines, errs)
+		}
+	case reflect.Slice:
+		if n.Kind != yaml.SequenceNode {
+			return
+		}
+		for i, v := range n.Content {
+			checkKeys(v, t.Elem(), fmt.Sprintf("%s[%d]", path, i), lines, errs)
+		}
+	}
+}
+
+func yamlFields(t reflect.Type) map[string]reflect.Type {
+	m := make(map[string]reflect.Type, t.NumField())
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if name == "" {
+			name = strings.ToLower(f.Name)
+		}
+		m[name] = f.Type
+	}
+	return m
+}
+
+func sortedKeys(m map[string]reflect.Type) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+func joinKey(path, k string) string {
+	if path == "" {
+		return k
+	}
+	return path + "." + k
+}
+
+var lineRe = regexp.MustCompile(`^\s*line (\d+): (.*)$`)
+
+// decodeErrors turns yaml.v3's "line N: ..." messages into "key: ...".
+func decodeErrors(err error, lines map[int]string) []error {
+	var te *yaml.TypeError
+	if !errors.As(err, &te) {
+		return []error{err}
+	}
+	errs := make([]error, 0, len(te.Errors))
+	for _, msg := range te.Errors {
+		if m := lineRe.FindStringSubmatch(msg); m != nil {
+			line, _ := strconv.Atoi(m[1])
+			if key, ok := lines[line]; ok {
+				msg = key + ": " + m[2] + " (line " + m[1] + ")"
+			}
+		}
+		errs = append(errs, errors.New(msg))
+	}
+	return errs
+}
+
+// validate fills in defaults and checks values; it returns every problem.
+func (c *Config) validate() []error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key}, args...)...))
+	}
+	if c.Listen == "" {
+		c.Listen = DefaultListen
+	}
+	if c.Admin == "" {
+		c.Admin = DefaultAdmin
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if err := checkAddr(c.Listen); err != nil {
+		bad("listen", "%v", err)
+	}
+	if err := checkAddr(c.Admin); err != nil {
+		bad("admin", "%v", err)
+	}
+	if c.Listen == c.Admin && !strings.HasSuffix(c.Listen, ":0") {
+		bad("admin", "must differ from listen (%s)", c.Listen)
+	}
+	if c.Consul != nil {
+		if c.Consul.Address == "" {
+			c.Consul.Address = "127.0.0.1:8500"
+		}
+		if err := checkAddr(c.Consul.Address); err != nil {
+			bad("consul.address", "%v", err)
+		}
+	}
+	s := &c.Server
+	setDefault(&s.MaxRequestBody, DefaultMaxRequestBody)
+	setDefault(&s.MaxHeaderBytes, DefaultMaxHeaderBytes)
+	setDefault(&s.IdleTimeout, DefaultIdleTimeout)
+	setDefault(&s.DrainTimeout, DefaultDrainTimeout)
+	if s.MaxRequestBody < 0 {
+		bad("server.max_request_body", "must not be negative")
+	}
+	if s.MaxHeaderBytes < 1024 {
+		bad("server.max_header_bytes", "must be at least 1024")
+	}
+	if len(c.Services) == 0 && (c.Consul == nil || !c.Consul.TagRoutes) {
+		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
+	}
+	for _, name := range sortedNames(c.Services) {
+		errs = append(errs, c.Services[name].validate("services."+name, c.Consul != nil)...)
+	}
+	seen := make(map[string]int)
+	for i := range c.Routes {
+		r := &c.Routes[i]
+		key := fmt.Sprintf("routes[%d]", i)
+		if r.Host == "" {
+			r.Host = "*"
+		}
+		r.Host = strings.ToLower(r.Host)
+		if r.Path == "" {
+			r.Path = "/"
+		}
+		if !strings.HasPrefix(r.Path, "/") {
+			bad(key+".path", "must start with / (got %q)", r.Path)
+		}
+		if strings.ContainsAny(r.Host, " /") {
+			bad(key+".host", "must be a host name or * (got %q)", r.Host)
+		}
+		if r.Service == "" {
+			bad(key+".service", "missing")
+		} else if _, ok := c.Services[r.Service]; !ok {
+			bad(key+".service", "unknown service %q (defined: %s)", r.Service, strings.Join(sortedNames(c.Services), ", "))
+		}
+		id := r.Host + r.Path
+		if j, ok := seen[id]; ok {
+			bad(key, "host %q path %q already routed by routes[%d]", r.Host, r.Path, j)
+		}
+		seen[id] = i
+	}
+	return errs
+}
+
+func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {
+	var errs []error
+	bad := func(k, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key + k}, args...)...))
+	}
+	if sc == nil {
+		return []error{fmt.Errorf("%s: empty service; set consul or static", key)}
+	}
+	switch {
+	case sc.Consul != nil && len(sc.Static) > 0:
+		bad("", "set either consul or static, not both")
+	case sc.Consul == nil && len(sc.Static) == 0:
+		bad("", "no backends: set consul: {name: ...} or static: [host:port, ...]")
+	case sc.Consul != nil && !haveConsul:
+		bad(".consul", "needs the top-level consul block")
+	case sc.Consul != nil && sc.Consul.Name == "":
+		bad(".consul.name", "missing")
+	}
+	for i, b := range sc.Static {
+		k := fmt.Sprintf(".static[%d]", i)
+		if err := checkAddr(b.Addr); err != nil {
+			bad(k, "%v", err)
+		}
+		if b.Weight < 0 {
+			bad(k+".weight", "must not be negative")
+		}
+	}
+	switch sc.Balance {
+	case "":
+		sc.Balance = "p2c"
+	case "p2c", "round_robin", "random":
+	default:
+		bad(".balance", "unknown policy %q (one of p2c, round_robin, random)", sc.Balance)
+	}
+	setDefault(&sc.ConnectTimeout, DefaultConnectTimeout)
+	setDefault(&sc.TryTimeout, DefaultTryTimeout)
+	setDefault(&sc.Timeout, DefaultRequestTimeout)
+	setDefault(&sc.Retries, DefaultRetries)
+	setDefault(&sc.MaxConns, DefaultMaxConnsPerBackend)
+	setDefault(&sc.MaxIdleConnTime, DefaultMaxIdleConnTime)
+	setDefault(&sc.MaxResponseBody, DefaultMaxResponseBody)
+	if sc.Retries < 0 {
+		sc.Retries = 0
+	}
+	for k, d := range map[string]time.Duration{".connect_timeout": sc.ConnectTimeout, ".try_timeout": sc.TryTimeout, ".timeout": sc.Timeout, ".max_idle_conn_time": sc.MaxIdleConnTime} {
+		if d < 0 {
+			bad(k, "must not be negative")
+		}
+	}
+	if sc.TryTimeout > sc.Timeout {
+		bad(".try_timeout", "must not exceed timeout (%s)", sc.Timeout)
+	}
+	if sc.MaxConns < 0 {
+		bad(".max_conns", "must not be negative")
+	}
+	if sc.Health.MaxInflight < 0 {
+		bad(".health.max_inflight", "must not be negative")
+	}
+	if a := sc.Health.Active; a != nil {
+		if a.Path == "" {
+			a.Path = "/health"
+		}
+		if !strings.HasPrefix(a.Path, "/") {
+			bad(".health.active.path", "must start with / (got %q)", a.Path)
+		}
+		setDefault(&a.Interval, time.Second)
+		if a.Interval < 10*time.Millisecond {
+			bad(".health.active.interval", "must be at least 10ms")
+		}
+	}
+	if sc.Stale.MaxStale < 0 {
+		bad(".stale.max_stale", "must not be negative")
+	}
+	return errs
+}
+
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
+}
+
+func checkAddr(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("invalid address %q: want host:port", addr)
+	}
+	if host == "" {
+		return fmt.Errorf("invalid address %q: missing host", addr)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+		return fmt.Errorf("invalid address %q: port must be a number up to 65535", addr)
+	}
+	return nil
+}
+
+func sortedNames[V any](m map[string]V) []string {
+	ns := make([]string, 0, len(m))
+	for n := range m {
+		ns = append(ns, n)
+	}
+	sort.Strings(ns)
+	return ns
+}

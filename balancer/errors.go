@@ -1,0 +1,114 @@
+package balancer
+
+import (
+	"errors"
+	"net"
+	"os"
+	"syscall"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/health"
+)
+
+// errCode is the cause of a response that edgelb generates itself, sent to
+// clients in the Edgelb-Error header.
+type errCode uint8
+
+const (
+	errNone errCode = iota
+	errNoRoute
+	errNoHealthyBackend
+	errConnectFailed
+	errTimeout
+	errInvalidResponse
+	errOverloaded
+
+	numErrCodes
+)
+
+// String returns the code as sent in the Edgelb-Error header.
+func (c errCode) String() string { return errCodeNames[c] }
+
+var errCodeNames = [numErrCodes]string{
+	errNone:             "",
+	errNoRoute:          "no_route",
+	errNoHealthyBackend: "no_healthy_backend",
+	errConnectFailed:    "upstream_connect_failed",
+	errTimeout:          "upstream_timeout",
+	errInvalidResponse:  "upstream_invalid_response",
+	errOverloaded:       "overloaded",
+}
+
+// errCodeValues holds the header values as bytes so that writing them
+// does not convert.
+var errCodeValues = func() (v [numErrCodes][]byte) {
+	for i, n := range errCodeNames {
+		v[i] = []byte(n)
+	}
+	return v
+}()
+
+// backendCause reports whether c describes a failure of one backend
+// (counted per backend) rather than of the route.
+func (c errCode) backendCause() bool {
+	return c == errConnectFailed || c == errTimeout || c == errInvalidResponse || c == errOverloaded
+}
+
+// status is the HTTP status of a response generated for c.
+func (c errCode) status() int {
+	switch c {
+	case errNoRoute:
+		return fasthttp.StatusNotFound
+	case errNoHealthyBackend, errOverloaded:
+		return fasthttp.StatusServiceUnavailable
+	case errTimeout:
+		return fasthttp.StatusGatewayTimeout
+	}
+	return fasthttp.StatusBadGateway
+}
+
+// body is the short text of a response generated for c. It never names a
+// backend: the log and /status do.
+func (c errCode) body() []byte { return errBodies[c] }
+
+var errBodies = [numErrCodes][]byte{
+	errNoRoute:          []byte("edgelb: no route for this host and path\n"),
+	errNoHealthyBackend: []byte("edgelb: no healthy backend for this service\n"),
+	errConnectFailed:    []byte("edgelb: could not connect to any backend\n"),
+	errTimeout:          []byte("edgelb: backend did not answer in time\n"),
+	errInvalidResponse:  []byte("edgelb: backend sent an invalid response\n"),
+	errOverloaded:       []byte("edgelb: service overloaded, retry later\n"),
+}
+
+// classifyErr maps an error from HostClient.Do to a health outcome and an
+// error code. Slow path: only called on errors.
+func classifyErr(err error) (health.Outcome, errCode) {
+	switch {
+	case err == fasthttp.ErrNoFreeConns:
+		return health.OutcomeLocalOverload, errOverloaded
+	case err == fasthttp.ErrTimeout || err == fasthttp.ErrDialTimeout || errors.Is(err, os.ErrDeadlineExceeded):
+		if err == fasthttp.ErrDialTimeout {
+			return health.OutcomeConnectFailed, errConnectFailed
+		}
+		return health.OutcomeTimeout, errTimeout
+	case isDialErr(err), errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
+		errors.Is(err, syscall.EPIPE), err == fasthttp.ErrConnectionClosed:
+		return health.OutcomeConnectFailed, errConnectFailed
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return health.OutcomeTimeout, errTimeout
+	}
+	return health.OutcomeInvalidResponse, errInvalidResponse
+}
+
+// isDialErr reports whether err happened while connecting, so that the
+// request was never sent and may be retried whatever its method.
+func isDialErr(err error) bool {
+	if err == fasthttp.ErrDialTimeout {
+		return true
+	}
+	var oe *net.OpError
+	return errors.As(err, &oe) && oe.Op == "dial"
+}

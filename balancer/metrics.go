@@ -1,0 +1,134 @@
+package balancer
+
+import (
+	"fmt"
+	"io"
+	"sync/atomic"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+)
+
+// latencyBuckets are the upper bounds, in seconds, of the request
+// duration histograms.
+var latencyBuckets = [...]float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
+
+// latencyHistogram is a Prometheus histogram updated with atomics only,
+// so that recording a request takes no lock.
+type latencyHistogram struct {
+	name    string // metric name with its labels, without the closing brace
+	labels  string
+	counts  [len(latencyBuckets) + 1]atomic.Uint64
+	sumNano atomic.Uint64
+}
+
+func newLatencyHistogram(name, labels string) *latencyHistogram {
+	return &latencyHistogram{name: name, labels: labels}
+}
+
+// Update records one request that took d. Fast path: a short scan and two
+// atomic adds.
+func (h *latencyHistogram) Update(d time.Duration) {
+	s := d.Seconds()
+	i := 0
+	for i < len(latencyBuckets) && s > latencyBuckets[i] {
+		i++
+	}
+	h.counts[i].Add(1)
+	if d > 0 {
+		h.sumNano.Add(uint64(d))
+	}
+}
+
+// writePrometheus writes the histogram in the Prometheus text format.
+func (h *latencyHistogram) writePrometheus(w io.Writer) {
+	var cum uint64
+	for i, ub := range latencyBuckets {
+		cum += h.counts[i].Load()
+		fmt.Fprintf(w, "%s_bucket{%s,le=\"%g\"} %d\n", h.name, h.labels, ub, cum)
+	}
+	cum += h.counts[len(latencyBuckets)].Load()
+	fmt.Fprintf(w, "%s_bucket{%s,le=\"+Inf\"} %d\n", h.name, h.labels, cum)
+	fmt.Fprintf(w, "%s_sum{%s} %g\n", h.name, h.labels, float64(h.sumNano.Load())/1e9)
+	fmt.Fprintf(w, "%s_count{%s} %d\n", h.name, h.labels, cum)
+}
+
+// backendMetrics are the per-backend series, created once when the backend
+// joins a pool and dropped when it leaves.
+type backendMetrics struct {
+	set      *metrics.Set
+	requests *metrics.Counter
+	errors   [numErrCodes]*metrics.Counter
+	status   [6]*metrics.Counter // by status class, index 1..5
+	latency  *latencyHistogram
+}
+
+func newBackendMetrics(service, addr string, inflight func() float64) *backendMetrics {
+	s := metrics.NewSet()
+	l := fmt.Sprintf(`service=%q,backend=%q`, service, addr)
+	m := &backendMetrics{
+		set:      s,
+		requests: s.NewCounter(`edgelb_backend_requests_total{` + l + `}`),
+		latency:  newLatencyHistogram("edgelb_backend_request_duration_seconds", l),
+	}
+	for c := errCode(1); c < numErrCodes; c++ {
+		if c.backendCause() {
+			m.errors[c] = s.NewCounter(fmt.Sprintf(`edgelb_backend_errors_total{%s,cause=%q}`, l, c))
+		}
+	}
+	for i := 1; i <= 5; i++ {
+		m.status[i] = s.NewCounter(fmt.Sprintf(`edgelb_backend_responses_total{%s,class="%dxx"}`, l, i))
+	}
+	s.NewGauge(`edgelb_backend_inflight{`+l+`}`, inflight)
+	s.RegisterMetricsWriter(m.latency.writePrometheus)
+	metrics.RegisterSet(s)
+	return m
+}
+
+func (m *backendMetrics) close() { metrics.UnregisterSet(m.set, true) }
+
+// statusClass returns 1..5 for a status code, clamping oddities.
+func statusClass(code int) int {
+	c := code / 100
+	if c < 1 || c > 5 {
+		return 5
+	}
+	return c
+}
+
+// serviceMetrics are the per-service series.
+type serviceMetrics struct {
+	set       *metrics.Set
+	requests  *metrics.Counter
+	retries   *metrics.Counter
+	generated [numErrCodes]*metrics.Counter
+	latency   *latencyHistogram
+}
+
+func newServiceMetrics(service string) *serviceMetrics {
+	s := metrics.NewSet()
+	l := fmt.Sprintf(`service=%q`, service)
+	m := &serviceMetrics{
+		set:      s,
+		requests: s.NewCounter(`edgelb_requests_total{` + l + `}`),
+		retries:  s.NewCounter(`edgelb_retries_total{` + l + `}`),
+		latency:  newLatencyHistogram("edgelb_request_duration_seconds", l),
+	}
+	for c := errCode(1); c < numErrCodes; c++ {
+		m.generated[c] = s.NewCounter(fmt.Sprintf(`edgelb_generated_errors_total{%s,code=%q}`, l, c))
+	}
+	s.RegisterMetricsWriter(m.latency.writePrometheus)
+	metrics.RegisterSet(s)
+	return m
+}
+
+func (m *serviceMetrics) close() { metrics.UnregisterSet(m.set, true) }
+
+// Process-wide series.
+var (
+	noRouteTotal = metrics.NewCounter(`edgelb_generated_errors_total{service="",code="no_route"}`)
+	panicsTotal  = metrics.NewCounter(`edgelb_panics_total`)
+	reloadsTotal = metrics.NewCounter(`edgelb_config_reloads_total{result="ok"}`)
+	reloadErrors = metrics.NewCounter(`edgelb_config_reloads_total{result="error"}`)
+)
+

@@ -1,0 +1,326 @@
+package balancer
+
+import (
+	"math/rand/v2"
+	"net"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/discovery"
+	"github.com/edgelb/edgelb/health"
+)
+
+// Backend is one instance of a service as the balancer uses it: its
+// connection pool, its shared health state and its metrics.
+//
+// A Backend keeps its identity across discovery updates for as long as its
+// address stays in the service.
+type Backend struct {
+	addr   string
+	weight uint32
+	target *health.Target
+	client *fasthttp.HostClient
+	m      *backendMetrics
+}
+
+// Addr returns the backend's host:port.
+func (b *Backend) Addr() string { return b.addr }
+
+// backendSet is an immutable snapshot of a pool's backends.
+type backendSet struct {
+	list []*Backend
+	// cumWeight[i] is the sum of weights of list[:i+1]; nil when all
+	// weights are equal.
+	cumWeight []uint32
+}
+
+// Pool is the set of backends of one service and the policy that picks
+// among them. Requests read its backends from an atomic snapshot; updates
+// build a new snapshot.
+type Pool struct {
+	name string
+	cfg  *ServiceConfig
+	reg  *health.Registry
+
+	// tagRouted pools were created for a service found by its tag routes,
+	// not named in the config.
+	tagRouted bool
+
+	set atomic.Pointer[backendSet]
+	rr  atomic.Uint64
+	m   *serviceMetrics
+
+	// mu serializes updates (slow path).
+	mu       sync.Mutex
+	retired  bool
+	byAddr   map[string]*Backend
+	draining []drainingBackend
+	source   atomic.Pointer[discovery.Set]
+}
+
+type drainingBackend struct {
+	b     *Backend
+	since time.Time
+}
+
+func newPool(name string, cfg *ServiceConfig, reg *health.Registry) *Pool {
+	p := &Pool{name: name, cfg: cfg, reg: reg, byAddr: make(map[string]*Backend), m: newServiceMetrics(name)}
+	p.set.Store(&backendSet{})
+	return p
+}
+
+// Name returns the service name.
+func (p *Pool) Name() string { return p.name }
+
+// update replaces the pool's instances with those of s. Backends whose
+// address stays keep their connections, health state and metrics.
+func (p *Pool) update(s *discovery.Set) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.source.Store(s)
+	now := time.Now()
+	keep := make(map[string]bool, len(s.Instances))
+	list := make([]*Backend, 0, len(s.Instances))
+	for _, in := range s.Instances {
+		keep[in.Addr] = true
+		b := p.byAddr[in.Addr]
+		if b == nil {
+			b = p.newBackend(in.Addr)
+			p.byAddr[in.Addr] = b
+		}
+		w := uint32(max(in.Weight, 1))
+		if b.weight != w {
+			b = &Backend{addr: b.addr, weight: w, target: b.target, client: b.client, m: b.m}
+			p.byAddr[in.Addr] = b
+		}
+		list = append(list, b)
+	}
+	for addr, b := range p.byAddr {
+		if !keep[addr] {
+			delete(p.byAddr, addr)
+			p.draining = append(p.draining, drainingBackend{b: b, since: now})
+		}
+	}
+	p.set.Store(newBackendSet(list))
+	p.reapLocked(now, false)
+}
+
+// reapLocked releases draining backends that have finished their requests,
+// or all of them when force is set.
+func (p *Pool) reapLocked(now time.Time, force bool) {
+	kept := p.draining[:0]
+	for _, d := range p.draining {
+		if p.byAddr[d.b.addr] == nil && !force && d.b.target.Inflight() > 0 && now.Sub(d.since) < p.cfg.Timeout+time.Second {
+			kept = append(kept, d)
+			continue
+		}
+		if p.byAddr[d.b.addr] == nil || force {
+			p.releaseBackend(d.b)
+		}
+	}
+	clear(p.draining[len(kept):])
+	p.draining = kept
+}
+
+func (p *Pool) releaseBackend(b *Backend) {
+	b.client.CloseIdleConnections()
+	if !p.retired {
+		b.m.close()
+	}
+	p.reg.Release(b.target)
+}
+
+// reap releases backends that left discovery once they are idle.
+func (p *Pool) reap(now time.Time) {
+	p.mu.Lock()
+	p.reapLocked(now, false)
+	p.mu.Unlock()
+}
+
+// retire drops the pool's metrics at once, so that a pool replacing it can
+// register the same series. Requests still running finish normally.
+func (p *Pool) retire() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.retired {
+		return
+	}
+	p.retired = true
+	p.m.close()
+	for _, b := range p.byAddr {
+		b.m.close()
+	}
+	for _, d := range p.draining {
+		d.b.m.close()
+	}
+}
+
+// close releases every backend of the pool.
+func (p *Pool) close() {
+	p.retire()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for addr, b := range p.byAddr {
+		p.releaseBackend(b)
+		delete(p.byAddr, addr)
+	}
+	p.reapLocked(time.Now(), true)
+	p.set.Store(&backendSet{})
+}
+
+func (p *Pool) newBackend(addr string) *Backend {
+	cfg := p.cfg
+	t := p.reg.Acquire(addr, cfg.Health.Passive)
+	connectTimeout := cfg.ConnectTimeout
+	b := &Backend{addr: addr, weight: 1, target: t}
+	b.client = &fasthttp.HostClient{
+		Addr: addr,
+		Dial: func(addr string) (net.Conn, error) {
+			return fasthttp.DialTimeout(addr, connectTimeout)
+		},
+		// The balancer owns retries, on another backend, within one
+		// deadline: the client must not retry behind its back.
+		MaxIdemponentCallAttempts: 1,
+		RetryIfErr:                func(*fasthttp.Request, int, error) (bool, bool) { return false, false },
+		MaxConns:                  cfg.MaxConns,
+		MaxIdleConnDuration:       cfg.MaxIdleConnTime,
+		MaxResponseBodySize:       cfg.MaxResponseBody,
+		ReadBufferSize:            DefaultMaxHeaderBytes,
+		NoDefaultUserAgentHeader:  true,
+		DisablePathNormalizing:    true,
+		// Names are normalized so that hop-by-hop headers are found
+		// whatever case the backend used.
+		DisableHeaderNamesNormalizing: false,
+	}
+	b.m = newBackendMetrics(p.name, addr, func() float64 { return float64(t.Inflight()) })
+	return b
+}
+
+func newBackendSet(list []*Backend) *backendSet {
+	bs := &backendSet{list: list}
+	equal := true
+	for _, b := range list {
+		if b.weight != list[0].weight {
+			equal = false
+		}
+	}
+	if !equal {
+		bs.cumWeight = make([]uint32, len(list))
+		var sum uint32
+		for i, b := range list {
+			sum += b.weight
+			bs.cumWeight[i] = sum
+		}
+	}
+	return bs
+}
+
+// maxTries bounds the attempts of one request.
+const maxTries = 8
+
+// tried is the set of backends a request has already used.
+type tried struct {
+	n  int
+	bs [maxTries]*Backend
+}
+
+func (t *tried) has(b *Backend) bool {
+	for i := 0; i < t.n; i++ {
+		if t.bs[i] == b {
+			return true
+		}
+	}
+	return false
+}
+
+func (t *tried) add(b *Backend) {
+	if t.n < maxTries {
+		t.bs[t.n] = b
+		t.n++
+	}
+}
+
+// pick returns a backend for a new attempt, or nil when none is available.
+// It takes no lock and allocates nothing.
+func (p *Pool) pick(now int64, t *tried) *Backend {
+	bs := p.set.Load()
+	n := len(bs.list)
+	if n == 0 {
+		return nil
+	}
+	// Fast path: sample per policy and take the sample if it is usable.
+	switch p.cfg.Balance {
+	case "round_robin":
+		if b := bs.at(p.rr.Add(1)); usable(b, now, t) {
+			return b
+		}
+	case "random":
+		if b := bs.at(rand.Uint64()); usable(b, now, t) {
+			return b
+		}
+	default:
+		r := rand.Uint64()
+		a, b := bs.at(r), bs.at(r>>32)
+		if a == b && n > 1 {
+			b = bs.list[(indexOf(bs, a)+1+int((r>>16)%uint64(n-1)))%n]
+		}
+		ua, ub := usable(a, now, t), usable(b, now, t)
+		switch {
+		case ua && ub:
+			return lessLoaded(a, b)
+		case ua:
+			return a
+		case ub:
+			return b
+		}
+	}
+	// Slow path: scan from a random start for the least loaded usable one.
+	var best *Backend
+	start := int(rand.Uint64() % uint64(n))
+	for i := 0; i < n; i++ {
+		b := bs.list[(start+i)%n]
+		if usable(b, now, t) && (best == nil || lessLoaded(b, best) == b) {
+			best = b
+		}
+	}
+	return best
+}
+
+// at maps a random or sequence number to a backend, by weight.
+func (bs *backendSet) at(r uint64) *Backend {
+	if bs.cumWeight == nil {
+		return bs.list[r%uint64(len(bs.list))]
+	}
+	total := bs.cumWeight[len(bs.cumWeight)-1]
+	x := uint32(r % uint64(total))
+	i := sort.Search(len(bs.cumWeight), func(i int) bool { return bs.cumWeight[i] > x })
+	return bs.list[i]
+}
+
+func indexOf(bs *backendSet, b *Backend) int {
+	for i, x := range bs.list {
+		if x == b {
+			return i
+		}
+	}
+	return 0
+}
+
+func usable(b *Backend, now int64, t *tried) bool {
+	return b.target.Available(now) && !t.has(b)
+}
+
+// lessLoaded returns whichever of a and b has fewer in-flight requests per
+// unit of weight.
+func lessLoaded(a, b *Backend) *Backend {
+	la := int64(a.target.Inflight()+1) * int64(b.weight)
+	lb := int64(b.target.Inflight()+1) * int64(a.weight)
+	if lb < la {
+		return b
+	}
+	return a
+}

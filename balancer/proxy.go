@@ -1,0 +1,223 @@
+package balancer
+
+import (
+	"bytes"
+	"net/netip"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/health"
+)
+
+// Response headers that edgelb sets.
+const (
+	// HeaderError names why edgelb answered itself; see errCode.
+	HeaderError = "Edgelb-Error"
+)
+
+var (
+	strXForwardedFor   = []byte("X-Forwarded-For")
+	strXForwardedProto = []byte("X-Forwarded-Proto")
+	strXForwardedHost  = []byte("X-Forwarded-Host")
+	strHTTP            = []byte("http")
+	strHTTPS           = []byte("https")
+	strClose           = []byte("close")
+	strKeepAlive       = []byte("keep-alive")
+	strConnection      = []byte(fasthttp.HeaderConnection)
+	strCommaSpace      = []byte(", ")
+	strComma           = []byte(",")
+	strRetryAfter      = []byte("Retry-After")
+	strRetryAfterValue = []byte("1")
+	strHeaderError     = []byte(HeaderError)
+	strTextPlain       = []byte("text/plain; charset=utf-8")
+)
+
+// hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, plus the
+// legacy ones net/http/httputil also drops. Connection itself is handled
+// apart, with the headers it names.
+var hopHeaders = []string{
+	"Keep-Alive",
+	"Proxy-Connection",
+	"Proxy-Authenticate",
+	"Proxy-Authorization",
+	"Te",
+	"Trailer",
+	"Transfer-Encoding",
+	"Upgrade",
+}
+
+// serve forwards the request in ctx to a backend of the pool, retrying
+// idempotent requests on other backends within one deadline.
+func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
+	p.m.requests.Inc()
+	req := &ctx.Request
+	clientClose := req.Header.ConnectionClose()
+	prepareRequest(ctx, req)
+
+	idempotent := isIdempotent(req.Header.Method())
+	deadline := now.Add(p.cfg.Timeout)
+	start := now
+	var t tried
+	code := errNoHealthyBackend
+	for attempt := 0; attempt <= p.cfg.Retries; attempt++ {
+		b := p.pick(now.UnixNano(), &t)
+		if b == nil {
+			break
+		}
+		t.add(b)
+		if attempt > 0 {
+			p.m.retries.Inc()
+		}
+		tryDeadline := now.Add(p.cfg.TryTimeout)
+		if tryDeadline.After(deadline) {
+			tryDeadline = deadline
+		}
+		b.target.Begin()
+		err := b.client.DoDeadline(req, &ctx.Response, tryDeadline)
+		end := time.Now()
+		lat := end.Sub(now)
+		b.m.requests.Inc()
+		b.m.latency.Update(lat)
+		now = end
+
+		if err == nil {
+			outcome, retryable := classifyResponse(&ctx.Response)
+			b.target.Done(end.UnixNano(), outcome, lat)
+			b.m.status[statusClass(ctx.Response.StatusCode())].Inc()
+			if outcome == health.OutcomeOverloaded {
+				b.m.errors[errOverloaded].Inc()
+			}
+			if !retryable || !idempotent || attempt == p.cfg.Retries || !now.Before(deadline) {
+				// Fast path: the backend answered.
+				prepareResponse(&ctx.Response, clientClose)
+				p.m.latency.Update(end.Sub(start))
+				return
+			}
+			continue
+		}
+
+		outcome, c := classifyErr(err)
+		b.target.Done(end.UnixNano(), outcome, lat)
+		b.m.errors[c].Inc()
+		code = c
+		if !(idempotent || isDialErr(err) || err == fasthttp.ErrNoFreeConns) || !now.Before(deadline) {
+			break
+		}
+	}
+	ctx.Response.Reset()
+	p.m.generated[code].Inc()
+	p.m.latency.Update(time.Since(start))
+	writeError(ctx, code, clientClose)
+}
+
+// classifyResponse tells how a backend's answer counts for its health, and
+// whether another backend should be tried for an idempotent request.
+func classifyResponse(resp *fasthttp.Response) (o health.Outcome, retryable bool) {
+	switch sc := resp.StatusCode(); {
+	case sc < 500 && sc != fasthttp.StatusTooManyRequests:
+		return health.OutcomeSuccess, false
+	case sc == fasthttp.StatusTooManyRequests,
+		sc == fasthttp.StatusServiceUnavailable && len(resp.Header.PeekBytes(strRetryAfter)) > 0:
+		return health.OutcomeOverloaded, true
+	case sc == fasthttp.StatusBadGateway, sc == fasthttp.StatusServiceUnavailable, sc == fasthttp.StatusGatewayTimeout:
+		return health.OutcomeServerError, true
+	default:
+		return health.OutcomeServerError, false
+	}
+}
+
+// writeError answers the client with an error edgelb generated itself.
+func writeError(ctx *fasthttp.RequestCtx, code errCode, clientClose bool) {
+	resp := &ctx.Response
+	resp.SetStatusCode(code.status())
+	resp.Header.SetContentTypeBytes(strTextPlain)
+	resp.Header.SetBytesKV(strHeaderError, errCodeValues[code])
+	if code == errNoHealthyBackend || code == errOverloaded {
+		resp.Header.SetBytesKV(strRetryAfter, strRetryAfterValue)
+	}
+	resp.SetBodyRaw(code.body())
+	if clientClose {
+		resp.SetConnectionClose()
+	}
+}
+
+func isIdempotent(method []byte) bool {
+	switch string(method) {
+	case fasthttp.MethodGet, fasthttp.MethodHead, fasthttp.MethodOptions, fasthttp.MethodPut,
+		fasthttp.MethodDelete, fasthttp.MethodTrace:
+		return true
+	}
+	return false
+}
+
+// prepareRequest turns the client's request into the upstream one in
+// place: hop-by-hop headers go first, then X-Forwarded-* are set, so that a
+// client cannot smuggle them away through Connection (golang/go#50580).
+func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request) {
+	h := &req.Header
+	removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
+	h.ResetConnectionClose()
+	for _, k := range hopHeaders {
+		h.Del(k)
+	}
+
+	var buf [256]byte
+	xff := append(buf[:0], h.PeekBytes(strXForwardedFor)...)
+	if len(xff) > 0 {
+		xff = append(xff, strCommaSpace...)
+	}
+	xff = appendRemoteIP(xff, ctx)
+	h.SetBytesKV(strXForwardedFor, xff)
+	if ctx.IsTLS() {
+		h.SetBytesKV(strXForwardedProto, strHTTPS)
+	} else {
+		h.SetBytesKV(strXForwardedProto, strHTTP)
+	}
+	h.SetBytesKV(strXForwardedHost, h.Host())
+	// Keep the client's Host: the URI's host would be the same, but the
+	// header must go upstream as the client sent it.
+	req.UseHostHeader = true
+}
+
+// prepareResponse strips hop-by-hop headers from a backend's response and
+// keeps the client's connection open unless the client asked to close it.
+func prepareResponse(resp *fasthttp.Response, clientClose bool) {
+	h := &resp.Header
+	removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
+	h.ResetConnectionClose()
+	for _, k := range hopHeaders {
+		h.Del(k)
+	}
+	if clientClose {
+		h.SetConnectionClose()
+	}
+}
+
+// removeConnectionHeaders deletes the headers that a Connection header
+// value names. Fast path: nothing to do when it is absent or just "close".
+func removeConnectionHeaders(v []byte, del func([]byte)) {
+	if len(v) == 0 || bytes.Equal(v, strClose) {
+		return
+	}
+	// v may be used while deleting: fasthttp moves header entries but not
+	// the bytes they own, and Connection itself goes last.
+	for len(v) > 0 {
+		var tok []byte
+		tok, v, _ = bytes.Cut(v, strComma)
+		tok = bytes.TrimSpace(tok)
+		if len(tok) > 0 && !bytes.EqualFold(tok, strClose) && !bytes.EqualFold(tok, strKeepAlive) {
+			del(tok)
+		}
+	}
+	del(strConnection)
+}
+
+// appendRemoteIP appends the client's IP address in text form.
+func appendRemoteIP(dst []byte, ctx *fasthttp.RequestCtx) []byte {
+	ip, ok := netip.AddrFromSlice(ctx.RemoteIP())
+	if !ok {
+		return append(dst, "unknown"...)
+	}
+	return ip.Unmap().AppendTo(dst)
+}

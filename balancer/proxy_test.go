@@ -1,0 +1,274 @@
+package balancer
+
+import (
+	"bufio"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+func TestProxyForwardsGet(t *testing.T) {
+	o := startOrigin(t, "a", nil)
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	resp := do(t, s, "GET", "example.com", "/x?q=1")
+	if resp.StatusCode() != 200 || string(resp.Body()) != "hello from a" {
+		t.Fatalf("got %d %q", resp.StatusCode(), resp.Body())
+	}
+	if v := resp.Header.Peek(HeaderError); len(v) != 0 {
+		t.Fatalf("unexpected %s: %s", HeaderError, v)
+	}
+}
+
+func TestProxyHeaders(t *testing.T) {
+	var mu sync.Mutex
+	var seen string
+	var seenURI, seenHost string
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		mu.Lock()
+		seen = ctx.Request.Header.String()
+		seenURI = string(ctx.Request.Header.RequestURI())
+		seenHost = string(ctx.Request.Header.Host())
+		mu.Unlock()
+		ctx.Response.Header.Set("Keep-Alive", "timeout=5")
+		ctx.Response.Header.Set("Connection", "X-Private")
+		ctx.Response.Header.Set("X-Private", "secret")
+		ctx.Response.Header.Set("X-App", "kept")
+		ctx.Response.SetConnectionClose()
+		ctx.WriteString("ok")
+	})
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	resp := do(t, s, "GET", "Shop.Example.com", "/a//b/../c?x=%2F",
+		"Connection", "X-Hop, keep-alive",
+		"X-Hop", "should-go",
+		"Keep-Alive", "timeout=5",
+		"Te", "trailers",
+		"Upgrade", "websocket",
+		"Proxy-Authorization", "Basic Zm9v",
+		"X-Forwarded-For", "10.0.0.1",
+		"X-Forwarded-Proto", "https",
+		"X-Keep", "yes",
+	)
+	if resp.StatusCode() != 200 {
+		t.Fatalf("status %d", resp.StatusCode())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, h := range []string{"X-Hop:", "Keep-Alive:", "Te:", "Upgrade:", "Proxy-Authorization:"} {
+		if strings.Contains(seen, h) {
+			t.Errorf("hop-by-hop header %s reached the origin:\n%s", h, seen)
+		}
+	}
+	for _, h := range []string{"X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\n", "X-Forwarded-Proto: http\r\n", "X-Forwarded-Host: Shop.Example.com\r\n", "X-Keep: yes\r\n"} {
+		if !strings.Contains(seen, h) {
+			t.Errorf("origin did not get %q:\n%s", h, seen)
+		}
+	}
+	if seenURI != "/a//b/../c?x=%2F" {
+		t.Errorf("request URI changed on the way: %q", seenURI)
+	}
+	if seenHost != "Shop.Example.com" {
+		t.Errorf("Host changed on the way: %q", seenHost)
+	}
+	if v := resp.Header.Peek("X-Private"); len(v) != 0 {
+		t.Errorf("header named by upstream Connection reached the client")
+	}
+	if v := resp.Header.Peek("Keep-Alive"); len(v) != 0 {
+		t.Errorf("upstream Keep-Alive reached the client")
+	}
+	if string(resp.Header.Peek("X-App")) != "kept" {
+		t.Errorf("end-to-end header lost")
+	}
+	if resp.ConnectionClose() {
+		t.Errorf("upstream Connection: close must not close the client's connection")
+	}
+}
+
+func TestRouting(t *testing.T) {
+	a := startOrigin(t, "a", nil)
+	b := startOrigin(t, "b", nil)
+	c := startOrigin(t, "c", nil)
+	s := startEdge(t, `
+services:
+  a: {static: `+staticList(a)+`}
+  b: {static: `+staticList(b)+`}
+  c: {static: `+staticList(c)+`}
+routes:
+  - {host: "*", path: /, service: a}
+  - {host: "*", path: /api, service: b}
+  - {host: shop.example.com, path: /, service: c}
+  - {host: only.example.com, path: /x, service: c}
+`)
+	f := func(host, path, want string) {
+		t.Helper()
+		resp := do(t, s, "GET", host, path)
+		got := string(resp.Body())
+		if e := resp.Header.Peek(HeaderError); len(e) > 0 {
+			got = "error:" + string(e)
+		}
+		if got != want {
+			t.Errorf("%s%s: got %q, want %q", host, path, got, want)
+		}
+	}
+	f("any.host", "/", "hello from a")
+	f("any.host", "/api", "hello from b")
+	f("any.host", "/api/v1", "hello from b")
+	f("any.host", "/apix", "hello from a")
+	f("SHOP.example.com:8080", "/api", "hello from b")
+	f("shop.example.com", "/other", "hello from c")
+	f("only.example.com", "/x/y", "hello from c")
+	f("only.example.com", "/y", "hello from a")
+}
+
+func TestNoRoute(t *testing.T) {
+	a := startOrigin(t, "a", nil)
+	s := startEdge(t, "services:\n  a: {static: "+staticList(a)+"}\nroutes: [{host: a.example, path: /, service: a}]\n")
+	resp := do(t, s, "GET", "b.example", "/")
+	if resp.StatusCode() != 404 || string(resp.Header.Peek(HeaderError)) != "no_route" {
+		t.Fatalf("got %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
+}
+
+// deadAddr returns a loopback address where nothing listens.
+func deadAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+func TestRetryOnDeadBackend(t *testing.T) {
+	live := startOrigin(t, "live", nil)
+	dead := deadAddr(t)
+	s := startEdge(t, "services:\n  web: {static: ["+dead+", "+live.addr+"], health: {passive: {consecutive_gateway_failures: 1000}}}\nroutes: [{service: web}]\n")
+	for i := 0; i < 50; i++ {
+		for _, m := range []string{"GET", "POST"} {
+			resp := do(t, s, m, "x", "/")
+			if resp.StatusCode() != 200 {
+				t.Fatalf("%s #%d: got %d %q; a dead backend must be retried on another (connect failures are safe for any method)", m, i, resp.StatusCode(), resp.Header.Peek(HeaderError))
+			}
+		}
+	}
+}
+
+func TestAllBackendsDead(t *testing.T) {
+	s := startEdge(t, "services:\n  web: {static: ["+deadAddr(t)+", "+deadAddr(t)+"]}\nroutes: [{service: web}]\n")
+	resp := do(t, s, "GET", "x", "/")
+	if resp.StatusCode() != 502 || string(resp.Header.Peek(HeaderError)) != "upstream_connect_failed" {
+		t.Fatalf("got %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
+	if strings.Contains(string(resp.Body()), "127.0.0.1") {
+		t.Fatalf("response leaks a backend address: %q", resp.Body())
+	}
+	// After enough failures both are ejected: the answer comes at once.
+	for i := 0; i < 10; i++ {
+		do(t, s, "GET", "x", "/")
+	}
+	start := time.Now()
+	resp = do(t, s, "GET", "x", "/")
+	if resp.StatusCode() != 503 || string(resp.Header.Peek(HeaderError)) != "no_healthy_backend" || len(resp.Header.Peek("Retry-After")) == 0 {
+		t.Fatalf("got %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
+	t.Logf("no_healthy_backend answered in %s", time.Since(start))
+}
+
+func TestTimeoutAndRetry(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	hang := startOrigin(t, "hang", func(ctx *fasthttp.RequestCtx) { <-release })
+	live := startOrigin(t, "live", nil)
+	s := startEdge(t, "services:\n  web: {static: ["+hang.addr+"], try_timeout: 200ms}\n  both: {static: ["+hang.addr+", "+live.addr+"], try_timeout: 200ms, balance: round_robin}\nroutes: [{path: /, service: web}, {path: /both, service: both}]\n")
+	start := time.Now()
+	resp := do(t, s, "GET", "x", "/")
+	if resp.StatusCode() != 504 || string(resp.Header.Peek(HeaderError)) != "upstream_timeout" {
+		t.Fatalf("got %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("timeout took %s", d)
+	}
+	for i := 0; i < 4; i++ {
+		resp := do(t, s, "GET", "x", "/both")
+		if resp.StatusCode() != 200 {
+			t.Fatalf("GET #%d: got %d %q; should be retried on the live backend", i, resp.StatusCode(), resp.Header.Peek(HeaderError))
+		}
+	}
+}
+
+func TestInvalidResponse(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				bufio.NewReader(c).ReadString('\n')
+				c.Write([]byte("garbage garbage\r\n\r\n"))
+				c.Close()
+			}()
+		}
+	}()
+	s := startEdge(t, "services:\n  web: {static: ["+ln.Addr().String()+"]}\nroutes: [{service: web}]\n")
+	resp := do(t, s, "GET", "x", "/")
+	if resp.StatusCode() != 502 || string(resp.Header.Peek(HeaderError)) != "upstream_invalid_response" {
+		t.Fatalf("got %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
+}
+
+func TestOverloadedBackendIsAvoided(t *testing.T) {
+	busy := startOrigin(t, "busy", func(ctx *fasthttp.RequestCtx) {
+		ctx.Response.Header.Set("Retry-After", "1")
+		ctx.SetStatusCode(503)
+	})
+	limited := startOrigin(t, "limited", func(ctx *fasthttp.RequestCtx) { ctx.SetStatusCode(429) })
+	live := startOrigin(t, "live", nil)
+	s := startEdge(t, "services:\n  web: {static: "+staticList(busy, limited, live)+"}\nroutes: [{service: web}]\n")
+	for i := 0; i < 30; i++ {
+		if resp := do(t, s, "GET", "x", "/"); resp.StatusCode() != 200 {
+			t.Fatalf("GET #%d: got %d", i, resp.StatusCode())
+		}
+	}
+	// A non-idempotent request gets the backend's own answer.
+	only := startEdge(t, "services:\n  web: {static: "+staticList(busy)+"}\nroutes: [{service: web}]\n")
+	if resp := do(t, only, "POST", "x", "/"); resp.StatusCode() != 503 || len(resp.Header.Peek(HeaderError)) != 0 {
+		t.Fatalf("POST: got %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	o := startOrigin(t, "a", nil)
+	s := startEdge(t, "server: {max_request_body: 1024, max_header_bytes: 4096}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	f := func(raw string, want int) {
+		t.Helper()
+		c, err := net.Dial("tcp", s.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		go c.Write([]byte(raw))
+		var resp fasthttp.Response
+		if err := resp.Read(bufio.NewReader(c)); err != nil {
+			t.Fatalf("reading response to %.40q: %v", raw, err)
+		}
+		if resp.StatusCode() != want {
+			t.Errorf("%.40q: got %d, want %d", raw, resp.StatusCode(), want)
+		}
+	}
+	f("GARBAGE\r\n\r\n", 400)
+	f("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400)
+	f("GET / HTTP/1.1\r\nHost: x\r\nX-Big: "+strings.Repeat("a", 8000)+"\r\n\r\n", 431)
+	f("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"+strings.Repeat("b", 5000), 413)
+	f("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 200)
+}

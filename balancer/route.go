@@ -1,0 +1,111 @@
+package balancer
+
+import (
+	"sort"
+	"strings"
+)
+
+// route is one entry of a routeTable.
+type route struct {
+	host    string
+	path    string
+	service string
+	pool    *Pool // nil while the service has no pool
+}
+
+// routeTable maps hosts and path prefixes to pools. It is immutable once
+// built and read through an atomic pointer.
+type routeTable struct {
+	// byHost holds, for every exact host, its own routes merged with the
+	// "*" routes, longest path first (exact host first on equal paths).
+	byHost map[string][]route
+	// any holds the "*" routes, longest path first.
+	any []route
+}
+
+func newRouteTable(routes []route) *routeTable {
+	rt := &routeTable{byHost: make(map[string][]route)}
+	for _, r := range routes {
+		if r.host == "*" {
+			rt.any = append(rt.any, r)
+		}
+	}
+	for _, r := range routes {
+		if r.host != "*" {
+			rt.byHost[r.host] = append(rt.byHost[r.host], r)
+		}
+	}
+	for h, rs := range rt.byHost {
+		rs = append(rs, rt.any...)
+		sortRoutes(rs)
+		rt.byHost[h] = rs
+	}
+	sortRoutes(rt.any)
+	return rt
+}
+
+func sortRoutes(rs []route) {
+	sort.SliceStable(rs, func(i, j int) bool {
+		if len(rs[i].path) != len(rs[j].path) {
+			return len(rs[i].path) > len(rs[j].path)
+		}
+		return rs[i].host != "*" && rs[j].host == "*"
+	})
+}
+
+// match returns the route for host (lower-case, without port) and path,
+// or nil. It allocates nothing.
+func (rt *routeTable) match(host, path []byte) *route {
+	rs, ok := rt.byHost[string(host)]
+	if !ok {
+		rs = rt.any
+	}
+	for i := range rs {
+		if pathHasPrefix(path, rs[i].path) {
+			return &rs[i]
+		}
+	}
+	return nil
+}
+
+// pathHasPrefix reports whether path is prefix or lies below it: "/api"
+// matches "/api" and "/api/x" but not "/apix".
+func pathHasPrefix(path []byte, prefix string) bool {
+	if len(path) < len(prefix) || string(path[:len(prefix)]) != prefix {
+		return false
+	}
+	return len(path) == len(prefix) || prefix[len(prefix)-1] == '/' || path[len(prefix)] == '/'
+}
+
+// normalizeHost lower-cases host and strips a port, writing into dst.
+func normalizeHost(dst, host []byte) []byte {
+	if n := len(host); n > 0 && host[0] != '[' {
+		if i := lastIndexByte(host, ':'); i >= 0 {
+			host = host[:i]
+		}
+	} else if i := lastIndexByte(host, ']'); i >= 0 {
+		host = host[:i+1]
+	}
+	dst = dst[:0]
+	for _, c := range host {
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		dst = append(dst, c)
+	}
+	return dst
+}
+
+func lastIndexByte(b []byte, c byte) int {
+	for i := len(b) - 1; i >= 0; i-- {
+		if b[i] == c {
+			return i
+		}
+	}
+	return -1
+}
+
+// routeID is how routes are told apart in logs and /status.
+func routeID(host, path string) string {
+	return strings.ToLower(host) + path
+}

@@ -1,0 +1,401 @@
+// Package balancer is edgelb's data plane: the client-facing server,
+// routing, backend selection, forwarding with retries, and the admin API.
+package balancer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"reflect"
+	"runtime/debug"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/discovery"
+	"github.com/edgelb/edgelb/health"
+)
+
+// Server is an edgelb instance: the client-facing listener, the admin API
+// and the pools they route to.
+//
+// Start it with Start, change its config with Reload, and stop it with
+// Shutdown. It is safe to call its methods from concurrently running
+// goroutines.
+type Server struct {
+	log *slog.Logger
+	reg *health.Registry
+
+	routes atomic.Pointer[routeTable]
+	ready  atomic.Bool
+
+	srv   *fasthttp.Server
+	ln    net.Listener
+	admin *adminServer
+
+	// mu guards the control plane below (slow path only).
+	mu        sync.Mutex
+	cfg       *Config
+	pools     map[string]*Pool
+	sets      map[string]*discovery.Set
+	conflicts []string
+	statics   map[string]bool
+
+	stop     chan struct{}
+	stopOnce sync.Once
+	wg       sync.WaitGroup
+}
+
+// NewServer returns a server for cfg, which must come from LoadConfig or
+// ParseConfig. logger may be nil for slog.Default().
+func NewServer(cfg *Config, logger *slog.Logger) *Server {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	s := &Server{
+		log:     logger,
+		reg:     health.NewRegistry(),
+		cfg:     cfg,
+		pools:   make(map[string]*Pool),
+		sets:    make(map[string]*discovery.Set),
+		statics: make(map[string]bool),
+		stop:    make(chan struct{}),
+	}
+	s.routes.Store(newRouteTable(nil))
+	s.srv = &fasthttp.Server{
+		Handler:                       s.handle,
+		ErrorHandler:                  s.handleParseError,
+		Name:                          "edgelb",
+		NoDefaultServerHeader:         true,
+		NoDefaultContentType:          true,
+		ReadBufferSize:                cfg.Server.MaxHeaderBytes,
+		MaxRequestBodySize:            cfg.Server.MaxRequestBody,
+		IdleTimeout:                   cfg.Server.IdleTimeout,
+		ReadTimeout:                   cfg.Server.IdleTimeout,
+		DisableHeaderNamesNormalizing: false,
+		CloseOnShutdown:               true,
+		Logger:                        fasthttpLogger{logger},
+	}
+	return s
+}
+
+// Start binds the listeners, builds the pools and routes and starts serving
+// in the background. It returns once the listeners accept connections.
+func (s *Server) Start() error {
+	ln, err := net.Listen("tcp", s.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("cannot listen on %s (listen): %w", s.cfg.Listen, err)
+	}
+	s.ln = ln
+	s.admin = newAdminServer(s)
+	if err := s.admin.start(s.cfg.Admin); err != nil {
+		ln.Close()
+		return fmt.Errorf("cannot listen on %s (admin): %w", s.cfg.Admin, err)
+	}
+	s.mu.Lock()
+	s.applyLocked(s.cfg)
+	s.mu.Unlock()
+	s.ready.Store(true)
+
+	s.goSafe("serve", func() {
+		if err := s.srv.Serve(ln); err != nil {
+			s.log.Error("server stopped", "err", err)
+		}
+	})
+	s.goSafe("reaper", s.reapLoop)
+	s.log.Info("edgelb started", "listen", ln.Addr().String(), "admin", s.admin.addr())
+	return nil
+}
+
+// Addr returns the client-facing address the server listens on.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// AdminAddr returns the admin API address.
+func (s *Server) AdminAddr() string { return s.admin.addr() }
+
+// Reload replaces the config. Pools whose service config is unchanged keep
+// running untouched; changed ones are rebuilt, keeping the health state of
+// their backends. Listener addresses cannot change without a restart.
+func (s *Server) Reload(cfg *Config) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if cfg.Listen != s.cfg.Listen || cfg.Admin != s.cfg.Admin {
+		reloadErrors.Inc()
+		return fmt.Errorf("cannot reload: listen and admin addresses need a restart (listen %s -> %s, admin %s -> %s)",
+			s.cfg.Listen, cfg.Listen, s.cfg.Admin, cfg.Admin)
+	}
+	s.applyLocked(cfg)
+	reloadsTotal.Inc()
+	s.log.Info("config reloaded", "services", len(cfg.Services), "routes", len(cfg.Routes))
+	return nil
+}
+
+// applyLocked makes cfg the running config: it builds pools for new or
+// changed services, retires the others and rebuilds the route table.
+func (s *Server) applyLocked(cfg *Config) {
+	s.cfg = cfg
+	var retired []*Pool
+	for name, p := range s.pools {
+		sc, configured := cfg.Services[name]
+		if (configured && reflect.DeepEqual(sc, p.cfg)) || (!configured && p.tagRouted) {
+			continue
+		}
+		retired = append(retired, p)
+		delete(s.pools, name)
+	}
+	for name, sc := range cfg.Services {
+		if s.pools[name] != nil {
+			continue
+		}
+		p := newPool(name, sc, s.reg)
+		s.pools[name] = p
+		if len(sc.Static) > 0 {
+			ins := make([]discovery.Instance, len(sc.Static))
+			for i, b := range sc.Static {
+				ins[i] = discovery.Instance{Addr: b.Addr, Weight: b.Weight}
+			}
+			s.sets[name] = discovery.NewSet(name, "static", ins, time.Now())
+			s.statics[name] = true
+		} else if s.statics[name] {
+			delete(s.statics, name)
+			delete(s.sets, name)
+		}
+		if set := s.sets[name]; set != nil {
+			p.update(set)
+		}
+	}
+	s.rebuildRoutesLocked()
+	for _, p := range retired {
+		s.retire(p)
+	}
+}
+
+// retire closes a pool that no longer serves once its requests are done.
+func (s *Server) retire(p *Pool) {
+	p.retire()
+	d := p.cfg.Timeout + time.Second
+	s.goSafe("retire", func() {
+		select {
+		case <-time.After(d):
+		case <-s.stop:
+		}
+		p.close()
+	})
+}
+
+// Publish implements discovery.Publisher: it replaces the instances of
+// set.Service, creating a pool for a newly tag-routed service.
+func (s *Server) Publish(set *discovery.Set) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	prev := s.sets[set.Service]
+	s.sets[set.Service] = set
+	p := s.pools[set.Service]
+	if p == nil && len(set.Routes) > 0 {
+		p = newPool(set.Service, tagServiceConfig(), s.reg)
+		p.tagRouted = true
+		s.pools[set.Service] = p
+	}
+	if p != nil {
+		p.update(set)
+	}
+	if prev == nil || !reflect.DeepEqual(prev.Routes, set.Routes) {
+		s.rebuildRoutesLocked()
+	}
+}
+
+// Remove implements discovery.Publisher: a tag-routed service that is gone
+// loses its routes and pool. A configured service keeps its pool, empty.
+func (s *Server) Remove(service string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.sets, service)
+	p := s.pools[service]
+	if p == nil {
+		return
+	}
+	if _, configured := s.cfg.Services[service]; configured {
+		p.update(discovery.NewSet(service, "consul", nil, time.Now()))
+		return
+	}
+	delete(s.pools, service)
+	s.rebuildRoutesLocked()
+	s.retire(p)
+}
+
+// tagServiceConfig is the config of services routed by Consul tags.
+func tagServiceConfig() *ServiceConfig {
+	sc := &ServiceConfig{Consul: &ConsulServiceConfig{}}
+	sc.validate("", true)
+	return sc
+}
+
+// rebuildRoutesLocked publishes a new route table from the configured
+// routes and the tag routes of discovered services. Configured routes win
+// over tag routes; between services claiming one tag route, the name that
+// sorts first wins, and the conflict is reported.
+func (s *Server) rebuildRoutesLocked() {
+	var rs []route
+	owner := make(map[string]string)
+	for _, rc := range s.cfg.Routes {
+		rs = append(rs, route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service]})
+		owner[routeID(rc.Host, rc.Path)] = "config"
+	}
+	var conflicts []string
+	for _, name := range sortedNames(s.sets) {
+		set := s.sets[name]
+		for _, r := range set.Routes {
+			id := routeID(r.Host, r.Path)
+			if o, taken := owner[id]; taken {
+				conflicts = append(conflicts, fmt.Sprintf("route %s claimed by service %q is already routed to %s; ignored", id, name, o))
+				continue
+			}
+			owner[id] = fmt.Sprintf("service %q", name)
+			rs = append(rs, route{host: r.Host, path: r.Path, service: name, pool: s.pools[name]})
+		}
+	}
+	for _, c := range conflicts {
+		if !contains(s.conflicts, c) {
+			s.log.Warn("route conflict", "detail", c)
+		}
+	}
+	s.conflicts = conflicts
+	s.routes.Store(newRouteTable(rs))
+}
+
+func contains(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// Shutdown stops accepting connections, waits up to the drain timeout for
+// in-flight requests and stops all background work.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.ready.Store(false)
+	err := s.srv.ShutdownWithContext(ctx)
+	s.stopOnce.Do(func() { close(s.stop) })
+	if s.admin != nil {
+		s.admin.close()
+	}
+	s.wg.Wait()
+	s.mu.Lock()
+	for name, p := range s.pools {
+		p.close()
+		delete(s.pools, name)
+	}
+	s.mu.Unlock()
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("drain timeout: some requests were cut: %w", err)
+	}
+	return err
+}
+
+func (s *Server) reapLoop() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case now := <-t.C:
+			s.mu.Lock()
+			pools := make([]*Pool, 0, len(s.pools))
+			for _, p := range s.pools {
+				pools = append(pools, p)
+			}
+			s.mu.Unlock()
+			for _, p := range pools {
+				p.reap(now)
+			}
+		}
+	}
+}
+
+// goSafe runs f in a goroutine that recovers and logs panics.
+func (s *Server) goSafe(name string, f func()) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				panicsTotal.Inc()
+				s.log.Error("panic in background task", "task", name, "panic", r, "stack", string(debug.Stack()))
+			}
+		}()
+		f()
+	}()
+}
+
+// handle is the root request handler.
+func (s *Server) handle(ctx *fasthttp.RequestCtx) {
+	defer s.recoverRequest(ctx)
+	now := ctx.Time()
+	var hb [128]byte
+	host := normalizeHost(hb[:0], ctx.Host())
+	r := s.routes.Load().match(host, ctx.Path())
+	if r == nil || r.pool == nil {
+		noRouteTotal.Inc()
+		writeError(ctx, errNoRoute, ctx.Request.Header.ConnectionClose())
+		return
+	}
+	r.pool.serve(ctx, now)
+}
+
+func (s *Server) recoverRequest(ctx *fasthttp.RequestCtx) {
+	if r := recover(); r != nil {
+		panicsTotal.Inc()
+		s.log.Error("panic while serving request", "uri", string(ctx.RequestURI()), "panic", r, "stack", string(debug.Stack()))
+		ctx.Response.Reset()
+		ctx.Error("edgelb: internal error\n", fasthttp.StatusInternalServerError)
+		ctx.SetConnectionClose()
+	}
+}
+
+// handleParseError answers requests that fasthttp could not parse.
+func (s *Server) handleParseError(ctx *fasthttp.RequestCtx, err error) {
+	var small *fasthttp.ErrSmallBuffer
+	var ne net.Error
+	switch {
+	case errors.As(err, &small):
+		ctx.Error("edgelb: request header too large\n", fasthttp.StatusRequestHeaderFieldsTooLarge)
+	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+		ctx.Error("edgelb: request body too large\n", fasthttp.StatusRequestEntityTooLarge)
+	case errors.As(err, &ne) && ne.Timeout():
+		ctx.Error("edgelb: request timeout\n", fasthttp.StatusRequestTimeout)
+	default:
+		ctx.Error("edgelb: malformed request\n", fasthttp.StatusBadRequest)
+	}
+	ctx.SetConnectionClose()
+}
+
+// fasthttpLogger sends fasthttp's own messages to slog.
+type fasthttpLogger struct{ l *slog.Logger }
+
+func (l fasthttpLogger) Printf(format string, args ...any) {
+	l.l.Debug(fmt.Sprintf(format, args...), "component", "fasthttp")
+}
+
+// poolsSorted returns the pools by name (slow path).
+func (s *Server) poolsSorted() []*Pool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ps := make([]*Pool, 0, len(s.pools))
+	for _, p := range s.pools {
+		ps = append(ps, p)
+	}
+	sort.Slice(ps, func(i, j int) bool { return ps[i].name < ps[j].name })
+	return ps
+}
+
+// Handler returns the client-facing request handler, for serving edgelb on
+// a listener of one's own or driving it in benchmarks.
+func (s *Server) Handler() fasthttp.RequestHandler { return s.handle }
