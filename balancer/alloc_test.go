@@ -9,7 +9,6 @@ import (
 	"github.com/valyala/fasthttp"
 )
 
-
 func TestProxiedGetAllocatesNothing(t *testing.T) {
 	body := bytes.Repeat([]byte("x"), 64)
 	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.SetBody(body) })

@@ -131,4 +131,3 @@ var (
 	reloadsTotal = metrics.NewCounter(`edgelb_config_reloads_total{result="ok"}`)
 	reloadErrors = metrics.NewCounter(`edgelb_config_reloads_total{result="error"}`)
 )
-
