@@ -1,0 +1,635 @@
+package discovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"reflect"
+	"runtime/debug"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/hashicorp/consul/api"
+)
+
+// ConsulConfig says where Consul is and how edgelb uses it.
+type ConsulConfig struct {
+	// Address is host:port of the Consul HTTP API.
+	// DefaultConsulAddress is used if not set.
+	Address string `yaml:"address"`
+
+	// Scheme is "http" or "https". "http" is used if not set.
+	Scheme string `yaml:"scheme"`
+
+	// Token is the ACL token, if Consul requires one.
+	Token string `yaml:"token"`
+
+	// Datacenter is the default datacenter of watched services; the
+	// agent's own if not set.
+	Datacenter string `yaml:"datacenter"`
+
+	// TagRoutes routes every service whose instances carry an
+	// `edge.route=HOST/PATH` tag, with no config.
+	TagRoutes bool `yaml:"tag_routes"`
+}
+
+// ConsulService names a service in Consul.
+type ConsulService struct {
+	// Name is the Consul service name.
+	Name string `yaml:"name"`
+
+	// Tags keep only instances carrying all of them.
+	Tags []string `yaml:"tags"`
+
+	// Datacenter overrides ConsulConfig.Datacenter for this service.
+	Datacenter string `yaml:"datacenter"`
+}
+
+// Defaults of the Consul source.
+const (
+	DefaultConsulAddress = "127.0.0.1:8500"
+
+	// RouteTag is the tag prefix of tag routes: edge.route=HOST/PATH.
+	RouteTag = "edge.route="
+
+	// minCallInterval spaces the starts of two calls to one endpoint, so
+	// that a misbehaving index never turns a watch into a busy loop.
+	minCallInterval = time.Second
+	// waitTime is how long a blocking query may wait for a change.
+	waitTime = 30 * time.Second
+	// maxBackoff caps the wait between failed calls.
+	maxBackoff = 10 * time.Second
+	// emptyHold is how long a set that turns empty right after Consul's
+	// index went backwards (a restarted or rebuilt Consul) is not believed.
+	emptyHold = 30 * time.Second
+	// diskWait is how long a watch waits for Consul before publishing the
+	// set persisted in state_dir.
+	diskWait = 2 * time.Second
+)
+
+// Consul is a discovery source watching services in Consul with blocking
+// queries. It publishes a Set per watched service whenever it changes, and
+// keeps the last known sets through Consul outages.
+//
+// Methods are safe for concurrent use.
+type Consul struct {
+	cfg    ConsulConfig
+	client *api.Client
+	pub    Publisher
+	log    *slog.Logger
+	state  *stateFile
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu         sync.Mutex
+	configured map[string]ConsulService // edgelb name -> Consul service
+	watches    map[string]*watch        // edgelb name -> watch
+	catalog    Status
+}
+
+// watch follows one Consul service.
+type watch struct {
+	name    string // edgelb service name
+	svc     ConsulService
+	tagged  bool // started for its tag routes, not from the config
+	cancel  context.CancelFunc
+	updates *metrics.Counter
+	errors  *metrics.Counter
+
+	mu        sync.Mutex
+	status    Status
+	last      *Set
+	published bool
+}
+
+// NewConsul returns a Consul source for the services (keyed by edgelb
+// service name). Sets are published to pub. stateDir, if not empty, keeps
+// the last-known-good sets across restarts.
+func NewConsul(cfg ConsulConfig, services map[string]ConsulService, stateDir string, pub Publisher, log *slog.Logger) (*Consul, error) {
+	if cfg.Address == "" {
+		cfg.Address = DefaultConsulAddress
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	client, err := api.NewClient(&api.Config{Address: cfg.Address, Scheme: cfg.Scheme, Token: cfg.Token, Datacenter: cfg.Datacenter})
+	if err != nil {
+		return nil, fmt.Errorf("cannot create Consul client for %s: %w", cfg.Address, err)
+	}
+	c := &Consul{
+		cfg:        cfg,
+		client:     client,
+		pub:        pub,
+		log:        log.With("source", "consul"),
+		configured: services,
+		watches:    make(map[string]*watch),
+		catalog:    Status{Source: "consul", Service: "(catalog)"},
+	}
+	if stateDir != "" {
+		c.state = newStateFile(stateDir, c.log)
+	}
+	return c, nil
+}
+
+// Start publishes the persisted sets if Consul does not answer quickly and
+// starts the watches.
+func (c *Consul) Start() {
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	var disk map[string]*Set
+	if c.state != nil {
+		disk = c.state.load()
+	}
+	c.mu.Lock()
+	for name, svc := range c.configured {
+		c.startWatchLocked(name, svc, false, disk[name])
+	}
+	if c.cfg.TagRoutes {
+		for name, set := range disk {
+			if _, ok := c.configured[name]; !ok && len(set.Routes) > 0 {
+				c.startWatchLocked(name, ConsulService{Name: name}, true, set)
+			}
+		}
+		c.goSafe("catalog", c.watchCatalog)
+	}
+	c.mu.Unlock()
+}
+
+// Stop ends every watch and waits for them.
+func (c *Consul) Stop() {
+	if c.cancel == nil {
+		return
+	}
+	c.cancel()
+	c.wg.Wait()
+}
+
+// SetServices replaces the configured services (on a config reload):
+// watches of removed services stop, new ones start.
+func (c *Consul) SetServices(services map[string]ConsulService) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.configured = services
+	for name, w := range c.watches {
+		svc, ok := services[name]
+		if (ok && reflect.DeepEqual(svc, w.svc)) || (!ok && w.tagged) {
+			continue
+		}
+		w.cancel()
+		delete(c.watches, name)
+	}
+	for name, svc := range services {
+		if c.watches[name] == nil {
+			c.startWatchLocked(name, svc, false, nil)
+		}
+	}
+}
+
+// Status returns the freshness of every watch, sorted by service.
+func (c *Consul) Status() []Status {
+	c.mu.Lock()
+	ws := make([]*watch, 0, len(c.watches))
+	for _, w := range c.watches {
+		ws = append(ws, w)
+	}
+	var out []Status
+	if c.cfg.TagRoutes {
+		out = append(out, c.catalog)
+	}
+	c.mu.Unlock()
+	for _, w := range ws {
+		w.mu.Lock()
+		out = append(out, w.status)
+		w.mu.Unlock()
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Service < out[j].Service })
+	return out
+}
+
+func (c *Consul) startWatchLocked(name string, svc ConsulService, tagged bool, disk *Set) {
+	ctx, cancel := context.WithCancel(c.ctx)
+	l := fmt.Sprintf(`source="consul",service=%q`, name)
+	w := &watch{
+		name: name, svc: svc, tagged: tagged, cancel: cancel,
+		updates: metrics.GetOrCreateCounter(`edgelb_discovery_updates_total{` + l + `}`),
+		errors:  metrics.GetOrCreateCounter(`edgelb_discovery_errors_total{` + l + `}`),
+		status:  Status{Source: "consul", Service: name, Stale: true},
+	}
+	c.watches[name] = w
+	if disk != nil {
+		c.goSafe("disk "+name, func() {
+			select {
+			case <-ctx.Done():
+			case <-time.After(diskWait):
+				c.publishFromDisk(w, disk)
+			}
+		})
+	}
+	c.goSafe("watch "+name, func() { c.watchService(ctx, w, disk) })
+}
+
+// publishFromDisk publishes a persisted set unless Consul answered first.
+func (c *Consul) publishFromDisk(w *watch, disk *Set) {
+	w.mu.Lock()
+	if w.published {
+		w.mu.Unlock()
+		return
+	}
+	w.published = true
+	w.last = disk
+	w.status.FromDisk, w.status.Stale = true, true
+	w.mu.Unlock()
+	c.log.Warn("Consul has not answered; serving the last known instances from state_dir",
+		"service", w.name, "instances", len(disk.Instances), "saved_at", disk.UpdatedAt)
+	c.pub.Publish(disk)
+}
+
+// watchService runs the blocking-query loop of one service until ctx ends.
+func (c *Consul) watchService(ctx context.Context, w *watch, disk *Set) {
+	var index uint64
+	var failures int
+	var holdUntil time.Time
+	// suspect is set by an index reset or an outage: until Consul shows
+	// instances again, an empty answer may be a registry that lost its
+	// state rather than a service that is gone.
+	suspect := false
+	dc := w.svc.Datacenter
+	if dc == "" {
+		dc = c.cfg.Datacenter
+	}
+	var lastStart time.Time
+	for {
+		if !sleepCtx(ctx, minCallInterval-time.Since(lastStart)) {
+			return
+		}
+		lastStart = time.Now()
+		q := (&api.QueryOptions{WaitIndex: index, WaitTime: waitTime, Datacenter: dc}).WithContext(ctx)
+		entries, meta, err := c.client.Health().ServiceMultipleTags(w.svc.Name, w.svc.Tags, true, q)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			failures++
+			suspect = true
+			c.watchFailed(w, err, failures, disk)
+			if !sleepCtx(ctx, backoff(failures)) {
+				return
+			}
+			continue
+		}
+		failures = 0
+		if meta.LastIndex < index || meta.LastIndex == 0 {
+			index = 0
+			suspect = true
+		} else {
+			index = meta.LastIndex
+		}
+		now := time.Now()
+		set, bad := c.setFromEntries(w.name, entries, now)
+		for _, b := range bad {
+			c.log.Warn("ignoring malformed Consul data", "service", w.name, "problem", b)
+		}
+
+		w.mu.Lock()
+		prev := w.last
+		// A Consul that lost its state (restarted dev agent, rebuilt
+		// cluster) answers with an older index and no instances until its
+		// agents re-register: do not believe that for a while.
+		if len(set.Instances) > 0 {
+			suspect = false
+		}
+		if len(set.Instances) == 0 && prev != nil && len(prev.Instances) > 0 && suspect {
+			if holdUntil.IsZero() {
+				holdUntil = now.Add(emptyHold)
+			}
+			if now.Before(holdUntil) {
+				w.status.LastError = fmt.Sprintf("Consul at %s returned no instances right after an outage or index reset; keeping the last %d instances until %s",
+					c.cfg.Address, len(prev.Instances), holdUntil.Format(time.RFC3339))
+				w.status.LastErrorAt = now
+				w.status.Stale = true
+				w.mu.Unlock()
+				continue
+			}
+		}
+		holdUntil, suspect = time.Time{}, false
+		changed := prev == nil || !sameSet(prev, set)
+		if changed {
+			w.last = set
+		}
+		w.published = true
+		w.status = Status{Source: "consul", Service: w.name, LastUpdate: now}
+		w.mu.Unlock()
+		if changed {
+			w.updates.Inc()
+			c.log.Info("instances updated", "service", w.name, "instances", len(set.Instances), "routes", len(set.Routes))
+			c.pub.Publish(set)
+			c.persist()
+		}
+	}
+}
+
+func (c *Consul) watchFailed(w *watch, err error, failures int, disk *Set) {
+	w.errors.Inc()
+	msg := describeConsulErr(c.cfg.Address, err)
+	w.mu.Lock()
+	w.status.LastError = msg
+	w.status.LastErrorAt = time.Now()
+	w.status.Stale = true
+	first := !w.published
+	w.mu.Unlock()
+	if failures == 1 || failures%30 == 0 {
+		c.log.Error("Consul watch failed; keeping the last known instances", "service", w.name, "err", msg, "failures", failures)
+	}
+	if first && disk != nil {
+		c.publishFromDisk(w, disk)
+	}
+}
+
+// describeConsulErr words a Consul client error for logs and /status.
+func describeConsulErr(addr string, err error) string {
+	s := err.Error()
+	switch {
+	case strings.Contains(s, "403") || strings.Contains(s, "Permission denied") || strings.Contains(s, "ACL not found"):
+		return fmt.Sprintf("Consul at %s refused the token (permission denied): %v", addr, err)
+	case errors.Is(err, context.DeadlineExceeded):
+		return fmt.Sprintf("Consul at %s did not answer in time: %v", addr, err)
+	case strings.Contains(s, "connection refused"):
+		return fmt.Sprintf("Consul at %s is unreachable (connection refused)", addr)
+	}
+	return fmt.Sprintf("Consul at %s: %v", addr, err)
+}
+
+// setFromEntries turns health entries into a Set, keeping passing
+// instances on nodes that are neither in maintenance nor failing serf.
+func (c *Consul) setFromEntries(name string, entries []*api.ServiceEntry, now time.Time) (*Set, []string) {
+	var bad []string
+	ins := make([]Instance, 0, len(entries))
+	routes := make(map[Route]bool)
+	for _, e := range entries {
+		if e.Service == nil || e.Node == nil || !entryUsable(e) {
+			continue
+		}
+		host := e.Service.Address
+		if host == "" {
+			host = e.Node.Address
+		}
+		if host == "" || e.Service.Port <= 0 || e.Service.Port > 65535 {
+			bad = append(bad, fmt.Sprintf("instance %q on node %q has no usable address (%q port %d)", e.Service.ID, e.Node.Node, host, e.Service.Port))
+			continue
+		}
+		w := e.Service.Weights.Passing
+		if w <= 0 {
+			w = 1
+		}
+		ins = append(ins, Instance{Addr: net.JoinHostPort(host, strconv.Itoa(e.Service.Port)), Weight: w})
+		if c.cfg.TagRoutes {
+			for _, tag := range e.Service.Tags {
+				if !strings.HasPrefix(tag, RouteTag) {
+					continue
+				}
+				r, err := ParseRouteTag(tag)
+				if err != nil {
+					bad = append(bad, fmt.Sprintf("instance %q: %v", e.Service.ID, err))
+					continue
+				}
+				routes[r] = true
+			}
+		}
+	}
+	set := NewSet(name, "consul", ins, now)
+	for r := range routes {
+		set.Routes = append(set.Routes, r)
+	}
+	sort.Slice(set.Routes, func(i, j int) bool {
+		a, b := set.Routes[i], set.Routes[j]
+		return a.Host < b.Host || (a.Host == b.Host && a.Path < b.Path)
+	})
+	return set, bad
+}
+
+// entryUsable reports whether every check of the entry passes and its node
+// is not in maintenance.
+func entryUsable(e *api.ServiceEntry) bool {
+	for _, ch := range e.Checks {
+		if ch.CheckID == "_node_maintenance" || strings.HasPrefix(ch.CheckID, "_service_maintenance:") {
+			return false
+		}
+		if ch.CheckID == "serfHealth" && ch.Status == api.HealthCritical {
+			return false
+		}
+		if ch.Status != api.HealthPassing {
+			return false
+		}
+	}
+	return true
+}
+
+// ParseRouteTag parses an `edge.route=HOST/PATH` tag. HOST is a host name
+// or "*"; PATH defaults to "/".
+func ParseRouteTag(tag string) (Route, error) {
+	v, ok := strings.CutPrefix(tag, RouteTag)
+	if !ok {
+		return Route{}, fmt.Errorf("tag %q is not an %sHOST/PATH tag", tag, RouteTag)
+	}
+	host, path, _ := strings.Cut(v, "/")
+	path = "/" + path
+	switch {
+	case v == "":
+		return Route{}, fmt.Errorf("tag %q: empty route; want %sHOST/PATH (HOST may be *)", tag, RouteTag)
+	case host == "":
+		return Route{}, fmt.Errorf("tag %q: missing host; use %s*%s to match any host", tag, RouteTag, path)
+	case strings.ContainsAny(v, " \t?#\\"):
+		return Route{}, fmt.Errorf("tag %q: route must not contain spaces, ?, # or \\", tag)
+	case host != "*" && !validHost(host):
+		return Route{}, fmt.Errorf("tag %q: invalid host %q", tag, host)
+	case strings.Contains(path, "//") || strings.Contains(path, "/../") || strings.HasSuffix(path, "/.."):
+		return Route{}, fmt.Errorf("tag %q: path %q is not normalized", tag, path)
+	}
+	if len(path) > 1 {
+		path = strings.TrimSuffix(path, "/")
+	}
+	return Route{Host: strings.ToLower(host), Path: path}, nil
+}
+
+func validHost(h string) bool {
+	for _, c := range h {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == ':' || c == '_') {
+			return false
+		}
+	}
+	return h != ""
+}
+
+// watchCatalog follows the list of Consul services and starts or stops
+// watches of services with tag routes.
+func (c *Consul) watchCatalog() {
+	var index uint64
+	var failures int
+	var lastStart time.Time
+	var holdUntil time.Time
+	suspect := false // as in watchService
+	for {
+		if !sleepCtx(c.ctx, minCallInterval-time.Since(lastStart)) {
+			return
+		}
+		lastStart = time.Now()
+		q := (&api.QueryOptions{WaitIndex: index, WaitTime: waitTime, Datacenter: c.cfg.Datacenter}).WithContext(c.ctx)
+		services, meta, err := c.client.Catalog().Services(q)
+		if c.ctx.Err() != nil {
+			return
+		}
+		now := time.Now()
+		if err != nil {
+			failures++
+			suspect = true
+			msg := describeConsulErr(c.cfg.Address, err)
+			c.mu.Lock()
+			c.catalog.LastError, c.catalog.LastErrorAt, c.catalog.Stale = msg, now, true
+			c.mu.Unlock()
+			if failures == 1 || failures%30 == 0 {
+				c.log.Error("Consul catalog watch failed; keeping the current tag routes", "err", msg, "failures", failures)
+			}
+			if !sleepCtx(c.ctx, backoff(failures)) {
+				return
+			}
+			continue
+		}
+		failures = 0
+		if meta.LastIndex < index || meta.LastIndex == 0 {
+			index = 0
+			suspect = true
+		} else {
+			index = meta.LastIndex
+		}
+		tagged := make(map[string]bool)
+		for name, tags := range services {
+			for _, t := range tags {
+				if strings.HasPrefix(t, RouteTag) {
+					tagged[name] = true
+				}
+			}
+		}
+		c.mu.Lock()
+		var gone []string
+		for name, w := range c.watches {
+			if w.tagged && !tagged[name] {
+				gone = append(gone, name)
+			}
+		}
+		holding := false
+		if len(gone) > 0 && suspect {
+			if holdUntil.IsZero() {
+				holdUntil = now.Add(emptyHold)
+			}
+			if now.Before(holdUntil) {
+				c.catalog.LastError = fmt.Sprintf("Consul at %s lost %d tag-routed services right after an outage or index reset; keeping their routes until %s",
+					c.cfg.Address, len(gone), holdUntil.Format(time.RFC3339))
+				c.catalog.LastErrorAt = now
+				gone, holding = nil, true
+			}
+		}
+		if !holding {
+			holdUntil, suspect = time.Time{}, false
+			c.catalog = Status{Source: "consul", Service: "(catalog)", LastUpdate: now}
+		}
+		for _, name := range gone {
+			w := c.watches[name]
+			w.cancel()
+			delete(c.watches, name)
+			c.log.Info("tag-routed service left Consul; removing its routes", "service", name)
+		}
+		for name := range tagged {
+			if c.watches[name] != nil || c.configuredName(name) {
+				continue
+			}
+			c.log.Info("tag-routed service found in Consul", "service", name)
+			c.startWatchLocked(name, ConsulService{Name: name}, true, nil)
+		}
+		c.mu.Unlock()
+		for _, name := range gone {
+			c.pub.Remove(name)
+		}
+		if len(gone) > 0 {
+			c.persist()
+		}
+	}
+}
+
+// configuredName reports whether a configured service already watches the
+// Consul service name.
+func (c *Consul) configuredName(consulName string) bool {
+	for name, svc := range c.configured {
+		if name == consulName || svc.Name == consulName {
+			return true
+		}
+	}
+	return false
+}
+
+// persist writes the last known sets to state_dir.
+func (c *Consul) persist() {
+	if c.state == nil {
+		return
+	}
+	c.mu.Lock()
+	sets := make(map[string]*Set, len(c.watches))
+	for name, w := range c.watches {
+		w.mu.Lock()
+		if w.last != nil {
+			sets[name] = w.last
+		}
+		w.mu.Unlock()
+	}
+	c.mu.Unlock()
+	c.state.save(sets)
+}
+
+func (c *Consul) goSafe(name string, f func()) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				c.log.Error("panic in Consul watch", "task", name, "panic", r, "stack", string(debug.Stack()))
+			}
+		}()
+		f()
+	}()
+}
+
+// backoff returns the jittered wait after n consecutive failures.
+func backoff(n int) time.Duration {
+	d := 250 * time.Millisecond << min(n-1, 6)
+	if d > maxBackoff {
+		d = maxBackoff
+	}
+	return d/2 + time.Duration(rand.Int64N(int64(d)))
+}
+
+// sleepCtx sleeps for d and reports whether ctx is still alive.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// sameSet reports whether two sets route the same way.
+func sameSet(a, b *Set) bool {
+	return reflect.DeepEqual(a.Instances, b.Instances) && reflect.DeepEqual(a.Routes, b.Routes)
+}

@@ -1,0 +1,278 @@
+package discovery
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/edgelb/edgelb/discovery/consultest"
+)
+
+// recorder is a Publisher that keeps what it was given.
+type recorder struct {
+	mu      sync.Mutex
+	sets    map[string]*Set
+	removed map[string]bool
+}
+
+func newRecorder() *recorder {
+	return &recorder{sets: make(map[string]*Set), removed: make(map[string]bool)}
+}
+
+func (r *recorder) Publish(s *Set) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sets[s.Service] = s
+	delete(r.removed, s.Service)
+}
+
+func (r *recorder) Remove(service string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.sets, service)
+	r.removed[service] = true
+}
+
+// addrs returns the published addresses of service, sorted, "-" if none
+// was published.
+func (r *recorder) addrs(service string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.sets[service]
+	if s == nil {
+		return "-"
+	}
+	var out []string
+	for _, in := range s.Instances {
+		out = append(out, fmt.Sprintf("%s*%d", in.Addr, in.Weight))
+	}
+	sort.Strings(out)
+	return strings.Join(out, ",")
+}
+
+func (r *recorder) set(service string) *Set {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sets[service]
+}
+
+// eventually polls cond for up to 20 s.
+func eventually(t *testing.T, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for time.Since(start) < 20*time.Second {
+		if cond() {
+			return time.Since(start)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+	return 0
+}
+
+func testLogger() *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func startSource(t *testing.T, a *consultest.Agent, tagRoutes bool, services map[string]ConsulService, stateDir string) (*Consul, *recorder) {
+	t.Helper()
+	rec := newRecorder()
+	c, err := NewConsul(ConsulConfig{Address: a.Addr(), TagRoutes: tagRoutes}, services, stateDir, rec, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	t.Cleanup(c.Stop)
+	return c, rec
+}
+
+func TestConsulWatchesService(t *testing.T) {
+	a := consultest.Start(t)
+	_, rec := startSource(t, a, false, map[string]ConsulService{"web": {Name: "web-svc"}}, "")
+	a.Register("w1", "web-svc", 9001, nil, 0)
+	d := eventually(t, "first instance", func() bool { return rec.addrs("web") == "127.0.0.1:9001*1" })
+	t.Logf("first registration published after %s", d)
+
+	time.Sleep(1100 * time.Millisecond) // past the minimum call interval: the next change is immediate
+	a.Register("w2", "web-svc", 9002, nil, 5)
+	d = eventually(t, "second instance with weight", func() bool { return rec.addrs("web") == "127.0.0.1:9001*1,127.0.0.1:9002*5" })
+	t.Logf("registration published after %s", d)
+
+	check := a.Register("w3", "web-svc", 9003, nil, 0)
+	eventually(t, "third instance", func() bool { return strings.Contains(rec.addrs("web"), "9003") })
+	a.SetCheck(check, api.HealthCritical)
+	eventually(t, "critical instance removed", func() bool { return !strings.Contains(rec.addrs("web"), "9003") })
+	a.SetCheck(check, api.HealthWarning)
+	time.Sleep(1500 * time.Millisecond)
+	if strings.Contains(rec.addrs("web"), "9003") {
+		t.Fatalf("an instance with a warning check must not be routed")
+	}
+
+	time.Sleep(1100 * time.Millisecond)
+	a.Deregister("w2")
+	d = eventually(t, "deregistration", func() bool { return rec.addrs("web") == "127.0.0.1:9001*1" })
+	t.Logf("deregistration published after %s", d)
+
+	a.NodeMaintenance(true)
+	eventually(t, "node in maintenance excluded", func() bool { return rec.addrs("web") == "" })
+	a.NodeMaintenance(false)
+	eventually(t, "node back from maintenance", func() bool { return rec.addrs("web") == "127.0.0.1:9001*1" })
+}
+
+func TestConsulTagRoutes(t *testing.T) {
+	a := consultest.Start(t)
+	c, rec := startSource(t, a, true, nil, "")
+	a.Register("api-1", "api", 9101, []string{"edge.route=*/api", "edge.route=API.example.com/v2/", "other"}, 0)
+	a.Register("api-2", "api", 9102, []string{"edge.route=", "edge.route=/nohost", "edge.route=bad host/x"}, 0)
+	eventually(t, "tag-routed service", func() bool { return rec.addrs("api") == "127.0.0.1:9101*1,127.0.0.1:9102*1" })
+	got := fmt.Sprint(rec.set("api").Routes)
+	if got != "[{* /api} {api.example.com /v2}]" {
+		t.Fatalf("routes: %s", got)
+	}
+	a.Register("plain", "plain", 9200, []string{"v1"}, 0)
+	time.Sleep(1500 * time.Millisecond)
+	if rec.set("plain") != nil {
+		t.Fatalf("a service without edge.route tags must not be routed")
+	}
+	a.Deregister("api-1")
+	a.Deregister("api-2")
+	eventually(t, "tag-routed service removed", func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		return rec.removed["api"]
+	})
+	var names []string
+	for _, st := range c.Status() {
+		names = append(names, st.Service)
+	}
+	if strings.Join(names, ",") != "(catalog)" {
+		t.Fatalf("status after removal: %v", names)
+	}
+}
+
+func TestConsulOutageKeepsInstances(t *testing.T) {
+	a := consultest.Start(t)
+	state := t.TempDir()
+	c, rec := startSource(t, a, true, map[string]ConsulService{"web": {Name: "web"}}, state)
+	a.Register("w1", "web", 9001, []string{"edge.route=*/"}, 0)
+	a.Register("t1", "tagged", 9301, []string{"edge.route=tagged.example/"}, 0)
+	eventually(t, "instances", func() bool { return rec.addrs("web") == "127.0.0.1:9001*1" && rec.addrs("tagged") == "127.0.0.1:9301*1" })
+
+	a.Stop()
+	eventually(t, "errors in status", func() bool {
+		for _, st := range c.Status() {
+			if st.Service == "web" && st.Stale && strings.Contains(st.LastError, a.Addr()) {
+				return true
+			}
+		}
+		return false
+	})
+	if rec.addrs("web") != "127.0.0.1:9001*1" || rec.addrs("tagged") != "127.0.0.1:9301*1" {
+		t.Fatalf("instances lost during the outage: web=%s tagged=%s", rec.addrs("web"), rec.addrs("tagged"))
+	}
+
+	// A restarted dev agent has lost every registration; until they come
+	// back the last instances stay.
+	a.Restart()
+	time.Sleep(2500 * time.Millisecond)
+	if rec.addrs("web") != "127.0.0.1:9001*1" || rec.addrs("tagged") != "127.0.0.1:9301*1" {
+		t.Fatalf("instances dropped after Consul restarted empty: web=%s tagged=%s", rec.addrs("web"), rec.addrs("tagged"))
+	}
+	a.Register("w2", "web", 9002, []string{"edge.route=*/"}, 0)
+	eventually(t, "recovery after restart", func() bool { return rec.addrs("web") == "127.0.0.1:9002*1" })
+	for _, st := range c.Status() {
+		if st.Service == "web" && (st.Stale || st.LastError != "") {
+			t.Fatalf("status after recovery: %+v", st)
+		}
+	}
+}
+
+func TestConsulBootFromState(t *testing.T) {
+	a := consultest.Start(t)
+	state := t.TempDir()
+	c, rec := startSource(t, a, true, map[string]ConsulService{"web": {Name: "web"}}, state)
+	a.Register("w1", "web", 9001, nil, 0)
+	a.Register("t1", "tagged", 9301, []string{"edge.route=*/t"}, 0)
+	eventually(t, "instances", func() bool { return rec.addrs("web") == "127.0.0.1:9001*1" && rec.addrs("tagged") == "127.0.0.1:9301*1" })
+	c.Stop()
+	a.Stop()
+
+	c2, rec2 := startSource(t, a, true, map[string]ConsulService{"web": {Name: "web"}}, state)
+	eventually(t, "instances from state_dir", func() bool { return rec2.addrs("web") == "127.0.0.1:9001*1" && rec2.addrs("tagged") == "127.0.0.1:9301*1" })
+	if got := fmt.Sprint(rec2.set("tagged").Routes); got != "[{* /t}]" {
+		t.Fatalf("routes from disk: %s", got)
+	}
+	fromDisk := false
+	for _, st := range c2.Status() {
+		fromDisk = fromDisk || (st.Service == "web" && st.FromDisk && st.Stale)
+	}
+	if !fromDisk {
+		t.Fatalf("status must say the data came from disk: %+v", c2.Status())
+	}
+}
+
+func TestCorruptStateIsIgnored(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, stateFileName), []byte("{not json"), 0o644)
+	if sets := newStateFile(dir, testLogger()).load(); sets != nil {
+		t.Fatalf("corrupt state loaded: %v", sets)
+	}
+	f := newStateFile(dir, testLogger())
+	f.save(map[string]*Set{"web": {Service: "web", Source: "consul", Instances: []Instance{{Addr: "b:1"}, {Addr: "a:1"}}, Routes: []Route{{Host: "*", Path: "/"}}}})
+	sets := f.load()
+	if got := fmt.Sprint(sets["web"].Instances, sets["web"].Routes); got != "[{a:1 1} {b:1 1}] [{* /}]" {
+		t.Fatalf("round trip: %s", got)
+	}
+}
+
+func TestConsulUnreachable(t *testing.T) {
+	rec := newRecorder()
+	c, err := NewConsul(ConsulConfig{Address: "127.0.0.1:1"}, map[string]ConsulService{"web": {Name: "web"}}, "", rec, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	defer c.Stop()
+	eventually(t, "error in status", func() bool {
+		st := c.Status()
+		return len(st) == 1 && strings.Contains(st[0].LastError, "127.0.0.1:1 is unreachable")
+	})
+	if rec.set("web") != nil {
+		t.Fatalf("nothing must be published without data")
+	}
+}
+
+func TestParseRouteTag(t *testing.T) {
+	f := func(tag, want string) {
+		t.Helper()
+		r, err := ParseRouteTag(tag)
+		got := fmt.Sprintf("%s %s", r.Host, r.Path)
+		if err != nil {
+			got = "error: " + err.Error()
+		}
+		if !strings.HasPrefix(got, want) {
+			t.Errorf("%q: got %q, want %q", tag, got, want)
+		}
+	}
+	f("edge.route=*/", "* /")
+	f("edge.route=*", "* /")
+	f("edge.route=Shop.Example.com/cart/", "shop.example.com /cart")
+	f("edge.route=*/api/v1", "* /api/v1")
+	f("edge.route=", "error: tag \"edge.route=\": empty route")
+	f("edge.route=/api", "error: tag \"edge.route=/api\": missing host; use edge.route=*/api")
+	f("edge.route=a b/x", "error: tag \"edge.route=a b/x\": route must not contain spaces")
+	f("edge.route=*/a//b", "error: tag \"edge.route=*/a//b\": path \"/a//b\" is not normalized")
+	f("edge.route=h$st/", "error: tag \"edge.route=h$st/\": invalid host")
+	f("other", "error: tag \"other\" is not an edge.route=")
+}

@@ -1,0 +1,228 @@
+// Package consultest runs a real Consul dev agent for tests.
+//
+// The binary is found in this order: $EDGELB_CONSUL, <repo>/bin/consul
+// (`make consul` builds it), then PATH. Without one, tests skip, except
+// when $CI is set: then they fail, so that CI never silently skips Consul.
+package consultest
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// Agent is a running `consul agent -dev` on free loopback ports.
+type Agent struct {
+	t       testing.TB
+	bin     string
+	dataDir string
+	ports   [5]int // http, dns, serf lan, serf wan, server
+	Client  *api.Client
+
+	mu  sync.Mutex
+	cmd *exec.Cmd
+	out *syncBuffer
+}
+
+// syncBuffer is a bytes.Buffer safe for the agent's writes and our reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// Start starts an agent and stops it when the test ends.
+func Start(t testing.TB) *Agent {
+	t.Helper()
+	bin := Binary()
+	if bin == "" {
+		msg := "no consul binary: run `make consul` (or set EDGELB_CONSUL)"
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	a := &Agent{t: t, bin: bin, dataDir: t.TempDir()}
+	for i := range a.ports {
+		a.ports[i] = freePort(t)
+	}
+	client, err := api.NewClient(&api.Config{Address: a.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Client = client
+	a.start()
+	t.Cleanup(a.Stop)
+	return a
+}
+
+// Binary returns the path of the consul binary to use, or "".
+func Binary() string {
+	if p := os.Getenv("EDGELB_CONSUL"); p != "" {
+		return p
+	}
+	if dir, err := os.Getwd(); err == nil {
+		for ; dir != filepath.Dir(dir); dir = filepath.Dir(dir) {
+			if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil && bytes.Contains(b, []byte("module github.com/edgelb/edgelb\n")) {
+				if p := filepath.Join(dir, "bin", "consul"); fileExists(p) {
+					return p
+				}
+				break
+			}
+		}
+	}
+	if p, err := exec.LookPath("consul"); err == nil {
+		return p
+	}
+	return ""
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+// Addr returns the agent's HTTP API address.
+func (a *Agent) Addr() string { return fmt.Sprintf("127.0.0.1:%d", a.ports[0]) }
+
+func (a *Agent) start() {
+	a.t.Helper()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.out = &syncBuffer{}
+	args := []string{"agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+		"-data-dir", a.dataDir, "-node", "edgelb-test",
+		"-http-port", fmt.Sprint(a.ports[0]), "-dns-port", fmt.Sprint(a.ports[1]),
+		"-serf-lan-port", fmt.Sprint(a.ports[2]), "-serf-wan-port", fmt.Sprint(a.ports[3]),
+		"-server-port", fmt.Sprint(a.ports[4]), "-grpc-port", "-1",
+	}
+	a.cmd = exec.Command(a.bin, args...)
+	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
+	a.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := a.cmd.Start(); err != nil {
+		a.t.Fatalf("cannot start consul: %v", err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if leader, err := a.Client.Status().Leader(); err == nil && leader != "" {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	a.t.Fatalf("consul did not elect a leader in 60s:\n%s", a.out.String())
+}
+
+// Stop stops the agent (idempotent).
+func (a *Agent) Stop() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd == nil {
+		return
+	}
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { a.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		a.cmd.Process.Kill()
+		<-done
+	}
+	a.cmd = nil
+}
+
+// Restart starts the agent again on the same ports. A dev agent keeps no
+// data: services must be registered again.
+func (a *Agent) Restart() {
+	a.t.Helper()
+	a.Stop()
+	a.start()
+}
+
+// Register registers an instance of service with a TTL check that starts
+// passing. It returns the check ID.
+func (a *Agent) Register(id, service string, port int, tags []string, weight int) string {
+	a.t.Helper()
+	reg := &api.AgentServiceRegistration{
+		ID: id, Name: service, Address: "127.0.0.1", Port: port, Tags: tags,
+		Check: &api.AgentServiceCheck{CheckID: "check-" + id, TTL: "10m", Status: api.HealthPassing},
+	}
+	if weight > 0 {
+		reg.Weights = &api.AgentWeights{Passing: weight, Warning: 1}
+	}
+	if err := a.Client.Agent().ServiceRegister(reg); err != nil {
+		a.t.Fatalf("register %s: %v", id, err)
+	}
+	return "check-" + id
+}
+
+// Deregister removes an instance.
+func (a *Agent) Deregister(id string) {
+	a.t.Helper()
+	if err := a.Client.Agent().ServiceDeregister(id); err != nil {
+		a.t.Fatalf("deregister %s: %v", id, err)
+	}
+}
+
+// SetCheck sets a TTL check to api.HealthPassing, HealthWarning or
+// HealthCritical.
+func (a *Agent) SetCheck(checkID, status string) {
+	a.t.Helper()
+	if err := a.Client.Agent().UpdateTTL(checkID, "set by test", status); err != nil {
+		a.t.Fatalf("update check %s: %v", checkID, err)
+	}
+}
+
+// NodeMaintenance turns the node's maintenance mode on or off.
+func (a *Agent) NodeMaintenance(on bool) {
+	a.t.Helper()
+	var err error
+	if on {
+		err = a.Client.Agent().EnableNodeMaintenance("test")
+	} else {
+		err = a.Client.Agent().DisableNodeMaintenance()
+	}
+	if err != nil {
+		a.t.Fatalf("node maintenance: %v", err)
+	}
+}
+
+// Output returns what the agent printed, for failure messages.
+func (a *Agent) Output() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.out == nil {
+		return ""
+	}
+	return strings.TrimSpace(a.out.String())
+}
+
+func freePort(t testing.TB) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
