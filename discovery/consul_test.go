@@ -167,7 +167,9 @@ func TestConsulOutageKeepsInstances(t *testing.T) {
 	c, rec := startSource(t, a, true, map[string]ConsulService{"web": {Name: "web"}}, state)
 	a.Register("w1", "web", 9001, []string{"edge.route=*/"}, 0)
 	a.Register("t1", "tagged", 9301, []string{"edge.route=tagged.example/"}, 0)
-	eventually(t, "instances", func() bool { return rec.addrs("web") == "127.0.0.1:9001*1" && rec.addrs("tagged") == "127.0.0.1:9301*1" })
+	eventually(t, "instances", func() bool {
+		return rec.addrs("web") == "127.0.0.1:9001*1" && rec.addrs("tagged") == "127.0.0.1:9301*1"
+	})
 
 	a.Stop()
 	eventually(t, "errors in status", func() bool {
@@ -204,12 +206,16 @@ func TestConsulBootFromState(t *testing.T) {
 	c, rec := startSource(t, a, true, map[string]ConsulService{"web": {Name: "web"}}, state)
 	a.Register("w1", "web", 9001, nil, 0)
 	a.Register("t1", "tagged", 9301, []string{"edge.route=*/t"}, 0)
-	eventually(t, "instances", func() bool { return rec.addrs("web") == "127.0.0.1:9001*1" && rec.addrs("tagged") == "127.0.0.1:9301*1" })
+	eventually(t, "instances", func() bool {
+		return rec.addrs("web") == "127.0.0.1:9001*1" && rec.addrs("tagged") == "127.0.0.1:9301*1"
+	})
 	c.Stop()
 	a.Stop()
 
 	c2, rec2 := startSource(t, a, true, map[string]ConsulService{"web": {Name: "web"}}, state)
-	eventually(t, "instances from state_dir", func() bool { return rec2.addrs("web") == "127.0.0.1:9001*1" && rec2.addrs("tagged") == "127.0.0.1:9301*1" })
+	eventually(t, "instances from state_dir", func() bool {
+		return rec2.addrs("web") == "127.0.0.1:9001*1" && rec2.addrs("tagged") == "127.0.0.1:9301*1"
+	})
 	if got := fmt.Sprint(rec2.set("tagged").Routes); got != "[{* /t}]" {
 		t.Fatalf("routes from disk: %s", got)
 	}
