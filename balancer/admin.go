@@ -2,9 +2,11 @@ package balancer
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"strings"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -66,7 +68,31 @@ func (a *adminServer) readyz(w http.ResponseWriter, _ *http.Request) {
 		http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
 		return
 	}
-	w.Write([]byte("ready\n"))
+	fmt.Fprintln(w, "ready")
+	now := time.Now()
+	for _, st := range a.s.DiscoveryStatus() {
+		fmt.Fprintf(w, "%s %s: %s\n", st.Source, st.Service, describeFreshness(st, now))
+	}
+}
+
+// describeFreshness words a discovery status for /readyz.
+func describeFreshness(st discovery.Status, now time.Time) string {
+	var b strings.Builder
+	switch {
+	case st.FromDisk:
+		b.WriteString("stale, loaded from state_dir")
+	case st.Stale:
+		b.WriteString("stale")
+	default:
+		b.WriteString("fresh")
+	}
+	if !st.LastUpdate.IsZero() {
+		fmt.Fprintf(&b, ", last update %s ago", now.Sub(st.LastUpdate).Round(time.Millisecond))
+	}
+	if st.LastError != "" {
+		fmt.Fprintf(&b, ", last error %s ago: %s", now.Sub(st.LastErrorAt).Round(time.Millisecond), st.LastError)
+	}
+	return b.String()
 }
 
 func (a *adminServer) status(w http.ResponseWriter, _ *http.Request) {
@@ -162,5 +188,6 @@ func (s *Server) Status() *Status {
 	s.mu.Lock()
 	st.Conflicts = append([]string(nil), s.conflicts...)
 	s.mu.Unlock()
+	st.Discovery = s.DiscoveryStatus()
 	return st
 }

@@ -14,6 +14,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
 )
 
@@ -32,7 +33,7 @@ type Config struct {
 
 	// Consul enables discovery from Consul. Omit it to run on static
 	// services only.
-	Consul *ConsulConfig `yaml:"consul"`
+	Consul *discovery.ConsulConfig `yaml:"consul"`
 
 	// Server tunes the client-facing listener.
 	Server ServerConfig `yaml:"server"`
@@ -63,24 +64,6 @@ const (
 	DefaultDrainTimeout       = 20 * time.Second
 )
 
-// ConsulConfig says where Consul is.
-type ConsulConfig struct {
-	// Address is host:port of the Consul HTTP API. 127.0.0.1:8500 is used
-	// if not set.
-	Address string `yaml:"address"`
-
-	// Token is the ACL token, if Consul requires one.
-	Token string `yaml:"token"`
-
-	// Datacenter is the default datacenter of watched services; the
-	// agent's own if not set.
-	Datacenter string `yaml:"datacenter"`
-
-	// TagRoutes routes every service whose instances carry an
-	// `edge.route=HOST/PATH` tag, with no config.
-	TagRoutes bool `yaml:"tag_routes"`
-}
-
 // ServerConfig tunes the client-facing listener.
 type ServerConfig struct {
 	// MaxRequestBody is the largest accepted request body in bytes; larger
@@ -104,7 +87,7 @@ type ServerConfig struct {
 // requests reach them.
 type ServiceConfig struct {
 	// Consul discovers the instances from Consul.
-	Consul *ConsulServiceConfig `yaml:"consul"`
+	Consul *discovery.ConsulService `yaml:"consul"`
 
 	// Static lists the instances as host:port.
 	Static []StaticBackend `yaml:"static"`
@@ -148,18 +131,6 @@ type ServiceConfig struct {
 
 	// Stale configures serving stored responses when origins fail.
 	Stale StaleConfig `yaml:"stale"`
-}
-
-// ConsulServiceConfig names a service in Consul.
-type ConsulServiceConfig struct {
-	// Name is the Consul service name.
-	Name string `yaml:"name"`
-
-	// Tags keep only instances carrying all of them.
-	Tags []string `yaml:"tags"`
-
-	// Datacenter overrides consul.datacenter for this service.
-	Datacenter string `yaml:"datacenter"`
 }
 
 // StaticBackend is one statically configured instance: either a plain
@@ -389,8 +360,13 @@ func (c *Config) validate() []error {
 		bad("admin", "must differ from listen (%s)", c.Listen)
 	}
 	if c.Consul != nil {
-		if c.Consul.Address == "" {
-			c.Consul.Address = "127.0.0.1:8500"
+		setDefault(&c.Consul.Address, discovery.DefaultConsulAddress)
+		switch c.Consul.Scheme {
+		case "":
+			c.Consul.Scheme = "http"
+		case "http", "https":
+		default:
+			bad("consul.scheme", "must be http or https (got %q)", c.Consul.Scheme)
 		}
 		if err := checkAddr(c.Consul.Address); err != nil {
 			bad("consul.address", "%v", err)

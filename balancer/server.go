@@ -34,9 +34,10 @@ type Server struct {
 	routes atomic.Pointer[routeTable]
 	ready  atomic.Bool
 
-	srv   *fasthttp.Server
-	ln    net.Listener
-	admin *adminServer
+	srv    *fasthttp.Server
+	ln     net.Listener
+	admin  *adminServer
+	consul *discovery.Consul
 
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
@@ -99,7 +100,13 @@ func (s *Server) Start() error {
 	}
 	s.mu.Lock()
 	s.applyLocked(s.cfg)
+	err = s.startConsulLocked(s.cfg)
 	s.mu.Unlock()
+	if err != nil {
+		ln.Close()
+		s.admin.close()
+		return err
+	}
 	s.ready.Store(true)
 
 	s.goSafe("serve", func() {
@@ -123,13 +130,33 @@ func (s *Server) AdminAddr() string { return s.admin.addr() }
 // their backends. Listener addresses cannot change without a restart.
 func (s *Server) Reload(cfg *Config) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if cfg.Listen != s.cfg.Listen || cfg.Admin != s.cfg.Admin {
 		reloadErrors.Inc()
-		return fmt.Errorf("cannot reload: listen and admin addresses need a restart (listen %s -> %s, admin %s -> %s)",
+		err := fmt.Errorf("cannot reload: listen and admin addresses need a restart (listen %s -> %s, admin %s -> %s)",
 			s.cfg.Listen, cfg.Listen, s.cfg.Admin, cfg.Admin)
+		s.mu.Unlock()
+		return err
 	}
+	old := s.cfg
 	s.applyLocked(cfg)
+	var stopped *discovery.Consul
+	var err error
+	if !reflect.DeepEqual(old.Consul, cfg.Consul) || old.StateDir != cfg.StateDir {
+		stopped, s.consul = s.consul, nil
+		err = s.startConsulLocked(cfg)
+	} else if s.consul != nil {
+		s.consul.SetServices(consulServices(cfg))
+	}
+	s.mu.Unlock()
+	// The old watches may be waiting for s.mu to publish: stop them only
+	// now.
+	if stopped != nil {
+		stopped.Stop()
+	}
+	if err != nil {
+		reloadErrors.Inc()
+		return err
+	}
 	reloadsTotal.Inc()
 	s.log.Info("config reloaded", "services", len(cfg.Services), "routes", len(cfg.Routes))
 	return nil
@@ -173,6 +200,50 @@ func (s *Server) applyLocked(cfg *Config) {
 	for _, p := range retired {
 		s.retire(p)
 	}
+}
+
+// startConsulLocked starts watching Consul if cfg asks for it.
+func (s *Server) startConsulLocked(cfg *Config) error {
+	if cfg.Consul == nil {
+		return nil
+	}
+	c, err := discovery.NewConsul(*cfg.Consul, consulServices(cfg), cfg.StateDir, s, s.log)
+	if err != nil {
+		return err
+	}
+	s.consul = c
+	// Start only spawns the watches; they publish from their own
+	// goroutines, taking s.mu when the caller has released it.
+	c.Start()
+	return nil
+}
+
+// consulServices returns the services that cfg discovers from Consul.
+func consulServices(cfg *Config) map[string]discovery.ConsulService {
+	m := make(map[string]discovery.ConsulService)
+	for name, sc := range cfg.Services {
+		if sc.Consul != nil {
+			m[name] = *sc.Consul
+		}
+	}
+	return m
+}
+
+// DiscoveryStatus returns the freshness of every discovery source.
+func (s *Server) DiscoveryStatus() []discovery.Status {
+	s.mu.Lock()
+	c := s.consul
+	var out []discovery.Status
+	for _, name := range sortedNames(s.statics) {
+		if set := s.sets[name]; set != nil {
+			out = append(out, discovery.Status{Source: "static", Service: name, LastUpdate: set.UpdatedAt})
+		}
+	}
+	s.mu.Unlock()
+	if c != nil {
+		out = append(out, c.Status()...)
+	}
+	return out
 }
 
 // retire closes a pool that no longer serves once its requests are done.
@@ -230,7 +301,7 @@ func (s *Server) Remove(service string) {
 
 // tagServiceConfig is the config of services routed by Consul tags.
 func tagServiceConfig() *ServiceConfig {
-	sc := &ServiceConfig{Consul: &ConsulServiceConfig{}}
+	sc := &ServiceConfig{Consul: &discovery.ConsulService{}}
 	sc.validate("", true)
 	return sc
 }
@@ -282,6 +353,12 @@ func contains(ss []string, s string) bool {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
 	err := s.srv.ShutdownWithContext(ctx)
+	s.mu.Lock()
+	c := s.consul
+	s.mu.Unlock()
+	if c != nil {
+		c.Stop()
+	}
 	s.stopOnce.Do(func() { close(s.stop) })
 	if s.admin != nil {
 		s.admin.close()

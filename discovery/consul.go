@@ -300,6 +300,12 @@ func (c *Consul) watchService(ctx context.Context, w *watch, disk *Set) {
 
 		w.mu.Lock()
 		prev := w.last
+		if len(set.Instances) == 0 && prev != nil {
+			// Routes come from the tags of passing instances: keep them while
+			// none passes, so that the route answers 503 instead of falling
+			// through to a shorter prefix.
+			set.Routes = prev.Routes
+		}
 		// A Consul that lost its state (restarted dev agent, rebuilt
 		// cluster) answers with an older index and no instances until its
 		// agents re-register: do not believe that for a while.
