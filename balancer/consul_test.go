@@ -1,0 +1,131 @@
+package balancer
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/edgelb/edgelb/discovery/consultest"
+)
+
+func originPort(t *testing.T, o *origin) int {
+	_, p, _ := net.SplitHostPort(o.addr)
+	var port int
+	fmt.Sscan(p, &port)
+	return port
+}
+
+// waitBody polls GET host/path until the body is want.
+func waitBody(t *testing.T, s *Server, host, path, want string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	var got string
+	for time.Since(start) < 20*time.Second {
+		resp := do(t, s, "GET", host, path)
+		got = fmt.Sprintf("%d %s %s", resp.StatusCode(), resp.Header.Peek(HeaderError), resp.Body())
+		if strings.Contains(got, want) {
+			return time.Since(start)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	t.Fatalf("GET %s%s: got %q, want %q", host, path, got, want)
+	return 0
+}
+
+func TestConsulRoutesEndToEnd(t *testing.T) {
+	a := consultest.Start(t)
+	web := startOrigin(t, "web", nil)
+	api1 := startOrigin(t, "api", nil)
+	other := startOrigin(t, "other", nil)
+	s := startEdge(t, fmt.Sprintf(`
+state_dir: %s
+consul: {address: %s, tag_routes: true}
+services:
+  web: {consul: {name: web}}
+routes:
+  - {path: /, service: web}
+`, t.TempDir(), a.Addr()))
+	resp := do(t, s, "GET", "x", "/")
+	if resp.StatusCode() != 503 || string(resp.Header.Peek(HeaderError)) != "no_healthy_backend" {
+		t.Fatalf("before registration: %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
+	a.Register("web-1", "web", originPort(t, web), nil, 0)
+	waitBody(t, s, "x", "/", "hello from web")
+
+	time.Sleep(1100 * time.Millisecond)
+	check := a.Register("api-1", "api", originPort(t, api1), []string{"edge.route=*/api"}, 0)
+	d := waitBody(t, s, "x", "/api/v1", "hello from api")
+	t.Logf("tag route usable %s after registration", d)
+
+	// Two services claiming one route: the first by name keeps it.
+	a.Register("zzz-1", "zzz", originPort(t, other), []string{"edge.route=*/api"}, 0)
+	start := time.Now()
+	for time.Since(start) < 10*time.Second && len(s.Status().Conflicts) == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if c := s.Status().Conflicts; len(c) != 1 || !strings.Contains(c[0], `"zzz"`) {
+		t.Fatalf("conflicts: %q", c)
+	}
+	waitBody(t, s, "x", "/api", "hello from api")
+
+	// No healthy instance: the route answers 503, never a shorter prefix.
+	a.SetCheck(check, api.HealthCritical)
+	waitBody(t, s, "x", "/api", "503 no_healthy_backend")
+	a.SetCheck(check, api.HealthPassing)
+	waitBody(t, s, "x", "/api", "hello from api")
+
+	time.Sleep(1100 * time.Millisecond)
+	a.Deregister("api-1")
+	d = waitBody(t, s, "x", "/api", "hello from other")
+	t.Logf("route handed to the other claimant %s after deregistration", d)
+}
+
+func TestConsulStopsWhileTrafficFlows(t *testing.T) {
+	a := consultest.Start(t)
+	o1 := startOrigin(t, "o1", nil)
+	o2 := startOrigin(t, "o2", nil)
+	state := t.TempDir()
+	yaml := fmt.Sprintf("state_dir: %s\nconsul: {address: %s}\nservices:\n  web: {consul: {name: web}}\nroutes: [{service: web}]\n", state, a.Addr())
+	s := startEdge(t, yaml)
+	a.Register("o1", "web", originPort(t, o1), nil, 0)
+	a.Register("o2", "web", originPort(t, o2), nil, 0)
+	waitBody(t, s, "x", "/", "hello from")
+	for len(s.Status().Services["web"].Backends) != 2 {
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	stop := make(chan struct{})
+	ok, failed, wait := load(t, s, 4, stop)
+	time.Sleep(200 * time.Millisecond)
+	a.Stop()
+	time.Sleep(1500 * time.Millisecond)
+	close(stop)
+	wait()
+	if failed.Load() != 0 || ok.Load() == 0 {
+		t.Fatalf("while Consul stopped: %d ok, %d failed", ok.Load(), failed.Load())
+	}
+	st := s.Status()
+	stale := false
+	for _, d := range st.Discovery {
+		stale = stale || (d.Service == "web" && d.Stale && d.LastError != "")
+	}
+	if !stale {
+		t.Fatalf("/status must show the Consul error: %+v", st.Discovery)
+	}
+	if code, body := adminGet(t, s, "/readyz"); code != 200 || !strings.Contains(body, "consul web: stale") {
+		t.Fatalf("/readyz during the outage: %d %s", code, body)
+	}
+
+	// Restart edgelb while Consul is still down: it serves from state_dir.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	s.Shutdown(ctx)
+	cancel()
+	s2 := startEdge(t, yaml)
+	d := waitBody(t, s2, "x", "/", "hello from")
+	t.Logf("restarted edgelb served from state_dir %s after start, with Consul down", d)
+}
