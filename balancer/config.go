@@ -153,19 +153,13 @@ func (b *StaticBackend) UnmarshalYAML(n *yaml.Node) error {
 // HealthConfig configures how backends are judged.
 type HealthConfig struct {
 	// Active probes each backend periodically. Off if not set.
-	Active *ActiveCheckConfig `yaml:"active"`
+	Active *health.ActiveConfig `yaml:"active"`
 
 	// Passive ejects backends from what live traffic shows.
 	Passive health.PassiveConfig `yaml:"passive"`
 
 	// MaxInflight caps concurrent requests to one backend; 0 means no cap.
 	MaxInflight int `yaml:"max_inflight"`
-}
-
-// ActiveCheckConfig is a periodic probe.
-type ActiveCheckConfig struct {
-	Path     string        `yaml:"path"`
-	Interval time.Duration `yaml:"interval"`
 }
 
 // StaleConfig configures serving stored responses when origins fail.
@@ -479,16 +473,7 @@ func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {
 		bad(".health.max_inflight", "must not be negative")
 	}
 	if a := sc.Health.Active; a != nil {
-		if a.Path == "" {
-			a.Path = "/health"
-		}
-		if !strings.HasPrefix(a.Path, "/") {
-			bad(".health.active.path", "must start with / (got %q)", a.Path)
-		}
-		setDefault(&a.Interval, time.Second)
-		if a.Interval < 10*time.Millisecond {
-			bad(".health.active.interval", "must be at least 10ms")
-		}
+		errs = append(errs, a.Validate(key+".health.active")...)
 	}
 	if sc.Stale.MaxStale < 0 {
 		bad(".stale.max_stale", "must not be negative")

@@ -25,6 +25,8 @@ type Backend struct {
 	target *health.Target
 	client *fasthttp.HostClient
 	m      *backendMetrics
+	// stopCheck ends the backend's active checks.
+	stopCheck func()
 }
 
 // Addr returns the backend's host:port.
@@ -42,9 +44,10 @@ type backendSet struct {
 // among them. Requests read its backends from an atomic snapshot; updates
 // build a new snapshot.
 type Pool struct {
-	name string
-	cfg  *ServiceConfig
-	reg  *health.Registry
+	name    string
+	cfg     *ServiceConfig
+	reg     *health.Registry
+	checker *health.Checker
 
 	// tagRouted pools were created for a service found by its tag routes,
 	// not named in the config.
@@ -67,8 +70,8 @@ type drainingBackend struct {
 	since time.Time
 }
 
-func newPool(name string, cfg *ServiceConfig, reg *health.Registry) *Pool {
-	p := &Pool{name: name, cfg: cfg, reg: reg, byAddr: make(map[string]*Backend), m: newServiceMetrics(name)}
+func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *health.Checker) *Pool {
+	p := &Pool{name: name, cfg: cfg, reg: reg, checker: checker, byAddr: make(map[string]*Backend), m: newServiceMetrics(name)}
 	p.set.Store(&backendSet{})
 	return p
 }
@@ -94,7 +97,9 @@ func (p *Pool) update(s *discovery.Set) {
 		}
 		w := uint32(max(in.Weight, 1))
 		if b.weight != w {
-			b = &Backend{addr: b.addr, weight: w, target: b.target, client: b.client, m: b.m}
+			nb := *b
+			nb.weight = w
+			b = &nb
 			p.byAddr[in.Addr] = b
 		}
 		list = append(list, b)
@@ -127,6 +132,9 @@ func (p *Pool) reapLocked(now time.Time, force bool) {
 }
 
 func (p *Pool) releaseBackend(b *Backend) {
+	if b.stopCheck != nil {
+		b.stopCheck()
+	}
 	b.client.CloseIdleConnections()
 	if !p.retired {
 		b.m.close()
@@ -197,6 +205,9 @@ func (p *Pool) newBackend(addr string) *Backend {
 		DisableHeaderNamesNormalizing: false,
 	}
 	b.m = newBackendMetrics(p.name, addr, func() float64 { return float64(t.Inflight()) })
+	if a := cfg.Health.Active; a != nil {
+		b.stopCheck = p.checker.Watch(t, *a)
+	}
 	return b
 }
 

@@ -28,8 +28,9 @@ import (
 // Shutdown. It is safe to call its methods from concurrently running
 // goroutines.
 type Server struct {
-	log *slog.Logger
-	reg *health.Registry
+	log     *slog.Logger
+	reg     *health.Registry
+	checker *health.Checker
 
 	routes atomic.Pointer[routeTable]
 	ready  atomic.Bool
@@ -60,7 +61,8 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 	}
 	s := &Server{
 		log:     logger,
-		reg:     health.NewRegistry(),
+		reg:     health.NewRegistry(logger),
+		checker: health.NewChecker(logger),
 		cfg:     cfg,
 		pools:   make(map[string]*Pool),
 		sets:    make(map[string]*discovery.Set),
@@ -179,7 +181,7 @@ func (s *Server) applyLocked(cfg *Config) {
 		if s.pools[name] != nil {
 			continue
 		}
-		p := newPool(name, sc, s.reg)
+		p := newPool(name, sc, s.reg, s.checker)
 		s.pools[name] = p
 		if len(sc.Static) > 0 {
 			ins := make([]discovery.Instance, len(sc.Static))
@@ -268,7 +270,7 @@ func (s *Server) Publish(set *discovery.Set) {
 	s.sets[set.Service] = set
 	p := s.pools[set.Service]
 	if p == nil && len(set.Routes) > 0 {
-		p = newPool(set.Service, tagServiceConfig(), s.reg)
+		p = newPool(set.Service, tagServiceConfig(), s.reg, s.checker)
 		p.tagRouted = true
 		s.pools[set.Service] = p
 	}
@@ -370,6 +372,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		delete(s.pools, name)
 	}
 	s.mu.Unlock()
+	s.checker.Close()
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("drain timeout: some requests were cut: %w", err)
 	}

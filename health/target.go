@@ -7,10 +7,22 @@
 package health
 
 import (
+	"context"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/VictoriaMetrics/metrics"
 )
+
+// stateChanges counts transitions by the state entered.
+var stateChanges = [...]*metrics.Counter{
+	StateHealthy:   metrics.NewCounter(`edgelb_backend_state_changes_total{to="healthy"}`),
+	StateUnhealthy: metrics.NewCounter(`edgelb_backend_state_changes_total{to="unhealthy"}`),
+	StateEjected:   metrics.NewCounter(`edgelb_backend_state_changes_total{to="ejected"}`),
+	StateDraining:  metrics.NewCounter(`edgelb_backend_state_changes_total{to="draining"}`),
+}
 
 // State is the routing state of a backend.
 type State int32
@@ -126,10 +138,14 @@ type Target struct {
 	consecutiveGatewayFailures atomic.Int32
 	ejections                  atomic.Int32
 
+	// activeFailing is set while active checks fail.
+	activeFailing atomic.Bool
+
 	// change holds the last state change; written on the slow path only.
 	change atomic.Pointer[change]
 
 	passive PassiveConfig
+	log     *slog.Logger
 
 	// refs counts the pools that use the target; guarded by Registry.mu.
 	refs int
@@ -140,8 +156,8 @@ type change struct {
 	since  time.Time
 }
 
-func newTarget(addr string, passive PassiveConfig) *Target {
-	t := &Target{addr: addr, passive: passive}
+func newTarget(addr string, passive PassiveConfig, log *slog.Logger) *Target {
+	t := &Target{addr: addr, passive: passive, log: log}
 	t.change.Store(&change{reason: "discovered", since: time.Now()})
 	return t
 }
@@ -189,7 +205,7 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 			t.consecutiveGatewayFailures.Store(0)
 		}
 		if State(t.state.Load()) == StateEjected && now >= t.ejectedUntil.Load() {
-			t.setState(StateHealthy, StateEjected, "readmitted after ejection time; request succeeded")
+			t.setState(StateHealthy, StateEjected, "ejection time over and a request succeeded")
 		}
 	case o.IsGatewayFailure():
 		n := t.consecutiveGatewayFailures.Add(1)
@@ -212,20 +228,44 @@ func (t *Target) eject(now int64, reason string) {
 		d = max
 	}
 	t.ejectedUntil.Store(now + int64(d))
-	if t.state.CompareAndSwap(int32(old), int32(StateEjected)) {
+	if t.setState(StateEjected, old, reason+"; ejected for "+d.String()) {
 		t.consecutiveGatewayFailures.Store(0)
-		t.change.Store(&change{reason: reason, since: time.Unix(0, now)})
 	}
 }
 
-// setState moves the target from old to s, recording why. It does nothing
-// if the state is no longer old.
+// setState moves the target from old to s, recording, logging and counting
+// why. It does nothing if the state is no longer old.
 func (t *Target) setState(s, old State, reason string) bool {
 	if !t.state.CompareAndSwap(int32(old), int32(s)) {
 		return false
 	}
 	t.change.Store(&change{reason: reason, since: time.Now()})
+	stateChanges[s].Inc()
+	if t.log != nil {
+		level := slog.LevelInfo
+		if s == StateUnhealthy || s == StateEjected {
+			level = slog.LevelWarn
+		}
+		t.log.Log(context.Background(), level, "backend state changed", "addr", t.addr, "from", old.String(), "to", s.String(), "reason", reason)
+	}
 	return true
+}
+
+// setActive records the verdict of the active checks.
+func (t *Target) setActive(ok bool, reason string) {
+	if ok {
+		if t.activeFailing.CompareAndSwap(true, false) {
+			t.setState(StateHealthy, StateUnhealthy, reason)
+		}
+		return
+	}
+	t.activeFailing.Store(true)
+	for {
+		old := State(t.state.Load())
+		if old == StateUnhealthy || old == StateDraining || t.setState(StateUnhealthy, old, reason) {
+			return
+		}
+	}
 }
 
 // SetDraining marks the target as draining (true) or back in service.
@@ -309,13 +349,15 @@ func (c *PassiveConfig) maxEjectionTime() time.Duration {
 // Registry holds one Target per backend address. It is safe for concurrent
 // use; it is only used on the slow path (discovery updates and reloads).
 type Registry struct {
+	log     *slog.Logger
 	mu      sync.Mutex
 	targets map[string]*Target
 }
 
-// NewRegistry returns an empty registry.
-func NewRegistry() *Registry {
-	return &Registry{targets: make(map[string]*Target)}
+// NewRegistry returns an empty registry whose targets log their state
+// changes to log (nothing if nil).
+func NewRegistry(log *slog.Logger) *Registry {
+	return &Registry{log: log, targets: make(map[string]*Target)}
 }
 
 // Acquire returns the Target of addr, creating it if needed, and counts one
@@ -325,7 +367,7 @@ func (r *Registry) Acquire(addr string, passive PassiveConfig) *Target {
 	defer r.mu.Unlock()
 	t := r.targets[addr]
 	if t == nil {
-		t = newTarget(addr, passive)
+		t = newTarget(addr, passive, r.log)
 		r.targets[addr] = t
 	}
 	t.refs++
