@@ -29,6 +29,7 @@ func newAdminServer(s *Server) *adminServer {
 	a.mux.HandleFunc("GET /status", a.status)
 	a.mux.HandleFunc("GET /healthz", a.healthz)
 	a.mux.HandleFunc("GET /readyz", a.readyz)
+	a.mux.HandleFunc("POST /cache/purge", a.purge)
 	a.mux.HandleFunc("/debug/pprof/", pprof.Index)
 	a.mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	a.mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
@@ -93,6 +94,22 @@ func describeFreshness(st discovery.Status, now time.Time) string {
 		fmt.Fprintf(&b, ", last error %s ago: %s", now.Sub(st.LastErrorAt).Round(time.Millisecond), st.LastError)
 	}
 	return b.String()
+}
+
+func (a *adminServer) purge(w http.ResponseWriter, r *http.Request) {
+	u := r.URL.Query().Get("url")
+	if u == "" {
+		a.s.store.PurgeAll()
+		a.s.log.Info("stale store purged")
+		fmt.Fprintln(w, "purged all")
+		return
+	}
+	if err := a.s.store.Purge(u); err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	a.s.log.Info("stale store purged", "url", u)
+	fmt.Fprintln(w, "purged", u)
 }
 
 func (a *adminServer) status(w http.ResponseWriter, _ *http.Request) {

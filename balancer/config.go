@@ -14,6 +14,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
 )
@@ -37,6 +38,9 @@ type Config struct {
 
 	// Server tunes the client-facing listener.
 	Server ServerConfig `yaml:"server"`
+
+	// StaleStore sizes the store of responses served when origins fail.
+	StaleStore stale.Config `yaml:"stale_store"`
 
 	// Services by name.
 	Services map[string]*ServiceConfig `yaml:"services"`
@@ -164,10 +168,31 @@ type HealthConfig struct {
 
 // StaleConfig configures serving stored responses when origins fail.
 type StaleConfig struct {
+	// Disabled turns off storing and serving stale responses.
+	Disabled bool `yaml:"disabled"`
+
 	// MaxStale is how long past its freshness a stored response may be
-	// served during failures. 0 disables the store for the service.
+	// served during failures; a response's stale-if-error can extend it.
+	// DefaultMaxStale is used if not set.
 	MaxStale time.Duration `yaml:"max_stale"`
+
+	// On lists the failures that serve a stored response: Edgelb-Error
+	// codes (no_healthy_backend, upstream_connect_failed, upstream_timeout,
+	// upstream_invalid_response, overloaded) and backend statuses (500, 502,
+	// 503, 504). All of them if not set.
+	On []string `yaml:"on"`
+
+	// IgnoreRevalidate serves responses marked must-revalidate,
+	// proxy-revalidate or no-cache during failures anyway.
+	IgnoreRevalidate bool `yaml:"ignore_revalidate"`
 }
+
+// DefaultMaxStale is used if StaleConfig.MaxStale is not set.
+const DefaultMaxStale = time.Hour
+
+// defaultStaleOn are the failures that serve stale responses by default.
+var defaultStaleOn = []string{"no_healthy_backend", "upstream_connect_failed", "upstream_timeout",
+	"upstream_invalid_response", "overloaded", "500", "502", "503", "504"}
 
 // RouteConfig maps a host and path prefix to a service.
 type RouteConfig struct {
@@ -371,6 +396,9 @@ func (c *Config) validate() []error {
 	setDefault(&s.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	setDefault(&s.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&s.DrainTimeout, DefaultDrainTimeout)
+	if c.StaleStore.MaxBytes < 0 || c.StaleStore.MaxEntryBytes < 0 {
+		bad("stale_store", "sizes must not be negative")
+	}
 	if s.MaxRequestBody < 0 {
 		bad("server.max_request_body", "must not be negative")
 	}
@@ -477,6 +505,15 @@ func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {
 	}
 	if sc.Stale.MaxStale < 0 {
 		bad(".stale.max_stale", "must not be negative")
+	}
+	setDefault(&sc.Stale.MaxStale, DefaultMaxStale)
+	if len(sc.Stale.On) == 0 {
+		sc.Stale.On = defaultStaleOn
+	}
+	for i, on := range sc.Stale.On {
+		if !contains(defaultStaleOn, on) {
+			bad(fmt.Sprintf(".stale.on[%d]", i), "unknown trigger %q (one of %s)", on, strings.Join(defaultStaleOn, ", "))
+		}
 	}
 	return errs
 }

@@ -75,7 +75,19 @@ routes:
 
 	// No healthy instance: the route answers 503, never a shorter prefix.
 	a.SetCheck(check, api.HealthCritical)
-	waitBody(t, s, "x", "/api", "503 no_healthy_backend")
+	for start := time.Now(); len(s.Status().Services["api"].Backends) != 0; {
+		if time.Since(start) > 20*time.Second {
+			t.Fatal("critical instance not removed")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if resp := do(t, s, "GET", "x", "/api/never-requested"); resp.StatusCode() != 503 || string(resp.Header.Peek(HeaderError)) != "no_healthy_backend" {
+		t.Fatalf("no healthy instance: %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
+	// What was answered before is served stale.
+	if resp := do(t, s, "GET", "x", "/api/v1"); resp.StatusCode() != 200 || !strings.Contains(string(resp.Header.Peek("Cache-Status")), "detail=no_healthy_backend") {
+		t.Fatalf("stale answer: %d %q %q", resp.StatusCode(), resp.Header.Peek("Cache-Status"), resp.Body())
+	}
 	a.SetCheck(check, api.HealthPassing)
 	waitBody(t, s, "x", "/api", "hello from api")
 

@@ -53,6 +53,9 @@ func (o *origin) stop() { o.srv.Shutdown() }
 // The config must not set listen or admin.
 func startEdge(t testing.TB, yaml string) *Server {
 	t.Helper()
+	if !strings.Contains(yaml, "state_dir:") {
+		yaml = "state_dir: " + t.TempDir() + "\n" + yaml
+	}
 	cfg := mustConfig(t, "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n"+yaml)
 	s := NewServer(cfg, quietLogger())
 	if err := s.Start(); err != nil {

@@ -98,21 +98,23 @@ func statusClass(code int) int {
 
 // serviceMetrics are the per-service series.
 type serviceMetrics struct {
-	set       *metrics.Set
-	requests  *metrics.Counter
-	retries   *metrics.Counter
-	generated [numErrCodes]*metrics.Counter
-	latency   *latencyHistogram
+	set         *metrics.Set
+	requests    *metrics.Counter
+	retries     *metrics.Counter
+	staleServed *metrics.Counter
+	generated   [numErrCodes]*metrics.Counter
+	latency     *latencyHistogram
 }
 
 func newServiceMetrics(service string) *serviceMetrics {
 	s := metrics.NewSet()
 	l := fmt.Sprintf(`service=%q`, service)
 	m := &serviceMetrics{
-		set:      s,
-		requests: s.NewCounter(`edgelb_requests_total{` + l + `}`),
-		retries:  s.NewCounter(`edgelb_retries_total{` + l + `}`),
-		latency:  newLatencyHistogram("edgelb_request_duration_seconds", l),
+		set:         s,
+		requests:    s.NewCounter(`edgelb_requests_total{` + l + `}`),
+		retries:     s.NewCounter(`edgelb_retries_total{` + l + `}`),
+		staleServed: s.NewCounter(`edgelb_stale_responses_total{` + l + `}`),
+		latency:     newLatencyHistogram("edgelb_request_duration_seconds", l),
 	}
 	for c := errCode(1); c < numErrCodes; c++ {
 		m.generated[c] = s.NewCounter(fmt.Sprintf(`edgelb_generated_errors_total{%s,code=%q}`, l, c))

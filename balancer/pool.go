@@ -4,12 +4,14 @@ import (
 	"math/rand/v2"
 	"net"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
 )
@@ -53,6 +55,14 @@ type Pool struct {
 	// not named in the config.
 	tagRouted bool
 
+	// store keeps responses to serve when backends fail; nil when the
+	// service has stale serving disabled.
+	store       *stale.Store
+	stalePolicy stale.Policy
+	staleOn     [numErrCodes]bool
+	// staleOnStatus is indexed by status-500 for 500..504.
+	staleOnStatus [5]bool
+
 	set atomic.Pointer[backendSet]
 	rr  atomic.Uint64
 	m   *serviceMetrics
@@ -70,9 +80,23 @@ type drainingBackend struct {
 	since time.Time
 }
 
-func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *health.Checker) *Pool {
+func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *health.Checker, store *stale.Store) *Pool {
 	p := &Pool{name: name, cfg: cfg, reg: reg, checker: checker, byAddr: make(map[string]*Backend), m: newServiceMetrics(name)}
 	p.set.Store(&backendSet{})
+	if !cfg.Stale.Disabled && store != nil {
+		p.store = store
+		p.stalePolicy = stale.Policy{MaxStale: cfg.Stale.MaxStale, IgnoreRevalidate: cfg.Stale.IgnoreRevalidate}
+		for _, on := range cfg.Stale.On {
+			for c := errCode(1); c < numErrCodes; c++ {
+				if c.String() == on {
+					p.staleOn[c] = true
+				}
+			}
+			if n, err := strconv.Atoi(on); err == nil && n >= 500 && n <= 504 {
+				p.staleOnStatus[n-500] = true
+			}
+		}
+	}
 	return p
 }
 

@@ -60,6 +60,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 	start := now
 	var t tried
 	code := errNoHealthyBackend
+	answered := false // ctx.Response holds a backend's answer
 	for attempt := 0; attempt <= p.cfg.Retries; attempt++ {
 		b := p.pick(now.UnixNano(), &t)
 		if b == nil {
@@ -88,11 +89,9 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 			if outcome == health.OutcomeOverloaded {
 				b.m.errors[errOverloaded].Inc()
 			}
-			if !retryable || !idempotent || attempt == p.cfg.Retries || !now.Before(deadline) {
-				// Fast path: the backend answered.
-				prepareResponse(&ctx.Response, clientClose)
-				p.m.latency.Update(end.Sub(start))
-				return
+			answered = true
+			if !retryable || !idempotent || !now.Before(deadline) {
+				break
 			}
 			continue
 		}
@@ -100,15 +99,57 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 		outcome, c := classifyErr(err)
 		b.target.Done(end.UnixNano(), outcome, lat)
 		b.m.errors[c].Inc()
-		code = c
+		code, answered = c, false
 		if !(idempotent || isDialErr(err) || err == fasthttp.ErrNoFreeConns) || !now.Before(deadline) {
 			break
 		}
 	}
+	p.m.latency.Update(now.Sub(start))
+	if answered {
+		// Fast path: a backend answered.
+		sc := ctx.Response.StatusCode()
+		if sc >= 500 && sc <= 504 && p.store != nil && p.staleOnStatus[sc-500] &&
+			p.serveStale(ctx, now, clientClose, upstreamStatusDetail[sc-500]) {
+			return
+		}
+		prepareResponse(&ctx.Response, clientClose)
+		if p.store != nil {
+			p.store.Save(now, scheme(ctx), req, &ctx.Response)
+		}
+		return
+	}
+	if p.store != nil && p.staleOn[code] && p.serveStale(ctx, now, clientClose, errCodeValues[code]) {
+		return
+	}
 	ctx.Response.Reset()
 	p.m.generated[code].Inc()
-	p.m.latency.Update(time.Since(start))
 	writeError(ctx, code, clientClose)
+}
+
+// serveStale answers from the stale store if it holds a usable copy.
+func (p *Pool) serveStale(ctx *fasthttp.RequestCtx, now time.Time, clientClose bool, detail []byte) bool {
+	if !p.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, p.stalePolicy, detail) {
+		return false
+	}
+	p.m.staleServed.Inc()
+	if clientClose {
+		ctx.Response.SetConnectionClose()
+	}
+	return true
+}
+
+// upstreamStatusDetail names, in Cache-Status, the backend statuses 500 to
+// 504 that made edgelb serve a stored response.
+var upstreamStatusDetail = [5][]byte{
+	[]byte("upstream_status_500"), []byte("upstream_status_501"), []byte("upstream_status_502"),
+	[]byte("upstream_status_503"), []byte("upstream_status_504"),
+}
+
+func scheme(ctx *fasthttp.RequestCtx) []byte {
+	if ctx.IsTLS() {
+		return strHTTPS
+	}
+	return strHTTP
 }
 
 // classifyResponse tells how a backend's answer counts for its health, and

@@ -17,6 +17,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
 )
@@ -31,6 +32,7 @@ type Server struct {
 	log     *slog.Logger
 	reg     *health.Registry
 	checker *health.Checker
+	store   *stale.Store
 
 	routes atomic.Pointer[routeTable]
 	ready  atomic.Bool
@@ -63,6 +65,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		log:     logger,
 		reg:     health.NewRegistry(logger),
 		checker: health.NewChecker(logger),
+		store:   stale.New(cfg.StaleStore),
 		cfg:     cfg,
 		pools:   make(map[string]*Pool),
 		sets:    make(map[string]*discovery.Set),
@@ -95,6 +98,11 @@ func (s *Server) Start() error {
 		return fmt.Errorf("cannot listen on %s (listen): %w", s.cfg.Listen, err)
 	}
 	s.ln = ln
+	if err := s.store.LoadFrom(s.cfg.StateDir); err != nil {
+		s.log.Error("stale store", "err", err)
+	} else {
+		s.log.Info("stale store loaded", "state_dir", s.cfg.StateDir)
+	}
 	s.admin = newAdminServer(s)
 	if err := s.admin.start(s.cfg.Admin); err != nil {
 		ln.Close()
@@ -117,6 +125,7 @@ func (s *Server) Start() error {
 		}
 	})
 	s.goSafe("reaper", s.reapLoop)
+	s.goSafe("stale-persist", s.persistLoop)
 	s.log.Info("edgelb started", "listen", ln.Addr().String(), "admin", s.admin.addr())
 	return nil
 }
@@ -181,7 +190,7 @@ func (s *Server) applyLocked(cfg *Config) {
 		if s.pools[name] != nil {
 			continue
 		}
-		p := newPool(name, sc, s.reg, s.checker)
+		p := newPool(name, sc, s.reg, s.checker, s.store)
 		s.pools[name] = p
 		if len(sc.Static) > 0 {
 			ins := make([]discovery.Instance, len(sc.Static))
@@ -270,7 +279,7 @@ func (s *Server) Publish(set *discovery.Set) {
 	s.sets[set.Service] = set
 	p := s.pools[set.Service]
 	if p == nil && len(set.Routes) > 0 {
-		p = newPool(set.Service, tagServiceConfig(), s.reg, s.checker)
+		p = newPool(set.Service, tagServiceConfig(), s.reg, s.checker, s.store)
 		p.tagRouted = true
 		s.pools[set.Service] = p
 	}
@@ -366,6 +375,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.admin.close()
 	}
 	s.wg.Wait()
+	s.saveStore()
 	s.mu.Lock()
 	for name, p := range s.pools {
 		p.close()
@@ -397,6 +407,32 @@ func (s *Server) reapLoop() {
 				p.reap(now)
 			}
 		}
+	}
+}
+
+// StaleSaveInterval is how often the stale store is written to state_dir,
+// besides at shutdown.
+const StaleSaveInterval = time.Minute
+
+func (s *Server) persistLoop() {
+	t := time.NewTicker(StaleSaveInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+			s.saveStore()
+		}
+	}
+}
+
+func (s *Server) saveStore() {
+	s.mu.Lock()
+	dir := s.cfg.StateDir
+	s.mu.Unlock()
+	if err := s.store.SaveTo(dir); err != nil {
+		s.log.Error("stale store", "err", err)
 	}
 }
 
