@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-		"testing"
+	"testing"
 	"time"
 
 	"github.com/valyala/fasthttp"
