@@ -118,6 +118,10 @@ func (o Outcome) IsGatewayFailure() bool {
 // PassiveConfig.ConsecutiveGatewayFailures is not set.
 const DefaultConsecutiveGatewayFailures = 3
 
+// DefaultConsecutive5xx is used if PassiveConfig.Consecutive5xx is not
+// set.
+const DefaultConsecutive5xx = 5
+
 // DefaultBaseEjectionTime is used if PassiveConfig.BaseEjectionTime is not set.
 const DefaultBaseEjectionTime = 5 * time.Second
 
@@ -136,6 +140,7 @@ type Target struct {
 	ejectedUntil atomic.Int64
 
 	consecutiveGatewayFailures atomic.Int32
+	consecutive5xx             atomic.Int32
 	ejections                  atomic.Int32
 
 	// activeFailing is set while active checks fail.
@@ -204,6 +209,9 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 		if t.consecutiveGatewayFailures.Load() != 0 {
 			t.consecutiveGatewayFailures.Store(0)
 		}
+		if t.consecutive5xx.Load() != 0 {
+			t.consecutive5xx.Store(0)
+		}
 		if State(t.state.Load()) == StateEjected && now >= t.ejectedUntil.Load() {
 			t.setState(StateHealthy, StateEjected, "ejection time over and a request succeeded")
 		}
@@ -211,6 +219,13 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 		n := t.consecutiveGatewayFailures.Add(1)
 		if int(n) >= t.passive.consecutiveGatewayFailures() {
 			t.eject(now, "consecutive gateway failures, last: "+o.String())
+		}
+		// A gateway failure is a 5xx to the client too.
+		fallthrough
+	case o == OutcomeServerError:
+		n := t.consecutive5xx.Add(1)
+		if int(n) >= t.passive.consecutive5xx() {
+			t.eject(now, "consecutive 5xx, last: "+o.String())
 		}
 	}
 }
@@ -230,6 +245,7 @@ func (t *Target) eject(now int64, reason string) {
 	t.ejectedUntil.Store(now + int64(d))
 	if t.setState(StateEjected, old, reason+"; ejected for "+d.String()) {
 		t.consecutiveGatewayFailures.Store(0)
+		t.consecutive5xx.Store(0)
 	}
 }
 
@@ -315,6 +331,10 @@ type PassiveConfig struct {
 	// DefaultConsecutiveGatewayFailures is used if not set.
 	ConsecutiveGatewayFailures int `yaml:"consecutive_gateway_failures"`
 
+	// Consecutive5xx ejects a backend after this many 5xx answers or
+	// gateway failures in a row. DefaultConsecutive5xx is used if not set.
+	Consecutive5xx int `yaml:"consecutive_5xx"`
+
 	// BaseEjectionTime is the first ejection's length; the n-th ejection
 	// lasts n times as long, up to MaxEjectionTime.
 	// DefaultBaseEjectionTime is used if not set.
@@ -330,6 +350,13 @@ func (c *PassiveConfig) consecutiveGatewayFailures() int {
 		return DefaultConsecutiveGatewayFailures
 	}
 	return c.ConsecutiveGatewayFailures
+}
+
+func (c *PassiveConfig) consecutive5xx() int {
+	if c.Consecutive5xx <= 0 {
+		return DefaultConsecutive5xx
+	}
+	return c.Consecutive5xx
 }
 
 func (c *PassiveConfig) baseEjectionTime() time.Duration {

@@ -1,0 +1,136 @@
+package scenario
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/edgelb/edgelb/bench/loadgen"
+)
+
+// threeOrigins starts three demo origins and edgelb in front of them.
+func threeOrigins(t *testing.T, service string, args ...string) ([]*Proc, *Edge) {
+	t.Helper()
+	os := []*Proc{StartOrigin(t, "o1", args...), StartOrigin(t, "o2", args...), StartOrigin(t, "o3", args...)}
+	cfg := "services:\n  web:\n    static: [" + os[0].Addr + ", " + os[1].Addr + ", " + os[2].Addr + "]\n" + service + "routes: [{service: web}]\n"
+	return os, StartEdge(t, cfg, t.TempDir())
+}
+
+// loadFor runs closed-loop GETs through e for d in the background.
+func loadFor(e *Edge, d time.Duration) chan *loadgen.Result {
+	ch := make(chan *loadgen.Result, 1)
+	go func() {
+		res, err := loadgen.Run(context.Background(), loadgen.Options{URL: "http://" + e.Addr + "/", Concurrency: 8, Duration: d, Timeout: 5 * time.Second})
+		if err != nil {
+			panic(err)
+		}
+		ch <- res
+	}()
+	return ch
+}
+
+// waitState polls /status until the backend is in one of states and
+// returns how long that took.
+func waitState(t *testing.T, e *Edge, addr string, states ...string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for time.Since(start) < 20*time.Second {
+		st, _, _ := e.BackendState(t, "web", addr)
+		for _, s := range states {
+			if st == s {
+				return time.Since(start)
+			}
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	st, reason, _ := e.BackendState(t, "web", addr)
+	t.Fatalf("%s stayed %s (%s), want %v", addr, st, reason, states)
+	return 0
+}
+
+func TestKillBackendUnderLoad(t *testing.T) {
+	os, e := threeOrigins(t, "    health: {active: {interval: 1s}}\n")
+	results := loadFor(e, 3*time.Second)
+	time.Sleep(time.Second)
+	killed := time.Now()
+	os[1].Kill9()
+	waitState(t, e, os[1].Addr, "ejected", "unhealthy")
+	_, reason, since := e.BackendState(t, "web", os[1].Addr)
+	t.Logf("killed backend taken out %s after kill -9 (%s)", since.Sub(killed).Round(time.Microsecond), reason)
+	res := <-results
+	t.Logf("clients: %d requests, %d errors, p99 %.2fms, max %.2fms", res.Requests, res.Errors, res.Latency.P99, res.Latency.Max)
+	if res.Errors != 0 || res.Requests == 0 {
+		t.Fatalf("clients saw errors when a backend was killed: %s", res.Format())
+	}
+}
+
+func TestHungBackend(t *testing.T) {
+	os, e := threeOrigins(t, "    try_timeout: 300ms\n    health: {passive: {base_ejection_time: 1s}}\n")
+	results := loadFor(e, 3*time.Second)
+	time.Sleep(500 * time.Millisecond)
+	os[1].Signal(syscall.SIGSTOP)
+	d := waitState(t, e, os[1].Addr, "ejected")
+	t.Logf("hung backend ejected %s after SIGSTOP", d)
+	res := <-results
+	t.Logf("clients: %d requests, %d errors, p99 %.2fms, p99.9 %.2fms, max %.2fms", res.Requests, res.Errors, res.Latency.P99, res.Latency.P999, res.Latency.Max)
+	if res.Errors != 0 {
+		t.Fatalf("clients saw errors with a hung backend: %s", res.Format())
+	}
+	if res.Latency.Max > 2000 {
+		t.Fatalf("a hung backend cost a client %.0fms; want about one try_timeout (300ms)", res.Latency.Max)
+	}
+	os[1].Signal(syscall.SIGCONT)
+	// Ejection ends after base_ejection_time and a request succeeds.
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		http.Get("http://" + e.Addr + "/")
+		if st, _, _ := e.BackendState(t, "web", os[1].Addr); st == "healthy" {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("resumed backend not readmitted")
+}
+
+func TestBrokenBackends(t *testing.T) {
+	f := func(mode, wantReason string, maxErrors int64) {
+		t.Run(mode, func(t *testing.T) {
+			os, e := threeOrigins(t, "    health: {passive: {base_ejection_time: 30s}}\n")
+			resp, err := http.Post("http://"+os[1].Addr+"/_fault?mode="+mode, "", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			res := <-loadFor(e, 1500*time.Millisecond)
+			st, reason, _ := e.BackendState(t, "web", os[1].Addr)
+			t.Logf("%s: backend %s (%s); clients %d requests, %d errors", mode, st, reason, res.Requests, res.Errors)
+			if st != "ejected" || !strings.Contains(reason, wantReason) {
+				t.Fatalf("%s backend: state %s, reason %q", mode, st, reason)
+			}
+			if res.Errors > maxErrors {
+				t.Fatalf("%s backend: clients saw %d errors: %s", mode, res.Errors, res.Format())
+			}
+		})
+	}
+	f("garbage", "invalid_response", 0)
+	f("reset", "gateway failures", 0)
+	f("error500-app", "consecutive 5xx", 5)
+}
+
+func TestOverloadedAndSlowBackends(t *testing.T) {
+	os, e := threeOrigins(t, "")
+	http.Post("http://"+os[1].Addr+"/_fault?mode=overload", "", nil)
+	http.Post("http://"+os[2].Addr+"/_fault?mode=slow&delay=20ms", "", nil)
+	res := <-loadFor(e, 1500*time.Millisecond)
+	st, _, _ := e.BackendState(t, "web", os[1].Addr)
+	t.Logf("overloaded backend %s; clients %d requests, %d errors, p99 %.2fms", st, res.Requests, res.Errors, res.Latency.P99)
+	if res.Errors != 0 {
+		t.Fatalf("clients saw errors with an overloaded backend: %s", res.Format())
+	}
+	if st == "ejected" || st == "unhealthy" {
+		t.Fatalf("an overloaded backend is alive: state %s", st)
+	}
+}
