@@ -48,7 +48,9 @@ func startHealthServer(t *testing.T) *healthServer {
 		ctx.WriteString("status: fine")
 	}}
 	go h.srv.Serve(ln)
-	t.Cleanup(func() { h.srv.Shutdown() })
+	// Closing the listener too: Shutdown misses a Serve that has not
+	// registered it yet.
+	t.Cleanup(func() { h.srv.Shutdown(); ln.Close() })
 	return h
 }
 

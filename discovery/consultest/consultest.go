@@ -64,17 +64,23 @@ func Start(t testing.TB) *Agent {
 		t.Skip(msg)
 	}
 	a := &Agent{t: t, bin: bin, dataDir: t.TempDir()}
-	for i := range a.ports {
-		a.ports[i] = freePort(t)
-	}
-	client, err := api.NewClient(&api.Config{Address: a.Addr()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.Client = client
-	a.start()
 	t.Cleanup(a.Stop)
-	return a
+	// A port found free may be taken before Consul binds it: try again on
+	// other ports.
+	var err error
+	for try := 0; try < 3; try++ {
+		a.ports = freePorts(t)
+		a.Client, err = api.NewClient(&api.Config{Address: a.Addr()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err = a.start(); err == nil {
+			return a
+		}
+		t.Logf("consul did not start, trying other ports: %v", err)
+	}
+	t.Fatal(err)
+	return nil
 }
 
 // Binary returns the path of the consul binary to use, or "".
@@ -106,8 +112,7 @@ func fileExists(p string) bool {
 // Addr returns the agent's HTTP API address.
 func (a *Agent) Addr() string { return fmt.Sprintf("127.0.0.1:%d", a.ports[0]) }
 
-func (a *Agent) start() {
-	a.t.Helper()
+func (a *Agent) start() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.out = &syncBuffer{}
@@ -121,16 +126,29 @@ func (a *Agent) start() {
 	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := a.cmd.Start(); err != nil {
-		a.t.Fatalf("cannot start consul: %v", err)
+		a.cmd = nil
+		return fmt.Errorf("cannot start consul: %v", err)
 	}
+	exited := make(chan struct{})
+	go func(cmd *exec.Cmd) {
+		cmd.Process.Wait()
+		close(exited)
+	}(a.cmd)
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		if leader, err := a.Client.Status().Leader(); err == nil && leader != "" {
-			return
+			return nil
 		}
-		time.Sleep(50 * time.Millisecond)
+		select {
+		case <-exited:
+			a.cmd = nil
+			return fmt.Errorf("consul exited:\n%s", a.out.String())
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
-	a.t.Fatalf("consul did not elect a leader in 60s:\n%s", a.out.String())
+	a.cmd.Process.Kill()
+	a.cmd = nil
+	return fmt.Errorf("consul did not elect a leader in 60s:\n%s", a.out.String())
 }
 
 // Stop stops the agent (idempotent).
@@ -142,7 +160,16 @@ func (a *Agent) Stop() {
 	}
 	a.cmd.Process.Signal(syscall.SIGTERM)
 	done := make(chan struct{})
-	go func() { a.cmd.Wait(); close(done) }()
+	go func(cmd *exec.Cmd) {
+		for {
+			// Wait reaps the process: the start watcher may have done it.
+			if err := syscall.Kill(cmd.Process.Pid, 0); err != nil {
+				close(done)
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}(a.cmd)
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
@@ -157,7 +184,9 @@ func (a *Agent) Stop() {
 func (a *Agent) Restart() {
 	a.t.Helper()
 	a.Stop()
-	a.start()
+	if err := a.start(); err != nil {
+		a.t.Fatal(err)
+	}
 }
 
 // Register registers an instance of service with a TTL check that starts
@@ -218,11 +247,16 @@ func (a *Agent) Output() string {
 	return strings.TrimSpace(a.out.String())
 }
 
-func freePort(t testing.TB) int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// freePorts returns distinct free ports, holding each open until all are
+// chosen so that none is handed out twice.
+func freePorts(t testing.TB) (ports [5]int) {
+	for i := range ports {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		ports[i] = ln.Addr().(*net.TCPAddr).Port
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return ports
 }
