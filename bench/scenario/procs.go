@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -115,7 +116,8 @@ type Edge struct {
 }
 
 // StartEdge starts edgelb with the given config body (listen, admin and
-// state_dir are added) and waits until it is ready.
+// state_dir are added) and waits until it is alive, and ready when the
+// config has routes of its own.
 func StartEdge(t testing.TB, config, stateDir string) *Edge {
 	t.Helper()
 	e := &Edge{Admin: FreeAddr(t)}
@@ -127,7 +129,10 @@ func StartEdge(t testing.TB, config, stateDir string) *Edge {
 	}
 	e.Proc = Start(t, "edgelb", filepath.Join(Binaries(t), "edgelb"), "-config", path)
 	e.Addr = addr
-	WaitHTTP(t, "http://"+e.Admin+"/readyz")
+	WaitHTTP(t, "http://"+e.Admin+"/healthz")
+	if strings.HasPrefix(config, "routes:") || strings.Contains(config, "\nroutes:") {
+		WaitHTTP(t, "http://"+e.Admin+"/readyz")
+	}
 	return e
 }
 
