@@ -30,7 +30,7 @@ taskset -c 1 nginx -c "$work/origin.conf" -e stderr & pids+=($!)
 sleep 0.5
 
 clk=$(getconf CLK_TCK)
-cpu_of() { awk -v c="$clk" '{print ($14+$15)/c}' "/proc/$1/stat"; }
+cpu_of() { awk -v c="$clk" -v f="${FIELD:-both}" '{ if (f=="user") print $14/c; else if (f=="sys") print $15/c; else print ($14+$15)/c }' "/proc/$1/stat"; }
 # children_cpu sums the CPU of a process and its children (nginx/haproxy
 # workers).
 tree_cpu() {
@@ -43,16 +43,16 @@ run() { # name pid
 	local name=$1 pid=$2
 	sleep 0.5
 	wrk -t1 -c"$CONNS" -d2s "http://$PROXY/" >/dev/null # warm up
-	local c0; c0=$(tree_cpu "$pid")
+	local c0 u0; c0=$(tree_cpu "$pid"); u0=$(FIELD=user tree_cpu "$pid")
 	taskset -c 1 wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "http://$PROXY/" > "$work/$name.wrk"
-	local c1; c1=$(tree_cpu "$pid")
+	local c1 u1; c1=$(tree_cpu "$pid"); u1=$(FIELD=user tree_cpu "$pid")
 	local reqs rps p99 non2xx
 	reqs=$(awk '/requests in/ {print $1}' "$work/$name.wrk")
 	rps=$(awk '/Requests\/sec/ {print $2}' "$work/$name.wrk")
 	p99=$(awk '$1=="99%" {print $2}' "$work/$name.wrk")
 	non2xx=$(awk '/Non-2xx/ {print $5}' "$work/$name.wrk"); non2xx=${non2xx:-0}
-	local us; us=$(echo "($c1 - $c0) * 1000000 / $reqs" | bc -l)
-	printf '%-8s %10s req/s  p99 %8s  cpu/req %6.2f us  non-2xx %s\n' "$name" "$rps" "$p99" "$us" "$non2xx"
+	local us uus; us=$(echo "($c1 - $c0) * 1000000 / $reqs" | bc -l); uus=$(echo "($u1 - $u0) * 1000000 / $reqs" | bc -l)
+	printf '%-8s %10s req/s  p99 %8s  cpu/req %6.2f us (user %5.2f)  non-2xx %s\n' "$name" "$rps" "$p99" "$us" "$uus" "$non2xx"
 	echo "$name $rps $p99 $us" >> "$work/summary"
 	kill "$pid"; wait "$pid" 2>/dev/null || true
 	sleep 0.5
