@@ -56,9 +56,6 @@ type ConsulService struct {
 const (
 	DefaultConsulAddress = "127.0.0.1:8500"
 
-	// RouteTag is the tag prefix of tag routes: edge.route=HOST/PATH.
-	RouteTag = "edge.route="
-
 	// minCallInterval spaces the starts of two calls to one endpoint, so
 	// that a misbehaving index never turns a watch into a busy loop.
 	minCallInterval = time.Second
@@ -89,6 +86,8 @@ type Consul struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	persistMu sync.Mutex
 
 	mu         sync.Mutex
 	configured map[string]ConsulService // edgelb name -> Consul service
@@ -397,16 +396,12 @@ func (c *Consul) setFromEntries(name string, entries []*api.ServiceEntry, now ti
 		}
 		ins = append(ins, Instance{Addr: net.JoinHostPort(host, strconv.Itoa(e.Service.Port)), Weight: w})
 		if c.cfg.TagRoutes {
-			for _, tag := range e.Service.Tags {
-				if !strings.HasPrefix(tag, RouteTag) {
-					continue
-				}
-				r, err := ParseRouteTag(tag)
-				if err != nil {
-					bad = append(bad, fmt.Sprintf("instance %q: %v", e.Service.ID, err))
-					continue
-				}
+			rs, badTags := routesFromTags(e.Service.Tags)
+			for _, r := range rs {
 				routes[r] = true
+			}
+			for _, msg := range badTags {
+				bad = append(bad, fmt.Sprintf("instance %q: %s", e.Service.ID, msg))
 			}
 		}
 	}
@@ -414,10 +409,7 @@ func (c *Consul) setFromEntries(name string, entries []*api.ServiceEntry, now ti
 	for r := range routes {
 		set.Routes = append(set.Routes, r)
 	}
-	sort.Slice(set.Routes, func(i, j int) bool {
-		a, b := set.Routes[i], set.Routes[j]
-		return a.Host < b.Host || (a.Host == b.Host && a.Path < b.Path)
-	})
+	sortRoutes(set.Routes)
 	return set, bad
 }
 
@@ -436,42 +428,6 @@ func entryUsable(e *api.ServiceEntry) bool {
 		}
 	}
 	return true
-}
-
-// ParseRouteTag parses an `edge.route=HOST/PATH` tag. HOST is a host name
-// or "*"; PATH defaults to "/".
-func ParseRouteTag(tag string) (Route, error) {
-	v, ok := strings.CutPrefix(tag, RouteTag)
-	if !ok {
-		return Route{}, fmt.Errorf("tag %q is not an %sHOST/PATH tag", tag, RouteTag)
-	}
-	host, path, _ := strings.Cut(v, "/")
-	path = "/" + path
-	switch {
-	case v == "":
-		return Route{}, fmt.Errorf("tag %q: empty route; want %sHOST/PATH (HOST may be *)", tag, RouteTag)
-	case host == "":
-		return Route{}, fmt.Errorf("tag %q: missing host; use %s*%s to match any host", tag, RouteTag, path)
-	case strings.ContainsAny(v, " \t?#\\"):
-		return Route{}, fmt.Errorf("tag %q: route must not contain spaces, ?, # or \\", tag)
-	case host != "*" && !validHost(host):
-		return Route{}, fmt.Errorf("tag %q: invalid host %q", tag, host)
-	case strings.Contains(path, "//") || strings.Contains(path, "/../") || strings.HasSuffix(path, "/.."):
-		return Route{}, fmt.Errorf("tag %q: path %q is not normalized", tag, path)
-	}
-	if len(path) > 1 {
-		path = strings.TrimSuffix(path, "/")
-	}
-	return Route{Host: strings.ToLower(host), Path: path}, nil
-}
-
-func validHost(h string) bool {
-	for _, c := range h {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == ':' || c == '_') {
-			return false
-		}
-	}
-	return h != ""
 }
 
 // watchCatalog follows the list of Consul services and starts or stops
@@ -585,6 +541,10 @@ func (c *Consul) persist() {
 	if c.state == nil {
 		return
 	}
+	// Gathering and writing under one lock keeps an older snapshot from
+	// overwriting a newer one.
+	c.persistMu.Lock()
+	defer c.persistMu.Unlock()
 	c.mu.Lock()
 	sets := make(map[string]*Set, len(c.watches))
 	for name, w := range c.watches {

@@ -2,12 +2,9 @@ package discovery
 
 import (
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,75 +12,6 @@ import (
 
 	"github.com/edgelb/edgelb/discovery/consultest"
 )
-
-// recorder is a Publisher that keeps what it was given.
-type recorder struct {
-	mu      sync.Mutex
-	sets    map[string]*Set
-	removed map[string]bool
-}
-
-func newRecorder() *recorder {
-	return &recorder{sets: make(map[string]*Set), removed: make(map[string]bool)}
-}
-
-func (r *recorder) Publish(s *Set) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.sets[s.Service] = s
-	delete(r.removed, s.Service)
-}
-
-func (r *recorder) Remove(service string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	delete(r.sets, service)
-	r.removed[service] = true
-}
-
-// addrs returns the published addresses of service, sorted, "-" if none
-// was published.
-func (r *recorder) addrs(service string) string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	s := r.sets[service]
-	if s == nil {
-		return "-"
-	}
-	var out []string
-	for _, in := range s.Instances {
-		out = append(out, fmt.Sprintf("%s*%d", in.Addr, in.Weight))
-	}
-	sort.Strings(out)
-	return strings.Join(out, ",")
-}
-
-func (r *recorder) set(service string) *Set {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.sets[service]
-}
-
-// eventually polls cond for up to 20 s.
-func eventually(t *testing.T, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for time.Since(start) < 20*time.Second {
-		if cond() {
-			return time.Since(start)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s", what)
-	return 0
-}
-
-func testLogger() *slog.Logger {
-	if testing.Verbose() {
-		return slog.New(slog.NewTextHandler(os.Stderr, nil))
-	}
-	return slog.New(slog.DiscardHandler)
-}
 
 func startSource(t *testing.T, a *consultest.Agent, tagRoutes bool, services map[string]ConsulService, stateDir string) (*Consul, *recorder) {
 	t.Helper()
@@ -230,7 +158,7 @@ func TestConsulBootFromState(t *testing.T) {
 
 func TestCorruptStateIsIgnored(t *testing.T) {
 	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, stateFileName), []byte("{not json"), 0o644)
+	os.WriteFile(filepath.Join(dir, StateFileName), []byte("{not json"), 0o644)
 	if sets := newStateFile(dir, testLogger()).load(); sets != nil {
 		t.Fatalf("corrupt state loaded: %v", sets)
 	}
@@ -257,28 +185,4 @@ func TestConsulUnreachable(t *testing.T) {
 	if rec.set("web") != nil {
 		t.Fatalf("nothing must be published without data")
 	}
-}
-
-func TestParseRouteTag(t *testing.T) {
-	f := func(tag, want string) {
-		t.Helper()
-		r, err := ParseRouteTag(tag)
-		got := fmt.Sprintf("%s %s", r.Host, r.Path)
-		if err != nil {
-			got = "error: " + err.Error()
-		}
-		if !strings.HasPrefix(got, want) {
-			t.Errorf("%q: got %q, want %q", tag, got, want)
-		}
-	}
-	f("edge.route=*/", "* /")
-	f("edge.route=*", "* /")
-	f("edge.route=Shop.Example.com/cart/", "shop.example.com /cart")
-	f("edge.route=*/api/v1", "* /api/v1")
-	f("edge.route=", "error: tag \"edge.route=\": empty route")
-	f("edge.route=/api", "error: tag \"edge.route=/api\": missing host; use edge.route=*/api")
-	f("edge.route=a b/x", "error: tag \"edge.route=a b/x\": route must not contain spaces")
-	f("edge.route=*/a//b", "error: tag \"edge.route=*/a//b\": path \"/a//b\" is not normalized")
-	f("edge.route=h$st/", "error: tag \"edge.route=h$st/\": invalid host")
-	f("other", "error: tag \"other\" is not an edge.route=")
 }

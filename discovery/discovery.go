@@ -39,8 +39,9 @@ type Set struct {
 	// Instances are sorted by Addr; no Addr appears twice.
 	Instances []Instance `json:"instances"`
 
-	// Routes are routing rules carried by the instances themselves
-	// (tag routes). Empty for configured services.
+	// Routes are routing rules carried by the instances themselves (tag
+	// routes), sorted by Host then Path. Empty for static services and
+	// when tag routes are off.
 	Routes []Route `json:"routes,omitempty"`
 
 	// Source names where the set came from: "static" or "consul".

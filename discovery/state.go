@@ -6,31 +6,35 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"sync"
 )
 
+// StateFileName is the file under state_dir that keeps the last-known-good
+// sets of the Consul source.
+const StateFileName = "discovery.json"
+
 // stateFile keeps the last-known-good sets in state_dir, so that a restart
-// during a registry outage still knows where the backends are.
+// during a registry outage still knows where the backends are. Callers
+// serialize save.
 type stateFile struct {
 	path string
 	log  *slog.Logger
-	mu   sync.Mutex
 }
-
-// stateFileName is the file under state_dir.
-const stateFileName = "discovery.json"
 
 func newStateFile(dir string, log *slog.Logger) *stateFile {
-	return &stateFile{path: filepath.Join(dir, stateFileName), log: log}
+	return &stateFile{path: filepath.Join(dir, StateFileName), log: log}
 }
+
+// stateVersion changes when the file's format does; other versions are
+// ignored.
+const stateVersion = 1
 
 type stateDoc struct {
 	Version int             `json:"version"`
 	Sets    map[string]*Set `json:"sets"`
 }
 
-// load returns the persisted sets; a missing file is an empty state and a
-// corrupt one is logged and ignored.
+// load returns the persisted sets, normalised; a missing file is an empty
+// state, and a corrupt one is logged and ignored.
 func (f *stateFile) load() map[string]*Set {
 	data, err := os.ReadFile(f.path)
 	if os.IsNotExist(err) {
@@ -41,11 +45,11 @@ func (f *stateFile) load() map[string]*Set {
 		return nil
 	}
 	var doc stateDoc
-	if err := json.Unmarshal(data, &doc); err != nil || doc.Version != 1 {
+	if err := json.Unmarshal(data, &doc); err != nil || doc.Version != stateVersion {
 		if err == nil {
-			err = fmt.Errorf("unknown version %d", doc.Version)
+			err = fmt.Errorf("version %d, want %d", doc.Version, stateVersion)
 		}
-		f.log.Error("cannot parse discovery state; starting without it", "path", f.path, "err", err)
+		f.log.Error("cannot parse discovery state; ignoring it (it is rewritten on the next change)", "path", f.path, "err", err)
 		return nil
 	}
 	for name, s := range doc.Sets {
@@ -55,16 +59,16 @@ func (f *stateFile) load() map[string]*Set {
 		}
 		routes := s.Routes
 		*s = *NewSet(s.Service, s.Source, s.Instances, s.UpdatedAt)
+		sortRoutes(routes)
 		s.Routes = routes
 	}
 	return doc.Sets
 }
 
-// save writes the sets atomically: a temp file renamed over the old one.
+// save writes the sets atomically: a synced temp file renamed over the old
+// one, so that a crash leaves either the old or the new state.
 func (f *stateFile) save(sets map[string]*Set) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if err := writeFileAtomic(f.path, stateDoc{Version: 1, Sets: sets}); err != nil {
+	if err := writeFileAtomic(f.path, stateDoc{Version: stateVersion, Sets: sets}); err != nil {
 		f.log.Error("cannot persist discovery state", "path", f.path, "err", err)
 	}
 }
@@ -72,26 +76,29 @@ func (f *stateFile) save(sets map[string]*Set) {
 func writeFileAtomic(path string, v any) error {
 	data, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
-		return err
+		return fmt.Errorf("cannot encode %s: %w", path, err)
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("cannot create %s: %w", dir, err)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path))
+	tmp, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(path))
 	if err != nil {
-		return err
+		return fmt.Errorf("cannot create a temp file in %s: %w", dir, err)
 	}
 	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
+	_, err = tmp.Write(data)
+	if err == nil {
+		err = tmp.Sync()
 	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
 	}
-	if err := tmp.Close(); err != nil {
-		return err
+	if err != nil {
+		return fmt.Errorf("cannot write %s: %w", tmp.Name(), err)
 	}
-	return os.Rename(tmp.Name(), path)
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("cannot replace %s: %w", path, err)
+	}
+	return nil
 }
