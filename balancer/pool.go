@@ -55,6 +55,9 @@ type Pool struct {
 	// not named in the config.
 	tagRouted bool
 
+	// maxInflight caps concurrent requests per backend; 0 means no cap.
+	maxInflight int32
+
 	// store keeps responses to serve when backends fail; nil when the
 	// service has stale serving disabled.
 	store       *stale.Store
@@ -83,6 +86,7 @@ type drainingBackend struct {
 func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *health.Checker, store *stale.Store) *Pool {
 	p := &Pool{name: name, cfg: cfg, reg: reg, checker: checker, byAddr: make(map[string]*Backend), m: newServiceMetrics(name)}
 	p.set.Store(&backendSet{})
+	p.maxInflight = int32(cfg.Health.MaxInflight)
 	if !cfg.Stale.Disabled && store != nil {
 		p.store = store
 		p.stalePolicy = stale.Policy{MaxStale: cfg.Stale.MaxStale, IgnoreRevalidate: cfg.Stale.IgnoreRevalidate}
@@ -290,11 +294,11 @@ func (p *Pool) pick(now int64, t *tried) *Backend {
 	// Fast path: sample per policy and take the sample if it is usable.
 	switch p.cfg.Balance {
 	case "round_robin":
-		if b := bs.at(p.rr.Add(1)); usable(b, now, t) {
+		if b := bs.at(p.rr.Add(1)); p.usable(b, now, t) {
 			return b
 		}
 	case "random":
-		if b := bs.at(rand.Uint64()); usable(b, now, t) {
+		if b := bs.at(rand.Uint64()); p.usable(b, now, t) {
 			return b
 		}
 	default:
@@ -303,7 +307,7 @@ func (p *Pool) pick(now int64, t *tried) *Backend {
 		if a == b && n > 1 {
 			b = bs.list[(indexOf(bs, a)+1+int((r>>16)%uint64(n-1)))%n]
 		}
-		ua, ub := usable(a, now, t), usable(b, now, t)
+		ua, ub := p.usable(a, now, t), p.usable(b, now, t)
 		switch {
 		case ua && ub:
 			return lessLoaded(a, b)
@@ -318,7 +322,7 @@ func (p *Pool) pick(now int64, t *tried) *Backend {
 	start := int(rand.Uint64() % uint64(n))
 	for i := 0; i < n; i++ {
 		b := bs.list[(start+i)%n]
-		if usable(b, now, t) && (best == nil || lessLoaded(b, best) == b) {
+		if p.usable(b, now, t) && (best == nil || lessLoaded(b, best) == b) {
 			best = b
 		}
 	}
@@ -345,7 +349,10 @@ func indexOf(bs *backendSet, b *Backend) int {
 	return 0
 }
 
-func usable(b *Backend, now int64, t *tried) bool {
+func (p *Pool) usable(b *Backend, now int64, t *tried) bool {
+	if max := p.maxInflight; max > 0 && b.target.Inflight() >= max {
+		return false
+	}
 	return b.target.Available(now) && !t.has(b)
 }
 

@@ -64,6 +64,9 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 	for attempt := 0; attempt <= p.cfg.Retries; attempt++ {
 		b := p.pick(now.UnixNano(), &t)
 		if b == nil {
+			if attempt == 0 && p.maxInflight > 0 && p.atCapacity(now.UnixNano()) {
+				code = errOverloaded
+			}
 			break
 		}
 		t.add(b)
@@ -124,6 +127,17 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 	ctx.Response.Reset()
 	p.m.generated[code].Inc()
 	writeError(ctx, code, clientClose)
+}
+
+// atCapacity reports whether available backends exist but all are at
+// their max_inflight cap (slow path).
+func (p *Pool) atCapacity(now int64) bool {
+	for _, b := range p.set.Load().list {
+		if b.target.Available(now) {
+			return true
+		}
+	}
+	return false
 }
 
 // serveStale answers from the stale store if it holds a usable copy.

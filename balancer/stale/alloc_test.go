@@ -16,8 +16,8 @@ func TestSaveAndServeAllocateNothing(t *testing.T) {
 	p := Policy{MaxStale: time.Hour}
 	f := func() {
 		now = now.Add(time.Second)
-		s.Save(now, http, req, resp)
-		if !s.Serve(now, http, req, out, p, nil) {
+		s.Save(now, schemeHTTP, req, resp)
+		if !s.Serve(now, schemeHTTP, req, out, p, nil) {
 			t.Fatal("miss")
 		}
 	}
@@ -29,8 +29,8 @@ func TestSaveAndServeAllocateNothing(t *testing.T) {
 	}
 	// The rate-limited path, taken by most requests, too.
 	s2 := New(Config{MaxBytes: 1 << 20})
-	s2.Save(now, http, req, resp)
-	if n := testing.AllocsPerRun(1000, func() { s2.Save(now, http, req, resp) }); n != 0 {
+	s2.Save(now, schemeHTTP, req, resp)
+	if n := testing.AllocsPerRun(1000, func() { s2.Save(now, schemeHTTP, req, resp) }); n != 0 {
 		t.Fatalf("rate-limited Save allocates %.1f times", n)
 	}
 }

@@ -3,17 +3,15 @@
 //
 // Only what RFC 9111 lets a shared cache store is kept. Entries live in a
 // bounded, GC-free fastcache, survive restarts through SaveTo/LoadFrom, and
-// are served with Age and an RFC 9211 Cache-Status header.
+// are served with Age and an RFC 9211 Cache-Status header. Vary is honoured:
+// each variant is stored apart, behind a per-URL index of the Vary names.
 package stale
 
 import (
 	"bytes"
-	"encoding/binary"
-	"errors"
-	"fmt"
-	"os"
-	"path/filepath"
+	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,64 +22,119 @@ import (
 	"github.com/valyala/fasthttp"
 )
 
-// Config configures a Store. Zero values select the defaults.
+// Config configures a Store. The zero value selects the defaults.
 type Config struct {
-	// MaxBytes bounds the memory of the store. DefaultMaxBytes is used if
-	// not set.
+	// MaxBytes bounds the memory the store holds entries in. fastcache
+	// rounds it up to at least 32 MiB. DefaultMaxBytes is used if not set.
 	MaxBytes int `yaml:"max_bytes"`
 
-	// MaxEntryBytes is the largest response stored, headers included.
-	// DefaultMaxEntryBytes is used if not set.
+	// MaxEntryBytes is the largest response body stored; responses with
+	// larger bodies are not stored. DefaultMaxEntryBytes is used if not
+	// set.
 	MaxEntryBytes int `yaml:"max_entry_bytes"`
 
-	// RefreshInterval is how often one URL's stored copy is refreshed
-	// from live traffic. DefaultRefreshInterval is used if not set.
+	// RefreshInterval is the least time between two stores of one URL
+	// (one Vary variant of it) from live traffic: in between, Save returns
+	// at once. It is counted in milliseconds. DefaultRefreshInterval is
+	// used if not set.
 	RefreshInterval time.Duration `yaml:"refresh_interval"`
 
-	// Statuses lists the storable statuses. DefaultStatuses is used if not
-	// set.
+	// Statuses lists the response statuses stored. DefaultStatuses is
+	// used if not set.
 	Statuses []int `yaml:"statuses"`
+
+	// Logger receives the errors and recovered panics of RunPersist.
+	// slog.Default() is used if not set.
+	Logger *slog.Logger `yaml:"-"`
 }
 
 // Defaults of Config.
 const (
-	DefaultMaxBytes        = 64 << 20
-	DefaultMaxEntryBytes   = 1 << 20
+	// DefaultMaxBytes is used if Config.MaxBytes is not set: 64 MiB.
+	DefaultMaxBytes = 64 << 20
+
+	// DefaultMaxEntryBytes is used if Config.MaxEntryBytes is not set:
+	// 1 MiB.
+	DefaultMaxEntryBytes = 1 << 20
+
+	// DefaultRefreshInterval is used if Config.RefreshInterval is not set.
 	DefaultRefreshInterval = time.Second
 )
 
 // DefaultStatuses are the statuses stored unless Config.Statuses is set:
-// those RFC 9110 calls heuristically cacheable, less 206 and 405, 414, 501.
+// those RFC 9110 section 15.1 calls heuristically cacheable, less 206
+// (partial), 405, 414 and 501 (errors an origin may stop returning).
 var DefaultStatuses = []int{200, 203, 204, 300, 301, 308, 404, 410}
 
-// Policy says when a stored response may be served, per service.
+// Validate reports the first invalid setting of c, naming its YAML key.
+func (c *Config) Validate() error {
+	switch {
+	case c.MaxBytes < 0:
+		return errConfig("max_bytes", "must not be negative")
+	case c.MaxEntryBytes < 0:
+		return errConfig("max_entry_bytes", "must not be negative")
+	case c.RefreshInterval < 0:
+		return errConfig("refresh_interval", "must not be negative")
+	}
+	for _, st := range c.Statuses {
+		if st < 100 || st > 599 {
+			return errConfig("statuses", "status "+strconv.Itoa(st)+" is not between 100 and 599")
+		}
+	}
+	return nil
+}
+
+func errConfig(key, reason string) error {
+	return &ConfigError{Key: key, Reason: reason}
+}
+
+// ConfigError is an invalid Config setting.
+type ConfigError struct {
+	// Key is the YAML key of the setting.
+	Key string
+	// Reason says what is wrong with it.
+	Reason string
+}
+
+// Error implements error.
+func (e *ConfigError) Error() string { return "stale: " + e.Key + ": " + e.Reason }
+
+// Policy says when a stored response may be served. It is per service.
 type Policy struct {
 	// MaxStale is how long past its freshness a response may be served.
 	// A response's own stale-if-error extends it.
 	MaxStale time.Duration
 
-	// IgnoreRevalidate serves responses marked must-revalidate,
-	// proxy-revalidate or no-cache anyway.
+	// IgnoreRevalidate serves responses anyway that forbid it: no-cache
+	// ones, and, once stale, must-revalidate, proxy-revalidate and s-maxage
+	// ones (s-maxage implies proxy-revalidate for a shared cache, RFC 9111
+	// section 5.2.2.10, unless the response also sets stale-if-error).
 	IgnoreRevalidate bool
 }
 
-// Store is a bounded store of responses. It is safe for concurrent use.
-// Save and Serve take no lock of their own and allocate nothing in steady
-// state.
+// Store is a bounded store of responses. It is safe for concurrent use;
+// Save and Serve take no lock and allocate nothing in steady state. Create
+// it with New.
 type Store struct {
 	cfg      Config
+	log      *slog.Logger
 	cache    atomic.Pointer[fastcache.Cache]
 	statuses [600]bool
 
-	// lastSaved holds, per key hash slot, when a key in the slot was last
-	// stored (unix seconds), to refresh each URL at most once per
-	// RefreshInterval. Approximate by design.
-	lastSaved []atomic.Int64
+	// slots holds, per key hash slot, a stamp of when a key was last
+	// stored: its hash's top bits and the time, to refresh each key at
+	// most once per RefreshInterval without a lock. Approximate by design:
+	// two keys sharing a slot only cost extra stores.
+	slots    []atomic.Uint64
+	slotMask uint64
 
-	stored, served, misses *metrics.Counter
+	// gen numbers Vary indexes, so that a purged URL's variants stay
+	// unreachable when the URL is stored again. Seeded with the time, it
+	// does not repeat numbers of a store saved before a restart.
+	gen atomic.Uint64
+
+	persistMu sync.Mutex
 }
-
-const refreshSlots = 1 << 16
 
 // New returns an empty store.
 func New(cfg Config) *Store {
@@ -97,391 +150,382 @@ func New(cfg Config) *Store {
 	if len(cfg.Statuses) == 0 {
 		cfg.Statuses = DefaultStatuses
 	}
-	s := &Store{cfg: cfg, lastSaved: make([]atomic.Int64, refreshSlots)}
-	for _, c := range cfg.Statuses {
-		if c >= 0 && c < len(s.statuses) {
-			s.statuses[c] = true
+	s := &Store{cfg: cfg, log: cfg.Logger}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	for _, st := range cfg.Statuses {
+		if st > 0 && st < len(s.statuses) {
+			s.statuses[st] = true
 		}
 	}
+	// About one slot per KiB of store, a power of two.
+	n := 1 << 12
+	for n < cfg.MaxBytes>>10 && n < 1<<20 {
+		n <<= 1
+	}
+	s.slots = make([]atomic.Uint64, n)
+	s.slotMask = uint64(n - 1)
+	s.gen.Store(uint64(time.Now().UnixNano()))
 	s.cache.Store(fastcache.New(cfg.MaxBytes))
-	s.stored = metrics.GetOrCreateCounter(`edgelb_stale_stored_total`)
-	s.served = metrics.GetOrCreateCounter(`edgelb_stale_served_total`)
-	s.misses = metrics.GetOrCreateCounter(`edgelb_stale_misses_total`)
 	registerStats(s)
 	return s
 }
 
+// Metrics, made once and shared by every Store.
 var (
-	statsMu    sync.Mutex
-	statsStore atomic.Pointer[Store]
+	storedTotal    = metrics.GetOrCreateCounter(`edgelb_stale_stored_total`)
+	servedTotal    = metrics.GetOrCreateCounter(`edgelb_stale_served_total`)
+	missAbsent     = metrics.GetOrCreateCounter(`edgelb_stale_misses_total{reason="absent"}`)
+	missTooOld     = metrics.GetOrCreateCounter(`edgelb_stale_misses_total{reason="too_old"}`)
+	missRevalidate = metrics.GetOrCreateCounter(`edgelb_stale_misses_total{reason="revalidate"}`)
+	statsOnce      sync.Once
+	statsStore     atomic.Pointer[Store]
 )
 
 // registerStats exposes the fastcache figures of the newest store.
 func registerStats(s *Store) {
-	statsMu.Lock()
-	defer statsMu.Unlock()
-	if statsStore.Swap(s) != nil {
-		return
-	}
-	stat := func(f func(*fastcache.Stats) uint64) func() float64 {
-		return func() float64 {
-			var st fastcache.Stats
-			if s := statsStore.Load(); s != nil {
-				s.cache.Load().UpdateStats(&st)
+	statsStore.Store(s)
+	statsOnce.Do(func() {
+		stat := func(f func(*fastcache.Stats) uint64) func() float64 {
+			return func() float64 {
+				var st fastcache.Stats
+				if s := statsStore.Load(); s != nil {
+					s.cache.Load().UpdateStats(&st)
+				}
+				return float64(f(&st))
 			}
-			return float64(f(&st))
 		}
-	}
-	metrics.NewGauge(`edgelb_stale_bytes`, stat(func(st *fastcache.Stats) uint64 { return st.BytesSize }))
-	metrics.NewGauge(`edgelb_stale_max_bytes`, stat(func(st *fastcache.Stats) uint64 { return st.MaxBytesSize }))
-	metrics.NewGauge(`edgelb_stale_entries`, stat(func(st *fastcache.Stats) uint64 { return st.EntriesCount }))
-	metrics.NewGauge(`edgelb_stale_evicted_bytes_total`, stat(func(st *fastcache.Stats) uint64 { return st.EvictedBytes }))
+		metrics.GetOrCreateGauge(`edgelb_stale_bytes`, stat(func(st *fastcache.Stats) uint64 { return st.BytesSize }))
+		metrics.GetOrCreateGauge(`edgelb_stale_max_bytes`, stat(func(st *fastcache.Stats) uint64 { return st.MaxBytesSize }))
+		metrics.GetOrCreateGauge(`edgelb_stale_entries`, stat(func(st *fastcache.Stats) uint64 { return st.EntriesCount }))
+		metrics.GetOrCreateGauge(`edgelb_stale_evicted_bytes_total`, stat(func(st *fastcache.Stats) uint64 { return st.EvictedBytes }))
+	})
 }
 
-// buf is a pooled scratch buffer.
-type buf struct{ key, val []byte }
+// buf holds the scratch space of one Save or Serve.
+type buf struct{ key, val, vary []byte }
 
-var bufPool = sync.Pool{New: func() any { return &buf{key: make([]byte, 0, 256), val: make([]byte, 0, 4096)} }}
+var bufPool sync.Pool
 
-// Entry kinds: a response, or the list of Vary header names of a URL.
-const (
-	kindResponse byte = 'R'
-	kindVary     byte = 'V'
-	entryVersion byte = 1
-)
-
-// Save stores resp as the answer to req if a shared cache may store it.
-// It is meant for every successful proxied response: a URL is refreshed at
-// most once per RefreshInterval, and the check for that is cheap.
-func (s *Store) Save(now time.Time, scheme []byte, req *fasthttp.Request, resp *fasthttp.Response) {
-	if !req.Header.IsGet() || !s.statuses[clampStatus(resp.StatusCode())] || resp.IsBodyStream() {
-		return
+func getBuf() *buf {
+	if v := bufPool.Get(); v != nil {
+		return v.(*buf)
 	}
-	b := bufPool.Get().(*buf)
-	defer bufPool.Put(b)
-	b.key = appendKey(b.key[:0], scheme, req)
-	slot := &s.lastSaved[xxhash.Sum64(b.key)%refreshSlots]
-	sec := now.Unix()
-	last := slot.Load()
-	if last != 0 && time.Duration(sec-last)*time.Second < s.cfg.RefreshInterval && time.Duration(sec-last) >= 0 {
-		// Fast path: stored recently.
-		return
-	}
-	cc := parseCacheControl(resp.Header.Peek(fasthttp.HeaderCacheControl))
-	if !storable(req, resp, cc) {
-		return
-	}
-	if len(resp.Body()) > s.cfg.MaxEntryBytes {
-		return
-	}
-	if !slot.CompareAndSwap(last, sec) {
-		return // another request is storing it
-	}
-	c := s.cache.Load()
-	vary := resp.Header.Peek(fasthttp.HeaderVary)
-	if len(vary) > 0 {
-		b.val = append(append(b.val[:0], kindVary, entryVersion), vary...)
-		c.SetBig(b.key, b.val)
-		b.key = appendVariant(b.key, vary, req)
-	}
-	b.val = appendEntry(b.val[:0], now, resp, cc)
-	if len(b.val) > s.cfg.MaxEntryBytes+64<<10 {
-		return
-	}
-	c.SetBig(b.key, b.val)
-	s.stored.Inc()
+	return &buf{key: make([]byte, 0, 512), val: make([]byte, 0, 16<<10), vary: make([]byte, 0, 64)}
 }
 
-// Serve writes the stored answer to req into resp, with Age and
-// Cache-Status, and reports whether there was one that p allows. detail
-// names why it is served (an Edgelb-Error code) in Cache-Status.
-func (s *Store) Serve(now time.Time, scheme []byte, req *fasthttp.Request, resp *fasthttp.Response, p Policy, detail []byte) bool {
-	if !req.Header.IsGet() && !req.Header.IsHead() {
-		return false
-	}
-	b := bufPool.Get().(*buf)
-	defer bufPool.Put(b)
-	c := s.cache.Load()
-	b.key = appendKey(b.key[:0], scheme, req)
-	b.val = c.GetBig(b.val[:0], b.key)
-	if len(b.val) >= 2 && b.val[0] == kindVary && b.val[1] == entryVersion {
-		b.key = appendVariant(b.key, b.val[2:], req)
-		b.val = c.GetBig(b.val[:0], b.key)
-	}
-	e, ok := decodeEntry(b.val)
-	if !ok {
-		s.misses.Inc()
-		return false
-	}
-	if e.revalidate && !p.IgnoreRevalidate {
-		s.misses.Inc()
-		return false
-	}
-	// Age rounds up: a response stored a moment ago with no freshness is
-	// already stale, and says so.
-	age := e.ageAtStore + int64((now.Sub(time.Unix(0, e.storedAt))+time.Second-1)/time.Second)
-	if age < 0 {
-		age = 0
-	}
-	ttl := e.freshness - age
-	allowed := int64(p.MaxStale / time.Second)
-	if e.staleIfError > allowed {
-		allowed = e.staleIfError
-	}
-	if -ttl > allowed {
-		s.misses.Inc()
-		return false
-	}
-	resp.Reset()
-	resp.SetStatusCode(e.status)
-	h := e.headers
-	for len(h) >= 4 {
-		kl := int(binary.LittleEndian.Uint16(h))
-		vl := int(binary.LittleEndian.Uint16(h[2:]))
-		h = h[4:]
-		resp.Header.AddBytesKV(h[:kl], h[kl:kl+vl])
-		h = h[kl+vl:]
-	}
-	resp.SetBody(e.body)
-	var num [24]byte
-	resp.Header.SetBytesKV(strAge, strconv.AppendInt(num[:0], age, 10))
-	cs := append(b.key[:0], `edgelb; hit; ttl=`...)
-	cs = strconv.AppendInt(cs, ttl, 10)
-	if len(detail) > 0 {
-		cs = append(append(cs, `; detail=`...), detail...)
-	}
-	resp.Header.SetBytesKV(strCacheStatus, cs)
-	s.served.Inc()
-	return true
-}
+func putBuf(b *buf) { bufPool.Put(b) }
 
-var (
-	strAge         = []byte("Age")
-	strCacheStatus = []byte("Cache-Status")
-)
-
-func clampStatus(c int) int {
-	if c < 0 || c >= 600 {
+// statusIndex maps a status to an index of Store.statuses; 0 is never set.
+func statusIndex(st int) int {
+	if st < 0 || st >= 600 {
 		return 0
 	}
-	return c
+	return st
 }
 
-// appendKey appends the primary key of req: scheme, lower-cased host, and
-// the request URI as sent.
-func appendKey(dst, scheme []byte, req *fasthttp.Request) []byte {
-	dst = append(dst, scheme...)
-	dst = append(dst, "://"...)
-	for _, c := range req.Header.Host() {
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		dst = append(dst, c)
+// Save stores resp as the answer to req if a shared cache may store it
+// (see Storable). It is meant for every successful proxied response: a URL
+// is stored again at most once per RefreshInterval, and the check for that
+// is cheap. scheme is the client's ("http" or "https"). Save keeps nothing
+// of req and resp.
+func (s *Store) Save(now time.Time, scheme []byte, req *fasthttp.Request, resp *fasthttp.Response) {
+	if !s.storableShape(req, resp) {
+		return
 	}
-	return append(dst, req.Header.RequestURI()...)
+	b := getBuf()
+	defer putBuf(b)
+	var ri respInfo
+	b.vary = ri.scan(&resp.Header, b.vary[:0])
+	if ri.setCookie || ri.varyStar || ri.varyTooLong || ri.cc.noStore || ri.cc.private {
+		return
+	}
+	b.key = appendKey(b.key[:0], scheme, req)
+	primaryLen := len(b.key)
+	if len(b.vary) > 0 {
+		// Generation 0 for now: the rate limit ignores it.
+		b.key = appendVariantKey(b.key, 0, b.vary, req)
+	}
+	if len(b.key) > maxKeyLen {
+		return
+	}
+	h := xxhash.Sum64(b.key)
+	slot := &s.slots[h&s.slotMask]
+	last, stamp := slot.Load(), makeStamp(h, now)
+	if s.recent(last, stamp) {
+		// Fast path: stored a moment ago.
+		return
+	}
+	var rq reqInfo
+	rq.scan(&req.Header)
+	if !storable(&ri, &rq) || !slot.CompareAndSwap(last, stamp) {
+		return // not storable, or another request is storing it
+	}
+
+	// Slow path: once per key and RefreshInterval.
+	c := s.cache.Load()
+	if len(b.vary) > 0 {
+		gen := s.varyIndex(c, b, primaryLen)
+		putGen(b.key[primaryLen:], gen)
+	}
+	b.val = appendEntry(b.val[:0], now, resp, &ri, b.vary)
+	set(c, b.key, b.val)
+	storedTotal.Inc()
 }
 
-// appendVariant appends to a primary key the request's values of the
-// headers that vary lists.
-func appendVariant(dst, vary []byte, req *fasthttp.Request) []byte {
-	for len(vary) > 0 {
-		var name []byte
-		name, vary, _ = bytes.Cut(vary, strComma)
-		name = bytes.TrimSpace(name)
-		if len(name) == 0 {
-			continue
-		}
-		dst = append(dst, 0)
-		dst = append(dst, name...)
-		dst = append(dst, ':')
-		dst = append(dst, req.Header.PeekBytes(name)...)
+// storableShape reports what can be told of storability without reading
+// headers: a GET answered with a storable status and a body held in memory
+// and not too large.
+func (s *Store) storableShape(req *fasthttp.Request, resp *fasthttp.Response) bool {
+	return req.Header.IsGet() && s.statuses[statusIndex(resp.StatusCode())] &&
+		!resp.IsBodyStream() && len(resp.Body()) <= s.cfg.MaxEntryBytes
+}
+
+// Storable reports whether Save would store resp as the answer to req, the
+// refresh rate limit aside: a GET; a status in Config.Statuses; a body in
+// memory (not streamed) of at most Config.MaxEntryBytes; no Cache-Control
+// no-store or private and no Set-Cookie in the response, no Vary: *; no
+// Cache-Control no-store in the request, and no Authorization in it unless
+// the response has public, s-maxage or must-revalidate (RFC 9111 section 3).
+func (s *Store) Storable(req *fasthttp.Request, resp *fasthttp.Response) bool {
+	if !s.storableShape(req, resp) {
+		return false
+	}
+	var ri respInfo
+	ri.scan(&resp.Header, nil)
+	var rq reqInfo
+	rq.scan(&req.Header)
+	return storable(&ri, &rq)
+}
+
+// Refresh stamps: the top stampShift bits of a key's hash, then the time
+// in unix milliseconds modulo 2^42 (139 years).
+const (
+	stampShift = 42
+	stampMask  = 1<<stampShift - 1
+)
+
+func makeStamp(h uint64, now time.Time) uint64 {
+	return h>>stampShift<<stampShift | uint64(now.UnixMilli())&stampMask
+}
+
+// recent reports whether stamp follows last, of the same key, by less
+// than RefreshInterval. A clock going back makes the gap huge, not recent.
+func (s *Store) recent(last, stamp uint64) bool {
+	if last == 0 || last>>stampShift != stamp>>stampShift {
+		return false
+	}
+	gap := (stamp - last) & stampMask
+	return time.Duration(gap)*time.Millisecond < s.cfg.RefreshInterval
+}
+
+// varyIndex returns the generation of the Vary index of the URL whose
+// primary key b.key starts with, and writes the index, refreshing it so
+// that it does not age out of fastcache before its variants.
+func (s *Store) varyIndex(c *fastcache.Cache, b *buf, primaryLen int) uint64 {
+	key := b.key[:primaryLen]
+	b.val = c.Get(b.val[:0], key)
+	gen, names, ok := decodeVaryIndex(b.val)
+	if !ok || !bytes.Equal(names, b.vary) {
+		gen = s.gen.Add(1)
+	}
+	b.val = appendVaryIndex(b.val[:0], gen, b.vary)
+	c.Set(key, b.val)
+	return gen
+}
+
+// putGen writes gen into a variant key suffix made by appendVariantKey.
+func putGen(suffix []byte, gen uint64) {
+	for i := 0; i < 8; i++ {
+		suffix[2+i] = byte(gen >> (56 - 8*i))
+	}
+}
+
+// chunkLimit is what fastcache's Set stores at most: 4 length bytes, key
+// and value must be below one 64 KiB chunk.
+const chunkLimit = 64<<10 - 4
+
+// set stores val under key: with Set when it fits in one fastcache chunk,
+// else with SetBig under the key's nsBig twin and a pointer under key.
+func set(c *fastcache.Cache, key, val []byte) {
+	if len(key)+len(val) < chunkLimit {
+		c.Set(key, val)
+		return
+	}
+	// Slow path: a big entry.
+	key[0] = nsBig
+	c.SetBig(key, val)
+	key[0] = nsKey
+	c.Set(key, bigPointer)
+}
+
+// get appends the value under key to dst[:0], following a big pointer.
+func get(c *fastcache.Cache, dst, key []byte) []byte {
+	dst = c.Get(dst[:0], key)
+	if len(dst) == len(bigPointer) && dst[0] == kindBig && dst[1] == formatV {
+		key[0] = nsBig
+		dst = c.GetBig(dst[:0], key)
+		key[0] = nsKey
 	}
 	return dst
 }
 
-var strComma = []byte(",")
+// Serve writes the stored answer to req (a GET or HEAD; HEAD is answered
+// from the stored GET) into resp, with Age and Cache-Status, and reports
+// whether there was one that p allows. detail says why it is served (an
+// Edgelb-Error code, say) in Cache-Status; it may be empty.
+//
+// A stored response is served while its age past freshness is within
+// p.MaxStale, or within its own stale-if-error if that is longer. On
+// false, resp is untouched.
+func (s *Store) Serve(now time.Time, scheme []byte, req *fasthttp.Request, resp *fasthttp.Response, p Policy, detail []byte) bool {
+	head := req.Header.IsHead()
+	if !head && !req.Header.IsGet() {
+		return false
+	}
+	b := getBuf()
+	defer putBuf(b)
+	c := s.cache.Load()
+	b.key = appendKey(b.key[:0], scheme, req)
+	b.val = get(c, b.val, b.key)
+	b.vary = b.vary[:0]
+	if gen, names, ok := decodeVaryIndex(b.val); ok {
+		b.vary = append(b.vary, names...)
+		b.key = appendVariantKey(b.key, gen, b.vary, req)
+		b.val = get(c, b.val, b.key)
+	}
+	e, ok := decodeEntry(b.val)
+	if !ok || !bytes.Equal(e.vary, b.vary) || !s.statuses[statusIndex(e.status)] {
+		missAbsent.Inc()
+		return false
+	}
 
-// entry is a decoded stored response; its slices point into the buffer it
-// was decoded from.
-type entry struct {
-	storedAt     int64 // unix nano
-	ageAtStore   int64 // seconds
-	freshness    int64 // seconds
-	staleIfError int64 // seconds, -1 if none
-	revalidate   bool
-	status       int
-	headers      []byte
-	body         []byte
+	// Age rounds up: a response stored a moment ago with no freshness is
+	// already stale, and says so.
+	age := e.ageAtStore
+	if d := now.UnixNano() - e.storedAt; d > 0 {
+		age += (d + int64(time.Second) - 1) / int64(time.Second)
+	}
+	ttl := e.freshness - age
+	if !p.IgnoreRevalidate && refused(&e, ttl) {
+		missRevalidate.Inc()
+		return false
+	}
+	if ttl < 0 && -ttl > max(int64(p.MaxStale/time.Second), e.staleIfError) {
+		missTooOld.Inc()
+		return false
+	}
+
+	resp.Reset()
+	resp.SetStatusCode(e.status)
+	for h := e.headers; len(h) > 0; {
+		var k, v []byte
+		k, v, h = nextHeader(h)
+		resp.Header.AddBytesKV(k, v)
+	}
+	if head {
+		resp.SkipBody = true
+		resp.Header.SetContentLength(len(e.body))
+	} else {
+		resp.SetBody(e.body)
+	}
+	var num [20]byte
+	resp.Header.SetBytesKV(strAge, strconv.AppendInt(num[:0], age, 10))
+	cs := append(b.key[:0], "edgelb; hit; ttl="...)
+	cs = strconv.AppendInt(cs, ttl, 10)
+	if len(detail) > 0 {
+		cs = append(cs, "; detail="...)
+		cs = appendSFItem(cs, detail)
+	}
+	resp.Header.SetBytesKV(strCacheStatus, cs)
+	b.key = cs
+	servedTotal.Inc()
+	return true
 }
 
-// hop-by-hop and per-response headers that are not stored.
-var skipHeaders = [][]byte{
-	[]byte("Age"), []byte("Connection"), []byte("Keep-Alive"), []byte("Transfer-Encoding"),
-	[]byte("Proxy-Authenticate"), []byte("Trailer"), []byte("Upgrade"), []byte("Content-Length"),
-	[]byte("Set-Cookie"), []byte("Cache-Status"),
-}
-
-func skipHeader(k []byte) bool {
-	for _, s := range skipHeaders {
-		if bytes.EqualFold(k, s) {
-			return true
-		}
-	}
-	return false
-}
-
-// Entry layout: kind, version, storedAt(8), ageAtStore(8), freshness(8),
-// staleIfError(8), flags(1), status(2), headersLen(4), headers, body.
-func appendEntry(dst []byte, now time.Time, resp *fasthttp.Response, cc cacheControl) []byte {
-	dst = append(dst, kindResponse, entryVersion)
-	dst = binary.LittleEndian.AppendUint64(dst, uint64(now.UnixNano()))
-	dst = binary.LittleEndian.AppendUint64(dst, uint64(seconds(resp.Header.PeekBytes(strAge))))
-	dst = binary.LittleEndian.AppendUint64(dst, uint64(freshness(now, resp, cc)))
-	dst = binary.LittleEndian.AppendUint64(dst, uint64(cc.staleIfError))
-	var flags byte
-	if cc.mustRevalidate || cc.noCache {
-		flags |= 1
-	}
-	dst = append(dst, flags)
-	dst = binary.LittleEndian.AppendUint16(dst, uint16(resp.StatusCode()))
-	lenAt := len(dst)
-	dst = append(dst, 0, 0, 0, 0)
-	for k, v := range resp.Header.All() {
-		if skipHeader(k) || len(k) > 0xffff || len(v) > 0xffff {
-			continue
-		}
-		dst = binary.LittleEndian.AppendUint16(dst, uint16(len(k)))
-		dst = binary.LittleEndian.AppendUint16(dst, uint16(len(v)))
-		dst = append(dst, k...)
-		dst = append(dst, v...)
-	}
-	binary.LittleEndian.PutUint32(dst[lenAt:], uint32(len(dst)-lenAt-4))
-	return append(dst, resp.Body()...)
-}
-
-func decodeEntry(b []byte) (entry, bool) {
-	const fixed = 2 + 8*4 + 1 + 2 + 4
-	if len(b) < fixed || b[0] != kindResponse || b[1] != entryVersion {
-		return entry{}, false
-	}
-	le := binary.LittleEndian
-	e := entry{
-		storedAt:     int64(le.Uint64(b[2:])),
-		ageAtStore:   int64(le.Uint64(b[10:])),
-		freshness:    int64(le.Uint64(b[18:])),
-		staleIfError: int64(le.Uint64(b[26:])),
-		revalidate:   b[34]&1 != 0,
-		status:       int(le.Uint16(b[35:])),
-	}
-	hl := int(le.Uint32(b[37:]))
-	if fixed+hl > len(b) {
-		return entry{}, false
-	}
-	e.headers = b[fixed : fixed+hl]
-	e.body = b[fixed+hl:]
-	return e, true
-}
-
-// freshness returns the response's freshness lifetime in seconds: s-maxage,
-// max-age, or Expires minus Date; 0 when none is given (only failures
-// serve it, so no heuristic freshness is needed).
-func freshness(now time.Time, resp *fasthttp.Response, cc cacheControl) int64 {
+// refused reports whether the entry's directives forbid serving it
+// without revalidation, ttl seconds from the end of its freshness.
+func refused(e *entry, ttl int64) bool {
 	switch {
-	case cc.sMaxAge >= 0:
-		return cc.sMaxAge
-	case cc.maxAge >= 0:
-		return cc.maxAge
+	case e.flags&flagNoCache != 0:
+		return true
+	case ttl >= 0:
+		return false
+	case e.flags&flagMustRevalidate != 0:
+		return true
+	default:
+		// proxy-revalidate, or s-maxage without an explicit stale-if-error.
+		return e.flags&flagProxyRevalidate != 0 && e.flags&flagStaleIfError == 0
 	}
-	exp := resp.Header.Peek(fasthttp.HeaderExpires)
-	if len(exp) == 0 {
-		return 0
-	}
-	t, err := fasthttp.ParseHTTPDate(exp)
-	if err != nil {
-		return 0
-	}
-	date := now
-	if d, err := fasthttp.ParseHTTPDate(resp.Header.Peek(fasthttp.HeaderDate)); err == nil {
-		date = d
-	}
-	return max(int64(t.Sub(date)/time.Second), 0)
 }
 
-// storable reports whether a shared cache may store resp as the answer to
-// req (RFC 9111 section 3).
-func storable(req *fasthttp.Request, resp *fasthttp.Response, cc cacheControl) bool {
-	if cc.noStore || cc.private {
+// appendSFItem appends v as a structured-field token (RFC 8941) if it is
+// one, else as a string, dropping what a string cannot hold.
+func appendSFItem(dst, v []byte) []byte {
+	if isSFToken(v) {
+		return append(dst, v...)
+	}
+	dst = append(dst, '"')
+	for _, c := range v {
+		switch {
+		case c == '"' || c == '\\':
+			dst = append(dst, '\\', c)
+		case c >= 0x20 && c < 0x7f:
+			dst = append(dst, c)
+		}
+	}
+	return append(dst, '"')
+}
+
+func isSFToken(v []byte) bool {
+	if len(v) == 0 || !(v[0] == '*' || ('a' <= v[0]|0x20 && v[0]|0x20 <= 'z')) {
 		return false
 	}
-	if len(resp.Header.Peek(fasthttp.HeaderSetCookie)) > 0 {
-		return false
-	}
-	if bytes.Equal(bytes.TrimSpace(resp.Header.Peek(fasthttp.HeaderVary)), strStar) {
-		return false
-	}
-	rcc := parseCacheControl(req.Header.Peek(fasthttp.HeaderCacheControl))
-	if rcc.noStore {
-		return false
-	}
-	if len(req.Header.Peek(fasthttp.HeaderAuthorization)) > 0 && !cc.public && cc.sMaxAge < 0 && !cc.mustRevalidate {
-		return false
+	for _, c := range v {
+		if !isTChar(c) && c != ':' && c != '/' {
+			return false
+		}
 	}
 	return true
 }
 
-var strStar = []byte("*")
+func isTChar(c byte) bool {
+	switch {
+	case 'a' <= c|0x20 && c|0x20 <= 'z', '0' <= c && c <= '9':
+		return true
+	}
+	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
+}
 
 // Purge removes the stored answers to one absolute URL
-// (scheme://host/path?query), all its Vary variants included.
+// (scheme://host/path?query, as clients send the path and query), all its
+// Vary variants included. It returns ErrPurgeURL for a URL that is not
+// absolute.
 func (s *Store) Purge(rawURL string) error {
-	var u fasthttp.URI
-	if err := u.Parse(nil, []byte(rawURL)); err != nil || len(u.Host()) == 0 {
-		return fmt.Errorf("cannot purge %q: want an absolute URL such as http://example.com/path", rawURL)
+	key, err := appendPurgeKey(nil, rawURL)
+	if err != nil {
+		return err
 	}
-	var req fasthttp.Request
-	req.Header.SetHostBytes(u.Host())
-	req.Header.SetRequestURIBytes(u.RequestURI())
-	key := appendKey(nil, u.Scheme(), &req)
 	c := s.cache.Load()
-	// Variants hang off the Vary index: without it they are unreachable.
+	// Without their index, variants are unreachable; an index made again
+	// later has a new generation, so they stay so.
 	c.Del(key)
+	key[0] = nsBig
+	c.Del(key)
+	key[0] = nsKey
+	s.slots[xxhash.Sum64(key)&s.slotMask].Store(0)
 	return nil
 }
 
 // PurgeAll removes every stored answer.
 func (s *Store) PurgeAll() {
 	s.cache.Load().Reset()
-	for i := range s.lastSaved {
-		s.lastSaved[i].Store(0)
-	}
+	s.resetSlots()
 }
 
-// stateDirName is the store's directory under state_dir.
-const stateDirName = "stale"
-
-// SaveTo writes the store under dir, atomically replacing an older copy.
-func (s *Store) SaveTo(dir string) error {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("cannot save stale store: %w", err)
+func (s *Store) resetSlots() {
+	for i := range s.slots {
+		s.slots[i].Store(0)
 	}
-	if err := s.cache.Load().SaveToFileConcurrent(filepath.Join(dir, stateDirName), 0); err != nil {
-		return fmt.Errorf("cannot save stale store under %q: %w", dir, err)
-	}
-	return nil
-}
-
-// LoadFrom replaces the store's content with the copy saved under dir. A
-// missing copy leaves the store empty and is not an error; a corrupt one
-// leaves it empty and is.
-func (s *Store) LoadFrom(dir string) error {
-	path := filepath.Join(dir, stateDirName)
-	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	c, err := fastcache.LoadFromFileMaxBytes(path, s.cfg.MaxBytes)
-	if err != nil {
-		return fmt.Errorf("cannot load stale store from %q (starting empty): %w", path, err)
-	}
-	s.cache.Store(c)
-	return nil
 }

@@ -1,56 +1,22 @@
 package stale
 
 import (
-	"fmt"
+	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/valyala/fasthttp"
 )
 
-var http = []byte("http")
-
-func newReq(method, host, uri string, hdr ...string) *fasthttp.Request {
-	req := &fasthttp.Request{}
-	req.Header.SetMethod(method)
-	req.Header.SetHost(host)
-	req.Header.SetRequestURI(uri)
-	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
-	}
-	return req
-}
-
-func newResp(status int, body string, hdr ...string) *fasthttp.Response {
-	resp := &fasthttp.Response{}
-	resp.SetStatusCode(status)
-	resp.Header.SetContentType("text/plain")
-	for i := 0; i+1 < len(hdr); i += 2 {
-		resp.Header.Add(hdr[i], hdr[i+1])
-	}
-	resp.SetBodyString(body)
-	return resp
-}
-
-// serve returns "STATUS BODY" for a stored answer to req, or "miss".
-func serve(s *Store, now time.Time, req *fasthttp.Request, p Policy) (string, *fasthttp.Response) {
-	resp := &fasthttp.Response{}
-	if !s.Serve(now, http, req, resp, p, []byte("upstream_timeout")) {
-		return "miss", resp
-	}
-	return fmt.Sprintf("%d %s", resp.StatusCode(), resp.Body()), resp
-}
-
-var hour = Policy{MaxStale: time.Hour}
-
 func TestStorability(t *testing.T) {
 	now := time.Now()
 	f := func(req *fasthttp.Request, resp *fasthttp.Response, stored bool) {
 		t.Helper()
 		s := New(Config{MaxBytes: 1 << 20})
-		s.Save(now, http, req, resp)
+		s.Save(now, schemeHTTP, req, resp)
 		got, _ := serve(s, now, newReq("GET", string(req.Header.Host()), string(req.Header.RequestURI())), hour)
 		if (got != "miss") != stored {
 			t.Errorf("%s %s -> %d %s: stored=%v, want %v", req.Header.Method(), req.Header.RequestURI(), resp.StatusCode(), resp.Header.Peek("Cache-Control"), got != "miss", stored)
@@ -75,7 +41,7 @@ func TestStorability(t *testing.T) {
 func TestServeStale(t *testing.T) {
 	s := New(Config{MaxBytes: 1 << 20})
 	t0 := time.Now()
-	s.Save(t0, http, newReq("GET", "Shop.Example", "/p?id=1"), newResp(200, "product 1", "Cache-Control", "max-age=60", "X-Custom", "kept", "Age", "5"))
+	s.Save(t0, schemeHTTP, newReq("GET", "Shop.Example", "/p?id=1"), newResp(200, "product 1", "Cache-Control", "max-age=60", "X-Custom", "kept", "Age", "5"))
 	got, resp := serve(s, t0.Add(100*time.Second), newReq("GET", "shop.example", "/p?id=1"), hour)
 	if got != "200 product 1" {
 		t.Fatalf("got %q", got)
@@ -92,9 +58,9 @@ func TestServeStale(t *testing.T) {
 	if got, _ := serve(s, t0, newReq("GET", "shop.example", "/p?id=2"), hour); got != "miss" {
 		t.Errorf("query is part of the key: %q", got)
 	}
-	// HEAD is answered from the stored GET.
-	if got, _ := serve(s, t0, newReq("HEAD", "shop.example", "/p?id=1"), hour); got != "200 product 1" {
-		t.Errorf("HEAD: %q", got)
+	// HEAD is answered from the stored GET, with its length and no body.
+	if got, resp := serve(s, t0, newReq("HEAD", "shop.example", "/p?id=1"), hour); got != "200 " || resp.Header.ContentLength() != len("product 1") {
+		t.Errorf("HEAD: %q, Content-Length %d", got, resp.Header.ContentLength())
 	}
 	// Past max_stale: nothing.
 	if got, _ := serve(s, t0.Add(2*time.Hour), newReq("GET", "shop.example", "/p?id=1"), hour); got != "miss" {
@@ -105,9 +71,9 @@ func TestServeStale(t *testing.T) {
 func TestStaleIfErrorAndRevalidate(t *testing.T) {
 	s := New(Config{MaxBytes: 1 << 20})
 	t0 := time.Now()
-	s.Save(t0, http, newReq("GET", "a", "/sie"), newResp(200, "sie", "Cache-Control", "max-age=0, stale-if-error=7200"))
-	s.Save(t0, http, newReq("GET", "a", "/mr"), newResp(200, "mr", "Cache-Control", "max-age=10, must-revalidate"))
-	s.Save(t0, http, newReq("GET", "a", "/nc"), newResp(200, "nc", "Cache-Control", "no-cache"))
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/sie"), newResp(200, "sie", "Cache-Control", "max-age=0, stale-if-error=7200"))
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/mr"), newResp(200, "mr", "Cache-Control", "max-age=10, must-revalidate"))
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/nc"), newResp(200, "nc", "Cache-Control", "no-cache"))
 	if got, _ := serve(s, t0.Add(90*time.Minute), newReq("GET", "a", "/sie"), hour); got != "200 sie" {
 		t.Errorf("stale-if-error must extend max_stale: %q", got)
 	}
@@ -124,8 +90,8 @@ func TestStaleIfErrorAndRevalidate(t *testing.T) {
 func TestVary(t *testing.T) {
 	s := New(Config{MaxBytes: 1 << 20, RefreshInterval: time.Nanosecond})
 	t0 := time.Now()
-	s.Save(t0, http, newReq("GET", "a", "/v", "Accept-Language", "en"), newResp(200, "hello", "Vary", "Accept-Language"))
-	s.Save(t0.Add(time.Second), http, newReq("GET", "a", "/v", "Accept-Language", "fr"), newResp(200, "bonjour", "Vary", "Accept-Language"))
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/v", "Accept-Language", "en"), newResp(200, "hello", "Vary", "Accept-Language"))
+	s.Save(t0.Add(time.Second), schemeHTTP, newReq("GET", "a", "/v", "Accept-Language", "fr"), newResp(200, "bonjour", "Vary", "Accept-Language"))
 	f := func(lang, want string) {
 		t.Helper()
 		if got, _ := serve(s, t0, newReq("GET", "a", "/v", "Accept-Language", lang), hour); got != want {
@@ -140,12 +106,12 @@ func TestVary(t *testing.T) {
 func TestRefreshInterval(t *testing.T) {
 	s := New(Config{MaxBytes: 1 << 20, RefreshInterval: time.Minute})
 	t0 := time.Now()
-	s.Save(t0, http, newReq("GET", "a", "/r"), newResp(200, "v1"))
-	s.Save(t0.Add(time.Second), http, newReq("GET", "a", "/r"), newResp(200, "v2"))
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/r"), newResp(200, "v1"))
+	s.Save(t0.Add(time.Second), schemeHTTP, newReq("GET", "a", "/r"), newResp(200, "v2"))
 	if got, _ := serve(s, t0, newReq("GET", "a", "/r"), hour); got != "200 v1" {
 		t.Errorf("refreshed within the interval: %q", got)
 	}
-	s.Save(t0.Add(2*time.Minute), http, newReq("GET", "a", "/r"), newResp(200, "v3"))
+	s.Save(t0.Add(2*time.Minute), schemeHTTP, newReq("GET", "a", "/r"), newResp(200, "v3"))
 	if got, _ := serve(s, t0, newReq("GET", "a", "/r"), hour); got != "200 v3" {
 		t.Errorf("not refreshed after the interval: %q", got)
 	}
@@ -154,8 +120,8 @@ func TestRefreshInterval(t *testing.T) {
 func TestPurge(t *testing.T) {
 	s := New(Config{MaxBytes: 1 << 20})
 	t0 := time.Now()
-	s.Save(t0, http, newReq("GET", "a", "/1"), newResp(200, "one"))
-	s.Save(t0, http, newReq("GET", "a", "/2", "Accept", "x"), newResp(200, "two", "Vary", "Accept"))
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/1"), newResp(200, "one"))
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/2", "Accept", "x"), newResp(200, "two", "Vary", "Accept"))
 	if err := s.Purge("http://a/2"); err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +144,7 @@ func TestPersistence(t *testing.T) {
 	dir := t.TempDir()
 	s := New(Config{MaxBytes: 1 << 20})
 	t0 := time.Now()
-	s.Save(t0, http, newReq("GET", "a", "/p"), newResp(200, "persisted", "X-H", "v"))
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/p"), newResp(200, "persisted", "X-H", "v"))
 	if err := s.SaveTo(dir); err != nil {
 		t.Fatal(err)
 	}
@@ -202,5 +168,35 @@ func TestPersistence(t *testing.T) {
 	}
 	if got, _ := serve(s3, t0, newReq("GET", "a", "/p"), hour); got != "miss" {
 		t.Fatalf("corrupt store served: %q", got)
+	}
+}
+
+func TestDamagedCopyIsRefused(t *testing.T) {
+	dir := t.TempDir()
+	s := New(Config{MaxBytes: 1 << 20})
+	s.Save(t0, schemeHTTP, newReq("GET", "a", "/p"), newResp(200, "v1"))
+	if err := s.SaveTo(dir); err != nil {
+		t.Fatal(err)
+	}
+	data, _ := filepath.Glob(filepath.Join(dir, stateDirName, "data.*.bin"))
+	if len(data) == 0 {
+		t.Fatal("no data files saved")
+	}
+	f, err := os.OpenFile(data[0], os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write([]byte("flipped"))
+	f.Close()
+
+	// A store that already holds entries keeps them.
+	s2 := New(Config{MaxBytes: 1 << 20})
+	s2.Save(t0, schemeHTTP, newReq("GET", "a", "/kept"), newResp(200, "kept"))
+	err = s2.LoadFrom(dir)
+	if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "manifest says") {
+		t.Fatalf("damaged copy: got %v", err)
+	}
+	if got, _ := serve(s2, t0, newReq("GET", "a", "/kept"), hour); got != "200 kept" {
+		t.Fatalf("entries lost after a refused load: %q", got)
 	}
 }

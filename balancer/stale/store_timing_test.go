@@ -10,7 +10,7 @@ func benchmarkStore(b *testing.B, bodySize int, serve bool) {
 	s := New(Config{MaxBytes: 64 << 20})
 	body := strings.Repeat("x", bodySize)
 	now := time.Now()
-	s.Save(now, http, newReq("GET", "shop.example", "/static/app.js?v=1"), newResp(200, body, "Cache-Control", "public, max-age=60"))
+	s.Save(now, schemeHTTP, newReq("GET", "shop.example", "/static/app.js?v=1"), newResp(200, body, "Cache-Control", "public, max-age=60"))
 	b.ReportAllocs()
 	b.SetBytes(int64(bodySize))
 	b.RunParallel(func(pb *testing.PB) {
@@ -19,12 +19,12 @@ func benchmarkStore(b *testing.B, bodySize int, serve bool) {
 		out := newResp(200, "")
 		for pb.Next() {
 			if serve {
-				if !s.Serve(now, http, req, out, Policy{MaxStale: time.Hour}, nil) {
+				if !s.Serve(now, schemeHTTP, req, out, Policy{MaxStale: time.Hour}, nil) {
 					b.Fatal("miss")
 				}
 			} else {
 				// Most calls meet the refresh rate limit, as live traffic does.
-				s.Save(now, http, req, resp)
+				s.Save(now, schemeHTTP, req, resp)
 			}
 		}
 	})
