@@ -7,7 +7,7 @@ import (
 	"time"
 )
 
-func TestSaveAndServeAllocateNothing(t *testing.T) {
+func TestSaveAndServeAllocatesNothing(t *testing.T) {
 	s := New(Config{MaxBytes: 1 << 20, RefreshInterval: time.Nanosecond})
 	req := newReq("GET", "shop.example", "/p?id=1", "Accept", "text/html")
 	resp := newResp(200, "product page", "Cache-Control", "public, max-age=60", "Vary", "Accept")
