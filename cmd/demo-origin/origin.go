@@ -117,9 +117,9 @@ func (o *origin) handle(ctx *fasthttp.RequestCtx) {
 	defer ctx.Response.Header.Set("X-Origin", o.name)
 	switch f.mode {
 	case modeHang:
+		// Like a stopped process that is continued: held requests are
+		// answered normally once the hang ends, never with a made-up reply.
 		<-o.hangCh()
-		ctx.SetConnectionClose()
-		return
 	case modeSlow:
 		time.Sleep(f.delay)
 	case modeError500:

@@ -98,3 +98,32 @@ func TestFaultEndpoint(t *testing.T) {
 	f("/_fault?mode=none", 200)
 	f("/", 200)
 }
+
+// A request held by a hang is answered normally once the hang ends, as a
+// stopped process answers when it is continued: never with an empty 200
+// that a cache in front could store.
+func TestHangReleasedAnswersNormally(t *testing.T) {
+	o, addr := startTestOrigin(t)
+	if err := o.setFault(modeHang, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan string, 1)
+	go func() {
+		// raw reads until its deadline: the connection stays open.
+		s, _ := raw(t, addr, "/", 2*time.Second)
+		got <- s
+	}()
+	time.Sleep(100 * time.Millisecond)
+	if err := o.setFault(modeNone, 0); err != nil {
+		t.Fatal(err)
+	}
+	var s string
+	select {
+	case s = <-got:
+	case <-time.After(8 * time.Second):
+		t.Fatal("held request not released")
+	}
+	if !strings.Contains(s, "200 OK") || !strings.Contains(s, "Content-Length: 64") {
+		t.Fatalf("released request got %q", s)
+	}
+}
