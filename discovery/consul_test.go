@@ -13,6 +13,18 @@ import (
 	"github.com/edgelb/edgelb/discovery/consultest"
 )
 
+func startSourceToken(t *testing.T, a *consultest.Agent, token string, services map[string]ConsulService) (*Consul, *recorder) {
+	t.Helper()
+	rec := newRecorder()
+	c, err := NewConsul(ConsulConfig{Address: a.Addr(), Token: token}, services, "", rec, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	t.Cleanup(c.Stop)
+	return c, rec
+}
+
 func startSource(t *testing.T, a *consultest.Agent, tagRoutes bool, services map[string]ConsulService, stateDir string) (*Consul, *recorder) {
 	t.Helper()
 	rec := newRecorder()
@@ -185,4 +197,31 @@ func TestConsulUnreachable(t *testing.T) {
 	if rec.set("web") != nil {
 		t.Fatalf("nothing must be published without data")
 	}
+}
+
+func TestConsulWrongToken(t *testing.T) {
+	a := consultest.StartWithACL(t, "edgelb-test-management")
+	a.Register("web-1", "web", 9001, nil, 0)
+	rec := newRecorder()
+	c, err := NewConsul(ConsulConfig{Address: a.Addr(), Token: "not-the-token"}, map[string]ConsulService{"web": {Name: "web"}}, "", rec, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	t.Cleanup(c.Stop)
+	eventually(t, "a status naming the refused token", func() bool {
+		for _, st := range c.Status() {
+			if st.Service == "web" && strings.Contains(st.LastError, "refused the token") {
+				return true
+			}
+		}
+		return false
+	})
+	if rec.set("web") != nil {
+		t.Fatal("nothing may be published when Consul refuses the token")
+	}
+
+	// The right token sees the instance.
+	_, rec2 := startSourceToken(t, a, "edgelb-test-management", map[string]ConsulService{"web": {Name: "web"}})
+	eventually(t, "web with the right token", func() bool { return rec2.addrs("web") == "127.0.0.1:9001*1" })
 }

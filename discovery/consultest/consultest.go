@@ -27,6 +27,7 @@ type Agent struct {
 	bin     string
 	dataDir string
 	ports   [5]int // http, dns, serf lan, serf wan, server
+	token   string // ACL management token; "" for an agent without ACLs
 	Client  *api.Client
 
 	mu  sync.Mutex
@@ -55,6 +56,18 @@ func (b *syncBuffer) String() string {
 // Start starts an agent and stops it when the test ends.
 func Start(t testing.TB) *Agent {
 	t.Helper()
+	return start(t, "")
+}
+
+// StartWithACL starts an agent whose ACLs deny everything to any token but
+// managementToken, which its Client uses. It stops when the test ends.
+func StartWithACL(t testing.TB, managementToken string) *Agent {
+	t.Helper()
+	return start(t, managementToken)
+}
+
+func start(t testing.TB, token string) *Agent {
+	t.Helper()
 	bin := Binary()
 	if bin == "" {
 		msg := "no consul binary: run `make consul` (or set EDGELB_CONSUL)"
@@ -63,14 +76,14 @@ func Start(t testing.TB) *Agent {
 		}
 		t.Skip(msg)
 	}
-	a := &Agent{t: t, bin: bin, dataDir: t.TempDir()}
+	a := &Agent{t: t, bin: bin, dataDir: t.TempDir(), token: token}
 	t.Cleanup(a.Stop)
 	// A port found free may be taken before Consul binds it: try again on
 	// other ports.
 	var err error
 	for try := 0; try < 3; try++ {
 		a.ports = freePorts(t)
-		a.Client, err = api.NewClient(&api.Config{Address: a.Addr()})
+		a.Client, err = api.NewClient(&api.Config{Address: a.Addr(), Token: token})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -121,6 +134,14 @@ func (a *Agent) start() error {
 		"-http-port", fmt.Sprint(a.ports[0]), "-dns-port", fmt.Sprint(a.ports[1]),
 		"-serf-lan-port", fmt.Sprint(a.ports[2]), "-serf-wan-port", fmt.Sprint(a.ports[3]),
 		"-server-port", fmt.Sprint(a.ports[4]), "-grpc-port", "-1",
+	}
+	if a.token != "" {
+		hcl := fmt.Sprintf("acl {\n  enabled = true\n  default_policy = \"deny\"\n  tokens {\n    initial_management = %q\n  }\n}\n", a.token)
+		path := filepath.Join(a.dataDir, "acl.hcl")
+		if err := os.WriteFile(path, []byte(hcl), 0o600); err != nil {
+			return fmt.Errorf("cannot write the ACL config: %v", err)
+		}
+		args = append(args, "-config-file", path)
 	}
 	a.cmd = exec.Command(a.bin, args...)
 	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
