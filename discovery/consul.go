@@ -9,6 +9,7 @@ import (
 	"net"
 	"reflect"
 	"runtime/debug"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -103,6 +104,10 @@ type watch struct {
 	cancel  context.CancelFunc
 	updates *metrics.Counter
 	errors  *metrics.Counter
+
+	// problems is the malformed data last logged; only watchService uses
+	// it, so that each problem is logged once, not on every answer.
+	problems []string
 
 	mu        sync.Mutex
 	status    Status
@@ -293,8 +298,11 @@ func (c *Consul) watchService(ctx context.Context, w *watch, disk *Set) {
 		}
 		now := time.Now()
 		set, bad := c.setFromEntries(w.name, entries, now)
-		for _, b := range bad {
-			c.log.Warn("ignoring malformed Consul data", "service", w.name, "problem", b)
+		if !slices.Equal(bad, w.problems) {
+			for _, b := range bad {
+				c.log.Warn("ignoring malformed Consul data", "service", w.name, "problem", b)
+			}
+			w.problems = bad
 		}
 
 		w.mu.Lock()
@@ -330,7 +338,7 @@ func (c *Consul) watchService(ctx context.Context, w *watch, disk *Set) {
 			w.last = set
 		}
 		w.published = true
-		w.status = Status{Source: "consul", Service: w.name, LastUpdate: now}
+		w.status = Status{Source: "consul", Service: w.name, LastUpdate: now, Problems: bad}
 		w.mu.Unlock()
 		if changed {
 			w.updates.Inc()

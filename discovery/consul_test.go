@@ -225,3 +225,23 @@ func TestConsulWrongToken(t *testing.T) {
 	_, rec2 := startSourceToken(t, a, "edgelb-test-management", map[string]ConsulService{"web": {Name: "web"}})
 	eventually(t, "web with the right token", func() bool { return rec2.addrs("web") == "127.0.0.1:9001*1" })
 }
+
+func TestConsulMalformedData(t *testing.T) {
+	a := consultest.Start(t)
+	c, rec := startSource(t, a, true, nil, "")
+	a.Register("api-1", "api", 9001, []string{"edge.route=*/api", "edge.route=/nohost", "edge.route=h$st/"}, 0)
+	eventually(t, "the valid route", func() bool {
+		s := rec.set("api")
+		return s != nil && fmt.Sprint(s.Routes) == "[{* /api}]"
+	})
+	eventually(t, "the malformed tags in status", func() bool {
+		for _, st := range c.Status() {
+			if st.Service == "api" && len(st.Problems) == 2 &&
+				strings.Contains(st.Problems[0], `instance "api-1": tag "edge.route=/nohost": missing host`) &&
+				strings.Contains(st.Problems[1], `invalid host "h$st"`) {
+				return true
+			}
+		}
+		return false
+	})
+}

@@ -95,6 +95,11 @@ type Status struct {
 	// FromDisk is true when the data was loaded from state_dir and not yet
 	// confirmed by the registry.
 	FromDisk bool `json:"from_disk,omitempty"`
+
+	// Problems lists, in words, the registry data of the last answer that
+	// was ignored: malformed route tags, instances without a usable
+	// address.
+	Problems []string `json:"problems,omitempty"`
 }
 
 // Publisher receives sets from a source. Publish replaces the set of
