@@ -8,7 +8,9 @@ package health
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -139,12 +141,36 @@ type Target struct {
 	// ejectedUntil is the unix nano time an ejection ends; 0 if none.
 	ejectedUntil atomic.Int64
 
+	// failingUntil is the unix nano time until which live traffic showed
+	// that the backend cannot answer at all (consecutive gateway failures).
+	// Panic mode leaves such backends out.
+	failingUntil atomic.Int64
+
+	// availableSince is the unix nano time the target last became
+	// available after an ejection or failed active checks; slow start
+	// ramps its traffic up from there. 0 if it never left.
+	availableSince atomic.Int64
+
 	consecutiveGatewayFailures atomic.Int32
 	consecutive5xx             atomic.Int32
-	ejections                  atomic.Int32
+
+	// Totals since the target was created, read by the Ejectors of its
+	// pools to compare it with its peers over a recent window.
+	requests  atomic.Uint64 // every outcome that says something about the backend
+	failures  atomic.Uint64 // 5xx that are not overload, and gateway failures
+	answered  atomic.Uint64 // requests the backend answered with HTTP
+	latencyNs atomic.Uint64 // sum of the latencies of answered requests
 
 	// activeFailing is set while active checks fail.
 	activeFailing atomic.Bool
+
+	// ejections is how many ejections in a row the backend has had,
+	// decayed while it stays healthy; guarded by ejectMu.
+	ejections int
+
+	// groups are the Ejectors of the pools that use the target; written
+	// under ejectMu.
+	groups atomic.Pointer[[]*Ejector]
 
 	// change holds the last state change; written on the slow path only.
 	change atomic.Pointer[change]
@@ -192,6 +218,19 @@ func (t *Target) Available(now int64) bool {
 	return s == StateEjected && now >= t.ejectedUntil.Load()
 }
 
+// PanicUsable reports whether the backend may get requests in panic mode:
+// when too few backends of a pool are available the checks may be wrong,
+// so every backend is tried except draining ones and those whose own
+// recent requests could not connect, timed out or got no valid HTTP.
+func (t *Target) PanicUsable(now int64) bool {
+	return State(t.state.Load()) != StateDraining && now >= t.failingUntil.Load()
+}
+
+// AvailableSince returns the unix nano time the target last came back
+// into rotation after an ejection or failed active checks, or 0 if it
+// never left. Slow start ramps traffic up from there.
+func (t *Target) AvailableSince() int64 { return t.availableSince.Load() }
+
 // Inflight returns the number of requests in progress to the backend.
 func (t *Target) Inflight() int32 { return t.inflight.Load() }
 
@@ -200,12 +239,26 @@ func (t *Target) Inflight() int32 { return t.inflight.Load() }
 func (t *Target) Begin() { t.inflight.Add(1) }
 
 // Done records how a request that Begin started ended.
+//
+// Fast path: a few atomic adds; ejecting is the slow path.
 func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 	t.inflight.Add(-1)
+	if o >= OutcomeLocalOverload {
+		// Neither edgelb's own limits nor abandoned requests say anything
+		// about the backend.
+		return
+	}
+	t.requests.Add(1)
+	if o == OutcomeSuccess || o == OutcomeServerError || o == OutcomeOverloaded {
+		t.answered.Add(1)
+		if latency > 0 {
+			t.latencyNs.Add(uint64(latency))
+		}
+	}
 	switch {
 	case o == OutcomeSuccess:
-		// Fast path: only write the counter when it is not already zero,
-		// so healthy backends keep their cache line shared.
+		// Only write the counters when they are not already zero, so
+		// that healthy backends keep their cache line shared.
 		if t.consecutiveGatewayFailures.Load() != 0 {
 			t.consecutiveGatewayFailures.Store(0)
 		}
@@ -216,37 +269,107 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 			t.setState(StateHealthy, StateEjected, "ejection time over and a request succeeded")
 		}
 	case o.IsGatewayFailure():
+		t.failures.Add(1)
 		n := t.consecutiveGatewayFailures.Add(1)
 		if int(n) >= t.passive.consecutiveGatewayFailures() {
-			t.eject(now, "consecutive gateway failures, last: "+o.String())
+			t.gatewayFailing(now, int(n), o)
 		}
 		// A gateway failure is a 5xx to the client too.
-		fallthrough
+		t.serverError(now, o)
 	case o == OutcomeServerError:
-		n := t.consecutive5xx.Add(1)
-		if int(n) >= t.passive.consecutive5xx() {
-			t.eject(now, "consecutive 5xx, last: "+o.String())
-		}
+		t.failures.Add(1)
+		t.serverError(now, o)
 	}
 }
 
-// eject takes the target out of rotation for a time that grows with each
-// ejection.
-func (t *Target) eject(now int64, reason string) {
-	old := State(t.state.Load())
-	if old != StateHealthy && !(old == StateEjected && now >= t.ejectedUntil.Load()) {
+// serverError counts a 5xx in a row and ejects the target after too many.
+func (t *Target) serverError(now int64, o Outcome) {
+	n := t.consecutive5xx.Add(1)
+	if int(n) < t.passive.consecutive5xx() {
 		return
 	}
-	n := t.ejections.Add(1)
-	d := t.passive.baseEjectionTime() * time.Duration(n)
-	if max := t.passive.maxEjectionTime(); d > max {
-		d = max
+	// Slow path. Start the count again whatever happens, so that a
+	// backend the ejection budget keeps in rotation is not re-examined on
+	// every further 5xx.
+	t.consecutive5xx.Store(0)
+	t.eject(now, fmt.Sprintf("%d consecutive 5xx, last: %s", n, o), true)
+}
+
+// gatewayFailing handles a run of gateway failures (slow path): a backend
+// in rotation is ejected whatever the ejection budget says, since one that
+// cannot answer at all serves nobody; one already out of rotation is kept
+// out of panic mode too.
+func (t *Target) gatewayFailing(now int64, n int, o Outcome) {
+	if t.eject(now, fmt.Sprintf("%d consecutive gateway failures, last: %s", n, o), false) {
+		return
 	}
-	t.ejectedUntil.Store(now + int64(d))
-	if t.setState(StateEjected, old, reason+"; ejected for "+d.String()) {
-		t.consecutiveGatewayFailures.Store(0)
-		t.consecutive5xx.Store(0)
+	t.consecutiveGatewayFailures.Store(0)
+	if State(t.state.Load()) != StateDraining {
+		t.failingUntil.Store(now + int64(t.passive.baseEjectionTime()))
 	}
+}
+
+// ejectMu serializes ejection decisions, so that the ejection budget of a
+// pool is checked and spent atomically. Ejections are rare: one mutex for
+// all of them costs nothing.
+var ejectMu sync.Mutex
+
+// eject takes the target out of rotation. The ejection lasts longer with
+// each ejection in a row, up to MaxEjectionTime, is up to 10% shorter at
+// random so that backends ejected together do not return together, and
+// the count of ejections in a row drops by one for each MaxEjectionTime
+// the backend stays healthy. A budgeted ejection respects the
+// max_ejection_percent of every pool the target is in. eject reports
+// whether the target was ejected.
+func (t *Target) eject(now int64, reason string, budgeted bool) bool {
+	ejectMu.Lock()
+	defer ejectMu.Unlock()
+	old := State(t.state.Load())
+	if old != StateHealthy && !(old == StateEjected && now >= t.ejectedUntil.Load()) {
+		return false
+	}
+	if budgeted {
+		if e := t.fullGroup(now); e != nil {
+			e.refused(t, reason)
+			return false
+		}
+	}
+	base, maxD := t.passive.baseEjectionTime(), t.passive.maxEjectionTime()
+	if last := t.ejectedUntil.Load(); t.ejections > 0 && now > last {
+		t.ejections = max(0, t.ejections-int((now-last)/int64(maxD)))
+	}
+	// The count stops where the cap is reached, so that decay shortens
+	// the very next ejection.
+	t.ejections = min(t.ejections+1, int((maxD+base-1)/base))
+	d := min(base*time.Duration(t.ejections), maxD)
+	d -= time.Duration(rand.Int64N(int64(d)/10 + 1))
+	until := now + int64(d)
+	t.ejectedUntil.Store(until)
+	t.availableSince.Store(until)
+	if !budgeted {
+		t.failingUntil.Store(until)
+	}
+	if !t.setState(StateEjected, old, reason+"; ejected for "+d.Round(time.Millisecond).String()) {
+		return false
+	}
+	t.consecutiveGatewayFailures.Store(0)
+	t.consecutive5xx.Store(0)
+	return true
+}
+
+// fullGroup returns a pool of the target that already has as many
+// backends ejected as it allows, or nil. The caller holds ejectMu.
+func (t *Target) fullGroup(now int64) *Ejector {
+	gs := t.groups.Load()
+	if gs == nil {
+		return nil
+	}
+	for _, e := range *gs {
+		if !e.mayEject(now) {
+			return e
+		}
+	}
+	return nil
 }
 
 // setState moves the target from old to s, recording, logging and counting
@@ -271,6 +394,7 @@ func (t *Target) setState(s, old State, reason string) bool {
 func (t *Target) setActive(ok bool, reason string) {
 	if ok {
 		if t.activeFailing.CompareAndSwap(true, false) {
+			t.availableSince.Store(time.Now().UnixNano())
 			t.setState(StateHealthy, StateUnhealthy, reason)
 		}
 		return
@@ -324,7 +448,7 @@ func (t *Target) Status(now time.Time) TargetStatus {
 }
 
 // PassiveConfig configures outlier detection from live traffic.
-// Zero values select the defaults.
+// Zero values select the defaults; -1 turns off the rules that say so.
 type PassiveConfig struct {
 	// ConsecutiveGatewayFailures ejects a backend after this many connect
 	// failures, timeouts or invalid responses in a row.
@@ -336,41 +460,182 @@ type PassiveConfig struct {
 	Consecutive5xx int `yaml:"consecutive_5xx"`
 
 	// BaseEjectionTime is the first ejection's length; the n-th ejection
-	// lasts n times as long, up to MaxEjectionTime.
-	// DefaultBaseEjectionTime is used if not set.
+	// in a row lasts n times as long, up to MaxEjectionTime, less up to
+	// 10% at random. DefaultBaseEjectionTime is used if not set.
 	BaseEjectionTime time.Duration `yaml:"base_ejection_time"`
 
-	// MaxEjectionTime caps the ejection length. 10 times
-	// BaseEjectionTime is used if not set.
+	// MaxEjectionTime caps the ejection length; for each MaxEjectionTime
+	// a backend stays healthy, its next ejection is one step shorter.
+	// 10 times BaseEjectionTime is used if not set.
 	MaxEjectionTime time.Duration `yaml:"max_ejection_time"`
+
+	// MaxEjectionPercent caps the share of a pool's backends that
+	// passive ejection may hold out at once; one backend may always be
+	// ejected. Backends that cannot answer at all (consecutive gateway
+	// failures) are ejected even beyond it, since keeping them loses no
+	// capacity. DefaultMaxEjectionPercent is used if not set.
+	MaxEjectionPercent int `yaml:"max_ejection_percent"`
+
+	// Interval is how often the backends of a pool are compared.
+	// DefaultOutlierInterval is used if not set.
+	Interval time.Duration `yaml:"interval"`
+
+	// Window is how much recent traffic the comparison looks at.
+	// DefaultOutlierWindow is used if not set.
+	Window time.Duration `yaml:"window"`
+
+	// MinRequests is how many requests a backend needs within Window to
+	// be judged or to count as a peer. DefaultOutlierMinRequests is used
+	// if not set.
+	MinRequests int `yaml:"min_requests"`
+
+	// MinHosts is how many backends of the pool need MinRequests for any
+	// comparison to happen. DefaultOutlierMinHosts is used if not set.
+	MinHosts int `yaml:"min_hosts"`
+
+	// SuccessRateStdevFactor ejects a backend whose success rate is below
+	// the pool's mean minus this many standard deviations (and at least
+	// 5 points below the mean). DefaultSuccessRateStdevFactor is used if
+	// not set; -1 turns the rule off.
+	SuccessRateStdevFactor float64 `yaml:"success_rate_stdev_factor"`
+
+	// FailurePercentage ejects a backend whose share of failed requests
+	// reaches this percentage while the rest of the pool fails less than
+	// half as often: a failure shared by every backend is not one
+	// backend's fault. DefaultFailurePercentage is used if not set; -1
+	// turns the rule off.
+	FailurePercentage float64 `yaml:"failure_percentage"`
+
+	// LatencyFactor ejects a backend whose mean latency is more than this
+	// many times the median of the other backends' means.
+	// DefaultLatencyFactor is used if not set; -1 turns the rule off.
+	LatencyFactor float64 `yaml:"latency_factor"`
+
+	// LatencyMin is the mean latency below which no backend is a latency
+	// outlier, so that jitter between fast backends ejects nobody.
+	// DefaultLatencyMin is used if not set.
+	LatencyMin time.Duration `yaml:"latency_min"`
 }
 
+// Defaults of PassiveConfig's outlier detection.
+const (
+	DefaultMaxEjectionPercent     = 50
+	DefaultOutlierInterval        = time.Second
+	DefaultOutlierWindow          = 10 * time.Second
+	DefaultOutlierMinRequests     = 50
+	DefaultOutlierMinHosts        = 3
+	DefaultSuccessRateStdevFactor = 1.9
+	DefaultFailurePercentage      = 20
+	DefaultLatencyFactor          = 5
+	DefaultLatencyMin             = 50 * time.Millisecond
+)
+
 func (c *PassiveConfig) consecutiveGatewayFailures() int {
-	if c.ConsecutiveGatewayFailures <= 0 {
-		return DefaultConsecutiveGatewayFailures
-	}
-	return c.ConsecutiveGatewayFailures
+	return orDefault(c.ConsecutiveGatewayFailures, DefaultConsecutiveGatewayFailures)
 }
 
 func (c *PassiveConfig) consecutive5xx() int {
-	if c.Consecutive5xx <= 0 {
-		return DefaultConsecutive5xx
-	}
-	return c.Consecutive5xx
+	return orDefault(c.Consecutive5xx, DefaultConsecutive5xx)
 }
 
 func (c *PassiveConfig) baseEjectionTime() time.Duration {
-	if c.BaseEjectionTime <= 0 {
-		return DefaultBaseEjectionTime
-	}
-	return c.BaseEjectionTime
+	return orDefault(c.BaseEjectionTime, DefaultBaseEjectionTime)
 }
 
 func (c *PassiveConfig) maxEjectionTime() time.Duration {
-	if c.MaxEjectionTime <= 0 {
-		return 10 * c.baseEjectionTime()
+	return orDefault(c.MaxEjectionTime, 10*c.baseEjectionTime())
+}
+
+func (c *PassiveConfig) maxEjectionPercent() int {
+	return orDefault(c.MaxEjectionPercent, DefaultMaxEjectionPercent)
+}
+
+func (c *PassiveConfig) interval() time.Duration {
+	return orDefault(c.Interval, DefaultOutlierInterval)
+}
+
+func (c *PassiveConfig) window() time.Duration { return orDefault(c.Window, DefaultOutlierWindow) }
+
+func (c *PassiveConfig) minRequests() uint64 {
+	return uint64(orDefault(c.MinRequests, DefaultOutlierMinRequests))
+}
+
+func (c *PassiveConfig) minHosts() int { return orDefault(c.MinHosts, DefaultOutlierMinHosts) }
+
+// The rules below are off when set negative.
+
+func (c *PassiveConfig) stdevFactor() float64 {
+	return orDefault(c.SuccessRateStdevFactor, DefaultSuccessRateStdevFactor)
+}
+
+func (c *PassiveConfig) failurePercentage() float64 {
+	return orDefault(c.FailurePercentage, DefaultFailurePercentage)
+}
+
+func (c *PassiveConfig) latencyFactor() float64 {
+	return orDefault(c.LatencyFactor, DefaultLatencyFactor)
+}
+
+func (c *PassiveConfig) latencyMin() time.Duration { return orDefault(c.LatencyMin, DefaultLatencyMin) }
+
+func orDefault[T int | float64 | time.Duration](v, def T) T {
+	if v == 0 {
+		return def
 	}
-	return c.MaxEjectionTime
+	return v
+}
+
+// Validate returns every problem of c, each naming its key under prefix.
+func (c PassiveConfig) Validate(prefix string) []error {
+	var errs []error
+	bad := func(k, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s.%s: "+format, append([]any{prefix, k}, args...)...))
+	}
+	ints := []struct {
+		k string
+		v int
+	}{{"consecutive_gateway_failures", c.ConsecutiveGatewayFailures}, {"consecutive_5xx", c.Consecutive5xx},
+		{"min_requests", c.MinRequests}, {"min_hosts", c.MinHosts}}
+	for _, x := range ints {
+		if x.v < 0 {
+			bad(x.k, "must not be negative (got %d)", x.v)
+		}
+	}
+	durs := []struct {
+		k string
+		v time.Duration
+	}{{"base_ejection_time", c.BaseEjectionTime}, {"max_ejection_time", c.MaxEjectionTime},
+		{"interval", c.Interval}, {"window", c.Window}, {"latency_min", c.LatencyMin}}
+	for _, x := range durs {
+		if x.v < 0 {
+			bad(x.k, "must not be negative (got %s)", x.v)
+		}
+	}
+	if p := c.MaxEjectionPercent; p < 0 || p > 100 {
+		bad("max_ejection_percent", "must be a percentage from 1 to 100 (got %d)", p)
+	}
+	if f := c.SuccessRateStdevFactor; f < 0 && f != -1 {
+		bad("success_rate_stdev_factor", "must be positive, or -1 to turn the rule off (got %g)", f)
+	}
+	if f := c.FailurePercentage; (f < 0 && f != -1) || f > 100 {
+		bad("failure_percentage", "must be a percentage up to 100, or -1 to turn the rule off (got %g)", f)
+	}
+	if f := c.LatencyFactor; (f < 0 && f != -1) || (f > 0 && f <= 1) {
+		bad("latency_factor", "must be more than 1, or -1 to turn the rule off (got %g)", f)
+	}
+	if c.MaxEjectionTime > 0 && c.MaxEjectionTime < c.baseEjectionTime() {
+		bad("max_ejection_time", "must not be below base_ejection_time (%s)", c.baseEjectionTime())
+	}
+	if iv := c.interval(); iv > 0 && iv < 100*time.Millisecond {
+		bad("interval", "must be at least 100ms (got %s)", iv)
+	}
+	if c.Window > 0 && c.Window < c.interval() {
+		bad("window", "must not be shorter than interval (%s)", c.interval())
+	}
+	if c.window() > maxWindowBuckets*c.interval() && c.Window > 0 {
+		bad("window", "must not exceed %d intervals (%s)", maxWindowBuckets, maxWindowBuckets*c.interval())
+	}
+	return errs
 }
 
 // Registry holds one Target per backend address. It is safe for concurrent
