@@ -1,7 +1,7 @@
 package balancer
 
 import (
-	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,13 +14,15 @@ import (
 // A backend present before and after a discovery update keeps its health
 // state and its connections; only new addresses start afresh.
 func TestBackendStateSurvivesDiscoveryUpdate(t *testing.T) {
-	o1 := startOrigin(t, "1", nil)
+	// o1 counts the connections it is sent requests on.
+	var remotes sync.Map
 	var conns atomic.Int64
-	o1.srv.ConnState = func(_ net.Conn, st fasthttp.ConnState) {
-		if st == fasthttp.StateNew {
+	o1 := startOrigin(t, "1", func(ctx *fasthttp.RequestCtx) {
+		if _, seen := remotes.LoadOrStore(ctx.RemoteAddr().String(), true); !seen {
 			conns.Add(1)
 		}
-	}
+		ctx.WriteString("hello from 1")
+	})
 	o2 := startOrigin(t, "2", nil)
 	o3 := startOrigin(t, "3", nil)
 	s := startEdge(t, "services:\n  web: {static: "+staticList(o1, o2)+", health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n")
