@@ -38,7 +38,7 @@ func waitState(t *testing.T, e *Edge, addr string, states ...string) time.Durati
 	t.Helper()
 	start := time.Now()
 	for time.Since(start) < 20*time.Second {
-		st, _, _ := e.BackendState(t, "web", addr)
+		st, _, _ := backendState(t, e, "web", addr)
 		for _, s := range states {
 			if st == s {
 				return time.Since(start)
@@ -46,7 +46,7 @@ func waitState(t *testing.T, e *Edge, addr string, states ...string) time.Durati
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-	st, reason, _ := e.BackendState(t, "web", addr)
+	st, reason, _ := backendState(t, e, "web", addr)
 	t.Fatalf("%s stayed %s (%s), want %v", addr, st, reason, states)
 	return 0
 }
@@ -58,7 +58,7 @@ func TestKillBackendUnderLoad(t *testing.T) {
 	killed := time.Now()
 	os[1].Kill9()
 	waitState(t, e, os[1].Addr, "ejected", "unhealthy")
-	_, reason, since := e.BackendState(t, "web", os[1].Addr)
+	_, reason, since := backendState(t, e, "web", os[1].Addr)
 	t.Logf("killed backend taken out %s after kill -9 (%s)", since.Sub(killed).Round(time.Microsecond), reason)
 	res := <-results
 	t.Logf("clients: %d requests, %d errors, p99 %.2fms, max %.2fms", res.Requests, res.Errors, res.Latency.P99, res.Latency.Max)
@@ -87,7 +87,7 @@ func TestHungBackend(t *testing.T) {
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
 		http.Get("http://" + e.Addr + "/")
-		if st, _, _ := e.BackendState(t, "web", os[1].Addr); st == "healthy" {
+		if st, _, _ := backendState(t, e, "web", os[1].Addr); st == "healthy" {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -105,7 +105,7 @@ func TestBrokenBackends(t *testing.T) {
 			}
 			resp.Body.Close()
 			res := <-loadFor(e, 1500*time.Millisecond)
-			st, reason, _ := e.BackendState(t, "web", os[1].Addr)
+			st, reason, _ := backendState(t, e, "web", os[1].Addr)
 			t.Logf("%s: backend %s (%s); clients %d requests, %d errors", mode, st, reason, res.Requests, res.Errors)
 			if st != "ejected" || !strings.Contains(reason, wantReason) {
 				t.Fatalf("%s backend: state %s, reason %q", mode, st, reason)
@@ -125,7 +125,7 @@ func TestOverloadedAndSlowBackends(t *testing.T) {
 	http.Post("http://"+os[1].Addr+"/_fault?mode=overload", "", nil)
 	http.Post("http://"+os[2].Addr+"/_fault?mode=slow&delay=20ms", "", nil)
 	res := <-loadFor(e, 1500*time.Millisecond)
-	st, _, _ := e.BackendState(t, "web", os[1].Addr)
+	st, _, _ := backendState(t, e, "web", os[1].Addr)
 	t.Logf("overloaded backend %s; clients %d requests, %d errors, p99 %.2fms", st, res.Requests, res.Errors, res.Latency.P99)
 	if res.Errors != 0 {
 		t.Fatalf("clients saw errors with an overloaded backend: %s", res.Format())

@@ -1,10 +1,11 @@
-// Package scenario runs edgelb, demo origins and Consul as real processes
-// and drives load through them, for failure tests and benchmarks.
+// Package scenario runs edgelb, demo origins, Consul, nginx and HAProxy as
+// real processes and drives load through them: the failure scenarios of
+// the bench suite and the runner behind edgelb-bench.
 package scenario
 
 import (
-	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -14,75 +15,107 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 )
 
-// Binaries builds edgelb and demo-origin into a temporary directory once
-// per test binary and returns that directory.
-func Binaries(t testing.TB) string {
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "edgelb-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/edgelb/edgelb/cmd/edgelb", "github.com/edgelb/edgelb/cmd/demo-origin")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-			return
-		}
-		binDir = dir
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+// DefaultWaitTimeout bounds how long a started process may take to answer.
+const DefaultWaitTimeout = 20 * time.Second
+
+// Build builds edgelb and demo-origin into dir.
+func Build(dir string) error {
+	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/edgelb/edgelb/cmd/edgelb", "github.com/edgelb/edgelb/cmd/demo-origin")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %v\n%s", err, out)
 	}
-	return binDir
+	return nil
 }
 
-var (
-	buildOnce sync.Once
-	binDir    string
-	buildErr  error
-)
+// Procs starts child processes and stops them all on Close. Every process
+// gets SIGKILL if the parent dies. It is safe for concurrent use.
+type Procs struct {
+	// Bin is the directory holding the edgelb and demo-origin binaries.
+	Bin string
+	// Dir holds configs, state directories and one log file per process.
+	Dir string
+	// ProxyCPUs and OtherCPUs, if set, are taskset CPU lists: proxies
+	// (edgelb, nginx, HAProxy) run on ProxyCPUs and everything else
+	// (origins, Consul) on OtherCPUs.
+	ProxyCPUs, OtherCPUs string
+
+	mu    sync.Mutex
+	procs []*Proc
+	seq   int
+}
 
 // Proc is a child process.
 type Proc struct {
 	Name string
+	// Addr is the address it serves on, when it serves.
 	Addr string
+	Log  string
 	cmd  *exec.Cmd
-	out  *bytes.Buffer
 	done chan struct{}
 }
 
-// Start runs bin with args, stopping it when the test ends.
-func Start(t testing.TB, name, bin string, args ...string) *Proc {
-	t.Helper()
-	p := &Proc{Name: name, cmd: exec.Command(bin, args...), out: &bytes.Buffer{}, done: make(chan struct{})}
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+// Start runs bin with args on the given CPUs (none: unpinned), its output
+// going to a log file in Dir.
+func (g *Procs) Start(name, cpus string, env []string, bin string, args ...string) (*Proc, error) {
+	g.mu.Lock()
+	g.seq++
+	logPath := filepath.Join(g.Dir, "logs", fmt.Sprintf("%02d-%s.log", g.seq, name))
+	g.mu.Unlock()
+	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
+		return nil, err
+	}
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close() // the child holds its own descriptor
+	if cpus != "" {
+		args = append([]string{"-c", cpus, bin}, args...)
+		bin = "taskset"
+	}
+	p := &Proc{Name: name, Log: logPath, cmd: exec.Command(bin, args...), done: make(chan struct{})}
+	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
+		return nil, fmt.Errorf("cannot start %s: %w", name, err)
 	}
 	go func() { p.cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		p.Signal(syscall.SIGCONT)
-		p.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(5 * time.Second):
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-		if t.Failed() {
-			t.Logf("%s output:\n%s", name, p.out.String())
-		}
-	})
-	return p
+	g.mu.Lock()
+	g.procs = append(g.procs, p)
+	g.mu.Unlock()
+	return p, nil
 }
+
+// Close stops every process started, the last started first.
+func (g *Procs) Close() {
+	g.mu.Lock()
+	procs := g.procs
+	g.procs = nil
+	g.mu.Unlock()
+	for i := len(procs) - 1; i >= 0; i-- {
+		procs[i].Stop()
+	}
+}
+
+// Pid returns the process id.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
 
 // Signal sends sig to the process.
 func (p *Proc) Signal(sig syscall.Signal) { p.cmd.Process.Signal(sig) }
+
+// Exited reports whether the process has exited.
+func (p *Proc) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
 
 // Kill9 kills the process with SIGKILL and waits for it.
 func (p *Proc) Kill9() {
@@ -90,23 +123,60 @@ func (p *Proc) Kill9() {
 	<-p.done
 }
 
-// FreeAddr returns a free loopback address.
-func FreeAddr(t testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// Stop asks the process to exit (resuming it first if it was stopped) and
+// kills it after 5 s. It is idempotent.
+func (p *Proc) Stop() {
+	if p.Exited() {
+		return
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	p.Signal(syscall.SIGCONT)
+	p.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+		p.Kill9()
+	}
 }
 
-// StartOrigin starts a demo origin.
-func StartOrigin(t testing.TB, name string, args ...string) *Proc {
-	addr := FreeAddr(t)
-	p := Start(t, name, filepath.Join(Binaries(t), "demo-origin"), append([]string{"-listen", addr, "-name", name}, args...)...)
+// Output returns the last 4 KiB the process printed, for error messages.
+func (p *Proc) Output() string {
+	b, _ := os.ReadFile(p.Log)
+	if len(b) > 4096 {
+		b = b[len(b)-4096:]
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// FreeAddr returns a free loopback address.
+func FreeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// StartOrigin starts a demo origin on a free port.
+func (g *Procs) StartOrigin(name string, args ...string) (*Proc, error) {
+	addr, err := FreeAddr()
+	if err != nil {
+		return nil, err
+	}
+	return g.StartOriginAt(name, addr, args...)
+}
+
+// StartOriginAt starts a demo origin on addr and waits until it answers.
+func (g *Procs) StartOriginAt(name, addr string, args ...string) (*Proc, error) {
+	p, err := g.Start(name, g.OtherCPUs, nil, filepath.Join(g.Bin, "demo-origin"), append([]string{"-listen", addr, "-name", name}, args...)...)
+	if err != nil {
+		return nil, err
+	}
 	p.Addr = addr
-	WaitHTTP(t, "http://"+addr+"/health")
-	return p
+	if err := WaitHTTP("http://"+addr+"/health", DefaultWaitTimeout); err != nil {
+		return nil, fmt.Errorf("%w\n%s", err, p.Output())
+	}
+	return p, nil
 }
 
 // Edge is a running edgelb process.
@@ -117,69 +187,125 @@ type Edge struct {
 
 // StartEdge starts edgelb with the given config body (listen, admin and
 // state_dir are added) and waits until it is alive, and ready when the
-// config has routes of its own.
-func StartEdge(t testing.TB, config, stateDir string) *Edge {
-	t.Helper()
-	e := &Edge{Admin: FreeAddr(t)}
-	addr := FreeAddr(t)
-	path := filepath.Join(t.TempDir(), "edgelb.yaml")
-	full := fmt.Sprintf("listen: %s\nadmin: %s\nstate_dir: %s\n%s", addr, e.Admin, stateDir, config)
-	if err := os.WriteFile(path, []byte(full), 0o644); err != nil {
-		t.Fatal(err)
+// config has routes of its own. When ProxyCPUs is set it runs with
+// GOMAXPROCS set to the number of those CPUs.
+func (g *Procs) StartEdge(config, stateDir string) (*Edge, error) {
+	admin, err := FreeAddr()
+	if err != nil {
+		return nil, err
 	}
-	e.Proc = Start(t, "edgelb", filepath.Join(Binaries(t), "edgelb"), "-config", path)
-	e.Addr = addr
-	WaitHTTP(t, "http://"+e.Admin+"/healthz")
+	addr, err := FreeAddr()
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(g.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(g.Dir, "edgelb-*.yaml")
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(f, "listen: %s\nadmin: %s\nstate_dir: %s\n%s", addr, admin, stateDir, config)
+	if err := f.Close(); err != nil {
+		return nil, err
+	}
+	var env []string
+	if g.ProxyCPUs != "" {
+		env = append(env, fmt.Sprintf("GOMAXPROCS=%d", cpuCount(g.ProxyCPUs)))
+	}
+	p, err := g.Start("edgelb", g.ProxyCPUs, env, filepath.Join(g.Bin, "edgelb"), "-config", f.Name(), "-log-level", "warn")
+	if err != nil {
+		return nil, err
+	}
+	p.Addr = addr
+	e := &Edge{Proc: p, Admin: admin}
+	if err := WaitHTTP("http://"+admin+"/healthz", DefaultWaitTimeout); err != nil {
+		return nil, fmt.Errorf("%w\n%s", err, p.Output())
+	}
 	if strings.HasPrefix(config, "routes:") || strings.Contains(config, "\nroutes:") {
-		WaitHTTP(t, "http://"+e.Admin+"/readyz")
+		if err := WaitHTTP("http://"+admin+"/readyz", DefaultWaitTimeout); err != nil {
+			return nil, fmt.Errorf("%w\n%s", err, p.Output())
+		}
 	}
-	return e
+	return e, nil
+}
+
+// cpuCount counts the CPUs of a taskset list such as "0", "0,1" or "0-3".
+func cpuCount(list string) int {
+	n := 0
+	for _, part := range strings.Split(list, ",") {
+		var lo, hi int
+		if c, _ := fmt.Sscanf(part, "%d-%d", &lo, &hi); c == 2 && hi >= lo {
+			n += hi - lo + 1
+		} else {
+			n++
+		}
+	}
+	return max(n, 1)
 }
 
 // Status returns edgelb's /status document.
-func (e *Edge) Status(t testing.TB) map[string]any {
-	resp, err := http.Get("http://" + e.Admin + "/status")
+func (e *Edge) Status() (map[string]any, error) {
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + e.Admin + "/status")
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	defer resp.Body.Close()
 	var st map[string]any
 	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		t.Fatal(err)
+		return nil, fmt.Errorf("cannot decode /status: %w", err)
 	}
-	return st
+	return st, nil
 }
 
-// BackendState returns the state and reason of one backend in /status.
-func (e *Edge) BackendState(t testing.TB, service, addr string) (state, reason string, since time.Time) {
-	st := e.Status(t)
-	svc, _ := st["services"].(map[string]any)[service].(map[string]any)
-	if svc == nil {
-		return "", "", time.Time{}
+// BackendState is one backend as /status shows it.
+type BackendState struct {
+	State, Reason string
+	Since         time.Time
+}
+
+// ErrNoBackend is returned when /status does not list the backend.
+var ErrNoBackend = errors.New("scenario: backend not in /status")
+
+// Backend returns the state of one backend of service in /status.
+func (e *Edge) Backend(service, addr string) (BackendState, error) {
+	st, err := e.Status()
+	if err != nil {
+		return BackendState{}, err
 	}
-	for _, b := range svc["backends"].([]any) {
-		b := b.(map[string]any)
-		if b["addr"] == addr {
-			since, _ := time.Parse(time.RFC3339Nano, b["since"].(string))
-			return b["state"].(string), b["reason"].(string), since
+	services, _ := st["services"].(map[string]any)
+	svc, _ := services[service].(map[string]any)
+	backends, _ := svc["backends"].([]any)
+	for _, b := range backends {
+		b, _ := b.(map[string]any)
+		if b["addr"] != addr {
+			continue
 		}
+		s := BackendState{}
+		s.State, _ = b["state"].(string)
+		s.Reason, _ = b["reason"].(string)
+		if since, ok := b["since"].(string); ok {
+			s.Since, _ = time.Parse(time.RFC3339Nano, since)
+		}
+		return s, nil
 	}
-	return "", "", time.Time{}
+	return BackendState{}, ErrNoBackend
 }
 
-// WaitHTTP waits up to 20 s for url to answer 200.
-func WaitHTTP(t testing.TB, url string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+// WaitHTTP waits up to timeout for url to answer 200.
+func WaitHTTP(url string, timeout time.Duration) error {
+	c := http.Client{Timeout: time.Second}
+	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		resp, err := http.Get(url)
+		resp, err := c.Get(url)
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
-				return
+				return nil
 			}
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatalf("%s did not answer 200 in 20s", url)
+	return fmt.Errorf("%s did not answer 200 in %s", url, timeout)
 }
