@@ -1,0 +1,588 @@
+package scenario
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/edgelb/edgelb/bench/loadgen"
+	"github.com/edgelb/edgelb/bench/report"
+)
+
+// Scenario names, in the order "all" runs them.
+const (
+	Steady     = "steady"
+	Kill       = "kill"
+	Hang       = "hang"
+	Slow       = "slow"
+	Outage     = "outage"
+	ConsulStop = "consul-stop"
+	Churn      = "churn"
+)
+
+// Names lists every scenario in the order "all" runs them.
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn}
+
+// Compared are the scenarios that comparison mode also runs through nginx
+// and HAProxy.
+var Compared = []string{Steady, Kill}
+
+var about = map[string][2]string{
+	Steady: {"Steady state", "Three healthy origins behind the proxy; nothing happens. Requests/s, latency and CPU per request of the proxy itself."},
+	Kill: {"kill -9 a backend", "At one third of the load, origin o2 is killed with SIGKILL (connections refused and reset); " +
+		"at two thirds it is started again on the same port. Errors show what clients saw while the proxy noticed."},
+	Hang: {"Hung backend", "At one third, o2 is stopped with SIGSTOP: it accepts connections and never answers. " +
+		"At two thirds it gets SIGCONT. edgelb's try_timeout is 1s: requests that met o2 are retried elsewhere."},
+	Slow: {"One slow backend", "At one third, o2 starts answering after 200ms (demo-origin's slow fault); at two thirds it is fast again. " +
+		"Least-in-flight selection should send it less and keep p99 low."},
+	Outage: {"Full origin outage (stale)", "At one third every origin is killed with SIGKILL; at two thirds they are started again. " +
+		"The responses are cacheable (max-age=5), so edgelb answers from its stale store (Cache-Status) instead of 502/503."},
+	ConsulStop: {"Consul stop", "Origins are discovered from a Consul dev agent through edge.route tags. At one third the agent is stopped; " +
+		"at two thirds it is started again (empty, as a dev agent is) and the origins registered again. edgelb keeps routing on the last instances it knew."},
+	Churn: {"Consul register/deregister churn", "While load runs on / (service web, three origins from Consul), an instance web-4 and a service api " +
+		"(edge.route=*/api) are registered and deregistered again and again. The table gives the time from each Consul API call " +
+		"until GET /api shows the change; the load shows whether churn costs clients anything."},
+}
+
+// Options describe a bench-suite run. Zero values select the defaults.
+type Options struct {
+	// Bin holds the edgelb and demo-origin binaries. Required.
+	Bin string
+	// Consul is the consul binary, needed by consul-stop and churn.
+	Consul string
+	// Dir holds every process's config, state and log. Required.
+	Dir string
+	// Duration is the load of each run (a 1s warm-up comes before it).
+	// DefaultDuration is used if not set.
+	Duration time.Duration
+	// Concurrency is the load's connections. 32 is used if not set.
+	Concurrency int
+	// Rate, if set, sends this many requests/s (open loop).
+	Rate float64
+	// Timeout bounds one request. 2s is used if not set.
+	Timeout time.Duration
+	// Peers runs the Compared scenarios through nginx and HAProxy too.
+	Peers bool
+	// ProxyCPUs and OtherCPUs pin processes (see Procs); unset, nothing is
+	// pinned.
+	ProxyCPUs, OtherCPUs string
+	// Logf, if set, is told what is happening.
+	Logf func(format string, args ...any)
+	// OnSecond, if set, is called with every second of load.
+	OnSecond func(scenario, proxy string, s loadgen.Second)
+}
+
+// DefaultDuration is the load of each run when Options.Duration is not set.
+const DefaultDuration = 20 * time.Second
+
+// warmup runs before every measured load, to open connections and fill
+// edgelb's stale store.
+const warmup = time.Second
+
+// Run runs the named scenarios one after the other and returns what they
+// measured. A scenario that fails is reported with its error; the others
+// still run. It stops early when ctx ends.
+func Run(ctx context.Context, o Options, names []string) *report.Report {
+	if o.Duration <= 0 {
+		o.Duration = DefaultDuration
+	}
+	if o.Concurrency <= 0 {
+		o.Concurrency = 32
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = 2 * time.Second
+	}
+	if o.Logf == nil {
+		o.Logf = func(string, ...any) {}
+	}
+	rep := &report.Report{
+		Start:    time.Now(),
+		Settings: report.Settings{DurationS: o.Duration.Seconds(), Concurrency: o.Concurrency, Rate: o.Rate},
+	}
+	for _, name := range names {
+		if ctx.Err() != nil {
+			break
+		}
+		rep.Scenarios = append(rep.Scenarios, runScenario(ctx, o, name))
+	}
+	return rep
+}
+
+// Proxies returns the proxies a scenario runs through.
+func Proxies(name string, peers bool) []string {
+	proxies := []string{report.Edgelb}
+	if peers {
+		for _, c := range Compared {
+			if c == name {
+				proxies = append(proxies, Nginx, HAProxy)
+			}
+		}
+	}
+	return proxies
+}
+
+func runScenario(ctx context.Context, o Options, name string) report.Scenario {
+	s := report.Scenario{Name: name, Title: about[name][0], Description: about[name][1]}
+	if s.Title == "" {
+		s.Error = fmt.Sprintf("unknown scenario %q", name)
+		return s
+	}
+	for _, proxy := range Proxies(name, o.Peers) {
+		if ctx.Err() != nil {
+			break
+		}
+		o.Logf("%s: through %s", name, proxy)
+		run, prop, err := runOne(ctx, o, name, proxy)
+		if err != nil {
+			run.Error = err.Error()
+			o.Logf("%s/%s: %v", name, proxy, err)
+		}
+		s.Runs = append(s.Runs, run)
+		if prop != nil {
+			s.Propagation = prop
+		}
+	}
+	s.Compare()
+	return s
+}
+
+// session is one run of one scenario through one proxy.
+type session struct {
+	o       Options
+	g       *Procs
+	ctx     context.Context
+	name    string
+	proxy   string
+	url     string
+	pid     int
+	edge    *Edge // nil for a peer
+	origins []*Proc
+	consul  *Consul
+	extra   map[string]*Proc
+
+	start  time.Time
+	mu     sync.Mutex
+	events []event
+	prop   *report.Propagation
+}
+
+type event struct {
+	at   time.Time
+	name string
+}
+
+// mark records an event now.
+func (s *session) mark(format string, args ...any) { s.markAt(time.Now(), format, args...) }
+
+func (s *session) markAt(at time.Time, format string, args ...any) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.events = append(s.events, event{at: at, name: fmt.Sprintf(format, args...)})
+}
+
+// at waits until the given fraction of the load has passed.
+func (s *session) at(frac float64) error {
+	d := time.Until(s.start.Add(time.Duration(frac * float64(s.o.Duration))))
+	select {
+	case <-s.ctx.Done():
+		return s.ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run, prop *report.Propagation, err error) {
+	run.Proxy = proxy
+	g := &Procs{Bin: o.Bin, Dir: filepath.Join(o.Dir, name, proxy), ProxyCPUs: o.ProxyCPUs, OtherCPUs: o.OtherCPUs}
+	defer g.Close()
+	if err := os.MkdirAll(g.Dir, 0o755); err != nil {
+		return run, nil, err
+	}
+	s := &session{o: o, g: g, ctx: ctx, name: name, proxy: proxy, extra: map[string]*Proc{}}
+	if name == ConsulStop || name == Churn {
+		err = s.setupConsul(name == Churn)
+	} else {
+		err = s.setupStatic()
+	}
+	if err != nil {
+		return run, nil, fmt.Errorf("setup: %w", err)
+	}
+	run, err = s.drive(scripts[name])
+	return run, s.prop, err
+}
+
+// setupStatic starts three origins and the proxy in front of them.
+func (s *session) setupStatic() error {
+	var addrs []string
+	for i := 1; i <= 3; i++ {
+		p, err := s.g.StartOrigin("o" + strconv.Itoa(i))
+		if err != nil {
+			return err
+		}
+		s.origins = append(s.origins, p)
+		addrs = append(addrs, p.Addr)
+	}
+	if s.proxy == report.Edgelb {
+		e, err := s.g.StartEdge(EdgeConfig(addrs), filepath.Join(s.g.Dir, "state"))
+		if err != nil {
+			return err
+		}
+		s.edge, s.url, s.pid = e, "http://"+e.Addr+"/", e.Pid()
+		return nil
+	}
+	p, err := s.g.StartPeer(s.proxy, addrs)
+	if err != nil {
+		return err
+	}
+	s.url, s.pid = "http://"+p.Addr+"/", p.Pid()
+	return nil
+}
+
+// setupConsul starts a Consul agent, three origins registered as service
+// web with the route tag edge.route=*/, and edgelb discovering them; with
+// churn, also the origins web-4 and api-1, started but not registered.
+func (s *session) setupConsul(churn bool) error {
+	c, err := s.g.StartConsul(s.o.Consul)
+	if err != nil {
+		return err
+	}
+	s.consul = c
+	for i := 1; i <= 3; i++ {
+		p, err := s.g.StartOrigin("web-" + strconv.Itoa(i))
+		if err != nil {
+			return err
+		}
+		s.origins = append(s.origins, p)
+	}
+	if err := s.registerOrigins(); err != nil {
+		return err
+	}
+	if churn {
+		for _, name := range []string{"web-4", "api-1"} {
+			p, err := s.g.StartOrigin(name)
+			if err != nil {
+				return err
+			}
+			s.extra[name] = p
+		}
+	}
+	e, err := s.g.StartEdge(fmt.Sprintf("consul: {address: %s, tag_routes: true}\n", c.Addr()), filepath.Join(s.g.Dir, "state"))
+	if err != nil {
+		return err
+	}
+	s.edge, s.url, s.pid = e, "http://"+e.Addr+"/", e.Pid()
+	if err := WaitHTTP(s.url, DefaultWaitTimeout); err != nil {
+		return fmt.Errorf("edgelb never routed the Consul service: %w\n%s", err, e.Output())
+	}
+	return nil
+}
+
+// registerOrigins registers the origins in Consul as service web.
+func (s *session) registerOrigins() error {
+	for _, p := range s.origins {
+		if err := s.consul.Register(p.Name, "web", port(p.Addr), "edge.route=*/"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func port(addr string) int {
+	_, p, _ := net.SplitHostPort(addr)
+	n, _ := strconv.Atoi(p)
+	return n
+}
+
+// drive runs the load through the proxy while script injects the
+// scenario's events, and measures the proxy's CPU time meanwhile.
+func (s *session) drive(script func(*session) error) (report.Run, error) {
+	run := report.Run{Proxy: s.proxy}
+	lo := loadgen.Options{URL: s.url, Concurrency: s.o.Concurrency, Rate: s.o.Rate, Timeout: s.o.Timeout}
+	w := lo
+	w.Duration = warmup
+	if _, err := loadgen.Run(s.ctx, w); err != nil {
+		return run, err
+	}
+	lo.Duration = s.o.Duration
+	if s.o.OnSecond != nil {
+		lo.OnSecond = func(sec loadgen.Second) { s.o.OnSecond(s.name, s.proxy, sec) }
+	}
+	cpu0, err := CPUTime(s.pid)
+	if err != nil {
+		return run, err
+	}
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	s.ctx = ctx
+	s.start = time.Now()
+	scriptDone := make(chan error, 1)
+	go func() {
+		defer func() {
+			if p := recover(); p != nil {
+				scriptDone <- fmt.Errorf("scenario script panicked: %v", p)
+			}
+		}()
+		scriptDone <- script(s)
+	}()
+	res, err := loadgen.Run(s.ctx, lo)
+	cpu1, cpuErr := CPUTime(s.pid)
+	cancel()
+	scriptErr := <-scriptDone
+	if err != nil {
+		return run, err
+	}
+	// The last second holds only the answers that came in after the load
+	// ended; drawn, it would look like a collapse.
+	if n := len(res.Seconds); n > 0 && float64(res.Seconds[n-1].T) >= s.o.Duration.Seconds() {
+		res.Seconds = res.Seconds[:n-1]
+	}
+	run.Result = res
+	run.Events = []report.Event{}
+	if cpuErr == nil && res.Requests > 0 {
+		run.CPUSeconds = (cpu1 - cpu0).Seconds()
+		run.CPUPerRequestUS = run.CPUSeconds * 1e6 / float64(res.Requests)
+	}
+	s.mu.Lock()
+	for _, e := range s.events {
+		run.Events = append(run.Events, report.Event{T: e.at.Sub(res.Start).Seconds(), Name: e.name})
+	}
+	s.mu.Unlock()
+	if scriptErr != nil && !errors.Is(scriptErr, context.Canceled) {
+		return run, scriptErr
+	}
+	return run, nil
+}
+
+// scripts inject each scenario's events during the load.
+var scripts = map[string]func(*session) error{
+	Steady:     func(*session) error { return nil },
+	Kill:       killScript,
+	Hang:       hangScript,
+	Slow:       slowScript,
+	Outage:     outageScript,
+	ConsulStop: consulStopScript,
+	Churn:      churnScript,
+}
+
+func killScript(s *session) error {
+	o := s.origins[1]
+	if err := s.at(1.0 / 3); err != nil {
+		return err
+	}
+	o.Kill9()
+	s.mark("kill -9 %s", o.Name)
+	s.watchOut(o)
+	if err := s.at(2.0 / 3); err != nil {
+		return err
+	}
+	p, err := s.g.StartOriginAt(o.Name, o.Addr)
+	if err != nil {
+		return err
+	}
+	s.origins[1] = p
+	s.mark("%s restarted", o.Name)
+	return nil
+}
+
+func hangScript(s *session) error {
+	o := s.origins[1]
+	if err := s.at(1.0 / 3); err != nil {
+		return err
+	}
+	o.Signal(syscall.SIGSTOP)
+	s.mark("SIGSTOP %s", o.Name)
+	s.watchOut(o)
+	if err := s.at(2.0 / 3); err != nil {
+		o.Signal(syscall.SIGCONT)
+		return err
+	}
+	o.Signal(syscall.SIGCONT)
+	s.mark("SIGCONT %s", o.Name)
+	return nil
+}
+
+func slowScript(s *session) error {
+	o := s.origins[1]
+	if err := s.at(1.0 / 3); err != nil {
+		return err
+	}
+	if err := setFault(o.Addr, "slow&delay=200ms"); err != nil {
+		return err
+	}
+	s.mark("%s slow (200ms)", o.Name)
+	if err := s.at(2.0 / 3); err != nil {
+		return err
+	}
+	if err := setFault(o.Addr, "none"); err != nil {
+		return err
+	}
+	s.mark("%s fast again", o.Name)
+	return nil
+}
+
+func outageScript(s *session) error {
+	if err := s.at(1.0 / 3); err != nil {
+		return err
+	}
+	for _, o := range s.origins {
+		o.Kill9()
+	}
+	s.mark("kill -9 every origin")
+	if err := s.at(2.0 / 3); err != nil {
+		return err
+	}
+	for i, o := range s.origins {
+		p, err := s.g.StartOriginAt(o.Name, o.Addr)
+		if err != nil {
+			return err
+		}
+		s.origins[i] = p
+	}
+	s.mark("origins restarted")
+	return nil
+}
+
+func consulStopScript(s *session) error {
+	if err := s.at(1.0 / 3); err != nil {
+		return err
+	}
+	s.consul.Stop()
+	s.mark("Consul stopped")
+	if err := s.at(2.0 / 3); err != nil {
+		return err
+	}
+	if err := s.consul.Start(); err != nil {
+		return err
+	}
+	if err := s.registerOrigins(); err != nil {
+		return err
+	}
+	s.mark("Consul restarted, origins registered again")
+	return nil
+}
+
+// churnWait bounds how long one Consul change may take to show.
+const churnWait = 10 * time.Second
+
+// churnSpacing separates changes: edgelb spaces its calls to one Consul
+// endpoint by 1s, so a change right after another may wait for that.
+const churnSpacing = 1100 * time.Millisecond
+
+func churnScript(s *session) error {
+	s.prop = &report.Propagation{}
+	defer s.prop.Summarize()
+	api, web4 := s.extra["api-1"], s.extra["web-4"]
+	url := "http://" + s.edge.Addr + "/api"
+	end := s.start.Add(s.o.Duration - churnSpacing)
+	for time.Until(end) > churnWait/5 {
+		if err := s.sleep(churnSpacing); err != nil {
+			return err
+		}
+		t0 := time.Now()
+		if err := s.consul.Register("api-1", "api", port(api.Addr), "edge.route=*/api"); err != nil {
+			return err
+		}
+		if err := s.consul.Register("web-4", "web", port(web4.Addr), "edge.route=*/"); err != nil {
+			return err
+		}
+		s.markAt(t0, "register")
+		if d, ok := s.waitRouted(url, t0, true); ok {
+			s.prop.RegisterMS = append(s.prop.RegisterMS, ms(d))
+		} else {
+			s.prop.Missed++
+		}
+		if err := s.sleep(churnSpacing); err != nil {
+			return err
+		}
+		t0 = time.Now()
+		if err := s.consul.Deregister("api-1"); err != nil {
+			return err
+		}
+		if err := s.consul.Deregister("web-4"); err != nil {
+			return err
+		}
+		s.markAt(t0, "deregister")
+		if d, ok := s.waitRouted(url, t0, false); ok {
+			s.prop.DeregisterMS = append(s.prop.DeregisterMS, ms(d))
+		} else {
+			s.prop.Missed++
+		}
+	}
+	return nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func (s *session) sleep(d time.Duration) error {
+	select {
+	case <-s.ctx.Done():
+		return s.ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// waitRouted polls url until it is answered by api-1 (routed) or with an
+// error status (not routed), and returns the time since t0.
+func (s *session) waitRouted(url string, t0 time.Time, routed bool) (time.Duration, bool) {
+	c := &http.Client{Timeout: time.Second}
+	for time.Since(t0) < churnWait && s.ctx.Err() == nil {
+		resp, err := c.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			got := resp.Header.Get("X-Origin") == "api-1"
+			if got == routed && (routed || resp.StatusCode >= 400) {
+				return time.Since(t0), true
+			}
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return 0, false
+}
+
+// watchOut marks when edgelb takes the origin out of rotation
+// (ejected or unhealthy), polling /status in the background for at most a
+// third of the load. Peers have no such API: nothing is marked for them.
+func (s *session) watchOut(o *Proc) {
+	if s.edge == nil {
+		return
+	}
+	from := time.Now()
+	go func() {
+		deadline := from.Add(s.o.Duration / 3)
+		for time.Now().Before(deadline) && s.ctx.Err() == nil {
+			st, err := s.edge.Backend("web", o.Addr)
+			if err == nil && (st.State == "ejected" || st.State == "unhealthy") {
+				at := st.Since
+				if at.Before(from) || at.After(time.Now()) {
+					at = time.Now()
+				}
+				s.markAt(at, "%s %s", o.Name, st.State)
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+}
+
+// setFault switches a demo origin's fault mode ("slow&delay=200ms").
+func setFault(addr, mode string) error {
+	c := &http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Post("http://"+addr+"/_fault?mode="+mode, "", nil)
+	if err != nil {
+		return fmt.Errorf("cannot set fault %s on %s: %w", mode, addr, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("cannot set fault %s on %s: status %d", mode, addr, resp.StatusCode)
+	}
+	return nil
+}

@@ -1,0 +1,98 @@
+package scenario
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/edgelb/edgelb/bench/loadgen"
+	"github.com/edgelb/edgelb/bench/report"
+)
+
+// TestRunnerSteadyAndKill runs the steady and kill scenarios briefly
+// through edgelb, as edgelb-bench does, and writes their report.
+func TestRunnerSteadyAndKill(t *testing.T) {
+	dir := t.TempDir()
+	var seconds int
+	rep := Run(context.Background(), Options{
+		Bin: Binaries(t), Dir: dir, Duration: 3 * time.Second, Concurrency: 4,
+		Logf:     t.Logf,
+		OnSecond: func(string, string, loadgen.Second) { seconds++ },
+	}, []string{Steady, Kill})
+	if len(rep.Scenarios) != 2 {
+		t.Fatalf("%d scenarios, want 2", len(rep.Scenarios))
+	}
+	for _, s := range rep.Scenarios {
+		if s.Error != "" || len(s.Runs) != 1 || s.Runs[0].Error != "" || s.Runs[0].Result == nil {
+			t.Fatalf("%s: %+v", s.Name, s)
+		}
+		run := s.Runs[0]
+		t.Logf("%s: %d requests, %d errors, p99 %.2fms, %.1fus CPU/request, events %v", s.Name, run.Result.Requests, run.Result.Errors, run.Result.Latency.P99, run.CPUPerRequestUS, run.Events)
+		if run.Proxy != report.Edgelb || run.Result.Requests == 0 || run.CPUSeconds <= 0 {
+			t.Fatalf("%s: proxy %s, %d requests, %.3fs CPU", s.Name, run.Proxy, run.Result.Requests, run.CPUSeconds)
+		}
+		if len(s.Comparisons) != 0 {
+			t.Fatalf("%s: comparisons without peers: %+v", s.Name, s.Comparisons)
+		}
+	}
+	if seconds == 0 {
+		t.Fatal("OnSecond never called")
+	}
+	if steady := rep.Scenarios[0].Runs[0]; steady.Result.Errors != 0 || len(steady.Events) != 0 {
+		t.Fatalf("steady state: %d errors, events %v:\n%s", steady.Result.Errors, steady.Events, steady.Result.Format())
+	}
+
+	// The kill is marked at about a third of the load, the restart at two
+	// thirds, and clients are still served after the kill.
+	kill := rep.Scenarios[1].Runs[0]
+	at := map[string]float64{}
+	for _, e := range kill.Events {
+		at[e.Name] = e.T
+	}
+	killedAt, ok1 := at["kill -9 o2"]
+	restartedAt, ok2 := at["o2 restarted"]
+	if !ok1 || !ok2 || killedAt < 0.5 || restartedAt <= killedAt {
+		t.Fatalf("kill events %v", kill.Events)
+	}
+	var after int64
+	for _, sec := range kill.Result.Seconds {
+		if float64(sec.T) > killedAt {
+			after += sec.OK
+		}
+	}
+	if after == 0 {
+		t.Fatalf("no request succeeded after the kill:\n%s", kill.Result.Format())
+	}
+
+	jsonPath, htmlPath, err := rep.WriteFiles(dir, report.HTMLOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	html, _ := os.ReadFile(htmlPath)
+	if _, err := os.Stat(jsonPath); err != nil || !strings.Contains(string(html), "kill -9 o2") {
+		t.Fatalf("report not written: %v", err)
+	}
+}
+
+func TestUnknownScenario(t *testing.T) {
+	rep := Run(context.Background(), Options{Bin: t.TempDir(), Dir: t.TempDir()}, []string{"nope"})
+	if len(rep.Scenarios) != 1 || !strings.Contains(rep.Scenarios[0].Error, `unknown scenario "nope"`) {
+		t.Fatalf("%+v", rep.Scenarios)
+	}
+}
+
+func TestProxies(t *testing.T) {
+	f := func(name string, peers bool, want string) {
+		t.Helper()
+		if got := strings.Join(Proxies(name, peers), ","); got != want {
+			t.Errorf("Proxies(%s, %v) = %s, want %s", name, peers, got, want)
+		}
+	}
+	f(Steady, false, "edgelb")
+	f(Steady, true, "edgelb,nginx,haproxy")
+	f(Kill, true, "edgelb,nginx,haproxy")
+	f(Hang, true, "edgelb")
+	f(Churn, true, "edgelb")
+}
