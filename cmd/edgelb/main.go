@@ -66,7 +66,9 @@ func run() int {
 			}
 			if err != nil {
 				logger.Error("config reload failed; keeping the running config", "err", err)
+				continue
 			}
+			cfg = next
 			continue
 		}
 		logger.Info("draining", "signal", sig.String(), "timeout", cfg.Server.DrainTimeout)

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// edgelbBin is the edgelb binary built for these tests.
+var edgelbBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "edgelb-cmd-test")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	edgelbBin = filepath.Join(dir, "edgelb")
+	out, err := exec.Command("go", "build", "-o", edgelbBin, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cannot build edgelb: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func writeConfig(t *testing.T, path, yaml string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCheck(t *testing.T) {
+	dir := t.TempDir()
+	f := func(yaml string, wantCode int, want ...string) {
+		t.Helper()
+		path := filepath.Join(dir, "edgelb.yaml")
+		writeConfig(t, path, yaml)
+		cmd := exec.Command(edgelbBin, "-config", path, "-check")
+		out, err := cmd.CombinedOutput()
+		code := 0
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if code != wantCode {
+			t.Errorf("exit %d, want %d; output:\n%s", code, wantCode, out)
+		}
+		for _, w := range want {
+			if !strings.Contains(string(out), w) {
+				t.Errorf("output lacks %q:\n%s", w, out)
+			}
+		}
+	}
+	f("services:\n  web: {static: [127.0.0.1:9001]}\nroutes: [{service: web}]\n", 0, "is valid")
+	// Every problem is listed, each with its key.
+	f("lisen: 127.0.0.1:8080\nservices:\n  web: {static: [127.0.0.1:99999], retries: -5}\nroutes: [{service: nope}]\n", 1,
+		"lisen", "services.web.static[0]", "services.web.retries", "routes[0].service")
+	f("services: [not, a, map]\n", 1, "services")
+}
+
+// freeAddr returns a loopback address that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// startOrigin serves "origin PATH" on every path; /slow answers after a
+// second.
+func startOrigin(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			time.Sleep(time.Second)
+		}
+		fmt.Fprintf(w, "origin %s", r.URL.Path)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}
+
+// syncBuffer collects a process's output.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+func get(url string) (int, string) {
+	c := &http.Client{Timeout: 10 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for start := time.Now(); time.Since(start) < 15*time.Second; time.Sleep(10 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+// TestSignals runs the edgelb binary: SIGHUP reloads the config (a broken
+// one is refused and the running config kept), SIGTERM lets a request in
+// flight finish, then exits 0.
+func TestSignals(t *testing.T) {
+	origin := startOrigin(t)
+	dir := t.TempDir()
+	listen, admin := freeAddr(t), freeAddr(t)
+	path := filepath.Join(dir, "edgelb.yaml")
+	base := fmt.Sprintf("listen: %s\nadmin: %s\nstate_dir: %s\nservices:\n  web: {static: [%s]}\n", listen, admin, filepath.Join(dir, "state"), origin)
+	writeConfig(t, path, base+"routes: [{path: /a, service: web}, {path: /slow, service: web}]\n")
+
+	out := &syncBuffer{}
+	cmd := exec.Command(edgelbBin, "-config", path)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		if t.Failed() {
+			t.Logf("edgelb output:\n%s", out.String())
+		}
+	})
+	waitFor(t, "edgelb ready", func() bool { code, _ := get("http://" + admin + "/readyz"); return code == 200 })
+
+	if code, body := get("http://" + listen + "/a"); code != 200 || body != "origin /a" {
+		t.Fatalf("GET /a: %d %q", code, body)
+	}
+	if code, _ := get("http://" + listen + "/b"); code != 404 {
+		t.Fatalf("GET /b before the reload: %d", code)
+	}
+
+	writeConfig(t, path, base+"routes: [{path: /a, service: web}, {path: /b, service: web}, {path: /slow, service: web}]\n")
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, "the new route", func() bool { code, _ := get("http://" + listen + "/b"); return code == 200 })
+
+	writeConfig(t, path, base+"routes: [{path: /a, service: nope}]\n")
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, "the refused reload in the log", func() bool { return strings.Contains(out.String(), "keeping the running config") })
+	if code, _ := get("http://" + listen + "/b"); code != 200 {
+		t.Fatalf("a broken config changed routing: GET /b %d", code)
+	}
+
+	slow := make(chan string, 1)
+	go func() {
+		code, body := get("http://" + listen + "/slow")
+		slow <- fmt.Sprint(code, " ", body)
+	}()
+	time.Sleep(200 * time.Millisecond)
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case got := <-slow:
+		if got != "200 origin /slow" {
+			t.Fatalf("request in flight at SIGTERM: %s", got)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("request in flight at SIGTERM never answered")
+	}
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("edgelb did not exit after SIGTERM")
+	}
+}
