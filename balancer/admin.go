@@ -147,12 +147,19 @@ type ServiceStatus struct {
 	UpdatedAt time.Time       `json:"updated_at,omitzero"`
 	Backends  []BackendStatus `json:"backends"`
 	Available int             `json:"available"`
+	// Panic is set while too few backends are available and every one
+	// that is not draining or failing to answer gets traffic.
+	Panic      bool      `json:"panic"`
+	PanicSince time.Time `json:"panic_since,omitzero"`
 }
 
 // BackendStatus is one backend in /status.
 type BackendStatus struct {
 	health.TargetStatus
 	Weight uint32 `json:"weight"`
+	// SlowStart is the share of its traffic, in percent, that slow start
+	// gives a returning backend; absent when it is not held back.
+	SlowStart int `json:"slow_start_percent,omitempty"`
 }
 
 // RouteStatus is one route in /status.
@@ -173,10 +180,14 @@ func (s *Server) Status() *Status {
 			ss.Source = set.Source
 			ss.UpdatedAt = set.UpdatedAt
 		}
+		ss.Panic, ss.PanicSince = p.ej.Panic(), p.ej.PanicSince()
 		for _, b := range p.set.Load().list {
 			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight}
 			if bs.State == health.StateHealthy.String() {
 				ss.Available++
+				if pct := p.slowStartPercent(b, now.UnixNano()); pct < 100 {
+					bs.SlowStart = pct
+				}
 			}
 			ss.Backends = append(ss.Backends, bs)
 		}

@@ -164,6 +164,20 @@ type HealthConfig struct {
 
 	// MaxInflight caps concurrent requests to one backend; 0 means no cap.
 	MaxInflight int `yaml:"max_inflight"`
+
+	// PanicThreshold is the share of the service's backends, in percent,
+	// that must be available; below it the checks may be wrong, and every
+	// backend that is not draining and not refusing connections, timing
+	// out or answering garbage right now gets traffic.
+	// health.DefaultPanicThreshold is used if not set; -1 turns panic mode
+	// off.
+	PanicThreshold int `yaml:"panic_threshold"`
+
+	// SlowStart ramps the traffic of a backend that comes back after an
+	// ejection or failed checks, or joins a service that already has
+	// backends, linearly from nothing to its full share over this time.
+	// Off if not set.
+	SlowStart time.Duration `yaml:"slow_start"`
 }
 
 // StaleConfig configures serving stored responses when origins fail.
@@ -483,6 +497,9 @@ func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {
 	setDefault(&sc.MaxConns, DefaultMaxConnsPerBackend)
 	setDefault(&sc.MaxIdleConnTime, DefaultMaxIdleConnTime)
 	setDefault(&sc.MaxResponseBody, DefaultMaxResponseBody)
+	if sc.Retries < -1 {
+		bad(".retries", "must be -1 (no retries) or more, got %d", sc.Retries)
+	}
 	if sc.Retries < 0 {
 		sc.Retries = 0
 	}
@@ -500,6 +517,14 @@ func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {
 	if sc.Health.MaxInflight < 0 {
 		bad(".health.max_inflight", "must not be negative")
 	}
+	setDefault(&sc.Health.PanicThreshold, health.DefaultPanicThreshold)
+	if pt := sc.Health.PanicThreshold; pt != -1 && (pt < 1 || pt > 100) {
+		bad(".health.panic_threshold", "must be a percentage from 1 to 100, or -1 to turn panic mode off (got %d)", pt)
+	}
+	if sc.Health.SlowStart < 0 {
+		bad(".health.slow_start", "must not be negative")
+	}
+	errs = append(errs, sc.Health.Passive.Validate(key+".health.passive")...)
 	if a := sc.Health.Active; a != nil {
 		errs = append(errs, a.Validate(key+".health.active")...)
 	}

@@ -36,6 +36,14 @@ func TestParseConfigErrors(t *testing.T) {
 	f("services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}, {host: '*', path: /, service: web}]\n", "routes[1]: host \"*\" path \"/\" already routed by routes[0]")
 	f("listen: 127.0.0.1:99999\nservices:\n  web: {static: [127.0.0.1:1]}\n", "listen: invalid address")
 	f("services: {}\n", "services: no service defined")
+	f("services:\n  web: {static: [127.0.0.1:1], health: {panic_threshold: 150}}\n", "services.web.health.panic_threshold: must be a percentage from 1 to 100, or -1")
+	f("services:\n  web: {static: [127.0.0.1:1], health: {slow_start: -1s}}\n", "services.web.health.slow_start: must not be negative")
+	f("services:\n  web: {static: [127.0.0.1:1], health: {slowstart: 1s}}\n", "services.web.health.slowstart: unknown key")
+	f("services:\n  web: {static: [127.0.0.1:1], health: {passive: {max_ejection_percent: half}}}\n", "services.web.health.passive.max_ejection_percent: cannot unmarshal")
+	f("services:\n  web: {static: [127.0.0.1:1], health: {passive: {max_ejection_percent: 200, latency_factor: 1}}}\n",
+		"services.web.health.passive.max_ejection_percent: must be a percentage from 1 to 100 (got 200)",
+		"services.web.health.passive.latency_factor: must be more than 1")
+	f("services:\n  web: {static: [127.0.0.1:1], health: {passive: {interval: 1s, window: 100ms}}}\n", "services.web.health.passive.window: must not be shorter than interval (1s)")
 	// Every problem is reported at once.
 	f("bogus: 1\nservices:\n  web: {static: [x]}\nroutes: [{service: y}]\n", "bogus: unknown key", "services.web.static[0]", "routes[0].service")
 }
@@ -73,4 +81,25 @@ routes:
 	if cfg.Routes[1].Host != "api.example.com" {
 		t.Errorf("route host not lower-cased: %q", cfg.Routes[1].Host)
 	}
+}
+
+func TestParseHealthConfig(t *testing.T) {
+	f := func(health string, check func(h *HealthConfig) bool) {
+		t.Helper()
+		cfg, err := ParseConfig([]byte("services:\n  web: {static: [127.0.0.1:1], health: " + health + "}\n"))
+		if err != nil {
+			t.Fatalf("%s: %v", health, err)
+		}
+		if h := &cfg.Services["web"].Health; !check(h) {
+			t.Errorf("%s: got %+v", health, *h)
+		}
+	}
+	f("{}", func(h *HealthConfig) bool { return h.PanicThreshold == 50 && h.SlowStart == 0 })
+	f("{panic_threshold: -1, slow_start: 30s}", func(h *HealthConfig) bool { return h.PanicThreshold == -1 && h.SlowStart == 30*time.Second })
+	f("{passive: {max_ejection_percent: 30, interval: 500ms, window: 5s, min_requests: 10, min_hosts: 2, success_rate_stdev_factor: 2.5, failure_percentage: -1, latency_factor: 10, latency_min: 20ms}}",
+		func(h *HealthConfig) bool {
+			p := h.Passive
+			return p.MaxEjectionPercent == 30 && p.Interval == 500*time.Millisecond && p.Window == 5*time.Second && p.MinRequests == 10 &&
+				p.MinHosts == 2 && p.SuccessRateStdevFactor == 2.5 && p.FailurePercentage == -1 && p.LatencyFactor == 10 && p.LatencyMin == 20*time.Millisecond
+		})
 }

@@ -27,6 +27,9 @@ type Backend struct {
 	target *health.Target
 	client *fasthttp.HostClient
 	m      *backendMetrics
+	// slowFrom is when the backend joined a pool that already had
+	// backends (unix nano), for slow start; 0 if it was there first.
+	slowFrom int64
 	// stopCheck ends the backend's active checks.
 	stopCheck func()
 }
@@ -58,6 +61,16 @@ type Pool struct {
 	// maxInflight caps concurrent requests per backend; 0 means no cap.
 	maxInflight int32
 
+	// ej compares the backends with each other, holds the ejection
+	// budget and decides panic mode.
+	ej *health.Ejector
+	// panicThreshold is the percentage of available backends below which
+	// the pool routes to all of them; 0 is off.
+	panicThreshold int
+	// slowStart is the ramp-up time of a returning backend in
+	// nanoseconds; 0 is off.
+	slowStart int64
+
 	// store keeps responses to serve when backends fail; nil when the
 	// service has stale serving disabled.
 	store       *stale.Store
@@ -87,6 +100,9 @@ func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *hea
 	p := &Pool{name: name, cfg: cfg, reg: reg, checker: checker, byAddr: make(map[string]*Backend), m: newServiceMetrics(name)}
 	p.set.Store(&backendSet{})
 	p.maxInflight = int32(cfg.Health.MaxInflight)
+	p.panicThreshold = max(cfg.Health.PanicThreshold, 0)
+	p.slowStart = int64(cfg.Health.SlowStart)
+	p.ej = reg.NewEjector(name, cfg.Health.Passive, p.panicThreshold)
 	if !cfg.Stale.Disabled && store != nil {
 		p.store = store
 		p.stalePolicy = stale.Policy{MaxStale: cfg.Stale.MaxStale, IgnoreRevalidate: cfg.Stale.IgnoreRevalidate}
@@ -114,13 +130,19 @@ func (p *Pool) update(s *discovery.Set) {
 	defer p.mu.Unlock()
 	p.source.Store(s)
 	now := time.Now()
+	// A backend joining a pool that already serves gets slow start.
+	hadBackends := len(p.set.Load().list) > 0
 	keep := make(map[string]bool, len(s.Instances))
 	list := make([]*Backend, 0, len(s.Instances))
+	targets := make([]*health.Target, 0, len(s.Instances))
 	for _, in := range s.Instances {
 		keep[in.Addr] = true
 		b := p.byAddr[in.Addr]
 		if b == nil {
 			b = p.newBackend(in.Addr)
+			if hadBackends {
+				b.slowFrom = now.UnixNano()
+			}
 			p.byAddr[in.Addr] = b
 		}
 		w := uint32(max(in.Weight, 1))
@@ -131,6 +153,7 @@ func (p *Pool) update(s *discovery.Set) {
 			p.byAddr[in.Addr] = b
 		}
 		list = append(list, b)
+		targets = append(targets, b.target)
 	}
 	for addr, b := range p.byAddr {
 		if !keep[addr] {
@@ -139,6 +162,9 @@ func (p *Pool) update(s *discovery.Set) {
 		}
 	}
 	p.set.Store(newBackendSet(list))
+	if !p.retired {
+		p.ej.SetTargets(targets)
+	}
 	p.reapLocked(now, false)
 }
 
@@ -186,6 +212,7 @@ func (p *Pool) retire() {
 		return
 	}
 	p.retired = true
+	p.ej.Close()
 	p.m.close()
 	for _, b := range p.byAddr {
 		b.m.close()
@@ -265,6 +292,9 @@ const maxTries = 8
 type tried struct {
 	n  int
 	bs [maxTries]*Backend
+	// outOfRotation is set when panic mode sent a try to a backend that
+	// was not available.
+	outOfRotation bool
 }
 
 func (t *tried) has(b *Backend) bool {
@@ -291,14 +321,17 @@ func (p *Pool) pick(now int64, t *tried) *Backend {
 	if n == 0 {
 		return nil
 	}
+	if p.ej.Panic() {
+		return p.pickPanic(bs, now, t)
+	}
 	// Fast path: sample per policy and take the sample if it is usable.
 	switch p.cfg.Balance {
 	case "round_robin":
-		if b := bs.at(p.rr.Add(1)); p.usable(b, now, t) {
+		if b := bs.at(p.rr.Add(1)); p.usable(b, now, t) && p.warm(b, now) {
 			return b
 		}
 	case "random":
-		if b := bs.at(rand.Uint64()); p.usable(b, now, t) {
+		if b := bs.at(rand.Uint64()); p.usable(b, now, t) && p.warm(b, now) {
 			return b
 		}
 	default:
@@ -307,7 +340,7 @@ func (p *Pool) pick(now int64, t *tried) *Backend {
 		if a == b && n > 1 {
 			b = bs.list[(indexOf(bs, a)+1+int((r>>16)%uint64(n-1)))%n]
 		}
-		ua, ub := p.usable(a, now, t), p.usable(b, now, t)
+		ua, ub := p.usable(a, now, t) && p.warm(a, now), p.usable(b, now, t) && p.warm(b, now)
 		switch {
 		case ua && ub:
 			return lessLoaded(a, b)
@@ -317,16 +350,90 @@ func (p *Pool) pick(now int64, t *tried) *Backend {
 			return b
 		}
 	}
-	// Slow path: scan from a random start for the least loaded usable one.
-	var best *Backend
+	// Slow path: scan from a random start for the least loaded usable
+	// one, passing over backends that slow start holds back unless
+	// nothing else is left.
+	var best, held *Backend
+	available := 0
 	start := int(rand.Uint64() % uint64(n))
 	for i := 0; i < n; i++ {
 		b := bs.list[(start+i)%n]
-		if p.usable(b, now, t) && (best == nil || lessLoaded(b, best) == b) {
+		if !b.target.Available(now) {
+			continue
+		}
+		available++
+		if !p.usable(b, now, t) {
+			continue
+		}
+		if p.warm(b, now) {
+			if best == nil || lessLoaded(b, best) == b {
+				best = b
+			}
+		} else if held == nil || lessLoaded(b, held) == b {
+			held = b
+		}
+	}
+	switch {
+	case best != nil:
+		return best
+	case held != nil:
+		return held
+	case health.InPanic(available, n, p.panicThreshold):
+		// Backends went out since the last sweep: panic mode need not
+		// wait for it.
+		return p.pickPanic(bs, now, t)
+	}
+	return nil
+}
+
+// pickPanic picks in panic mode: the least loaded backend not yet tried,
+// whatever its checks say, except draining ones and those whose recent
+// requests could not connect, timed out or got garbage (slow path).
+func (p *Pool) pickPanic(bs *backendSet, now int64, t *tried) *Backend {
+	var best *Backend
+	n := len(bs.list)
+	start := int(rand.Uint64() % uint64(n))
+	for i := 0; i < n; i++ {
+		b := bs.list[(start+i)%n]
+		if t.has(b) || !b.target.PanicUsable(now) || (p.maxInflight > 0 && b.target.Inflight() >= p.maxInflight) {
+			continue
+		}
+		if best == nil || lessLoaded(b, best) == b {
 			best = b
 		}
 	}
+	if best != nil && !best.target.Available(now) {
+		t.outOfRotation = true
+	}
 	return best
+}
+
+// warm reports whether b takes a request now under slow start: a backend
+// back in rotation for less than slow_start takes a share of its traffic
+// that grows linearly with the time it has been back.
+func (p *Pool) warm(b *Backend, now int64) bool {
+	ss := p.slowStart
+	if ss == 0 {
+		return true
+	}
+	back := now - max(b.slowFrom, b.target.AvailableSince())
+	if back >= ss {
+		return true
+	}
+	return back > 0 && rand.Int64N(ss) < back
+}
+
+// slowStartPercent returns the share of its traffic, in percent, that
+// slow start gives b at now; 100 when it is not held back.
+func (p *Pool) slowStartPercent(b *Backend, now int64) int {
+	if p.slowStart == 0 {
+		return 100
+	}
+	back := now - max(b.slowFrom, b.target.AvailableSince())
+	if back >= p.slowStart {
+		return 100
+	}
+	return int(max(back, 0) * 100 / p.slowStart)
 }
 
 // at maps a random or sequence number to a backend, by weight.

@@ -108,6 +108,12 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 		}
 	}
 	p.m.latency.Update(now.Sub(start))
+	if !answered && t.outOfRotation && code != errOverloaded && (idempotent || code == errConnectFailed) {
+		// Panic mode tried backends that were out of rotation and none
+		// answered: to the client that is still no healthy backend (503
+		// or a stale copy), never a 502.
+		code = errNoHealthyBackend
+	}
 	if answered {
 		// Fast path: a backend answered.
 		sc := ctx.Response.StatusCode()
