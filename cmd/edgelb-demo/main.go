@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -32,13 +33,21 @@ type demo struct {
 	bin    string
 	dir    string
 	procs  []*proc
-	exited chan error
+	exited chan exit
 }
 
 // proc is a child process and a channel closed when it exits.
 type proc struct {
 	cmd  *exec.Cmd
 	done chan struct{}
+}
+
+// exit is a child process that ended.
+type exit struct {
+	name     string
+	cmdline  []string
+	err      error
+	critical bool // the demo cannot go on without it
 }
 
 func run() error {
@@ -51,7 +60,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	d := &demo{bin: filepath.Dir(exe), dir: *dir, exited: make(chan error, 16)}
+	d := &demo{bin: filepath.Dir(exe), dir: *dir, exited: make(chan exit, 16)}
 	defer d.stopAll()
 	if err := os.MkdirAll(filepath.Join(d.dir, "logs"), 0o755); err != nil {
 		return err
@@ -124,6 +133,11 @@ Logs are in %[1]s/logs. Try:
   # break an origin and watch edgelb route around it:
   curl -X POST 'http://127.0.0.1:9002/_fault?mode=hang'      # or error500, garbage, overload, slow, reset
   curl -X POST 'http://127.0.0.1:9002/_fault?mode=none'      # heal it
+  pkill -9 -f 'name web-2'                                    # kill it outright
+
+  # kill every origin: what was answered before is served stale (Cache-Status)
+  pkill -9 -f 'demo-origin -listen 127.0.0.1:900'
+  curl -i http://127.0.0.1:8080/
 
   # load it:
   %[2]s/edgelb-load -url http://127.0.0.1:8080/ -c 32 -d 10s
@@ -144,12 +158,20 @@ Press Ctrl-C to stop the demo.
 		ctx, cancel = context.WithTimeout(ctx, *exitAfter)
 		defer cancel()
 	}
-	select {
-	case <-ctx.Done():
-		fmt.Println("\nstopping the demo ...")
-		return nil
-	case err := <-d.exited:
-		return fmt.Errorf("%w (see %s/logs)", err, d.dir)
+	for {
+		select {
+		case <-ctx.Done():
+			fmt.Println("\nstopping the demo ...")
+			return nil
+		case e := <-d.exited:
+			if e.critical {
+				return fmt.Errorf("%s exited: %v (see %s/logs)", e.name, e.err, d.dir)
+			}
+			// A dead origin is part of the demo: edgelb routes around it,
+			// or serves stored responses when every origin is gone.
+			fmt.Printf("origin %s exited (%v); edgelb routes around it. Start it again with:\n  %s\n",
+				e.name, e.err, strings.Join(e.cmdline, " ")+" &")
+		}
 	}
 }
 
@@ -177,10 +199,12 @@ func (d *demo) start(name string, args ...string) error {
 	}
 	p := &proc{cmd: cmd, done: make(chan struct{})}
 	d.procs = append(d.procs, p)
+	critical := name != "demo-origin"
+	cmdline := append([]string{path}, args...)
 	go func() {
 		err := cmd.Wait()
 		close(p.done)
-		d.exited <- fmt.Errorf("%s exited: %v", logName, err)
+		d.exited <- exit{name: logName, cmdline: cmdline, err: err, critical: critical}
 	}()
 	return nil
 }
