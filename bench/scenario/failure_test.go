@@ -2,11 +2,17 @@ package scenario
 
 import (
 	"context"
+	"io"
+	"net"
 	"net/http"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/valyala/fasthttp"
 
 	"github.com/edgelb/edgelb/bench/loadgen"
 )
@@ -132,5 +138,125 @@ func TestOverloadedAndSlowBackends(t *testing.T) {
 	}
 	if st == "ejected" || st == "unhealthy" {
 		t.Fatalf("an overloaded backend is alive: state %s", st)
+	}
+}
+
+// backendRequests returns how many requests edgelb sent to each backend of
+// service web, from /metrics.
+func backendRequests(t *testing.T, e *Edge, addrs ...string) []float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + e.Admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	n := make([]float64, len(addrs))
+	for _, line := range strings.Split(string(body), "\n") {
+		for i, a := range addrs {
+			if prefix := `edgelb_backend_requests_total{service="web",backend="` + a + `"} `; strings.HasPrefix(line, prefix) {
+				n[i], _ = strconv.ParseFloat(strings.TrimPrefix(line, prefix), 64)
+			}
+		}
+	}
+	return n
+}
+
+// waitEjected polls /status while load runs until addr is ejected, and
+// returns the reason and when it happened.
+func waitEjected(t *testing.T, e *Edge, addr string, within time.Duration) (reason string, at time.Time) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		if st, reason, since := backendState(t, e, "web", addr); st == "ejected" {
+			return reason, since
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	st, reason, _ := backendState(t, e, "web", addr)
+	t.Fatalf("%s stayed %s (%s)", addr, st, reason)
+	return "", time.Time{}
+}
+
+func TestLatencyOutlier(t *testing.T) {
+	// Delays well above scheduling noise, so that the 10x ratio holds on a
+	// busy machine.
+	fast := []string{"-fault", "slow", "-delay", "20ms"}
+	os := []*Proc{StartOrigin(t, "o1", fast...), StartOrigin(t, "slow", "-fault", "slow", "-delay", "200ms"), StartOrigin(t, "o3", fast...)}
+	cfg := "services:\n  web:\n    static: [" + os[0].Addr + ", " + os[1].Addr + ", " + os[2].Addr + "]\n" +
+		"    health: {passive: {base_ejection_time: 30s}}\nroutes: [{service: web}]\n"
+	e := StartEdge(t, cfg, t.TempDir())
+	start := time.Now()
+	results := loadFor(e, 8*time.Second)
+	reason, at := waitEjected(t, e, os[1].Addr, 20*time.Second)
+	n := backendRequests(t, e, os[0].Addr, os[1].Addr, os[2].Addr)
+	share := n[1] / (n[0] + n[1] + n[2])
+	t.Logf("slow backend ejected %s after load began, having had %.1f%% of %.0f requests: %s",
+		at.Sub(start).Round(time.Millisecond), 100*share, n[0]+n[1]+n[2], reason)
+	if !strings.Contains(reason, "mean latency") {
+		t.Fatalf("ejected for another reason: %s", reason)
+	}
+	if share >= 0.2 {
+		t.Fatalf("a backend 10x slower than its peers got %.1f%% of the requests", 100*share)
+	}
+	res := <-results
+	t.Logf("clients: %d requests, %d errors, p50 %.2fms, p99 %.2fms", res.Requests, res.Errors, res.Latency.P50, res.Latency.P99)
+	if res.Errors != 0 || res.Requests == 0 {
+		t.Fatalf("clients saw errors with a slow backend: %s", res.Format())
+	}
+}
+
+func TestErrorRateOutlier(t *testing.T) {
+	// demo-origin fails all or nothing; this one fails 3 requests in 10,
+	// and answers like demo-origin otherwise.
+	var n atomic.Int64
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	flaky := &fasthttp.Server{Handler: func(ctx *fasthttp.RequestCtx) {
+		if string(ctx.Path()) != "/health" && n.Add(1)%10 < 3 {
+			ctx.Error("injected error\n", fasthttp.StatusInternalServerError)
+			return
+		}
+		ctx.Response.Header.Set("Cache-Control", "public, max-age=5")
+		ctx.WriteString("flaky ok\n")
+	}}
+	go flaky.Serve(ln)
+	t.Cleanup(func() { flaky.Shutdown(); ln.Close() })
+
+	os := []*Proc{StartOrigin(t, "o1"), StartOrigin(t, "o3")}
+	// consecutive_5xx out of reach: only the comparison with the peers
+	// may eject it.
+	cfg := "services:\n  web:\n    static: [" + os[0].Addr + ", " + ln.Addr().String() + ", " + os[1].Addr + "]\n" +
+		"    health: {passive: {consecutive_5xx: 1000, base_ejection_time: 30s}}\nroutes: [{service: web}]\n"
+	e := StartEdge(t, cfg, t.TempDir())
+	// A stored copy answers the GETs that meet a 500.
+	for {
+		resp, err := http.Get("http://" + e.Addr + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == 200 {
+			break
+		}
+	}
+	start := time.Now()
+	results := loadFor(e, 6*time.Second)
+	reason, at := waitEjected(t, e, ln.Addr().String(), 20*time.Second)
+	t.Logf("flaky backend ejected %s after load began: %s", at.Sub(start).Round(time.Millisecond), reason)
+	if !strings.Contains(reason, "requests failed") {
+		t.Fatalf("ejected for another reason: %s", reason)
+	}
+	for _, p := range os {
+		if st, reason, _ := backendState(t, e, "web", p.Addr); st != "healthy" {
+			t.Fatalf("a good backend is %s: %s", st, reason)
+		}
+	}
+	res := <-results
+	t.Logf("clients: %d requests, %d errors, %d stale", res.Requests, res.Errors, res.Stale)
+	if res.Errors != 0 || res.Requests == 0 {
+		t.Fatalf("clients saw errors with a backend failing 30%% of requests: %s", res.Format())
 	}
 }
