@@ -530,16 +530,19 @@ func (s *session) sleep(d time.Duration) error {
 	}
 }
 
-// waitRouted polls url until it is answered by api-1 (routed) or with an
-// error status (not routed), and returns the time since t0.
+// waitRouted polls url until it is answered live by api-1 (routed), or
+// otherwise (not routed: by a shorter route's origin, an error status or
+// a stale copy), and returns the time since t0.
 func (s *session) waitRouted(url string, t0 time.Time, routed bool) (time.Duration, bool) {
 	c := &http.Client{Timeout: time.Second}
 	for time.Since(t0) < churnWait && s.ctx.Err() == nil {
 		resp, err := c.Get(url)
 		if err == nil {
 			resp.Body.Close()
-			got := resp.Header.Get("X-Origin") == "api-1"
-			if got == routed && (routed || resp.StatusCode >= 400) {
+			// A stale copy (Cache-Status) carries api-1's headers but says
+			// that no backend answered.
+			live := resp.StatusCode < 400 && resp.Header.Get("Cache-Status") == ""
+			if routed == (live && resp.Header.Get("X-Origin") == "api-1") {
 				return time.Since(t0), true
 			}
 		}

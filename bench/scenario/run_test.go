@@ -3,6 +3,7 @@ package scenario
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -95,4 +96,40 @@ func TestProxies(t *testing.T) {
 	f(Kill, true, "edgelb,nginx,haproxy")
 	f(Hang, true, "edgelb")
 	f(Churn, true, "edgelb")
+}
+
+// TestRunnerConsulScenarios runs consul-stop and churn briefly against a
+// real Consul agent.
+func TestRunnerConsulScenarios(t *testing.T) {
+	bin := ConsulBinary(consulDirs()...)
+	if bin == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("no consul binary: run `make consul`")
+		}
+		t.Skip("no consul binary: run `make consul`")
+	}
+	rep := Run(context.Background(), Options{
+		Bin: Binaries(t), Consul: bin, Dir: t.TempDir(), Duration: 4 * time.Second, Concurrency: 4, Logf: t.Logf,
+	}, []string{ConsulStop, Churn})
+	for _, s := range rep.Scenarios {
+		if s.Error != "" || len(s.Runs) != 1 || s.Runs[0].Error != "" || s.Runs[0].Result == nil {
+			t.Fatalf("%s: %+v", s.Name, s)
+		}
+		run := s.Runs[0]
+		t.Logf("%s: %d requests, %d errors, events %v", s.Name, run.Result.Requests, run.Result.Errors, run.Events)
+		if run.Result.Requests == 0 || len(run.Events) < 2 {
+			t.Fatalf("%s: %d requests, events %v", s.Name, run.Result.Requests, run.Events)
+		}
+	}
+	p := rep.Scenarios[1].Propagation
+	if p == nil || len(p.RegisterMS) == 0 || len(p.DeregisterMS) == 0 {
+		t.Fatalf("churn measured no propagation: %+v", p)
+	}
+	t.Logf("churn: register %v ms, deregister %v ms, missed %d", p.RegisterMS, p.DeregisterMS, p.Missed)
+}
+
+// consulDirs are where `make consul` puts the binary: <repo>/bin.
+func consulDirs() []string {
+	wd, _ := os.Getwd()
+	return []string{filepath.Join(wd, "..", "..", "bin")}
 }
