@@ -5,7 +5,7 @@ BIN := $(CURDIR)/bin
 CONSUL_VERSION := 1.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: all build test test-race test-alloc bench consul demo vet fmt clean peers
+.PHONY: all build test test-race test-alloc bench consul demo vet fmt clean peers bench-scenarios
 
 all: build
 
@@ -49,6 +49,11 @@ peers:
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+# Every load scenario through real processes, edgelb next to nginx and
+# HAProxy for steady state and backend kill: bench/out/report.{json,html}.
+bench-scenarios: build consul peers
+	$(BIN)/edgelb-bench -scenario all -peers -out bench/out
 
 demo: build consul
 	$(BIN)/edgelb-demo
