@@ -349,7 +349,8 @@ func newWindow(cfg PassiveConfig, t *Target) *window {
 }
 
 func totals(t *Target) sample {
-	return sample{requests: t.requests.Load(), failures: t.failures.Load(), answered: t.answered.Load(), latencyNs: t.latencyNs.Load()}
+	answered, gw := t.answered.Load(), t.gatewayFails.Load()
+	return sample{requests: answered + gw, failures: t.serverErrors.Load() + gw, answered: answered, latencyNs: t.latencyNs.Load()}
 }
 
 // advance adds the traffic since the previous sweep as the newest bucket,

@@ -155,11 +155,12 @@ type Target struct {
 	consecutive5xx             atomic.Int32
 
 	// Totals since the target was created, read by the Ejectors of its
-	// pools to compare it with its peers over a recent window.
-	requests  atomic.Uint64 // every outcome that says something about the backend
-	failures  atomic.Uint64 // 5xx that are not overload, and gateway failures
-	answered  atomic.Uint64 // requests the backend answered with HTTP
-	latencyNs atomic.Uint64 // sum of the latencies of answered requests
+	// pools to compare it with its peers over a recent window. A success
+	// costs two atomic adds.
+	answered     atomic.Uint64 // requests the backend answered with HTTP
+	latencyNs    atomic.Uint64 // sum of the latencies of answered requests
+	serverErrors atomic.Uint64 // answered 5xx that are not overload
+	gatewayFails atomic.Uint64 // requests that got no HTTP answer
 
 	// activeFailing is set while active checks fail.
 	activeFailing atomic.Bool
@@ -248,8 +249,7 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 		// about the backend.
 		return
 	}
-	t.requests.Add(1)
-	if o == OutcomeSuccess || o == OutcomeServerError || o == OutcomeOverloaded {
+	if !o.IsGatewayFailure() {
 		t.answered.Add(1)
 		if latency > 0 {
 			t.latencyNs.Add(uint64(latency))
@@ -269,7 +269,7 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 			t.setState(StateHealthy, StateEjected, "ejection time over and a request succeeded")
 		}
 	case o.IsGatewayFailure():
-		t.failures.Add(1)
+		t.gatewayFails.Add(1)
 		n := t.consecutiveGatewayFailures.Add(1)
 		if int(n) >= t.passive.consecutiveGatewayFailures() {
 			t.gatewayFailing(now, int(n), o)
@@ -277,7 +277,7 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 		// A gateway failure is a 5xx to the client too.
 		t.serverError(now, o)
 	case o == OutcomeServerError:
-		t.failures.Add(1)
+		t.serverErrors.Add(1)
 		t.serverError(now, o)
 	}
 }
