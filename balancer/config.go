@@ -275,7 +275,20 @@ func checkKeys(n *yaml.Node, t reflect.Type, path string, lines map[int]string, 
 	if n.Kind == yaml.AliasNode {
 		n = n.Alias
 	}
+	if t == reflect.TypeOf(time.Duration(0)) {
+		// yaml.v3 takes a bare number as nanoseconds: 5 would be 5ns.
+		if n.Kind == yaml.ScalarNode && (n.ShortTag() == "!!int" || n.ShortTag() == "!!float") && n.Value != "0" {
+			*errs = append(*errs, fmt.Errorf("%s: duration %s needs a unit (ms, s, m, h), e.g. %ss", path, n.Value, n.Value))
+		}
+		return
+	}
 	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		// yaml.v3 truncates a float into an integer field without a word.
+		if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!float" {
+			*errs = append(*errs, fmt.Errorf("%s: must be a whole number, got %s", path, n.Value))
+		}
 	case reflect.Struct:
 		if n.Kind != yaml.MappingNode {
 			if t == reflect.TypeOf(StaticBackend{}) || t == reflect.TypeOf(time.Time{}) {

@@ -40,6 +40,10 @@ func TestParseConfigErrors(t *testing.T) {
 	f("services:\n  web: {static: [127.0.0.1:1], health: {slow_start: -1s}}\n", "services.web.health.slow_start: must not be negative")
 	f("services:\n  web: {static: [127.0.0.1:1], health: {slowstart: 1s}}\n", "services.web.health.slowstart: unknown key")
 	f("services:\n  web: {static: [127.0.0.1:1], health: {passive: {max_ejection_percent: half}}}\n", "services.web.health.passive.max_ejection_percent: cannot unmarshal")
+	f("services:\n  web: {static: [127.0.0.1:1], retries: 1.5, health: {passive: {max_ejection_percent: 0.5}}}\n",
+		"services.web.retries: must be a whole number, got 1.5", "services.web.health.passive.max_ejection_percent: must be a whole number, got 0.5")
+	f("services:\n  web: {static: [127.0.0.1:1], try_timeout: 5, health: {active: {path: /h, interval: 1.5}}}\n",
+		"services.web.try_timeout: duration 5 needs a unit (ms, s, m, h), e.g. 5s", "services.web.health.active.interval: duration 1.5 needs a unit")
 	f("services:\n  web: {static: [127.0.0.1:1], health: {passive: {max_ejection_percent: 200, latency_factor: 1}}}\n",
 		"services.web.health.passive.max_ejection_percent: must be a percentage from 1 to 100 (got 200)",
 		"services.web.health.passive.latency_factor: must be more than 1")
