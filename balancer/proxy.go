@@ -27,6 +27,7 @@ var (
 	strConnection      = []byte(fasthttp.HeaderConnection)
 	strCommaSpace      = []byte(", ")
 	strComma           = []byte(",")
+	strColon           = []byte(":")
 	strRetryAfter      = []byte("Retry-After")
 	strRetryAfterValue = []byte("1")
 	strHeaderError     = []byte(HeaderError)
@@ -46,6 +47,14 @@ var hopHeaders = []string{
 	"Transfer-Encoding",
 	"Upgrade",
 }
+
+var hopHeaderBytes = func() [][]byte {
+	b := make([][]byte, len(hopHeaders))
+	for i, k := range hopHeaders {
+		b[i] = []byte(k)
+	}
+	return b
+}()
 
 // serve forwards the request in ctx to a backend of the pool, retrying
 // idempotent requests on other backends within one deadline.
@@ -217,39 +226,98 @@ func isIdempotent(method []byte) bool {
 // client cannot smuggle them away through Connection (golang/go#50580).
 func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request) {
 	h := &req.Header
-	removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
-	h.ResetConnectionClose()
-	for _, k := range hopHeaders {
-		h.Del(k)
+	// Fast path: the header block as received names no hop-by-hop header,
+	// no Connection and no X-Forwarded-For, so nothing is removed or
+	// extended. Most requests take it; looking each header up costs more
+	// than the one scan.
+	raw := h.RawHeaders()
+	slow := len(raw) == 0 || rawNeedsRewrite(raw)
+	if slow {
+		removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
+		for _, k := range hopHeaders {
+			h.Del(k)
+		}
 	}
+	h.ResetConnectionClose()
 
 	var buf [256]byte
-	xff := append(buf[:0], h.PeekBytes(strXForwardedFor)...)
-	if len(xff) > 0 {
-		xff = append(xff, strCommaSpace...)
+	xff := buf[:0]
+	if slow {
+		xff = append(xff, h.PeekBytes(strXForwardedFor)...)
+		if len(xff) > 0 {
+			xff = append(xff, strCommaSpace...)
+		}
 	}
 	xff = appendRemoteIP(xff, ctx)
-	h.SetBytesKV(strXForwardedFor, xff)
+	h.SetCanonical(strXForwardedFor, xff)
 	if ctx.IsTLS() {
-		h.SetBytesKV(strXForwardedProto, strHTTPS)
+		h.SetCanonical(strXForwardedProto, strHTTPS)
 	} else {
-		h.SetBytesKV(strXForwardedProto, strHTTP)
+		h.SetCanonical(strXForwardedProto, strHTTP)
 	}
-	h.SetBytesKV(strXForwardedHost, h.Host())
+	h.SetCanonical(strXForwardedHost, h.Host())
 	// Keep the client's Host: the URI's host would be the same, but the
 	// header must go upstream as the client sent it.
 	req.UseHostHeader = true
+}
+
+// rawNeedsRewrite reports whether a request header block as received holds
+// a header that prepareRequest must remove or extend: a hop-by-hop one,
+// Connection, or X-Forwarded-For. Names compare case-insensitively.
+func rawNeedsRewrite(raw []byte) bool {
+	for len(raw) > 0 {
+		line := raw
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			line, raw = raw[:i], raw[i+1:]
+		} else {
+			raw = nil
+		}
+		if name, _, ok := bytes.Cut(line, strColon); ok && (isHopHeader(name) || bytes.EqualFold(name, strXForwardedFor)) {
+			return true
+		}
+	}
+	return false
+}
+
+// isHopHeader reports whether name is Connection or one of hopHeaders,
+// whatever its case.
+func isHopHeader(name []byte) bool {
+	if len(name) == 0 {
+		return false
+	}
+	switch name[0] | 0x20 {
+	case 'c', 'k', 'p', 't', 'u':
+		if bytes.EqualFold(name, strConnection) {
+			return true
+		}
+		for _, k := range hopHeaderBytes {
+			if bytes.EqualFold(name, k) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // prepareResponse strips hop-by-hop headers from a backend's response and
 // keeps the client's connection open unless the client asked to close it.
 func prepareResponse(resp *fasthttp.Response, clientClose bool) {
 	h := &resp.Header
-	removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
-	h.ResetConnectionClose()
-	for _, k := range hopHeaders {
-		h.Del(k)
+	// Fast path: one scan finds no hop-by-hop header to remove.
+	hop := false
+	for k := range h.All() {
+		if isHopHeader(k) {
+			hop = true
+			break
+		}
 	}
+	if hop {
+		removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
+		for _, k := range hopHeaders {
+			h.Del(k)
+		}
+	}
+	h.ResetConnectionClose()
 	if clientClose {
 		h.SetConnectionClose()
 	}

@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"bufio"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -271,4 +272,54 @@ func TestBadRequests(t *testing.T) {
 	f("GET / HTTP/1.1\r\nHost: x\r\nX-Big: "+strings.Repeat("a", 8000)+"\r\n\r\n", 431)
 	f("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"+strings.Repeat("b", 5000), 413)
 	f("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 200)
+}
+
+// Header names are matched whatever their case, on the fast path (nothing
+// to remove) and the slow one alike.
+func TestProxyHeadersAnyCase(t *testing.T) {
+	var mu sync.Mutex
+	var seen string
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		mu.Lock()
+		seen = ctx.Request.Header.String()
+		mu.Unlock()
+		ctx.WriteString("ok")
+	})
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	f := func(headers string, want, notWant []string) {
+		t.Helper()
+		c, err := net.Dial("tcp", s.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: shop.example\r\n%s\r\n", headers)
+		resp := &fasthttp.Response{}
+		if err := resp.Read(bufio.NewReader(c)); err != nil || resp.StatusCode() != 200 {
+			t.Fatalf("%q: %v %d", headers, err, resp.StatusCode())
+		}
+		mu.Lock()
+		got := seen
+		mu.Unlock()
+		for _, w := range want {
+			if strings.Count(got, w) != 1 {
+				t.Errorf("%q: origin got %q %d times, want once:\n%s", headers, w, strings.Count(got, w), got)
+			}
+		}
+		for _, w := range notWant {
+			if strings.Contains(strings.ToLower(got), strings.ToLower(w)) {
+				t.Errorf("%q: %q reached the origin:\n%s", headers, w, got)
+			}
+		}
+	}
+	// Fast path: forged X-Forwarded-Proto and -Host are replaced.
+	f("x-forwarded-proto: https\r\nx-forwarded-host: evil.example\r\nx-app: 1\r\n",
+		[]string{"X-Forwarded-For: 127.0.0.1\r\n", "X-Forwarded-Proto: http\r\n", "X-Forwarded-Host: shop.example\r\n", "X-App: 1\r\n"},
+		[]string{"evil.example", "https"})
+	// Slow path, lower case: hop-by-hop headers and those Connection names
+	// go, X-Forwarded-For is extended.
+	f("connection: x-hop, keep-alive\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\nproxy-authorization: Basic Zm9v\r\nx-forwarded-for: 10.0.0.9\r\n",
+		[]string{"X-Forwarded-For: 10.0.0.9, 127.0.0.1\r\n"},
+		[]string{"x-hop:", "keep-alive:", "proxy-authorization:", "connection:"})
 }
