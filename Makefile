@@ -52,8 +52,22 @@ peers:
 
 # Every load scenario through real processes, edgelb next to nginx and
 # HAProxy for steady state and backend kill: bench/out/report.{json,html}.
-bench-scenarios: build consul peers
-	$(BIN)/edgelb-bench -scenario all -peers -out bench/out
+bench-scenarios: build consul peers $(BIN)/echarts.min.js
+	$(BIN)/edgelb-bench -scenario all -peers -out bench/out \
+		$$( [ -s $(BIN)/echarts.min.js ] && echo -echarts-js $(BIN)/echarts.min.js )
+
+# ECharts from the npm registry, inlined into the bench report so that it
+# opens offline. Without npm the report loads ECharts from the web instead.
+ECHARTS_VERSION := 5.6.0
+$(BIN)/echarts.min.js:
+	@mkdir -p $(BIN)
+	@tmp=$$(mktemp -d); \
+	if command -v npm >/dev/null 2>&1 && (cd $$tmp && npm pack echarts@$(ECHARTS_VERSION) --silent >/dev/null 2>&1) && \
+		tar -xzf $$tmp/echarts-$(ECHARTS_VERSION).tgz -C $$tmp package/dist/echarts.min.js; then \
+		mv $$tmp/package/dist/echarts.min.js $@; \
+	else \
+		echo "note: cannot fetch echarts $(ECHARTS_VERSION) with npm; the bench report will load it from the web"; : > $@; \
+	fi; rm -rf $$tmp
 
 demo: build consul
 	$(BIN)/edgelb-demo
