@@ -57,9 +57,14 @@ type ConsulService struct {
 const (
 	DefaultConsulAddress = "127.0.0.1:8500"
 
-	// minCallInterval spaces the starts of two calls to one endpoint, so
-	// that a misbehaving index never turns a watch into a busy loop.
+	// minCallInterval is the average spacing of the calls of one watch
+	// that bring nothing new, so that a misbehaving index or a registry
+	// changing elsewhere never turns a watch into a busy loop. Up to
+	// callBurst of them may follow each other at once, and a call that
+	// brought a change costs nothing: the next one blocks until the next
+	// change, so that a change right after another is not held back.
 	minCallInterval = time.Second
+	callBurst       = 3
 	// waitTime is how long a blocking query may wait for a change.
 	waitTime = 30 * time.Second
 	// maxBackoff caps the wait between failed calls.
@@ -269,12 +274,11 @@ func (c *Consul) watchService(ctx context.Context, w *watch, disk *Set) {
 	if dc == "" {
 		dc = c.cfg.Datacenter
 	}
-	var lastStart time.Time
+	var limit callLimiter
 	for {
-		if !sleepCtx(ctx, minCallInterval-time.Since(lastStart)) {
+		if !limit.wait(ctx) {
 			return
 		}
-		lastStart = time.Now()
 		q := (&api.QueryOptions{WaitIndex: index, WaitTime: waitTime, Datacenter: dc}).WithContext(ctx)
 		entries, meta, err := c.client.Health().ServiceMultipleTags(w.svc.Name, w.svc.Tags, true, q)
 		if ctx.Err() != nil {
@@ -335,6 +339,7 @@ func (c *Consul) watchService(ctx context.Context, w *watch, disk *Set) {
 		holdUntil, suspect = time.Time{}, false
 		changed := prev == nil || !sameSet(prev, set)
 		if changed {
+			limit.refund()
 			w.last = set
 		}
 		w.published = true
@@ -443,14 +448,13 @@ func entryUsable(e *api.ServiceEntry) bool {
 func (c *Consul) watchCatalog() {
 	var index uint64
 	var failures int
-	var lastStart time.Time
+	var limit callLimiter
 	var holdUntil time.Time
 	suspect := false // as in watchService
 	for {
-		if !sleepCtx(c.ctx, minCallInterval-time.Since(lastStart)) {
+		if !limit.wait(c.ctx) {
 			return
 		}
-		lastStart = time.Now()
 		q := (&api.QueryOptions{WaitIndex: index, WaitTime: waitTime, Datacenter: c.cfg.Datacenter}).WithContext(c.ctx)
 		services, meta, err := c.client.Catalog().Services(q)
 		if c.ctx.Err() != nil {
@@ -516,14 +520,19 @@ func (c *Consul) watchCatalog() {
 			delete(c.watches, name)
 			c.log.Info("tag-routed service left Consul; removing its routes", "service", name)
 		}
+		found := false
 		for name := range tagged {
 			if c.watches[name] != nil || c.configuredName(name) {
 				continue
 			}
 			c.log.Info("tag-routed service found in Consul", "service", name)
 			c.startWatchLocked(name, ConsulService{Name: name}, true, nil)
+			found = true
 		}
 		c.mu.Unlock()
+		if found || len(gone) > 0 {
+			limit.refund()
+		}
 		for _, name := range gone {
 			c.pub.Remove(name)
 		}
@@ -586,6 +595,43 @@ func backoff(n int) time.Duration {
 		d = maxBackoff
 	}
 	return d/2 + time.Duration(rand.Int64N(int64(d)))
+}
+
+// callLimiter paces the calls of one watch: a token bucket of callBurst
+// calls, refilled at one call per minCallInterval; a call that brought a
+// change gives its token back. Only its watch's goroutine uses it.
+type callLimiter struct {
+	tokens float64
+	last   time.Time
+}
+
+// wait blocks until the next call may start and reports whether ctx is
+// still alive.
+func (l *callLimiter) wait(ctx context.Context) bool {
+	return l.waitAt(ctx, time.Now())
+}
+
+func (l *callLimiter) waitAt(ctx context.Context, now time.Time) bool {
+	if l.last.IsZero() {
+		l.tokens = callBurst
+	} else {
+		l.tokens = min(callBurst, l.tokens+float64(now.Sub(l.last))/float64(minCallInterval))
+	}
+	l.last = now
+	if l.tokens < 1 {
+		d := time.Duration((1 - l.tokens) * float64(minCallInterval))
+		if !sleepCtx(ctx, d) {
+			return false
+		}
+		l.tokens, l.last = 1, now.Add(d)
+	}
+	l.tokens--
+	return ctx.Err() == nil
+}
+
+// refund gives back the token of a call that brought a change.
+func (l *callLimiter) refund() {
+	l.tokens = min(callBurst, l.tokens+1)
 }
 
 // sleepCtx sleeps for d and reports whether ctx is still alive.

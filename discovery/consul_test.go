@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -244,4 +245,47 @@ func TestConsulMalformedData(t *testing.T) {
 		}
 		return false
 	})
+}
+
+func TestCallLimiter(t *testing.T) {
+	// Calls that want to go back to back: the first callBurst start at
+	// once, then one per minCallInterval.
+	var l callLimiter
+	ctx := context.Background()
+	now := testTime
+	var starts []time.Duration
+	for i := 0; i < 6; i++ {
+		l.waitAt(ctx, now)
+		if l.last.After(now) {
+			now = l.last
+		}
+		starts = append(starts, now.Sub(testTime))
+	}
+	if got := fmt.Sprint(starts); got != "[0s 0s 0s 1s 2s 3s]" {
+		t.Fatalf("back-to-back calls start at %s", got)
+	}
+	// After a quiet spell the burst is available again, never more.
+	now = now.Add(time.Hour)
+	for i := 0; i < 4; i++ {
+		before := now
+		l.waitAt(ctx, now)
+		if l.last.After(now) {
+			now = l.last
+		}
+		if waited := now.Sub(before); (i < 3) != (waited == 0) {
+			t.Fatalf("call %d after a quiet hour waited %s", i, waited)
+		}
+	}
+}
+
+func TestCallLimiterRefund(t *testing.T) {
+	// Calls that each bring a change start at once, however many.
+	var l callLimiter
+	for i := 0; i < 10; i++ {
+		l.waitAt(context.Background(), testTime)
+		if l.last.After(testTime) {
+			t.Fatalf("call %d bringing a change waited until %s", i, l.last)
+		}
+		l.refund()
+	}
 }

@@ -472,8 +472,7 @@ func consulStopScript(s *session) error {
 // churnWait bounds how long one Consul change may take to show.
 const churnWait = 10 * time.Second
 
-// churnSpacing separates changes: edgelb spaces its calls to one Consul
-// endpoint by 1s, so a change right after another may wait for that.
+// churnSpacing separates changes, so that each one is timed on its own.
 const churnSpacing = 1100 * time.Millisecond
 
 func churnScript(s *session) error {
