@@ -47,7 +47,12 @@ func startOrigin(t testing.TB, name string, h func(ctx *fasthttp.RequestCtx)) *o
 	return o
 }
 
-func (o *origin) stop() { o.srv.Shutdown() }
+// stop stops the origin. Closing the listener too covers a Serve that has
+// not started yet, which Shutdown alone would leave serving.
+func (o *origin) stop() {
+	o.srv.Shutdown()
+	o.ln.Close()
+}
 
 // edge starts an edgelb server from a YAML config on free loopback ports.
 // The config must not set listen or admin.

@@ -123,6 +123,12 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 		// or a stale copy), never a 502.
 		code = errNoHealthyBackend
 	}
+	if !answered && code == errConnectFailed && p.pick(now.UnixNano(), &tried{}) == nil {
+		// Every backend refused and none is left to try: the pool is
+		// known to be down now, which is a 503 (or a stale copy), the
+		// same answer the next request gets at once.
+		code = errNoHealthyBackend
+	}
 	if answered {
 		// Fast path: a backend answered.
 		sc := ctx.Response.StatusCode()

@@ -179,6 +179,24 @@ func TestAllBackendsDead(t *testing.T) {
 	t.Logf("no_healthy_backend answered in %s", time.Since(start))
 }
 
+// Once the ejections of a dead pool are over, the backends are tried again
+// and re-ejected at their first failure: the client still gets 503
+// no_healthy_backend, never a run of 502s.
+func TestDeadPoolAfterEjectionTime(t *testing.T) {
+	s := startEdge(t, "services:\n  web: {static: ["+deadAddr(t)+", "+deadAddr(t)+"], health: {passive: {consecutive_gateway_failures: 1, base_ejection_time: 100ms}}}\nroutes: [{service: web}]\n")
+	do(t, s, "GET", "x", "/")
+	for round := 0; round < 3; round++ {
+		// Past every ejection: each lasts 100ms longer than the one before.
+		time.Sleep(time.Duration(round+1)*100*time.Millisecond + 60*time.Millisecond)
+		for i := 0; i < 5; i++ {
+			resp := do(t, s, "GET", "x", "/")
+			if resp.StatusCode() != 503 || string(resp.Header.Peek(HeaderError)) != "no_healthy_backend" {
+				t.Fatalf("round %d, request %d: got %d %q", round, i, resp.StatusCode(), resp.Header.Peek(HeaderError))
+			}
+		}
+	}
+}
+
 func TestTimeoutAndRetry(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)

@@ -271,7 +271,10 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 	case o.IsGatewayFailure():
 		t.gatewayFails.Add(1)
 		n := t.consecutiveGatewayFailures.Add(1)
-		if int(n) >= t.passive.consecutiveGatewayFailures() {
+		// A backend back from an ejection that has not answered since is
+		// on probation: one gateway failure ejects it again, so that a
+		// dead backend costs one try per ejection, not a run of them.
+		if int(n) >= t.passive.consecutiveGatewayFailures() || State(t.state.Load()) == StateEjected {
 			t.gatewayFailing(now, int(n), o)
 		}
 		// A gateway failure is a 5xx to the client too.
