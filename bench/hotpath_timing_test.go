@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"testing"
 	"time"
@@ -42,7 +43,7 @@ routes: [{service: web}]
 	if err != nil {
 		b.Fatal(err)
 	}
-	s := balancer.NewServer(cfg, nil)
+	s := balancer.NewServer(cfg, slog.New(slog.DiscardHandler))
 	if err := s.Start(); err != nil {
 		b.Fatal(err)
 	}
