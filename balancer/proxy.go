@@ -29,6 +29,7 @@ var (
 	strComma           = []byte(",")
 	strColon           = []byte(":")
 	strRetryAfter      = []byte("Retry-After")
+	strDate            = []byte(fasthttp.HeaderDate)
 	strRetryAfterValue = []byte("1")
 	strHeaderError     = []byte(HeaderError)
 	strTextPlain       = []byte("text/plain; charset=utf-8")
@@ -307,26 +308,117 @@ func isHopHeader(name []byte) bool {
 
 // prepareResponse strips hop-by-hop headers from a backend's response and
 // keeps the client's connection open unless the client asked to close it.
+// Names compare case-insensitively, so that it works whether or not the
+// client normalized the backend's header names.
 func prepareResponse(resp *fasthttp.Response, clientClose bool) {
 	h := &resp.Header
-	// Fast path: one scan finds no hop-by-hop header to remove.
-	hop := false
-	for k := range h.All() {
-		if isHopHeader(k) {
-			hop = true
-			break
+	// Fast path: one scan finds nothing to remove but, as most backends
+	// send, a single Connection header saying keep-alive or close, which
+	// then goes alone.
+	var conn []byte
+	slow := false
+	for k, v := range h.All() {
+		if !isHopHeader(k) {
+			if isOddDate(k) {
+				slow = true
+				break
+			}
+			continue
 		}
+		if conn == nil && bytes.EqualFold(k, strConnection) && namesNoHeader(v) {
+			conn = k
+			continue
+		}
+		slow = true
+		break
 	}
-	if hop {
-		removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
-		for _, k := range hopHeaders {
-			h.Del(k)
-		}
+	switch {
+	case slow:
+		removeHopHeaders(h)
+	case conn != nil:
+		h.DelBytes(conn)
 	}
 	h.ResetConnectionClose()
 	if clientClose {
 		h.SetConnectionClose()
 	}
+}
+
+// maxHeaderDeletes bounds removeHopHeaders' loop, so that a header that
+// fasthttp cannot delete never makes it spin.
+const maxHeaderDeletes = 64
+
+// removeHopHeaders deletes from a response, whatever the case of their
+// names, the hop-by-hop headers, the headers that Connection names, and a
+// Date whose name is not in canonical case, which the server would send
+// beside its own (slow path). Each header is deleted by the name it has, as
+// the header's normalization setting needs; Connection goes last, as its
+// value says what else to delete.
+func removeHopHeaders(h *fasthttp.ResponseHeader) {
+	for range maxHeaderDeletes {
+		var del []byte
+		for k := range h.All() {
+			if !bytes.EqualFold(k, strConnection) && (isHopHeader(k) || isOddDate(k) || connectionNames(h, k)) {
+				del = k
+				break
+			}
+		}
+		if del == nil {
+			break
+		}
+		h.DelBytes(del)
+	}
+	for range maxHeaderDeletes {
+		var del []byte
+		for k := range h.All() {
+			if bytes.EqualFold(k, strConnection) {
+				del = k
+				break
+			}
+		}
+		if del == nil {
+			break
+		}
+		h.DelBytes(del)
+	}
+}
+
+// connectionNames reports whether a Connection header of h names the header
+// called name.
+func connectionNames(h *fasthttp.ResponseHeader, name []byte) bool {
+	for k, v := range h.All() {
+		if !bytes.EqualFold(k, strConnection) {
+			continue
+		}
+		for len(v) > 0 {
+			var tok []byte
+			tok, v, _ = bytes.Cut(v, strComma)
+			if bytes.EqualFold(bytes.TrimSpace(tok), name) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// namesNoHeader reports whether a Connection value holds only the options
+// close and keep-alive, which name no header to remove.
+func namesNoHeader(v []byte) bool {
+	for len(v) > 0 {
+		var tok []byte
+		tok, v, _ = bytes.Cut(v, strComma)
+		tok = bytes.TrimSpace(tok)
+		if len(tok) > 0 && !bytes.EqualFold(tok, strClose) && !bytes.EqualFold(tok, strKeepAlive) {
+			return false
+		}
+	}
+	return true
+}
+
+// isOddDate reports whether name is Date in other than canonical case: the
+// server skips only a backend's "Date" when it writes its own.
+func isOddDate(name []byte) bool {
+	return len(name) == len(strDate) && !bytes.Equal(name, strDate) && bytes.EqualFold(name, strDate)
 }
 
 // removeConnectionHeaders deletes the headers that a Connection header

@@ -341,3 +341,57 @@ func TestProxyHeadersAnyCase(t *testing.T) {
 		[]string{"X-Forwarded-For: 10.0.0.9, 127.0.0.1\r\n"},
 		[]string{"x-hop:", "keep-alive:", "proxy-authorization:", "connection:"})
 }
+
+// prepareResponse removes hop-by-hop headers whatever their case, whether
+// or not the header's names were normalized, and keeps the rest.
+func TestPrepareResponse(t *testing.T) {
+	f := func(headers string, clientClose bool, want, notWant []string) {
+		t.Helper()
+		for _, normalize := range []bool{true, false} {
+			var resp fasthttp.Response
+			// As the server's response: no default Content-Type.
+			resp.Header.SetNoDefaultContentType(true)
+			if !normalize {
+				resp.Header.DisableNormalizing()
+			}
+			raw := "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + headers + "\r\nok"
+			if err := resp.Read(bufio.NewReader(strings.NewReader(raw))); err != nil {
+				t.Fatalf("%q: %v", headers, err)
+			}
+			prepareResponse(&resp, clientClose)
+			got := strings.ToLower(resp.Header.String())
+			for _, w := range want {
+				if strings.Count(got, strings.ToLower(w)) != 1 {
+					t.Errorf("%q (normalize %v): got %q %d times, want once:\n%s", headers, normalize, w, strings.Count(got, w), got)
+				}
+			}
+			for _, w := range notWant {
+				if strings.Contains(got, strings.ToLower(w)) {
+					t.Errorf("%q (normalize %v): %q still there:\n%s", headers, normalize, w, got)
+				}
+			}
+			if resp.ConnectionClose() != clientClose {
+				t.Errorf("%q (normalize %v): ConnectionClose %v, want %v", headers, normalize, resp.ConnectionClose(), clientClose)
+			}
+		}
+	}
+	// Nothing to remove.
+	f("X-App: 1\r\n", false, []string{"X-App: 1\r\n"}, []string{"connection:"})
+	// Fast path: a lone Connection: keep-alive or close goes alone.
+	f("Server: nginx\r\nConnection: keep-alive\r\nX-App: 1\r\n", false,
+		[]string{"Server: nginx\r\n", "X-App: 1\r\n"}, []string{"connection:", "keep-alive"})
+	f("connection: Keep-Alive\r\nx-app: 1\r\n", false, nil, []string{"connection:", "keep-alive"})
+	f("Connection: close\r\nX-App: 1\r\n", false, []string{"X-App: 1\r\n"}, []string{"connection:"})
+	f("Connection: keep-alive\r\n", true, []string{"Connection: close\r\n"}, []string{"keep-alive"})
+	// Slow path: hop-by-hop headers and those Connection names go, in any
+	// case; Connection itself goes last.
+	f("connection: x-foo, keep-alive\r\nx-foo: 1\r\nkeep-alive: timeout=5\r\nX-Bar: 2\r\nproxy-connection: keep-alive\r\n", false,
+		[]string{"X-Bar: 2\r\n"}, []string{"connection:", "x-foo:", "keep-alive:"})
+	f("Connection: X-Foo\r\nx-foo: 1\r\nX-FOO: 2\r\nupgrade: h2c\r\nPROXY-AUTHENTICATE: Basic\r\nx-kept: 3\r\n", false,
+		[]string{"x-kept: 3\r\n"}, []string{"connection:", "x-foo:", "upgrade:", "proxy-authenticate:"})
+	f("Connection: close, x-foo\r\nx-foo: 1\r\nx-kept: 3\r\n", true,
+		[]string{"x-kept: 3\r\n", "Connection: close\r\n"}, []string{"x-foo"})
+	// A header that Connection names may be one fasthttp keeps apart.
+	f("Connection: content-type\r\nContent-Type: text/plain\r\nx-kept: 3\r\n", false,
+		[]string{"x-kept: 3\r\n"}, []string{"content-type:", "connection:"})
+}

@@ -1,7 +1,9 @@
 package balancer
 
 import (
+	"bufio"
 	"bytes"
+	"strings"
 	"testing"
 
 	"github.com/valyala/fasthttp"
@@ -47,4 +49,31 @@ func BenchmarkRouteMatch(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkPrepareResponse measures the removal of hop-by-hop headers from
+// a response as nginx sends it, with its names as sent and normalized.
+func BenchmarkPrepareResponse(b *testing.B) {
+	raw := "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 25 Nov 2026 12:00:00 GMT\r\n" +
+		"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+	for _, normalize := range []bool{true, false} {
+		name := "normalized"
+		if !normalize {
+			name = "as-sent"
+		}
+		b.Run(name, func(b *testing.B) {
+			var src, resp fasthttp.Response
+			if !normalize {
+				src.Header.DisableNormalizing()
+			}
+			if err := src.Read(bufio.NewReader(strings.NewReader(raw))); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				src.Header.CopyTo(&resp.Header)
+				prepareResponse(&resp, false)
+			}
+		})
+	}
 }
