@@ -255,9 +255,10 @@ func (p *Pool) newBackend(addr string) *Backend {
 		ReadBufferSize:            DefaultMaxHeaderBytes,
 		NoDefaultUserAgentHeader:  true,
 		DisablePathNormalizing:    true,
-		// Names are normalized so that hop-by-hop headers are found
-		// whatever case the backend used.
-		DisableHeaderNamesNormalizing: false,
+		// The client gets the backend's header names as sent, and they are
+		// not rewritten on every response; edgelb looks response headers
+		// up case-insensitively.
+		DisableHeaderNamesNormalizing: true,
 	}
 	b.m = newBackendMetrics(p.name, addr, func() float64 { return float64(t.Inflight()) })
 	if a := cfg.Health.Active; a != nil {

@@ -195,13 +195,24 @@ func classifyResponse(resp *fasthttp.Response) (o health.Outcome, retryable bool
 	case sc < 500 && sc != fasthttp.StatusTooManyRequests:
 		return health.OutcomeSuccess, false
 	case sc == fasthttp.StatusTooManyRequests,
-		sc == fasthttp.StatusServiceUnavailable && len(resp.Header.PeekBytes(strRetryAfter)) > 0:
+		sc == fasthttp.StatusServiceUnavailable && len(peekFold(&resp.Header, strRetryAfter)) > 0:
 		return health.OutcomeOverloaded, true
 	case sc == fasthttp.StatusBadGateway, sc == fasthttp.StatusServiceUnavailable, sc == fasthttp.StatusGatewayTimeout:
 		return health.OutcomeServerError, true
 	default:
 		return health.OutcomeServerError, false
 	}
+}
+
+// peekFold returns the value of the first header called name, whatever the
+// case of either: header names may be as the backend sent them.
+func peekFold(h *fasthttp.ResponseHeader, name []byte) []byte {
+	for k, v := range h.All() {
+		if bytes.EqualFold(k, name) {
+			return v
+		}
+	}
+	return nil
 }
 
 // writeError answers the client with an error edgelb generated itself.

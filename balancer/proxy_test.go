@@ -6,10 +6,13 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/health"
 )
 
 func TestProxyForwardsGet(t *testing.T) {
@@ -394,4 +397,121 @@ func TestPrepareResponse(t *testing.T) {
 	// A header that Connection names may be one fasthttp keeps apart.
 	f("Connection: content-type\r\nContent-Type: text/plain\r\nx-kept: 3\r\n", false,
 		[]string{"x-kept: 3\r\n"}, []string{"content-type:", "connection:"})
+}
+
+// rawOrigin is a backend written on raw TCP, so that its header names are
+// exactly as a test writes them. It answers every request on a keep-alive
+// connection with whatever reply returns.
+func rawOrigin(t *testing.T, reply func() string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					var req fasthttp.Request
+					if err := req.Read(br); err != nil {
+						return
+					}
+					if _, err := c.Write([]byte(reply())); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// A backend's header names reach the client as the backend sent them, and
+// edgelb finds the headers it acts on whatever their case: hop-by-hop ones,
+// those Connection names, Date, Retry-After and Cache-Control.
+func TestBackendHeaderNamesAsSent(t *testing.T) {
+	var busy atomic.Bool
+	addr := rawOrigin(t, func() string {
+		if busy.Load() {
+			return "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 4\r\n\r\nbusy"
+		}
+		return "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n" +
+			"connection: keep-alive, x-foo\r\nkeep-alive: timeout=5\r\nx-foo: secret\r\nproxy-connection: keep-alive\r\n" +
+			"X-Odd-CASE: kept\r\ncache-control: public, max-age=0\r\ndate: Wed, 25 Nov 2026 12:00:00 GMT\r\n\r\nok"
+	})
+	s := startEdge(t, "services:\n  web: {static: ["+addr+"]}\nroutes: [{service: web}]\n")
+	c, err := net.Dial("tcp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	get := func() (*fasthttp.Response, string) {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "GET /page HTTP/1.1\r\nHost: shop.example\r\n\r\n")
+		resp := &fasthttp.Response{}
+		resp.Header.DisableNormalizing()
+		if err := resp.Read(br); err != nil {
+			t.Fatal(err)
+		}
+		return resp, resp.Header.String()
+	}
+
+	resp, hdr := get()
+	if resp.StatusCode() != 200 || string(resp.Body()) != "ok" {
+		t.Fatalf("got %d %q", resp.StatusCode(), resp.Body())
+	}
+	if !strings.Contains(hdr, "\r\nX-Odd-CASE: kept\r\n") {
+		t.Errorf("header name not as the backend sent it:\n%s", hdr)
+	}
+	lower := strings.ToLower(hdr)
+	for _, h := range []string{"\nx-foo:", "\nkeep-alive:", "\nproxy-connection:", "\nconnection:"} {
+		if strings.Contains(lower, h) {
+			t.Errorf("%q reached the client:\n%s", h[1:], hdr)
+		}
+	}
+	if n := strings.Count(lower, "\ndate:"); n != 1 {
+		t.Errorf("%d Date headers, want 1:\n%s", n, hdr)
+	}
+
+	// The backend is overloaded: its lower-case retry-after counts, and the
+	// copy stored by its lower-case cache-control is served.
+	busy.Store(true)
+	resp, hdr = get()
+	if resp.StatusCode() != 200 || string(resp.Body()) != "ok" || !strings.Contains(string(resp.Header.Peek("Cache-Status")), "detail=upstream_status_503") {
+		t.Fatalf("want the stored copy, got %d %q:\n%s", resp.StatusCode(), resp.Body(), hdr)
+	}
+	if lower := strings.ToLower(hdr); strings.Contains(lower, "\nx-foo:") || strings.Count(lower, "\ndate:") != 1 {
+		t.Errorf("stored copy kept what it must not:\n%s", hdr)
+	}
+	_, m := adminGet(t, s, "/metrics")
+	if !strings.Contains(m, `edgelb_backend_errors_total{service="web",backend="`+addr+`",cause="overloaded"} 1`) {
+		t.Errorf("a 503 with retry-after was not counted as overloaded:\n%s", m)
+	}
+}
+
+func TestClassifyResponseAnyCase(t *testing.T) {
+	f := func(raw string, want health.Outcome, wantRetry bool) {
+		t.Helper()
+		var resp fasthttp.Response
+		resp.Header.DisableNormalizing()
+		if err := resp.Read(bufio.NewReader(strings.NewReader(raw))); err != nil {
+			t.Fatal(err)
+		}
+		if o, retry := classifyResponse(&resp); o != want || retry != wantRetry {
+			t.Errorf("%q: got %v %v, want %v %v", raw, o, retry, want, wantRetry)
+		}
+	}
+	f("HTTP/1.1 503 x\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n", health.OutcomeOverloaded, true)
+	f("HTTP/1.1 503 x\r\nRETRY-AFTER: 1\r\ncontent-length: 0\r\n\r\n", health.OutcomeOverloaded, true)
+	f("HTTP/1.1 503 x\r\ncontent-length: 0\r\n\r\n", health.OutcomeServerError, true)
+	f("HTTP/1.1 200 x\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n", health.OutcomeSuccess, false)
 }
