@@ -149,7 +149,12 @@ func deltaSeconds(b []byte) int64 {
 // respInfo is what one pass over a response's headers finds out for the
 // store. Its slices point into the header.
 type respInfo struct {
-	cc                   cacheControl
+	// cc holds the Cache-Control directives once parseCacheControl ran.
+	cc cacheControl
+	// cacheControl is the first Cache-Control field line, of
+	// numCacheControl.
+	cacheControl         []byte
+	numCacheControl      int
 	expires, date, age   []byte
 	connection           []byte
 	setCookie, varyStar  bool
@@ -157,7 +162,9 @@ type respInfo struct {
 }
 
 // scan reads h once, case-insensitively whatever the header's
-// normalization, and appends the normalized Vary names to vary.
+// normalization, and appends the normalized Vary names to vary. It finds
+// Cache-Control but leaves it to parseCacheControl, which most responses,
+// stored a moment ago, never need.
 func (ri *respInfo) scan(h *fasthttp.ResponseHeader, vary []byte) []byte {
 	*ri = respInfo{}
 	ri.cc.reset()
@@ -186,12 +193,31 @@ func (ri *respInfo) scan(h *fasthttp.ResponseHeader, vary []byte) []byte {
 			}
 		case 13:
 			if bytes.EqualFold(k, strCacheControl) {
-				ri.cc.parse(v)
+				if ri.numCacheControl == 0 {
+					ri.cacheControl = v
+				}
+				ri.numCacheControl++
 			}
 		}
 	}
 	ri.varyTooLong = len(vary) > maxVaryNames
 	return vary
+}
+
+// parseCacheControl parses into ri.cc the Cache-Control field lines that
+// scan found in h.
+func (ri *respInfo) parseCacheControl(h *fasthttp.ResponseHeader) {
+	switch ri.numCacheControl {
+	case 0:
+	case 1:
+		ri.cc.parse(ri.cacheControl)
+	default:
+		for k, v := range h.All() {
+			if len(k) == len(strCacheControl) && bytes.EqualFold(k, strCacheControl) {
+				ri.cc.parse(v)
+			}
+		}
+	}
 }
 
 var (

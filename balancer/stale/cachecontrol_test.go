@@ -52,6 +52,7 @@ func TestFreshness(t *testing.T) {
 		resp := parseResp(t, raw+"Content-Length: 0\r\n\r\n")
 		var ri respInfo
 		ri.scan(&resp.Header, nil)
+		ri.parseCacheControl(&resp.Header)
 		if got := ri.freshness(now); got != want {
 			t.Errorf("%q: freshness %d, want %d", hdr, got, want)
 		}
@@ -59,6 +60,7 @@ func TestFreshness(t *testing.T) {
 	f(0)
 	f(60, "Cache-Control", "max-age=60")
 	f(10, "Cache-Control", "max-age=60, s-maxage=10")
+	f(30, "Cache-Control", "public", "cache-control", "max-age=30", "Cache-Control", "max-age=90")
 	f(60, "Cache-Control", "max-age=60", "Expires", in(time.Hour))
 	f(3600, "Date", date, "Expires", in(time.Hour))
 	f(300, "Date", in(-5*time.Minute), "Expires", date) // Date-relative, not clock-relative

@@ -238,7 +238,7 @@ func (s *Store) Save(now time.Time, scheme []byte, req *fasthttp.Request, resp *
 	defer putBuf(b)
 	var ri respInfo
 	b.vary = ri.scan(&resp.Header, b.vary[:0])
-	if ri.setCookie || ri.varyStar || ri.varyTooLong || ri.cc.noStore || ri.cc.private {
+	if ri.setCookie || ri.varyStar || ri.varyTooLong {
 		return
 	}
 	b.key = appendKey(b.key[:0], scheme, req)
@@ -257,6 +257,7 @@ func (s *Store) Save(now time.Time, scheme []byte, req *fasthttp.Request, resp *
 		// Fast path: stored a moment ago.
 		return
 	}
+	ri.parseCacheControl(&resp.Header)
 	var rq reqInfo
 	rq.scan(&req.Header)
 	if !storable(&ri, &rq) || !slot.CompareAndSwap(last, stamp) {
@@ -294,6 +295,7 @@ func (s *Store) Storable(req *fasthttp.Request, resp *fasthttp.Response) bool {
 	}
 	var ri respInfo
 	ri.scan(&resp.Header, nil)
+	ri.parseCacheControl(&resp.Header)
 	var rq reqInfo
 	rq.scan(&req.Header)
 	return storable(&ri, &rq)

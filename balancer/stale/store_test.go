@@ -30,6 +30,7 @@ func TestStorability(t *testing.T) {
 	f(newReq("POST", "a", "/"), newResp(200, "x"), false)
 	f(newReq("GET", "a", "/"), newResp(200, "x", "Cache-Control", "no-store"), false)
 	f(newReq("GET", "a", "/"), newResp(200, "x", "Cache-Control", "private, max-age=60"), false)
+	f(newReq("GET", "a", "/"), newResp(200, "x", "Cache-Control", "max-age=60", "Cache-Control", "no-store"), false)
 	f(newReq("GET", "a", "/"), newResp(200, "x", "Set-Cookie", "sid=1"), false)
 	f(newReq("GET", "a", "/"), newResp(200, "x", "Vary", "*"), false)
 	f(newReq("GET", "a", "/", "Cache-Control", "no-store"), newResp(200, "x"), false)
