@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"log/slog"
@@ -123,4 +124,20 @@ func staticList(os ...*origin) string {
 		addrs[i] = o.addr
 	}
 	return "[" + strings.Join(addrs, ", ") + "]"
+}
+
+// rawRequest sends raw bytes to the edge on a new connection and reads one
+// response. The write runs beside the read, so that an answer the server
+// sends before reading everything (413, say) is still read.
+func rawRequest(t testing.TB, s *Server, raw string) (*fasthttp.Response, error) {
+	t.Helper()
+	c, err := net.Dial("tcp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	go c.Write([]byte(raw))
+	resp := &fasthttp.Response{}
+	return resp, resp.Read(bufio.NewReader(c))
 }

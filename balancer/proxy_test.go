@@ -273,15 +273,8 @@ func TestBadRequests(t *testing.T) {
 	s := startEdge(t, "server: {max_request_body: 1024, max_header_bytes: 4096}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
 	f := func(raw string, want int) {
 		t.Helper()
-		c, err := net.Dial("tcp", s.Addr())
+		resp, err := rawRequest(t, s, raw)
 		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		go c.Write([]byte(raw))
-		var resp fasthttp.Response
-		if err := resp.Read(bufio.NewReader(c)); err != nil {
 			t.Fatalf("reading response to %.40q: %v", raw, err)
 		}
 		if resp.StatusCode() != want {
@@ -309,15 +302,8 @@ func TestProxyHeadersAnyCase(t *testing.T) {
 	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
 	f := func(headers string, want, notWant []string) {
 		t.Helper()
-		c, err := net.Dial("tcp", s.Addr())
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: shop.example\r\n%s\r\n", headers)
-		resp := &fasthttp.Response{}
-		if err := resp.Read(bufio.NewReader(c)); err != nil || resp.StatusCode() != 200 {
+		resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: shop.example\r\n"+headers+"\r\n")
+		if err != nil || resp.StatusCode() != 200 {
 			t.Fatalf("%q: %v %d", headers, err, resp.StatusCode())
 		}
 		mu.Lock()

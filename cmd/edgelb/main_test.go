@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -11,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -105,24 +103,6 @@ func startOrigin(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-// syncBuffer collects a process's output.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 func get(url string) (int, string) {
 	c := &http.Client{Timeout: 10 * time.Second}
 	resp, err := c.Get(url)
@@ -155,9 +135,15 @@ func TestSignals(t *testing.T) {
 	base := fmt.Sprintf("listen: %s\nadmin: %s\nstate_dir: %s\nservices:\n  web: {static: [%s]}\n", listen, admin, filepath.Join(dir, "state"), origin)
 	writeConfig(t, path, base+"routes: [{path: /a, service: web}, {path: /slow, service: web}]\n")
 
-	out := &syncBuffer{}
+	// The process writes its log to a file, read as it grows.
+	logFile, err := os.Create(filepath.Join(dir, "edgelb.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	output := func() string { b, _ := os.ReadFile(logFile.Name()); return string(b) }
 	cmd := exec.Command(edgelbBin, "-config", path)
-	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -166,7 +152,7 @@ func TestSignals(t *testing.T) {
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		if t.Failed() {
-			t.Logf("edgelb output:\n%s", out.String())
+			t.Logf("edgelb output:\n%s", output())
 		}
 	})
 	waitFor(t, "edgelb ready", func() bool { code, _ := get("http://" + admin + "/readyz"); return code == 200 })
@@ -184,7 +170,7 @@ func TestSignals(t *testing.T) {
 
 	writeConfig(t, path, base+"routes: [{path: /a, service: nope}]\n")
 	cmd.Process.Signal(syscall.SIGHUP)
-	waitFor(t, "the refused reload in the log", func() bool { return strings.Contains(out.String(), "keeping the running config") })
+	waitFor(t, "the refused reload in the log", func() bool { return strings.Contains(output(), "keeping the running config") })
 	if code, _ := get("http://" + listen + "/b"); code != 200 {
 		t.Fatalf("a broken config changed routing: GET /b %d", code)
 	}
