@@ -396,7 +396,7 @@ func (p *Pool) pickPanic(bs *backendSet, now int64, t *tried) *Backend {
 	start := int(rand.Uint64() % uint64(n))
 	for i := 0; i < n; i++ {
 		b := bs.list[(start+i)%n]
-		if t.has(b) || !b.target.PanicUsable(now) || (p.maxInflight > 0 && b.target.Inflight() >= p.maxInflight) {
+		if t.has(b) || !b.target.PanicUsable(now) || p.full(b) {
 			continue
 		}
 		if best == nil || lessLoaded(b, best) == b {
@@ -417,7 +417,7 @@ func (p *Pool) warm(b *Backend, now int64) bool {
 	if ss == 0 {
 		return true
 	}
-	back := now - max(b.slowFrom, b.target.AvailableSince())
+	back := b.backFor(now)
 	if back >= ss {
 		return true
 	}
@@ -430,11 +430,17 @@ func (p *Pool) slowStartPercent(b *Backend, now int64) int {
 	if p.slowStart == 0 {
 		return 100
 	}
-	back := now - max(b.slowFrom, b.target.AvailableSince())
+	back := b.backFor(now)
 	if back >= p.slowStart {
 		return 100
 	}
 	return int(max(back, 0) * 100 / p.slowStart)
+}
+
+// backFor returns how long, in nanoseconds, b has been in rotation at now:
+// since it joined the pool or last came back, whichever is later.
+func (b *Backend) backFor(now int64) int64 {
+	return now - max(b.slowFrom, b.target.AvailableSince())
 }
 
 // at maps a random or sequence number to a backend, by weight.
@@ -458,10 +464,12 @@ func indexOf(bs *backendSet, b *Backend) int {
 }
 
 func (p *Pool) usable(b *Backend, now int64, t *tried) bool {
-	if max := p.maxInflight; max > 0 && b.target.Inflight() >= max {
-		return false
-	}
-	return b.target.Available(now) && !t.has(b)
+	return !p.full(b) && b.target.Available(now) && !t.has(b)
+}
+
+// full reports whether b is at the pool's max_inflight cap.
+func (p *Pool) full(b *Backend) bool {
+	return p.maxInflight > 0 && b.target.Inflight() >= p.maxInflight
 }
 
 // lessLoaded returns whichever of a and b has fewer in-flight requests per
