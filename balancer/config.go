@@ -85,7 +85,16 @@ type ServerConfig struct {
 	// DrainTimeout bounds how long SIGTERM waits for in-flight requests.
 	// DefaultDrainTimeout is used if not set.
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
+
+	// EventLoop serves GET and HEAD requests answered with a
+	// Content-Length body from event loops, one per GOMAXPROCS, and
+	// everything else from the fasthttp server. On by default on Linux;
+	// false serves every connection from the fasthttp server.
+	EventLoop *bool `yaml:"event_loop"`
 }
+
+// eventLoop reports whether the config asks for the event loops.
+func (c *ServerConfig) eventLoop() bool { return c.EventLoop == nil || *c.EventLoop }
 
 // ServiceConfig is one service: where its instances come from and how
 // requests reach them.

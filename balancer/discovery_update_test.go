@@ -27,8 +27,21 @@ func TestBackendStateSurvivesDiscoveryUpdate(t *testing.T) {
 	o3 := startOrigin(t, "3", nil)
 	s := startEdge(t, "services:\n  web: {static: "+staticList(o1, o2)+", health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n")
 	o2.stop()
+	// One client connection, so that its requests always take the same
+	// path through the edge and the same backend connections.
+	client := &fasthttp.HostClient{Addr: s.Addr(), MaxConns: 1}
+	get := func() *fasthttp.Response {
+		t.Helper()
+		resp := &fasthttp.Response{}
+		req := &fasthttp.Request{}
+		req.SetRequestURI("http://x/")
+		if err := client.DoTimeout(req, resp, 10*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
 	for i := 0; i < 20; i++ {
-		if resp := do(t, s, "GET", "x", "/"); resp.StatusCode() != 200 {
+		if resp := get(); resp.StatusCode() != 200 {
 			t.Fatalf("GET with one backend down: %d", resp.StatusCode())
 		}
 	}
@@ -49,7 +62,7 @@ func TestBackendStateSurvivesDiscoveryUpdate(t *testing.T) {
 		t.Errorf("new backend: %+v", after[o3.addr])
 	}
 	for i := 0; i < 20; i++ {
-		do(t, s, "GET", "x", "/")
+		get()
 	}
 	if o3.hits.Load() == 0 {
 		t.Error("the new backend gets no traffic")

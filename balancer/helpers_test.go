@@ -131,13 +131,45 @@ func staticList(os ...*origin) string {
 // sends before reading everything (413, say) is still read.
 func rawRequest(t testing.TB, s *Server, raw string) (*fasthttp.Response, error) {
 	t.Helper()
+	c := dialEdge(t, s)
+	defer c.Close()
+	go c.Write([]byte(raw))
+	resp := &fasthttp.Response{}
+	return resp, resp.Read(bufio.NewReader(c))
+}
+
+// dialEdge connects to the edge, with a 10 s deadline for the test's
+// exchanges.
+func dialEdge(t testing.TB, s *Server) net.Conn {
+	t.Helper()
 	c, err := net.Dial("tcp", s.Addr())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
-	go c.Write([]byte(raw))
-	resp := &fasthttp.Response{}
-	return resp, resp.Read(bufio.NewReader(c))
+	return c
+}
+
+// serveRaw runs a TCP server on a free loopback port that serves each
+// connection with handle, and returns its address.
+func serveRaw(t testing.TB, handle func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
 }

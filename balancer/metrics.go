@@ -132,4 +132,12 @@ var (
 	panicsTotal  = metrics.NewCounter(`edgelb_panics_total`)
 	reloadsTotal = metrics.NewCounter(`edgelb_config_reloads_total{result="ok"}`)
 	reloadErrors = metrics.NewCounter(`edgelb_config_reloads_total{result="error"}`)
+
+	// The event loops: connections handed to the full path, tries the loop
+	// gave up and left to it, handed connections dropped because the
+	// server was not taking them, and accept errors.
+	laneHandoffs     = metrics.NewCounter(`edgelb_event_loop_handoffs_total`)
+	laneFallbacks    = metrics.NewCounter(`edgelb_event_loop_fallbacks_total`)
+	laneHandoffDrops = metrics.NewCounter(`edgelb_event_loop_handoff_drops_total`)
+	laneAcceptErrors = metrics.NewCounter(`edgelb_event_loop_accept_errors_total`)
 )

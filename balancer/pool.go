@@ -3,6 +3,7 @@ package balancer
 import (
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"sort"
 	"strconv"
 	"sync"
@@ -32,6 +33,13 @@ type Backend struct {
 	slowFrom int64
 	// stopCheck ends the backend's active checks.
 	stopCheck func()
+	// ap is the address the event loops connect to; invalid when addr is
+	// a name, which only the full path resolves.
+	ap netip.AddrPort
+	// idleFor is how long an idle connection to it is kept.
+	idleFor time.Duration
+	// maxConns caps the connections to it.
+	maxConns int
 }
 
 // Addr returns the backend's host:port.
@@ -239,7 +247,7 @@ func (p *Pool) newBackend(addr string) *Backend {
 	cfg := p.cfg
 	t := p.reg.Acquire(addr, cfg.Health.Passive)
 	connectTimeout := cfg.ConnectTimeout
-	b := &Backend{addr: addr, weight: 1, target: t}
+	b := &Backend{addr: addr, weight: 1, target: t, ap: parseAddrPort(addr), idleFor: cfg.MaxIdleConnTime, maxConns: cfg.MaxConns}
 	b.client = &fasthttp.HostClient{
 		Addr: addr,
 		Dial: func(addr string) (net.Conn, error) {
@@ -481,4 +489,14 @@ func lessLoaded(a, b *Backend) *Backend {
 		return b
 	}
 	return a
+}
+
+// parseAddrPort parses an IP host:port; it returns the zero AddrPort for a
+// name.
+func parseAddrPort(addr string) netip.AddrPort {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	return ap
 }

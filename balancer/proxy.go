@@ -191,11 +191,17 @@ func scheme(ctx *fasthttp.RequestCtx) []byte {
 // classifyResponse tells how a backend's answer counts for its health, and
 // whether another backend should be tried for an idempotent request.
 func classifyResponse(resp *fasthttp.Response) (o health.Outcome, retryable bool) {
-	switch sc := resp.StatusCode(); {
+	sc := resp.StatusCode()
+	return classifyStatus(sc, sc == fasthttp.StatusServiceUnavailable && len(peekFold(&resp.Header, strRetryAfter)) > 0)
+}
+
+// classifyStatus is classifyResponse for a status code; retryAfter tells
+// whether the response has a Retry-After header.
+func classifyStatus(sc int, retryAfter bool) (o health.Outcome, retryable bool) {
+	switch {
 	case sc < 500 && sc != fasthttp.StatusTooManyRequests:
 		return health.OutcomeSuccess, false
-	case sc == fasthttp.StatusTooManyRequests,
-		sc == fasthttp.StatusServiceUnavailable && len(peekFold(&resp.Header, strRetryAfter)) > 0:
+	case sc == fasthttp.StatusTooManyRequests, sc == fasthttp.StatusServiceUnavailable && retryAfter:
 		return health.OutcomeOverloaded, true
 	case sc == fasthttp.StatusBadGateway, sc == fasthttp.StatusServiceUnavailable, sc == fasthttp.StatusGatewayTimeout:
 		return health.OutcomeServerError, true

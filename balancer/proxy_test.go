@@ -223,25 +223,11 @@ func TestTimeoutAndRetry(t *testing.T) {
 }
 
 func TestInvalidResponse(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				bufio.NewReader(c).ReadString('\n')
-				c.Write([]byte("garbage garbage\r\n\r\n"))
-				c.Close()
-			}()
-		}
-	}()
-	s := startEdge(t, "services:\n  web: {static: ["+ln.Addr().String()+"]}\nroutes: [{service: web}]\n")
+	addr := serveRaw(t, func(c net.Conn) {
+		bufio.NewReader(c).ReadString('\n')
+		c.Write([]byte("garbage garbage\r\n\r\n"))
+	})
+	s := startEdge(t, "services:\n  web: {static: ["+addr+"]}\nroutes: [{service: web}]\n")
 	resp := do(t, s, "GET", "x", "/")
 	if resp.StatusCode() != 502 || string(resp.Header.Peek(HeaderError)) != "upstream_invalid_response" {
 		t.Fatalf("got %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
@@ -390,33 +376,18 @@ func TestPrepareResponse(t *testing.T) {
 // connection with whatever reply returns.
 func rawOrigin(t *testing.T, reply func() string) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
+	return serveRaw(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			var req fasthttp.Request
+			if err := req.Read(br); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					var req fasthttp.Request
-					if err := req.Read(br); err != nil {
-						return
-					}
-					if _, err := c.Write([]byte(reply())); err != nil {
-						return
-					}
-				}
-			}()
+			if _, err := c.Write([]byte(reply())); err != nil {
+				return
+			}
 		}
-	}()
-	return ln.Addr().String()
+	})
 }
 
 // A backend's header names reach the client as the backend sent them, and

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"reflect"
+	"runtime"
 	"runtime/debug"
 	"sort"
 	"sync"
@@ -37,10 +39,15 @@ type Server struct {
 	routes atomic.Pointer[routeTable]
 	ready  atomic.Bool
 
-	srv    *fasthttp.Server
-	ln     net.Listener
-	admin  *adminServer
-	consul *discovery.Consul
+	srv *fasthttp.Server
+	ln  net.Listener
+	// With event loops, they accept on ln and hand the connections they
+	// do not serve to srv through handoff.
+	loops    []*loop
+	handoff  *handoffListener
+	laneFile *os.File
+	admin    *adminServer
+	consul   *discovery.Consul
 
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
@@ -119,8 +126,19 @@ func (s *Server) Start() error {
 	}
 	s.ready.Store(true)
 
+	var serveLn net.Listener = ln
+	if laneSupported && s.cfg.Server.eventLoop() {
+		s.handoff = newHandoffListener(ln.Addr())
+		if err := s.startLoops(ln, runtime.GOMAXPROCS(0)); err != nil {
+			s.log.Warn("event loops not started; the fasthttp server takes every connection", "err", err)
+			s.stopLoops(context.Background())
+			s.handoff = nil
+		} else {
+			serveLn = s.handoff
+		}
+	}
 	s.goSafe("serve", func() {
-		if err := s.srv.Serve(ln); err != nil {
+		if err := s.srv.Serve(serveLn); err != nil {
 			s.log.Error("server stopped", "err", err)
 		}
 	})
@@ -363,7 +381,16 @@ func contains(ss []string, s string) bool {
 // in-flight requests and stops all background work.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
+	loopErr := s.stopLoops(ctx)
 	err := s.srv.ShutdownWithContext(ctx)
+	if s.handoff != nil {
+		// fasthttp closes its own listener only when it accepted on one.
+		s.handoff.Close()
+		s.ln.Close()
+	}
+	if err == nil {
+		err = loopErr
+	}
 	s.mu.Lock()
 	c := s.consul
 	s.mu.Unlock()
@@ -385,6 +412,28 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.checker.Close()
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("drain timeout: some requests were cut: %w", err)
+	}
+	return err
+}
+
+// stopLoops stops the event loops: they stop accepting, finish the
+// requests in flight and close their connections.
+func (s *Server) stopLoops(ctx context.Context) error {
+	for _, l := range s.loops {
+		l.stop()
+	}
+	var err error
+	for _, l := range s.loops {
+		select {
+		case <-l.done:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	s.loops = nil
+	if s.laneFile != nil {
+		s.laneFile.Close()
+		s.laneFile = nil
 	}
 	return err
 }

@@ -225,6 +225,22 @@ func statusIndex(st int) int {
 	return st
 }
 
+// Due reports whether Save may store a new answer for the URL at host and
+// uri (its request target as received) now: false when one was stored
+// less than RefreshInterval ago. It holds for a response without Vary; it
+// allocates nothing, so a caller can skip building the request and
+// response Save takes.
+func (s *Store) Due(now time.Time, scheme, host, uri []byte) bool {
+	b := getBuf()
+	defer putBuf(b)
+	b.key = appendKeyParts(b.key[:0], scheme, host, uri)
+	if len(b.key) > maxKeyLen {
+		return false
+	}
+	h := xxhash.Sum64(b.key)
+	return !s.recent(s.slots[h&s.slotMask].Load(), makeStamp(h, now))
+}
+
 // Save stores resp as the answer to req if a shared cache may store it
 // (see Storable). It is meant for every successful proxied response: a URL
 // is stored again at most once per RefreshInterval, and the check for that

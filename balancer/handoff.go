@@ -1,0 +1,88 @@
+package balancer
+
+import (
+	"errors"
+	"net"
+	"sync"
+)
+
+var errNoLane = errors.New("edgelb: the event loop needs a TCP listener")
+
+// prefixConn is a client connection handed from an event loop to the
+// fasthttp server: pre holds the bytes the loop had already read.
+type prefixConn struct {
+	net.Conn
+	pre []byte
+}
+
+func (c *prefixConn) Read(p []byte) (int, error) {
+	if len(c.pre) > 0 {
+		n := copy(p, c.pre)
+		c.pre = c.pre[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// handoffListener is the fasthttp server's listener when event loops
+// accept: it yields the connections the loops hand over.
+type handoffListener struct {
+	addr   net.Addr
+	conns  chan net.Conn
+	mu     sync.Mutex
+	closed chan struct{}
+	done   bool
+}
+
+func newHandoffListener(addr net.Addr) *handoffListener {
+	return &handoffListener{addr: addr, conns: make(chan net.Conn, 1024), closed: make(chan struct{})}
+}
+
+// push queues c for the server; it closes c if the listener is closed or
+// the queue is full (the server is stuck), never blocking the loop.
+func (h *handoffListener) push(c net.Conn) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.done {
+		c.Close()
+		return
+	}
+	select {
+	case h.conns <- c:
+	default:
+		laneHandoffDrops.Inc()
+		c.Close()
+	}
+}
+
+// Accept implements net.Listener.
+func (h *handoffListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-h.conns:
+		return c, nil
+	case <-h.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+// Close implements net.Listener; queued connections are closed.
+func (h *handoffListener) Close() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.done {
+		return nil
+	}
+	h.done = true
+	close(h.closed)
+	for {
+		select {
+		case c := <-h.conns:
+			c.Close()
+		default:
+			return nil
+		}
+	}
+}
+
+// Addr implements net.Listener.
+func (h *handoffListener) Addr() net.Addr { return h.addr }

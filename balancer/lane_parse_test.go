@@ -1,0 +1,115 @@
+package balancer
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestParseLaneRequest(t *testing.T) {
+	f := func(head string, want laneVerdict) {
+		t.Helper()
+		var r laneRequest
+		if got := parseLaneRequest([]byte(head), &r); got != want {
+			t.Fatalf("%q: verdict %d, want %d", head, got, want)
+		}
+	}
+	f("GET / HTTP/1.1\r\nHost: a\r\n\r\n", laneForward)
+	f("HEAD /x?y=%2F HTTP/1.1\r\nhost:a\r\nAccept: */*\r\n\r\n", laneForward)
+	f("GET /a/.well-known/b HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n", laneForward)
+	f("GET / HTTP/1.1\r\nHost:\ta \r\nX-A: b\tc\r\n\r\n", laneForward)
+	f("GET / HTTP/1.1\r\nHost: a\r\n", laneIncomplete)
+	f("GET / HTTP/1.1\r\nHo", laneIncomplete)
+
+	// Everything else is the full path's.
+	f("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+	f("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx", laneHandOff)
+	f("GET / HTTP/1.0\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost:\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1\r\nX-Forwarded-For: 2\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nBad Name: 1\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\nX-B: 2\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x00\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r2\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A 1\r\n\r\n", laneHandOff)
+	f("GET /a/../admin HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET /a/./b HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET /a/.. HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET //a HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET /%61dmin HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET /a\\b HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+}
+
+func TestLaneRequestFields(t *testing.T) {
+	head := "GET /p/q?x=1 HTTP/1.1\r\nHost: Example.com:80\r\nConnection: keep-alive\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nA: b\r\n\r\n"
+	var r laneRequest
+	if parseLaneRequest([]byte(head), &r) != laneForward {
+		t.Fatal("not forwarded")
+	}
+	if string(r.path) != "/p/q" || string(r.uri) != "/p/q?x=1" || string(r.host) != "Example.com:80" || string(r.xff) != "1.2.3.4" {
+		t.Fatalf("path %q uri %q host %q xff %q", r.path, r.uri, r.host, r.xff)
+	}
+	if r.headLen != len(head) {
+		t.Fatalf("headLen %d, want %d", r.headLen, len(head))
+	}
+	kept := head
+	for i := r.ndrop - 1; i >= 0; i-- {
+		kept = kept[:r.drop[i][0]] + kept[r.drop[i][1]:]
+	}
+	if want := "GET /p/q?x=1 HTTP/1.1\r\nHost: Example.com:80\r\nA: b\r\n\r\n"; kept != want {
+		t.Fatalf("kept %q, want %q", kept, want)
+	}
+}
+
+func TestParseLaneResponse(t *testing.T) {
+	f := func(head string, isHead bool, want laneVerdict, wantKept string, bodyLen int, keepAlive bool) {
+		t.Helper()
+		var r laneResponse
+		got := parseLaneResponse([]byte(head), isHead, &r)
+		if got != want {
+			t.Fatalf("%q: verdict %d, want %d", head, got, want)
+		}
+		if want != laneForward {
+			return
+		}
+		var kept strings.Builder
+		for _, k := range r.keep[:r.nkeep] {
+			kept.WriteString(head[k[0]:k[1]])
+		}
+		if kept.String() != wantKept || r.bodyLen != bodyLen || r.keepAlive != keepAlive {
+			t.Fatalf("%q: kept %q body %d keep-alive %v; want %q %d %v", head, kept.String(), r.bodyLen, r.keepAlive, wantKept, bodyLen, keepAlive)
+		}
+	}
+	f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false, laneForward, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", 2, true)
+	f("HTTP/1.1 200 OK\r\nServer: o\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\nProxy-Authenticate: x\r\n\r\nok", false, laneForward,
+		"HTTP/1.1 200 OK\r\nServer: o\r\nContent-Length: 2\r\n", 2, true)
+	f("HTTP/1.1 404 Not Found\r\nconnection: Close\r\ncontent-length: 0\r\n\r\n", false, laneForward, "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n", 0, false)
+	f("HTTP/1.1 204 No Content\r\nDate: x\r\n\r\n", false, laneForward, "HTTP/1.1 204 No Content\r\nDate: x\r\n", 0, true)
+	f("HTTP/1.1 304 Not Modified\r\n\r\n", false, laneForward, "HTTP/1.1 304 Not Modified\r\n", 0, true)
+	f("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", true, laneForward, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n", 0, true)
+	f("HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", false, laneForward, "HTTP/1.1 200\r\nContent-Length: 0\r\n", 0, true)
+	f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", false, laneIncomplete, "", 0, false)
+
+	f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nServer: o\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Internal\r\nX-Internal: 1\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 100 Continue\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nDATE: x\r\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("garbage\r\n\r\n", false, laneHandOff, "", 0, false)
+}

@@ -1,0 +1,274 @@
+//go:build linux
+
+package balancer
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// recordingOrigin is a raw TCP backend that records each request head it
+// gets and answers it with reply.
+func recordingOrigin(t *testing.T, reply string) (addr string, heads func() []string) {
+	t.Helper()
+	var mu sync.Mutex
+	var got []string
+	addr = serveRaw(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		for {
+			var head strings.Builder
+			for {
+				line, err := br.ReadString('\n')
+				if err != nil {
+					return
+				}
+				head.WriteString(line)
+				if line == "\r\n" {
+					break
+				}
+			}
+			mu.Lock()
+			got = append(got, head.String())
+			mu.Unlock()
+			if _, err := io.WriteString(c, reply); err != nil {
+				return
+			}
+		}
+	})
+	return addr, func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), got...)
+	}
+}
+
+// exchange writes raw to a new connection to the edge, optionally closes
+// its write side, and reads n responses.
+func exchange(t *testing.T, s *Server, raw string, closeWrite bool, n int) []*fasthttp.Response {
+	heads := make([]bool, n)
+	for i, req := range strings.SplitAfter(raw, "\r\n\r\n") {
+		if i < n {
+			heads[i] = strings.HasPrefix(req, "HEAD ")
+		}
+	}
+	t.Helper()
+	c := dialEdge(t, s)
+	defer c.Close()
+	if _, err := io.WriteString(c, raw); err != nil {
+		t.Fatal(err)
+	}
+	if closeWrite {
+		c.(*net.TCPConn).CloseWrite()
+	}
+	br := bufio.NewReader(c)
+	var out []*fasthttp.Response
+	for i := 0; i < n; i++ {
+		resp := &fasthttp.Response{}
+		// A HEAD answer has no body, whatever its Content-Length says.
+		resp.SkipBody = heads[i]
+		if err := resp.Read(br); err != nil {
+			t.Fatalf("response %d: %v", i, err)
+		}
+		out = append(out, resp)
+	}
+	return out
+}
+
+func TestEventLoopForwardsLikeTheFullPath(t *testing.T) {
+	addr, heads := recordingOrigin(t, "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-App: 1\r\nContent-Length: 2\r\n\r\nok")
+	s := startEdge(t, "services:\n  web: {static: ["+addr+"]}\nroutes: [{service: web}]\n")
+	h0 := laneHandoffs.Get()
+	resp := exchange(t, s, "GET /a?b=1 HTTP/1.1\r\nHost: www.example.com\r\nConnection: keep-alive\r\n"+
+		"X-Forwarded-For: 198.51.100.7\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n", false, 1)[0]
+	if laneHandoffs.Get() != h0 {
+		t.Fatal("the request left the event loop")
+	}
+	if resp.StatusCode() != 200 || string(resp.Body()) != "ok" || string(resp.Header.Peek("X-App")) != "1" {
+		t.Fatalf("response: %d %q", resp.StatusCode(), resp.Body())
+	}
+	if len(resp.Header.Peek("Keep-Alive")) != 0 || len(resp.Header.Peek("Date")) == 0 || resp.ConnectionClose() {
+		t.Fatalf("response headers: %s", resp.Header.Header())
+	}
+	hs := heads()
+	if len(hs) != 1 {
+		t.Fatalf("origin got %d requests", len(hs))
+	}
+	want := "GET /a?b=1 HTTP/1.1\r\nHost: www.example.com\r\nAccept: */*\r\n" +
+		"X-Forwarded-For: 198.51.100.7, 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: www.example.com\r\n\r\n"
+	if hs[0] != want {
+		t.Fatalf("upstream request:\n%q\nwant\n%q", hs[0], want)
+	}
+}
+
+func TestEventLoopPipelinedRequestsAndHalfClose(t *testing.T) {
+	var n int
+	var mu sync.Mutex
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		mu.Lock()
+		n++
+		mu.Unlock()
+		ctx.WriteString(string(ctx.Path()))
+	})
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	raw := "GET /one HTTP/1.1\r\nHost: a\r\n\r\nHEAD /two HTTP/1.1\r\nHost: a\r\n\r\nGET /three HTTP/1.1\r\nHost: a\r\n\r\n"
+	rs := exchange(t, s, raw, true, 3)
+	if string(rs[0].Body()) != "/one" || len(rs[1].Body()) != 0 || string(rs[2].Body()) != "/three" {
+		t.Fatalf("bodies %q %q %q", rs[0].Body(), rs[1].Body(), rs[2].Body())
+	}
+}
+
+func TestEventLoopBodiesOfEverySize(t *testing.T) {
+	for _, size := range []int{0, 100, 5000, 200 << 10, 3 << 20} {
+		body := bytes.Repeat([]byte("0123456789abcdef"), size/16+1)[:size]
+		o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.SetBody(body) })
+		s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+		for i := 0; i < 3; i++ {
+			resp := do(t, s, "GET", "a", "/")
+			if resp.StatusCode() != 200 || !bytes.Equal(resp.Body(), body) {
+				t.Fatalf("%d bytes: got %d, %d bytes", size, resp.StatusCode(), len(resp.Body()))
+			}
+		}
+	}
+}
+
+func TestEventLoopSlowReader(t *testing.T) {
+	body := bytes.Repeat([]byte("z"), 4<<20)
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		if string(ctx.Path()) == "/big" {
+			ctx.SetBody(body[:900<<10])
+			return
+		}
+		ctx.WriteString("small")
+	})
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	// Small socket buffers on both sides, set before connecting (accepted
+	// sockets inherit the listener's), make the edge's writes partial.
+	rc, err := s.ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, 8192) })
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 8192) })
+	}}
+	c, err := d.Dial("tcp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(c, "GET /big HTTP/1.1\r\nHost: a\r\n\r\nGET /small HTTP/1.1\r\nHost: a\r\n\r\n")
+	time.Sleep(300 * time.Millisecond) // the edge fills the socket and waits
+	br := bufio.NewReaderSize(c, 1024)
+	var big, small fasthttp.Response
+	if err := big.Read(br); err != nil || len(big.Body()) != 900<<10 {
+		t.Fatalf("big: %v, %d bytes", err, len(big.Body()))
+	}
+	if err := small.Read(br); err != nil || string(small.Body()) != "small" {
+		t.Fatalf("small after big: %v %q", err, small.Body())
+	}
+}
+
+func TestEventLoopHandsOffWhatItDoesNotServe(t *testing.T) {
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		if string(ctx.Path()) == "/chunked" {
+			ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
+				w.WriteString("part1,")
+				w.Flush()
+				w.WriteString("part2")
+			})
+			return
+		}
+		fmt.Fprintf(ctx, "%s %s %s", ctx.Method(), ctx.Path(), ctx.PostBody())
+	})
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	f := func(method, path, body, want string) {
+		t.Helper()
+		h0 := laneHandoffs.Get()
+		raw := method + " " + path + " HTTP/1.1\r\nHost: a\r\n"
+		if body != "" {
+			raw += fmt.Sprintf("Content-Length: %d\r\n", len(body))
+		}
+		resp := exchange(t, s, raw+"\r\n"+body, false, 1)[0]
+		if resp.StatusCode() != 200 || string(resp.Body()) != want {
+			t.Fatalf("%s %s: %d %q, want %q", method, path, resp.StatusCode(), resp.Body(), want)
+		}
+		if laneHandoffs.Get() == h0 {
+			t.Fatalf("%s %s: not handed to the full path", method, path)
+		}
+	}
+	f("POST", "/form", "a=1", "POST /form a=1")
+	f("DELETE", "/x", "", "DELETE /x ")
+	f("GET", "/a/../b", "", "GET /b ")
+	f("GET", "/chunked", "", "part1,part2")
+}
+
+func TestEventLoopBackendClosingKeptAliveConnections(t *testing.T) {
+	// The backend closes every connection after one answer without saying
+	// so, as one whose idle timeout is shorter than edgelb's does.
+	addr := serveRaw(t, func(c net.Conn) {
+		var req fasthttp.Request
+		if req.Read(bufio.NewReader(c)) == nil {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+		time.Sleep(20 * time.Millisecond)
+	})
+	s := startEdge(t, "services:\n  web: {static: ["+addr+"], health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n")
+	c := dialEdge(t, s)
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for i := 0; i < 20; i++ {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+		var resp fasthttp.Response
+		if err := resp.Read(br); err != nil || resp.StatusCode() != 200 {
+			t.Fatalf("request %d: %v %d %q", i, err, resp.StatusCode(), resp.Header.Peek(HeaderError))
+		}
+		time.Sleep(30 * time.Millisecond)
+	}
+	if st := serviceStatus(s); st.Available != 1 {
+		t.Fatalf("the backend was taken out of rotation: %+v", st)
+	}
+}
+
+func TestEventLoopFailuresGoToAnotherBackend(t *testing.T) {
+	bad := rawOrigin(t, func() string {
+		return "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nbad"
+	})
+	good := startOrigin(t, "good", nil)
+	hang, err := net.Listen("tcp", "127.0.0.1:0") // accepts, never answers
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hang.Close() })
+	dead := deadAddr(t)
+	s := startEdge(t, "services:\n  web: {static: ["+bad+", "+good.addr+", "+hang.Addr().String()+", "+dead+
+		"], try_timeout: 200ms, retries: 3, health: {passive: {consecutive_gateway_failures: 1000, consecutive_5xx: 1000}}}\nroutes: [{service: web}]\n")
+	for i := 0; i < 30; i++ {
+		resp := do(t, s, "GET", "a", fmt.Sprintf("/%d", i))
+		if resp.StatusCode() != 200 || string(resp.Body()) != "hello from good" {
+			t.Fatalf("request %d: %d %q %q", i, resp.StatusCode(), resp.Header.Peek(HeaderError), resp.Body())
+		}
+	}
+}
+
+func TestEventLoopOff(t *testing.T) {
+	o := startOrigin(t, "a", nil)
+	s := startEdge(t, "server: {event_loop: false}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	if len(s.loops) != 0 {
+		t.Fatal("event loops started with event_loop: false")
+	}
+	if resp := do(t, s, "GET", "a", "/"); resp.StatusCode() != 200 || string(resp.Body()) != "hello from a" {
+		t.Fatalf("%d %q", resp.StatusCode(), resp.Body())
+	}
+}

@@ -1,0 +1,1052 @@
+//go:build linux
+
+package balancer
+
+import (
+	"bufio"
+	"bytes"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/health"
+)
+
+// An event loop serves the common request, a GET or HEAD answered with a
+// Content-Length body, without a goroutine per connection: one epoll
+// instance per loop, non-blocking sockets read and written with raw system
+// calls, and backend connections of its own. That is what nginx and
+// HAProxy do, and what forwarding at their CPU cost per request takes.
+//
+// Anything else (other methods, bodies, upgrades, odd heads, chunked
+// responses, backend failures) is handed with the bytes read so far to the
+// fasthttp server, which does the full job for the rest of the
+// connection's life: retries, stale answers, generated errors.
+
+const (
+	// laneReadBuf is a client connection's read buffer; a longer head goes
+	// to the full path.
+	laneReadBuf = 4 << 10
+	// laneBackendBuf is a backend connection's first read buffer.
+	laneBackendBuf = 16 << 10
+	// laneMaxResponse is the largest response (head and body) the loop
+	// buffers; a larger one goes to the full path, which streams it.
+	laneMaxResponse = 1 << 20
+	// laneSweep is how often in-flight requests are checked for timeouts.
+	laneSweep = 10 * time.Millisecond
+	// laneSlowHead is how long a client may take to send a head before
+	// its connection goes to the full path and its read timeout.
+	laneSlowHead = time.Second
+)
+
+// Client connection states.
+const (
+	lcIdle       = iota // waiting for a request
+	lcWaiting           // its request is with a backend
+	lcWriting           // a response is partly written
+	lcBackend           // a backend connection
+	lcConnecting        // a backend connection being established
+)
+
+// lconn is a socket the loop owns: a client's or a backend's.
+type lconn struct {
+	fd    int
+	state uint8
+	in    []byte
+	// lastActive is when the connection last moved (unix nano).
+	lastActive int64
+	// headSince is when the first byte of an incomplete head came.
+	headSince int64
+
+	// Client side.
+	ip      []byte // remote IP, as X-Forwarded-For carries it
+	req     laneRequest
+	pool    *Pool
+	peer    *lconn // the backend connection serving the request
+	start   time.Time
+	expires int64 // try deadline (unix nano)
+	pending []byte
+	waitIdx int // index in loop.waiting, -1 if none
+	closing bool
+	events  uint32 // what epoll reports for it
+
+	// Backend side.
+	backend *Backend
+	client  *lconn
+	out     []byte // request to write once connected
+	reused  bool
+	resp    laneResponse
+	parsed  bool
+}
+
+// loop is one event loop.
+type loop struct {
+	s     *Server
+	epfd  int
+	lfd   int
+	wake  [2]int // pipe: a byte written wakes the loop
+	conns []*lconn
+	idle  map[*Backend][]*lconn
+	// open counts the loop's connections to each backend, which share
+	// the backend's max_conns with the other loops.
+	open   map[*Backend]int
+	nloops int
+	// waiting holds the client connections with a request in flight.
+	waiting []*lconn
+	events  [256]syscall.EpollEvent
+	now     time.Time
+	nowNs   int64
+	out     []byte
+	iov     [2]syscall.Iovec
+	date    []byte
+	dateSec int64
+	hb      [128]byte
+
+	maxHead     int
+	idleTimeout int64
+	br          bytes.Reader
+	bufr        *bufio.Reader
+
+	lastSweep int64
+	lastIdle  int64
+	stopping  bool
+	// Scratch for the stale store, which takes fasthttp types.
+	sreq  fasthttp.Request
+	sresp fasthttp.Response
+
+	done chan struct{}
+}
+
+// laneSupported reports whether this platform has the event loop.
+const laneSupported = true
+
+// startLoops starts n event loops accepting on ln's socket.
+func (s *Server) startLoops(ln net.Listener, n int) error {
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return errNoLane
+	}
+	f, err := tl.File()
+	if err != nil {
+		return err
+	}
+	lfd := int(f.Fd())
+	// f keeps the duplicate open for as long as the loops run.
+	s.laneFile = f
+	if err := syscall.SetNonblock(lfd, true); err != nil {
+		return err
+	}
+	for i := 0; i < n; i++ {
+		l, err := newLoop(s, lfd, n)
+		if err != nil {
+			return err
+		}
+		s.loops = append(s.loops, l)
+		s.goSafe("event-loop", l.run)
+	}
+	return nil
+}
+
+func newLoop(s *Server, lfd, nloops int) (*loop, error) {
+	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	l := &loop{
+		s: s, epfd: epfd, lfd: lfd,
+		idle:        make(map[*Backend][]*lconn),
+		open:        make(map[*Backend]int),
+		nloops:      nloops,
+		maxHead:     min(laneReadBuf, s.cfg.Server.MaxHeaderBytes),
+		idleTimeout: int64(s.cfg.Server.IdleTimeout),
+		done:        make(chan struct{}),
+	}
+	if err := syscall.Pipe2(l.wake[:], syscall.O_NONBLOCK|syscall.O_CLOEXEC); err != nil {
+		syscall.Close(epfd)
+		return nil, err
+	}
+	const epollExclusive = 1 << 28
+	if err := l.ctl(syscall.EPOLL_CTL_ADD, lfd, syscall.EPOLLIN|epollExclusive); err != nil {
+		return nil, err
+	}
+	if err := l.ctl(syscall.EPOLL_CTL_ADD, l.wake[0], syscall.EPOLLIN); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *loop) ctl(op, fd int, events uint32) error {
+	ev := syscall.EpollEvent{Events: events, Fd: int32(fd)}
+	return syscall.EpollCtl(l.epfd, op, fd, &ev)
+}
+
+// stop asks the loop to finish the requests in flight and exit.
+func (l *loop) stop() {
+	syscall.Write(l.wake[1], []byte{1})
+}
+
+func (l *loop) run() {
+	defer close(l.done)
+	defer l.closeAll()
+	for {
+		timeout := int(laneSweep / time.Millisecond)
+		if len(l.waiting) == 0 {
+			timeout = 1000
+		}
+		n, err := syscall.EpollWait(l.epfd, l.events[:], timeout)
+		if err != nil && err != syscall.EINTR {
+			l.s.log.Error("event loop stopped", "err", err)
+			return
+		}
+		l.now = time.Now()
+		l.nowNs = l.now.UnixNano()
+		for i := 0; i < n; i++ {
+			ev := &l.events[i]
+			fd := int(ev.Fd)
+			switch {
+			case fd == l.lfd:
+				l.accept()
+			case fd == l.wake[0]:
+				l.beginStop()
+			default:
+				if fd < len(l.conns) && l.conns[fd] != nil {
+					l.onEvent(l.conns[fd], ev.Events)
+				}
+			}
+		}
+		if l.nowNs-l.lastSweep >= int64(laneSweep) {
+			l.lastSweep = l.nowNs
+			l.sweepTimeouts()
+			if l.nowNs-l.lastIdle >= int64(time.Second) {
+				l.lastIdle = l.nowNs
+				l.sweepIdle()
+			}
+		}
+		if l.stopping && len(l.waiting) == 0 && l.busy() == 0 {
+			return
+		}
+	}
+}
+
+// beginStop stops accepting and closes the client connections that have
+// no request in progress; the others close once answered.
+func (l *loop) beginStop() {
+	if l.stopping {
+		return
+	}
+	l.stopping = true
+	l.ctl(syscall.EPOLL_CTL_DEL, l.lfd, 0)
+	for _, c := range l.conns {
+		if c != nil && c.state == lcIdle && len(c.in) == 0 {
+			l.close(c)
+		}
+	}
+}
+
+// busy counts client connections still being served.
+func (l *loop) busy() int {
+	n := 0
+	for _, c := range l.conns {
+		if c != nil && c.state != lcBackend && c.state != lcConnecting {
+			n++
+		}
+	}
+	return n
+}
+
+func (l *loop) closeAll() {
+	for _, c := range l.conns {
+		if c != nil {
+			l.close(c)
+		}
+	}
+	syscall.Close(l.wake[0])
+	syscall.Close(l.wake[1])
+	syscall.Close(l.epfd)
+}
+
+func (l *loop) add(c *lconn, events uint32) bool {
+	for c.fd >= len(l.conns) {
+		l.conns = append(l.conns, nil)
+	}
+	l.conns[c.fd] = c
+	if err := l.ctl(syscall.EPOLL_CTL_ADD, c.fd, events); err != nil {
+		l.conns[c.fd] = nil
+		syscall.Close(c.fd)
+		return false
+	}
+	return true
+}
+
+// forget takes c out of the loop without closing its socket.
+func (l *loop) forget(c *lconn) {
+	l.ctl(syscall.EPOLL_CTL_DEL, c.fd, 0)
+	l.conns[c.fd] = nil
+	l.unwait(c)
+}
+
+func (l *loop) close(c *lconn) {
+	if c.fd < 0 {
+		return
+	}
+	l.forget(c)
+	if c.peer != nil {
+		// A client gone while its request is with a backend: the
+		// backend connection carries an answer nobody reads.
+		b := c.peer
+		c.peer, b.client = nil, nil
+		l.finishBackend(b, health.OutcomeCanceled, false)
+	}
+	if cl := c.client; cl != nil {
+		// Not expected: every path frees the client first. Do not leave
+		// it waiting.
+		c.client, cl.peer = nil, nil
+		c.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
+		cl.state = lcIdle
+		l.handOff(cl)
+	}
+	if c.backend != nil {
+		if l.open[c.backend]--; l.open[c.backend] <= 0 {
+			delete(l.open, c.backend)
+		}
+	}
+	syscall.Close(c.fd)
+	c.fd = -1
+}
+
+// maxConns is the loop's share of b's max_conns.
+func (l *loop) maxConns(b *Backend) int {
+	return max(1, b.maxConns/l.nloops)
+}
+
+func (l *loop) wait(c *lconn) {
+	c.waitIdx = len(l.waiting)
+	l.waiting = append(l.waiting, c)
+}
+
+func (l *loop) unwait(c *lconn) {
+	i := c.waitIdx
+	if i < 0 || i >= len(l.waiting) || l.waiting[i] != c {
+		return
+	}
+	last := l.waiting[len(l.waiting)-1]
+	l.waiting[i] = last
+	last.waitIdx = i
+	l.waiting = l.waiting[:len(l.waiting)-1]
+	c.waitIdx = -1
+}
+
+func (l *loop) accept() {
+	for {
+		fd, sa, err := syscall.Accept4(l.lfd, syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
+		if err != nil {
+			if err != syscall.EAGAIN && err != syscall.ECONNABORTED && err != syscall.EINTR {
+				laneAcceptErrors.Inc()
+			}
+			return
+		}
+		syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs}
+		c.ip = appendSockaddrIP(c.ip, sa)
+		c.events = syscall.EPOLLIN | syscall.EPOLLRDHUP
+		if !l.add(c, c.events) {
+			return
+		}
+	}
+}
+
+func appendSockaddrIP(dst []byte, sa syscall.Sockaddr) []byte {
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet4:
+		return netip.AddrFrom4(a.Addr).AppendTo(dst)
+	case *syscall.SockaddrInet6:
+		return netip.AddrFrom16(a.Addr).Unmap().AppendTo(dst)
+	}
+	return append(dst, "unknown"...)
+}
+
+func (l *loop) onEvent(c *lconn, ev uint32) {
+	switch c.state {
+	case lcConnecting:
+		l.onConnected(c)
+	case lcBackend:
+		l.onBackend(c)
+	case lcWriting:
+		if ev&syscall.EPOLLOUT != 0 {
+			l.flush(c)
+		} else if ev&(syscall.EPOLLHUP|syscall.EPOLLERR) != 0 {
+			l.close(c)
+		}
+	default:
+		if ev&(syscall.EPOLLHUP|syscall.EPOLLERR) != 0 {
+			l.close(c)
+			return
+		}
+		if c.state != lcIdle {
+			// Nothing is read while a request is in flight, as on the
+			// full path: a client that half-closes after its request
+			// still gets the answer.
+			l.arm(c, 0)
+			return
+		}
+		l.onClient(c)
+	}
+}
+
+// arm sets the events c waits for.
+func (l *loop) arm(c *lconn, events uint32) {
+	if c.events != events {
+		c.events = events
+		l.ctl(syscall.EPOLL_CTL_MOD, c.fd, events)
+	}
+}
+
+// onClient reads from a client connection and forwards what it can.
+func (l *loop) onClient(c *lconn) {
+	n, errno := rawRead(c.fd, c.in[len(c.in):cap(c.in)])
+	if n <= 0 {
+		if errno == syscall.EAGAIN {
+			return
+		}
+		l.close(c)
+		return
+	}
+	if len(c.in) == 0 {
+		c.headSince = l.nowNs
+	}
+	c.in = c.in[:len(c.in)+n]
+	c.lastActive = l.nowNs
+	l.serve(c)
+}
+
+// serve forwards the request at the start of c.in, or hands c over.
+func (l *loop) serve(c *lconn) {
+	switch parseLaneRequest(c.in, &c.req) {
+	case laneIncomplete:
+		if len(c.in) >= l.maxHead {
+			l.handOff(c)
+		}
+		return
+	case laneHandOff:
+		l.handOff(c)
+		return
+	}
+	if l.stopping || c.req.headLen > l.maxHead {
+		l.handOff(c)
+		return
+	}
+	r := &c.req
+	host := normalizeHost(l.hb[:0], r.host)
+	rt := l.s.routes.Load().match(host, r.path)
+	if rt == nil || rt.pool == nil {
+		l.handOff(c)
+		return
+	}
+	p := rt.pool
+	b := p.pick(l.nowNs, &tried{})
+	if b == nil || !b.ap.IsValid() {
+		l.handOff(c)
+		return
+	}
+	bc := l.backendConn(b)
+	if bc == nil {
+		l.handOff(c)
+		return
+	}
+	c.pool = p
+	c.peer, bc.client = bc, c
+	c.state = lcWaiting
+	c.start = l.now
+	try := p.cfg.TryTimeout
+	if p.cfg.Timeout < try {
+		try = p.cfg.Timeout
+	}
+	c.expires = l.nowNs + int64(try)
+	if bc.state == lcConnecting {
+		if d := l.nowNs + int64(p.cfg.ConnectTimeout); d < c.expires {
+			c.expires = d
+		}
+	}
+	l.wait(c)
+	b.target.Begin()
+
+	out := l.appendUpstreamRequest(bc.out[:0], c)
+	if bc.state == lcConnecting {
+		bc.out = out
+		return
+	}
+	l.send(bc, out)
+}
+
+// appendUpstreamRequest appends the request as it goes to the backend: the
+// client's head minus the dropped lines, then X-Forwarded-*.
+func (l *loop) appendUpstreamRequest(dst []byte, c *lconn) []byte {
+	r := &c.req
+	head := c.in[:r.headLen-2]
+	from := 0
+	for _, d := range r.drop[:r.ndrop] {
+		dst = append(dst, head[from:d[0]]...)
+		from = d[1]
+	}
+	dst = append(dst, head[from:]...)
+	dst = append(dst, strHeadXFF...)
+	if len(r.xff) > 0 {
+		dst = append(dst, r.xff...)
+		dst = append(dst, strCommaSpace...)
+	}
+	dst = append(dst, c.ip...)
+	dst = append(dst, strHeadXFP...)
+	dst = append(dst, r.host...)
+	return append(dst, strCRLFCRLF...)
+}
+
+// send writes the request to a connected backend connection.
+func (l *loop) send(bc *lconn, out []byte) {
+	n, errno := rawWrite(bc.fd, out)
+	bc.out = out[:0]
+	if n == len(out) {
+		return
+	}
+	_ = errno
+	// A backend socket that cannot take a small request at once is
+	// broken or closed.
+	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
+}
+
+// backendConn returns an idle connection to b, or starts a new one.
+func (l *loop) backendConn(b *Backend) *lconn {
+	if list := l.idle[b]; len(list) > 0 {
+		bc := list[len(list)-1]
+		l.idle[b] = list[:len(list)-1]
+		bc.reused = true
+		return bc
+	}
+	return l.dial(b)
+}
+
+func (l *loop) dial(b *Backend) *lconn {
+	if l.open[b] >= l.maxConns(b) {
+		// The full path's HostClient enforces the limit and answers
+		// overloaded.
+		return nil
+	}
+	sa := sockaddr(b.ap)
+	domain := syscall.AF_INET
+	if _, ok := sa.(*syscall.SockaddrInet6); ok {
+		domain = syscall.AF_INET6
+	}
+	fd, err := syscall.Socket(domain, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+	bc := &lconn{fd: fd, state: lcBackend, backend: b, waitIdx: -1, lastActive: l.nowNs}
+	err = syscall.Connect(fd, sa)
+	events := uint32(syscall.EPOLLIN | syscall.EPOLLRDHUP)
+	switch err {
+	case nil:
+	case syscall.EINPROGRESS:
+		bc.state = lcConnecting
+		events |= syscall.EPOLLOUT
+	default:
+		// Refused at once: the full path tries it and reports it.
+		syscall.Close(fd)
+		return nil
+	}
+	bc.events = events
+	if !l.add(bc, events) {
+		return nil
+	}
+	l.open[b]++
+	return bc
+}
+
+func (l *loop) onConnected(bc *lconn) {
+	if errno, err := syscall.GetsockoptInt(bc.fd, syscall.SOL_SOCKET, syscall.SO_ERROR); err != nil || errno != 0 {
+		l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
+		return
+	}
+	bc.state = lcBackend
+	l.arm(bc, syscall.EPOLLIN|syscall.EPOLLRDHUP)
+	if bc.client != nil {
+		l.send(bc, bc.out)
+	}
+}
+
+// onBackend reads a backend's response and answers the client once it is
+// complete.
+func (l *loop) onBackend(bc *lconn) {
+	if bc.in == nil {
+		bc.in = make([]byte, 0, laneBackendBuf)
+	}
+	if len(bc.in) == cap(bc.in) {
+		bc.in = append(bc.in[:cap(bc.in)], 0)[:len(bc.in)]
+	}
+	n, errno := rawRead(bc.fd, bc.in[len(bc.in):cap(bc.in)])
+	if n <= 0 {
+		if errno == syscall.EAGAIN {
+			return
+		}
+		c := bc.client
+		if c == nil {
+			l.dropIdle(bc)
+			return
+		}
+		if bc.reused && len(bc.in) == 0 {
+			// A kept-alive connection the backend had just closed: not
+			// the backend's failure. Resend on a new connection.
+			l.redial(bc)
+			return
+		}
+		l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
+		return
+	}
+	bc.in = bc.in[:len(bc.in)+n]
+	bc.lastActive = l.nowNs
+	c := bc.client
+	if c == nil {
+		// Bytes from an idle connection: nothing may come there.
+		l.dropIdle(bc)
+		return
+	}
+	if !bc.parsed {
+		switch parseLaneResponse(bc.in, c.req.head, &bc.resp) {
+		case laneIncomplete:
+			if len(bc.in) >= fasthttpHeadLimit {
+				l.abandon(bc)
+			}
+			return
+		case laneHandOff:
+			l.abandon(bc)
+			return
+		}
+		bc.parsed = true
+		p, r := c.pool, &bc.resp
+		if o, retryable := classifyStatus(r.status, r.retryAfter); retryable ||
+			(r.status >= 500 && r.status <= 504 && p.store != nil && p.staleOnStatus[r.status-500]) {
+			// Another backend or a stored answer may do better: that is
+			// the full path's job, as are retries.
+			l.tryElsewhere(bc, o)
+			return
+		}
+		if r.headLen+r.bodyLen > laneMaxResponse || r.bodyLen > p.cfg.MaxResponseBody {
+			// Large bodies stream on the full path.
+			l.abandon(bc)
+			return
+		}
+	}
+	total := bc.resp.headLen + bc.resp.bodyLen
+	if len(bc.in) < total {
+		if cap(bc.in) < total {
+			grown := make([]byte, len(bc.in), total)
+			copy(grown, bc.in)
+			bc.in = grown
+		}
+		return
+	}
+	if len(bc.in) > total {
+		// More than the response: the connection is out of step.
+		bc.resp.keepAlive = false
+	}
+	l.respond(c, bc)
+}
+
+// fasthttpHeadLimit bounds a backend's response head, as the HostClient's
+// read buffer does on the full path.
+const fasthttpHeadLimit = DefaultMaxHeaderBytes
+
+// respond answers c with the complete response in bc.in.
+func (l *loop) respond(c *lconn, bc *lconn) {
+	p, b, r := c.pool, bc.backend, &bc.resp
+	lat := l.now.Sub(c.start)
+	o, _ := classifyStatus(r.status, r.retryAfter)
+	b.target.Done(l.nowNs, o, lat)
+	p.m.requests.Inc()
+	b.m.requests.Inc()
+	b.m.latency.Update(lat)
+	b.m.status[statusClass(r.status)].Inc()
+	p.m.latency.Update(lat)
+
+	out := l.out[:0]
+	for _, k := range r.keep[:r.nkeep] {
+		out = append(out, bc.in[k[0]:k[1]]...)
+	}
+	if !r.hasDate {
+		out = append(out, strHeadDate...)
+		out = append(out, l.httpDate()...)
+		out = append(out, strCRLF...)
+	}
+	if l.stopping {
+		out = append(out, "Connection: close\r\n"...)
+		c.closing = true
+	}
+	out = append(out, strCRLF...)
+	body := bc.in[r.headLen : r.headLen+r.bodyLen]
+
+	if p.store != nil && !c.req.head && p.storeWants(l, c, r) {
+		l.save(p, c, out, body)
+	}
+
+	c.peer, bc.client = nil, nil
+	l.unwait(c)
+	reqLen := c.req.headLen
+	if len(body) <= 4096 {
+		// Fast path: one write of head and body.
+		out = append(out, body...)
+		l.out = out
+		n, errno := rawWrite(c.fd, out)
+		l.releaseBackend(bc)
+		l.afterWrite(c, out, n, errno, reqLen)
+		return
+	}
+	l.out = out
+	n, errno := rawWritev(c.fd, &l.iov, out, body)
+	var rest []byte
+	if n < len(out) {
+		rest = append(append(rest, out[max(n, 0):]...), body...)
+	} else if n < len(out)+len(body) {
+		rest = append(rest, body[n-len(out):]...)
+	}
+	l.releaseBackend(bc)
+	if n < 0 && errno != syscall.EAGAIN {
+		l.afterWrite(c, rest, -1, errno, reqLen)
+		return
+	}
+	l.afterWrite(c, rest, 0, 0, reqLen)
+}
+
+// afterWrite follows a write of w to the client, n bytes of which went
+// (-1 and errno on an error): it keeps the rest for EPOLLOUT, or goes on
+// to the next request.
+func (l *loop) afterWrite(c *lconn, w []byte, n int, errno syscall.Errno, reqLen int) {
+	c.in = c.in[:copy(c.in, c.in[reqLen:])]
+	if n < 0 {
+		if errno != syscall.EAGAIN {
+			l.close(c)
+			return
+		}
+		n = 0
+	}
+	if n < len(w) {
+		c.pending = append(c.pending[:0], w[n:]...)
+		c.state = lcWriting
+		l.arm(c, syscall.EPOLLOUT)
+		return
+	}
+	l.next(c)
+}
+
+// next makes c ready for its next request.
+func (l *loop) next(c *lconn) {
+	c.state = lcIdle
+	c.pool = nil
+	if c.closing {
+		l.close(c)
+		return
+	}
+	c.lastActive = l.nowNs
+	c.headSince = l.nowNs
+	l.arm(c, syscall.EPOLLIN|syscall.EPOLLRDHUP)
+	if len(c.in) > 0 {
+		l.serve(c)
+	}
+}
+
+func (l *loop) flush(c *lconn) {
+	n, errno := rawWrite(c.fd, c.pending)
+	if n < 0 {
+		if errno != syscall.EAGAIN {
+			l.close(c)
+		}
+		return
+	}
+	c.pending = c.pending[n:]
+	c.lastActive = l.nowNs
+	if len(c.pending) > 0 {
+		return
+	}
+	c.pending = nil
+	l.next(c)
+}
+
+// releaseBackend returns bc to the idle list of its backend, or closes it.
+func (l *loop) releaseBackend(bc *lconn) {
+	keep := bc.resp.keepAlive && len(bc.in) == bc.resp.headLen+bc.resp.bodyLen && !l.stopping
+	bc.parsed = false
+	if cap(bc.in) > laneBackendBuf*4 {
+		bc.in = nil
+	} else {
+		bc.in = bc.in[:0]
+	}
+	if !keep {
+		l.close(bc)
+		return
+	}
+	bc.lastActive = l.nowNs
+	l.idle[bc.backend] = append(l.idle[bc.backend], bc)
+}
+
+// dropIdle closes an idle backend connection the backend closed.
+func (l *loop) dropIdle(bc *lconn) {
+	list := l.idle[bc.backend]
+	for i, x := range list {
+		if x == bc {
+			list[i] = list[len(list)-1]
+			l.idle[bc.backend] = list[:len(list)-1]
+			break
+		}
+	}
+	if len(l.idle[bc.backend]) == 0 {
+		delete(l.idle, bc.backend)
+	}
+	l.close(bc)
+}
+
+// finishBackend ends the request on bc with outcome o and closes it.
+func (l *loop) finishBackend(bc *lconn, o health.Outcome, counted bool) {
+	c := bc.client
+	if c != nil {
+		c.peer, bc.client = nil, nil
+	}
+	lat := time.Duration(0)
+	if c != nil && counted {
+		lat = l.now.Sub(c.start)
+	}
+	bc.backend.target.Done(l.nowNs, o, lat)
+	l.close(bc)
+}
+
+// backendFailed records a failed try on bc's backend and hands its client
+// to the full path, which tries another backend, serves stale or answers
+// with the error. Only requests safe to repeat take the loop.
+func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
+	c := bc.client
+	bc.backend.m.errors[code].Inc()
+	bc.backend.m.requests.Inc()
+	laneFallbacks.Inc()
+	l.finishBackend(bc, o, true)
+	if c != nil {
+		c.state = lcIdle
+		l.handOff(c)
+	}
+}
+
+// tryElsewhere records a backend's answer that another backend may
+// better, and hands the client to the full path, which asks again.
+func (l *loop) tryElsewhere(bc *lconn, o health.Outcome) {
+	c, b := bc.client, bc.backend
+	b.m.requests.Inc()
+	b.m.status[statusClass(bc.resp.status)].Inc()
+	if o == health.OutcomeOverloaded {
+		b.m.errors[errOverloaded].Inc()
+	}
+	laneFallbacks.Inc()
+	c.peer, bc.client = nil, nil
+	b.target.Done(l.nowNs, o, l.now.Sub(c.start))
+	bc.parsed = false
+	bc.in = bc.in[:0]
+	l.close(bc)
+	c.state = lcIdle
+	l.handOff(c)
+}
+
+// abandon gives up on a response the loop does not forward itself: the
+// full path asks again and handles it, and the try counts for nothing.
+func (l *loop) abandon(bc *lconn) {
+	c := bc.client
+	laneFallbacks.Inc()
+	l.finishBackend(bc, health.OutcomeCanceled, false)
+	if c != nil {
+		c.state = lcIdle
+		l.handOff(c)
+	}
+}
+
+// redial resends the request of a kept-alive connection that turned out
+// closed on a new connection.
+func (l *loop) redial(bc *lconn) {
+	c := bc.client
+	b := bc.backend
+	c.peer, bc.client = nil, nil
+	l.close(bc)
+	nb := l.dial(b)
+	if nb == nil {
+		b.target.Done(l.nowNs, health.OutcomeCanceled, 0)
+		c.state = lcIdle
+		l.handOff(c)
+		return
+	}
+	c.peer, nb.client = nb, c
+	out := l.appendUpstreamRequest(nb.out[:0], c)
+	if nb.state == lcConnecting {
+		nb.out = out
+		return
+	}
+	l.send(nb, out)
+}
+
+// sweepTimeouts fails the requests past their try deadline.
+func (l *loop) sweepTimeouts() {
+	for i := 0; i < len(l.waiting); {
+		c := l.waiting[i]
+		if l.nowNs < c.expires || c.peer == nil {
+			i++
+			continue
+		}
+		bc := c.peer
+		if bc.state == lcConnecting {
+			l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
+		} else {
+			l.backendFailed(bc, health.OutcomeTimeout, errTimeout)
+		}
+		// backendFailed took c off the list: look at index i again.
+	}
+}
+
+// sweepIdle closes idle connections past their time and hands slow heads
+// to the full path and its read timeout.
+func (l *loop) sweepIdle() {
+	idleClient := l.idleTimeout
+	for _, c := range l.conns {
+		if c == nil {
+			continue
+		}
+		switch c.state {
+		case lcIdle:
+			if len(c.in) > 0 && l.nowNs-c.headSince > int64(laneSlowHead) {
+				l.handOff(c)
+			} else if len(c.in) == 0 && l.nowNs-c.lastActive > idleClient {
+				l.close(c)
+			}
+		case lcWriting:
+			if l.nowNs-c.lastActive > idleClient {
+				l.close(c)
+			}
+		case lcBackend:
+			if c.client == nil && l.nowNs-c.lastActive > int64(c.backend.idleFor) {
+				l.dropIdle(c)
+			}
+		}
+	}
+}
+
+// httpDate returns the current time as an HTTP Date, formatted once a
+// second.
+func (l *loop) httpDate() []byte {
+	if sec := l.nowNs / int64(time.Second); sec != l.dateSec || l.date == nil {
+		l.dateSec = sec
+		l.date = l.now.UTC().AppendFormat(l.date[:0], time.RFC1123)
+		l.date = append(l.date[:len(l.date)-3], "GMT"...)
+	}
+	return l.date
+}
+
+// handOff gives c, with the bytes read from it so far, to the fasthttp
+// server.
+func (l *loop) handOff(c *lconn) {
+	laneHandoffs.Inc()
+	l.forget(c)
+	fd := c.fd
+	c.fd = -1
+	if l.stopping {
+		syscall.Close(fd)
+		return
+	}
+	f := os.NewFile(uintptr(fd), "")
+	nc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		l.s.log.Warn("cannot hand a connection to the server", "err", err)
+		return
+	}
+	var pre []byte
+	if len(c.in) > 0 {
+		pre = append(pre, c.in...)
+	}
+	l.s.handoff.push(&prefixConn{Conn: nc, pre: pre})
+}
+
+// storeWants reports whether the stale store is due a copy of r, the
+// answer to c's request; the store rate-limits its writes per URL.
+func (p *Pool) storeWants(l *loop, c *lconn, r *laneResponse) bool {
+	if r.vary {
+		return true
+	}
+	return p.store.Due(l.now, strHTTP, c.req.host, c.req.uri)
+}
+
+// save stores the response in the stale store (slow path: at most once per
+// URL and refresh interval).
+func (l *loop) save(p *Pool, c *lconn, head, body []byte) {
+	req, resp := &l.sreq, &l.sresp
+	req.Reset()
+	resp.Reset()
+	req.Header.DisableNormalizing()
+	resp.Header.DisableNormalizing()
+	if err := req.Header.Read(l.reader(c.in[:c.req.headLen])); err != nil {
+		return
+	}
+	if err := resp.Header.Read(l.reader(head)); err != nil {
+		return
+	}
+	resp.SetBodyRaw(body)
+	p.store.Save(l.now, strHTTP, req, resp)
+}
+
+// reader returns a reader of b, reused.
+func (l *loop) reader(b []byte) *bufio.Reader {
+	l.br.Reset(b)
+	if l.bufr == nil {
+		l.bufr = bufio.NewReaderSize(&l.br, laneReadBuf)
+	} else {
+		l.bufr.Reset(&l.br)
+	}
+	return l.bufr
+}
+
+func rawRead(fd int, p []byte) (int, syscall.Errno) {
+	if len(p) == 0 {
+		return 0, 0
+	}
+	n, _, e := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	if e != 0 {
+		return -1, e
+	}
+	return int(n), 0
+}
+
+func rawWrite(fd int, p []byte) (int, syscall.Errno) {
+	if len(p) == 0 {
+		return 0, 0
+	}
+	n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	if e != 0 {
+		return -1, e
+	}
+	return int(n), 0
+}
+
+func rawWritev(fd int, iov *[2]syscall.Iovec, a, b []byte) (int, syscall.Errno) {
+	iov[0].Base, iov[0].Len = &a[0], uint64(len(a))
+	iov[1].Base, iov[1].Len = &b[0], uint64(len(b))
+	n, _, e := syscall.RawSyscall(syscall.SYS_WRITEV, uintptr(fd), uintptr(unsafe.Pointer(&iov[0])), 2)
+	iov[0].Base, iov[1].Base = nil, nil
+	if e != 0 {
+		return -1, e
+	}
+	return int(n), 0
+}
+
+// sockaddr returns a new socket address for ap: syscall.Connect writes into
+// the one it is given, so loops cannot share one.
+func sockaddr(ap netip.AddrPort) syscall.Sockaddr {
+	if a := ap.Addr().Unmap(); a.Is4() {
+		return &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: a.As4()}
+	}
+	return &syscall.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+}
