@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"strings"
@@ -27,13 +28,14 @@ func waitBody(t *testing.T, s *Server, host, path, want string) time.Duration {
 	var got string
 	for time.Since(start) < 20*time.Second {
 		resp := do(t, s, "GET", host, path)
-		got = fmt.Sprintf("%d %s %s", resp.StatusCode(), resp.Header.Peek(HeaderError), resp.Body())
+		got = fmt.Sprintf("%d %s %s (Cache-Status %q)", resp.StatusCode(), resp.Header.Peek(HeaderError), resp.Body(), resp.Header.Peek("Cache-Status"))
 		if strings.Contains(got, want) {
 			return time.Since(start)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
-	t.Fatalf("GET %s%s: got %q, want %q", host, path, got, want)
+	st, _ := json.Marshal(s.Status())
+	t.Fatalf("GET %s%s: got %q, want %q; status: %s", host, path, got, want, st)
 	return 0
 }
 

@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"bytes"
+	"encoding/binary"
 )
 
 // The event loop (see loop_linux.go) forwards the common request itself
@@ -10,20 +11,27 @@ import (
 // anything unusual goes to the full path, which parses and answers it.
 
 var (
-	strCRLF           = []byte("\r\n")
-	strCRLFCRLF       = []byte("\r\n\r\n")
-	strHTTP11         = []byte("HTTP/1.1")
-	strHost           = []byte("Host")
-	strContentLength  = []byte("Content-Length")
-	strTransferEnc    = []byte("Transfer-Encoding")
-	strExpect         = []byte("Expect")
-	strVary           = []byte("Vary")
-	strGET            = []byte("GET")
-	strHEAD           = []byte("HEAD")
-	strHeadXFF        = []byte("X-Forwarded-For: ")
-	strHeadXFP        = []byte("\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
-	strHeadDate       = []byte("Date: ")
-	strHeadContentLen = []byte("Content-Length: ")
+	strCRLF               = []byte("\r\n")
+	strCRLFCRLF           = []byte("\r\n\r\n")
+	strHTTP11             = []byte("HTTP/1.1")
+	strHost               = []byte("Host")
+	strContentLength      = []byte("Content-Length")
+	strTransferEnc        = []byte("Transfer-Encoding")
+	strExpect             = []byte("Expect")
+	strVary               = []byte("Vary")
+	strTE                 = []byte("TE")
+	strTrailer            = []byte("Trailer")
+	strUpgrade            = []byte("Upgrade")
+	strKeepAliveName      = []byte("Keep-Alive")
+	strProxyConnection    = []byte("Proxy-Connection")
+	strProxyAuthenticate  = []byte("Proxy-Authenticate")
+	strProxyAuthorization = []byte("Proxy-Authorization")
+	strGET                = []byte("GET")
+	strHEAD               = []byte("HEAD")
+	strHeadXFF            = []byte("X-Forwarded-For: ")
+	strHeadXFP            = []byte("\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
+	strHeadDate           = []byte("Date: ")
+	strHeadContentLen     = []byte("Content-Length: ")
 )
 
 // laneRequest is a request head the event loop forwards itself.
@@ -55,15 +63,18 @@ const (
 // (one that fasthttp's path normalization leaves as it is), well-formed
 // header lines and no hop-by-hop header but Connection: keep-alive.
 func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
-	end := bytes.Index(buf, strCRLFCRLF)
-	if end < 0 {
-		if len(buf) >= 2 && buf[0] == '\r' {
-			return laneHandOff
-		}
+	if len(buf) > 0 && buf[0] == '\r' {
+		return laneHandOff
+	}
+	eol := bytes.IndexByte(buf, '\n')
+	if eol < 0 {
 		return laneIncomplete
 	}
-	*r = laneRequest{headLen: end + 4}
-	line, rest, _ := bytes.Cut(buf[:end+2], strCRLF)
+	if eol == 0 || buf[eol-1] != '\r' {
+		return laneHandOff
+	}
+	*r = laneRequest{}
+	line := buf[:eol-1]
 	switch {
 	case bytes.HasPrefix(line, strGET) && len(line) > 3 && line[3] == ' ':
 		line = line[4:]
@@ -83,59 +94,51 @@ func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
 		return laneHandOff
 	}
 	r.path = path
-	block := buf[:end+2]
-	for off := len(block) - len(rest); off < len(block); {
-		name, value, n := nextHeader(block[off:])
-		if n == 0 {
+	for off := eol + 1; ; {
+		name, value, n := nextHeader(buf[off:])
+		switch {
+		case n < 0:
+			return laneIncomplete
+		case n == 0:
 			return laneHandOff
 		}
 		start := off
 		off += n
-		switch name[0] | 0x20 {
-		case 'h':
-			if bytes.EqualFold(name, strHost) {
-				if r.host != nil || len(value) == 0 {
-					return laneHandOff
-				}
-				r.host = value
+		if name == nil {
+			r.headLen = off
+			break
+		}
+		switch headerKindOf(name) {
+		case hkOther:
+		case hkHost:
+			if r.host != nil || len(value) == 0 {
+				return laneHandOff
 			}
-		case 'x':
-			if len(name) < 15 || !bytes.EqualFold(name[:12], strXForwardedFor[:12]) {
-				break
+			r.host = value
+		case hkXForwardedFor:
+			if r.xff != nil || r.ndrop == len(r.drop) {
+				return laneHandOff
 			}
-			switch {
-			case bytes.EqualFold(name, strXForwardedFor):
-				if r.xff != nil {
-					return laneHandOff
-				}
-				r.xff = value
-			case bytes.EqualFold(name, strXForwardedProto), bytes.EqualFold(name, strXForwardedHost):
-			default:
-				continue
-			}
+			r.xff = value
+			r.drop[r.ndrop] = [2]int{start, off}
+			r.ndrop++
+		case hkXForwardedProto, hkXForwardedHost:
 			if r.ndrop == len(r.drop) {
 				return laneHandOff
 			}
 			r.drop[r.ndrop] = [2]int{start, off}
 			r.ndrop++
-		case 'c':
-			if bytes.EqualFold(name, strConnection) {
-				if !bytes.EqualFold(value, strKeepAlive) || r.ndrop == len(r.drop) {
-					return laneHandOff
-				}
-				r.drop[r.ndrop] = [2]int{start, off}
-				r.ndrop++
-			} else if bytes.EqualFold(name, strContentLength) {
+		case hkConnection:
+			if !bytes.EqualFold(value, strKeepAlive) || r.ndrop == len(r.drop) {
 				return laneHandOff
 			}
-		case 'e':
-			if bytes.EqualFold(name, strExpect) {
-				return laneHandOff
-			}
-		case 'k', 'p', 't', 'u':
-			if isHopHeader(name) {
-				return laneHandOff
-			}
+			r.drop[r.ndrop] = [2]int{start, off}
+			r.ndrop++
+		case hkDate, hkVary, hkRetryAfter:
+		default:
+			// Content-Length, Transfer-Encoding, Expect and the other
+			// hop-by-hop headers.
+			return laneHandOff
 		}
 	}
 	if r.host == nil {
@@ -181,12 +184,76 @@ func dotSegment(s []byte) bool {
 	return len(s) == 1 || len(s) == 2 && s[1] == '.'
 }
 
-// nextHeader parses the header line at the start of b, which ends in
-// CRLF: it returns the name, the value without surrounding whitespace and
-// the line's length, CRLF included. n is 0 for a line it refuses: folded
-// onto the previous one, with an empty or non-token name, or a value
-// holding a control byte other than tab.
+// headerKind names the headers the event loop looks at.
+type headerKind uint8
+
+const (
+	hkOther headerKind = iota
+	hkHost
+	hkConnection
+	hkContentLength
+	hkTransferEncoding
+	hkExpect
+	hkDate
+	hkVary
+	hkRetryAfter
+	hkXForwardedFor
+	hkXForwardedProto
+	hkXForwardedHost
+	hkHop // another hop-by-hop header
+)
+
+// headerKindOf classifies a header name, whatever its case. It compares
+// only the names of the same length and first letter: most names match
+// none.
+func headerKindOf(name []byte) headerKind {
+	if len(name) >= len(headerKindsByLen) {
+		return hkOther
+	}
+	for _, e := range headerKindsByLen[len(name)] {
+		if e.name[0]|0x20 == name[0]|0x20 && bytes.EqualFold(name, e.name) {
+			return e.kind
+		}
+	}
+	return hkOther
+}
+
+type headerKindName struct {
+	kind headerKind
+	name []byte
+}
+
+// headerKindsByLen lists the named header kinds by name length.
+var headerKindsByLen = func() (t [20][]headerKindName) {
+	for _, e := range []headerKindName{
+		{hkHost, strHost}, {hkDate, strDate}, {hkVary, strVary}, {hkExpect, strExpect},
+		{hkConnection, strConnection}, {hkRetryAfter, strRetryAfter}, {hkContentLength, strContentLength},
+		{hkTransferEncoding, strTransferEnc}, {hkXForwardedFor, strXForwardedFor},
+		{hkXForwardedProto, strXForwardedProto}, {hkXForwardedHost, strXForwardedHost},
+		{hkHop, strTE}, {hkHop, strTrailer}, {hkHop, strUpgrade}, {hkHop, strKeepAliveName},
+		{hkHop, strProxyConnection}, {hkHop, strProxyAuthenticate}, {hkHop, strProxyAuthorization},
+	} {
+		t[len(e.name)] = append(t[len(e.name)], e)
+	}
+	return t
+}()
+
+// nextHeader parses the header line at the start of b: it returns the
+// name, the value without surrounding whitespace and the line's length,
+// CRLF included. The blank line that ends a head has a nil name and n 2.
+// n is -1 when b ends before the line does, and 0 for a line it refuses:
+// folded onto the previous one, with an empty or non-token name, a bare LF,
+// or a value holding a control byte other than tab.
 func nextHeader(b []byte) (name, value []byte, n int) {
+	if len(b) > 0 && b[0] == '\r' {
+		switch {
+		case len(b) == 1:
+			return nil, nil, -1
+		case b[1] == '\n':
+			return nil, nil, 2
+		}
+		return nil, nil, 0
+	}
 	colon := 0
 	for colon < len(b) && b[colon] != ':' {
 		if !tokenChars[b[colon]] {
@@ -194,14 +261,18 @@ func nextHeader(b []byte) (name, value []byte, n int) {
 		}
 		colon++
 	}
-	if colon == 0 || colon == len(b) {
+	if colon == len(b) {
+		return nil, nil, -1
+	}
+	if colon == 0 {
 		return nil, nil, 0
 	}
-	i := colon + 1
-	for i < len(b) && (b[i] >= 0x20 && b[i] != 0x7f || b[i] == '\t') {
-		i++
+	lf := bytes.IndexByte(b[colon:], '\n')
+	if lf < 0 {
+		return nil, nil, -1
 	}
-	if i+1 >= len(b) || b[i] != '\r' || b[i+1] != '\n' {
+	i := colon + lf - 1 // the CR before LF
+	if b[i] != '\r' || hasControl(b[colon+1:i]) {
 		return nil, nil, 0
 	}
 	value = b[colon+1 : i]
@@ -212,6 +283,26 @@ func nextHeader(b []byte) (name, value []byte, n int) {
 		value = value[:len(value)-1]
 	}
 	return b[:colon], value, i + 2
+}
+
+// hasControl reports whether v holds a control byte other than tab:
+// eight bytes at a time, then byte by byte from the first word that may.
+func hasControl(v []byte) bool {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	for len(v) >= 8 {
+		w := binary.LittleEndian.Uint64(v)
+		del := w ^ 0x7f7f7f7f7f7f7f7f
+		if (w-0x20*ones)&^w&highs != 0 || (del-ones)&^del&highs != 0 {
+			break
+		}
+		v = v[8:]
+	}
+	for _, c := range v {
+		if c < 0x20 && c != '\t' || c == 0x7f {
+			return true
+		}
+	}
+	return false
 }
 
 // tokenChars holds the bytes that may appear in a header name (RFC 9110
@@ -250,12 +341,15 @@ type laneResponse struct {
 // or keep-alive, Keep-Alive, and the other fixed ones. Transfer-Encoding,
 // a close-delimited body or anything unclear returns laneHandOff.
 func parseLaneResponse(buf []byte, head bool, r *laneResponse) laneVerdict {
-	end := bytes.Index(buf, strCRLFCRLF)
-	if end < 0 {
+	eol := bytes.IndexByte(buf, '\n')
+	if eol < 0 {
 		return laneIncomplete
 	}
-	*r = laneResponse{headLen: end + 4, keepAlive: true}
-	line, _, _ := bytes.Cut(buf[:end+2], strCRLF)
+	if eol == 0 || buf[eol-1] != '\r' {
+		return laneHandOff
+	}
+	*r = laneResponse{keepAlive: true}
+	line := buf[:eol-1]
 	if len(line) < 12 || !bytes.Equal(line[:8], strHTTP11) || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
 		return laneHandOff
 	}
@@ -271,55 +365,51 @@ func parseLaneResponse(buf []byte, head bool, r *laneResponse) laneVerdict {
 	noBody := head || r.status == 204 || r.status == 304
 	keepFrom := 0
 	cl := -1
-	block := buf[:end+2]
-	for off := len(line) + 2; off < len(block); {
-		name, value, n := nextHeader(block[off:])
-		if n == 0 {
+	blank := 0
+	for off := eol + 1; ; {
+		name, value, n := nextHeader(buf[off:])
+		switch {
+		case n < 0:
+			return laneIncomplete
+		case n == 0:
 			return laneHandOff
 		}
 		start := off
 		off += n
-		switch name[0] | 0x20 {
-		case 'c':
-			if bytes.EqualFold(name, strContentLength) {
-				n, ok := parseContentLength(value)
-				if !ok || cl >= 0 {
-					return laneHandOff
-				}
-				cl = n
-				continue
-			}
-		case 'd':
-			if bytes.EqualFold(name, strDate) {
-				if !bytes.Equal(name, strDate) {
-					return laneHandOff
-				}
-				r.hasDate = true
-			}
+		if name == nil {
+			r.headLen, blank = off, start
+			break
+		}
+		switch headerKindOf(name) {
+		case hkOther, hkHost, hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkExpect:
 			continue
-		case 't':
-			if bytes.EqualFold(name, strTransferEnc) {
+		case hkContentLength:
+			n, ok := parseContentLength(value)
+			if !ok || cl >= 0 {
 				return laneHandOff
 			}
-		case 'v':
-			if bytes.EqualFold(name, strVary) {
-				r.vary = true
-			}
+			cl = n
 			continue
-		case 'r':
-			if bytes.EqualFold(name, strRetryAfter) {
-				r.retryAfter = len(value) > 0
-			}
-			continue
-		}
-		if !isHopHeader(name) {
-			continue
-		}
-		if bytes.EqualFold(name, strConnection) {
-			if !namesNoHeader(value) {
+		case hkDate:
+			if !bytes.Equal(name, strDate) {
 				return laneHandOff
 			}
-			if hasToken(value, strClose) {
+			r.hasDate = true
+			continue
+		case hkVary:
+			r.vary = true
+			continue
+		case hkRetryAfter:
+			r.retryAfter = len(value) > 0
+			continue
+		case hkTransferEncoding:
+			return laneHandOff
+		case hkConnection:
+			switch {
+			case bytes.EqualFold(value, strKeepAlive):
+			case !namesNoHeader(value):
+				return laneHandOff
+			case hasToken(value, strClose):
 				r.keepAlive = false
 			}
 		}
@@ -342,7 +432,7 @@ func parseLaneResponse(buf []byte, head bool, r *laneResponse) laneVerdict {
 	if r.nkeep == len(r.keep) {
 		return laneHandOff
 	}
-	r.keep[r.nkeep] = [2]int{keepFrom, end + 2}
+	r.keep[r.nkeep] = [2]int{keepFrom, blank}
 	r.nkeep++
 	return laneForward
 }

@@ -17,6 +17,7 @@ func TestParseLaneRequest(t *testing.T) {
 	f("HEAD /x?y=%2F HTTP/1.1\r\nhost:a\r\nAccept: */*\r\n\r\n", laneForward)
 	f("GET /a/.well-known/b HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n", laneForward)
 	f("GET / HTTP/1.1\r\nHost:\ta \r\nX-A: b\tc\r\n\r\n", laneForward)
+	f("GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\tGecko/20100101 \xc3\xa9t\xc3\xa9\r\n\r\n", laneForward)
 	f("GET / HTTP/1.1\r\nHost: a\r\n", laneIncomplete)
 	f("GET / HTTP/1.1\r\nHo", laneIncomplete)
 
@@ -40,6 +41,8 @@ func TestParseLaneRequest(t *testing.T) {
 	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\nX-B: 2\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x00\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r2\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 0123456789abcdef\x7fghij\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: 0123456789\x1fabcdefghij\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nX-A 1\r\n\r\n", laneHandOff)
 	f("GET /a/../admin HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
@@ -101,6 +104,11 @@ func TestParseLaneResponse(t *testing.T) {
 	f("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", true, laneForward, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n", 0, true)
 	f("HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", false, laneForward, "HTTP/1.1 200\r\nContent-Length: 0\r\n", 0, true)
 	f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", false, laneIncomplete, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nContent-Le", false, laneIncomplete, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nContent-Length: 2\r", false, laneIncomplete, "", 0, false)
+	f("HTTP/1.1 200 OK\r", false, laneIncomplete, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nX: 1\r\n\rX", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
 
 	f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, laneHandOff, "", 0, false)
 	f("HTTP/1.1 200 OK\r\nServer: o\r\n\r\n", false, laneHandOff, "", 0, false)

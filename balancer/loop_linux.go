@@ -73,7 +73,10 @@ type lconn struct {
 	pending []byte
 	waitIdx int // index in loop.waiting, -1 if none
 	closing bool
-	events  uint32 // what epoll reports for it
+	// readable is set when the socket may hold bytes not read yet.
+	readable bool
+	// eof is set once the client has shut its sending side.
+	eof bool
 
 	// Backend side.
 	backend *Backend
@@ -353,8 +356,7 @@ func (l *loop) accept() {
 		syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs}
 		c.ip = appendSockaddrIP(c.ip, sa)
-		c.events = syscall.EPOLLIN | syscall.EPOLLRDHUP
-		if !l.add(c, c.events) {
+		if !l.add(c, connEvents) {
 			return
 		}
 	}
@@ -370,57 +372,73 @@ func appendSockaddrIP(dst []byte, sa syscall.Sockaddr) []byte {
 	return append(dst, "unknown"...)
 }
 
+// connEvents is what every connection waits for, edge-triggered: a
+// connection is read until a short read, and a write that could not
+// finish waits for EPOLLOUT, so no epoll_ctl follows the first.
+const connEvents uint32 = syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP | epollET
+
+const readEvents uint32 = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLHUP | syscall.EPOLLERR
+
+// epollET is EPOLLET, which package syscall declares as a negative int.
+const epollET = 1 << 31
+
 func (l *loop) onEvent(c *lconn, ev uint32) {
 	switch c.state {
 	case lcConnecting:
 		l.onConnected(c)
 	case lcBackend:
-		l.onBackend(c)
-	case lcWriting:
-		if ev&syscall.EPOLLOUT != 0 {
-			l.flush(c)
-		} else if ev&(syscall.EPOLLHUP|syscall.EPOLLERR) != 0 {
-			l.close(c)
+		if ev&readEvents != 0 {
+			l.onBackend(c)
 		}
 	default:
-		if ev&(syscall.EPOLLHUP|syscall.EPOLLERR) != 0 {
-			l.close(c)
-			return
+		if ev&readEvents != 0 {
+			c.readable = true
 		}
-		if c.state != lcIdle {
-			// Nothing is read while a request is in flight, as on the
-			// full path: a client that half-closes after its request
-			// still gets the answer.
-			l.arm(c, 0)
-			return
+		switch c.state {
+		case lcWriting:
+			if ev&(syscall.EPOLLOUT|syscall.EPOLLHUP|syscall.EPOLLERR) != 0 {
+				l.flush(c)
+			}
+		case lcIdle:
+			if c.readable {
+				l.onClient(c)
+			}
 		}
-		l.onClient(c)
-	}
-}
-
-// arm sets the events c waits for.
-func (l *loop) arm(c *lconn, events uint32) {
-	if c.events != events {
-		c.events = events
-		l.ctl(syscall.EPOLL_CTL_MOD, c.fd, events)
+		// Nothing is read while a request is in flight, as on the full
+		// path: a client that half-closes after its request still gets
+		// the answer. next reads what came meanwhile.
 	}
 }
 
 // onClient reads from a client connection and forwards what it can.
 func (l *loop) onClient(c *lconn) {
-	n, errno := rawRead(c.fd, c.in[len(c.in):cap(c.in)])
-	if n <= 0 {
-		if errno == syscall.EAGAIN {
+	if space := cap(c.in) - len(c.in); space > 0 && !c.eof {
+		n, errno := rawRead(c.fd, c.in[len(c.in):cap(c.in)])
+		// A short read drained the socket; a full one may have left more.
+		c.readable = n == space
+		switch {
+		case n > 0:
+			if len(c.in) == 0 {
+				c.headSince = l.nowNs
+			}
+			c.in = c.in[:len(c.in)+n]
+			c.lastActive = l.nowNs
+		case errno == syscall.EAGAIN:
+		case n == 0:
+			// The client is done sending; what it sent is still
+			// answered.
+			c.eof = true
+		default:
+			l.close(c)
 			return
 		}
-		l.close(c)
-		return
 	}
 	if len(c.in) == 0 {
-		c.headSince = l.nowNs
+		if c.eof {
+			l.close(c)
+		}
+		return
 	}
-	c.in = c.in[:len(c.in)+n]
-	c.lastActive = l.nowNs
 	l.serve(c)
 }
 
@@ -428,8 +446,11 @@ func (l *loop) onClient(c *lconn) {
 func (l *loop) serve(c *lconn) {
 	switch parseLaneRequest(c.in, &c.req) {
 	case laneIncomplete:
-		if len(c.in) >= l.maxHead {
+		switch {
+		case len(c.in) >= l.maxHead:
 			l.handOff(c)
+		case c.eof:
+			l.close(c)
 		}
 		return
 	case laneHandOff:
@@ -547,19 +568,16 @@ func (l *loop) dial(b *Backend) *lconn {
 	syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 	bc := &lconn{fd: fd, state: lcBackend, backend: b, waitIdx: -1, lastActive: l.nowNs}
 	err = syscall.Connect(fd, sa)
-	events := uint32(syscall.EPOLLIN | syscall.EPOLLRDHUP)
 	switch err {
 	case nil:
 	case syscall.EINPROGRESS:
 		bc.state = lcConnecting
-		events |= syscall.EPOLLOUT
 	default:
 		// Refused at once: the full path tries it and reports it.
 		syscall.Close(fd)
 		return nil
 	}
-	bc.events = events
-	if !l.add(bc, events) {
+	if !l.add(bc, connEvents) {
 		return nil
 	}
 	l.open[b]++
@@ -572,7 +590,6 @@ func (l *loop) onConnected(bc *lconn) {
 		return
 	}
 	bc.state = lcBackend
-	l.arm(bc, syscall.EPOLLIN|syscall.EPOLLRDHUP)
 	if bc.client != nil {
 		l.send(bc, bc.out)
 	}
@@ -581,32 +598,56 @@ func (l *loop) onConnected(bc *lconn) {
 // onBackend reads a backend's response and answers the client once it is
 // complete.
 func (l *loop) onBackend(bc *lconn) {
-	if bc.in == nil {
-		bc.in = make([]byte, 0, laneBackendBuf)
+	for {
+		if bc.in == nil {
+			bc.in = make([]byte, 0, laneBackendBuf)
+		}
+		if len(bc.in) == cap(bc.in) {
+			if cap(bc.in) >= laneMaxResponse+fasthttpHeadLimit {
+				// More than the loop ever forwards: what is read already
+				// says that the full path takes it.
+				break
+			}
+			bc.in = append(bc.in[:cap(bc.in)], 0)[:len(bc.in)]
+		}
+		space := cap(bc.in) - len(bc.in)
+		n, errno := rawRead(bc.fd, bc.in[len(bc.in):cap(bc.in)])
+		if n <= 0 {
+			if errno == syscall.EAGAIN {
+				break
+			}
+			l.backendClosed(bc)
+			return
+		}
+		bc.in = bc.in[:len(bc.in)+n]
+		if n < space {
+			break
+		}
 	}
-	if len(bc.in) == cap(bc.in) {
-		bc.in = append(bc.in[:cap(bc.in)], 0)[:len(bc.in)]
-	}
-	n, errno := rawRead(bc.fd, bc.in[len(bc.in):cap(bc.in)])
-	if n <= 0 {
-		if errno == syscall.EAGAIN {
-			return
-		}
-		c := bc.client
-		if c == nil {
-			l.dropIdle(bc)
-			return
-		}
-		if bc.reused && len(bc.in) == 0 {
-			// A kept-alive connection the backend had just closed: not
-			// the backend's failure. Resend on a new connection.
-			l.redial(bc)
-			return
-		}
-		l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
+	if len(bc.in) == 0 {
 		return
 	}
-	bc.in = bc.in[:len(bc.in)+n]
+	l.onResponseBytes(bc)
+}
+
+// backendClosed handles a backend connection's end of file or error.
+func (l *loop) backendClosed(bc *lconn) {
+	c := bc.client
+	if c == nil {
+		l.dropIdle(bc)
+		return
+	}
+	if bc.reused && len(bc.in) == 0 {
+		// A kept-alive connection the backend had just closed: not the
+		// backend's failure. Resend on a new connection.
+		l.redial(bc)
+		return
+	}
+	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
+}
+
+// onResponseBytes goes on with the response bytes in bc.in.
+func (l *loop) onResponseBytes(bc *lconn) {
 	bc.lastActive = l.nowNs
 	c := bc.client
 	if c == nil {
@@ -735,7 +776,6 @@ func (l *loop) afterWrite(c *lconn, w []byte, n int, errno syscall.Errno, reqLen
 	if n < len(w) {
 		c.pending = append(c.pending[:0], w[n:]...)
 		c.state = lcWriting
-		l.arm(c, syscall.EPOLLOUT)
 		return
 	}
 	l.next(c)
@@ -751,9 +791,13 @@ func (l *loop) next(c *lconn) {
 	}
 	c.lastActive = l.nowNs
 	c.headSince = l.nowNs
-	l.arm(c, syscall.EPOLLIN|syscall.EPOLLRDHUP)
-	if len(c.in) > 0 {
+	switch {
+	case c.readable:
+		l.onClient(c)
+	case len(c.in) > 0:
 		l.serve(c)
+	case c.eof:
+		l.close(c)
 	}
 }
 
@@ -1009,11 +1053,15 @@ func (l *loop) reader(b []byte) *bufio.Reader {
 	return l.bufr
 }
 
+// rawRead and rawWrite are recv and send on a non-blocking socket: the
+// system call without the runtime's scheduler hooks, which a call that
+// never blocks does not need, and without the file layer read and write
+// go through.
 func rawRead(fd int, p []byte) (int, syscall.Errno) {
 	if len(p) == 0 {
 		return 0, 0
 	}
-	n, _, e := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	n, _, e := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), 0, 0, 0)
 	if e != 0 {
 		return -1, e
 	}
@@ -1024,7 +1072,7 @@ func rawWrite(fd int, p []byte) (int, syscall.Errno) {
 	if len(p) == 0 {
 		return 0, 0
 	}
-	n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	n, _, e := syscall.RawSyscall6(syscall.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), syscall.MSG_NOSIGNAL, 0, 0)
 	if e != 0 {
 		return -1, e
 	}
