@@ -5,6 +5,7 @@ package balancer
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -89,12 +90,19 @@ type lconn struct {
 
 // loop is one event loop.
 type loop struct {
-	s     *Server
-	epfd  int
-	lfd   int
-	wake  [2]int // pipe: a byte written wakes the loop
-	conns []*lconn
-	idle  map[*Backend][]*lconn
+	s    *Server
+	epfd int
+	ep   *os.File
+	rc   syscall.RawConn
+	// deadline is the ep read deadline set last (unix nano).
+	deadline int64
+	pollFn   func(uintptr) bool
+	polled   int
+	pollErr  syscall.Errno
+	lfd      int
+	wake     [2]int // pipe: a byte written wakes the loop
+	conns    []*lconn
+	idle     map[*Backend][]*lconn
 	// open counts the loop's connections to each backend, which share
 	// the backend's max_conns with the other loops.
 	open   map[*Backend]int
@@ -169,8 +177,21 @@ func newLoop(s *Server, lfd, nloops int) (*loop, error) {
 		idleTimeout: int64(s.cfg.Server.IdleTimeout),
 		done:        make(chan struct{}),
 	}
-	if err := syscall.Pipe2(l.wake[:], syscall.O_NONBLOCK|syscall.O_CLOEXEC); err != nil {
+	if err := syscall.SetNonblock(epfd, true); err != nil {
 		syscall.Close(epfd)
+		return nil, err
+	}
+	// A non-blocking descriptor makes a pollable file.
+	l.ep = os.NewFile(uintptr(epfd), "edgelb-epoll")
+	rc, err := l.ep.SyscallConn()
+	if err != nil {
+		l.ep.Close()
+		return nil, err
+	}
+	l.rc = rc
+	l.pollFn = l.poll
+	if err := syscall.Pipe2(l.wake[:], syscall.O_NONBLOCK|syscall.O_CLOEXEC); err != nil {
+		l.ep.Close()
 		return nil, err
 	}
 	const epollExclusive = 1 << 28
@@ -197,12 +218,8 @@ func (l *loop) run() {
 	defer close(l.done)
 	defer l.closeAll()
 	for {
-		timeout := int(laneSweep / time.Millisecond)
-		if len(l.waiting) == 0 {
-			timeout = 1000
-		}
-		n, err := syscall.EpollWait(l.epfd, l.events[:], timeout)
-		if err != nil && err != syscall.EINTR {
+		n, err := l.wait()
+		if err != nil {
 			l.s.log.Error("event loop stopped", "err", err)
 			return
 		}
@@ -215,6 +232,8 @@ func (l *loop) run() {
 			case fd == l.lfd:
 				l.accept()
 			case fd == l.wake[0]:
+				var b [8]byte
+				rawRead(l.wake[0], b[:])
 				l.beginStop()
 			default:
 				if fd < len(l.conns) && l.conns[fd] != nil {
@@ -234,6 +253,48 @@ func (l *loop) run() {
 			return
 		}
 	}
+}
+
+// wait returns the number of events in l.events, waiting for some or for
+// the next sweep. The loop's epoll descriptor is itself in Go's network
+// poller: when nothing is ready the goroutine parks as any network
+// goroutine does, instead of blocking its thread in a system call, which
+// would have the runtime take the thread's P away and hand it back at
+// every idle moment.
+func (l *loop) wait() (int, error) {
+	next := l.lastSweep + int64(laneSweep)
+	if len(l.waiting) == 0 {
+		next = l.lastIdle + int64(time.Second)
+	}
+	if next != l.deadline {
+		l.deadline = next
+		l.ep.SetReadDeadline(time.Unix(0, next))
+	}
+	err := l.rc.Read(l.pollFn)
+	n, errno := l.polled, l.pollErr
+	switch {
+	case errno != 0 && errno != syscall.EINTR:
+		return 0, errno
+	case err != nil && !errors.Is(err, os.ErrDeadlineExceeded):
+		return 0, err
+	}
+	return max(n, 0), nil
+}
+
+// poll is the RawConn.Read callback of wait, made once as l.pollFn so that
+// waiting allocates nothing.
+func (l *loop) poll(uintptr) bool {
+	l.polled, l.pollErr = rawEpollWait(l.epfd, l.events[:])
+	return l.polled != 0 || (l.pollErr != 0 && l.pollErr != syscall.EINTR)
+}
+
+// rawEpollWait polls the epoll descriptor without blocking.
+func rawEpollWait(epfd int, events []syscall.EpollEvent) (int, syscall.Errno) {
+	n, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_PWAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if e != 0 {
+		return -1, e
+	}
+	return int(n), 0
 }
 
 // beginStop stops accepting and closes the client connections that have
@@ -270,7 +331,7 @@ func (l *loop) closeAll() {
 	}
 	syscall.Close(l.wake[0])
 	syscall.Close(l.wake[1])
-	syscall.Close(l.epfd)
+	l.ep.Close()
 }
 
 func (l *loop) add(c *lconn, events uint32) bool {
@@ -327,7 +388,7 @@ func (l *loop) maxConns(b *Backend) int {
 	return max(1, b.maxConns/l.nloops)
 }
 
-func (l *loop) wait(c *lconn) {
+func (l *loop) addWaiting(c *lconn) {
 	c.waitIdx = len(l.waiting)
 	l.waiting = append(l.waiting, c)
 }
@@ -493,7 +554,7 @@ func (l *loop) serve(c *lconn) {
 			c.expires = d
 		}
 	}
-	l.wait(c)
+	l.addWaiting(c)
 	b.target.Begin()
 
 	out := l.appendUpstreamRequest(bc.out[:0], c)
