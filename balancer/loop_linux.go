@@ -35,6 +35,9 @@ const (
 	laneReadBuf = 4 << 10
 	// laneBackendBuf is a backend connection's first read buffer.
 	laneBackendBuf = 16 << 10
+	// laneKeepBuf is the largest read buffer an idle backend connection
+	// keeps for its next response.
+	laneKeepBuf = 256 << 10
 	// laneMaxResponse is the largest response (head and body) the loop
 	// buffers; a larger one goes to the full path, which streams it.
 	laneMaxResponse = 1 << 20
@@ -883,7 +886,7 @@ func (l *loop) flush(c *lconn) {
 func (l *loop) releaseBackend(bc *lconn) {
 	keep := bc.resp.keepAlive && len(bc.in) == bc.resp.headLen+bc.resp.bodyLen && !l.stopping
 	bc.parsed = false
-	if cap(bc.in) > laneBackendBuf*4 {
+	if cap(bc.in) > laneKeepBuf {
 		bc.in = nil
 	} else {
 		bc.in = bc.in[:0]
