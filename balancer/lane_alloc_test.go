@@ -17,15 +17,27 @@ import (
 // client's loop nor the origin allocates in steady state, so what is
 // counted is the edge's.
 func TestEventLoopGetAllocatesNothing(t *testing.T) {
+	t.Run("plain", func(t *testing.T) { testEventLoopAllocs(t, false) })
+	// A Vary answer has the stale store check the request's variant.
+	t.Run("vary", func(t *testing.T) { testEventLoopAllocs(t, true) })
+}
+
+func testEventLoopAllocs(t *testing.T, vary bool) {
 	body := bytes.Repeat([]byte("x"), 64)
-	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.SetBody(body) })
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		if vary {
+			ctx.Response.Header.Set("Vary", "Accept-Encoding, Accept-Language")
+		}
+		ctx.SetBody(body)
+	})
 	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
 	c, err := net.Dial("tcp", s.Addr())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	req := []byte("GET /static/app.js?v=1 HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-For: 198.51.100.1\r\nConnection: keep-alive\r\n\r\n")
+	req := []byte("GET /static/app.js?v=1 HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-For: 198.51.100.1\r\n" +
+		"Accept-Encoding: gzip, br\r\nConnection: keep-alive\r\n\r\n")
 	// The answer's length, from a first exchange.
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	c.Write(req)

@@ -3,6 +3,7 @@ package balancer
 import (
 	"bytes"
 	"encoding/binary"
+	"iter"
 )
 
 // The event loop (see loop_linux.go) forwards the common request itself
@@ -19,6 +20,7 @@ var (
 	strTransferEnc        = []byte("Transfer-Encoding")
 	strExpect             = []byte("Expect")
 	strVary               = []byte("Vary")
+	strChunked            = []byte("chunked")
 	strTE                 = []byte("TE")
 	strTrailer            = []byte("Trailer")
 	strUpgrade            = []byte("Upgrade")
@@ -285,6 +287,21 @@ func nextHeader(b []byte) (name, value []byte, n int) {
 	return b[:colon], value, i + 2
 }
 
+// eachHeader yields the name and value of each header line of a head
+// that parseLaneRequest or parseLaneResponse accepted.
+func eachHeader(head []byte) iter.Seq2[[]byte, []byte] {
+	return func(yield func(k, v []byte) bool) {
+		off := bytes.IndexByte(head, '\n') + 1
+		for off > 0 && off < len(head) {
+			name, value, n := nextHeader(head[off:])
+			if n <= 0 || name == nil || !yield(name, value) {
+				return
+			}
+			off += n
+		}
+	}
+}
+
 // hasControl reports whether v holds a control byte other than tab:
 // eight bytes at a time, then byte by byte from the first word that may.
 func hasControl(v []byte) bool {
@@ -328,6 +345,9 @@ type laneResponse struct {
 	hasDate    bool
 	vary       bool
 	retryAfter bool
+	// chunked is a body in chunked transfer coding; bodyLen is then 0
+	// and the loop decodes it, to answer with a Content-Length.
+	chunked bool
 	// keep holds the [start, end) ranges of the head that go to the
 	// client: all of it but the hop-by-hop header lines.
 	keep  [8][2]int
@@ -403,7 +423,10 @@ func parseLaneResponse(buf []byte, head bool, r *laneResponse) laneVerdict {
 			r.retryAfter = len(value) > 0
 			continue
 		case hkTransferEncoding:
-			return laneHandOff
+			if r.chunked || !bytes.EqualFold(value, strChunked) {
+				return laneHandOff
+			}
+			r.chunked = true
 		case hkConnection:
 			switch {
 			case bytes.EqualFold(value, strKeepAlive):
@@ -423,10 +446,17 @@ func parseLaneResponse(buf []byte, head bool, r *laneResponse) laneVerdict {
 		}
 		keepFrom = off
 	}
-	if cl < 0 && !noBody {
+	switch {
+	case noBody:
+		r.chunked = false
+	case r.chunked:
+		if cl >= 0 {
+			// Both framings: a request smuggler's favourite.
+			return laneHandOff
+		}
+	case cl < 0:
 		return laneHandOff
-	}
-	if !noBody {
+	default:
 		r.bodyLen = cl
 	}
 	if r.nkeep == len(r.keep) {
@@ -435,6 +465,102 @@ func parseLaneResponse(buf []byte, head bool, r *laneResponse) laneVerdict {
 	r.keep[r.nkeep] = [2]int{keepFrom, blank}
 	r.nkeep++
 	return laneForward
+}
+
+// scanChunked looks at the chunked body at the start of b: it returns the
+// decoded length and the length of b the body takes, trailers and final
+// CRLF included. It says laneIncomplete until the body is all there, and
+// laneHandOff for a malformed body or one decoding to more than max bytes.
+func scanChunked(b []byte, max int) (bodyLen, n int, v laneVerdict) {
+	off := 0
+	for {
+		eol := bytes.IndexByte(b[off:], '\n')
+		if eol < 0 {
+			if len(b)-off > maxChunkLine {
+				return 0, 0, laneHandOff
+			}
+			return 0, 0, laneIncomplete
+		}
+		line := b[off : off+eol]
+		off += eol + 1
+		if len(line) == 0 || line[len(line)-1] != '\r' {
+			return 0, 0, laneHandOff
+		}
+		line = line[:len(line)-1]
+		if i := bytes.IndexByte(line, ';'); i >= 0 {
+			line = line[:i] // chunk extensions
+		}
+		size, ok := parseChunkSize(bytes.TrimRight(line, " \t"))
+		if !ok || bodyLen+size > max {
+			return 0, 0, laneHandOff
+		}
+		if size == 0 {
+			// Trailer lines, dropped, then the blank line.
+			for {
+				eol := bytes.IndexByte(b[off:], '\n')
+				if eol < 0 {
+					return 0, 0, laneIncomplete
+				}
+				if eol == 0 || b[off+eol-1] != '\r' {
+					return 0, 0, laneHandOff
+				}
+				off += eol + 1
+				if eol == 1 {
+					return bodyLen, off, laneForward
+				}
+			}
+		}
+		if len(b)-off < size+2 {
+			return 0, 0, laneIncomplete
+		}
+		if b[off+size] != '\r' || b[off+size+1] != '\n' {
+			return 0, 0, laneHandOff
+		}
+		bodyLen += size
+		off += size + 2
+	}
+}
+
+// appendDechunked appends the data of the chunked body b, which
+// scanChunked found complete and well-formed.
+func appendDechunked(dst, b []byte) []byte {
+	off := 0
+	for {
+		eol := bytes.IndexByte(b[off:], '\n')
+		line := b[off : off+eol-1]
+		off += eol + 1
+		if i := bytes.IndexByte(line, ';'); i >= 0 {
+			line = line[:i]
+		}
+		size, _ := parseChunkSize(bytes.TrimRight(line, " \t"))
+		if size == 0 {
+			return dst
+		}
+		dst = append(dst, b[off:off+size]...)
+		off += size + 2
+	}
+}
+
+// maxChunkLine bounds a chunk-size line, extensions included.
+const maxChunkLine = 4096
+
+// parseChunkSize parses a chunk size of at most 8 hex digits.
+func parseChunkSize(v []byte) (int, bool) {
+	if len(v) == 0 || len(v) > 8 {
+		return 0, false
+	}
+	n := 0
+	for _, c := range v {
+		switch {
+		case c >= '0' && c <= '9':
+			n = n<<4 | int(c-'0')
+		case c|0x20 >= 'a' && c|0x20 <= 'f':
+			n = n<<4 | int(c|0x20-'a'+10)
+		default:
+			return 0, false
+		}
+	}
+	return n, true
 }
 
 // parseContentLength parses a Content-Length value of at most 15 digits.

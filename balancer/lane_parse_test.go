@@ -110,7 +110,10 @@ func TestParseLaneResponse(t *testing.T) {
 	f("HTTP/1.1 200 OK\r\nX: 1\r\n\rX", false, laneHandOff, "", 0, false)
 	f("HTTP/1.1 200 OK\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
 
-	f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX: 1\r\n\r\n", false, laneForward, "HTTP/1.1 200 OK\r\nX: 1\r\n", 0, true)
+	f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", false, laneHandOff, "", 0, false)
+	f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", false, laneHandOff, "", 0, false)
 	f("HTTP/1.1 200 OK\r\nServer: o\r\n\r\n", false, laneHandOff, "", 0, false)
 	f("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
 	f("HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n", false, laneHandOff, "", 0, false)
@@ -120,4 +123,35 @@ func TestParseLaneResponse(t *testing.T) {
 	f("HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
 	f("HTTP/1.1 200 OK\r\nDATE: x\r\nContent-Length: 2\r\n\r\n", false, laneHandOff, "", 0, false)
 	f("garbage\r\n\r\n", false, laneHandOff, "", 0, false)
+}
+
+func TestScanChunked(t *testing.T) {
+	f := func(body string, max int, want laneVerdict, wantData string) {
+		t.Helper()
+		n, used, v := scanChunked([]byte(body), max)
+		if v != want {
+			t.Fatalf("%q: verdict %d, want %d", body, v, want)
+		}
+		if v != laneForward {
+			return
+		}
+		if got := string(appendDechunked(nil, []byte(body)[:used])); got != wantData || n != len(wantData) {
+			t.Fatalf("%q: decoded %q (%d), want %q", body, got, n, wantData)
+		}
+		if used != len(body) && !strings.HasPrefix(body[used:], "NEXT") {
+			t.Fatalf("%q: took %d bytes", body, used)
+		}
+	}
+	f("0\r\n\r\n", 10, laneForward, "")
+	f("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", 100, laneForward, "hello world")
+	f("5;ext=1\r\nhello\r\nA \r\n0123456789\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT", 100, laneForward, "hello0123456789")
+	f("5\r\nhel", 100, laneIncomplete, "")
+	f("5\r\nhello\r\n0\r\n", 100, laneIncomplete, "")
+	f("5\r\nhello\r\n", 100, laneIncomplete, "")
+	f("5\r\nhello\r\n0\r\n\r\n", 4, laneHandOff, "")
+	f("5\r\nhelloXX0\r\n\r\n", 100, laneHandOff, "")
+	f("x\r\n", 100, laneHandOff, "")
+	f("-1\r\n", 100, laneHandOff, "")
+	f("123456789\r\n", 1<<40, laneHandOff, "")
+	f("5\nhello\r\n0\r\n\r\n", 100, laneHandOff, "")
 }

@@ -181,14 +181,6 @@ func TestEventLoopSlowReader(t *testing.T) {
 
 func TestEventLoopHandsOffWhatItDoesNotServe(t *testing.T) {
 	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
-		if string(ctx.Path()) == "/chunked" {
-			ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
-				w.WriteString("part1,")
-				w.Flush()
-				w.WriteString("part2")
-			})
-			return
-		}
 		fmt.Fprintf(ctx, "%s %s %s", ctx.Method(), ctx.Path(), ctx.PostBody())
 	})
 	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
@@ -210,7 +202,45 @@ func TestEventLoopHandsOffWhatItDoesNotServe(t *testing.T) {
 	f("POST", "/form", "a=1", "POST /form a=1")
 	f("DELETE", "/x", "", "DELETE /x ")
 	f("GET", "/a/../b", "", "GET /b ")
-	f("GET", "/chunked", "", "part1,part2")
+}
+
+func TestEventLoopDecodesChunkedResponses(t *testing.T) {
+	big := strings.Repeat("0123456789", 30000)
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		ctx.SetBodyStreamWriter(func(w *bufio.Writer) {
+			w.WriteString("part1,")
+			w.Flush()
+			if string(ctx.Path()) == "/big" {
+				w.WriteString(big)
+				w.Flush()
+			}
+			w.WriteString("part2")
+		})
+	})
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	h0, hits0 := laneHandoffs.Get(), o.hits.Load()
+	for _, c := range []struct{ path, want string }{{"/", "part1,part2"}, {"/big", "part1," + big + "part2"}} {
+		rs := exchange(t, s, "GET "+c.path+" HTTP/1.1\r\nHost: a\r\n\r\nGET "+c.path+" HTTP/1.1\r\nHost: a\r\n\r\n", false, 2)
+		for _, resp := range rs {
+			if resp.StatusCode() != 200 || string(resp.Body()) != c.want || resp.Header.ContentLength() != len(c.want) {
+				t.Fatalf("%s: %d, %d bytes, Content-Length %d", c.path, resp.StatusCode(), len(resp.Body()), resp.Header.ContentLength())
+			}
+		}
+	}
+	if laneHandoffs.Get() != h0 {
+		t.Fatal("chunked responses left the event loop")
+	}
+	if n := o.hits.Load() - hits0; n != 4 {
+		t.Fatalf("the origin got %d requests for 4", n)
+	}
+	// A malformed chunked body is the full path's, which says so.
+	bad := rawOrigin(t, func() string {
+		return "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+	})
+	s = startEdge(t, "services:\n  web: {static: ["+bad+"]}\nroutes: [{service: web}]\n")
+	if resp := do(t, s, "GET", "a", "/"); resp.StatusCode() != 502 || string(resp.Header.Peek(HeaderError)) != "upstream_invalid_response" {
+		t.Fatalf("malformed chunked body: %d %q", resp.StatusCode(), resp.Header.Peek(HeaderError))
+	}
 }
 
 func TestEventLoopBackendClosingKeptAliveConnections(t *testing.T) {

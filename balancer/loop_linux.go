@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"syscall"
 	"time"
 	"unsafe"
@@ -116,10 +117,14 @@ type loop struct {
 	now     time.Time
 	nowNs   int64
 	out     []byte
-	iov     [2]syscall.Iovec
-	date    []byte
-	dateSec int64
-	hb      [128]byte
+	body    []byte // a decoded chunked body
+	// For the stale store's Vary check.
+	vary       [][]byte
+	reqHeaders [][2][]byte
+	iov        [2]syscall.Iovec
+	date       []byte
+	dateSec    int64
+	hb         [128]byte
 
 	maxHead     int
 	idleTimeout int64
@@ -745,6 +750,28 @@ func (l *loop) onResponseBytes(bc *lconn) {
 			return
 		}
 	}
+	r := &bc.resp
+	if r.chunked {
+		limit := min(laneMaxResponse, c.pool.cfg.MaxResponseBody)
+		bodyLen, n, v := scanChunked(bc.in[r.headLen:], limit)
+		switch v {
+		case laneIncomplete:
+			return
+		case laneHandOff:
+			l.abandon(bc)
+			return
+		}
+		if len(bc.in) > r.headLen+n {
+			r.keepAlive = false
+		}
+		l.body = appendDechunked(l.body[:0], bc.in[r.headLen:r.headLen+n])
+		bc.in = bc.in[:r.headLen+n]
+		if len(l.body) != bodyLen {
+			panic("BUG: chunked body decoded to another length than scanned")
+		}
+		l.respond(c, bc, l.body, true)
+		return
+	}
 	total := bc.resp.headLen + bc.resp.bodyLen
 	if len(bc.in) < total {
 		if cap(bc.in) < total {
@@ -758,15 +785,17 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		// More than the response: the connection is out of step.
 		bc.resp.keepAlive = false
 	}
-	l.respond(c, bc)
+	l.respond(c, bc, bc.in[r.headLen:total], false)
 }
 
 // fasthttpHeadLimit bounds a backend's response head, as the HostClient's
 // read buffer does on the full path.
 const fasthttpHeadLimit = DefaultMaxHeaderBytes
 
-// respond answers c with the complete response in bc.in.
-func (l *loop) respond(c *lconn, bc *lconn) {
+// respond answers c with the response whose head is in bc.in and whose
+// body is body; withLength adds the Content-Length the head lacks (a
+// decoded chunked body).
+func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	p, b, r := c.pool, bc.backend, &bc.resp
 	lat := l.now.Sub(c.start)
 	o, _ := classifyStatus(r.status, r.retryAfter)
@@ -786,14 +815,18 @@ func (l *loop) respond(c *lconn, bc *lconn) {
 		out = append(out, l.httpDate()...)
 		out = append(out, strCRLF...)
 	}
+	if withLength {
+		out = append(out, strHeadContentLen...)
+		out = strconv.AppendInt(out, int64(len(body)), 10)
+		out = append(out, strCRLF...)
+	}
 	if l.stopping {
 		out = append(out, "Connection: close\r\n"...)
 		c.closing = true
 	}
 	out = append(out, strCRLF...)
-	body := bc.in[r.headLen : r.headLen+r.bodyLen]
 
-	if p.store != nil && !c.req.head && p.storeWants(l, c, r) {
+	if p.store != nil && !c.req.head && l.storeWants(p, c, bc) {
 		l.save(p, c, out, body)
 	}
 
@@ -884,7 +917,7 @@ func (l *loop) flush(c *lconn) {
 
 // releaseBackend returns bc to the idle list of its backend, or closes it.
 func (l *loop) releaseBackend(bc *lconn) {
-	keep := bc.resp.keepAlive && len(bc.in) == bc.resp.headLen+bc.resp.bodyLen && !l.stopping
+	keep := bc.resp.keepAlive && !l.stopping
 	bc.parsed = false
 	if cap(bc.in) > laneKeepBuf {
 		bc.in = nil
@@ -1079,13 +1112,22 @@ func (l *loop) handOff(c *lconn) {
 	l.s.handoff.push(&prefixConn{Conn: nc, pre: pre})
 }
 
-// storeWants reports whether the stale store is due a copy of r, the
-// answer to c's request; the store rate-limits its writes per URL.
-func (p *Pool) storeWants(l *loop, c *lconn, r *laneResponse) bool {
-	if r.vary {
-		return true
+// storeWants reports whether the stale store is due a copy of the answer
+// in bc to c's request; the store rate-limits its writes per URL.
+func (l *loop) storeWants(p *Pool, c, bc *lconn) bool {
+	if !bc.resp.vary {
+		return p.store.Due(l.now, strHTTP, c.req.host, c.req.uri, nil, nil)
 	}
-	return p.store.Due(l.now, strHTTP, c.req.host, c.req.uri)
+	l.vary, l.reqHeaders = l.vary[:0], l.reqHeaders[:0]
+	for k, v := range eachHeader(bc.in[:bc.resp.headLen]) {
+		if headerKindOf(k) == hkVary {
+			l.vary = append(l.vary, v)
+		}
+	}
+	for k, v := range eachHeader(c.in[:c.req.headLen]) {
+		l.reqHeaders = append(l.reqHeaders, [2][]byte{k, v})
+	}
+	return p.store.Due(l.now, strHTTP, c.req.host, c.req.uri, l.vary, l.reqHeaders)
 }
 
 // save stores the response in the stale store (slow path: at most once per

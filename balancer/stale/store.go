@@ -227,13 +227,25 @@ func statusIndex(st int) int {
 
 // Due reports whether Save may store a new answer for the URL at host and
 // uri (its request target as received) now: false when one was stored
-// less than RefreshInterval ago. It holds for a response without Vary; it
-// allocates nothing, so a caller can skip building the request and
-// response Save takes.
-func (s *Store) Due(now time.Time, scheme, host, uri []byte) bool {
+// less than RefreshInterval ago. For a response with Vary, vary holds its
+// Vary values and reqHeaders the request's headers as name, value pairs;
+// both are empty otherwise. It lets a caller skip building the request and
+// response Save takes, and allocates nothing.
+func (s *Store) Due(now time.Time, scheme, host, uri []byte, vary [][]byte, reqHeaders [][2][]byte) bool {
 	b := getBuf()
 	defer putBuf(b)
+	b.vary = b.vary[:0]
+	star := false
+	for _, v := range vary {
+		b.vary = appendVaryNames(b.vary, v, &star)
+	}
+	if star || len(b.vary) > maxVaryNames {
+		return false
+	}
 	b.key = appendKeyParts(b.key[:0], scheme, host, uri)
+	if len(b.vary) > 0 {
+		b.key = appendVariantKeyFrom(b.key, 0, b.vary, reqHeaders)
+	}
 	if len(b.key) > maxKeyLen {
 		return false
 	}

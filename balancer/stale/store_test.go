@@ -118,6 +118,43 @@ func TestRefreshInterval(t *testing.T) {
 	}
 }
 
+// Due agrees with Save's own refresh check, Vary variants included.
+func TestDue(t *testing.T) {
+	s := New(Config{MaxBytes: 1 << 20, RefreshInterval: time.Minute})
+	t0 := time.Now()
+	due := func(now time.Time, uri string, vary []string, req *fasthttp.Request) bool {
+		t.Helper()
+		var varyValues [][]byte
+		for _, v := range vary {
+			varyValues = append(varyValues, []byte(v))
+		}
+		var headers [][2][]byte
+		for k, v := range req.Header.All() {
+			headers = append(headers, [2][]byte{k, v})
+		}
+		return s.Due(now, schemeHTTP, []byte("a"), []byte(uri), varyValues, headers)
+	}
+	plain, en, fr := newReq("GET", "a", "/p"), newReq("GET", "a", "/v", "Accept-Language", "en"), newReq("GET", "a", "/v", "Accept-Language", "fr")
+	vary := []string{"Accept-Language"}
+	if !due(t0, "/p", nil, plain) || !due(t0, "/v", vary, en) {
+		t.Fatal("not due before any save")
+	}
+	s.Save(t0, schemeHTTP, plain, newResp(200, "p"))
+	s.Save(t0, schemeHTTP, en, newResp(200, "hello", "Vary", "Accept-Language"))
+	if due(t0.Add(time.Second), "/p", nil, plain) || due(t0.Add(time.Second), "/v", vary, en) {
+		t.Fatal("due a second after a save")
+	}
+	if !due(t0.Add(time.Second), "/v", vary, fr) {
+		t.Fatal("another variant is not due")
+	}
+	if !due(t0.Add(2*time.Minute), "/p", nil, plain) || !due(t0.Add(2*time.Minute), "/v", vary, en) {
+		t.Fatal("not due after the refresh interval")
+	}
+	if due(t0, "/v", []string{"*"}, en) {
+		t.Fatal("Vary: * is due, but never stored")
+	}
+}
+
 func TestPurge(t *testing.T) {
 	s := New(Config{MaxBytes: 1 << 20})
 	t0 := time.Now()
