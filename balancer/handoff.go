@@ -1,9 +1,11 @@
 package balancer
 
 import (
+	"context"
 	"errors"
 	"net"
 	"sync"
+	"time"
 )
 
 var errNoLane = errors.New("edgelb: the event loop needs a TCP listener")
@@ -80,6 +82,18 @@ func (h *handoffListener) Close() error {
 			c.Close()
 		default:
 			return nil
+		}
+	}
+}
+
+// waitTaken waits until the server has accepted every queued connection,
+// so that closing the listener cuts none: the server drains what it took.
+func (h *handoffListener) waitTaken(ctx context.Context) {
+	for len(h.conns) > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Millisecond):
 		}
 	}
 }

@@ -5,6 +5,7 @@ package balancer
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -300,5 +301,58 @@ func TestEventLoopOff(t *testing.T) {
 	}
 	if resp := do(t, s, "GET", "a", "/"); resp.StatusCode() != 200 || string(resp.Body()) != "hello from a" {
 		t.Fatalf("%d %q", resp.StatusCode(), resp.Body())
+	}
+}
+
+func TestEventLoopDrainsOnShutdown(t *testing.T) {
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		switch string(ctx.Path()) {
+		case "/slow":
+			time.Sleep(150 * time.Millisecond)
+		case "/hang":
+			time.Sleep(time.Second)
+		}
+		ctx.WriteString("done")
+	})
+	cfg := mustConfig(t, "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: "+t.TempDir()+
+		"\nservices:\n  web: {static: "+staticList(o)+", try_timeout: 300ms, retries: 0}\nroutes: [{service: web}]\n")
+	s := NewServer(cfg, quietLogger())
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		resp *fasthttp.Response
+		err  error
+	}
+	get := func(path string) chan result {
+		ch := make(chan result, 1)
+		go func() {
+			c, err := net.Dial("tcp", s.Addr())
+			if err != nil {
+				ch <- result{nil, err}
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			io.WriteString(c, "GET "+path+" HTTP/1.1\r\nHost: a\r\n\r\n")
+			resp := &fasthttp.Response{}
+			ch <- result{resp, resp.Read(bufio.NewReader(c))}
+		}()
+		return ch
+	}
+	slow, hang := get("/slow"), get("/hang")
+	time.Sleep(100 * time.Millisecond) // both in flight
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	r := <-slow
+	if r.err != nil || r.resp.StatusCode() != 200 || string(r.resp.Body()) != "done" || !r.resp.ConnectionClose() {
+		t.Fatalf("in-flight request during shutdown: %v %+v", r.err, r.resp)
+	}
+	r = <-hang
+	if r.err != nil || r.resp.StatusCode() != 504 || string(r.resp.Header.Peek(HeaderError)) != "upstream_timeout" {
+		t.Fatalf("request timing out during shutdown: %v %+v", r.err, r.resp)
 	}
 }

@@ -1094,10 +1094,8 @@ func (l *loop) handOff(c *lconn) {
 	l.forget(c)
 	fd := c.fd
 	c.fd = -1
-	if l.stopping {
-		syscall.Close(fd)
-		return
-	}
+	// While the loops drain, the fasthttp server still runs: it takes
+	// what they hand over and drains it in turn.
 	f := os.NewFile(uintptr(fd), "")
 	nc, err := net.FileConn(f)
 	f.Close()

@@ -382,6 +382,9 @@ func contains(ss []string, s string) bool {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
 	loopErr := s.stopLoops(ctx)
+	if s.handoff != nil {
+		s.handoff.waitTaken(ctx)
+	}
 	err := s.srv.ShutdownWithContext(ctx)
 	if s.handoff != nil {
 		// fasthttp closes its own listener only when it accepted on one.
