@@ -597,14 +597,18 @@ func (l *loop) appendUpstreamRequest(dst []byte, c *lconn) []byte {
 
 // send writes the request to a connected backend connection.
 func (l *loop) send(bc *lconn, out []byte) {
-	n, errno := rawWrite(bc.fd, out)
+	n, _ := rawWrite(bc.fd, out)
 	bc.out = out[:0]
 	if n == len(out) {
 		return
 	}
-	_ = errno
 	// A backend socket that cannot take a small request at once is
-	// broken or closed.
+	// broken or closed: a kept-alive one the backend has just closed is
+	// not its failure.
+	if bc.reused {
+		l.redial(bc)
+		return
+	}
 	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 }
 
