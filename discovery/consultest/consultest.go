@@ -145,7 +145,7 @@ func (a *Agent) start() error {
 	}
 	a.cmd = exec.Command(a.bin, args...)
 	a.cmd.Stdout, a.cmd.Stderr = a.out, a.out
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	a.cmd.SysProcAttr = agentAttr()
 	if err := a.cmd.Start(); err != nil {
 		a.cmd = nil
 		return fmt.Errorf("cannot start consul: %v", err)
