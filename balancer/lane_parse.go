@@ -12,28 +12,21 @@ import (
 // anything unusual goes to the full path, which parses and answers it.
 
 var (
-	strCRLF               = []byte("\r\n")
-	strCRLFCRLF           = []byte("\r\n\r\n")
-	strHTTP11             = []byte("HTTP/1.1")
-	strHost               = []byte("Host")
-	strContentLength      = []byte("Content-Length")
-	strTransferEnc        = []byte("Transfer-Encoding")
-	strExpect             = []byte("Expect")
-	strVary               = []byte("Vary")
-	strChunked            = []byte("chunked")
-	strTE                 = []byte("TE")
-	strTrailer            = []byte("Trailer")
-	strUpgrade            = []byte("Upgrade")
-	strKeepAliveName      = []byte("Keep-Alive")
-	strProxyConnection    = []byte("Proxy-Connection")
-	strProxyAuthenticate  = []byte("Proxy-Authenticate")
-	strProxyAuthorization = []byte("Proxy-Authorization")
-	strGET                = []byte("GET")
-	strHEAD               = []byte("HEAD")
-	strHeadXFF            = []byte("X-Forwarded-For: ")
-	strHeadXFP            = []byte("\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
-	strHeadDate           = []byte("Date: ")
-	strHeadContentLen     = []byte("Content-Length: ")
+	strCRLF           = []byte("\r\n")
+	strCRLFCRLF       = []byte("\r\n\r\n")
+	strHTTP11         = []byte("HTTP/1.1")
+	strHost           = []byte("Host")
+	strContentLength  = []byte("Content-Length")
+	strTransferEnc    = []byte("Transfer-Encoding")
+	strExpect         = []byte("Expect")
+	strVary           = []byte("Vary")
+	strChunked        = []byte("chunked")
+	strGET            = []byte("GET")
+	strHEAD           = []byte("HEAD")
+	strHeadXFF        = []byte("X-Forwarded-For: ")
+	strHeadXFP        = []byte("\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
+	strHeadDate       = []byte("Date: ")
+	strHeadContentLen = []byte("Content-Length: ")
 )
 
 // laneRequest is a request head the event loop forwards itself.
@@ -227,15 +220,25 @@ type headerKindName struct {
 
 // headerKindsByLen lists the named header kinds by name length.
 var headerKindsByLen = func() (t [20][]headerKindName) {
+	add := func(k headerKind, name []byte) {
+		for _, e := range t[len(name)] {
+			if bytes.EqualFold(e.name, name) {
+				return
+			}
+		}
+		t[len(name)] = append(t[len(name)], headerKindName{k, name})
+	}
 	for _, e := range []headerKindName{
 		{hkHost, strHost}, {hkDate, strDate}, {hkVary, strVary}, {hkExpect, strExpect},
 		{hkConnection, strConnection}, {hkRetryAfter, strRetryAfter}, {hkContentLength, strContentLength},
 		{hkTransferEncoding, strTransferEnc}, {hkXForwardedFor, strXForwardedFor},
 		{hkXForwardedProto, strXForwardedProto}, {hkXForwardedHost, strXForwardedHost},
-		{hkHop, strTE}, {hkHop, strTrailer}, {hkHop, strUpgrade}, {hkHop, strKeepAliveName},
-		{hkHop, strProxyConnection}, {hkHop, strProxyAuthenticate}, {hkHop, strProxyAuthorization},
 	} {
-		t[len(e.name)] = append(t[len(e.name)], e)
+		add(e.kind, e.name)
+	}
+	// The other hop-by-hop headers, from the list the fasthttp path uses.
+	for _, name := range hopHeaderBytes {
+		add(hkHop, name)
 	}
 	return t
 }()

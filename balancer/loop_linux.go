@@ -90,6 +90,7 @@ type lconn struct {
 	reused  bool
 	resp    laneResponse
 	parsed  bool
+	outcome health.Outcome // how resp counts for the backend's health
 }
 
 // loop is one event loop.
@@ -741,7 +742,9 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		}
 		bc.parsed = true
 		p, r := c.pool, &bc.resp
-		if o, retryable := classifyStatus(r.status, r.retryAfter); retryable ||
+		o, retryable := classifyStatus(r.status, r.retryAfter)
+		bc.outcome = o
+		if retryable ||
 			(r.status >= 500 && r.status <= 504 && p.store != nil && p.staleOnStatus[r.status-500]) {
 			// Another backend or a stored answer may do better: that is
 			// the full path's job, as are retries.
@@ -802,8 +805,7 @@ const fasthttpHeadLimit = DefaultMaxHeaderBytes
 func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	p, b, r := c.pool, bc.backend, &bc.resp
 	lat := l.now.Sub(c.start)
-	o, _ := classifyStatus(r.status, r.retryAfter)
-	b.target.Done(l.nowNs, o, lat)
+	b.target.Done(l.nowNs, bc.outcome, lat)
 	p.m.requests.Inc()
 	b.m.requests.Inc()
 	b.m.latency.Update(lat)
@@ -993,8 +995,6 @@ func (l *loop) tryElsewhere(bc *lconn, o health.Outcome) {
 	laneFallbacks.Inc()
 	c.peer, bc.client = nil, nil
 	b.target.Done(l.nowNs, o, l.now.Sub(c.start))
-	bc.parsed = false
-	bc.in = bc.in[:0]
 	l.close(bc)
 	c.state = lcIdle
 	l.handOff(c)

@@ -142,54 +142,27 @@ var strComma = []byte(",")
 const variantPrefixLen = 2 + 8
 
 // appendVariantKey appends to a primary key the generation of the URL's
-// Vary index and the request's values of the headers that names lists.
-func appendVariantKey(dst []byte, gen uint64, names []byte, req *fasthttp.Request) []byte {
+// Vary index and the request's values of the headers that names lists;
+// headers are the request's, as name, value pairs.
+func appendVariantKey(dst []byte, gen uint64, names []byte, headers [][2][]byte) []byte {
 	dst = append(dst, 0, 'g')
 	dst = binary.BigEndian.AppendUint64(dst, gen)
 	for len(names) > 0 {
 		var name []byte
 		name, names, _ = bytes.Cut(names, strComma)
-		dst = appendVariantName(dst, name)
-		n := 0
-		// Ranging here, not through appendVariantKeyFrom, lets the
-		// compiler keep the iterator off the heap.
-		for k, v := range req.Header.All() {
-			dst, n = appendVariantValue(dst, k, v, name, n)
-		}
-	}
-	return dst
-}
-
-func appendVariantName(dst, name []byte) []byte {
-	dst = append(dst, 0)
-	dst = append(dst, name...)
-	return append(dst, ':')
-}
-
-// appendVariantValue appends v, the n-th value so far of the header named
-// name, if k is that name.
-func appendVariantValue(dst, k, v, name []byte, n int) ([]byte, int) {
-	if !bytes.EqualFold(k, name) {
-		return dst, n
-	}
-	if n > 0 {
-		dst = append(dst, ',')
-	}
-	return append(dst, trimOWS(v)...), n + 1
-}
-
-// appendVariantKeyFrom is appendVariantKey for request headers as name,
-// value pairs.
-func appendVariantKeyFrom(dst []byte, gen uint64, names []byte, headers [][2][]byte) []byte {
-	dst = append(dst, 0, 'g')
-	dst = binary.BigEndian.AppendUint64(dst, gen)
-	for len(names) > 0 {
-		var name []byte
-		name, names, _ = bytes.Cut(names, strComma)
-		dst = appendVariantName(dst, name)
+		dst = append(dst, 0)
+		dst = append(dst, name...)
+		dst = append(dst, ':')
 		n := 0
 		for _, h := range headers {
-			dst, n = appendVariantValue(dst, h[0], h[1], name, n)
+			if !bytes.EqualFold(h[0], name) {
+				continue
+			}
+			if n > 0 {
+				dst = append(dst, ',')
+			}
+			dst = append(dst, trimOWS(h[1])...)
+			n++
 		}
 	}
 	return dst

@@ -204,7 +204,21 @@ func registerStats(s *Store) {
 }
 
 // buf holds the scratch space of one Save or Serve.
-type buf struct{ key, val, vary []byte }
+type buf struct {
+	key, val, vary []byte
+	// headers holds a request's headers as name, value pairs.
+	headers [][2][]byte
+}
+
+// appendVariant appends to b.key the variant key of req, generation gen,
+// for the header names in b.vary.
+func (b *buf) appendVariant(gen uint64, req *fasthttp.Request) {
+	b.headers = b.headers[:0]
+	for k, v := range req.Header.All() {
+		b.headers = append(b.headers, [2][]byte{k, v})
+	}
+	b.key = appendVariantKey(b.key, gen, b.vary, b.headers)
+}
 
 var bufPool sync.Pool
 
@@ -244,7 +258,7 @@ func (s *Store) Due(now time.Time, scheme, host, uri []byte, vary [][]byte, reqH
 	}
 	b.key = appendKeyParts(b.key[:0], scheme, host, uri)
 	if len(b.vary) > 0 {
-		b.key = appendVariantKeyFrom(b.key, 0, b.vary, reqHeaders)
+		b.key = appendVariantKey(b.key, 0, b.vary, reqHeaders)
 	}
 	if len(b.key) > maxKeyLen {
 		return false
@@ -273,7 +287,7 @@ func (s *Store) Save(now time.Time, scheme []byte, req *fasthttp.Request, resp *
 	primaryLen := len(b.key)
 	if len(b.vary) > 0 {
 		// Generation 0 for now: the rate limit ignores it.
-		b.key = appendVariantKey(b.key, 0, b.vary, req)
+		b.appendVariant(0, req)
 	}
 	if len(b.key) > maxKeyLen {
 		return
@@ -422,7 +436,7 @@ func (s *Store) Serve(now time.Time, scheme []byte, req *fasthttp.Request, resp 
 	b.vary = b.vary[:0]
 	if gen, names, ok := decodeVaryIndex(b.val); ok {
 		b.vary = append(b.vary, names...)
-		b.key = appendVariantKey(b.key, gen, b.vary, req)
+		b.appendVariant(gen, req)
 		b.val = get(c, b.val, b.key)
 	}
 	e, ok := decodeEntry(b.val)
