@@ -48,6 +48,9 @@ func TestParseConfigErrors(t *testing.T) {
 		"services.web.health.passive.max_ejection_percent: must be a percentage from 1 to 100 (got 200)",
 		"services.web.health.passive.latency_factor: must be more than 1")
 	f("services:\n  web: {static: [127.0.0.1:1], health: {passive: {interval: 1s, window: 100ms}}}\n", "services.web.health.passive.window: must not be shorter than interval (1s)")
+	f("server: {batch_wait: 5ms}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.batch_wait: must be between 0 (off) and 1ms (got 5ms)")
+	f("server: {batch_wait: -1us}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.batch_wait: must be between 0 (off) and 1ms (got -1µs)")
+	f("server: {batch_wait: 20}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.batch_wait: duration 20 needs a unit")
 	// Every problem is reported at once.
 	f("bogus: 1\nservices:\n  web: {static: [x]}\nroutes: [{service: y}]\n", "bogus: unknown key", "services.web.static[0]", "routes[0].service")
 }
@@ -84,6 +87,18 @@ routes:
 	}
 	if cfg.Routes[1].Host != "api.example.com" {
 		t.Errorf("route host not lower-cased: %q", cfg.Routes[1].Host)
+	}
+	if w := cfg.Server.batchWait(); w != DefaultBatchWait {
+		t.Errorf("server.batch_wait default: %v", w)
+	}
+	for yaml, want := range map[string]time.Duration{"0s": 0, "0": 0, "50us": 50 * time.Microsecond, "1ms": time.Millisecond} {
+		cfg, err := ParseConfig([]byte("server: {batch_wait: " + yaml + "}\nservices:\n  web: {static: [127.0.0.1:1]}\n"))
+		if err != nil {
+			t.Fatalf("batch_wait %s: %v", yaml, err)
+		}
+		if w := cfg.Server.batchWait(); w != want {
+			t.Errorf("batch_wait %s: got %v", yaml, w)
+		}
 	}
 }
 

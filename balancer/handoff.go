@@ -5,16 +5,33 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 var errNoLane = errors.New("edgelb: the event loop needs a TCP listener")
 
 // prefixConn is a client connection handed from an event loop to the
-// fasthttp server: pre holds the bytes the loop had already read.
+// fasthttp server: pre holds the bytes the loop had already read. open
+// counts the handed-over connections not closed yet.
 type prefixConn struct {
 	net.Conn
-	pre []byte
+	pre    []byte
+	open   *atomic.Int64
+	closed atomic.Bool
+}
+
+func newPrefixConn(c net.Conn, pre []byte, open *atomic.Int64) *prefixConn {
+	open.Add(1)
+	return &prefixConn{Conn: c, pre: pre, open: open}
+}
+
+// Close implements net.Conn.
+func (c *prefixConn) Close() error {
+	if c.closed.CompareAndSwap(false, true) {
+		c.open.Add(-1)
+	}
+	return c.Conn.Close()
 }
 
 func (c *prefixConn) Read(p []byte) (int, error) {

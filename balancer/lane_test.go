@@ -356,3 +356,115 @@ func TestEventLoopDrainsOnShutdown(t *testing.T) {
 		t.Fatalf("request timing out during shutdown: %v %+v", r.err, r.resp)
 	}
 }
+
+func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
+	o := startOrigin(t, "a", nil)
+	// A long wait makes "under load" a thousand events a second, which
+	// any test machine reaches.
+	s := startEdge(t, "server: {batch_wait: 1ms}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	load := func() {
+		t.Helper()
+		var wg sync.WaitGroup
+		errs := make(chan string, 16)
+		for w := 0; w < 16; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c := dialEdge(t, s)
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for i := 0; i < 100; i++ {
+					io.WriteString(c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+					resp := &fasthttp.Response{}
+					if err := resp.Read(br); err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "hello from a" {
+						errs <- fmt.Sprintf("request %d: %v %d %q", i, err, resp.StatusCode(), resp.Body())
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for e := range errs {
+			t.Fatal(e)
+		}
+	}
+
+	// One request at a time, 20ms apart: never batched, answered at once.
+	w0 := laneBatchWaits.Get()
+	for i := 0; i < 10; i++ {
+		if resp := do(t, s, "GET", "a", "/"); resp.StatusCode() != 200 {
+			t.Fatalf("request %d: %d", i, resp.StatusCode())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := laneBatchWaits.Get() - w0; n != 0 {
+		t.Fatalf("%d batched waits under light load", n)
+	}
+
+	// Under load the loops batch, and every answer is right.
+	load()
+	if laneBatchWaits.Get() == w0 {
+		t.Fatal("no batched wait under load")
+	}
+
+	// While the fasthttp server serves a connection, the loops do not
+	// hold their threads: that connection's goroutine needs them.
+	h := dialEdge(t, s)
+	io.WriteString(h, "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
+	resp := &fasthttp.Response{}
+	if err := resp.Read(bufio.NewReader(h)); err != nil || resp.StatusCode() != 200 {
+		t.Fatalf("POST: %v %d", err, resp.StatusCode())
+	}
+	if n := s.handedOver.Load(); n != 1 {
+		t.Fatalf("%d connections counted handed over, want 1", n)
+	}
+	time.Sleep(20 * time.Millisecond) // a wait begun before ends
+	w1 := laneBatchWaits.Get()
+	load()
+	if n := laneBatchWaits.Get() - w1; n != 0 {
+		t.Fatalf("%d batched waits while the fasthttp server had a connection", n)
+	}
+
+	// Once it is closed, the loops batch again.
+	h.Close()
+	for deadline := time.Now().Add(5 * time.Second); s.handedOver.Load() != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections still counted handed over", s.handedOver.Load())
+		}
+	}
+	load()
+	if laneBatchWaits.Get() == w1 {
+		t.Fatal("no batched wait under load after the handed-over connection closed")
+	}
+}
+
+func TestDecideBatching(t *testing.T) {
+	l := &loop{batchWait: int64(20 * time.Microsecond)}
+	for _, c := range []struct {
+		events   int
+		elapsed  time.Duration
+		stopping bool
+		want     bool
+	}{
+		{500, 10 * time.Millisecond, false, true}, // one event per 20µs
+		{499, 10 * time.Millisecond, false, false},
+		{5000, 100 * time.Millisecond, false, true},
+		{500, 11 * time.Millisecond, false, false}, // a late sweep counts its time
+		{5000, 10 * time.Millisecond, true, false}, // draining
+	} {
+		l.swept, l.stopping = c.events, c.stopping
+		l.decideBatching(int64(c.elapsed))
+		if l.batching != c.want || l.swept != 0 {
+			t.Errorf("%d events in %v (stopping %v): batching %v, want %v", c.events, c.elapsed, c.stopping, l.batching, c.want)
+		}
+	}
+	if l.batchSleep.Nsec != 20000 {
+		t.Errorf("sleep %v", l.batchSleep)
+	}
+	l.batchWait = 0
+	l.swept, l.stopping = 1e6, false
+	if l.decideBatching(int64(time.Millisecond)); l.batching {
+		t.Error("batching with batch_wait 0")
+	}
+}

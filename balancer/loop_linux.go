@@ -135,6 +135,14 @@ type loop struct {
 	lastSweep int64
 	lastIdle  int64
 	stopping  bool
+
+	// Batched waits: see ServerConfig.BatchWait. batchWait is 0 when
+	// off; batching is decided at each sweep from the events counted
+	// since the last one.
+	batchWait  int64
+	batching   bool
+	swept      int
+	batchSleep syscall.Timespec
 	// Scratch for the stale store, which takes fasthttp types.
 	sreq  fasthttp.Request
 	sresp fasthttp.Response
@@ -184,6 +192,7 @@ func newLoop(s *Server, lfd, nloops int) (*loop, error) {
 		nloops:      nloops,
 		maxHead:     min(laneReadBuf, s.cfg.Server.MaxHeaderBytes),
 		idleTimeout: int64(s.cfg.Server.IdleTimeout),
+		batchWait:   int64(s.cfg.Server.batchWait()),
 		done:        make(chan struct{}),
 	}
 	if err := syscall.SetNonblock(epfd, true); err != nil {
@@ -234,6 +243,7 @@ func (l *loop) run() {
 		}
 		l.now = time.Now()
 		l.nowNs = l.now.UnixNano()
+		l.swept += n
 		for i := 0; i < n; i++ {
 			ev := &l.events[i]
 			fd := int(ev.Fd)
@@ -251,6 +261,7 @@ func (l *loop) run() {
 			}
 		}
 		if l.nowNs-l.lastSweep >= int64(laneSweep) {
+			l.decideBatching(l.nowNs - l.lastSweep)
 			l.lastSweep = l.nowNs
 			l.sweepTimeouts()
 			if l.nowNs-l.lastIdle >= int64(time.Second) {
@@ -265,7 +276,8 @@ func (l *loop) run() {
 }
 
 // wait returns the number of events in l.events, waiting for some or for
-// the next sweep. The loop's epoll descriptor is itself in Go's network
+// the next sweep; under load, after a short batch, it first sleeps for
+// the batch wait. The loop's epoll descriptor is itself in Go's network
 // poller: when nothing is ready the goroutine parks as any network
 // goroutine does, instead of blocking its thread in a system call, which
 // would have the runtime take the thread's P away and hand it back at
@@ -279,6 +291,15 @@ func (l *loop) wait() (int, error) {
 		l.deadline = next
 		l.ep.SetReadDeadline(time.Unix(0, next))
 	}
+	if l.batching && l.polled > 0 && l.polled < laneBatchFull && l.s.handedOver.Load() == 0 {
+		// A short batch under load: let the next events gather, so
+		// that one poll returns several. The sleep is a raw system
+		// call: the thread keeps its P and nothing else runs on it
+		// meanwhile, which is why the loops do not batch while the
+		// fasthttp server, whose goroutines need a P, has a connection.
+		syscall.RawSyscall(syscall.SYS_NANOSLEEP, uintptr(unsafe.Pointer(&l.batchSleep)), 0, 0)
+		laneBatchWaits.Inc()
+	}
 	err := l.rc.Read(l.pollFn)
 	n, errno := l.polled, l.pollErr
 	switch {
@@ -289,6 +310,32 @@ func (l *loop) wait() (int, error) {
 	}
 	return max(n, 0), nil
 }
+
+// laneBatchFull is the batch of events after which a loop polls again at
+// once: it is busy enough that waiting gathers nothing more.
+const laneBatchFull = 8
+
+// decideBatching turns batched waits on while the loop handles at least
+// one event per batch wait, counted over the elapsed time since the
+// last sweep, and off otherwise: a lightly loaded loop answers at once.
+func (l *loop) decideBatching(elapsed int64) {
+	was := l.batching
+	l.batching = l.batchWait > 0 && !l.stopping && int64(l.swept)*l.batchWait >= elapsed
+	l.swept = 0
+	if l.batching && !was {
+		l.batchSleep = syscall.NsecToTimespec(l.batchWait)
+	}
+	if l.batching {
+		// The kernel stretches a sleep by the thread's timer slack,
+		// 50µs by default: more than the wait itself. The loop's
+		// goroutine may have moved to another thread since the last
+		// sweep, so this is set again at every one.
+		syscall.RawSyscall(syscall.SYS_PRCTL, prSetTimerSlack, uintptr(max(l.batchWait/10, 1000)), 0)
+	}
+}
+
+// prSetTimerSlack is PR_SET_TIMERSLACK.
+const prSetTimerSlack = 29
 
 // poll is the RawConn.Read callback of wait, made once as l.pollFn so that
 // waiting allocates nothing.
@@ -313,6 +360,7 @@ func (l *loop) beginStop() {
 		return
 	}
 	l.stopping = true
+	l.batching = false
 	l.ctl(syscall.EPOLL_CTL_DEL, l.lfd, 0)
 	for _, c := range l.conns {
 		if c != nil && c.state == lcIdle && len(c.in) == 0 {
@@ -1111,7 +1159,7 @@ func (l *loop) handOff(c *lconn) {
 	if len(c.in) > 0 {
 		pre = append(pre, c.in...)
 	}
-	l.s.handoff.push(&prefixConn{Conn: nc, pre: pre})
+	l.s.handoff.push(newPrefixConn(nc, pre, &l.s.handedOver))
 }
 
 // storeWants reports whether the stale store is due a copy of the answer

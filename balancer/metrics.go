@@ -135,9 +135,10 @@ var (
 
 	// The event loops: connections handed to the full path, tries the loop
 	// gave up and left to it, handed connections dropped because the
-	// server was not taking them, and accept errors.
+	// server was not taking them, accept errors, and batched waits.
 	laneHandoffs     = metrics.NewCounter(`edgelb_event_loop_handoffs_total`)
 	laneFallbacks    = metrics.NewCounter(`edgelb_event_loop_fallbacks_total`)
 	laneHandoffDrops = metrics.NewCounter(`edgelb_event_loop_handoff_drops_total`)
 	laneAcceptErrors = metrics.NewCounter(`edgelb_event_loop_accept_errors_total`)
+	laneBatchWaits   = metrics.NewCounter(`edgelb_event_loop_batch_waits_total`)
 )

@@ -46,8 +46,11 @@ type Server struct {
 	loops    []*loop
 	handoff  *handoffListener
 	laneFile *os.File
-	admin    *adminServer
-	consul   *discovery.Consul
+	// handedOver counts the connections handed over and not closed: the
+	// loops do not batch their waits while the fasthttp server has any.
+	handedOver atomic.Int64
+	admin      *adminServer
+	consul     *discovery.Consul
 
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
