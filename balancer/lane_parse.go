@@ -149,34 +149,51 @@ func plainPath(uri []byte) ([]byte, bool) {
 	if len(uri) == 0 || uri[0] != '/' {
 		return nil, false
 	}
-	path := uri
-	for i, c := range uri {
-		if c <= ' ' || c == 0x7f || c == '#' {
-			return nil, false
-		}
-		if c == '?' && len(path) == len(uri) {
-			path = uri[:i]
-		}
-	}
-	for i, c := range path {
-		switch c {
-		case '%', '\\':
-			return nil, false
-		case '/':
-			if i+1 < len(path) && (path[i+1] == '/' || path[i+1] == '.' && dotSegment(path[i+1:])) {
+	q := len(uri) // where the query starts
+	for i := 0; i < len(uri); i++ {
+		switch targetBytes[uri[i]] {
+		case tbPlain:
+		case tbSlash:
+			if i < q && i+1 < len(uri) && (uri[i+1] == '/' || uri[i+1] == '.' && dotSegment(uri[i+1:])) {
 				return nil, false
 			}
+		case tbQuestion:
+			q = min(q, i)
+		case tbPathOnly:
+			if i < q {
+				return nil, false
+			}
+		default:
+			return nil, false
 		}
 	}
-	return path, true
+	return uri[:q], true
 }
 
-// dotSegment reports whether the segment at the start of s is "." or "..".
-func dotSegment(s []byte) bool {
-	if i := bytes.IndexByte(s, '/'); i >= 0 {
-		s = s[:i]
+// Classes of request target bytes for plainPath.
+const (
+	tbPlain    = iota
+	tbSlash    // '/'
+	tbQuestion // '?': the query starts at the first
+	tbPathOnly // '%' and backslash: refused in the path, not in the query
+	tbNever    // control bytes, space, DEL and '#'
+)
+
+var targetBytes = func() (t [256]uint8) {
+	for c := range 0x21 {
+		t[c] = tbNever
 	}
-	return len(s) == 1 || len(s) == 2 && s[1] == '.'
+	t[0x7f], t['#'] = tbNever, tbNever
+	t['/'], t['?'] = tbSlash, tbQuestion
+	t['%'], t['\\'] = tbPathOnly, tbPathOnly
+	return t
+}()
+
+// dotSegment reports whether the segment at the start of s, which ends at
+// a '/', a '?' or the end of s, is "." or "..".
+func dotSegment(s []byte) bool {
+	return len(s) == 1 || s[1] == '/' || s[1] == '?' ||
+		s[1] == '.' && (len(s) == 2 || s[2] == '/' || s[2] == '?')
 }
 
 // headerKind names the headers the event loop looks at.
@@ -198,35 +215,61 @@ const (
 	hkHop // another hop-by-hop header
 )
 
-// headerKindOf classifies a header name, whatever its case. It compares
-// only the names of the same length and first letter: most names match
-// none.
+// headerKindOf classifies a header name that nextHeader accepted (a
+// token), whatever its case. It compares only the names of the same
+// length and first letter: most names match none.
 func headerKindOf(name []byte) headerKind {
 	if len(name) >= len(headerKindsByLen) {
 		return hkOther
 	}
 	for _, e := range headerKindsByLen[len(name)] {
-		if e.name[0]|0x20 == name[0]|0x20 && bytes.EqualFold(name, e.name) {
+		if name[0]|0x20 == e.lower[0] && equalFoldToken(name, e.lower) {
 			return e.kind
 		}
 	}
 	return hkOther
 }
 
+// equalFoldToken reports whether name equals lower, a name of the same
+// length in lower-case letters and '-', whatever name's case. Setting bit
+// 0x20 maps a letter to its lower case and no byte of a token but the
+// letters themselves onto a letter or '-', so name must be a token.
+func equalFoldToken(name, lower []byte) bool {
+	const fold = 0x2020202020202020
+	for len(lower) >= 8 {
+		if binary.LittleEndian.Uint64(name)|fold != binary.LittleEndian.Uint64(lower) {
+			return false
+		}
+		name, lower = name[8:], lower[8:]
+	}
+	for i, c := range lower {
+		if name[i]|0x20 != c {
+			return false
+		}
+	}
+	return true
+}
+
 type headerKindName struct {
-	kind headerKind
-	name []byte
+	kind  headerKind
+	lower []byte
 }
 
 // headerKindsByLen lists the named header kinds by name length.
 var headerKindsByLen = func() (t [20][]headerKindName) {
 	add := func(k headerKind, name []byte) {
+		lower := bytes.ToLower(name)
+		for _, c := range lower {
+			if (c < 'a' || c > 'z') && c != '-' {
+				panic("BUG: header kind names must be letters and '-' for equalFoldToken: " + string(name))
+			}
+		}
 		for _, e := range t[len(name)] {
-			if bytes.EqualFold(e.name, name) {
+			if bytes.Equal(e.lower, lower) {
 				return
 			}
 		}
-		t[len(name)] = append(t[len(name)], headerKindName{k, name})
+		t[len(name)] = append(t[len(name)], headerKindName{k, lower})
 	}
 	for _, e := range []headerKindName{
 		{hkHost, strHost}, {hkDate, strDate}, {hkVary, strVary}, {hkExpect, strExpect},
@@ -234,7 +277,7 @@ var headerKindsByLen = func() (t [20][]headerKindName) {
 		{hkTransferEncoding, strTransferEnc}, {hkXForwardedFor, strXForwardedFor},
 		{hkXForwardedProto, strXForwardedProto}, {hkXForwardedHost, strXForwardedHost},
 	} {
-		add(e.kind, e.name)
+		add(e.kind, e.lower)
 	}
 	// The other hop-by-hop headers, from the list the fasthttp path uses.
 	for _, name := range hopHeaderBytes {
@@ -260,34 +303,54 @@ func nextHeader(b []byte) (name, value []byte, n int) {
 		return nil, nil, 0
 	}
 	colon := 0
-	for colon < len(b) && b[colon] != ':' {
-		if !tokenChars[b[colon]] {
-			return nil, nil, 0
-		}
+	for colon < len(b) && tokenChars[b[colon]] {
 		colon++
 	}
-	if colon == len(b) {
+	switch {
+	case colon == len(b):
 		return nil, nil, -1
-	}
-	if colon == 0 {
+	case colon == 0 || b[colon] != ':':
 		return nil, nil, 0
 	}
-	lf := bytes.IndexByte(b[colon:], '\n')
-	if lf < 0 {
+	end := colon + 1 + valueLen(b[colon+1:])
+	switch {
+	case end == len(b):
 		return nil, nil, -1
-	}
-	i := colon + lf - 1 // the CR before LF
-	if b[i] != '\r' || hasControl(b[colon+1:i]) {
+	case b[end] != '\r':
+		return nil, nil, 0
+	case end+1 == len(b):
+		return nil, nil, -1
+	case b[end+1] != '\n':
 		return nil, nil, 0
 	}
-	value = b[colon+1 : i]
+	value = b[colon+1 : end]
 	for len(value) > 0 && (value[0] == ' ' || value[0] == '\t') {
 		value = value[1:]
 	}
 	for len(value) > 0 && (value[len(value)-1] == ' ' || value[len(value)-1] == '\t') {
 		value = value[:len(value)-1]
 	}
-	return b[:colon], value, i + 2
+	return b[:colon], value, end + 2
+}
+
+// valueLen returns the length of the field value at the start of v: up
+// to the first control byte other than tab, or all of v. It goes eight
+// bytes at a time, then byte by byte from the first word that may hold
+// such a byte.
+func valueLen(v []byte) int {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	i := 0
+	for ; i+8 <= len(v); i += 8 {
+		w := binary.LittleEndian.Uint64(v[i:])
+		del := w ^ 0x7f7f7f7f7f7f7f7f
+		if (w-0x20*ones)&^w&highs != 0 || (del-ones)&^del&highs != 0 {
+			break
+		}
+	}
+	for i < len(v) && valueChars[v[i]] {
+		i++
+	}
+	return i
 }
 
 // eachHeader yields the name and value of each header line of a head
@@ -305,26 +368,6 @@ func eachHeader(head []byte) iter.Seq2[[]byte, []byte] {
 	}
 }
 
-// hasControl reports whether v holds a control byte other than tab:
-// eight bytes at a time, then byte by byte from the first word that may.
-func hasControl(v []byte) bool {
-	const ones, highs = 0x0101010101010101, 0x8080808080808080
-	for len(v) >= 8 {
-		w := binary.LittleEndian.Uint64(v)
-		del := w ^ 0x7f7f7f7f7f7f7f7f
-		if (w-0x20*ones)&^w&highs != 0 || (del-ones)&^del&highs != 0 {
-			break
-		}
-		v = v[8:]
-	}
-	for _, c := range v {
-		if c < 0x20 && c != '\t' || c == 0x7f {
-			return true
-		}
-	}
-	return false
-}
-
 // tokenChars holds the bytes that may appear in a header name (RFC 9110
 // section 5.6.2).
 var tokenChars = func() (t [256]bool) {
@@ -333,6 +376,15 @@ var tokenChars = func() (t [256]bool) {
 	}
 	for _, c := range "!#$%&'*+-.^_`|~" {
 		t[c] = true
+	}
+	return t
+}()
+
+// valueChars holds the bytes that may appear in a field value: all but the
+// control bytes, tab excepted.
+var valueChars = func() (t [256]bool) {
+	for c := range t {
+		t[c] = c >= 0x20 && c != 0x7f || c == '\t'
 	}
 	return t
 }()
