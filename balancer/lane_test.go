@@ -468,3 +468,27 @@ func TestDecideBatching(t *testing.T) {
 		t.Error("batching with batch_wait 0")
 	}
 }
+
+func TestEventLoopSavesEveryURLOfAConnection(t *testing.T) {
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.WriteString("at " + string(ctx.RequestURI())) })
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	// One connection, URLs that change and come back: the loop keeps
+	// the store key of the last one, and must not keep it too long.
+	uris := []string{"/a", "/b", "/a", "/b?x=1", "/c", "/c"}
+	var raw strings.Builder
+	for _, u := range uris {
+		fmt.Fprintf(&raw, "GET %s HTTP/1.1\r\nHost: shop\r\n\r\n", u)
+	}
+	for i, resp := range exchange(t, s, raw.String(), false, len(uris)) {
+		if resp.StatusCode() != 200 || string(resp.Body()) != "at "+uris[i] {
+			t.Fatalf("GET %s: %d %q", uris[i], resp.StatusCode(), resp.Body())
+		}
+	}
+	o.stop()
+	for _, u := range []string{"/a", "/b", "/b?x=1", "/c"} {
+		resp := do(t, s, "GET", "SHOP", u)
+		if resp.StatusCode() != 200 || string(resp.Body()) != "at "+u || !strings.HasPrefix(string(resp.Header.Peek("Cache-Status")), "edgelb; hit") {
+			t.Fatalf("GET %s with the origin down: %d %q %q", u, resp.StatusCode(), resp.Body(), resp.Header.Peek("Cache-Status"))
+		}
+	}
+}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/health"
 )
 
@@ -77,6 +78,12 @@ type lconn struct {
 	expires int64 // try deadline (unix nano)
 	pending []byte
 	waitIdx int // index in loop.waiting, -1 if none
+	// dueURL is the host and URI, NUL-separated, of the last request
+	// the stale store was asked about, dueKey and dueOK what
+	// stale.URLKey said of it.
+	dueURL  []byte
+	dueKey  uint64
+	dueOK   bool
 	closing bool
 	// readable is set when the socket may hold bytes not read yet.
 	readable bool
@@ -107,10 +114,9 @@ type loop struct {
 	lfd      int
 	wake     [2]int // pipe: a byte written wakes the loop
 	conns    []*lconn
-	idle     map[*Backend][]*lconn
-	// open counts the loop's connections to each backend, which share
-	// the backend's max_conns with the other loops.
-	open   map[*Backend]int
+	// idx is the loop's index among the nloops loops, and of its slot
+	// in each backend's lanes.
+	idx    int
 	nloops int
 	// waiting holds the client connections with a request in flight.
 	waiting []*lconn
@@ -123,6 +129,7 @@ type loop struct {
 	vary       [][]byte
 	reqHeaders [][2][]byte
 	iov        [2]syscall.Iovec
+	keyBuf     []byte // scratch for stale.URLKey
 	date       []byte
 	dateSec    int64
 	hb         [128]byte
@@ -170,7 +177,7 @@ func (s *Server) startLoops(ln net.Listener, n int) error {
 		return err
 	}
 	for i := 0; i < n; i++ {
-		l, err := newLoop(s, lfd, n)
+		l, err := newLoop(s, lfd, i, n)
 		if err != nil {
 			return err
 		}
@@ -180,15 +187,14 @@ func (s *Server) startLoops(ln net.Listener, n int) error {
 	return nil
 }
 
-func newLoop(s *Server, lfd, nloops int) (*loop, error) {
+func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
 	}
 	l := &loop{
 		s: s, epfd: epfd, lfd: lfd,
-		idle:        make(map[*Backend][]*lconn),
-		open:        make(map[*Backend]int),
+		idx:         idx,
 		nloops:      nloops,
 		maxHead:     min(laneReadBuf, s.cfg.Server.MaxHeaderBytes),
 		idleTimeout: int64(s.cfg.Server.IdleTimeout),
@@ -432,9 +438,7 @@ func (l *loop) close(c *lconn) {
 		l.handOff(cl)
 	}
 	if c.backend != nil {
-		if l.open[c.backend]--; l.open[c.backend] <= 0 {
-			delete(l.open, c.backend)
-		}
+		l.slot(c.backend).open--
 	}
 	syscall.Close(c.fd)
 	c.fd = -1
@@ -661,19 +665,45 @@ func (l *loop) send(bc *lconn, out []byte) {
 	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 }
 
+// laneSlot is one loop's share of a backend: its idle connections to it
+// and how many it has open, which count against the backend's max_conns
+// with the other loops'. A loop touches only its own slot.
+type laneSlot struct {
+	idle []*lconn
+	open int
+	_    [32]byte // a cache line each
+}
+
+// slot returns the loop's slot in b's lanes, which the first loop to
+// need them makes.
+func (l *loop) slot(b *Backend) *laneSlot {
+	slots := b.lanes.slots.Load()
+	if slots == nil {
+		fresh := make([]laneSlot, l.nloops)
+		if b.lanes.slots.CompareAndSwap(nil, &fresh) {
+			slots = &fresh
+		} else {
+			slots = b.lanes.slots.Load()
+		}
+	}
+	return &(*slots)[l.idx]
+}
+
 // backendConn returns an idle connection to b, or starts a new one.
 func (l *loop) backendConn(b *Backend) *lconn {
-	if list := l.idle[b]; len(list) > 0 {
-		bc := list[len(list)-1]
-		l.idle[b] = list[:len(list)-1]
+	sl := l.slot(b)
+	if n := len(sl.idle); n > 0 {
+		bc := sl.idle[n-1]
+		sl.idle[n-1] = nil
+		sl.idle = sl.idle[:n-1]
 		bc.reused = true
 		return bc
 	}
-	return l.dial(b)
+	return l.dial(b, sl)
 }
 
-func (l *loop) dial(b *Backend) *lconn {
-	if l.open[b] >= l.maxConns(b) {
+func (l *loop) dial(b *Backend, sl *laneSlot) *lconn {
+	if sl.open >= l.maxConns(b) {
 		// The full path's HostClient enforces the limit and answers
 		// overloaded.
 		return nil
@@ -702,7 +732,7 @@ func (l *loop) dial(b *Backend) *lconn {
 	if !l.add(bc, connEvents) {
 		return nil
 	}
-	l.open[b]++
+	sl.open++
 	return bc
 }
 
@@ -983,21 +1013,20 @@ func (l *loop) releaseBackend(bc *lconn) {
 		return
 	}
 	bc.lastActive = l.nowNs
-	l.idle[bc.backend] = append(l.idle[bc.backend], bc)
+	sl := l.slot(bc.backend)
+	sl.idle = append(sl.idle, bc)
 }
 
 // dropIdle closes an idle backend connection the backend closed.
 func (l *loop) dropIdle(bc *lconn) {
-	list := l.idle[bc.backend]
-	for i, x := range list {
+	sl := l.slot(bc.backend)
+	for i, x := range sl.idle {
 		if x == bc {
-			list[i] = list[len(list)-1]
-			l.idle[bc.backend] = list[:len(list)-1]
+			last := len(sl.idle) - 1
+			sl.idle[i], sl.idle[last] = sl.idle[last], nil
+			sl.idle = sl.idle[:last]
 			break
 		}
-	}
-	if len(l.idle[bc.backend]) == 0 {
-		delete(l.idle, bc.backend)
 	}
 	l.close(bc)
 }
@@ -1067,7 +1096,7 @@ func (l *loop) redial(bc *lconn) {
 	b := bc.backend
 	c.peer, bc.client = nil, nil
 	l.close(bc)
-	nb := l.dial(b)
+	nb := l.dial(b, l.slot(b))
 	if nb == nil {
 		b.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 		c.state = lcIdle
@@ -1166,7 +1195,13 @@ func (l *loop) handOff(c *lconn) {
 // in bc to c's request; the store rate-limits its writes per URL.
 func (l *loop) storeWants(p *Pool, c, bc *lconn) bool {
 	if !bc.resp.vary {
-		return p.store.Due(l.now, strHTTP, c.req.host, c.req.uri, nil, nil)
+		r := &c.req
+		if n := len(r.host); len(c.dueURL) != n+1+len(r.uri) || !bytes.Equal(c.dueURL[:n], r.host) || !bytes.Equal(c.dueURL[n+1:], r.uri) {
+			// Not the URL of the connection's last request: hash its key.
+			c.dueURL = append(append(append(c.dueURL[:0], r.host...), 0), r.uri...)
+			c.dueKey, c.dueOK, l.keyBuf = stale.URLKey(l.keyBuf, strHTTP, r.host, r.uri)
+		}
+		return c.dueOK && p.store.DueKey(c.dueKey, l.now)
 	}
 	l.vary, l.reqHeaders = l.vary[:0], l.reqHeaders[:0]
 	for k, v := range eachHeader(bc.in[:bc.resp.headLen]) {

@@ -9,6 +9,8 @@ const laneSupported = false
 
 type loop struct{ done chan struct{} }
 
+type laneSlot struct{}
+
 func (l *loop) stop() {}
 
 func (s *Server) startLoops(net.Listener, int) error { return errNoLane }

@@ -263,7 +263,23 @@ func (s *Store) Due(now time.Time, scheme, host, uri []byte, vary [][]byte, reqH
 	if len(b.key) > maxKeyLen {
 		return false
 	}
-	h := xxhash.Sum64(b.key)
+	return s.DueKey(xxhash.Sum64(b.key), now)
+}
+
+// URLKey returns what Due computes for an answer without Vary to the URL
+// at host and uri: a key hash for DueKey, and false if no answer to it
+// is ever stored. buf is scratch space, returned for reuse. A caller
+// that sees the same URL again keeps the hash and calls DueKey alone.
+func URLKey(buf, scheme, host, uri []byte) (h uint64, ok bool, _ []byte) {
+	buf = appendKeyParts(buf[:0], scheme, host, uri)
+	if len(buf) > maxKeyLen {
+		return 0, false, buf
+	}
+	return xxhash.Sum64(buf), true, buf
+}
+
+// DueKey is Due for the URL whose key hash URLKey returned.
+func (s *Store) DueKey(h uint64, now time.Time) bool {
 	return !s.recent(s.slots[h&s.slotMask].Load(), makeStamp(h, now))
 }
 

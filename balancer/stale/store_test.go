@@ -153,6 +153,16 @@ func TestDue(t *testing.T) {
 	if due(t0, "/v", []string{"*"}, en) {
 		t.Fatal("Vary: * is due, but never stored")
 	}
+
+	// The key hash of a URL says the same as Due, whatever the host's
+	// case; a URL too long to store never is.
+	h, ok, buf := URLKey(nil, schemeHTTP, []byte("A"), []byte("/p"))
+	if !ok || s.DueKey(h, t0.Add(time.Second)) || !s.DueKey(h, t0.Add(2*time.Minute)) {
+		t.Fatalf("DueKey disagrees with Due (ok %v)", ok)
+	}
+	if _, ok, _ := URLKey(buf, schemeHTTP, []byte("a"), []byte("/"+strings.Repeat("x", maxKeyLen))); ok {
+		t.Fatal("a URL longer than any key is said storable")
+	}
 }
 
 func TestPurge(t *testing.T) {
