@@ -440,33 +440,46 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 }
 
 func TestDecideBatching(t *testing.T) {
+	const ms = int64(time.Millisecond)
 	l := &loop{batchWait: int64(20 * time.Microsecond)}
-	for _, c := range []struct {
-		events   int
-		elapsed  time.Duration
-		stopping bool
-		want     bool
-	}{
-		{500, 10 * time.Millisecond, false, true}, // one event per 20µs
-		{499, 10 * time.Millisecond, false, false},
-		{5000, 100 * time.Millisecond, false, true},
-		{500, 11 * time.Millisecond, false, false}, // a late sweep counts its time
-		{5000, 10 * time.Millisecond, true, false}, // draining
-	} {
-		l.swept, l.stopping = c.events, c.stopping
-		l.decideBatching(int64(c.elapsed))
-		if l.batching != c.want || l.swept != 0 {
-			t.Errorf("%d events in %v (stopping %v): batching %v, want %v", c.events, c.elapsed, c.stopping, l.batching, c.want)
+	step := func(now int64, events, waits, gathered int, want bool) {
+		t.Helper()
+		l.nowNs, l.swept, l.waits, l.gathered = now, events, waits, gathered
+		l.decideBatching(10 * ms)
+		if l.batching != want {
+			t.Fatalf("at %dms, %d events, %d waits gathering %d: batching %v, want %v", now/ms, events, waits, gathered, l.batching, want)
+		}
+		if l.swept != 0 || l.waits != 0 || l.gathered != 0 {
+			t.Fatal("counts not reset")
 		}
 	}
+	step(0, 499, 0, 0, false) // fewer than one event per 20µs
+	step(10*ms, 500, 0, 0, true)
 	if l.batchSleep.Nsec != 20000 {
-		t.Errorf("sleep %v", l.batchSleep)
+		t.Fatalf("sleep %v", l.batchSleep)
 	}
-	l.batchWait = 0
-	l.swept, l.stopping = 1e6, false
-	if l.decideBatching(int64(time.Millisecond)); l.batching {
-		t.Error("batching with batch_wait 0")
-	}
+	step(20*ms, 5000, 10, 30, true)  // three events a wait
+	step(30*ms, 5000, 3, 0, true)    // too few waits to judge
+	step(40*ms, 5000, 10, 19, false) // under two a wait: off for 100ms
+	step(50*ms, 5000, 0, 0, false)
+	step(130*ms, 5000, 0, 0, false)
+	step(140*ms, 5000, 0, 0, true) // tried again
+	step(150*ms, 5000, 10, 10, false)
+	step(340*ms, 5000, 0, 0, false) // then 200ms
+	step(350*ms, 5000, 0, 0, true)
+	step(360*ms, 5000, 10, 40, true) // it helps now: the pause starts over
+	step(370*ms, 5000, 10, 10, false)
+	step(470*ms, 5000, 0, 0, true)
+	// Waits that slow one connection down to a few events: judged
+	// on what they gathered, not on the load they left.
+	step(480*ms, 9, 9, 5, false)
+	step(490*ms, 5000, 0, 0, false) // off until 680ms
+	step(690*ms, 5000, 0, 0, true)
+	step(700*ms, 100, 0, 0, false) // load gone
+	l.stopping = true
+	step(710*ms, 5000, 0, 0, false)
+	l.stopping, l.batchWait = false, 0
+	step(720*ms, 1e6, 0, 0, false)
 }
 
 func TestEventLoopSavesEveryURLOfAConnection(t *testing.T) {
@@ -490,5 +503,30 @@ func TestEventLoopSavesEveryURLOfAConnection(t *testing.T) {
 		if resp.StatusCode() != 200 || string(resp.Body()) != "at "+u || !strings.HasPrefix(string(resp.Header.Peek("Cache-Status")), "edgelb; hit") {
 			t.Fatalf("GET %s with the origin down: %d %q %q", u, resp.StatusCode(), resp.Body(), resp.Header.Peek("Cache-Status"))
 		}
+	}
+}
+
+func TestEventLoopStopsBatchingWhatWaitingDoesNotGather(t *testing.T) {
+	o := startOrigin(t, "a", nil)
+	s := startEdge(t, "server: {batch_wait: 1ms}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	// One connection, one request after another, as fast as they go:
+	// enough events for batching, but each wait can only gather the
+	// one event that comes next. The loop tries, sees that, and stops.
+	c := dialEdge(t, s)
+	defer c.Close()
+	br := bufio.NewReader(c)
+	w0 := laneBatchWaits.Get()
+	n := 0
+	for start := time.Now(); time.Since(start) < 500*time.Millisecond; n++ {
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+		resp := &fasthttp.Response{}
+		if err := resp.Read(br); err != nil || resp.StatusCode() != 200 {
+			t.Fatalf("request %d: %v %d", n, err, resp.StatusCode())
+		}
+	}
+	// Tries at 0, 100ms and 300ms later, each waiting after every
+	// event until the next sweep 10ms on.
+	if waits := laneBatchWaits.Get() - w0; waits > 60 || waits*10 > uint64(n) {
+		t.Fatalf("%d batched waits for %d requests on one connection", waits, n)
 	}
 }

@@ -143,13 +143,21 @@ type loop struct {
 	lastIdle  int64
 	stopping  bool
 
-	// Batched waits: see ServerConfig.BatchWait. batchWait is 0 when
-	// off; batching is decided at each sweep from the events counted
-	// since the last one.
+	// Batched waits: see ServerConfig.BatchWait and decideBatching.
+	// batchWait is 0 when off. Since the last sweep, swept counts the
+	// events, waits the batched waits and gathered the events the polls
+	// after them returned; slept marks a poll that follows one.
 	batchWait  int64
 	batching   bool
 	swept      int
+	waits      int
+	gathered   int
+	slept      bool
 	batchSleep syscall.Timespec
+	// batchRetry is when batching may be tried again after waits that
+	// gathered too little (unix nano); batchBackoff the next pause.
+	batchRetry   int64
+	batchBackoff int64
 	// Scratch for the stale store, which takes fasthttp types.
 	sreq  fasthttp.Request
 	sresp fasthttp.Response
@@ -305,6 +313,8 @@ func (l *loop) wait() (int, error) {
 		// fasthttp server, whose goroutines need a P, has a connection.
 		syscall.RawSyscall(syscall.SYS_NANOSLEEP, uintptr(unsafe.Pointer(&l.batchSleep)), 0, 0)
 		laneBatchWaits.Inc()
+		l.waits++
+		l.slept = true
 	}
 	err := l.rc.Read(l.pollFn)
 	n, errno := l.polled, l.pollErr
@@ -321,13 +331,35 @@ func (l *loop) wait() (int, error) {
 // once: it is busy enough that waiting gathers nothing more.
 const laneBatchFull = 8
 
-// decideBatching turns batched waits on while the loop handles at least
-// one event per batch wait, counted over the elapsed time since the
-// last sweep, and off otherwise: a lightly loaded loop answers at once.
+// decideBatching turns batched waits on or off for the next sweep
+// interval, from what happened in the one that elapsed.
+//
+// A loop batches while it handles at least one event per batch wait: a
+// lightly loaded loop answers at once. Load alone does not say that
+// waiting helps, though: the events of a few busy connections come one
+// after another, and a wait only delays the next. So the loop checks what
+// its waits gathered, and when the polls after them returned fewer than
+// two events each on average, it stops batching for a while, 100ms at
+// first, twice as long after each new try that fails, up to 5s.
 func (l *loop) decideBatching(elapsed int64) {
 	was := l.batching
-	l.batching = l.batchWait > 0 && !l.stopping && int64(l.swept)*l.batchWait >= elapsed
-	l.swept = 0
+	loaded := l.batchWait > 0 && !l.stopping && int64(l.swept)*l.batchWait >= elapsed
+	judged := l.waits >= laneBatchJudge
+	switch {
+	case was && judged && l.gathered < 2*l.waits:
+		l.batching = false
+		l.batchBackoff = min(max(2*l.batchBackoff, int64(laneBatchBackoff)), int64(laneBatchMaxBackoff))
+		l.batchRetry = l.nowNs + l.batchBackoff
+	case !loaded:
+		l.batching = false
+	case was:
+		if judged {
+			l.batchBackoff = 0
+		}
+	default:
+		l.batching = l.nowNs >= l.batchRetry
+	}
+	l.swept, l.waits, l.gathered = 0, 0, 0
 	if l.batching && !was {
 		l.batchSleep = syscall.NsecToTimespec(l.batchWait)
 	}
@@ -340,6 +372,14 @@ func (l *loop) decideBatching(elapsed int64) {
 	}
 }
 
+// Batching feedback: how many waits an interval needs before what they
+// gathered is judged, and the pauses after waits that gathered too little.
+const (
+	laneBatchJudge      = 8
+	laneBatchBackoff    = 100 * time.Millisecond
+	laneBatchMaxBackoff = 5 * time.Second
+)
+
 // prSetTimerSlack is PR_SET_TIMERSLACK.
 const prSetTimerSlack = 29
 
@@ -347,6 +387,10 @@ const prSetTimerSlack = 29
 // waiting allocates nothing.
 func (l *loop) poll(uintptr) bool {
 	l.polled, l.pollErr = rawEpollWait(l.epfd, l.events[:])
+	if l.slept {
+		l.slept = false
+		l.gathered += max(l.polled, 0)
+	}
 	return l.polled != 0 || (l.pollErr != 0 && l.pollErr != syscall.EINTR)
 }
 
