@@ -66,7 +66,7 @@ const (
 	DefaultMaxHeaderBytes     = 16 << 10
 	DefaultIdleTimeout        = 60 * time.Second
 	DefaultDrainTimeout       = 20 * time.Second
-	DefaultBatchWait          = 20 * time.Microsecond
+	DefaultBatchWait          = 25 * time.Microsecond
 	// maxBatchWait bounds server.batch_wait: it is latency added under
 	// load.
 	maxBatchWait = time.Millisecond
