@@ -207,6 +207,7 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		maxHead:     min(laneReadBuf, s.cfg.Server.MaxHeaderBytes),
 		idleTimeout: int64(s.cfg.Server.IdleTimeout),
 		batchWait:   int64(s.cfg.Server.batchWait()),
+		batchSleep:  syscall.NsecToTimespec(int64(s.cfg.Server.batchWait())),
 		done:        make(chan struct{}),
 	}
 	if err := syscall.SetNonblock(epfd, true); err != nil {
@@ -360,9 +361,6 @@ func (l *loop) decideBatching(elapsed int64) {
 		l.batching = l.nowNs >= l.batchRetry
 	}
 	l.swept, l.waits, l.gathered = 0, 0, 0
-	if l.batching && !was {
-		l.batchSleep = syscall.NsecToTimespec(l.batchWait)
-	}
 	if l.batching {
 		// The kernel stretches a sleep by the thread's timer slack,
 		// 50µs by default: more than the wait itself. The loop's
