@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"reflect"
 	"regexp"
@@ -82,6 +83,15 @@ type ServerConfig struct {
 	// larger ones get 431. DefaultMaxHeaderBytes is used if not set.
 	MaxHeaderBytes int `yaml:"max_header_bytes"`
 
+	// TrustedProxies lists the networks (CIDR, or a bare IP) whose
+	// X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded
+	// headers edgelb believes and extends. From any other peer every
+	// client copy of them is removed and edgelb writes its own. Empty by
+	// default: no peer is trusted.
+	TrustedProxies []string `yaml:"trusted_proxies"`
+	// trusted is TrustedProxies parsed by validate.
+	trusted []netip.Prefix
+
 	// IdleTimeout closes idle client keep-alive connections.
 	// DefaultIdleTimeout is used if not set.
 	IdleTimeout time.Duration `yaml:"idle_timeout"`
@@ -104,6 +114,23 @@ type ServerConfig struct {
 	// average, and no connection is on the fasthttp server.
 	// DefaultBatchWait is used if not set; 0 turns it off.
 	BatchWait *time.Duration `yaml:"batch_wait"`
+}
+
+// parsePrefix parses a CIDR network or a single IP address.
+func parsePrefix(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("want a CIDR network such as 10.0.0.0/8 or an IP address (got %q)", s)
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("want a CIDR network such as 10.0.0.0/8 or an IP address (got %q)", s)
+	}
+	a = a.Unmap()
+	return netip.PrefixFrom(a, a.BitLen()), nil
 }
 
 // eventLoop reports whether the config asks for the event loops.
@@ -222,7 +249,8 @@ type StaleConfig struct {
 
 	// On lists the failures that serve a stored response: Edgelb-Error
 	// codes (no_healthy_backend, upstream_connect_failed, upstream_timeout,
-	// upstream_invalid_response, overloaded) and backend statuses (500, 502,
+	// upstream_invalid_response, upstream_response_too_large, overloaded)
+	// and backend statuses (500, 502,
 	// 503, 504). All of them if not set.
 	On []string `yaml:"on"`
 
@@ -236,7 +264,7 @@ const DefaultMaxStale = time.Hour
 
 // defaultStaleOn are the failures that serve stale responses by default.
 var defaultStaleOn = []string{"no_healthy_backend", "upstream_connect_failed", "upstream_timeout",
-	"upstream_invalid_response", "overloaded", "500", "502", "503", "504"}
+	"upstream_invalid_response", "upstream_response_too_large", "overloaded", "500", "502", "503", "504"}
 
 // RouteConfig maps a host and path prefix to a service.
 type RouteConfig struct {
@@ -470,6 +498,15 @@ func (c *Config) validate() []error {
 	if s.MaxHeaderBytes < 1024 {
 		bad("server.max_header_bytes", "must be at least 1024")
 	}
+	s.trusted = s.trusted[:0]
+	for i, t := range s.TrustedProxies {
+		pfx, err := parsePrefix(t)
+		if err != nil {
+			bad(fmt.Sprintf("server.trusted_proxies[%d]", i), "%v", err)
+			continue
+		}
+		s.trusted = append(s.trusted, pfx)
+	}
 	if len(c.Services) == 0 && (c.Consul == nil || !c.Consul.TagRoutes) {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
 	}
@@ -483,15 +520,18 @@ func (c *Config) validate() []error {
 		if r.Host == "" {
 			r.Host = "*"
 		}
-		r.Host = strings.ToLower(r.Host)
+		if r.Host != "*" {
+			if k, ok := hostKey(nil, []byte(r.Host)); ok {
+				r.Host = string(k)
+			} else {
+				bad(key+".host", "must be a host name, an IP address or * (got %q)", r.Host)
+			}
+		}
 		if r.Path == "" {
 			r.Path = "/"
 		}
 		if !strings.HasPrefix(r.Path, "/") {
 			bad(key+".path", "must start with / (got %q)", r.Path)
-		}
-		if strings.ContainsAny(r.Host, " /") {
-			bad(key+".host", "must be a host name or * (got %q)", r.Host)
 		}
 		if r.Service == "" {
 			bad(key+".service", "missing")

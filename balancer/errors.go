@@ -23,6 +23,7 @@ const (
 	errTimeout
 	errInvalidResponse
 	errOverloaded
+	errResponseTooLarge
 
 	numErrCodes
 )
@@ -38,6 +39,7 @@ var errCodeNames = [numErrCodes]string{
 	errTimeout:          "upstream_timeout",
 	errInvalidResponse:  "upstream_invalid_response",
 	errOverloaded:       "overloaded",
+	errResponseTooLarge: "upstream_response_too_large",
 }
 
 // errCodeValues holds the header values as bytes so that writing them
@@ -52,7 +54,8 @@ var errCodeValues = func() (v [numErrCodes][]byte) {
 // backendCause reports whether c describes a failure of one backend
 // (counted per backend) rather than of the route.
 func (c errCode) backendCause() bool {
-	return c == errConnectFailed || c == errTimeout || c == errInvalidResponse || c == errOverloaded
+	return c == errConnectFailed || c == errTimeout || c == errInvalidResponse || c == errOverloaded ||
+		c == errResponseTooLarge
 }
 
 // status is the HTTP status of a response generated for c.
@@ -79,12 +82,17 @@ var errBodies = [numErrCodes][]byte{
 	errTimeout:          []byte("edgelb: backend did not answer in time\n"),
 	errInvalidResponse:  []byte("edgelb: backend sent an invalid response\n"),
 	errOverloaded:       []byte("edgelb: service overloaded, retry later\n"),
+	errResponseTooLarge: []byte("edgelb: backend response larger than this service allows\n"),
 }
 
-// classifyErr maps an error from HostClient.Do to a health outcome and an
-// error code. Slow path: only called on errors.
+// classifyErr maps an error from forwardOnce to a health outcome and an
+// error code. Only what a backend did counts against it: a response larger
+// than max_response_body is edgelb's own limit, not a failure of the
+// backend. Slow path: only called on errors.
 func classifyErr(err error) (health.Outcome, errCode) {
 	switch {
+	case err == fasthttp.ErrBodyTooLarge:
+		return health.OutcomeCanceled, errResponseTooLarge
 	case err == fasthttp.ErrNoFreeConns:
 		return health.OutcomeLocalOverload, errOverloaded
 	case err == fasthttp.ErrTimeout || err == fasthttp.ErrDialTimeout || errors.Is(err, os.ErrDeadlineExceeded):
@@ -93,7 +101,7 @@ func classifyErr(err error) (health.Outcome, errCode) {
 		}
 		return health.OutcomeTimeout, errTimeout
 	case isDialErr(err), errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
-		errors.Is(err, syscall.EPIPE), err == fasthttp.ErrConnectionClosed:
+		errors.Is(err, syscall.EPIPE), err == fasthttp.ErrConnectionClosed, err == errTooManyStaleConns:
 		return health.OutcomeConnectFailed, errConnectFailed
 	}
 	var ne net.Error

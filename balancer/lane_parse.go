@@ -23,8 +23,6 @@ var (
 	strChunked        = []byte("chunked")
 	strGET            = []byte("GET")
 	strHEAD           = []byte("HEAD")
-	strHeadXFF        = []byte("X-Forwarded-For: ")
-	strHeadXFP        = []byte("\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
 	strHeadDate       = []byte("Date: ")
 	strHeadContentLen = []byte("Content-Length: ")
 )
@@ -37,10 +35,15 @@ type laneRequest struct {
 	uri     []byte
 	path    []byte
 	host    []byte
-	xff     []byte
+	// The client's X-Forwarded-For, -Proto, -Host and Forwarded values,
+	// which go upstream extended only when the peer is trusted;
+	// dupForwarded is set when one of them came twice.
+	xff, xfp, xfh, fwd []byte
+	dupForwarded       bool
 	// drop holds the [start, end) ranges of the header lines that do not
-	// go upstream: Connection: keep-alive and the X-Forwarded-* ones.
-	drop  [4][2]int
+	// go upstream: Connection: keep-alive, X-Forwarded-*, Forwarded and
+	// their look-alikes.
+	drop  [8][2]int
 	ndrop int
 }
 
@@ -103,26 +106,39 @@ func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
 			r.headLen = off
 			break
 		}
-		switch headerKindOf(name) {
+		switch kind := headerKindOf(name); kind {
 		case hkOther:
 		case hkHost:
 			if r.host != nil || len(value) == 0 {
 				return laneHandOff
 			}
 			r.host = value
-		case hkXForwardedFor:
-			if r.xff != nil || r.ndrop == len(r.drop) {
-				return laneHandOff
-			}
-			r.xff = value
-			r.drop[r.ndrop] = [2]int{start, off}
-			r.ndrop++
-		case hkXForwardedProto, hkXForwardedHost:
+		case hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded, hkForwardedLookalike:
+			// None of these goes upstream as the client sent it: the
+			// loop writes its own, from a trusted peer extending the
+			// values kept here.
 			if r.ndrop == len(r.drop) {
 				return laneHandOff
 			}
 			r.drop[r.ndrop] = [2]int{start, off}
 			r.ndrop++
+			var v *[]byte
+			switch kind {
+			case hkXForwardedFor:
+				v = &r.xff
+			case hkXForwardedProto:
+				v = &r.xfp
+			case hkXForwardedHost:
+				v = &r.xfh
+			case hkForwarded:
+				v = &r.fwd
+			default:
+				continue
+			}
+			if *v != nil {
+				r.dupForwarded = true
+			}
+			*v = value
 		case hkConnection:
 			if !bytes.EqualFold(value, strKeepAlive) || r.ndrop == len(r.drop) {
 				return laneHandOff
@@ -212,6 +228,11 @@ const (
 	hkXForwardedFor
 	hkXForwardedProto
 	hkXForwardedHost
+	hkForwarded
+	// hkForwardedLookalike is X-Forwarded-For, -Proto or -Host spelt with
+	// '_' for a '-': some backends read them as the real ones, so they
+	// never go upstream.
+	hkForwardedLookalike
 	hkHop // another hop-by-hop header
 )
 
@@ -258,10 +279,16 @@ type headerKindName struct {
 // headerKindsByLen lists the named header kinds by name length.
 var headerKindsByLen = func() (t [20][]headerKindName) {
 	add := func(k headerKind, name []byte) {
+		// equalFoldToken compares names with bit 0x20 set: '_' becomes
+		// 0x7f, which no other token byte folds onto.
 		lower := bytes.ToLower(name)
-		for _, c := range lower {
+		for i, c := range lower {
+			if c == '_' {
+				lower[i] = '_' | 0x20
+				continue
+			}
 			if (c < 'a' || c > 'z') && c != '-' {
-				panic("BUG: header kind names must be letters and '-' for equalFoldToken: " + string(name))
+				panic("BUG: header kind names must be letters, '-' and '_' for equalFoldToken: " + string(name))
 			}
 		}
 		for _, e := range t[len(name)] {
@@ -278,6 +305,12 @@ var headerKindsByLen = func() (t [20][]headerKindName) {
 		{hkXForwardedProto, strXForwardedProto}, {hkXForwardedHost, strXForwardedHost},
 	} {
 		add(e.kind, e.lower)
+	}
+	add(hkForwarded, strForwarded)
+	for _, suffix := range []string{"for", "proto", "host"} {
+		for _, sep := range [][2]byte{{'_', '_'}, {'_', '-'}, {'-', '_'}} {
+			add(hkForwardedLookalike, []byte("x"+string(sep[0])+"forwarded"+string(sep[1])+suffix))
+		}
 	}
 	// The other hop-by-hop headers, from the list the fasthttp path uses.
 	for _, name := range hopHeaderBytes {

@@ -104,8 +104,11 @@ func TestEventLoopForwardsLikeTheFullPath(t *testing.T) {
 	if len(hs) != 1 {
 		t.Fatalf("origin got %d requests", len(hs))
 	}
+	// The peer is not a trusted proxy: its forwarding headers are
+	// replaced, not extended.
 	want := "GET /a?b=1 HTTP/1.1\r\nHost: www.example.com\r\nAccept: */*\r\n" +
-		"X-Forwarded-For: 198.51.100.7, 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: www.example.com\r\n\r\n"
+		"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: www.example.com\r\n" +
+		"Forwarded: for=127.0.0.1;host=\"www.example.com\";proto=http\r\n\r\n"
 	if hs[0] != want {
 		t.Fatalf("upstream request:\n%q\nwant\n%q", hs[0], want)
 	}

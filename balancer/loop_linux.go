@@ -70,7 +70,9 @@ type lconn struct {
 	headSince int64
 
 	// Client side.
-	ip      []byte // remote IP, as X-Forwarded-For carries it
+	ip []byte // remote IP, as X-Forwarded-For carries it
+	// trusted is set when the peer is in server.trusted_proxies.
+	trusted bool
 	req     laneRequest
 	pool    *Pool
 	peer    *lconn // the backend connection serving the request
@@ -520,10 +522,22 @@ func (l *loop) accept() {
 		syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs}
 		c.ip = appendSockaddrIP(c.ip, sa)
+		c.trusted = l.s.trustedPeer(sockaddrAddr(sa))
 		if !l.add(c, connEvents) {
 			return
 		}
 	}
+}
+
+// sockaddrAddr returns the IP address of sa, invalid if it has none.
+func sockaddrAddr(sa syscall.Sockaddr) netip.Addr {
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet4:
+		return netip.AddrFrom4(a.Addr)
+	case *syscall.SockaddrInet6:
+		return netip.AddrFrom16(a.Addr).Unmap()
+	}
+	return netip.Addr{}
 }
 
 func appendSockaddrIP(dst []byte, sa syscall.Sockaddr) []byte {
@@ -626,7 +640,13 @@ func (l *loop) serve(c *lconn) {
 		return
 	}
 	r := &c.req
-	host := normalizeHost(l.hb[:0], r.host)
+	host, ok := hostKey(l.hb[:0], r.host)
+	if !ok || r.dupForwarded && c.trusted {
+		// The fasthttp path refuses the Host with a 400, or joins a
+		// trusted proxy's repeated forwarding headers.
+		l.handOff(c)
+		return
+	}
 	rt := l.s.routes.Load().match(host, r.path)
 	if rt == nil || rt.pool == nil {
 		l.handOff(c)
@@ -679,14 +699,7 @@ func (l *loop) appendUpstreamRequest(dst []byte, c *lconn) []byte {
 		from = d[1]
 	}
 	dst = append(dst, head[from:]...)
-	dst = append(dst, strHeadXFF...)
-	if len(r.xff) > 0 {
-		dst = append(dst, r.xff...)
-		dst = append(dst, strCommaSpace...)
-	}
-	dst = append(dst, c.ip...)
-	dst = append(dst, strHeadXFP...)
-	dst = append(dst, r.host...)
+	dst = appendForwarding(dst, c.ip, r.host, strHTTP, c.trusted, r.xff, r.xfp, r.xfh, r.fwd)
 	return append(dst, strCRLFCRLF...)
 }
 

@@ -259,7 +259,11 @@ func (p *Pool) newBackend(addr string) *Backend {
 	b.client = &fasthttp.HostClient{
 		Addr: addr,
 		Dial: func(addr string) (net.Conn, error) {
-			return fasthttp.DialTimeout(addr, connectTimeout)
+			c, err := fasthttp.DialTimeout(addr, connectTimeout)
+			if err != nil {
+				return nil, err
+			}
+			return newPeekConn(c), nil
 		},
 		// The balancer owns retries, on another backend, within one
 		// deadline: the client must not retry behind its back.

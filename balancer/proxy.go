@@ -59,11 +59,13 @@ var hopHeaderBytes = func() [][]byte {
 
 // serve forwards the request in ctx to a backend of the pool, retrying
 // idempotent requests on other backends within one deadline.
-func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
+// flags are what vetRequest saw in its head; trusted is set when the peer
+// is in server.trusted_proxies.
+func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted bool) {
 	p.m.requests.Inc()
 	req := &ctx.Request
 	clientClose := req.Header.ConnectionClose()
-	prepareRequest(ctx, req)
+	prepareRequest(ctx, req, flags, trusted)
 
 	idempotent := isIdempotent(req.Header.Method())
 	deadline := now.Add(p.cfg.Timeout)
@@ -88,7 +90,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 			tryDeadline = deadline
 		}
 		b.target.Begin()
-		err := b.client.DoDeadline(req, &ctx.Response, tryDeadline)
+		err := forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
 		end := time.Now()
 		lat := end.Sub(now)
 		b.m.requests.Inc()
@@ -113,6 +115,11 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time) {
 		b.target.Done(end.UnixNano(), outcome, lat)
 		b.m.errors[c].Inc()
 		code, answered = c, false
+		if c == errResponseTooLarge {
+			// Every backend would send the same: asking another only
+			// doubles the load.
+			break
+		}
 		if !(idempotent || isDialErr(err) || err == fasthttp.ErrNoFreeConns) || !now.Before(deadline) {
 			break
 		}
@@ -246,61 +253,25 @@ func isIdempotent(method []byte) bool {
 }
 
 // prepareRequest turns the client's request into the upstream one in
-// place: hop-by-hop headers go first, then X-Forwarded-* are set, so that a
-// client cannot smuggle them away through Connection (golang/go#50580).
-func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request) {
+// place: hop-by-hop headers and Expect (edgelb answered it) go first, then
+// the forwarding headers are set, so that a client cannot smuggle them away
+// through Connection (golang/go#50580).
+func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request, flags int, trusted bool) {
 	h := &req.Header
-	// Fast path: the header block as received names no hop-by-hop header,
-	// no Connection and no X-Forwarded-For, so nothing is removed or
-	// extended. Most requests take it; looking each header up costs more
-	// than the one scan.
-	raw := h.RawHeaders()
-	slow := len(raw) == 0 || rawNeedsRewrite(raw)
-	if slow {
+	// Fast path: the head as received names no header to remove, which
+	// vetRequest's one scan of it tells.
+	if flags&sawRewrite != 0 {
 		removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
 		for _, k := range hopHeaders {
 			h.Del(k)
 		}
+		h.DelBytes(strExpect)
 	}
 	h.ResetConnectionClose()
-
-	var buf [256]byte
-	xff := buf[:0]
-	if slow {
-		xff = append(xff, h.PeekBytes(strXForwardedFor)...)
-		if len(xff) > 0 {
-			xff = append(xff, strCommaSpace...)
-		}
-	}
-	xff = appendRemoteIP(xff, ctx)
-	h.SetCanonical(strXForwardedFor, xff)
-	if ctx.IsTLS() {
-		h.SetCanonical(strXForwardedProto, strHTTPS)
-	} else {
-		h.SetCanonical(strXForwardedProto, strHTTP)
-	}
-	h.SetCanonical(strXForwardedHost, h.Host())
-	// Keep the client's Host: the URI's host would be the same, but the
-	// header must go upstream as the client sent it.
+	setForwarding(ctx, h, flags, trusted)
+	// Keep the client's Host (or the authority of an absolute-form
+	// target, which vetRequest made the Host): it goes upstream as sent.
 	req.UseHostHeader = true
-}
-
-// rawNeedsRewrite reports whether a request header block as received holds
-// a header that prepareRequest must remove or extend: a hop-by-hop one,
-// Connection, or X-Forwarded-For. Names compare case-insensitively.
-func rawNeedsRewrite(raw []byte) bool {
-	for len(raw) > 0 {
-		line := raw
-		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
-			line, raw = raw[:i], raw[i+1:]
-		} else {
-			raw = nil
-		}
-		if name, _, ok := bytes.Cut(line, strColon); ok && (isHopHeader(name) || bytes.EqualFold(name, strXForwardedFor)) {
-			return true
-		}
-	}
-	return false
 }
 
 // isHopHeader reports whether name is Connection or one of hopHeaders,

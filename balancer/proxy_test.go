@@ -44,7 +44,7 @@ func TestProxyHeaders(t *testing.T) {
 		ctx.Response.SetConnectionClose()
 		ctx.WriteString("ok")
 	})
-	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	s := startEdge(t, "server: {trusted_proxies: [127.0.0.0/8]}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
 	resp := do(t, s, "GET", "Shop.Example.com", "/a//b/../c?x=%2F",
 		"Connection", "X-Hop, keep-alive",
 		"X-Hop", "should-go",
@@ -66,7 +66,9 @@ func TestProxyHeaders(t *testing.T) {
 			t.Errorf("hop-by-hop header %s reached the origin:\n%s", h, seen)
 		}
 	}
-	for _, h := range []string{"X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\n", "X-Forwarded-Proto: http\r\n", "X-Forwarded-Host: Shop.Example.com\r\n", "X-Keep: yes\r\n"} {
+	// From a trusted proxy the chain and the scheme it saw are kept.
+	for _, h := range []string{"X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\n", "X-Forwarded-Proto: https\r\n", "X-Forwarded-Host: Shop.Example.com\r\n", "X-Keep: yes\r\n",
+		"Forwarded: for=127.0.0.1;host=\"Shop.Example.com\";proto=http\r\n"} {
 		if !strings.Contains(seen, h) {
 			t.Errorf("origin did not get %q:\n%s", h, seen)
 		}
@@ -311,9 +313,9 @@ func TestProxyHeadersAnyCase(t *testing.T) {
 		[]string{"X-Forwarded-For: 127.0.0.1\r\n", "X-Forwarded-Proto: http\r\n", "X-Forwarded-Host: shop.example\r\n", "X-App: 1\r\n"},
 		[]string{"evil.example", "https"})
 	// Slow path, lower case: hop-by-hop headers and those Connection names
-	// go, X-Forwarded-For is extended.
+	// go, and so does an untrusted peer's X-Forwarded-For.
 	f("connection: x-hop, keep-alive\r\nx-hop: 1\r\nkeep-alive: timeout=5\r\nproxy-authorization: Basic Zm9v\r\nx-forwarded-for: 10.0.0.9\r\n",
-		[]string{"X-Forwarded-For: 10.0.0.9, 127.0.0.1\r\n"},
+		[]string{"X-Forwarded-For: 127.0.0.1\r\n"},
 		[]string{"x-hop:", "keep-alive:", "proxy-authorization:", "connection:"})
 }
 

@@ -32,6 +32,11 @@ func newRouteTable(routes []route) *routeTable {
 	}
 	for _, r := range routes {
 		if r.host != "*" {
+			// Keyed as hostKey keys a request's Host; a tag route's
+			// host that is not valid can never match.
+			if k, ok := hostKey(nil, []byte(r.host)); ok {
+				r.host = string(k)
+			}
 			rt.byHost[r.host] = append(rt.byHost[r.host], r)
 		}
 	}
@@ -75,34 +80,6 @@ func pathHasPrefix(path []byte, prefix string) bool {
 		return false
 	}
 	return len(path) == len(prefix) || prefix[len(prefix)-1] == '/' || path[len(prefix)] == '/'
-}
-
-// normalizeHost lower-cases host and strips a port, writing into dst.
-func normalizeHost(dst, host []byte) []byte {
-	if n := len(host); n > 0 && host[0] != '[' {
-		if i := lastIndexByte(host, ':'); i >= 0 {
-			host = host[:i]
-		}
-	} else if i := lastIndexByte(host, ']'); i >= 0 {
-		host = host[:i+1]
-	}
-	dst = dst[:0]
-	for _, c := range host {
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		dst = append(dst, c)
-	}
-	return dst
-}
-
-func lastIndexByte(b []byte, c byte) int {
-	for i := len(b) - 1; i >= 0; i-- {
-		if b[i] == c {
-			return i
-		}
-	}
-	return -1
 }
 
 // routeID is how routes are told apart in logs and /status.

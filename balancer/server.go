@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"reflect"
 	"runtime"
@@ -37,7 +38,9 @@ type Server struct {
 	store   *stale.Store
 
 	routes atomic.Pointer[routeTable]
-	ready  atomic.Bool
+	// trusted is server.trusted_proxies; nil when empty.
+	trusted atomic.Pointer[[]netip.Prefix]
+	ready   atomic.Bool
 
 	srv *fasthttp.Server
 	ln  net.Listener
@@ -85,6 +88,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 	s.routes.Store(newRouteTable(nil))
 	s.srv = &fasthttp.Server{
 		Handler:                       s.handle,
+		ExpectHandler:                 s.expectStatus,
 		ErrorHandler:                  s.handleParseError,
 		Name:                          "edgelb",
 		NoDefaultServerHeader:         true,
@@ -198,6 +202,12 @@ func (s *Server) Reload(cfg *Config) error {
 // changed services, retires the others and rebuilds the route table.
 func (s *Server) applyLocked(cfg *Config) {
 	s.cfg = cfg
+	if len(cfg.Server.trusted) > 0 {
+		ps := cfg.Server.trusted
+		s.trusted.Store(&ps)
+	} else {
+		s.trusted.Store(nil)
+	}
 	var retired []*Pool
 	for name, p := range s.pools {
 		sc, configured := cfg.Services[name]
@@ -510,15 +520,20 @@ func (s *Server) goSafe(name string, f func()) {
 func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 	defer s.recoverRequest(ctx)
 	now := ctx.Time()
-	var hb [128]byte
-	host := normalizeHost(hb[:0], ctx.Host())
+	var hb [maxHostLen]byte
+	host, flags, why := vetRequest(&ctx.Request, hb[:0])
+	if why != refuseNone {
+		refuse(ctx, why)
+		return
+	}
 	r := s.routes.Load().match(host, ctx.Path())
 	if r == nil || r.pool == nil {
 		noRouteTotal.Inc()
 		writeError(ctx, errNoRoute, ctx.Request.Header.ConnectionClose())
 		return
 	}
-	r.pool.serve(ctx, now)
+	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
+	r.pool.serve(ctx, now, flags, s.trustedPeer(ip))
 }
 
 func (s *Server) recoverRequest(ctx *fasthttp.RequestCtx) {

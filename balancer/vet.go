@@ -1,0 +1,295 @@
+package balancer
+
+import (
+	"bytes"
+
+	"github.com/VictoriaMetrics/metrics"
+	"github.com/valyala/fasthttp"
+)
+
+// refusal is why edgelb answered a client's request itself without
+// forwarding it: the request is malformed, or asks for something an edge
+// must not pass on. Each is counted in
+// edgelb_requests_refused_total{reason}.
+type refusal uint8
+
+const (
+	refuseNone refusal = iota
+	refuseMethod
+	refuseMethodNotAllowed
+	refuseVersion
+	refuseTarget
+	refuseNoHost
+	refuseHost
+	refuseHeaderName
+	refuseFraming
+	refuseExpect
+	refuseBodyTooLarge
+	answerOptionsStar
+
+	numRefusals
+)
+
+var refusalNames = [numRefusals]string{
+	refuseMethod:           "method",
+	refuseMethodNotAllowed: "method_not_allowed",
+	refuseVersion:          "version",
+	refuseTarget:           "target",
+	refuseNoHost:           "no_host",
+	refuseHost:             "host",
+	refuseHeaderName:       "header_name",
+	refuseFraming:          "framing",
+	refuseExpect:           "expect",
+	refuseBodyTooLarge:     "body_too_large",
+	answerOptionsStar:      "options_asterisk",
+}
+
+var refusalStatus = [numRefusals]int{
+	refuseMethod:           fasthttp.StatusBadRequest,
+	refuseMethodNotAllowed: fasthttp.StatusMethodNotAllowed,
+	refuseVersion:          fasthttp.StatusHTTPVersionNotSupported,
+	refuseTarget:           fasthttp.StatusBadRequest,
+	refuseNoHost:           fasthttp.StatusBadRequest,
+	refuseHost:             fasthttp.StatusBadRequest,
+	refuseHeaderName:       fasthttp.StatusBadRequest,
+	refuseFraming:          fasthttp.StatusBadRequest,
+	refuseExpect:           fasthttp.StatusExpectationFailed,
+	refuseBodyTooLarge:     fasthttp.StatusRequestEntityTooLarge,
+	answerOptionsStar:      fasthttp.StatusOK,
+}
+
+var refusalBodies = [numRefusals]string{
+	refuseMethod:           "edgelb: malformed request method\n",
+	refuseMethodNotAllowed: "edgelb: method not allowed\n",
+	refuseVersion:          "edgelb: HTTP version not supported\n",
+	refuseTarget:           "edgelb: malformed request target\n",
+	refuseNoHost:           "edgelb: missing Host header\n",
+	refuseHost:             "edgelb: invalid Host header\n",
+	refuseHeaderName:       "edgelb: malformed header name\n",
+	refuseFraming:          "edgelb: both Content-Length and Transfer-Encoding\n",
+	refuseExpect:           "edgelb: unsupported expectation\n",
+	refuseBodyTooLarge:     "edgelb: request body too large\n",
+}
+
+var refusalsTotal = func() (c [numRefusals]*metrics.Counter) {
+	for r := refusal(1); r < numRefusals; r++ {
+		c[r] = metrics.NewCounter(`edgelb_requests_refused_total{reason="` + refusalNames[r] + `"}`)
+	}
+	return c
+}()
+
+// Header-scan flags: what vetRequest saw in a request's header lines.
+const (
+	// sawRewrite: a header that prepareRequest must remove or rewrite
+	// (hop-by-hop, Connection, Expect, X-Forwarded-*, Forwarded or a
+	// look-alike with '_').
+	sawRewrite = 1 << iota
+	sawContentLength
+	sawTransferEncoding
+	sawExpect
+)
+
+var strAllowAll = []byte("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")
+
+// vetRequest checks what fasthttp's parser lets through but a proxy must
+// not forward, and makes an absolute-form request's authority its Host
+// (RFC 9112 section 3.2.2), so that routing, the upstream Host,
+// X-Forwarded-Host and the stale store all use one authority. It appends
+// the routing key of the Host to dst. flags says what the header scan saw.
+//
+// It allocates nothing for a request it accepts.
+func vetRequest(req *fasthttp.Request, dst []byte) (key []byte, flags int, r refusal) {
+	h := &req.Header
+	m := h.Method()
+	if len(m) == 0 || len(m) > 32 {
+		return dst, 0, refuseMethod
+	}
+	for _, c := range m {
+		if (c < 'A' || c > 'Z') && c != '-' && c != '_' {
+			return dst, 0, refuseMethod
+		}
+	}
+	switch string(m) {
+	case fasthttp.MethodConnect, fasthttp.MethodTrace:
+		return dst, 0, refuseMethodNotAllowed
+	}
+	if p := h.Protocol(); !bytes.Equal(p, strHTTP11) && !bytes.Equal(p, strHTTP10) {
+		return dst, 0, refuseVersion
+	}
+	raw := h.RawHeaders()
+	flags, r = scanHeaderLines(raw)
+	if r != refuseNone {
+		return dst, flags, r
+	}
+	if len(raw) == 0 {
+		// A request built in memory, not parsed: nothing says it is
+		// clean.
+		flags |= sawRewrite
+	}
+
+	uri := h.RequestURI()
+	switch {
+	case len(uri) > 0 && uri[0] == '/':
+	case len(uri) == 1 && uri[0] == '*':
+		if string(m) == fasthttp.MethodOptions {
+			return dst, flags, answerOptionsStar
+		}
+		return dst, flags, refuseTarget
+	default:
+		auth, rest, ok := absoluteForm(uri)
+		if !ok {
+			return dst, flags, refuseTarget
+		}
+		key, ok = hostKey(dst, auth)
+		if !ok {
+			return dst, flags, refuseHost
+		}
+		// The authority replaces Host, and the target goes upstream in
+		// origin form: a backend never sees two hosts.
+		h.SetHostBytes(auth)
+		if len(rest) == 0 {
+			rest = strSlash
+		}
+		req.SetRequestURIBytes(rest)
+		return key, flags, refuseNone
+	}
+	host := h.Host()
+	if len(host) == 0 {
+		return dst, flags, refuseNoHost
+	}
+	key, ok := hostKey(dst, host)
+	if !ok {
+		return dst, flags, refuseHost
+	}
+	return key, flags, refuseNone
+}
+
+var (
+	strHTTP10      = []byte("HTTP/1.0")
+	strSlash       = []byte("/")
+	strSchemeHTTP  = []byte("http://")
+	strSchemeHTTPS = []byte("https://")
+	str100Continue = []byte("100-continue")
+	strForwarded   = []byte("Forwarded")
+)
+
+// absoluteForm splits an absolute-form request target with the http or
+// https scheme into its authority and the rest (path and query). A target
+// with userinfo is refused, as RFC 9110 section 4.2.4 asks.
+func absoluteForm(uri []byte) (auth, rest []byte, ok bool) {
+	switch {
+	case hasPrefixFold(uri, strSchemeHTTP):
+		uri = uri[len(strSchemeHTTP):]
+	case hasPrefixFold(uri, strSchemeHTTPS):
+		uri = uri[len(strSchemeHTTPS):]
+	default:
+		return nil, nil, false
+	}
+	end := len(uri)
+	for i, c := range uri {
+		if c == '/' || c == '?' || c == '#' {
+			end = i
+			break
+		}
+		if c == '@' {
+			return nil, nil, false
+		}
+	}
+	if end == 0 {
+		return nil, nil, false
+	}
+	auth, rest = uri[:end], uri[end:]
+	if len(rest) > 0 && rest[0] != '/' {
+		// A query or fragment right after the authority: rare enough
+		// to refuse rather than rebuild.
+		return nil, nil, false
+	}
+	return auth, rest, true
+}
+
+func hasPrefixFold(b, prefix []byte) bool {
+	return len(b) >= len(prefix) && bytes.EqualFold(b[:len(prefix)], prefix)
+}
+
+// scanHeaderLines checks the header lines of a request head as received:
+// every name must be a token (RFC 9110 section 5.1), with no space before
+// the colon and no line folding, and Content-Length and Transfer-Encoding
+// must not both be present (RFC 9112 section 6.1). It reports in flags
+// what prepareRequest needs to know.
+func scanHeaderLines(raw []byte) (flags int, r refusal) {
+	for len(raw) > 0 {
+		line := raw
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			line, raw = raw[:i], raw[i+1:]
+		} else {
+			raw = nil
+		}
+		if n := len(line); n > 0 && line[n-1] == '\r' {
+			line = line[:n-1]
+		}
+		if len(line) == 0 {
+			continue
+		}
+		colon := 0
+		for colon < len(line) && tokenChars[line[colon]] {
+			colon++
+		}
+		if colon == 0 || colon == len(line) || line[colon] != ':' {
+			return flags, refuseHeaderName
+		}
+		name := line[:colon]
+		switch headerKindOf(name) {
+		case hkContentLength:
+			flags |= sawContentLength
+		case hkTransferEncoding:
+			flags |= sawTransferEncoding | sawRewrite
+		case hkExpect:
+			flags |= sawExpect | sawRewrite
+			v := bytes.TrimSpace(line[colon+1:])
+			if !bytes.EqualFold(v, str100Continue) {
+				return flags, refuseExpect
+			}
+		case hkConnection, hkHop, hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded, hkForwardedLookalike:
+			flags |= sawRewrite
+		}
+	}
+	if flags&(sawContentLength|sawTransferEncoding) == sawContentLength|sawTransferEncoding {
+		return flags, refuseFraming
+	}
+	return flags, refuseNone
+}
+
+// refuse answers a request that vetRequest refused, and closes the
+// connection after a malformed one: what follows it cannot be trusted.
+func refuse(ctx *fasthttp.RequestCtx, r refusal) {
+	refusalsTotal[r].Inc()
+	if r == answerOptionsStar {
+		ctx.Response.Header.SetBytesKV(strAllow, strAllowAll)
+		ctx.SetStatusCode(fasthttp.StatusOK)
+		return
+	}
+	ctx.Error(refusalBodies[r], refusalStatus[r])
+	if r == refuseMethodNotAllowed {
+		ctx.Response.Header.SetBytesKV(strAllow, strAllowAll)
+		return
+	}
+	ctx.SetConnectionClose()
+}
+
+var strAllow = []byte("Allow")
+
+// expectStatus is the fasthttp server's ExpectHandler: it decides before
+// "100 Continue" is sent, so that a request that will be refused, or whose
+// body is too large, is answered at once and its body never read.
+func (s *Server) expectStatus(ctx *fasthttp.RequestCtx) int {
+	var hb [128]byte
+	if _, _, r := vetRequest(&ctx.Request, hb[:0]); r != refuseNone && r != answerOptionsStar {
+		refusalsTotal[r].Inc()
+		return refusalStatus[r]
+	}
+	if n := ctx.Request.Header.ContentLength(); n > s.srv.MaxRequestBodySize {
+		refusalsTotal[refuseBodyTooLarge].Inc()
+		return fasthttp.StatusRequestEntityTooLarge
+	}
+	return fasthttp.StatusContinue
+}
