@@ -1,14 +1,17 @@
 package balancer
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"sort"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -56,6 +59,9 @@ func newAdminServer(s *Server) *adminServer {
 	a.mux.HandleFunc("/debug/pprof/", pprof.Index)
 	a.mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	a.mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	// TYPE lines for /metrics. The switch is process-wide; /metrics is
+	// the only caller of metrics.WritePrometheus.
+	metrics.ExposeMetadata(true)
 	a.srv = &http.Server{Handler: a, ReadHeaderTimeout: 5 * time.Second}
 	return a
 }
@@ -227,8 +233,118 @@ func (a *adminServer) refuse(w http.ResponseWriter, r *http.Request, c *metrics.
 }
 
 func (a *adminServer) metrics(w http.ResponseWriter, _ *http.Request) {
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-	metrics.WritePrometheus(w, true)
+	var buf bytes.Buffer
+	metrics.WritePrometheus(&buf, true)
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	writeExposition(w, buf.Bytes())
+}
+
+// writeExposition writes the output of metrics.WritePrometheus with each
+// metric family in one group under one HELP (from metricHelp) and one TYPE
+// line. The metrics package writes metadata per Set, and edgelb has a Set
+// per service and backend, so a family arrives in several groups with a
+// TYPE line each, which the Prometheus text format forbids; its HELP lines
+// carry no text, as the package has no way to give one.
+func writeExposition(w io.Writer, in []byte) {
+	lines := bytes.Split(in, []byte("\n"))
+	types := make(map[string]string)
+	for _, l := range lines {
+		if rest, ok := bytes.CutPrefix(l, []byte("# TYPE ")); ok {
+			name, typ, _ := strings.Cut(string(rest), " ")
+			if types[name] == "" {
+				types[name] = typ
+			}
+		}
+	}
+	for name, h := range metricHelp {
+		if types[name] == "" && h.typ != "" {
+			types[name] = h.typ
+		}
+	}
+	samples := make(map[string][][]byte)
+	for _, l := range lines {
+		if len(l) == 0 || l[0] == '#' {
+			continue
+		}
+		name := l
+		if i := bytes.IndexAny(l, "{ "); i >= 0 {
+			name = l[:i]
+		}
+		f := metricFamily(string(name), types)
+		samples[f] = append(samples[f], l)
+	}
+	families := make([]string, 0, len(samples))
+	for f := range samples {
+		families = append(families, f)
+	}
+	sort.Strings(families)
+	var out bytes.Buffer
+	for _, f := range families {
+		if h := metricHelp[f].help; h != "" {
+			fmt.Fprintf(&out, "# HELP %s %s\n", f, h)
+		}
+		if t := types[f]; t != "" {
+			fmt.Fprintf(&out, "# TYPE %s %s\n", f, t)
+		}
+		for _, l := range samples[f] {
+			out.Write(l)
+			out.WriteByte('\n')
+		}
+	}
+	w.Write(out.Bytes())
+}
+
+// metricFamily returns the family of a sample name: itself, or for the
+// _bucket, _sum and _count series of a histogram or summary, its base name.
+func metricFamily(name string, types map[string]string) string {
+	if types[name] != "" {
+		return name
+	}
+	for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+		if base, ok := strings.CutSuffix(name, suffix); ok {
+			if t := types[base]; t == "histogram" || t == "summary" {
+				return base
+			}
+		}
+	}
+	return name
+}
+
+// metricHelp is the HELP text of each edgelb metric family, and the type of
+// those written without metadata.
+var metricHelp = map[string]struct{ typ, help string }{
+	"edgelb_admin_requests_refused_total":     {help: "Admin API requests refused, by reason: host (Host not accepted), token (missing or wrong admin_token), cross_origin (a request a web page of another origin may have sent)."},
+	"edgelb_backend_errors_total":             {help: "Tries on a backend that failed, by cause."},
+	"edgelb_backend_inflight":                 {help: "Requests in flight to a backend."},
+	"edgelb_backend_request_duration_seconds": {typ: "histogram", help: "Duration of tries on a backend."},
+	"edgelb_backend_requests_total":           {help: "Tries sent to a backend, retries included."},
+	"edgelb_backend_responses_total":          {help: "Responses from a backend, by status class."},
+	"edgelb_backend_state_changes_total":      {help: "Backend health state changes, by the state entered."},
+	"edgelb_config_reloads_total":             {help: "Config reloads, by result."},
+	"edgelb_discovery_errors_total":           {help: "Failed discovery queries, by source and service."},
+	"edgelb_discovery_updates_total":          {help: "Discovery answers that changed a service's instances, by source and service."},
+	"edgelb_ejections_refused_total":          {help: "Ejections not made because max_ejection_percent of the service's backends were held out already."},
+	"edgelb_event_loop_accept_errors_total":   {help: "Errors accepting client connections in the event loops."},
+	"edgelb_event_loop_batch_waits_total":     {help: "Waits of server.batch_wait that event loops made to gather events."},
+	"edgelb_event_loop_fallbacks_total":       {help: "Backend tries an event loop left to the fasthttp server."},
+	"edgelb_event_loop_handoff_drops_total":   {help: "Connections an event loop handed over that the fasthttp server did not take."},
+	"edgelb_event_loop_handoffs_total":        {help: "Client connections an event loop handed to the fasthttp server."},
+	"edgelb_generated_errors_total":           {help: "Responses edgelb generated because no backend answered, by Edgelb-Error code."},
+	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},
+	"edgelb_panic_mode":                       {help: "1 while the service is in panic mode (too few backends available, so all get traffic), else 0."},
+	"edgelb_panic_mode_entries_total":         {help: "Times the service entered panic mode."},
+	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers."},
+	"edgelb_request_duration_seconds":         {typ: "histogram", help: "Duration of client requests, retries included."},
+	"edgelb_requests_total":                   {help: "Client requests routed to the service."},
+	"edgelb_retries_total":                    {help: "Retries on another backend."},
+	"edgelb_stale_bytes":                      {help: "Bytes held by the stale store."},
+	"edgelb_stale_entries":                    {help: "Entries in the stale store."},
+	"edgelb_stale_evicted_bytes_total":        {help: "Bytes the stale store evicted to make room."},
+	"edgelb_stale_max_bytes":                  {help: "Capacity of the stale store in bytes."},
+	"edgelb_stale_misses_total":               {help: "Failures with no stored copy to serve, by reason."},
+	"edgelb_stale_responses_total":            {help: "Stored copies served instead of an error, by service."},
+	"edgelb_stale_served_total":               {help: "Stored copies served instead of an error."},
+	"edgelb_stale_stored_total":               {help: "Responses written to the stale store."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {
