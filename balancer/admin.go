@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -62,7 +63,12 @@ func newAdminServer(s *Server) *adminServer {
 	// TYPE lines for /metrics. The switch is process-wide; /metrics is
 	// the only caller of metrics.WritePrometheus.
 	metrics.ExposeMetadata(true)
-	a.srv = &http.Server{Handler: a, ReadHeaderTimeout: 5 * time.Second}
+	a.srv = &http.Server{
+		Handler:           a,
+		ReadHeaderTimeout: 5 * time.Second,
+		// net/http reports handler panics and accept errors here.
+		ErrorLog: slog.NewLogLogger(s.log.With("server", "admin").Handler(), slog.LevelError),
+	}
 	return a
 }
 
