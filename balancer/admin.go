@@ -1,12 +1,20 @@
 package balancer
 
 import (
+	"bytes"
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
+	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -15,16 +23,35 @@ import (
 	"github.com/edgelb/edgelb/health"
 )
 
-// adminServer serves the admin API: /metrics, /status, /healthz, /readyz.
+// adminServer serves the admin API: /metrics, /status, /healthz, /readyz,
+// /cache/purge and /debug/pprof/. Every request passes the checks of
+// ServeHTTP first.
 type adminServer struct {
-	s   *Server
-	ln  net.Listener
-	srv *http.Server
-	mux *http.ServeMux
+	s      *Server
+	ln     net.Listener
+	srv    *http.Server
+	mux    *http.ServeMux
+	access atomic.Pointer[adminAccess]
+	// xorigin refuses writes that browsers mark as cross-origin.
+	xorigin http.CrossOriginProtection
 }
+
+// HeaderAdmin is a request header that marks an admin API write as not
+// coming from a web page (browsers cannot send it to another origin
+// without CORS approval, which the admin API never gives). Any value will
+// do.
+const HeaderAdmin = "X-Edgelb-Admin"
+
+// Refused admin requests by reason.
+var (
+	adminRefusedHost   = metrics.NewCounter(`edgelb_admin_requests_refused_total{reason="host"}`)
+	adminRefusedToken  = metrics.NewCounter(`edgelb_admin_requests_refused_total{reason="token"}`)
+	adminRefusedOrigin = metrics.NewCounter(`edgelb_admin_requests_refused_total{reason="cross_origin"}`)
+)
 
 func newAdminServer(s *Server) *adminServer {
 	a := &adminServer{s: s, mux: http.NewServeMux()}
+	a.setAccess(s.cfg)
 	a.mux.HandleFunc("GET /metrics", a.metrics)
 	a.mux.HandleFunc("GET /status", a.status)
 	a.mux.HandleFunc("GET /healthz", a.healthz)
@@ -33,9 +60,21 @@ func newAdminServer(s *Server) *adminServer {
 	a.mux.HandleFunc("/debug/pprof/", pprof.Index)
 	a.mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	a.mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	a.srv = &http.Server{Handler: a.mux, ReadHeaderTimeout: 5 * time.Second}
+	// TYPE lines for /metrics. The switch is process-wide; /metrics is
+	// the only caller of metrics.WritePrometheus.
+	metrics.ExposeMetadata(true)
+	a.srv = &http.Server{
+		Handler:           a,
+		ReadHeaderTimeout: 5 * time.Second,
+		// net/http reports handler panics and accept errors here.
+		ErrorLog: slog.NewLogLogger(s.log.With("server", "admin").Handler(), slog.LevelError),
+	}
 	return a
 }
+
+// setAccess applies the admin_token and admin_hosts of cfg to the
+// requests that follow.
+func (a *adminServer) setAccess(cfg *Config) { a.access.Store(newAdminAccess(cfg)) }
 
 func (a *adminServer) start(addr string) error {
 	ln, err := net.Listen("tcp", addr)
@@ -55,9 +94,263 @@ func (a *adminServer) addr() string { return a.ln.Addr().String() }
 
 func (a *adminServer) close() { a.srv.Close() }
 
+// adminAccess says which requests the admin API takes. It is immutable;
+// a reload swaps it.
+type adminAccess struct {
+	// names are the host names accepted in Host besides IP addresses.
+	names map[string]bool
+	// tokenHash is the SHA-256 of admin_token: comparing hashes takes the
+	// same time whatever the lengths.
+	tokenHash [sha256.Size]byte
+	hasToken  bool
+}
+
+func newAdminAccess(cfg *Config) *adminAccess {
+	acc := &adminAccess{names: map[string]bool{"localhost": true}}
+	if host, _, err := net.SplitHostPort(cfg.Admin); err == nil {
+		acc.names[strings.ToLower(host)] = true
+	}
+	for _, h := range cfg.AdminHosts {
+		acc.names[strings.ToLower(h)] = true
+	}
+	if cfg.AdminToken != "" {
+		acc.tokenHash, acc.hasToken = sha256.Sum256([]byte(cfg.AdminToken)), true
+	}
+	return acc
+}
+
+// hostAllowed reports whether a Host header names this admin API. A DNS
+// rebinding attack sends the attacker's own host name, so an IP address,
+// with any port, is always safe; names must be known.
+func (acc *adminAccess) hostAllowed(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		host = strings.TrimSuffix(strings.TrimPrefix(hostport, "["), "]")
+	}
+	if host == "" {
+		return false
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return true
+	}
+	return acc.names[strings.ToLower(host)]
+}
+
+// tokenOK reports whether the request carries the admin token as a
+// bearer token, and whether it carries a bearer token at all.
+func (acc *adminAccess) tokenOK(r *http.Request) (ok, present bool) {
+	token, present := bearerToken(r)
+	if !present {
+		return false, false
+	}
+	h := sha256.Sum256([]byte(token))
+	return subtle.ConstantTimeCompare(h[:], acc.tokenHash[:]) == 1, true
+}
+
+// bearerToken returns the token of an Authorization: Bearer header.
+func bearerToken(r *http.Request) (string, bool) {
+	scheme, cred, found := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !found || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	return strings.TrimSpace(cred), true
+}
+
+// ServeHTTP checks the Host, the token and the origin of an admin request
+// before serving it.
+func (a *adminServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	acc := a.access.Load()
+	if !acc.hostAllowed(r.Host) {
+		a.refuse(w, r, adminRefusedHost, http.StatusMisdirectedRequest,
+			fmt.Sprintf("Host %q is not a name of this admin API; use its IP address or localhost, or list the name in admin_hosts", r.Host))
+		return
+	}
+	if acc.hasToken && r.URL.Path != "/healthz" {
+		switch ok, present := acc.tokenOK(r); {
+		case !present:
+			w.Header().Set("WWW-Authenticate", `Bearer realm="edgelb admin"`)
+			a.refuse(w, r, adminRefusedToken, http.StatusUnauthorized, "missing token: send Authorization: Bearer <admin_token>")
+			return
+		case !ok:
+			w.Header().Set("WWW-Authenticate", `Bearer realm="edgelb admin", error="invalid_token"`)
+			a.refuse(w, r, adminRefusedToken, http.StatusUnauthorized, "wrong token")
+			return
+		}
+	}
+	if err := a.checkOrigin(r); err != nil {
+		a.refuse(w, r, adminRefusedOrigin, http.StatusForbidden, err.Error())
+		return
+	}
+	a.mux.ServeHTTP(w, r)
+}
+
+// checkOrigin refuses a request that changes state when a web page of
+// another origin may have sent it, and profiles asked for by pages of other
+// sites. Browsers mark such writes with Sec-Fetch-Site or Origin, which
+// CrossOriginProtection checks. Old ones sent neither with an HTML form,
+// whose Content-Type is always CORS-safelisted, so a write of that type must
+// also carry what no page can send to another origin unapproved: a bearer
+// token or HeaderAdmin. curl -X POST sends no Content-Type at all.
+func (a *adminServer) checkOrigin(r *http.Request) error {
+	if strings.HasPrefix(r.URL.Path, "/debug/pprof/") {
+		// Profiles and traces cost CPU even when the page cannot read them.
+		switch sfs := r.Header.Get("Sec-Fetch-Site"); sfs {
+		case "cross-site", "same-site":
+			return fmt.Errorf("profiles are not served to pages of other sites (Sec-Fetch-Site %q)", sfs)
+		}
+	}
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+		return nil
+	}
+	if err := a.xorigin.Check(r); err != nil {
+		return fmt.Errorf("%w (Sec-Fetch-Site %q, Origin %q, Host %q)", err, r.Header.Get("Sec-Fetch-Site"), r.Header.Get("Origin"), r.Host)
+	}
+	// A browser attaches Basic credentials on its own, never Bearer ones.
+	if _, bearer := bearerToken(r); bearer || r.Header.Get("Origin") != "" || r.Header.Get(HeaderAdmin) != "" {
+		return nil
+	}
+	for _, ct := range r.Header.Values("Content-Type") {
+		if corsSafelistedType(ct) {
+			return fmt.Errorf("a %s request with Content-Type %q and no Origin may come from a web page: send no body, or add the header %s: 1",
+				r.Method, ct, HeaderAdmin)
+		}
+	}
+	return nil
+}
+
+// corsSafelistedType reports whether a Content-Type is one that a web page
+// may send to any origin without asking (the Fetch standard's list).
+func corsSafelistedType(ct string) bool {
+	essence, _, _ := strings.Cut(ct, ";")
+	switch strings.ToLower(strings.TrimSpace(essence)) {
+	case "application/x-www-form-urlencoded", "multipart/form-data", "text/plain":
+		return true
+	}
+	return false
+}
+
+// refuse answers a refused admin request and logs why.
+func (a *adminServer) refuse(w http.ResponseWriter, r *http.Request, c *metrics.Counter, code int, why string) {
+	c.Inc()
+	a.s.log.Warn("admin request refused", "method", r.Method, "path", r.URL.Path, "host", r.Host,
+		"remote", r.RemoteAddr, "status", code, "why", why)
+	http.Error(w, "edgelb admin: "+why, code)
+}
+
 func (a *adminServer) metrics(w http.ResponseWriter, _ *http.Request) {
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-	metrics.WritePrometheus(w, true)
+	var buf bytes.Buffer
+	metrics.WritePrometheus(&buf, true)
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	writeExposition(w, buf.Bytes())
+}
+
+// writeExposition writes the output of metrics.WritePrometheus with each
+// metric family in one group under one HELP (from metricHelp) and one TYPE
+// line. The metrics package writes metadata per Set, and edgelb has a Set
+// per service and backend, so a family arrives in several groups with a
+// TYPE line each, which the Prometheus text format forbids; its HELP lines
+// carry no text, as the package has no way to give one.
+func writeExposition(w io.Writer, in []byte) {
+	lines := bytes.Split(in, []byte("\n"))
+	types := make(map[string]string)
+	for _, l := range lines {
+		if rest, ok := bytes.CutPrefix(l, []byte("# TYPE ")); ok {
+			name, typ, _ := strings.Cut(string(rest), " ")
+			if types[name] == "" {
+				types[name] = typ
+			}
+		}
+	}
+	for name, h := range metricHelp {
+		if types[name] == "" && h.typ != "" {
+			types[name] = h.typ
+		}
+	}
+	samples := make(map[string][][]byte)
+	for _, l := range lines {
+		if len(l) == 0 || l[0] == '#' {
+			continue
+		}
+		name := l
+		if i := bytes.IndexAny(l, "{ "); i >= 0 {
+			name = l[:i]
+		}
+		f := metricFamily(string(name), types)
+		samples[f] = append(samples[f], l)
+	}
+	families := make([]string, 0, len(samples))
+	for f := range samples {
+		families = append(families, f)
+	}
+	sort.Strings(families)
+	var out bytes.Buffer
+	for _, f := range families {
+		if h := metricHelp[f].help; h != "" {
+			fmt.Fprintf(&out, "# HELP %s %s\n", f, h)
+		}
+		if t := types[f]; t != "" {
+			fmt.Fprintf(&out, "# TYPE %s %s\n", f, t)
+		}
+		for _, l := range samples[f] {
+			out.Write(l)
+			out.WriteByte('\n')
+		}
+	}
+	w.Write(out.Bytes())
+}
+
+// metricFamily returns the family of a sample name: itself, or for the
+// _bucket, _sum and _count series of a histogram or summary, its base name.
+func metricFamily(name string, types map[string]string) string {
+	if types[name] != "" {
+		return name
+	}
+	for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+		if base, ok := strings.CutSuffix(name, suffix); ok {
+			if t := types[base]; t == "histogram" || t == "summary" {
+				return base
+			}
+		}
+	}
+	return name
+}
+
+// metricHelp is the HELP text of each edgelb metric family, and the type of
+// those written without metadata.
+var metricHelp = map[string]struct{ typ, help string }{
+	"edgelb_admin_requests_refused_total":     {help: "Admin API requests refused, by reason: host (Host not accepted), token (missing or wrong admin_token), cross_origin (a request a web page of another origin may have sent)."},
+	"edgelb_backend_errors_total":             {help: "Tries on a backend that failed, by cause."},
+	"edgelb_backend_inflight":                 {help: "Requests in flight to a backend."},
+	"edgelb_backend_request_duration_seconds": {typ: "histogram", help: "Duration of tries on a backend."},
+	"edgelb_backend_requests_total":           {help: "Tries sent to a backend, retries included."},
+	"edgelb_backend_responses_total":          {help: "Responses from a backend, by status class."},
+	"edgelb_backend_state_changes_total":      {help: "Backend health state changes, by the state entered."},
+	"edgelb_config_reloads_total":             {help: "Config reloads, by result."},
+	"edgelb_discovery_errors_total":           {help: "Failed discovery queries, by source and service."},
+	"edgelb_discovery_updates_total":          {help: "Discovery answers that changed a service's instances, by source and service."},
+	"edgelb_ejections_refused_total":          {help: "Ejections not made because max_ejection_percent of the service's backends were held out already."},
+	"edgelb_event_loop_accept_errors_total":   {help: "Errors accepting client connections in the event loops."},
+	"edgelb_event_loop_batch_waits_total":     {help: "Waits of server.batch_wait that event loops made to gather events."},
+	"edgelb_event_loop_fallbacks_total":       {help: "Backend tries an event loop left to the fasthttp server."},
+	"edgelb_event_loop_handoff_drops_total":   {help: "Connections an event loop handed over that the fasthttp server did not take."},
+	"edgelb_event_loop_handoffs_total":        {help: "Client connections an event loop handed to the fasthttp server."},
+	"edgelb_generated_errors_total":           {help: "Responses edgelb generated because no backend answered, by Edgelb-Error code."},
+	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},
+	"edgelb_panic_mode":                       {help: "1 while the service is in panic mode (too few backends available, so all get traffic), else 0."},
+	"edgelb_panic_mode_entries_total":         {help: "Times the service entered panic mode."},
+	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers."},
+	"edgelb_request_duration_seconds":         {typ: "histogram", help: "Duration of client requests, retries included."},
+	"edgelb_requests_total":                   {help: "Client requests routed to the service."},
+	"edgelb_retries_total":                    {help: "Retries on another backend."},
+	"edgelb_stale_bytes":                      {help: "Bytes held by the stale store."},
+	"edgelb_stale_entries":                    {help: "Entries in the stale store."},
+	"edgelb_stale_evicted_bytes_total":        {help: "Bytes the stale store evicted to make room."},
+	"edgelb_stale_max_bytes":                  {help: "Capacity of the stale store in bytes."},
+	"edgelb_stale_misses_total":               {help: "Failures with no stored copy to serve, by reason."},
+	"edgelb_stale_responses_total":            {help: "Stored copies served instead of an error, by service."},
+	"edgelb_stale_served_total":               {help: "Stored copies served instead of an error."},
+	"edgelb_stale_stored_total":               {help: "Responses written to the stale store."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {

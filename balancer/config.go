@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"gopkg.in/yaml.v3"
 
@@ -28,6 +29,23 @@ type Config struct {
 
 	// Admin is the admin API address. DefaultAdmin is used if not set.
 	Admin string `yaml:"admin"`
+
+	// AdminToken, when set, is the bearer token that every admin request
+	// but GET /healthz must carry (Authorization: Bearer TOKEN). When
+	// AdminTokenFile is set, LoadConfig and ParseConfig fill it from that
+	// file. No token is required if neither is set.
+	AdminToken string `yaml:"admin_token"`
+
+	// AdminTokenFile names a file holding the admin token, so that the
+	// token need not be written into the config; surrounding white space
+	// is ignored. A relative path is relative to the working directory.
+	AdminTokenFile string `yaml:"admin_token_file"`
+
+	// AdminHosts are host names, besides localhost and the host of Admin,
+	// that the admin API accepts in the Host header; IP addresses are
+	// always accepted. Requests naming any other host are refused, which
+	// keeps DNS rebinding away from the admin API.
+	AdminHosts []string `yaml:"admin_hosts"`
 
 	// StateDir holds the last-known-good discovery data and the stale
 	// store across restarts. DefaultStateDir is used if not set.
@@ -468,6 +486,7 @@ func (c *Config) validate() []error {
 	if c.Listen == c.Admin && !strings.HasSuffix(c.Listen, ":0") {
 		bad("admin", "must differ from listen (%s)", c.Listen)
 	}
+	errs = append(errs, c.validateAdminAccess()...)
 	if c.Consul != nil {
 		setDefault(&c.Consul.Address, discovery.DefaultConsulAddress)
 		switch c.Consul.Scheme {
@@ -545,6 +564,75 @@ func (c *Config) validate() []error {
 		seen[id] = i
 	}
 	return errs
+}
+
+// minAdminTokenLen is the shortest admin token accepted: shorter ones
+// can be guessed.
+const minAdminTokenLen = 16
+
+// validateAdminAccess reads admin_token_file, checks the admin token and
+// normalises admin_hosts. Errors never quote the token.
+func (c *Config) validateAdminAccess() []error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key}, args...)...))
+	}
+	key := "admin_token"
+	if c.AdminTokenFile != "" {
+		key = "admin_token_file"
+		if c.AdminToken != "" {
+			bad("admin_token", "set either admin_token or admin_token_file, not both")
+		} else if data, err := os.ReadFile(c.AdminTokenFile); err != nil {
+			bad(key, "cannot read the token: %v", err)
+		} else if c.AdminToken = strings.TrimSpace(string(data)); c.AdminToken == "" {
+			bad(key, "%q is empty", c.AdminTokenFile)
+		}
+	}
+	if t := c.AdminToken; t != "" {
+		if err := checkBearerToken(t); err != nil {
+			bad(key, "%v", err)
+		}
+	}
+	for i, h := range c.AdminHosts {
+		k := fmt.Sprintf("admin_hosts[%d]", i)
+		h = strings.ToLower(h)
+		c.AdminHosts[i] = h
+		if _, err := netip.ParseAddr(h); err == nil {
+			continue // IP addresses are accepted anyway
+		}
+		if name, port, err := net.SplitHostPort(h); err == nil && port != "" && strings.Trim(port, "0123456789") == "" {
+			bad(k, "%q: want a host name without a port, such as %q (the port is not checked)", h, name)
+			continue
+		}
+		if h == "" || strings.HasPrefix(h, ".") || strings.Trim(h, "abcdefghijklmnopqrstuvwxyz0123456789.-_") != "" {
+			bad(k, "%q is not a host name (letters, digits, '-', '_' and '.')", h)
+		}
+	}
+	return errs
+}
+
+// checkBearerToken checks that t is a usable bearer token (RFC 6750
+// b64token) of at least minAdminTokenLen characters.
+func checkBearerToken(t string) error {
+	body := strings.TrimRight(t, "=")
+	for i := 0; i < len(body); i++ {
+		ch := body[i]
+		ok := ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || strings.IndexByte("-._~+/", ch) >= 0
+		if !ok {
+			what := "not ASCII"
+			if ch < utf8.RuneSelf {
+				what = fmt.Sprintf("%q", ch)
+			}
+			return fmt.Errorf("character %d of the token is %s; a bearer token holds only letters, digits, - . _ ~ + / and a trailing =", i+1, what)
+		}
+	}
+	if body == "" {
+		return errors.New("the token must hold more than =")
+	}
+	if len(t) < minAdminTokenLen {
+		return fmt.Errorf("the token has %d characters; use at least %d, e.g. from openssl rand -hex 32", len(t), minAdminTokenLen)
+	}
+	return nil
 }
 
 func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {

@@ -1,6 +1,8 @@
 package balancer
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -121,4 +123,61 @@ func TestParseHealthConfig(t *testing.T) {
 			return p.MaxEjectionPercent == 30 && p.Interval == 500*time.Millisecond && p.Window == 5*time.Second && p.MinRequests == 10 &&
 				p.MinHosts == 2 && p.SuccessRateStdevFactor == 2.5 && p.FailurePercentage == -1 && p.LatencyFactor == 10 && p.LatencyMin == 20*time.Millisecond
 		})
+}
+
+func TestParseConfigAdminAccess(t *testing.T) {
+	dir := t.TempDir()
+	file := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	const svc = "services:\n  web: {static: [127.0.0.1:1]}\n"
+	bad := func(yaml string, wants ...string) {
+		t.Helper()
+		_, err := ParseConfig([]byte(yaml + svc))
+		if err == nil {
+			t.Fatalf("config accepted:\n%s", yaml)
+		}
+		for _, w := range wants {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error lacks %q:\n%v", w, err)
+			}
+		}
+		if strings.Contains(err.Error(), "short-secret") || strings.Contains(err.Error(), "0123456789 abcdef") {
+			t.Errorf("the error shows the token:\n%v", err)
+		}
+	}
+	bad("admin_token: short-secret\n", "admin_token: the token has 12 characters; use at least 16")
+	bad("admin_token: \"0123456789 abcdef\"\n", "admin_token: character 11 of the token is ' '")
+	bad("admin_token: \"0123456789abcdef\\u00e9\"\n", "admin_token: character 17 of the token is not ASCII")
+	bad("admin_token: \"================\"\n", "admin_token: the token must hold more than =")
+	bad("admin_token: 0123456789abcdef\nadmin_token_file: "+file("t1", "0123456789abcdef")+"\n", "admin_token: set either admin_token or admin_token_file, not both")
+	bad("admin_token_file: "+filepath.Join(dir, "missing")+"\n", "admin_token_file: cannot read the token: open ", "no such file")
+	bad("admin_token_file: "+file("empty", " \n")+"\n", "admin_token_file: \""+filepath.Join(dir, "empty")+"\" is empty")
+	bad("admin_token_file: "+file("short", "short-secret\n")+"\n", "admin_token_file: the token has 12 characters")
+	bad("admin_hosts: [edge-1.internal:9901]\n", `admin_hosts[0]: "edge-1.internal:9901": want a host name without a port, such as "edge-1.internal"`)
+	bad("admin_hosts: [ok.example, '*.example', 'http://x', '']\n",
+		`admin_hosts[1]: "*.example" is not a host name`, `admin_hosts[2]: "http://x" is not a host name`, `admin_hosts[3]: "" is not a host name`)
+	bad("admin_hosts: edge-1\n", "admin_hosts: cannot unmarshal")
+	bad("admin_tokn: x\n", "admin_tokn: unknown key")
+
+	f := func(yaml string, check func(c *Config) bool) {
+		t.Helper()
+		cfg, err := ParseConfig([]byte(yaml + svc))
+		if err != nil {
+			t.Fatalf("%s: %v", yaml, err)
+		}
+		if !check(cfg) {
+			t.Errorf("%s: got token %q, hosts %q", yaml, cfg.AdminToken, cfg.AdminHosts)
+		}
+	}
+	f("", func(c *Config) bool { return c.AdminToken == "" && len(c.AdminHosts) == 0 })
+	f("admin_token: abcdefghijklmnop+/_-.~==\n", func(c *Config) bool { return c.AdminToken == "abcdefghijklmnop+/_-.~==" })
+	f("admin_token_file: "+file("ok", "\n  0123456789abcdef0123\r\n")+"\n", func(c *Config) bool { return c.AdminToken == "0123456789abcdef0123" })
+	f("admin_hosts: [Edge-1.Internal, 10.0.0.5, '::1', edge_2]\n", func(c *Config) bool {
+		return strings.Join(c.AdminHosts, ",") == "edge-1.internal,10.0.0.5,::1,edge_2"
+	})
 }

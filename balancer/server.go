@@ -175,6 +175,9 @@ func (s *Server) Reload(cfg *Config) error {
 	}
 	old := s.cfg
 	s.applyLocked(cfg)
+	if s.admin != nil {
+		s.admin.setAccess(cfg)
+	}
 	var stopped *discovery.Consul
 	var err error
 	if !reflect.DeepEqual(old.Consul, cfg.Consul) || old.StateDir != cfg.StateDir {

@@ -1,0 +1,66 @@
+package balancer
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// syncBuffer is a strings.Builder for a logger that several goroutines use.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+func TestAdminServerLogsThroughSlog(t *testing.T) {
+	var logs syncBuffer
+	cfg := mustConfig(t, "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: "+t.TempDir()+"\nservices:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}]\n")
+	s := NewServer(cfg, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	// net/http logs a handler's panic to the server's ErrorLog.
+	s.admin.mux.HandleFunc("GET /test/panic", func(http.ResponseWriter, *http.Request) { panic("admin test panic") })
+	if resp, err := http.Get("http://" + s.AdminAddr() + "/test/panic"); err == nil {
+		resp.Body.Close()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out := logs.String()
+		i := strings.Index(out, "http: panic serving")
+		if i >= 0 {
+			line := out[strings.LastIndexByte(out[:i], '\n')+1:]
+			line, _, _ = strings.Cut(line, "\n")
+			if !strings.HasPrefix(line, "time=") || !strings.Contains(line, "level=ERROR") || !strings.Contains(line, "server=admin") ||
+				!strings.Contains(line, "admin test panic") {
+				t.Fatalf("not an slog line of the admin server: %s", line)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the panic was not logged through slog:\n%s", out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
