@@ -647,16 +647,7 @@ func (l *loop) serve(c *lconn) {
 	c.peer, bc.client = bc, c
 	c.state = lcWaiting
 	c.start = l.now
-	try := p.cfg.TryTimeout
-	if p.cfg.Timeout < try {
-		try = p.cfg.Timeout
-	}
-	c.expires = l.nowNs + int64(try)
-	if bc.state == lcConnecting {
-		if d := l.nowNs + int64(p.cfg.ConnectTimeout); d < c.expires {
-			c.expires = d
-		}
-	}
+	c.expires = l.tryDeadline(c, bc)
 	l.addWaiting(c)
 	b.target.Begin()
 
@@ -666,6 +657,19 @@ func (l *loop) serve(c *lconn) {
 		return
 	}
 	l.send(bc, out)
+}
+
+// tryDeadline returns when the try of c's request on bc fails (unix nano):
+// try_timeout (or timeout, if shorter) from the request's start, and
+// while bc connects, connect_timeout from now if that comes first.
+// onConnected sets it again once bc has connected.
+func (l *loop) tryDeadline(c, bc *lconn) int64 {
+	cfg := c.pool.cfg
+	d := c.start.UnixNano() + int64(min(cfg.TryTimeout, cfg.Timeout))
+	if bc.state == lcConnecting {
+		d = min(d, l.nowNs+int64(cfg.ConnectTimeout))
+	}
+	return d
 }
 
 // appendUpstreamRequest appends the request as it goes to the backend: the
@@ -784,7 +788,9 @@ func (l *loop) onConnected(bc *lconn) {
 		return
 	}
 	bc.state = lcBackend
-	if bc.client != nil {
+	if c := bc.client; c != nil {
+		// Connected: the answer has until the try's deadline.
+		c.expires = l.tryDeadline(c, bc)
 		l.send(bc, bc.out)
 	}
 }
@@ -1146,6 +1152,7 @@ func (l *loop) redial(bc *lconn) {
 		return
 	}
 	c.peer, nb.client = nb, c
+	c.expires = l.tryDeadline(c, nb)
 	out := l.appendUpstreamRequest(nb.out[:0], c)
 	if nb.state == lcConnecting {
 		nb.out = out
