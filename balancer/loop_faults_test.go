@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -220,4 +221,80 @@ func TestConnectTimeoutBoundsConnecting(t *testing.T) {
 		}
 		t.Logf("answered after %v", a.took.Round(time.Millisecond))
 	})
+}
+
+// A backend that closes its connection before the response is whole
+// fails the try at once, as an invalid response counted once, on a new
+// connection as on a kept-alive one; the client gets the same answer from
+// either engine.
+func TestCutResponseFailsAtOnce(t *testing.T) {
+	const (
+		okResp    = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+		shortBody = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
+		cutChunks = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nwor"
+	)
+	f := func(name, cut, wantCode string) {
+		t.Run(name, func(t *testing.T) {
+			forEachEngine(t, func(t *testing.T, server string) {
+				// /ok is answered and the connection kept; anything
+				// else gets cut, and the connection closed.
+				var hits atomic.Int64
+				var cutAfterOK atomic.Bool
+				addr := serveRaw(t, func(c net.Conn) {
+					br := bufio.NewReader(c)
+					for n := 0; ; n++ {
+						var req fasthttp.Request
+						if err := req.Read(br); err != nil {
+							return
+						}
+						hits.Add(1)
+						if string(req.URI().Path()) != "/ok" {
+							cutAfterOK.Store(cutAfterOK.Load() || n > 0)
+							io.WriteString(c, cut)
+							return
+						}
+						io.WriteString(c, okResp)
+					}
+				})
+				// Long timeouts, so that a fault noticed only by a
+				// timeout shows.
+				s := startEdge(t, server+"services:\n  web: {static: ["+addr+"], connect_timeout: 5s, try_timeout: 10s}\nroutes: [{service: web}]\n")
+				cut := func(c net.Conn, br *bufio.Reader, what string, wantErrors int) {
+					t.Helper()
+					a := getOn(c, br, "/cut")
+					if a.err != nil || a.status != 502 || a.code != wantCode {
+						t.Fatalf("%s: %v, want 502 %s", what, a, wantCode)
+					}
+					if a.took > 2*time.Second {
+						t.Errorf("%s: answered after %v", what, a.took)
+					}
+					if errs := backendErrors(t, s, addr); len(errs) != 1 || errs[wantCode] != wantErrors {
+						t.Errorf("%s: backend errors %v, want %s: %d", what, errs, wantCode, wantErrors)
+					}
+					t.Logf("%s: %v", what, a)
+				}
+				// A failure hands the client's connection to the fasthttp
+				// server for good: each case gets a connection of its own.
+				c := dialEdge(t, s)
+				defer c.Close()
+				cut(c, bufio.NewReader(c), "new backend connection", 1)
+
+				// The backend connection that answered /ok is reused.
+				c = dialEdge(t, s)
+				defer c.Close()
+				br := bufio.NewReader(c)
+				if a := getOn(c, br, "/ok"); a.err != nil || a.status != 200 || a.body != "ok" {
+					t.Fatalf("/ok: %v", a)
+				}
+				cut(c, br, "kept-alive backend connection", 2)
+				if !cutAfterOK.Load() {
+					t.Error("no request was cut on a kept-alive connection")
+				}
+				t.Logf("the origin got %d requests for 3", hits.Load())
+			})
+		})
+	}
+	f("short body", shortBody, "upstream_invalid_response")
+	f("cut chunked body", cutChunks, "upstream_invalid_response")
+	f("no answer", "", "upstream_connect_failed")
 }

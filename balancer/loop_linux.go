@@ -87,7 +87,8 @@ type lconn struct {
 	closing bool
 	// readable is set when the socket may hold bytes not read yet.
 	readable bool
-	// eof is set once the client has shut its sending side.
+	// eof is set once the client has shut its sending side, or the
+	// backend has closed or reset its connection.
 	eof bool
 
 	// Backend side.
@@ -552,7 +553,7 @@ func (l *loop) onEvent(c *lconn, ev uint32) {
 		l.onConnected(c)
 	case lcBackend:
 		if ev&readEvents != 0 {
-			l.onBackend(c)
+			l.onBackend(c, ev)
 		}
 	default:
 		if ev&readEvents != 0 {
@@ -796,8 +797,13 @@ func (l *loop) onConnected(bc *lconn) {
 }
 
 // onBackend reads a backend's response and answers the client once it is
-// complete.
-func (l *loop) onBackend(bc *lconn) {
+// complete; ev are the events that woke the loop for it.
+func (l *loop) onBackend(bc *lconn, ev uint32) {
+	// Edge-triggered, a close that comes with the last bytes is reported
+	// with them, and never again: then the socket is read to its end.
+	// Otherwise a short read drained it, and a close still to come is
+	// reported when it comes.
+	closing := ev&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0
 	for {
 		if bc.in == nil {
 			bc.in = make([]byte, 0, laneBackendBuf)
@@ -812,38 +818,44 @@ func (l *loop) onBackend(bc *lconn) {
 		}
 		space := cap(bc.in) - len(bc.in)
 		n, errno := rawRead(bc.fd, bc.in[len(bc.in):cap(bc.in)])
+		if n < 0 && errno == syscall.EAGAIN {
+			break
+		}
 		if n <= 0 {
-			if errno == syscall.EAGAIN {
-				break
-			}
-			l.backendClosed(bc)
-			return
+			bc.eof = true
+			break
 		}
 		bc.in = bc.in[:len(bc.in)+n]
-		if n < space {
+		if n < space && !closing {
 			break
 		}
 	}
-	if len(bc.in) == 0 {
-		return
+	if len(bc.in) > 0 {
+		// A response the close completes is still forwarded.
+		l.onResponseBytes(bc)
 	}
-	l.onResponseBytes(bc)
+	if bc.eof && bc.fd >= 0 {
+		l.backendClosed(bc)
+	}
 }
 
-// backendClosed handles a backend connection's end of file or error.
+// backendClosed handles a backend connection the backend closed or reset,
+// with no whole response read from it.
 func (l *loop) backendClosed(bc *lconn) {
 	c := bc.client
-	if c == nil {
+	switch {
+	case c == nil:
 		l.dropIdle(bc)
-		return
-	}
-	if bc.reused && len(bc.in) == 0 {
+	case bc.reused && len(bc.in) == 0:
 		// A kept-alive connection the backend had just closed: not the
 		// backend's failure. Resend on a new connection.
 		l.redial(bc)
-		return
+	default:
+		// No answer, or one cut short: the full path asks again, and
+		// counts and answers what it gets, as it does for its own tries.
+		// Counting this try as well would count the failure twice.
+		l.abandon(bc)
 	}
-	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 }
 
 // onResponseBytes goes on with the response bytes in bc.in.
@@ -1049,7 +1061,7 @@ func (l *loop) flush(c *lconn) {
 
 // releaseBackend returns bc to the idle list of its backend, or closes it.
 func (l *loop) releaseBackend(bc *lconn) {
-	keep := bc.resp.keepAlive && !l.stopping
+	keep := bc.resp.keepAlive && !bc.eof && !l.stopping
 	bc.parsed = false
 	if cap(bc.in) > laneKeepBuf {
 		bc.in = nil
