@@ -4,6 +4,8 @@ package balancer
 
 import (
 	"bufio"
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -297,4 +299,52 @@ func TestCutResponseFailsAtOnce(t *testing.T) {
 	f("short body", shortBody, "upstream_invalid_response")
 	f("cut chunked body", cutChunks, "upstream_invalid_response")
 	f("no answer", "", "upstream_connect_failed")
+}
+
+// Once shutting down, the server refuses new connections at once, and
+// still answers the request in flight.
+func TestShutdownRefusesNewConnections(t *testing.T) {
+	forEachEngine(t, func(t *testing.T, server string) {
+		o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+			time.Sleep(time.Second)
+			ctx.WriteString("done")
+		})
+		cfg := mustConfig(t, "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: "+t.TempDir()+"\n"+
+			server+"services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+		s := NewServer(cfg, quietLogger())
+		if err := s.Start(); err != nil {
+			t.Fatal(err)
+		}
+		inflight := make(chan answer, 1)
+		go func() { inflight <- getNew(s, "/") }()
+		waitFor(t, "the request at the origin", func() bool { return o.hits.Load() == 1 })
+
+		stopped := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			stopped <- s.Shutdown(ctx)
+		}()
+		waitFor(t, "shutdown to begin", func() bool { return !s.ready.Load() })
+		time.Sleep(100 * time.Millisecond)
+
+		start := time.Now()
+		c, err := net.DialTimeout("tcp", s.Addr(), 5*time.Second)
+		if err == nil {
+			a := getOn(c, bufio.NewReader(c), "/")
+			c.Close()
+			t.Errorf("a connection opened while draining was accepted; then: %v", a)
+		} else if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("connecting while draining: %v after %v, want connection refused", err, time.Since(start))
+		} else {
+			t.Logf("connecting while draining: %v after %v", err, time.Since(start).Round(time.Microsecond))
+		}
+
+		if a := <-inflight; a.err != nil || a.status != 200 || a.body != "done" {
+			t.Errorf("request in flight: %v", a)
+		}
+		if err := <-stopped; err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+	})
 }

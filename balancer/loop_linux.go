@@ -163,6 +163,9 @@ type loop struct {
 	sreq  fasthttp.Request
 	sresp fasthttp.Response
 
+	// deaf is closed once the loop no longer accepts, done once it has
+	// exited.
+	deaf chan struct{}
 	done chan struct{}
 }
 
@@ -209,6 +212,7 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		idleTimeout: int64(s.cfg.Server.IdleTimeout),
 		batchWait:   int64(s.cfg.Server.batchWait()),
 		batchSleep:  syscall.NsecToTimespec(int64(s.cfg.Server.batchWait())),
+		deaf:        make(chan struct{}),
 		done:        make(chan struct{}),
 	}
 	if err := syscall.SetNonblock(epfd, true); err != nil {
@@ -275,6 +279,14 @@ func (l *loop) run() {
 					l.onEvent(l.conns[fd], ev.Events)
 				}
 			}
+		}
+		if l.stopping && l.lfd >= 0 {
+			// This batch held the listener's last events. The server
+			// closes it once no loop accepts, so that new connections are
+			// refused while these drain, and its descriptor number may
+			// then be reused: it must not look like the listener.
+			l.lfd = -1
+			close(l.deaf)
 		}
 		if l.nowNs-l.lastSweep >= int64(laneSweep) {
 			l.decideBatching(l.nowNs - l.lastSweep)
