@@ -21,15 +21,16 @@ import (
 )
 
 // An event loop serves the common request, a GET or HEAD answered with a
-// Content-Length body, without a goroutine per connection: one epoll
-// instance per loop, non-blocking sockets read and written with raw system
-// calls, and backend connections of its own. That is what nginx and
-// HAProxy do, and what forwarding at their CPU cost per request takes.
+// Content-Length body or a chunked one (which it decodes), without a
+// goroutine per connection: one epoll instance per loop, non-blocking
+// sockets read and written with raw system calls, and backend connections
+// of its own. That is what nginx and HAProxy do, and what forwarding at
+// their CPU cost per request takes.
 //
-// Anything else (other methods, bodies, upgrades, odd heads, chunked
-// responses, backend failures) is handed with the bytes read so far to the
-// fasthttp server, which does the full job for the rest of the
-// connection's life: retries, stale answers, generated errors.
+// Anything else (other methods, bodies, upgrades, odd heads, large or
+// close-delimited responses, backend failures) is handed with the bytes
+// read so far to the fasthttp server, which does the full job for the
+// rest of the connection's life: retries, stale answers, generated errors.
 
 const (
 	// laneReadBuf is a client connection's read buffer; a longer head goes
