@@ -119,9 +119,10 @@ type ServerConfig struct {
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
 
 	// EventLoop serves GET and HEAD requests answered with a
-	// Content-Length body from event loops, one per GOMAXPROCS, and
-	// everything else from the fasthttp server. On by default on Linux;
-	// false serves every connection from the fasthttp server.
+	// Content-Length or chunked body from event loops, one per
+	// GOMAXPROCS, and everything else from the fasthttp server. On by
+	// default on Linux; false serves every connection from the fasthttp
+	// server.
 	EventLoop *bool `yaml:"event_loop"`
 
 	// BatchWait is how long an event loop under load waits after a

@@ -95,14 +95,12 @@ func classifyErr(err error) (health.Outcome, errCode) {
 		return health.OutcomeCanceled, errResponseTooLarge
 	case err == fasthttp.ErrNoFreeConns:
 		return health.OutcomeLocalOverload, errOverloaded
-	case err == fasthttp.ErrTimeout || err == fasthttp.ErrDialTimeout || errors.Is(err, os.ErrDeadlineExceeded):
-		if err == fasthttp.ErrDialTimeout {
-			return health.OutcomeConnectFailed, errConnectFailed
-		}
-		return health.OutcomeTimeout, errTimeout
 	case isDialErr(err), errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
 		errors.Is(err, syscall.EPIPE), err == fasthttp.ErrConnectionClosed, err == errTooManyStaleConns:
+		// Connecting that timed out included.
 		return health.OutcomeConnectFailed, errConnectFailed
+	case err == fasthttp.ErrTimeout || errors.Is(err, os.ErrDeadlineExceeded):
+		return health.OutcomeTimeout, errTimeout
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
@@ -114,7 +112,8 @@ func classifyErr(err error) (health.Outcome, errCode) {
 // isDialErr reports whether err happened while connecting, so that the
 // request was never sent and may be retried whatever its method.
 func isDialErr(err error) bool {
-	if err == fasthttp.ErrDialTimeout {
+	// The HostClient wraps its dialer's timeout with the address.
+	if errors.Is(err, fasthttp.ErrDialTimeout) {
 		return true
 	}
 	var oe *net.OpError

@@ -444,10 +444,11 @@ type laneResponse struct {
 
 // parseLaneResponse looks at the response head at the start of buf, the
 // answer to a GET (or a HEAD if head). It accepts HTTP/1.1 with a
-// final status, a single valid Content-Length (or no body by status or
-// method), and hop-by-hop headers it can drop: Connection with only close
-// or keep-alive, Keep-Alive, and the other fixed ones. Transfer-Encoding,
-// a close-delimited body or anything unclear returns laneHandOff.
+// final status, a single valid Content-Length or a Transfer-Encoding of
+// chunked alone (or no body by status or method), and hop-by-hop headers
+// it can drop: Connection with only close or keep-alive, Keep-Alive, and
+// the other fixed ones. Other transfer codings, both framings at once, a
+// close-delimited body or anything unclear returns laneHandOff.
 func parseLaneResponse(buf []byte, head bool, r *laneResponse) laneVerdict {
 	eol := bytes.IndexByte(buf, '\n')
 	if eol < 0 {

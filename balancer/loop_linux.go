@@ -21,15 +21,16 @@ import (
 )
 
 // An event loop serves the common request, a GET or HEAD answered with a
-// Content-Length body, without a goroutine per connection: one epoll
-// instance per loop, non-blocking sockets read and written with raw system
-// calls, and backend connections of its own. That is what nginx and
-// HAProxy do, and what forwarding at their CPU cost per request takes.
+// Content-Length body or a chunked one (which it decodes), without a
+// goroutine per connection: one epoll instance per loop, non-blocking
+// sockets read and written with raw system calls, and backend connections
+// of its own. That is what nginx and HAProxy do, and what forwarding at
+// their CPU cost per request takes.
 //
-// Anything else (other methods, bodies, upgrades, odd heads, chunked
-// responses, backend failures) is handed with the bytes read so far to the
-// fasthttp server, which does the full job for the rest of the
-// connection's life: retries, stale answers, generated errors.
+// Anything else (other methods, bodies, upgrades, odd heads, large or
+// close-delimited responses, backend failures) is handed with the bytes
+// read so far to the fasthttp server, which does the full job for the
+// rest of the connection's life: retries, stale answers, generated errors.
 
 const (
 	// laneReadBuf is a client connection's read buffer; a longer head goes
@@ -89,7 +90,8 @@ type lconn struct {
 	closing bool
 	// readable is set when the socket may hold bytes not read yet.
 	readable bool
-	// eof is set once the client has shut its sending side.
+	// eof is set once the client has shut its sending side, or the
+	// backend has closed or reset its connection.
 	eof bool
 
 	// Backend side.
@@ -164,6 +166,9 @@ type loop struct {
 	sreq  fasthttp.Request
 	sresp fasthttp.Response
 
+	// deaf is closed once the loop no longer accepts, done once it has
+	// exited.
+	deaf chan struct{}
 	done chan struct{}
 }
 
@@ -210,6 +215,7 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		idleTimeout: int64(s.cfg.Server.IdleTimeout),
 		batchWait:   int64(s.cfg.Server.batchWait()),
 		batchSleep:  syscall.NsecToTimespec(int64(s.cfg.Server.batchWait())),
+		deaf:        make(chan struct{}),
 		done:        make(chan struct{}),
 	}
 	if err := syscall.SetNonblock(epfd, true); err != nil {
@@ -276,6 +282,14 @@ func (l *loop) run() {
 					l.onEvent(l.conns[fd], ev.Events)
 				}
 			}
+		}
+		if l.stopping && l.lfd >= 0 {
+			// This batch held the listener's last events. The server
+			// closes it once no loop accepts, so that new connections are
+			// refused while these drain, and its descriptor number may
+			// then be reused: it must not look like the listener.
+			l.lfd = -1
+			close(l.deaf)
 		}
 		if l.nowNs-l.lastSweep >= int64(laneSweep) {
 			l.decideBatching(l.nowNs - l.lastSweep)
@@ -566,7 +580,7 @@ func (l *loop) onEvent(c *lconn, ev uint32) {
 		l.onConnected(c)
 	case lcBackend:
 		if ev&readEvents != 0 {
-			l.onBackend(c)
+			l.onBackend(c, ev)
 		}
 	default:
 		if ev&readEvents != 0 {
@@ -667,16 +681,7 @@ func (l *loop) serve(c *lconn) {
 	c.peer, bc.client = bc, c
 	c.state = lcWaiting
 	c.start = l.now
-	try := p.cfg.TryTimeout
-	if p.cfg.Timeout < try {
-		try = p.cfg.Timeout
-	}
-	c.expires = l.nowNs + int64(try)
-	if bc.state == lcConnecting {
-		if d := l.nowNs + int64(p.cfg.ConnectTimeout); d < c.expires {
-			c.expires = d
-		}
-	}
+	c.expires = l.tryDeadline(c, bc)
 	l.addWaiting(c)
 	b.target.Begin()
 
@@ -686,6 +691,19 @@ func (l *loop) serve(c *lconn) {
 		return
 	}
 	l.send(bc, out)
+}
+
+// tryDeadline returns when the try of c's request on bc fails (unix nano):
+// try_timeout (or timeout, if shorter) from the request's start, and
+// while bc connects, connect_timeout from now if that comes first.
+// onConnected sets it again once bc has connected.
+func (l *loop) tryDeadline(c, bc *lconn) int64 {
+	cfg := c.pool.cfg
+	d := c.start.UnixNano() + int64(min(cfg.TryTimeout, cfg.Timeout))
+	if bc.state == lcConnecting {
+		d = min(d, l.nowNs+int64(cfg.ConnectTimeout))
+	}
+	return d
 }
 
 // appendUpstreamRequest appends the request as it goes to the backend: the
@@ -797,14 +815,21 @@ func (l *loop) onConnected(bc *lconn) {
 		return
 	}
 	bc.state = lcBackend
-	if bc.client != nil {
+	if c := bc.client; c != nil {
+		// Connected: the answer has until the try's deadline.
+		c.expires = l.tryDeadline(c, bc)
 		l.send(bc, bc.out)
 	}
 }
 
 // onBackend reads a backend's response and answers the client once it is
-// complete.
-func (l *loop) onBackend(bc *lconn) {
+// complete; ev are the events that woke the loop for it.
+func (l *loop) onBackend(bc *lconn, ev uint32) {
+	// Edge-triggered, a close that comes with the last bytes is reported
+	// with them, and never again: then the socket is read to its end.
+	// Otherwise a short read drained it, and a close still to come is
+	// reported when it comes.
+	closing := ev&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0
 	for {
 		if bc.in == nil {
 			bc.in = make([]byte, 0, laneBackendBuf)
@@ -819,38 +844,44 @@ func (l *loop) onBackend(bc *lconn) {
 		}
 		space := cap(bc.in) - len(bc.in)
 		n, errno := rawRead(bc.fd, bc.in[len(bc.in):cap(bc.in)])
+		if n < 0 && errno == syscall.EAGAIN {
+			break
+		}
 		if n <= 0 {
-			if errno == syscall.EAGAIN {
-				break
-			}
-			l.backendClosed(bc)
-			return
+			bc.eof = true
+			break
 		}
 		bc.in = bc.in[:len(bc.in)+n]
-		if n < space {
+		if n < space && !closing {
 			break
 		}
 	}
-	if len(bc.in) == 0 {
-		return
+	if len(bc.in) > 0 {
+		// A response the close completes is still forwarded.
+		l.onResponseBytes(bc)
 	}
-	l.onResponseBytes(bc)
+	if bc.eof && bc.fd >= 0 {
+		l.backendClosed(bc)
+	}
 }
 
-// backendClosed handles a backend connection's end of file or error.
+// backendClosed handles a backend connection the backend closed or reset,
+// with no whole response read from it.
 func (l *loop) backendClosed(bc *lconn) {
 	c := bc.client
-	if c == nil {
+	switch {
+	case c == nil:
 		l.dropIdle(bc)
-		return
-	}
-	if bc.reused && len(bc.in) == 0 {
+	case bc.reused && len(bc.in) == 0:
 		// A kept-alive connection the backend had just closed: not the
 		// backend's failure. Resend on a new connection.
 		l.redial(bc)
-		return
+	default:
+		// No answer, or one cut short: the full path asks again, and
+		// counts and answers what it gets, as it does for its own tries.
+		// Counting this try as well would count the failure twice.
+		l.abandon(bc)
 	}
-	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 }
 
 // onResponseBytes goes on with the response bytes in bc.in.
@@ -1056,7 +1087,7 @@ func (l *loop) flush(c *lconn) {
 
 // releaseBackend returns bc to the idle list of its backend, or closes it.
 func (l *loop) releaseBackend(bc *lconn) {
-	keep := bc.resp.keepAlive && !l.stopping
+	keep := bc.resp.keepAlive && !bc.eof && !l.stopping
 	bc.parsed = false
 	if cap(bc.in) > laneKeepBuf {
 		bc.in = nil
@@ -1159,6 +1190,7 @@ func (l *loop) redial(bc *lconn) {
 		return
 	}
 	c.peer, nb.client = nb, c
+	c.expires = l.tryDeadline(c, nb)
 	out := l.appendUpstreamRequest(nb.out[:0], c)
 	if nb.state == lcConnecting {
 		nb.out = out

@@ -7,7 +7,7 @@ import "net"
 // laneSupported reports whether this platform has the event loop.
 const laneSupported = false
 
-type loop struct{ done chan struct{} }
+type loop struct{ deaf, done chan struct{} }
 
 type laneSlot struct{}
 

@@ -397,6 +397,14 @@ func contains(ss []string, s string) bool {
 // in-flight requests and stops all background work.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
+	if s.handoff != nil {
+		// The loops accept on a duplicate of ln, which stopLoops closes
+		// as soon as none accepts: with ln closed, that is the socket's
+		// last descriptor, and new connections are refused while the
+		// requests in flight drain, as the fasthttp server refuses them
+		// once it closes its own listener.
+		s.ln.Close()
+	}
 	loopErr := s.stopLoops(ctx)
 	if s.handoff != nil {
 		s.handoff.waitTaken(ctx)
@@ -405,7 +413,6 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if s.handoff != nil {
 		// fasthttp closes its own listener only when it accepted on one.
 		s.handoff.Close()
-		s.ln.Close()
 	}
 	if err == nil {
 		err = loopErr
@@ -436,12 +443,24 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // stopLoops stops the event loops: they stop accepting, finish the
-// requests in flight and close their connections.
+// requests in flight and close their connections. Their descriptor of the
+// listening socket closes as soon as none accepts on it.
 func (s *Server) stopLoops(ctx context.Context) error {
 	for _, l := range s.loops {
 		l.stop()
 	}
 	var err error
+	for _, l := range s.loops {
+		select {
+		case <-l.deaf:
+		case <-l.done:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	if err == nil {
+		s.closeLaneFile()
+	}
 	for _, l := range s.loops {
 		select {
 		case <-l.done:
@@ -450,11 +469,16 @@ func (s *Server) stopLoops(ctx context.Context) error {
 		}
 	}
 	s.loops = nil
+	s.closeLaneFile()
+	return err
+}
+
+// closeLaneFile closes the loops' descriptor of the listening socket.
+func (s *Server) closeLaneFile() {
 	if s.laneFile != nil {
 		s.laneFile.Close()
 		s.laneFile = nil
 	}
-	return err
 }
 
 func (s *Server) reapLoop() {
