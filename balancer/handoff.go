@@ -19,6 +19,13 @@ type prefixConn struct {
 	pre    []byte
 	open   *atomic.Int64
 	closed atomic.Bool
+	// headBy, when set, is when the head the loop started reading is
+	// due (server.header_timeout): it bounds the first read deadline the
+	// server sets, which it sets for the head, so that the head's time
+	// does not start again at the handoff.
+	headBy time.Time
+	// got is set once the client sent a byte.
+	got bool
 }
 
 func newPrefixConn(c net.Conn, pre []byte, open *atomic.Int64) *prefixConn {
@@ -38,9 +45,28 @@ func (c *prefixConn) Read(p []byte) (int, error) {
 	if len(c.pre) > 0 {
 		n := copy(p, c.pre)
 		c.pre = c.pre[n:]
+		c.got = true
 		return n, nil
 	}
-	return c.Conn.Read(p)
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.got = true
+	}
+	return n, err
+}
+
+// sentAny reports whether the client sent anything (see headTimedOut).
+func (c *prefixConn) sentAny() bool { return c.got }
+
+// SetReadDeadline implements net.Conn.
+func (c *prefixConn) SetReadDeadline(t time.Time) error {
+	if !c.headBy.IsZero() {
+		if t.IsZero() || c.headBy.Before(t) {
+			t = c.headBy
+		}
+		c.headBy = time.Time{}
+	}
+	return c.Conn.SetReadDeadline(t)
 }
 
 // handoffListener is the fasthttp server's listener when event loops

@@ -66,7 +66,10 @@ type lconn struct {
 	in    []byte
 	// lastActive is when the connection last moved (unix nano).
 	lastActive int64
-	// headSince is when the first byte of an incomplete head came.
+	// headSince is when the head being read started to count against
+	// server.header_timeout: the connection's opening for its first
+	// request, the head's first byte for the next ones; 0 while a kept
+	// alive connection waits for a request.
 	headSince int64
 
 	// Client side.
@@ -142,6 +145,10 @@ type loop struct {
 	lastSweep int64
 	lastIdle  int64
 	stopping  bool
+	// idleEvery is how often idle connections and slow heads are
+	// checked; headerTimeout is server.header_timeout.
+	idleEvery     int64
+	headerTimeout int64
 
 	// Batched waits: see ServerConfig.BatchWait and decideBatching.
 	// batchWait is 0 when off. Since the last sweep, swept counts the
@@ -210,6 +217,10 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		batchSleep:  syscall.NsecToTimespec(int64(s.cfg.Server.batchWait())),
 		done:        make(chan struct{}),
 	}
+	l.headerTimeout = int64(s.cfg.Server.HeaderTimeout)
+	// Heads are checked a few times per header_timeout, so that a slow
+	// one is cut close to its time.
+	l.idleEvery = min(int64(time.Second), l.headerTimeout/4)
 	if err := syscall.SetNonblock(epfd, true); err != nil {
 		syscall.Close(epfd)
 		return nil, err
@@ -279,7 +290,7 @@ func (l *loop) run() {
 			l.decideBatching(l.nowNs - l.lastSweep)
 			l.lastSweep = l.nowNs
 			l.sweepTimeouts()
-			if l.nowNs-l.lastIdle >= int64(time.Second) {
+			if l.nowNs-l.lastIdle >= l.idleEvery {
 				l.lastIdle = l.nowNs
 				l.sweepIdle()
 			}
@@ -300,7 +311,7 @@ func (l *loop) run() {
 func (l *loop) wait() (int, error) {
 	next := l.lastSweep + int64(laneSweep)
 	if len(l.waiting) == 0 {
-		next = l.lastIdle + int64(time.Second)
+		next = l.lastIdle + l.idleEvery
 	}
 	if next != l.deadline {
 		l.deadline = next
@@ -518,7 +529,8 @@ func (l *loop) accept() {
 			return
 		}
 		syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
-		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs}
+		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs,
+			headSince: l.nowNs}
 		c.ip = appendSockaddrIP(c.ip, sa)
 		if !l.add(c, connEvents) {
 			return
@@ -582,7 +594,7 @@ func (l *loop) onClient(c *lconn) {
 		c.readable = n == space
 		switch {
 		case n > 0:
-			if len(c.in) == 0 {
+			if c.headSince == 0 {
 				c.headSince = l.nowNs
 			}
 			c.in = c.in[:len(c.in)+n]
@@ -1013,7 +1025,12 @@ func (l *loop) next(c *lconn) {
 		return
 	}
 	c.lastActive = l.nowNs
-	c.headSince = l.nowNs
+	// A pipelined head is already coming; otherwise the next head's time
+	// starts at its first byte.
+	c.headSince = 0
+	if len(c.in) > 0 {
+		c.headSince = l.nowNs
+	}
 	switch {
 	case c.readable:
 		l.onClient(c)
@@ -1173,18 +1190,24 @@ func (l *loop) sweepTimeouts() {
 }
 
 // sweepIdle closes idle connections past their time and hands slow heads
-// to the full path and its read timeout.
+// to the full path, which holds them to what is left of
+// server.header_timeout and answers 408 once it is over.
 func (l *loop) sweepIdle() {
 	idleClient := l.idleTimeout
+	slowHead := min(int64(laneSlowHead), l.headerTimeout)
 	for _, c := range l.conns {
 		if c == nil {
 			continue
 		}
 		switch c.state {
 		case lcIdle:
-			if len(c.in) > 0 && l.nowNs-c.headSince > int64(laneSlowHead) {
+			switch {
+			case len(c.in) > 0 && l.nowNs-c.headSince >= slowHead:
 				l.handOff(c)
-			} else if len(c.in) == 0 && l.nowNs-c.lastActive > idleClient {
+			case len(c.in) == 0 && c.headSince != 0 && l.nowNs-c.headSince >= l.headerTimeout:
+				// A new connection that never sent a request.
+				l.handOff(c)
+			case len(c.in) == 0 && c.headSince == 0 && l.nowNs-c.lastActive > idleClient:
 				l.close(c)
 			}
 		case lcWriting:
@@ -1230,7 +1253,11 @@ func (l *loop) handOff(c *lconn) {
 	if len(c.in) > 0 {
 		pre = append(pre, c.in...)
 	}
-	l.s.handoff.push(newPrefixConn(nc, pre, &l.s.handedOver))
+	pc := newPrefixConn(nc, pre, &l.s.handedOver)
+	if c.headSince != 0 {
+		pc.headBy = time.Unix(0, c.headSince+l.headerTimeout)
+	}
+	l.s.handoff.push(pc)
 }
 
 // storeWants reports whether the stale store is due a copy of the answer

@@ -141,4 +141,9 @@ var (
 	laneHandoffDrops = metrics.NewCounter(`edgelb_event_loop_handoff_drops_total`)
 	laneAcceptErrors = metrics.NewCounter(`edgelb_event_loop_accept_errors_total`)
 	laneBatchWaits   = metrics.NewCounter(`edgelb_event_loop_batch_waits_total`)
+
+	// Requests whose head or body did not come within
+	// server.header_timeout or idle_timeout.
+	clientHeadTimeouts = metrics.NewCounter(`edgelb_client_timeouts_total{phase="head"}`)
+	clientBodyTimeouts = metrics.NewCounter(`edgelb_client_timeouts_total{phase="body"}`)
 )

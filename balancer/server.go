@@ -83,6 +83,10 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		stop:    make(chan struct{}),
 	}
 	s.routes.Store(newRouteTable(nil))
+	// ReadTimeout bounds the head: fasthttp arms it when a connection
+	// opens and again at the first byte of each later request. Once the
+	// head is in, the body gets the idle timeout.
+	body := fasthttp.RequestConfig{ReadTimeout: cfg.Server.IdleTimeout}
 	s.srv = &fasthttp.Server{
 		Handler:                       s.handle,
 		ErrorHandler:                  s.handleParseError,
@@ -92,7 +96,8 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		ReadBufferSize:                cfg.Server.MaxHeaderBytes,
 		MaxRequestBodySize:            cfg.Server.MaxRequestBody,
 		IdleTimeout:                   cfg.Server.IdleTimeout,
-		ReadTimeout:                   cfg.Server.IdleTimeout,
+		ReadTimeout:                   cfg.Server.HeaderTimeout,
+		HeaderReceived:                func(*fasthttp.RequestHeader) fasthttp.RequestConfig { return body },
 		DisableHeaderNamesNormalizing: false,
 		CloseOnShutdown:               true,
 		Logger:                        fasthttpLogger{logger},
@@ -129,7 +134,7 @@ func (s *Server) Start() error {
 	}
 	s.ready.Store(true)
 
-	var serveLn net.Listener = ln
+	var serveLn net.Listener = newAcceptListener(s, ln)
 	if laneSupported && s.cfg.Server.eventLoop() {
 		s.handoff = newHandoffListener(ln.Addr())
 		if err := s.startLoops(ln, runtime.GOMAXPROCS(0)); err != nil {
@@ -541,6 +546,11 @@ func (s *Server) handleParseError(ctx *fasthttp.RequestCtx, err error) {
 	case errors.Is(err, fasthttp.ErrBodyTooLarge):
 		ctx.Error("edgelb: request body too large\n", fasthttp.StatusRequestEntityTooLarge)
 	case errors.As(err, &ne) && ne.Timeout():
+		if headTimedOut(ctx, err) {
+			clientHeadTimeouts.Inc()
+		} else {
+			clientBodyTimeouts.Inc()
+		}
 		ctx.Error("edgelb: request timeout\n", fasthttp.StatusRequestTimeout)
 	default:
 		ctx.Error("edgelb: malformed request\n", fasthttp.StatusBadRequest)
