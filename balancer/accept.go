@@ -2,6 +2,8 @@ package balancer
 
 import (
 	"net"
+	"net/netip"
+	"sync/atomic"
 
 	"github.com/valyala/fasthttp"
 )
@@ -10,7 +12,8 @@ import (
 // read timeouts apart.
 
 // acceptListener is the fasthttp server's own listener when it accepts
-// client connections itself.
+// client connections itself. It holds client addresses to
+// server.max_conns_per_ip.
 type acceptListener struct {
 	net.Listener
 	s *Server
@@ -22,11 +25,32 @@ func newAcceptListener(s *Server, ln net.Listener) *acceptListener {
 
 // Accept implements net.Listener.
 func (a *acceptListener) Accept() (net.Conn, error) {
-	c, err := a.Listener.Accept()
-	if err != nil {
-		return nil, err
+	for {
+		c, err := a.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		cc := &clientConn{Conn: c}
+		if ipc := a.s.perIP; ipc != nil {
+			// Slow path: a cap per client address.
+			ip := remoteAddr(c)
+			if !ipc.acquire(ip) {
+				connsOverIPLimit.Inc()
+				c.Close()
+				continue
+			}
+			cc.ipc, cc.ip = ipc, ip
+		}
+		return cc, nil
 	}
-	return &clientConn{Conn: c}, nil
+}
+
+// remoteAddr returns the client address of c, or the zero Addr.
+func remoteAddr(c net.Conn) netip.Addr {
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return ta.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
 }
 
 // clientConn is a client connection the fasthttp server accepted itself.
@@ -34,6 +58,11 @@ type clientConn struct {
 	net.Conn
 	// got is set once the client sent a byte.
 	got bool
+	// ipc, when set, counts the connection against its address's cap
+	// until it closes.
+	ipc    *ipConns
+	ip     netip.Addr
+	closed atomic.Bool
 }
 
 func (c *clientConn) Read(p []byte) (int, error) {
@@ -46,6 +75,14 @@ func (c *clientConn) Read(p []byte) (int, error) {
 
 // sentAny reports whether the client sent anything (see headTimedOut).
 func (c *clientConn) sentAny() bool { return c.got }
+
+// Close implements net.Conn.
+func (c *clientConn) Close() error {
+	if c.closed.CompareAndSwap(false, true) && c.ipc != nil {
+		c.ipc.release(c.ip)
+	}
+	return c.Conn.Close()
+}
 
 // headTimedOut tells, of a read timeout fasthttp met, whether it was the
 // head's (server.header_timeout) rather than the body's (idle_timeout).

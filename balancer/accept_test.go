@@ -6,6 +6,8 @@ import (
 	"bufio"
 	"errors"
 	"io"
+	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -140,4 +142,117 @@ func TestBodyTimeout(t *testing.T) {
 			t.Errorf("a request whose body did not come reached the backend")
 		}
 	})
+}
+
+func TestMaxConnsPerIP(t *testing.T) {
+	engines(t, func(t *testing.T, server string) {
+		o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.Write(ctx.Method()) })
+		s := startEdge(t, "server: {max_conns_per_ip: 3, "+server+"}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+		type conn struct {
+			net.Conn
+			br *bufio.Reader
+		}
+		open := func() *conn {
+			c := dialEdge(t, s)
+			return &conn{c, bufio.NewReader(c)}
+		}
+		get := func(c *conn, method string) error {
+			if _, err := io.WriteString(c, method+" / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"); err != nil {
+				return err
+			}
+			var r fasthttp.Response
+			if err := r.Read(c.br); err != nil {
+				return err
+			}
+			if r.StatusCode() != 200 || string(r.Body()) != method {
+				t.Fatalf("%s: %d %q", method, r.StatusCode(), r.Body())
+			}
+			return nil
+		}
+		refused := func(what string) {
+			t.Helper()
+			r0 := connsOverIPLimit.Get()
+			c := open()
+			defer c.Close()
+			if _, err := c.br.ReadByte(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("%s: connection over max_conns_per_ip not closed at once: %v", what, err)
+			}
+			if n := connsOverIPLimit.Get() - r0; n != 1 {
+				t.Fatalf("%s: edgelb_client_conns_rejected_total went up by %d, want 1", what, n)
+			}
+		}
+		var cs []*conn
+		for i := 0; i < 3; i++ {
+			c := open()
+			defer c.Close()
+			// A POST goes from the event loop to the fasthttp server: the
+			// connection must still count once.
+			method := "GET"
+			if i == 0 {
+				method = "POST"
+			}
+			if err := get(c, method); err != nil {
+				t.Fatalf("connection %d: %v", i+1, err)
+			}
+			cs = append(cs, c)
+		}
+		refused("4th connection")
+		for i, c := range cs {
+			if err := get(c, "GET"); err != nil {
+				t.Fatalf("connection %d after the 4th was refused: %v", i+1, err)
+			}
+		}
+		// Closing one frees its place, once the edge has seen it close.
+		cs[0].Close()
+		var d *conn
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			d = open()
+			defer d.Close()
+			if get(d, "GET") == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("a closed connection's place was never freed")
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		refused("connection after the freed place was taken")
+		for _, c := range append(cs[1:], d) {
+			c.Close()
+		}
+		for s.perIP.size() != 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("addresses still counted after every connection closed: %d", s.perIP.size())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
+}
+
+func TestIPConns(t *testing.T) {
+	if newIPConns(0) != nil {
+		t.Fatal("no cap must mean no table")
+	}
+	ipc := newIPConns(2)
+	a, b := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")
+	f := func(ip netip.Addr, want bool) {
+		t.Helper()
+		if got := ipc.acquire(ip); got != want {
+			t.Fatalf("acquire %s with %d open: %v, want %v", ip, ipc.open(ip), got, want)
+		}
+	}
+	f(a, true)
+	f(a, true)
+	f(a, false)
+	f(b, true)
+	f(netip.Addr{}, true) // no address: never capped
+	ipc.release(a)
+	f(a, true)
+	ipc.release(a)
+	ipc.release(a)
+	ipc.release(b)
+	if n := ipc.size(); n != 0 {
+		t.Fatalf("%d addresses left with no connection open", n)
+	}
 }

@@ -115,6 +115,11 @@ type ServerConfig struct {
 	// client too slow gets 408 and its connection closes. The body then
 	// has IdleTimeout. DefaultHeaderTimeout is used if not set.
 	HeaderTimeout time.Duration `yaml:"header_timeout"`
+
+	// MaxConnsPerIP caps the open connections from one client address:
+	// a connection over it is closed as soon as it is accepted. Off if
+	// not set.
+	MaxConnsPerIP int `yaml:"max_conns_per_ip"`
 }
 
 // eventLoop reports whether the config asks for the event loops.
@@ -481,6 +486,9 @@ func (c *Config) validate() []error {
 	}
 	if s.HeaderTimeout < minHeaderTimeout {
 		bad("server.header_timeout", "must be at least %v (got %v)", minHeaderTimeout, s.HeaderTimeout)
+	}
+	if s.MaxConnsPerIP < 0 {
+		bad("server.max_conns_per_ip", "must not be negative (got %d); 0 or unset turns the cap off", s.MaxConnsPerIP)
 	}
 	if s.MaxHeaderBytes < 1024 {
 		bad("server.max_header_bytes", "must be at least 1024")

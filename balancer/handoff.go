@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +25,10 @@ type prefixConn struct {
 	// server sets, which it sets for the head, so that the head's time
 	// does not start again at the handoff.
 	headBy time.Time
+	// ipc, when set, counts the connection against its address's cap
+	// until it closes: the loop counted it at accept.
+	ipc *ipConns
+	ip  netip.Addr
 	// got is set once the client sent a byte.
 	got bool
 }
@@ -37,6 +42,9 @@ func newPrefixConn(c net.Conn, pre []byte, open *atomic.Int64) *prefixConn {
 func (c *prefixConn) Close() error {
 	if c.closed.CompareAndSwap(false, true) {
 		c.open.Add(-1)
+		if c.ipc != nil {
+			c.ipc.release(c.ip)
+		}
 	}
 	return c.Conn.Close()
 }

@@ -73,6 +73,11 @@ type lconn struct {
 	headSince int64
 
 	// Client side.
+	// remote is the client's address; ipHeld is set when the connection
+	// counts against its server.max_conns_per_ip.
+	remote netip.AddrPort
+	ipHeld bool
+
 	ip      []byte // remote IP, as X-Forwarded-For carries it
 	req     laneRequest
 	pool    *Pool
@@ -493,6 +498,7 @@ func (l *loop) close(c *lconn) {
 	if c.backend != nil {
 		l.slot(c.backend).open--
 	}
+	l.releaseIP(c)
 	syscall.Close(c.fd)
 	c.fd = -1
 }
@@ -528,14 +534,45 @@ func (l *loop) accept() {
 			}
 			return
 		}
+		remote := sockaddrAddrPort(sa)
+		held := false
+		if ipc := l.s.perIP; ipc != nil {
+			// Slow path: a cap per client address.
+			if !ipc.acquire(remote.Addr()) {
+				connsOverIPLimit.Inc()
+				syscall.Close(fd)
+				continue
+			}
+			held = true
+		}
 		syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs,
-			headSince: l.nowNs}
+			headSince: l.nowNs, remote: remote, ipHeld: held}
 		c.ip = appendSockaddrIP(c.ip, sa)
 		if !l.add(c, connEvents) {
+			l.releaseIP(c)
 			return
 		}
 	}
+}
+
+// releaseIP uncounts c from its address's server.max_conns_per_ip.
+func (l *loop) releaseIP(c *lconn) {
+	if c.ipHeld {
+		c.ipHeld = false
+		l.s.perIP.release(c.remote.Addr())
+	}
+}
+
+// sockaddrAddrPort returns the address of an accepted client.
+func sockaddrAddrPort(sa syscall.Sockaddr) netip.AddrPort {
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *syscall.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
+	}
+	return netip.AddrPort{}
 }
 
 func appendSockaddrIP(dst []byte, sa syscall.Sockaddr) []byte {
@@ -1246,6 +1283,7 @@ func (l *loop) handOff(c *lconn) {
 	nc, err := net.FileConn(f)
 	f.Close()
 	if err != nil {
+		l.releaseIP(c)
 		l.s.log.Warn("cannot hand a connection to the server", "err", err)
 		return
 	}
@@ -1256,6 +1294,12 @@ func (l *loop) handOff(c *lconn) {
 	pc := newPrefixConn(nc, pre, &l.s.handedOver)
 	if c.headSince != 0 {
 		pc.headBy = time.Unix(0, c.headSince+l.headerTimeout)
+	}
+	if c.ipHeld {
+		// The handed connection counts against its address until the
+		// server closes it.
+		c.ipHeld = false
+		pc.ipc, pc.ip = l.s.perIP, c.remote.Addr()
 	}
 	l.s.handoff.push(pc)
 }

@@ -52,6 +52,10 @@ type Server struct {
 	admin      *adminServer
 	consul     *discovery.Consul
 
+	// perIP counts client connections by address for
+	// server.max_conns_per_ip; nil when there is no cap.
+	perIP *ipConns
+
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
 	cfg       *Config
@@ -81,6 +85,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		sets:    make(map[string]*discovery.Set),
 		statics: make(map[string]bool),
 		stop:    make(chan struct{}),
+		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
 	s.routes.Store(newRouteTable(nil))
 	// ReadTimeout bounds the head: fasthttp arms it when a connection
