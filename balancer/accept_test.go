@@ -11,10 +11,13 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/health"
 )
 
 // engines runs f with the event loops on and off.
@@ -255,4 +258,16 @@ func TestIPConns(t *testing.T) {
 	if n := ipc.size(); n != 0 {
 		t.Fatalf("%d addresses left with no connection open", n)
 	}
+}
+
+func TestClassifyLocalResourceErrors(t *testing.T) {
+	f := func(err error) {
+		t.Helper()
+		o, c := classifyErr(err)
+		if o != health.OutcomeLocalOverload || c != errOverloaded {
+			t.Fatalf("%v: %v %v, want local_overload and overloaded", err, o, c)
+		}
+	}
+	f(&net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", syscall.EMFILE)})
+	f(&net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", syscall.ENFILE)})
 }

@@ -87,6 +87,9 @@ func classifyErr(err error) (health.Outcome, errCode) {
 	switch {
 	case err == fasthttp.ErrNoFreeConns:
 		return health.OutcomeLocalOverload, errOverloaded
+	case errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE):
+		// edgelb is out of file descriptors: not the backend's fault.
+		return health.OutcomeLocalOverload, errOverloaded
 	case err == fasthttp.ErrTimeout || err == fasthttp.ErrDialTimeout || errors.Is(err, os.ErrDeadlineExceeded):
 		if err == fasthttp.ErrDialTimeout {
 			return health.OutcomeConnectFailed, errConnectFailed
