@@ -1279,19 +1279,11 @@ func (l *loop) handOff(c *lconn) {
 	c.fd = -1
 	// While the loops drain, the fasthttp server still runs: it takes
 	// what they hand over and drains it in turn.
-	f := os.NewFile(uintptr(fd), "")
-	nc, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		l.releaseIP(c)
-		l.s.log.Warn("cannot hand a connection to the server", "err", err)
-		return
-	}
 	var pre []byte
 	if len(c.in) > 0 {
 		pre = append(pre, c.in...)
 	}
-	pc := newPrefixConn(nc, pre, &l.s.handedOver)
+	pc := newPrefixConn(newFDConn(fd, c.remote, l.s.ln.Addr()), pre, &l.s.handedOver)
 	if c.headSince != 0 {
 		pc.headBy = time.Unix(0, c.headSince+l.headerTimeout)
 	}
