@@ -260,6 +260,24 @@ func TestIPConns(t *testing.T) {
 	}
 }
 
+func TestRepeatLog(t *testing.T) {
+	var r repeatLog
+	now := int64(1e18)
+	f := func(at time.Duration, wantOK bool, wantHeld int64) {
+		t.Helper()
+		ok, held := r.allow(now + int64(at))
+		if ok != wantOK || held != wantHeld {
+			t.Fatalf("at +%v: %v %d, want %v %d", at, ok, held, wantOK, wantHeld)
+		}
+	}
+	f(0, true, 0)
+	f(time.Millisecond, false, 0)
+	f(9*time.Second, false, 0)
+	f(10*time.Second, true, 2)
+	f(11*time.Second, false, 0)
+	f(25*time.Second, true, 1)
+}
+
 func TestClassifyLocalResourceErrors(t *testing.T) {
 	f := func(err error) {
 		t.Helper()
@@ -270,4 +288,79 @@ func TestClassifyLocalResourceErrors(t *testing.T) {
 	}
 	f(&net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", syscall.EMFILE)})
 	f(&net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", syscall.ENFILE)})
+}
+
+// stubListener returns errs from Accept, then conns, then blocks until
+// closed.
+type stubListener struct {
+	mu     sync.Mutex
+	errs   []error
+	conns  []net.Conn
+	calls  int
+	closed chan struct{}
+}
+
+func (l *stubListener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	l.calls++
+	if len(l.errs) > 0 {
+		err := l.errs[0]
+		l.errs = l.errs[1:]
+		l.mu.Unlock()
+		return nil, err
+	}
+	if len(l.conns) > 0 {
+		c := l.conns[0]
+		l.conns = l.conns[1:]
+		l.mu.Unlock()
+		return c, nil
+	}
+	l.mu.Unlock()
+	<-l.closed
+	return nil, net.ErrClosed
+}
+
+func (l *stubListener) Close() error   { return nil }
+func (l *stubListener) Addr() net.Addr { return &net.TCPAddr{} }
+
+func TestAcceptListenerPausesOnResourceErrors(t *testing.T) {
+	s := NewServer(mustConfig(t, "services:\n  web: {static: [127.0.0.1:1]}\n"), quietLogger())
+	s.ready.Store(true)
+	s.routes.Store(newRouteTable([]route{{host: "*", path: "/", service: "web"}}))
+	emfile := &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	stub := &stubListener{errs: []error{emfile, emfile, emfile}, conns: []net.Conn{c1}, closed: make(chan struct{})}
+	a := newAcceptListener(s, stub)
+	e0 := acceptErrEMFILE.Get()
+	start := time.Now()
+	c, err := a.Accept()
+	if cc, ok := c.(*clientConn); err != nil || !ok || cc.Conn != c1 {
+		t.Fatalf("Accept after EMFILE: %v %v", c, err)
+	}
+	if took := time.Since(start); took < 3*acceptPause {
+		t.Errorf("three EMFILE errors retried within %v: the listener does not pause", took)
+	}
+	if n := acceptErrEMFILE.Get() - e0; n != 3 {
+		t.Errorf("edgelb_accept_errors_total{cause=\"emfile\"} went up by %d, want 3", n)
+	}
+	if ok, why := s.Ready(); ok || !strings.Contains(why, "too many open files") {
+		t.Errorf("Ready after EMFILE: %v %q", ok, why)
+	}
+	// A close ends a pause at once.
+	stub.mu.Lock()
+	stub.errs = []error{emfile}
+	stub.mu.Unlock()
+	done := make(chan error, 1)
+	go func() {
+		_, err := a.Accept()
+		done <- err
+	}()
+	time.Sleep(acceptPause / 4)
+	a.Close()
+	close(stub.closed)
+	if err := <-done; !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Accept after Close: %v", err)
+	}
 }

@@ -154,6 +154,10 @@ type loop struct {
 	// checked; headerTimeout is server.header_timeout.
 	idleEvery     int64
 	headerTimeout int64
+	// acceptPaused is set while the loop does not accept, after accept
+	// failed for want of a resource, until acceptResume (unix nano).
+	acceptPaused bool
+	acceptResume int64
 
 	// Batched waits: see ServerConfig.BatchWait and decideBatching.
 	// batchWait is 0 when off. Since the last sweep, swept counts the
@@ -300,6 +304,9 @@ func (l *loop) run() {
 				l.sweepIdle()
 			}
 		}
+		if l.acceptPaused && l.nowNs >= l.acceptResume && !l.stopping {
+			l.resumeAccept()
+		}
 		if l.stopping && len(l.waiting) == 0 && l.busy() == 0 {
 			return
 		}
@@ -317,6 +324,9 @@ func (l *loop) wait() (int, error) {
 	next := l.lastSweep + int64(laneSweep)
 	if len(l.waiting) == 0 {
 		next = l.lastIdle + l.idleEvery
+	}
+	if l.acceptPaused && l.acceptResume < next {
+		next = l.acceptResume
 	}
 	if next != l.deadline {
 		l.deadline = next
@@ -529,9 +539,17 @@ func (l *loop) accept() {
 	for {
 		fd, sa, err := syscall.Accept4(l.lfd, syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
 		if err != nil {
-			if err != syscall.EAGAIN && err != syscall.ECONNABORTED && err != syscall.EINTR {
-				laneAcceptErrors.Inc()
+			switch err {
+			case syscall.EAGAIN:
+				return
+			case syscall.ECONNABORTED, syscall.EINTR:
+				continue
 			}
+			// Out of descriptors, say: the listening socket stays
+			// readable, and polling it again at once would spin.
+			laneAcceptErrors.Inc()
+			l.s.acceptFailed(os.NewSyscallError("accept4", err), "event_loop", l.nowNs)
+			l.pauseAccept()
 			return
 		}
 		remote := sockaddrAddrPort(sa)
@@ -553,6 +571,30 @@ func (l *loop) accept() {
 			l.releaseIP(c)
 			return
 		}
+	}
+}
+
+// pauseAccept stops accepting for acceptPause, as nginx does when accept
+// fails for want of descriptors: the listening socket leaves the loop's
+// epoll set, connections wait in the listen backlog meanwhile, and the
+// loop tries again once its wait reaches acceptResume.
+func (l *loop) pauseAccept() {
+	if err := l.ctl(syscall.EPOLL_CTL_DEL, l.lfd, 0); err != nil {
+		l.s.log.Error("event loop cannot stop accepting", "err", err)
+	}
+	l.acceptPaused = true
+	l.acceptResume = l.nowNs + int64(acceptPause)
+}
+
+// resumeAccept accepts again after a pause; pending connections make the
+// listening socket readable at the next wait.
+func (l *loop) resumeAccept() {
+	l.acceptPaused = false
+	const epollExclusive = 1 << 28
+	if err := l.ctl(syscall.EPOLL_CTL_ADD, l.lfd, syscall.EPOLLIN|epollExclusive); err != nil {
+		l.s.log.Error("event loop cannot accept again; trying later", "err", err)
+		l.acceptPaused = true
+		l.acceptResume = l.nowNs + int64(acceptPause)
 	}
 }
 
@@ -806,6 +848,8 @@ func (l *loop) dial(b *Backend, sl *laneSlot) *lconn {
 	}
 	fd, err := syscall.Socket(domain, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
+		// Out of descriptors, say: the full path's dial fails the same
+		// way and answers overloaded, never blaming the backend.
 		return nil
 	}
 	syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)

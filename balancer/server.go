@@ -55,6 +55,10 @@ type Server struct {
 	// perIP counts client connections by address for
 	// server.max_conns_per_ip; nil when there is no cap.
 	perIP *ipConns
+	// acceptTrouble is the latest run of accept failures for want of a
+	// resource, for /readyz; acceptLog holds back their repeats.
+	acceptTrouble acceptTrouble
+	acceptLog     repeatLog
 
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
