@@ -413,10 +413,14 @@ func (a *adminServer) status(w http.ResponseWriter, _ *http.Request) {
 }
 
 // Ready reports whether routes are loaded and the server accepts requests,
-// and if not, why.
+// and if not, why. Accepting connections failed for want of file
+// descriptors or memory within the last few seconds is not ready.
 func (s *Server) Ready() (bool, string) {
 	if !s.ready.Load() {
 		return false, "starting or shutting down"
+	}
+	if why := s.acceptTrouble.describe(time.Now()); why != "" {
+		return false, why
 	}
 	rt := s.routes.Load()
 	if len(rt.any) == 0 && len(rt.byHost) == 0 {

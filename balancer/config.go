@@ -86,6 +86,10 @@ const (
 	DefaultIdleTimeout        = 60 * time.Second
 	DefaultDrainTimeout       = 20 * time.Second
 	DefaultBatchWait          = 25 * time.Microsecond
+	DefaultHeaderTimeout      = 10 * time.Second
+	// minHeaderTimeout bounds server.header_timeout from below: less
+	// would cut off clients on a slow network.
+	minHeaderTimeout = 100 * time.Millisecond
 	// maxBatchWait bounds server.batch_wait: it is latency added under
 	// load.
 	maxBatchWait = time.Millisecond
@@ -133,6 +137,18 @@ type ServerConfig struct {
 	// average, and no connection is on the fasthttp server.
 	// DefaultBatchWait is used if not set; 0 turns it off.
 	BatchWait *time.Duration `yaml:"batch_wait"`
+
+	// HeaderTimeout bounds how long a client may take to send the whole
+	// head of a request: counted from the connection's opening for its
+	// first request and from the head's first byte for the next ones. A
+	// client too slow gets 408 and its connection closes. The body then
+	// has IdleTimeout. DefaultHeaderTimeout is used if not set.
+	HeaderTimeout time.Duration `yaml:"header_timeout"`
+
+	// MaxConnsPerIP caps the open connections from one client address:
+	// a connection over it is closed as soon as it is accepted. Off if
+	// not set.
+	MaxConnsPerIP int `yaml:"max_conns_per_ip"`
 }
 
 // parsePrefix parses a CIDR network or a single IP address.
@@ -506,6 +522,7 @@ func (c *Config) validate() []error {
 	setDefault(&s.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	setDefault(&s.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&s.DrainTimeout, DefaultDrainTimeout)
+	setDefault(&s.HeaderTimeout, DefaultHeaderTimeout)
 	if c.StaleStore.MaxBytes < 0 || c.StaleStore.MaxEntryBytes < 0 {
 		bad("stale_store", "sizes must not be negative")
 	}
@@ -514,6 +531,12 @@ func (c *Config) validate() []error {
 	}
 	if w := s.batchWait(); w < 0 || w > maxBatchWait {
 		bad("server.batch_wait", "must be between 0 (off) and %v (got %v)", maxBatchWait, w)
+	}
+	if s.HeaderTimeout < minHeaderTimeout {
+		bad("server.header_timeout", "must be at least %v (got %v)", minHeaderTimeout, s.HeaderTimeout)
+	}
+	if s.MaxConnsPerIP < 0 {
+		bad("server.max_conns_per_ip", "must not be negative (got %d); 0 or unset turns the cap off", s.MaxConnsPerIP)
 	}
 	if s.MaxHeaderBytes < 1024 {
 		bad("server.max_header_bytes", "must be at least 1024")

@@ -53,6 +53,12 @@ func TestParseConfigErrors(t *testing.T) {
 	f("server: {batch_wait: 5ms}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.batch_wait: must be between 0 (off) and 1ms (got 5ms)")
 	f("server: {batch_wait: -1us}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.batch_wait: must be between 0 (off) and 1ms (got -1µs)")
 	f("server: {batch_wait: 20}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.batch_wait: duration 20 needs a unit")
+	f("server: {header_timeout: 50ms}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.header_timeout: must be at least 100ms (got 50ms)")
+	f("server: {header_timeout: -1s}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.header_timeout: must be at least 100ms (got -1s)")
+	f("server: {header_timeout: 10}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.header_timeout: duration 10 needs a unit")
+	f("server: {max_conns_per_ip: -1}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.max_conns_per_ip: must not be negative (got -1); 0 or unset turns the cap off")
+	f("server: {max_conns_per_ip: 2.5}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.max_conns_per_ip: must be a whole number, got 2.5")
+	f("server: {max_conn_per_ip: 3}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.max_conn_per_ip: unknown key")
 	// Every problem is reported at once.
 	f("bogus: 1\nservices:\n  web: {static: [x]}\nroutes: [{service: y}]\n", "bogus: unknown key", "services.web.static[0]", "routes[0].service")
 }
@@ -92,6 +98,16 @@ routes:
 	}
 	if w := cfg.Server.batchWait(); w != DefaultBatchWait {
 		t.Errorf("server.batch_wait default: %v", w)
+	}
+	if sc := cfg.Server; sc.HeaderTimeout != DefaultHeaderTimeout || sc.MaxConnsPerIP != 0 {
+		t.Errorf("server.header_timeout, max_conns_per_ip defaults: %v %d", sc.HeaderTimeout, sc.MaxConnsPerIP)
+	}
+	cfg, err = ParseConfig([]byte("server: {header_timeout: 3s, max_conns_per_ip: 50}\nservices:\n  web: {static: [127.0.0.1:1]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sc := cfg.Server; sc.HeaderTimeout != 3*time.Second || sc.MaxConnsPerIP != 50 {
+		t.Errorf("server.header_timeout, max_conns_per_ip: %v %d", sc.HeaderTimeout, sc.MaxConnsPerIP)
 	}
 	for yaml, want := range map[string]time.Duration{"0s": 0, "0": 0, "50us": 50 * time.Microsecond, "1ms": time.Millisecond} {
 		cfg, err := ParseConfig([]byte("server: {batch_wait: " + yaml + "}\nservices:\n  web: {static: [127.0.0.1:1]}\n"))

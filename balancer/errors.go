@@ -95,6 +95,9 @@ func classifyErr(err error) (health.Outcome, errCode) {
 		return health.OutcomeCanceled, errResponseTooLarge
 	case err == fasthttp.ErrNoFreeConns:
 		return health.OutcomeLocalOverload, errOverloaded
+	case errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE):
+		// edgelb is out of file descriptors: not the backend's fault.
+		return health.OutcomeLocalOverload, errOverloaded
 	case isDialErr(err), errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
 		errors.Is(err, syscall.EPIPE), err == fasthttp.ErrConnectionClosed, err == errTooManyStaleConns:
 		// Connecting that timed out included.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +20,17 @@ type prefixConn struct {
 	pre    []byte
 	open   *atomic.Int64
 	closed atomic.Bool
+	// headBy, when set, is when the head the loop started reading is
+	// due (server.header_timeout): it bounds the first read deadline the
+	// server sets, which it sets for the head, so that the head's time
+	// does not start again at the handoff.
+	headBy time.Time
+	// ipc, when set, counts the connection against its address's cap
+	// until it closes: the loop counted it at accept.
+	ipc *ipConns
+	ip  netip.Addr
+	// got is set once the client sent a byte.
+	got bool
 }
 
 func newPrefixConn(c net.Conn, pre []byte, open *atomic.Int64) *prefixConn {
@@ -30,6 +42,9 @@ func newPrefixConn(c net.Conn, pre []byte, open *atomic.Int64) *prefixConn {
 func (c *prefixConn) Close() error {
 	if c.closed.CompareAndSwap(false, true) {
 		c.open.Add(-1)
+		if c.ipc != nil {
+			c.ipc.release(c.ip)
+		}
 	}
 	return c.Conn.Close()
 }
@@ -38,9 +53,28 @@ func (c *prefixConn) Read(p []byte) (int, error) {
 	if len(c.pre) > 0 {
 		n := copy(p, c.pre)
 		c.pre = c.pre[n:]
+		c.got = true
 		return n, nil
 	}
-	return c.Conn.Read(p)
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.got = true
+	}
+	return n, err
+}
+
+// sentAny reports whether the client sent anything (see headTimedOut).
+func (c *prefixConn) sentAny() bool { return c.got }
+
+// SetReadDeadline implements net.Conn.
+func (c *prefixConn) SetReadDeadline(t time.Time) error {
+	if !c.headBy.IsZero() {
+		if t.IsZero() || c.headBy.Before(t) {
+			t = c.headBy
+		}
+		c.headBy = time.Time{}
+	}
+	return c.Conn.SetReadDeadline(t)
 }
 
 // handoffListener is the fasthttp server's listener when event loops

@@ -67,10 +67,18 @@ type lconn struct {
 	in    []byte
 	// lastActive is when the connection last moved (unix nano).
 	lastActive int64
-	// headSince is when the first byte of an incomplete head came.
+	// headSince is when the head being read started to count against
+	// server.header_timeout: the connection's opening for its first
+	// request, the head's first byte for the next ones; 0 while a kept
+	// alive connection waits for a request.
 	headSince int64
 
 	// Client side.
+	// remote is the client's address; ipHeld is set when the connection
+	// counts against its server.max_conns_per_ip.
+	remote netip.AddrPort
+	ipHeld bool
+
 	ip []byte // remote IP, as X-Forwarded-For carries it
 	// trusted is set when the peer is in server.trusted_proxies.
 	trusted bool
@@ -146,6 +154,14 @@ type loop struct {
 	lastSweep int64
 	lastIdle  int64
 	stopping  bool
+	// idleEvery is how often idle connections and slow heads are
+	// checked; headerTimeout is server.header_timeout.
+	idleEvery     int64
+	headerTimeout int64
+	// acceptPaused is set while the loop does not accept, after accept
+	// failed for want of a resource, until acceptResume (unix nano).
+	acceptPaused bool
+	acceptResume int64
 
 	// Batched waits: see ServerConfig.BatchWait and decideBatching.
 	// batchWait is 0 when off. Since the last sweep, swept counts the
@@ -218,6 +234,10 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		deaf:        make(chan struct{}),
 		done:        make(chan struct{}),
 	}
+	l.headerTimeout = int64(s.cfg.Server.HeaderTimeout)
+	// Heads are checked a few times per header_timeout, so that a slow
+	// one is cut close to its time.
+	l.idleEvery = min(int64(time.Second), l.headerTimeout/4)
 	if err := syscall.SetNonblock(epfd, true); err != nil {
 		syscall.Close(epfd)
 		return nil, err
@@ -295,10 +315,13 @@ func (l *loop) run() {
 			l.decideBatching(l.nowNs - l.lastSweep)
 			l.lastSweep = l.nowNs
 			l.sweepTimeouts()
-			if l.nowNs-l.lastIdle >= int64(time.Second) {
+			if l.nowNs-l.lastIdle >= l.idleEvery {
 				l.lastIdle = l.nowNs
 				l.sweepIdle()
 			}
+		}
+		if l.acceptPaused && l.nowNs >= l.acceptResume && !l.stopping {
+			l.resumeAccept()
 		}
 		if l.stopping && len(l.waiting) == 0 && l.busy() == 0 {
 			return
@@ -316,7 +339,10 @@ func (l *loop) run() {
 func (l *loop) wait() (int, error) {
 	next := l.lastSweep + int64(laneSweep)
 	if len(l.waiting) == 0 {
-		next = l.lastIdle + int64(time.Second)
+		next = l.lastIdle + l.idleEvery
+	}
+	if l.acceptPaused && l.acceptResume < next {
+		next = l.acceptResume
 	}
 	if next != l.deadline {
 		l.deadline = next
@@ -498,6 +524,7 @@ func (l *loop) close(c *lconn) {
 	if c.backend != nil {
 		l.slot(c.backend).open--
 	}
+	l.releaseIP(c)
 	syscall.Close(c.fd)
 	c.fd = -1
 }
@@ -528,30 +555,83 @@ func (l *loop) accept() {
 	for {
 		fd, sa, err := syscall.Accept4(l.lfd, syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
 		if err != nil {
-			if err != syscall.EAGAIN && err != syscall.ECONNABORTED && err != syscall.EINTR {
-				laneAcceptErrors.Inc()
+			switch err {
+			case syscall.EAGAIN:
+				return
+			case syscall.ECONNABORTED, syscall.EINTR:
+				continue
 			}
+			// Out of descriptors, say: the listening socket stays
+			// readable, and polling it again at once would spin.
+			laneAcceptErrors.Inc()
+			l.s.acceptFailed(os.NewSyscallError("accept4", err), "event_loop", l.nowNs)
+			l.pauseAccept()
 			return
 		}
+		remote := sockaddrAddrPort(sa)
+		held := false
+		if ipc := l.s.perIP; ipc != nil {
+			// Slow path: a cap per client address.
+			if !ipc.acquire(remote.Addr()) {
+				connsOverIPLimit.Inc()
+				syscall.Close(fd)
+				continue
+			}
+			held = true
+		}
 		syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
-		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs}
+		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs,
+			headSince: l.nowNs, remote: remote, ipHeld: held}
 		c.ip = appendSockaddrIP(c.ip, sa)
-		c.trusted = l.s.trustedPeer(sockaddrAddr(sa))
+		c.trusted = l.s.trustedPeer(remote.Addr())
 		if !l.add(c, connEvents) {
+			l.releaseIP(c)
 			return
 		}
 	}
 }
 
-// sockaddrAddr returns the IP address of sa, invalid if it has none.
-func sockaddrAddr(sa syscall.Sockaddr) netip.Addr {
+// pauseAccept stops accepting for acceptPause, as nginx does when accept
+// fails for want of descriptors: the listening socket leaves the loop's
+// epoll set, connections wait in the listen backlog meanwhile, and the
+// loop tries again once its wait reaches acceptResume.
+func (l *loop) pauseAccept() {
+	if err := l.ctl(syscall.EPOLL_CTL_DEL, l.lfd, 0); err != nil {
+		l.s.log.Error("event loop cannot stop accepting", "err", err)
+	}
+	l.acceptPaused = true
+	l.acceptResume = l.nowNs + int64(acceptPause)
+}
+
+// resumeAccept accepts again after a pause; pending connections make the
+// listening socket readable at the next wait.
+func (l *loop) resumeAccept() {
+	l.acceptPaused = false
+	const epollExclusive = 1 << 28
+	if err := l.ctl(syscall.EPOLL_CTL_ADD, l.lfd, syscall.EPOLLIN|epollExclusive); err != nil {
+		l.s.log.Error("event loop cannot accept again; trying later", "err", err)
+		l.acceptPaused = true
+		l.acceptResume = l.nowNs + int64(acceptPause)
+	}
+}
+
+// releaseIP uncounts c from its address's server.max_conns_per_ip.
+func (l *loop) releaseIP(c *lconn) {
+	if c.ipHeld {
+		c.ipHeld = false
+		l.s.perIP.release(c.remote.Addr())
+	}
+}
+
+// sockaddrAddrPort returns the address of an accepted client.
+func sockaddrAddrPort(sa syscall.Sockaddr) netip.AddrPort {
 	switch a := sa.(type) {
 	case *syscall.SockaddrInet4:
-		return netip.AddrFrom4(a.Addr)
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
 	case *syscall.SockaddrInet6:
-		return netip.AddrFrom16(a.Addr).Unmap()
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
 	}
-	return netip.Addr{}
+	return netip.AddrPort{}
 }
 
 func appendSockaddrIP(dst []byte, sa syscall.Sockaddr) []byte {
@@ -610,7 +690,7 @@ func (l *loop) onClient(c *lconn) {
 		c.readable = n == space
 		switch {
 		case n > 0:
-			if len(c.in) == 0 {
+			if c.headSince == 0 {
 				c.headSince = l.nowNs
 			}
 			c.in = c.in[:len(c.in)+n]
@@ -788,6 +868,8 @@ func (l *loop) dial(b *Backend, sl *laneSlot) *lconn {
 	}
 	fd, err := syscall.Socket(domain, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
+		// Out of descriptors, say: the full path's dial fails the same
+		// way and answers overloaded, never blaming the backend.
 		return nil
 	}
 	syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
@@ -1057,7 +1139,12 @@ func (l *loop) next(c *lconn) {
 		return
 	}
 	c.lastActive = l.nowNs
-	c.headSince = l.nowNs
+	// A pipelined head is already coming; otherwise the next head's time
+	// starts at its first byte.
+	c.headSince = 0
+	if len(c.in) > 0 {
+		c.headSince = l.nowNs
+	}
 	switch {
 	case c.readable:
 		l.onClient(c)
@@ -1218,18 +1305,24 @@ func (l *loop) sweepTimeouts() {
 }
 
 // sweepIdle closes idle connections past their time and hands slow heads
-// to the full path and its read timeout.
+// to the full path, which holds them to what is left of
+// server.header_timeout and answers 408 once it is over.
 func (l *loop) sweepIdle() {
 	idleClient := l.idleTimeout
+	slowHead := min(int64(laneSlowHead), l.headerTimeout)
 	for _, c := range l.conns {
 		if c == nil {
 			continue
 		}
 		switch c.state {
 		case lcIdle:
-			if len(c.in) > 0 && l.nowNs-c.headSince > int64(laneSlowHead) {
+			switch {
+			case len(c.in) > 0 && l.nowNs-c.headSince >= slowHead:
 				l.handOff(c)
-			} else if len(c.in) == 0 && l.nowNs-c.lastActive > idleClient {
+			case len(c.in) == 0 && c.headSince != 0 && l.nowNs-c.headSince >= l.headerTimeout:
+				// A new connection that never sent a request.
+				l.handOff(c)
+			case len(c.in) == 0 && c.headSince == 0 && l.nowNs-c.lastActive > idleClient:
 				l.close(c)
 			}
 		case lcWriting:
@@ -1264,18 +1357,21 @@ func (l *loop) handOff(c *lconn) {
 	c.fd = -1
 	// While the loops drain, the fasthttp server still runs: it takes
 	// what they hand over and drains it in turn.
-	f := os.NewFile(uintptr(fd), "")
-	nc, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		l.s.log.Warn("cannot hand a connection to the server", "err", err)
-		return
-	}
 	var pre []byte
 	if len(c.in) > 0 {
 		pre = append(pre, c.in...)
 	}
-	l.s.handoff.push(newPrefixConn(nc, pre, &l.s.handedOver))
+	pc := newPrefixConn(newFDConn(fd, c.remote, l.s.ln.Addr()), pre, &l.s.handedOver)
+	if c.headSince != 0 {
+		pc.headBy = time.Unix(0, c.headSince+l.headerTimeout)
+	}
+	if c.ipHeld {
+		// The handed connection counts against its address until the
+		// server closes it.
+		c.ipHeld = false
+		pc.ipc, pc.ip = l.s.perIP, c.remote.Addr()
+	}
+	l.s.handoff.push(pc)
 }
 
 // storeWants reports whether the stale store is due a copy of the answer

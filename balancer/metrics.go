@@ -141,4 +141,11 @@ var (
 	laneHandoffDrops = metrics.NewCounter(`edgelb_event_loop_handoff_drops_total`)
 	laneAcceptErrors = metrics.NewCounter(`edgelb_event_loop_accept_errors_total`)
 	laneBatchWaits   = metrics.NewCounter(`edgelb_event_loop_batch_waits_total`)
+
+	// Clients held to the server limits: requests whose head or body did
+	// not come within server.header_timeout or idle_timeout, and
+	// connections closed at accept for server.max_conns_per_ip.
+	clientHeadTimeouts = metrics.NewCounter(`edgelb_client_timeouts_total{phase="head"}`)
+	clientBodyTimeouts = metrics.NewCounter(`edgelb_client_timeouts_total{phase="body"}`)
+	connsOverIPLimit   = metrics.NewCounter(`edgelb_client_conns_rejected_total{reason="max_conns_per_ip"}`)
 )

@@ -55,6 +55,14 @@ type Server struct {
 	admin      *adminServer
 	consul     *discovery.Consul
 
+	// perIP counts client connections by address for
+	// server.max_conns_per_ip; nil when there is no cap.
+	perIP *ipConns
+	// acceptTrouble is the latest run of accept failures for want of a
+	// resource, for /readyz; acceptLog holds back their repeats.
+	acceptTrouble acceptTrouble
+	acceptLog     repeatLog
+
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
 	cfg       *Config
@@ -84,8 +92,13 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		sets:    make(map[string]*discovery.Set),
 		statics: make(map[string]bool),
 		stop:    make(chan struct{}),
+		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
 	s.routes.Store(newRouteTable(nil))
+	// ReadTimeout bounds the head: fasthttp arms it when a connection
+	// opens and again at the first byte of each later request. Once the
+	// head is in, the body gets the idle timeout.
+	body := fasthttp.RequestConfig{ReadTimeout: cfg.Server.IdleTimeout}
 	s.srv = &fasthttp.Server{
 		Handler:                       s.handle,
 		ExpectHandler:                 s.expectStatus,
@@ -96,7 +109,8 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		ReadBufferSize:                cfg.Server.MaxHeaderBytes,
 		MaxRequestBodySize:            cfg.Server.MaxRequestBody,
 		IdleTimeout:                   cfg.Server.IdleTimeout,
-		ReadTimeout:                   cfg.Server.IdleTimeout,
+		ReadTimeout:                   cfg.Server.HeaderTimeout,
+		HeaderReceived:                func(*fasthttp.RequestHeader) fasthttp.RequestConfig { return body },
 		DisableHeaderNamesNormalizing: false,
 		CloseOnShutdown:               true,
 		Logger:                        fasthttpLogger{logger},
@@ -133,7 +147,7 @@ func (s *Server) Start() error {
 	}
 	s.ready.Store(true)
 
-	var serveLn net.Listener = ln
+	var serveLn net.Listener = newAcceptListener(s, ln)
 	if laneSupported && s.cfg.Server.eventLoop() {
 		s.handoff = newHandoffListener(ln.Addr())
 		if err := s.startLoops(ln, runtime.GOMAXPROCS(0)); err != nil {
@@ -583,6 +597,11 @@ func (s *Server) handleParseError(ctx *fasthttp.RequestCtx, err error) {
 	case errors.Is(err, fasthttp.ErrBodyTooLarge):
 		ctx.Error("edgelb: request body too large\n", fasthttp.StatusRequestEntityTooLarge)
 	case errors.As(err, &ne) && ne.Timeout():
+		if headTimedOut(ctx, err) {
+			clientHeadTimeouts.Inc()
+		} else {
+			clientBodyTimeouts.Inc()
+		}
 		ctx.Error("edgelb: request timeout\n", fasthttp.StatusRequestTimeout)
 	default:
 		ctx.Error("edgelb: malformed request\n", fasthttp.StatusBadRequest)

@@ -2,6 +2,7 @@ package health
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -9,6 +10,7 @@ import (
 	"runtime/debug"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -228,12 +230,16 @@ func (c *Checker) run(p *probe) {
 		case <-timer.C:
 		}
 		err := c.probeOnce(hc, p)
-		if err == nil {
+		switch {
+		case err == nil:
 			passes, fails = passes+1, 0
 			if passes >= p.cfg.Rise {
 				p.t.setActive(true, fmt.Sprintf("active check passed %d times in a row", passes))
 			}
-		} else {
+		case isLocalResourceErr(err):
+			// edgelb is out of descriptors or memory: the probe says
+			// nothing about the backend either way.
+		default:
 			passes, fails = 0, fails+1
 			if fails >= p.cfg.Fall {
 				p.t.setActive(false, fmt.Sprintf("active check failed %d times in a row, last: %v", fails, err))
@@ -270,7 +276,7 @@ func (c *Checker) probeOnce(hc *fasthttp.HostClient, p *probe) error {
 		if err == fasthttp.ErrTimeout {
 			return fmt.Errorf("GET %s: no answer within %s", cfg.Path, cfg.Timeout)
 		}
-		return fmt.Errorf("GET %s: %v", cfg.Path, err)
+		return fmt.Errorf("GET %s: %w", cfg.Path, err)
 	}
 	sc := resp.StatusCode()
 	ok := sc >= 200 && sc < 400
@@ -287,4 +293,11 @@ func (c *Checker) probeOnce(hc *fasthttp.HostClient, p *probe) error {
 		return fmt.Errorf("GET %s: body lacks %q", cfg.Path, cfg.BodyContains)
 	}
 	return nil
+}
+
+// isLocalResourceErr reports whether err is edgelb itself running out of
+// file descriptors or kernel memory.
+func isLocalResourceErr(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }

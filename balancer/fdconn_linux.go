@@ -1,0 +1,40 @@
+//go:build linux
+
+package balancer
+
+import (
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+)
+
+// fdConn is a client socket handed over by an event loop, read and written
+// through an *os.File. Unlike net.FileConn, which duplicates the
+// descriptor, it needs no second one, which a process at its descriptor
+// limit does not have.
+type fdConn struct {
+	*os.File
+	local, remote net.Addr
+}
+
+// newFDConn returns a connection owning the non-blocking socket fd, whose
+// peer is remote; local stands in for its own address if the socket cannot
+// tell it.
+func newFDConn(fd int, remote netip.AddrPort, local net.Addr) *fdConn {
+	if sa, err := syscall.Getsockname(fd); err == nil {
+		switch a := sa.(type) {
+		case *syscall.SockaddrInet4:
+			local = &net.TCPAddr{IP: a.Addr[:], Port: a.Port}
+		case *syscall.SockaddrInet6:
+			local = &net.TCPAddr{IP: a.Addr[:], Port: a.Port}
+		}
+	}
+	return &fdConn{File: os.NewFile(uintptr(fd), ""), local: local, remote: net.TCPAddrFromAddrPort(remote)}
+}
+
+// LocalAddr implements net.Conn.
+func (c *fdConn) LocalAddr() net.Addr { return c.local }
+
+// RemoteAddr implements net.Conn.
+func (c *fdConn) RemoteAddr() net.Addr { return c.remote }
