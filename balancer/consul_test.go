@@ -143,3 +143,43 @@ func TestConsulStopsWhileTrafficFlows(t *testing.T) {
 	d := waitBody(t, s2, "x", "/", "hello from")
 	t.Logf("restarted edgelb served from state_dir %s after start, with Consul down", d)
 }
+
+// TestConsulRestartedEmpty restarts Consul as a new, empty agent on the same
+// ports: a registration in it reaches /status within seconds (not the 30 s
+// of a blocking query on the old agent's higher index), and /readyz shows
+// what the new agent answers, not the outage.
+func TestConsulRestartedEmpty(t *testing.T) {
+	a := consultest.Start(t)
+	o1 := startOrigin(t, "o1", nil)
+	o2 := startOrigin(t, "o2", nil)
+	s := startEdge(t, fmt.Sprintf("consul: {address: %s, tag_routes: true}\nservices:\n  web: {consul: {name: web}}\n", a.Addr()))
+	a.Register("web-1", "web", originPort(t, o1), []string{"edge.route=*/"}, 0)
+	waitBody(t, s, "x", "/", "hello from o1")
+
+	a.Restart()
+	a.Register("web-2", "web", originPort(t, o2), []string{"edge.route=*/"}, 0)
+	registered := time.Now()
+	backends := func() string {
+		var addrs []string
+		for _, b := range s.Status().Services["web"].Backends {
+			addrs = append(addrs, b.Addr)
+		}
+		return strings.Join(addrs, ",")
+	}
+	for backends() != o2.addr {
+		if time.Since(registered) > 20*time.Second {
+			t.Fatalf("web-2, registered in the restarted Consul, is not in /status after 20s: backends %s", backends())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	d := time.Since(registered)
+	t.Logf("registration in the restarted Consul in /status after %s", d)
+	if d > 5*time.Second {
+		t.Fatalf("registration in the restarted Consul took %s to reach /status", d)
+	}
+	waitBody(t, s, "x", "/", "hello from o2")
+	code, body := adminGet(t, s, "/readyz")
+	if code != 200 || !strings.Contains(body, "consul web: fresh") || strings.Contains(body, "unreachable") {
+		t.Fatalf("/readyz after Consul came back: %d %s", code, body)
+	}
+}
