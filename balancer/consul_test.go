@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -181,5 +183,63 @@ func TestConsulRestartedEmpty(t *testing.T) {
 	code, body := adminGet(t, s, "/readyz")
 	if code != 200 || !strings.Contains(body, "consul web: fresh") || strings.Contains(body, "unreachable") {
 		t.Fatalf("/readyz after Consul came back: %d %s", code, body)
+	}
+}
+
+// TestTagRoutesWithoutDiscoveryState runs a config whose routes all come
+// from Consul tags (as configs/demo.yaml) with Consul down: a damaged
+// state_dir/discovery.json falls back to discovery.json.old, and with both
+// unusable, stored URLs are answered stale and others get 503
+// no_healthy_backend, never 404 no_route. Both engines answer alike.
+func TestTagRoutesWithoutDiscoveryState(t *testing.T) {
+	a := consultest.Start(t)
+	o1 := startOrigin(t, "o1", nil)
+	o2 := startOrigin(t, "o2", nil)
+	state := t.TempDir()
+	yaml := fmt.Sprintf("state_dir: %s\nconsul: {address: %s, tag_routes: true}\nservices:\n  web: {consul: {name: web}, stale: {max_stale: 24h}}\n", state, a.Addr())
+	s := startEdge(t, yaml)
+	a.Register("web-1", "web", originPort(t, o1), []string{"edge.route=*/"}, 0)
+	waitBody(t, s, "x", "/page", "hello from o1")
+	time.Sleep(1100 * time.Millisecond)
+	a.Register("web-2", "web", originPort(t, o2), []string{"edge.route=*/"}, 0)
+	for len(s.Status().Services["web"].Backends) != 2 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	// The stale store keeps /page; discovery.json web-1 and web-2, and
+	// discovery.json.old web-1 alone.
+	waitBody(t, s, "x", "/page", "hello from")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	s.Shutdown(ctx)
+	cancel()
+	a.Stop()
+
+	path := filepath.Join(state, "discovery.json")
+	os.WriteFile(path, []byte(`{"version": 1, "sets": {"web": {"serv`), 0o644)
+	s = startEdge(t, yaml)
+	waitBody(t, s, "x", "/other", "200  hello from o1 (Cache-Status \"\")")
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	s.Shutdown(ctx)
+	cancel()
+
+	os.WriteFile(path+".old", nil, 0o644)
+	for _, loop := range []bool{true, false} {
+		s := startEdge(t, fmt.Sprintf("server: {event_loop: %v}\n%s", loop, yaml))
+		f := func(uri string, wantStatus int, wantError, wantCacheStatus, wantBody string) {
+			t.Helper()
+			resp := do(t, s, "GET", "x", uri)
+			if resp.StatusCode() != wantStatus || string(resp.Header.Peek(HeaderError)) != wantError ||
+				!strings.Contains(string(resp.Header.Peek("Cache-Status")), wantCacheStatus) || !strings.Contains(string(resp.Body()), wantBody) {
+				t.Fatalf("event_loop %v: GET %s: %d %q %q %q, want %d %q %q %q", loop, uri, resp.StatusCode(), resp.Header.Peek(HeaderError),
+					resp.Header.Peek("Cache-Status"), resp.Body(), wantStatus, wantError, wantCacheStatus, wantBody)
+			}
+		}
+		f("/page", 200, "", "detail=no_healthy_backend", "hello from")
+		f("/never-stored", 503, "no_healthy_backend", "", "no healthy backend")
+		if code, body := adminGet(t, s, "/readyz"); code != 503 || !strings.Contains(body, "no routes loaded") {
+			t.Fatalf("/readyz: %d %s", code, body)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s.Shutdown(ctx)
+		cancel()
 	}
 }

@@ -129,9 +129,13 @@ func (m *serviceMetrics) close() { metrics.UnregisterSet(m.set, true) }
 // Process-wide series.
 var (
 	noRouteTotal = metrics.NewCounter(`edgelb_generated_errors_total{service="",code="no_route"}`)
-	panicsTotal  = metrics.NewCounter(`edgelb_panics_total`)
-	reloadsTotal = metrics.NewCounter(`edgelb_config_reloads_total{result="ok"}`)
-	reloadErrors = metrics.NewCounter(`edgelb_config_reloads_total{result="error"}`)
+	// Requests matching no route while tag routes are not known yet:
+	// answered from the stale store, or with no_healthy_backend.
+	unroutedStaleTotal   = metrics.NewCounter(`edgelb_stale_responses_total{service=""}`)
+	unroutedUnknownTotal = metrics.NewCounter(`edgelb_generated_errors_total{service="",code="no_healthy_backend"}`)
+	panicsTotal          = metrics.NewCounter(`edgelb_panics_total`)
+	reloadsTotal         = metrics.NewCounter(`edgelb_config_reloads_total{result="ok"}`)
+	reloadErrors         = metrics.NewCounter(`edgelb_config_reloads_total{result="error"}`)
 
 	// The event loops: connections handed to the full path, tries the loop
 	// gave up and left to it, handed connections dropped because the

@@ -51,6 +51,9 @@ type Server struct {
 	handedOver atomic.Int64
 	admin      *adminServer
 	consul     *discovery.Consul
+	// unrouted decides what a request matching no route gets while
+	// Consul's tag routes are not known yet; nil without tag routes.
+	unrouted atomic.Pointer[unroutedPolicy]
 
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
@@ -179,6 +182,7 @@ func (s *Server) Reload(cfg *Config) error {
 	} else if s.consul != nil {
 		s.consul.SetServices(consulServices(cfg))
 	}
+	s.setUnroutedLocked(cfg)
 	s.mu.Unlock()
 	// The old watches may be waiting for s.mu to publish: stop them only
 	// now.
@@ -244,10 +248,36 @@ func (s *Server) startConsulLocked(cfg *Config) error {
 		return err
 	}
 	s.consul = c
+	s.setUnroutedLocked(cfg)
 	// Start only spawns the watches; they publish from their own
 	// goroutines, taking s.mu when the caller has released it.
 	c.Start()
 	return nil
+}
+
+// unroutedPolicy is what a request that matches no route gets while the
+// tag routes of consul are not known yet.
+type unroutedPolicy struct {
+	consul *discovery.Consul
+	// stale serves stored copies; the most lenient max_stale of the
+	// services, since which one the URL belongs to is not known.
+	stale stale.Policy
+}
+
+// setUnroutedLocked updates the unrouted policy for cfg and the running
+// Consul source.
+func (s *Server) setUnroutedLocked(cfg *Config) {
+	if s.consul == nil || cfg.Consul == nil || !cfg.Consul.TagRoutes {
+		s.unrouted.Store(nil)
+		return
+	}
+	u := &unroutedPolicy{consul: s.consul, stale: stale.Policy{MaxStale: tagServiceConfig().Stale.MaxStale}}
+	for _, sc := range cfg.Services {
+		if !sc.Stale.Disabled {
+			u.stale.MaxStale = max(u.stale.MaxStale, sc.Stale.MaxStale)
+		}
+	}
+	s.unrouted.Store(u)
 }
 
 // consulServices returns the services that cfg discovers from Consul.
@@ -514,11 +544,34 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 	host := normalizeHost(hb[:0], ctx.Host())
 	r := s.routes.Load().match(host, ctx.Path())
 	if r == nil || r.pool == nil {
-		noRouteTotal.Inc()
-		writeError(ctx, errNoRoute, ctx.Request.Header.ConnectionClose())
+		s.serveUnrouted(ctx, now)
 		return
 	}
 	r.pool.serve(ctx, now)
+}
+
+// serveUnrouted answers a request that matches no route: 404 no_route,
+// unless Consul's tag routes are not known yet (Consul unreachable and no
+// usable state in state_dir). Then the request may well be for one of
+// them: it gets a stored copy if there is one, else 503
+// no_healthy_backend, which clients retry and caches do not keep.
+func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
+	clientClose := ctx.Request.Header.ConnectionClose()
+	u := s.unrouted.Load()
+	if u == nil || u.consul.RoutesKnown() {
+		noRouteTotal.Inc()
+		writeError(ctx, errNoRoute, clientClose)
+		return
+	}
+	if s.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, u.stale, errCodeValues[errNoHealthyBackend]) {
+		unroutedStaleTotal.Inc()
+		if clientClose {
+			ctx.Response.SetConnectionClose()
+		}
+		return
+	}
+	unroutedUnknownTotal.Inc()
+	writeError(ctx, errNoHealthyBackend, clientClose)
 }
 
 func (s *Server) recoverRequest(ctx *fasthttp.RequestCtx) {
