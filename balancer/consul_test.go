@@ -7,11 +7,15 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/valyala/fasthttp"
 
 	"github.com/edgelb/edgelb/discovery/consultest"
 )
@@ -241,5 +245,110 @@ func TestTagRoutesWithoutDiscoveryState(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		s.Shutdown(ctx)
 		cancel()
+	}
+}
+
+// TestFlappingBackendKeepsItsHealth deregisters a dead backend from Consul
+// and registers it again every 200 ms under traffic: it comes back with
+// its health state each time, never "healthy (discovered)", and its
+// ejections grow longer as for a backend that stayed.
+func TestFlappingBackendKeepsItsHealth(t *testing.T) {
+	a := consultest.Start(t)
+	live := startOrigin(t, "live", nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String()
+	ln.Close()
+	s := startEdge(t, fmt.Sprintf(`consul: {address: %s}
+services:
+  web:
+    consul: {name: web}
+    health: {passive: {base_ejection_time: 1s, max_ejection_time: 10s}}
+routes: [{service: web}]
+`, a.Addr()))
+	a.Register("live", "web", originPort(t, live), nil, 0)
+	_, deadPort, _ := net.SplitHostPort(dead)
+	var port int
+	fmt.Sscan(deadPort, &port)
+	deadReg := &api.AgentServiceRegistration{ID: "dead", Name: "web", Address: "127.0.0.1", Port: port,
+		Check: &api.AgentServiceCheck{CheckID: "check-dead", TTL: "10m", Status: api.HealthPassing}}
+	if err := a.Client.Agent().ServiceRegister(deadReg); err != nil {
+		t.Fatal(err)
+	}
+	waitBody(t, s, "x", "/", "hello from live")
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	wg.Add(2)
+	go func() { // traffic
+		defer wg.Done()
+		c := &fasthttp.Client{}
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			code, _, err := c.GetTimeout(nil, "http://"+s.Addr()+"/", 10*time.Second)
+			if err != nil || code != 200 {
+				failed.Add(1)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	go func() { // flapping
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			a.Client.Agent().ServiceDeregister("dead")
+			time.Sleep(100 * time.Millisecond)
+			a.Client.Agent().ServiceRegister(deadReg)
+		}
+	}()
+	defer func() {
+		close(stop)
+		wg.Wait()
+	}()
+
+	ejectedFor := regexp.MustCompile(`ejected for ([0-9.]+[µmns]+)`)
+	var lengths []time.Duration
+	var since time.Time
+	ejected := false
+	for start := time.Now(); len(lengths) == 0 || lengths[len(lengths)-1] < 2700*time.Millisecond; {
+		if time.Since(start) > 40*time.Second {
+			t.Fatalf("the flapping backend's ejections after 40s: %v", lengths)
+		}
+		for _, b := range s.Status().Services["web"].Backends {
+			if b.Addr != dead {
+				continue
+			}
+			if ejected && b.Reason == "discovered" {
+				t.Fatalf("the flapping backend came back %s (%s) after %d ejections %v", b.State, b.Reason, len(lengths), lengths)
+			}
+			m := ejectedFor.FindStringSubmatch(b.Reason)
+			if m == nil || b.Since.Equal(since) {
+				continue
+			}
+			d, err := time.ParseDuration(m[1])
+			if err != nil {
+				t.Fatal(err)
+			}
+			ejected, since = true, b.Since
+			lengths = append(lengths, d)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("ejections of the flapping backend: %v; %d client requests failed", lengths, failed.Load())
+	for i := 1; i < len(lengths); i++ {
+		if lengths[i] <= lengths[i-1] {
+			t.Fatalf("ejections do not grow: %v", lengths)
+		}
 	}
 }

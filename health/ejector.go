@@ -117,8 +117,16 @@ func (e *Ejector) PanicSince() time.Time {
 }
 
 // SetTargets replaces the targets of the pool (slow path) and starts the
-// background comparison on the first call.
+// background comparison on the first call. The pool starts the active
+// checks of its targets first: a target that failed active checks and has
+// none left to revise that verdict (resumed after a reload that removed
+// them, say) is readmitted, instead of staying out for good.
 func (e *Ejector) SetTargets(ts []*Target) {
+	for _, t := range ts {
+		if t.probes.Load() == 0 && t.activeFailing.Load() {
+			t.setActive(true, "no active check left to confirm that active checks failed")
+		}
+	}
 	ts = append([]*Target(nil), ts...)
 	ejectMu.Lock()
 	for _, t := range *e.targets.Load() {
