@@ -35,6 +35,8 @@ type Server struct {
 	reg     *health.Registry
 	checker *health.Checker
 	store   *stale.Store
+	// series are the per-service and per-backend metrics of the pools.
+	series *seriesTable
 
 	routes atomic.Pointer[routeTable]
 	ready  atomic.Bool
@@ -79,6 +81,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		reg:     health.NewRegistry(logger),
 		checker: health.NewChecker(logger),
 		store:   stale.New(cfg.StaleStore),
+		series:  newSeriesTable(),
 		cfg:     cfg,
 		pools:   make(map[string]*Pool),
 		sets:    make(map[string]*discovery.Set),
@@ -198,6 +201,21 @@ func (s *Server) Reload(cfg *Config) error {
 	return nil
 }
 
+// ReloadFile loads the config at path and reloads it (see Reload). A config
+// that cannot be read or is invalid is refused and counted as a failed
+// reload, as one that Reload refuses. It returns the config now running.
+func (s *Server) ReloadFile(path string) (*Config, error) {
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		reloadErrors.Inc()
+		return nil, err
+	}
+	if err := s.Reload(cfg); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
 // applyLocked makes cfg the running config: it builds pools for new or
 // changed services, retires the others and rebuilds the route table.
 func (s *Server) applyLocked(cfg *Config) {
@@ -215,7 +233,7 @@ func (s *Server) applyLocked(cfg *Config) {
 		if s.pools[name] != nil {
 			continue
 		}
-		p := newPool(name, sc, s.reg, s.checker, s.store)
+		p := newPool(name, sc, s.reg, s.checker, s.store, s.series)
 		s.pools[name] = p
 		if len(sc.Static) > 0 {
 			ins := make([]discovery.Instance, len(sc.Static))
@@ -330,7 +348,7 @@ func (s *Server) Publish(set *discovery.Set) {
 	s.sets[set.Service] = set
 	p := s.pools[set.Service]
 	if p == nil && len(set.Routes) > 0 {
-		p = newPool(set.Service, tagServiceConfig(), s.reg, s.checker, s.store)
+		p = newPool(set.Service, tagServiceConfig(), s.reg, s.checker, s.store, s.series)
 		p.tagRouted = true
 		s.pools[set.Service] = p
 	}
@@ -446,6 +464,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	s.checker.Close()
+	s.series.close()
+	s.reg.Close()
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("drain timeout: some requests were cut: %w", err)
 	}

@@ -4,6 +4,8 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+
+	"github.com/VictoriaMetrics/metrics"
 )
 
 // DefaultRetention is how long a Registry keeps the state of a target
@@ -32,6 +34,9 @@ type Registry struct {
 	// order holds the released targets by release time, oldest first;
 	// entries resumed or replaced since are skipped when they come up.
 	order []released
+	// series are the outlier detection metrics of each service.
+	series map[string]*ejectorMetrics
+	closed bool
 }
 
 // released is a target no pool uses, and when the last one let it go.
@@ -43,7 +48,19 @@ type released struct {
 // NewRegistry returns an empty registry whose targets log their state
 // changes to log (nothing if nil).
 func NewRegistry(log *slog.Logger) *Registry {
-	return &Registry{log: log, retention: DefaultRetention, targets: make(map[string]*Target), released: make(map[string]released)}
+	return &Registry{log: log, retention: DefaultRetention, targets: make(map[string]*Target), released: make(map[string]released),
+		series: make(map[string]*ejectorMetrics)}
+}
+
+// Close drops the metrics of the registry's Ejectors, when the balancer
+// using it stops.
+func (r *Registry) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
+	for _, m := range r.series {
+		metrics.UnregisterSet(m.set, true)
+	}
 }
 
 // Acquire returns the Target of addr, creating it if needed, and counts one
