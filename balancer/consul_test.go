@@ -180,7 +180,9 @@ func TestConsulRestartedEmpty(t *testing.T) {
 	}
 	d := time.Since(registered)
 	t.Logf("registration in the restarted Consul in /status after %s", d)
-	if d > 5*time.Second {
+	// Usually well under a second; the watch may still be backing off
+	// from the failures of the outage.
+	if d > 10*time.Second {
 		t.Fatalf("registration in the restarted Consul took %s to reach /status", d)
 	}
 	waitBody(t, s, "x", "/", "hello from o2")
