@@ -146,8 +146,8 @@ func (r *Registry) pruneLocked(now time.Time) {
 	}
 }
 
-// Retained returns how many released targets the registry keeps.
-func (r *Registry) Retained() int {
+// retained returns how many released targets the registry keeps.
+func (r *Registry) retained() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.released)

@@ -42,7 +42,7 @@ func TestRegistryResumesReleasedState(t *testing.T) {
 	f(time.Second)
 	for flap := 2; flap <= 4; flap++ {
 		reg.Release(tg)
-		if reg.Retained() != 1 {
+		if reg.retained() != 1 {
 			t.Fatalf("flap %d: the ejected target was not kept", flap)
 		}
 		back := reg.Acquire("127.0.0.1:1", cfg)
@@ -69,7 +69,7 @@ func TestRegistryForgetsWhatSaysNothing(t *testing.T) {
 	tg.Begin()
 	tg.Done(time.Now().UnixNano(), OutcomeSuccess, time.Millisecond)
 	reg.Release(tg)
-	if reg.Retained() != 0 {
+	if reg.retained() != 0 {
 		t.Fatal("a healthy target with no ejections was kept")
 	}
 	if reg.Acquire("127.0.0.1:1", PassiveConfig{}) == tg {
@@ -87,7 +87,7 @@ func TestRegistryRetentionEnds(t *testing.T) {
 	reg.Release(tg)
 	time.Sleep(50 * time.Millisecond)
 	back := reg.Acquire("127.0.0.1:1", cfg)
-	if back == tg || back.Status(time.Now()).State != "healthy" || reg.Retained() != 0 {
+	if back == tg || back.Status(time.Now()).State != "healthy" || reg.retained() != 0 {
 		t.Fatalf("state kept past the retention time: %+v", back.Status(time.Now()))
 	}
 }
@@ -107,11 +107,11 @@ func TestRegistryRetainedBound(t *testing.T) {
 		again.Done(now, OutcomeConnectFailed, time.Millisecond)
 		reg.Release(again)
 	}
-	if n := reg.Retained(); n != maxRetained {
+	if n := reg.retained(); n != maxRetained {
 		t.Fatalf("%d released targets kept, want the bound %d", n, maxRetained)
 	}
 	if len(reg.order) > 2*maxRetained+64 {
-		t.Fatalf("%d entries in the release order for %d targets", len(reg.order), reg.Retained())
+		t.Fatalf("%d entries in the release order for %d targets", len(reg.order), reg.retained())
 	}
 	// The oldest went first.
 	if _, ok := reg.released["10.0.0.0:80"]; ok {
