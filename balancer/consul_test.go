@@ -5,11 +5,17 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/valyala/fasthttp"
 
 	"github.com/edgelb/edgelb/discovery/consultest"
 )
@@ -142,4 +148,209 @@ func TestConsulStopsWhileTrafficFlows(t *testing.T) {
 	s2 := startEdge(t, yaml)
 	d := waitBody(t, s2, "x", "/", "hello from")
 	t.Logf("restarted edgelb served from state_dir %s after start, with Consul down", d)
+}
+
+// TestConsulRestartedEmpty restarts Consul as a new, empty agent on the same
+// ports: a registration in it reaches /status within seconds (not the 30 s
+// of a blocking query on the old agent's higher index), and /readyz shows
+// what the new agent answers, not the outage.
+func TestConsulRestartedEmpty(t *testing.T) {
+	a := consultest.Start(t)
+	o1 := startOrigin(t, "o1", nil)
+	o2 := startOrigin(t, "o2", nil)
+	s := startEdge(t, fmt.Sprintf("consul: {address: %s, tag_routes: true}\nservices:\n  web: {consul: {name: web}}\n", a.Addr()))
+	a.Register("web-1", "web", originPort(t, o1), []string{"edge.route=*/"}, 0)
+	waitBody(t, s, "x", "/", "hello from o1")
+
+	a.Restart()
+	a.Register("web-2", "web", originPort(t, o2), []string{"edge.route=*/"}, 0)
+	registered := time.Now()
+	backends := func() string {
+		var addrs []string
+		for _, b := range s.Status().Services["web"].Backends {
+			addrs = append(addrs, b.Addr)
+		}
+		return strings.Join(addrs, ",")
+	}
+	for backends() != o2.addr {
+		if time.Since(registered) > 20*time.Second {
+			t.Fatalf("web-2, registered in the restarted Consul, is not in /status after 20s: backends %s", backends())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	d := time.Since(registered)
+	t.Logf("registration in the restarted Consul in /status after %s", d)
+	// Usually well under a second; the watch may still be backing off
+	// from the failures of the outage.
+	if d > 10*time.Second {
+		t.Fatalf("registration in the restarted Consul took %s to reach /status", d)
+	}
+	waitBody(t, s, "x", "/", "hello from o2")
+	code, body := adminGet(t, s, "/readyz")
+	if code != 200 || !strings.Contains(body, "consul web: fresh") || strings.Contains(body, "unreachable") {
+		t.Fatalf("/readyz after Consul came back: %d %s", code, body)
+	}
+}
+
+// TestTagRoutesWithoutDiscoveryState runs a config whose routes all come
+// from Consul tags (as configs/demo.yaml) with Consul down: a damaged
+// state_dir/discovery.json falls back to discovery.json.old, and with both
+// unusable, stored URLs are answered stale and others get 503
+// no_healthy_backend, never 404 no_route. Both engines answer alike.
+func TestTagRoutesWithoutDiscoveryState(t *testing.T) {
+	a := consultest.Start(t)
+	o1 := startOrigin(t, "o1", nil)
+	o2 := startOrigin(t, "o2", nil)
+	state := t.TempDir()
+	yaml := fmt.Sprintf("state_dir: %s\nconsul: {address: %s, tag_routes: true}\nservices:\n  web: {consul: {name: web}, stale: {max_stale: 24h}}\n", state, a.Addr())
+	s := startEdge(t, yaml)
+	a.Register("web-1", "web", originPort(t, o1), []string{"edge.route=*/"}, 0)
+	waitBody(t, s, "x", "/page", "hello from o1")
+	time.Sleep(1100 * time.Millisecond)
+	a.Register("web-2", "web", originPort(t, o2), []string{"edge.route=*/"}, 0)
+	for len(s.Status().Services["web"].Backends) != 2 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	// The stale store keeps /page; discovery.json web-1 and web-2, and
+	// discovery.json.old web-1 alone.
+	waitBody(t, s, "x", "/page", "hello from")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	s.Shutdown(ctx)
+	cancel()
+	a.Stop()
+
+	path := filepath.Join(state, "discovery.json")
+	os.WriteFile(path, []byte(`{"version": 1, "sets": {"web": {"serv`), 0o644)
+	s = startEdge(t, yaml)
+	waitBody(t, s, "x", "/other", "200  hello from o1 (Cache-Status \"\")")
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	s.Shutdown(ctx)
+	cancel()
+
+	os.WriteFile(path+".old", nil, 0o644)
+	for _, loop := range []bool{true, false} {
+		s := startEdge(t, fmt.Sprintf("server: {event_loop: %v}\n%s", loop, yaml))
+		f := func(uri string, wantStatus int, wantError, wantCacheStatus, wantBody string) {
+			t.Helper()
+			resp := do(t, s, "GET", "x", uri)
+			if resp.StatusCode() != wantStatus || string(resp.Header.Peek(HeaderError)) != wantError ||
+				!strings.Contains(string(resp.Header.Peek("Cache-Status")), wantCacheStatus) || !strings.Contains(string(resp.Body()), wantBody) {
+				t.Fatalf("event_loop %v: GET %s: %d %q %q %q, want %d %q %q %q", loop, uri, resp.StatusCode(), resp.Header.Peek(HeaderError),
+					resp.Header.Peek("Cache-Status"), resp.Body(), wantStatus, wantError, wantCacheStatus, wantBody)
+			}
+		}
+		f("/page", 200, "", "detail=no_healthy_backend", "hello from")
+		f("/never-stored", 503, "no_healthy_backend", "", "no healthy backend")
+		if code, body := adminGet(t, s, "/readyz"); code != 503 || !strings.Contains(body, "no routes loaded") {
+			t.Fatalf("/readyz: %d %s", code, body)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s.Shutdown(ctx)
+		cancel()
+	}
+}
+
+// TestFlappingBackendKeepsItsHealth deregisters a dead backend from Consul
+// and registers it again every 200 ms under traffic: it comes back with
+// its health state each time, never "healthy (discovered)", and its
+// ejections grow longer as for a backend that stayed.
+func TestFlappingBackendKeepsItsHealth(t *testing.T) {
+	a := consultest.Start(t)
+	live := startOrigin(t, "live", nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String()
+	ln.Close()
+	s := startEdge(t, fmt.Sprintf(`consul: {address: %s}
+services:
+  web:
+    consul: {name: web}
+    health: {passive: {base_ejection_time: 1s, max_ejection_time: 10s}}
+routes: [{service: web}]
+`, a.Addr()))
+	a.Register("live", "web", originPort(t, live), nil, 0)
+	_, deadPort, _ := net.SplitHostPort(dead)
+	var port int
+	fmt.Sscan(deadPort, &port)
+	deadReg := &api.AgentServiceRegistration{ID: "dead", Name: "web", Address: "127.0.0.1", Port: port,
+		Check: &api.AgentServiceCheck{CheckID: "check-dead", TTL: "10m", Status: api.HealthPassing}}
+	if err := a.Client.Agent().ServiceRegister(deadReg); err != nil {
+		t.Fatal(err)
+	}
+	waitBody(t, s, "x", "/", "hello from live")
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	wg.Add(2)
+	go func() { // traffic
+		defer wg.Done()
+		c := &fasthttp.Client{}
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			code, _, err := c.GetTimeout(nil, "http://"+s.Addr()+"/", 10*time.Second)
+			if err != nil || code != 200 {
+				failed.Add(1)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	go func() { // flapping
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			a.Client.Agent().ServiceDeregister("dead")
+			time.Sleep(100 * time.Millisecond)
+			a.Client.Agent().ServiceRegister(deadReg)
+		}
+	}()
+	defer func() {
+		close(stop)
+		wg.Wait()
+	}()
+
+	ejectedFor := regexp.MustCompile(`ejected for ([0-9.]+[µmns]+)`)
+	var lengths []time.Duration
+	var since time.Time
+	ejected := false
+	for start := time.Now(); len(lengths) == 0 || lengths[len(lengths)-1] < 2700*time.Millisecond; {
+		if time.Since(start) > 40*time.Second {
+			t.Fatalf("the flapping backend's ejections after 40s: %v", lengths)
+		}
+		for _, b := range s.Status().Services["web"].Backends {
+			if b.Addr != dead {
+				continue
+			}
+			if ejected && b.Reason == "discovered" {
+				t.Fatalf("the flapping backend came back %s (%s) after %d ejections %v", b.State, b.Reason, len(lengths), lengths)
+			}
+			m := ejectedFor.FindStringSubmatch(b.Reason)
+			if m == nil || b.Since.Equal(since) {
+				continue
+			}
+			d, err := time.ParseDuration(m[1])
+			if err != nil {
+				t.Fatal(err)
+			}
+			ejected, since = true, b.Since
+			lengths = append(lengths, d)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("ejections of the flapping backend: %v; %d client requests failed", lengths, failed.Load())
+	for i := 1; i < len(lengths); i++ {
+		if lengths[i] <= lengths[i-1] {
+			t.Fatalf("ejections do not grow: %v", lengths)
+		}
+	}
 }

@@ -3,10 +3,13 @@ package balancer
 import (
 	"fmt"
 	"io"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/edgelb/edgelb/health"
 )
 
 // latencyBuckets are the upper bounds, in seconds, of the request
@@ -53,23 +56,128 @@ func (h *latencyHistogram) writePrometheus(w io.Writer) {
 	fmt.Fprintf(w, "%s_count{%s} %d\n", h.name, h.labels, cum)
 }
 
-// backendMetrics are the per-backend series, created once when the backend
-// joins a pool and dropped when it leaves.
+// seriesTable holds the per-service and per-backend series of a Server.
+// Its pools share them by name: a pool rebuilt by a reload, or a service
+// that leaves and comes back, carries on with the same counters, so that
+// they only ever grow while the Server runs. Backend series are dropped
+// backendSeriesRetention after the last pool lets the backend go. It is
+// safe for concurrent use; only the slow path uses it.
+type seriesTable struct {
+	mu        sync.Mutex
+	services  map[string]*serviceMetrics
+	backends  map[[2]string]*backendMetrics // service, addr
+	lastPrune time.Time
+	closed    bool
+}
+
+func newSeriesTable() *seriesTable {
+	return &seriesTable{services: make(map[string]*serviceMetrics), backends: make(map[[2]string]*backendMetrics)}
+}
+
+// backendSeriesRetention is how long the series of a backend no pool uses
+// are kept: as long as its health state.
+var backendSeriesRetention = health.DefaultRetention
+
+// service returns the series of service, made on first use.
+func (st *seriesTable) service(service string) *serviceMetrics {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	m := st.services[service]
+	if m == nil {
+		m = newServiceMetrics(service)
+		st.services[service] = m
+		if !st.closed {
+			metrics.RegisterSet(m.set)
+		}
+	}
+	return m
+}
+
+// acquireBackend returns the series of the backend addr of service, whose
+// in-flight count t holds. Every acquire is matched by a release.
+func (st *seriesTable) acquireBackend(service, addr string, t *health.Target) *backendMetrics {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.pruneLocked(time.Now())
+	key := [2]string{service, addr}
+	m := st.backends[key]
+	if m == nil {
+		m = newBackendMetrics(st, service, addr)
+		st.backends[key] = m
+		if !st.closed {
+			metrics.RegisterSet(m.set)
+		}
+	}
+	m.refs++
+	m.target.Store(t)
+	return m
+}
+
+// release drops one user of m.
+func (m *backendMetrics) release() {
+	st := m.table
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	now := time.Now()
+	if m.refs--; m.refs == 0 {
+		m.releasedAt = now
+	}
+	st.pruneLocked(now)
+}
+
+// pruneLocked drops the series of backends unused for longer than the
+// retention, at most once a second. The caller holds st.mu.
+func (st *seriesTable) pruneLocked(now time.Time) {
+	if now.Sub(st.lastPrune) < time.Second {
+		return
+	}
+	st.lastPrune = now
+	for key, m := range st.backends {
+		if m.refs == 0 && now.Sub(m.releasedAt) >= backendSeriesRetention {
+			metrics.UnregisterSet(m.set, true)
+			delete(st.backends, key)
+		}
+	}
+}
+
+// close drops every series of the table, when its Server stops.
+func (st *seriesTable) close() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.closed = true
+	for _, m := range st.services {
+		metrics.UnregisterSet(m.set, true)
+	}
+	for _, m := range st.backends {
+		metrics.UnregisterSet(m.set, true)
+	}
+}
+
+// backendMetrics are the per-backend series; see seriesTable.
 type backendMetrics struct {
 	set      *metrics.Set
 	requests *metrics.Counter
 	errors   [numErrCodes]*metrics.Counter
 	status   [6]*metrics.Counter // by status class, index 1..5
 	latency  *latencyHistogram
+	// target is the backend's health state, whose in-flight count the
+	// gauge shows.
+	target atomic.Pointer[health.Target]
+
+	// Guarded by table.mu.
+	table      *seriesTable
+	refs       int
+	releasedAt time.Time
 }
 
-func newBackendMetrics(service, addr string, inflight func() float64) *backendMetrics {
+func newBackendMetrics(table *seriesTable, service, addr string) *backendMetrics {
 	s := metrics.NewSet()
 	l := fmt.Sprintf(`service=%q,backend=%q`, service, addr)
 	m := &backendMetrics{
 		set:      s,
 		requests: s.NewCounter(`edgelb_backend_requests_total{` + l + `}`),
 		latency:  newLatencyHistogram("edgelb_backend_request_duration_seconds", l),
+		table:    table,
 	}
 	for c := errCode(1); c < numErrCodes; c++ {
 		if c.backendCause() {
@@ -79,13 +187,15 @@ func newBackendMetrics(service, addr string, inflight func() float64) *backendMe
 	for i := 1; i <= 5; i++ {
 		m.status[i] = s.NewCounter(fmt.Sprintf(`edgelb_backend_responses_total{%s,class="%dxx"}`, l, i))
 	}
-	s.NewGauge(`edgelb_backend_inflight{`+l+`}`, inflight)
+	s.NewGauge(`edgelb_backend_inflight{`+l+`}`, func() float64 {
+		if t := m.target.Load(); t != nil {
+			return float64(t.Inflight())
+		}
+		return 0
+	})
 	s.RegisterMetricsWriter(m.latency.writePrometheus)
-	metrics.RegisterSet(s)
 	return m
 }
-
-func (m *backendMetrics) close() { metrics.UnregisterSet(m.set, true) }
 
 // statusClass returns 1..5 for a status code, clamping oddities.
 func statusClass(code int) int {
@@ -96,7 +206,7 @@ func statusClass(code int) int {
 	return c
 }
 
-// serviceMetrics are the per-service series.
+// serviceMetrics are the per-service series; see seriesTable.
 type serviceMetrics struct {
 	set         *metrics.Set
 	requests    *metrics.Counter
@@ -120,18 +230,19 @@ func newServiceMetrics(service string) *serviceMetrics {
 		m.generated[c] = s.NewCounter(fmt.Sprintf(`edgelb_generated_errors_total{%s,code=%q}`, l, c))
 	}
 	s.RegisterMetricsWriter(m.latency.writePrometheus)
-	metrics.RegisterSet(s)
 	return m
 }
-
-func (m *serviceMetrics) close() { metrics.UnregisterSet(m.set, true) }
 
 // Process-wide series.
 var (
 	noRouteTotal = metrics.NewCounter(`edgelb_generated_errors_total{service="",code="no_route"}`)
-	panicsTotal  = metrics.NewCounter(`edgelb_panics_total`)
-	reloadsTotal = metrics.NewCounter(`edgelb_config_reloads_total{result="ok"}`)
-	reloadErrors = metrics.NewCounter(`edgelb_config_reloads_total{result="error"}`)
+	// Requests matching no route while tag routes are not known yet:
+	// answered from the stale store, or with no_healthy_backend.
+	unroutedStaleTotal   = metrics.NewCounter(`edgelb_stale_responses_total{service=""}`)
+	unroutedUnknownTotal = metrics.NewCounter(`edgelb_generated_errors_total{service="",code="no_healthy_backend"}`)
+	panicsTotal          = metrics.NewCounter(`edgelb_panics_total`)
+	reloadsTotal         = metrics.NewCounter(`edgelb_config_reloads_total{result="ok"}`)
+	reloadErrors         = metrics.NewCounter(`edgelb_config_reloads_total{result="error"}`)
 
 	// The event loops: connections handed to the full path, tries the loop
 	// gave up and left to it, handed connections dropped because the

@@ -94,9 +94,10 @@ type Pool struct {
 	// staleOnStatus is indexed by status-500 for 500..504.
 	staleOnStatus [5]bool
 
-	set atomic.Pointer[backendSet]
-	rr  atomic.Uint64
-	m   *serviceMetrics
+	set    atomic.Pointer[backendSet]
+	rr     atomic.Uint64
+	m      *serviceMetrics
+	series *seriesTable
 
 	// mu serializes updates (slow path).
 	mu       sync.Mutex
@@ -111,8 +112,8 @@ type drainingBackend struct {
 	since time.Time
 }
 
-func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *health.Checker, store *stale.Store) *Pool {
-	p := &Pool{name: name, cfg: cfg, reg: reg, checker: checker, byAddr: make(map[string]*Backend), m: newServiceMetrics(name)}
+func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *health.Checker, store *stale.Store, series *seriesTable) *Pool {
+	p := &Pool{name: name, cfg: cfg, reg: reg, checker: checker, byAddr: make(map[string]*Backend), series: series, m: series.service(name)}
 	p.set.Store(&backendSet{})
 	p.maxInflight = int32(cfg.Health.MaxInflight)
 	p.panicThreshold = max(cfg.Health.PanicThreshold, 0)
@@ -183,8 +184,9 @@ func (p *Pool) update(s *discovery.Set) {
 	p.reapLocked(now, false)
 }
 
-// reapLocked releases draining backends that have finished their requests,
-// or all of them when force is set.
+// reapLocked releases draining backends that have finished their requests
+// or whose address is back in the pool (under a Backend of its own), or all
+// of them when force is set.
 func (p *Pool) reapLocked(now time.Time, force bool) {
 	kept := p.draining[:0]
 	for _, d := range p.draining {
@@ -192,9 +194,7 @@ func (p *Pool) reapLocked(now time.Time, force bool) {
 			kept = append(kept, d)
 			continue
 		}
-		if p.byAddr[d.b.addr] == nil || force {
-			p.releaseBackend(d.b)
-		}
+		p.releaseBackend(d.b)
 	}
 	clear(p.draining[len(kept):])
 	p.draining = kept
@@ -205,9 +205,7 @@ func (p *Pool) releaseBackend(b *Backend) {
 		b.stopCheck()
 	}
 	b.client.CloseIdleConnections()
-	if !p.retired {
-		b.m.close()
-	}
+	b.m.release()
 	p.reg.Release(b.target)
 }
 
@@ -218,8 +216,8 @@ func (p *Pool) reap(now time.Time) {
 	p.mu.Unlock()
 }
 
-// retire drops the pool's metrics at once, so that a pool replacing it can
-// register the same series. Requests still running finish normally.
+// retire stops the pool's outlier detection; requests still running finish
+// normally. Its series carry on in the pool replacing it, if any.
 func (p *Pool) retire() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -228,13 +226,6 @@ func (p *Pool) retire() {
 	}
 	p.retired = true
 	p.ej.Close()
-	p.m.close()
-	for _, b := range p.byAddr {
-		b.m.close()
-	}
-	for _, d := range p.draining {
-		d.b.m.close()
-	}
 }
 
 // close releases every backend of the pool.
@@ -280,7 +271,7 @@ func (p *Pool) newBackend(addr string) *Backend {
 		// up case-insensitively.
 		DisableHeaderNamesNormalizing: true,
 	}
-	b.m = newBackendMetrics(p.name, addr, func() float64 { return float64(t.Inflight()) })
+	b.m = p.series.acquireBackend(p.name, addr, t)
 	if a := cfg.Health.Active; a != nil {
 		b.stopCheck = p.checker.Watch(t, *a)
 	}

@@ -20,7 +20,7 @@ func testPool(t *testing.T, svc string, addrs ...string) *Pool {
 	cfg := mustConfig(t, "services:\n  web: "+svc+"\n")
 	reg := health.NewRegistry(nil)
 	checker := health.NewChecker(nil)
-	p := newPool("web", cfg.Services["web"], reg, checker, nil)
+	p := newPool("web", cfg.Services["web"], reg, checker, nil, newSeriesTable())
 	t.Cleanup(func() { p.close(); checker.Close() })
 	ins := make([]discovery.Instance, len(addrs))
 	for i, a := range addrs {

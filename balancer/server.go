@@ -36,6 +36,8 @@ type Server struct {
 	reg     *health.Registry
 	checker *health.Checker
 	store   *stale.Store
+	// series are the per-service and per-backend metrics of the pools.
+	series *seriesTable
 
 	routes atomic.Pointer[routeTable]
 	// trusted is server.trusted_proxies; nil when empty.
@@ -54,6 +56,9 @@ type Server struct {
 	handedOver atomic.Int64
 	admin      *adminServer
 	consul     *discovery.Consul
+	// unrouted decides what a request matching no route gets while
+	// Consul's tag routes are not known yet; nil without tag routes.
+	unrouted atomic.Pointer[unroutedPolicy]
 
 	// perIP counts client connections by address for
 	// server.max_conns_per_ip; nil when there is no cap.
@@ -87,6 +92,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		reg:     health.NewRegistry(logger),
 		checker: health.NewChecker(logger),
 		store:   stale.New(cfg.StaleStore),
+		series:  newSeriesTable(),
 		cfg:     cfg,
 		pools:   make(map[string]*Pool),
 		sets:    make(map[string]*discovery.Set),
@@ -200,6 +206,7 @@ func (s *Server) Reload(cfg *Config) error {
 	} else if s.consul != nil {
 		s.consul.SetServices(consulServices(cfg))
 	}
+	s.setUnroutedLocked(cfg)
 	s.mu.Unlock()
 	// The old watches may be waiting for s.mu to publish: stop them only
 	// now.
@@ -213,6 +220,21 @@ func (s *Server) Reload(cfg *Config) error {
 	reloadsTotal.Inc()
 	s.log.Info("config reloaded", "services", len(cfg.Services), "routes", len(cfg.Routes))
 	return nil
+}
+
+// ReloadFile loads the config at path and reloads it (see Reload). A config
+// that cannot be read or is invalid is refused and counted as a failed
+// reload, as one that Reload refuses. It returns the config now running.
+func (s *Server) ReloadFile(path string) (*Config, error) {
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		reloadErrors.Inc()
+		return nil, err
+	}
+	if err := s.Reload(cfg); err != nil {
+		return nil, err
+	}
+	return cfg, nil
 }
 
 // applyLocked makes cfg the running config: it builds pools for new or
@@ -238,7 +260,7 @@ func (s *Server) applyLocked(cfg *Config) {
 		if s.pools[name] != nil {
 			continue
 		}
-		p := newPool(name, sc, s.reg, s.checker, s.store)
+		p := newPool(name, sc, s.reg, s.checker, s.store, s.series)
 		s.pools[name] = p
 		if len(sc.Static) > 0 {
 			ins := make([]discovery.Instance, len(sc.Static))
@@ -271,10 +293,36 @@ func (s *Server) startConsulLocked(cfg *Config) error {
 		return err
 	}
 	s.consul = c
+	s.setUnroutedLocked(cfg)
 	// Start only spawns the watches; they publish from their own
 	// goroutines, taking s.mu when the caller has released it.
 	c.Start()
 	return nil
+}
+
+// unroutedPolicy is what a request that matches no route gets while the
+// tag routes of consul are not known yet.
+type unroutedPolicy struct {
+	consul *discovery.Consul
+	// stale serves stored copies; the most lenient max_stale of the
+	// services, since which one the URL belongs to is not known.
+	stale stale.Policy
+}
+
+// setUnroutedLocked updates the unrouted policy for cfg and the running
+// Consul source.
+func (s *Server) setUnroutedLocked(cfg *Config) {
+	if s.consul == nil || cfg.Consul == nil || !cfg.Consul.TagRoutes {
+		s.unrouted.Store(nil)
+		return
+	}
+	u := &unroutedPolicy{consul: s.consul, stale: stale.Policy{MaxStale: tagServiceConfig().Stale.MaxStale}}
+	for _, sc := range cfg.Services {
+		if !sc.Stale.Disabled {
+			u.stale.MaxStale = max(u.stale.MaxStale, sc.Stale.MaxStale)
+		}
+	}
+	s.unrouted.Store(u)
 }
 
 // consulServices returns the services that cfg discovers from Consul.
@@ -327,7 +375,7 @@ func (s *Server) Publish(set *discovery.Set) {
 	s.sets[set.Service] = set
 	p := s.pools[set.Service]
 	if p == nil && len(set.Routes) > 0 {
-		p = newPool(set.Service, tagServiceConfig(), s.reg, s.checker, s.store)
+		p = newPool(set.Service, tagServiceConfig(), s.reg, s.checker, s.store, s.series)
 		p.tagRouted = true
 		s.pools[set.Service] = p
 	}
@@ -450,6 +498,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	s.checker.Close()
+	s.series.close()
+	s.reg.Close()
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("drain timeout: some requests were cut: %w", err)
 	}
@@ -569,12 +619,35 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 	}
 	r := s.routes.Load().match(host, ctx.Path())
 	if r == nil || r.pool == nil {
-		noRouteTotal.Inc()
-		writeError(ctx, errNoRoute, ctx.Request.Header.ConnectionClose())
+		s.serveUnrouted(ctx, now)
 		return
 	}
 	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
 	r.pool.serve(ctx, now, flags, s.trustedPeer(ip))
+}
+
+// serveUnrouted answers a request that matches no route: 404 no_route,
+// unless Consul's tag routes are not known yet (Consul unreachable and no
+// usable state in state_dir). Then the request may well be for one of
+// them: it gets a stored copy if there is one, else 503
+// no_healthy_backend, which clients retry and caches do not keep.
+func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
+	clientClose := ctx.Request.Header.ConnectionClose()
+	u := s.unrouted.Load()
+	if u == nil || u.consul.RoutesKnown() {
+		noRouteTotal.Inc()
+		writeError(ctx, errNoRoute, clientClose)
+		return
+	}
+	if s.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, u.stale, errCodeValues[errNoHealthyBackend]) {
+		unroutedStaleTotal.Inc()
+		if clientClose {
+			ctx.Response.SetConnectionClose()
+		}
+		return
+	}
+	unroutedUnknownTotal.Inc()
+	writeError(ctx, errNoHealthyBackend, clientClose)
 }
 
 func (s *Server) recoverRequest(ctx *fasthttp.RequestCtx) {

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -95,10 +96,23 @@ type Consul struct {
 
 	persistMu sync.Mutex
 
+	// hold is emptyHold; tests shorten it.
+	hold time.Duration
+	// restarts tells every watch when one saw signs of a Consul restart.
+	restarts restartSignal
+
+	// routesKnown is set once the routes that Consul gives are known, from
+	// Consul or from state_dir; see RoutesKnown.
+	routesKnown atomic.Bool
+
 	mu         sync.Mutex
 	configured map[string]ConsulService // edgelb name -> Consul service
 	watches    map[string]*watch        // edgelb name -> watch
 	catalog    Status
+	// catalogAnswered is set by the catalog's first answer, diskLoaded
+	// when state_dir held a usable discovery state.
+	catalogAnswered bool
+	diskLoaded      bool
 }
 
 // watch follows one Consul service.
@@ -110,8 +124,8 @@ type watch struct {
 	updates *metrics.Counter
 	errors  *metrics.Counter
 
-	// problems is the malformed data last logged; only watchService uses
-	// it, so that each problem is logged once, not on every answer.
+	// problems is the malformed data last logged; only its
+	// serviceFollower uses it, so that each problem is logged once, not on every answer.
 	problems []string
 
 	mu        sync.Mutex
@@ -142,9 +156,13 @@ func NewConsul(cfg ConsulConfig, services map[string]ConsulService, stateDir str
 		configured: services,
 		watches:    make(map[string]*watch),
 		catalog:    Status{Source: "consul", Service: "(catalog)"},
+		hold:       emptyHold,
 	}
 	if stateDir != "" {
 		c.state = newStateFile(stateDir, c.log)
+	}
+	if !cfg.TagRoutes {
+		c.routesKnown.Store(true)
 	}
 	return c, nil
 }
@@ -154,10 +172,12 @@ func NewConsul(cfg ConsulConfig, services map[string]ConsulService, stateDir str
 func (c *Consul) Start() {
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	var disk map[string]*Set
+	loaded := false
 	if c.state != nil {
-		disk = c.state.load()
+		disk, loaded = c.state.load()
 	}
 	c.mu.Lock()
+	c.diskLoaded = loaded
 	for name, svc := range c.configured {
 		c.startWatchLocked(name, svc, false, disk[name])
 	}
@@ -167,9 +187,10 @@ func (c *Consul) Start() {
 				c.startWatchLocked(name, ConsulService{Name: name}, true, set)
 			}
 		}
-		c.goSafe("catalog", c.watchCatalog)
+		c.goSafe("catalog", func() { c.follow(c.ctx, c.cfg.Datacenter, &catalogFollower{c: c}) })
 	}
 	c.mu.Unlock()
+	c.noteDelivered()
 }
 
 // Stop ends every watch and waits for them.
@@ -179,6 +200,36 @@ func (c *Consul) Stop() {
 	}
 	c.cancel()
 	c.wg.Wait()
+}
+
+// RoutesKnown reports whether the routes that Consul's tags give are
+// known: tag routes are off, or the catalog and every watched service have
+// answered, from Consul or from the state persisted in state_dir. Until
+// then a request that matches no route may be for a tag route not yet
+// known. Once true it stays true: later outages keep the last routes.
+//
+// Fast path: one atomic load.
+func (c *Consul) RoutesKnown() bool { return c.routesKnown.Load() }
+
+// noteDelivered sets routesKnown once every watch has delivered.
+func (c *Consul) noteDelivered() {
+	if c.routesKnown.Load() {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.catalogAnswered && !c.diskLoaded {
+		return
+	}
+	for _, w := range c.watches {
+		w.mu.Lock()
+		published := w.published
+		w.mu.Unlock()
+		if !published {
+			return
+		}
+	}
+	c.routesKnown.Store(true)
 }
 
 // SetServices replaces the configured services (on a config reload):
@@ -242,7 +293,11 @@ func (c *Consul) startWatchLocked(name string, svc ConsulService, tagged bool, d
 			}
 		})
 	}
-	c.goSafe("watch "+name, func() { c.watchService(ctx, w, disk) })
+	dc := svc.Datacenter
+	if dc == "" {
+		dc = c.cfg.Datacenter
+	}
+	c.goSafe("watch "+name, func() { c.follow(ctx, dc, &serviceFollower{c: c, w: w, disk: disk}) })
 }
 
 // publishFromDisk publishes a persisted set unless Consul answered first.
@@ -259,99 +314,231 @@ func (c *Consul) publishFromDisk(w *watch, disk *Set) {
 	c.log.Warn("Consul has not answered; serving the last known instances from state_dir",
 		"service", w.name, "instances", len(disk.Instances), "saved_at", disk.UpdatedAt)
 	c.pub.Publish(disk)
+	c.noteDelivered()
 }
 
-// watchService runs the blocking-query loop of one service until ctx ends.
-func (c *Consul) watchService(ctx context.Context, w *watch, disk *Set) {
-	var index uint64
-	var failures int
-	var holdUntil time.Time
-	// suspect is set by an index reset or an outage: until Consul shows
-	// instances again, an empty answer may be a registry that lost its
-	// state rather than a service that is gone.
-	suspect := false
-	dc := w.svc.Datacenter
-	if dc == "" {
-		dc = c.cfg.Datacenter
-	}
-	var limit callLimiter
+// follower is what one blocking-query loop follows: the instances of a
+// service (serviceFollower) or the tag-routed services of the catalog
+// (catalogFollower). Only the loop's goroutine calls its methods.
+type follower interface {
+	// query makes one call and keeps its answer; it returns the answer's
+	// index.
+	query(q *api.QueryOptions) (index uint64, err error)
+	// failed records the failures-th failed call in a row.
+	failed(err error, failures int)
+	// loses reports whether the kept answer drops what was last published:
+	// every instance of the service, or tag-routed services.
+	loses() bool
+	// apply publishes the kept answer and reports whether it changed
+	// anything. With holdUntil set, it keeps what was published instead
+	// and says so until then.
+	apply(now, holdUntil time.Time) (changed bool)
+}
+
+// follow runs the blocking-query loop of f until ctx ends.
+//
+// A Consul that restarted (a dev agent, a rebuilt cluster) has a lower
+// index and, until its agents register again, no instances. A blocking
+// call on an index from before the restart would wait the whole waitTime,
+// so a watch asks without blocking (index 0) after its own failed call,
+// after an answer whose index went backwards, after an answer that broke
+// off the wait with nothing new (an agent shutting down), and when another
+// watch of the source saw one of these (restarts). An answer that loses
+// everything after that is held for the hold time, counted from the first
+// such answer.
+func (c *Consul) follow(ctx context.Context, dc string, f follower) {
+	var (
+		index    uint64 // the next call's wait index
+		seen     uint64 // the last answer's index
+		epoch    uint64 // the restarts this watch has reset for
+		failures int
+		limit    callLimiter
+		// suspect is set by a failed call or a restart: until an answer is
+		// believed, one that loses everything may come from a registry
+		// that lost its state rather than from services that left.
+		suspect bool
+		// lossSince is when the held answers that lose everything began.
+		lossSince time.Time
+	)
 	for {
 		if !limit.wait(ctx) {
 			return
 		}
-		q := (&api.QueryOptions{WaitIndex: index, WaitTime: waitTime, Datacenter: dc}).WithContext(ctx)
-		entries, meta, err := c.client.Health().ServiceMultipleTags(w.svc.Name, w.svc.Tags, true, q)
+		wait := waitTime
+		if !lossSince.IsZero() {
+			// Wake up when the hold ends even if nothing changes.
+			wait = min(wait, max(time.Until(lossSince.Add(c.hold)), time.Millisecond))
+		}
+		restarted, n := c.restarts.current()
+		if n != epoch {
+			// Another watch saw Consul restart.
+			epoch, index, suspect = n, 0, true
+		}
+		qctx, cancel := context.WithCancel(ctx)
+		go func() {
+			select {
+			case <-restarted:
+				cancel()
+			case <-qctx.Done():
+			}
+		}()
+		start := time.Now()
+		last, err := f.query((&api.QueryOptions{WaitIndex: index, WaitTime: wait, Datacenter: dc}).WithContext(qctx))
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}
+		select {
+		case <-restarted:
+			// Another watch saw Consul restart: this answer (or the
+			// cancelled call) may come from before it. The next call
+			// starts again from index 0.
+			continue
+		default:
+		}
 		if err != nil {
 			failures++
-			suspect = true
-			c.watchFailed(w, err, failures, disk)
+			index, suspect = 0, true
+			if failures == 1 {
+				c.restarts.raise()
+			}
+			f.failed(err, failures)
 			if !sleepCtx(ctx, backoff(failures)) {
 				return
 			}
 			continue
 		}
 		failures = 0
-		if meta.LastIndex < index || meta.LastIndex == 0 {
+		switch {
+		case last < seen || last == 0:
+			index, suspect = 0, true
+			c.restarts.raise()
+		case last == index && time.Since(start) < wait-wait/10:
+			// The wait was broken off with nothing new: the agent may be
+			// shutting down, and the next call reach its successor.
 			index = 0
-			suspect = true
-		} else {
-			index = meta.LastIndex
+		default:
+			index = last
 		}
+		seen = last
 		now := time.Now()
-		set, bad := c.setFromEntries(w.name, entries, now)
-		if !slices.Equal(bad, w.problems) {
-			for _, b := range bad {
-				c.log.Warn("ignoring malformed Consul data", "service", w.name, "problem", b)
+		var holdUntil time.Time
+		if suspect && f.loses() {
+			if lossSince.IsZero() {
+				lossSince = now
 			}
-			w.problems = bad
-		}
-
-		w.mu.Lock()
-		prev := w.last
-		if len(set.Instances) == 0 && prev != nil {
-			// Routes come from the tags of passing instances: keep them while
-			// none passes, so that the route answers 503 instead of falling
-			// through to a shorter prefix.
-			set.Routes = prev.Routes
-		}
-		// A Consul that lost its state (restarted dev agent, rebuilt
-		// cluster) answers with an older index and no instances until its
-		// agents re-register: do not believe that for a while.
-		if len(set.Instances) > 0 {
-			suspect = false
-		}
-		if len(set.Instances) == 0 && prev != nil && len(prev.Instances) > 0 && suspect {
-			if holdUntil.IsZero() {
-				holdUntil = now.Add(emptyHold)
-			}
-			if now.Before(holdUntil) {
-				w.status.LastError = fmt.Sprintf("Consul at %s returned no instances right after an outage or index reset; keeping the last %d instances until %s",
-					c.cfg.Address, len(prev.Instances), holdUntil.Format(time.RFC3339))
-				w.status.LastErrorAt = now
-				w.status.Stale = true
-				w.mu.Unlock()
-				continue
+			if end := lossSince.Add(c.hold); now.Before(end) {
+				holdUntil = end
 			}
 		}
-		holdUntil, suspect = time.Time{}, false
-		changed := prev == nil || !sameSet(prev, set)
-		if changed {
+		if holdUntil.IsZero() {
+			suspect, lossSince = false, time.Time{}
+		}
+		if f.apply(now, holdUntil) {
 			limit.refund()
-			w.last = set
-		}
-		w.published = true
-		w.status = Status{Source: "consul", Service: w.name, LastUpdate: now, Problems: bad}
-		w.mu.Unlock()
-		if changed {
-			w.updates.Inc()
-			c.log.Info("instances updated", "service", w.name, "instances", len(set.Instances), "routes", len(set.Routes))
-			c.pub.Publish(set)
-			c.persist()
 		}
 	}
+}
+
+// restartSignal tells the watches of a source that Consul may have
+// restarted, so that each asks again without blocking.
+type restartSignal struct {
+	mu sync.Mutex
+	ch chan struct{}
+	n  uint64
+}
+
+// current returns a channel that the next raise closes, and how many
+// raises there were.
+func (r *restartSignal) current() (<-chan struct{}, uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ch == nil {
+		r.ch = make(chan struct{})
+	}
+	return r.ch, r.n
+}
+
+// raise wakes every watch waiting on the current channel.
+func (r *restartSignal) raise() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ch != nil {
+		close(r.ch)
+	}
+	r.ch = make(chan struct{})
+	r.n++
+}
+
+// serviceFollower follows the passing instances of one service.
+type serviceFollower struct {
+	c    *Consul
+	w    *watch
+	disk *Set // the set persisted in state_dir, if any
+
+	set *Set // the last answer
+	bad []string
+}
+
+func (f *serviceFollower) query(q *api.QueryOptions) (uint64, error) {
+	entries, meta, err := f.c.client.Health().ServiceMultipleTags(f.w.svc.Name, f.w.svc.Tags, true, q)
+	if err != nil {
+		return 0, err
+	}
+	f.set, f.bad = f.c.setFromEntries(f.w.name, entries, time.Now())
+	return meta.LastIndex, nil
+}
+
+func (f *serviceFollower) failed(err error, failures int) {
+	f.c.watchFailed(f.w, err, failures, f.disk)
+}
+
+func (f *serviceFollower) loses() bool {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	prev := f.w.last
+	return len(f.set.Instances) == 0 && prev != nil && len(prev.Instances) > 0
+}
+
+func (f *serviceFollower) apply(now, holdUntil time.Time) bool {
+	c, w, set := f.c, f.w, f.set
+	if !slices.Equal(f.bad, w.problems) {
+		for _, b := range f.bad {
+			c.log.Warn("ignoring malformed Consul data", "service", w.name, "problem", b)
+		}
+		w.problems = f.bad
+	}
+	w.mu.Lock()
+	prev := w.last
+	if !holdUntil.IsZero() {
+		w.status.LastError = fmt.Sprintf("Consul at %s returned no instances right after an outage or index reset; keeping the last %d instances until %s",
+			c.cfg.Address, len(prev.Instances), holdUntil.Format(time.RFC3339))
+		w.status.LastErrorAt = now
+		w.status.Stale = true
+		w.mu.Unlock()
+		return false
+	}
+	if len(set.Instances) == 0 && prev != nil {
+		// Routes come from the tags of passing instances: keep them while
+		// none passes, so that the route answers 503 instead of falling
+		// through to a shorter prefix.
+		set.Routes = prev.Routes
+	}
+	changed := prev == nil || !sameSet(prev, set)
+	if changed {
+		w.last = set
+	}
+	w.published = true
+	w.status = Status{Source: "consul", Service: w.name, LastUpdate: now, Problems: f.bad}
+	w.mu.Unlock()
+	c.noteDelivered()
+	if changed {
+		w.updates.Inc()
+		c.log.Info("instances updated", "service", w.name, "instances", len(set.Instances), "routes", len(set.Routes))
+		c.pub.Publish(set)
+		c.persist()
+	}
+	return changed
 }
 
 func (c *Consul) watchFailed(w *watch, err error, failures int, disk *Set) {
@@ -443,103 +630,103 @@ func entryUsable(e *api.ServiceEntry) bool {
 	return true
 }
 
-// watchCatalog follows the list of Consul services and starts or stops
+// catalogFollower follows the list of Consul services and starts or stops
 // watches of services with tag routes.
-func (c *Consul) watchCatalog() {
-	var index uint64
-	var failures int
-	var limit callLimiter
-	var holdUntil time.Time
-	suspect := false // as in watchService
-	for {
-		if !limit.wait(c.ctx) {
-			return
-		}
-		q := (&api.QueryOptions{WaitIndex: index, WaitTime: waitTime, Datacenter: c.cfg.Datacenter}).WithContext(c.ctx)
-		services, meta, err := c.client.Catalog().Services(q)
-		if c.ctx.Err() != nil {
-			return
-		}
-		now := time.Now()
-		if err != nil {
-			failures++
-			suspect = true
-			msg := describeConsulErr(c.cfg.Address, err)
-			c.mu.Lock()
-			c.catalog.LastError, c.catalog.LastErrorAt, c.catalog.Stale = msg, now, true
-			c.mu.Unlock()
-			if failures == 1 || failures%30 == 0 {
-				c.log.Error("Consul catalog watch failed; keeping the current tag routes", "err", msg, "failures", failures)
+type catalogFollower struct {
+	c        *Consul
+	services map[string][]string // the last answer
+}
+
+func (f *catalogFollower) query(q *api.QueryOptions) (uint64, error) {
+	services, meta, err := f.c.client.Catalog().Services(q)
+	if err != nil {
+		return 0, err
+	}
+	f.services = services
+	return meta.LastIndex, nil
+}
+
+func (f *catalogFollower) failed(err error, failures int) {
+	c := f.c
+	msg := describeConsulErr(c.cfg.Address, err)
+	c.mu.Lock()
+	c.catalog.LastError, c.catalog.LastErrorAt, c.catalog.Stale = msg, time.Now(), true
+	c.mu.Unlock()
+	if failures == 1 || failures%30 == 0 {
+		c.log.Error("Consul catalog watch failed; keeping the current tag routes", "err", msg, "failures", failures)
+	}
+}
+
+// tagged returns the services of the last answer that carry route tags.
+func (f *catalogFollower) tagged() map[string]bool {
+	tagged := make(map[string]bool)
+	for name, tags := range f.services {
+		for _, t := range tags {
+			if strings.HasPrefix(t, RouteTag) {
+				tagged[name] = true
 			}
-			if !sleepCtx(c.ctx, backoff(failures)) {
-				return
-			}
-			continue
-		}
-		failures = 0
-		if meta.LastIndex < index || meta.LastIndex == 0 {
-			index = 0
-			suspect = true
-		} else {
-			index = meta.LastIndex
-		}
-		tagged := make(map[string]bool)
-		for name, tags := range services {
-			for _, t := range tags {
-				if strings.HasPrefix(t, RouteTag) {
-					tagged[name] = true
-				}
-			}
-		}
-		c.mu.Lock()
-		var gone []string
-		for name, w := range c.watches {
-			if w.tagged && !tagged[name] {
-				gone = append(gone, name)
-			}
-		}
-		holding := false
-		if len(gone) > 0 && suspect {
-			if holdUntil.IsZero() {
-				holdUntil = now.Add(emptyHold)
-			}
-			if now.Before(holdUntil) {
-				c.catalog.LastError = fmt.Sprintf("Consul at %s lost %d tag-routed services right after an outage or index reset; keeping their routes until %s",
-					c.cfg.Address, len(gone), holdUntil.Format(time.RFC3339))
-				c.catalog.LastErrorAt = now
-				gone, holding = nil, true
-			}
-		}
-		if !holding {
-			holdUntil, suspect = time.Time{}, false
-			c.catalog = Status{Source: "consul", Service: "(catalog)", LastUpdate: now}
-		}
-		for _, name := range gone {
-			w := c.watches[name]
-			w.cancel()
-			delete(c.watches, name)
-			c.log.Info("tag-routed service left Consul; removing its routes", "service", name)
-		}
-		found := false
-		for name := range tagged {
-			if c.watches[name] != nil || c.configuredName(name) {
-				continue
-			}
-			c.log.Info("tag-routed service found in Consul", "service", name)
-			c.startWatchLocked(name, ConsulService{Name: name}, true, nil)
-			found = true
-		}
-		c.mu.Unlock()
-		if found || len(gone) > 0 {
-			limit.refund()
-		}
-		for _, name := range gone {
-			c.pub.Remove(name)
-		}
-		if len(gone) > 0 {
-			c.persist()
 		}
 	}
+	return tagged
+}
+
+// goneLocked returns the tag-routed watches that the last answer drops.
+// The caller holds c.mu.
+func (f *catalogFollower) goneLocked(tagged map[string]bool) []string {
+	var gone []string
+	for name, w := range f.c.watches {
+		if w.tagged && !tagged[name] {
+			gone = append(gone, name)
+		}
+	}
+	return gone
+}
+
+func (f *catalogFollower) loses() bool {
+	tagged := f.tagged()
+	f.c.mu.Lock()
+	defer f.c.mu.Unlock()
+	return len(f.goneLocked(tagged)) > 0
+}
+
+func (f *catalogFollower) apply(now, holdUntil time.Time) bool {
+	c := f.c
+	tagged := f.tagged()
+	c.mu.Lock()
+	var gone []string
+	if holdUntil.IsZero() {
+		gone = f.goneLocked(tagged)
+		c.catalog = Status{Source: "consul", Service: "(catalog)", LastUpdate: now}
+	} else {
+		c.catalog.LastError = fmt.Sprintf("Consul at %s lost %d tag-routed services right after an outage or index reset; keeping their routes until %s",
+			c.cfg.Address, len(f.goneLocked(tagged)), holdUntil.Format(time.RFC3339))
+		c.catalog.LastErrorAt, c.catalog.Stale = now, true
+	}
+	c.catalogAnswered = true
+	for _, name := range gone {
+		w := c.watches[name]
+		w.cancel()
+		delete(c.watches, name)
+		c.log.Info("tag-routed service left Consul; removing its routes", "service", name)
+	}
+	found := false
+	for name := range tagged {
+		if c.watches[name] != nil || c.configuredName(name) {
+			continue
+		}
+		c.log.Info("tag-routed service found in Consul", "service", name)
+		c.startWatchLocked(name, ConsulService{Name: name}, true, nil)
+		found = true
+	}
+	c.mu.Unlock()
+	for _, name := range gone {
+		c.pub.Remove(name)
+	}
+	if len(gone) > 0 {
+		c.persist()
+	}
+	c.noteDelivered()
+	return found || len(gone) > 0
 }
 
 // configuredName reports whether a configured service already watches the

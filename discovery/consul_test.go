@@ -3,8 +3,6 @@ package discovery
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -141,6 +139,75 @@ func TestConsulOutageKeepsInstances(t *testing.T) {
 	}
 }
 
+// TestConsulRestartSeenAtOnce restarts Consul empty on the same ports: the
+// watches see the new agent at once instead of blocking on the old, higher
+// index, the status says what Consul answers, a new registration is routed
+// within seconds, and what nobody registers again is dropped when the
+// hold, counted from Consul's first empty answer, ends.
+func TestConsulRestartSeenAtOnce(t *testing.T) {
+	a := consultest.Start(t)
+	rec := newRecorder()
+	c, err := NewConsul(ConsulConfig{Address: a.Addr(), TagRoutes: true}, map[string]ConsulService{"web": {Name: "web"}}, "", rec, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.hold = 4 * time.Second
+	c.Start()
+	t.Cleanup(c.Stop)
+	a.Register("w1", "web", 9001, []string{"edge.route=*/"}, 0)
+	a.Register("t1", "tagged", 9301, []string{"edge.route=tagged.example/"}, 0)
+	// Many changes raise the index well above what the new agent starts at.
+	for i := 0; i < 20; i++ {
+		a.Register(fmt.Sprint("x", i), "other", 9400+i, nil, 0)
+	}
+	eventually(t, "instances", func() bool {
+		return rec.addrs("web") == "127.0.0.1:9001*1" && rec.addrs("tagged") == "127.0.0.1:9301*1"
+	})
+	status := func(service string) Status {
+		for _, st := range c.Status() {
+			if st.Service == service {
+				return st
+			}
+		}
+		return Status{}
+	}
+
+	a.Restart()
+	up := time.Now()
+	d := eventually(t, "the status to show Consul's answer", func() bool {
+		return strings.Contains(status("web").LastError, "returned no instances right after an outage")
+	})
+	t.Logf("restarted Consul answered %s after it was up", d)
+	if d > 15*time.Second {
+		t.Fatalf("the restarted Consul was seen only after %s", d)
+	}
+	if rec.addrs("web") != "127.0.0.1:9001*1" {
+		t.Fatalf("instances dropped at once after Consul restarted empty: %s", rec.addrs("web"))
+	}
+
+	a.Register("w2", "web", 9002, []string{"edge.route=*/"}, 0)
+	d = eventually(t, "the new registration", func() bool { return rec.addrs("web") == "127.0.0.1:9002*1" })
+	t.Logf("registration in the restarted Consul published after %s", d)
+	if d > 5*time.Second {
+		t.Fatalf("a registration in the restarted Consul took %s to be published", d)
+	}
+	if st := status("web"); st.Stale || st.LastError != "" {
+		t.Fatalf("status after the registration: %+v", st)
+	}
+
+	// The tag-routed service nobody registers again goes when the hold
+	// ends, counted from the first empty answer.
+	eventually(t, "the unregistered tag-routed service removed", func() bool { return rec.wasRemoved("tagged") })
+	gone := time.Since(up)
+	t.Logf("tag-routed service removed %s after Consul was up (hold %s)", gone, c.hold)
+	if gone < c.hold || gone > c.hold+15*time.Second {
+		t.Fatalf("tag-routed service removed %s after Consul was up, want the hold of %s from its first answer", gone, c.hold)
+	}
+	if st := status("(catalog)"); st.Stale || st.LastError != "" {
+		t.Fatalf("catalog status after the hold: %+v", st)
+	}
+}
+
 func TestConsulBootFromState(t *testing.T) {
 	a := consultest.Start(t)
 	state := t.TempDir()
@@ -166,20 +233,6 @@ func TestConsulBootFromState(t *testing.T) {
 	}
 	if !fromDisk {
 		t.Fatalf("status must say the data came from disk: %+v", c2.Status())
-	}
-}
-
-func TestCorruptStateIsIgnored(t *testing.T) {
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, StateFileName), []byte("{not json"), 0o644)
-	if sets := newStateFile(dir, testLogger()).load(); sets != nil {
-		t.Fatalf("corrupt state loaded: %v", sets)
-	}
-	f := newStateFile(dir, testLogger())
-	f.save(map[string]*Set{"web": {Service: "web", Source: "consul", Instances: []Instance{{Addr: "b:1"}, {Addr: "a:1"}}, Routes: []Route{{Host: "*", Path: "/"}}}})
-	sets := f.load()
-	if got := fmt.Sprint(sets["web"].Instances, sets["web"].Routes); got != "[{a:1 1} {b:1 1}] [{* /}]" {
-		t.Fatalf("round trip: %s", got)
 	}
 }
 

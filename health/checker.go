@@ -163,6 +163,7 @@ func (c *Checker) Watch(t *Target, cfg ActiveConfig) (stop func()) {
 	if p == nil {
 		p = &probe{t: t, cfg: cfg, stop: make(chan struct{})}
 		c.probes[key] = p
+		t.probes.Add(1)
 		c.wg.Add(1)
 		go c.run(p)
 	}
@@ -176,6 +177,7 @@ func (c *Checker) Watch(t *Target, cfg ActiveConfig) (stop func()) {
 			if p.refs == 0 {
 				close(p.stop)
 				delete(c.probes, key)
+				p.t.probes.Add(-1)
 			}
 		})
 	}
@@ -187,6 +189,7 @@ func (c *Checker) Close() {
 	for k, p := range c.probes {
 		close(p.stop)
 		delete(c.probes, k)
+		p.t.probes.Add(-1)
 	}
 	c.mu.Unlock()
 	c.wg.Wait()

@@ -67,28 +67,35 @@ func (r *Registry) NewEjector(service string, cfg PassiveConfig, panicThreshold 
 		panicThreshold: panicThreshold,
 		log:            log.With("component", "health", "service", service),
 		windows:        make(map[*Target]*window),
-		m:              newEjectorMetrics(service),
+		m:              r.ejectorMetrics(service),
 		stop:           make(chan struct{}),
 		done:           make(chan struct{}),
 	}
 	e.targets.Store(&[]*Target{})
-	e.m.set.NewGauge(fmt.Sprintf(`edgelb_panic_mode{service=%q}`, service), func() float64 {
-		if e.panic.Load() {
-			return 1
-		}
-		return 0
-	})
+	e.m.current.Store(e)
 	return e
 }
 
+// ejectorMetrics are the series of a service's outlier detection. The
+// Registry keeps them until it is closed, shared by the successive
+// Ejectors of the service (a reload builds the new pool before it retires
+// the old one), so that the counters only ever grow.
 type ejectorMetrics struct {
 	set          *metrics.Set
 	ejections    [numRules]*metrics.Counter
 	refusals     *metrics.Counter
 	panicEntered *metrics.Counter
+	// current is the Ejector whose panic mode the gauge shows.
+	current atomic.Pointer[Ejector]
 }
 
-func newEjectorMetrics(service string) *ejectorMetrics {
+// ejectorMetrics returns the series of service, made on first use.
+func (r *Registry) ejectorMetrics(service string) *ejectorMetrics {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if m := r.series[service]; m != nil {
+		return m
+	}
 	s := metrics.NewSet()
 	m := &ejectorMetrics{
 		set:          s,
@@ -98,7 +105,16 @@ func newEjectorMetrics(service string) *ejectorMetrics {
 	for r := rule(0); r < numRules; r++ {
 		m.ejections[r] = s.NewCounter(fmt.Sprintf(`edgelb_outlier_ejections_total{service=%q,rule=%q}`, service, r))
 	}
-	metrics.RegisterSet(s)
+	s.NewGauge(fmt.Sprintf(`edgelb_panic_mode{service=%q}`, service), func() float64 {
+		if e := m.current.Load(); e != nil && e.panic.Load() {
+			return 1
+		}
+		return 0
+	})
+	if !r.closed {
+		metrics.RegisterSet(s)
+	}
+	r.series[service] = m
 	return m
 }
 
@@ -117,8 +133,16 @@ func (e *Ejector) PanicSince() time.Time {
 }
 
 // SetTargets replaces the targets of the pool (slow path) and starts the
-// background comparison on the first call.
+// background comparison on the first call. The pool starts the active
+// checks of its targets first: a target that failed active checks and has
+// none left to revise that verdict (resumed after a reload that removed
+// them, say) is readmitted, instead of staying out for good.
 func (e *Ejector) SetTargets(ts []*Target) {
+	for _, t := range ts {
+		if t.probes.Load() == 0 && t.activeFailing.Load() {
+			t.setActive(true, "no active check left to confirm that active checks failed")
+		}
+	}
 	ts = append([]*Target(nil), ts...)
 	ejectMu.Lock()
 	for _, t := range *e.targets.Load() {
@@ -143,8 +167,8 @@ func (e *Ejector) SetTargets(ts []*Target) {
 	}
 }
 
-// Close stops the comparison, drops the pool's metrics and its ejection
-// budget. Panic keeps its last value.
+// Close stops the comparison and drops the pool's ejection budget; the
+// panic gauge stops showing it. Panic keeps its last value.
 func (e *Ejector) Close() {
 	e.mu.Lock()
 	if e.closed {
@@ -163,7 +187,7 @@ func (e *Ejector) Close() {
 		t.leave(e)
 	}
 	ejectMu.Unlock()
-	metrics.UnregisterSet(e.m.set, true)
+	e.m.current.CompareAndSwap(e, nil)
 }
 
 // join and leave add and remove a pool's Ejector; the caller holds ejectMu.

@@ -164,6 +164,9 @@ type Target struct {
 
 	// activeFailing is set while active checks fail.
 	activeFailing atomic.Bool
+	// probes counts the active probes of the target; a failed verdict
+	// that no probe is left to revise is dropped (Ejector.SetTargets).
+	probes atomic.Int32
 
 	// ejections is how many ejections in a row the backend has had,
 	// decayed while it stays healthy; guarded by ejectMu.
@@ -639,42 +642,4 @@ func (c PassiveConfig) Validate(prefix string) []error {
 		bad("window", "must not exceed %d intervals (%s)", maxWindowBuckets, maxWindowBuckets*c.interval())
 	}
 	return errs
-}
-
-// Registry holds one Target per backend address. It is safe for concurrent
-// use; it is only used on the slow path (discovery updates and reloads).
-type Registry struct {
-	log     *slog.Logger
-	mu      sync.Mutex
-	targets map[string]*Target
-}
-
-// NewRegistry returns an empty registry whose targets log their state
-// changes to log (nothing if nil).
-func NewRegistry(log *slog.Logger) *Registry {
-	return &Registry{log: log, targets: make(map[string]*Target)}
-}
-
-// Acquire returns the Target of addr, creating it if needed, and counts one
-// more user of it. Every Acquire must be matched by a Release.
-func (r *Registry) Acquire(addr string, passive PassiveConfig) *Target {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	t := r.targets[addr]
-	if t == nil {
-		t = newTarget(addr, passive, r.log)
-		r.targets[addr] = t
-	}
-	t.refs++
-	return t
-}
-
-// Release drops one user of t. The target is forgotten when nobody uses it.
-func (r *Registry) Release(t *Target) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	t.refs--
-	if t.refs <= 0 && r.targets[t.addr] == t {
-		delete(r.targets, t.addr)
-	}
 }

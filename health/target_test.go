@@ -58,16 +58,6 @@ func TestPassiveEjection(t *testing.T) {
 	}
 }
 
-func TestRegistryKeepsStateWhileUsed(t *testing.T) {
-	reg := NewRegistry(nil)
-	a := reg.Acquire("x:1", PassiveConfig{})
-	b := reg.Acquire("x:1", PassiveConfig{})
-	reg.Release(a)
-	if c := reg.Acquire("x:1", PassiveConfig{}); c != b {
-		t.Fatal("a target still in use was replaced")
-	}
-}
-
 func TestEjectionTimeGrowsAndDecays(t *testing.T) {
 	base, maxD := time.Second, 4*time.Second
 	tg := NewRegistry(nil).Acquire("127.0.0.1:1", PassiveConfig{ConsecutiveGatewayFailures: 1, BaseEjectionTime: base, MaxEjectionTime: maxD})

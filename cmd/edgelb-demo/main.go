@@ -1,14 +1,18 @@
 // Command edgelb-demo runs the demo that `make demo` starts: a Consul dev
-// agent, three demo origins registered in it with edge.route tags, and
-// edgelb in front of them on 127.0.0.1:8080 (admin on 127.0.0.1:9901).
-// It stops everything on Ctrl-C.
+// agent, three demo origins registered in it with edge.route tags, a
+// fourth one to register by hand, and edgelb in front of them on
+// 127.0.0.1:8080 (admin on 127.0.0.1:9901).
+//
+// The hints it prints name its processes by PID, so that nothing else on
+// the machine is hit. SIGUSR1 starts again whatever of Consul and the
+// origins was stopped; Ctrl-C (or SIGTERM) stops everything it started.
 package main
 
 import (
-	"context"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -29,25 +33,42 @@ func main() {
 	}
 }
 
+// webOrigins are the origins registered as service web; apiOrigin runs
+// too, for the user to register.
+const (
+	webOrigins = 3
+	apiOrigin  = "api-1"
+	apiAddr    = "127.0.0.1:9004"
+)
+
 type demo struct {
+	out    io.Writer // where hints and events are printed
 	bin    string
 	dir    string
-	procs  []*proc
-	exited chan exit
+	config string
+	consul *api.Client
+	// children in order of start; only the main goroutine touches them.
+	children []*child
+	exited   chan exit
 }
 
-// proc is a child process and a channel closed when it exits.
-type proc struct {
-	cmd  *exec.Cmd
-	done chan struct{}
+// child is a process the demo runs, and can run again.
+type child struct {
+	name string
+	path string
+	args []string
+	// critical children end the demo when they exit.
+	critical bool
+	cmd      *exec.Cmd // the current process; nil before the first start
+	done     chan struct{}
+	running  bool
 }
 
-// exit is a child process that ended.
+// exit is a process of a child that ended.
 type exit struct {
-	name     string
-	cmdline  []string
-	err      error
-	critical bool // the demo cannot go on without it
+	c   *child
+	cmd *exec.Cmd
+	err error
 }
 
 func run() error {
@@ -60,56 +81,46 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	d := &demo{bin: filepath.Dir(exe), dir: *dir, exited: make(chan exit, 16)}
+	d := &demo{out: os.Stdout, bin: filepath.Dir(exe), dir: *dir, config: *config, exited: make(chan exit, 16)}
 	defer d.stopAll()
 	if err := os.MkdirAll(filepath.Join(d.dir, "logs"), 0o755); err != nil {
 		return err
 	}
-	for _, addr := range []string{"127.0.0.1:8500", "127.0.0.1:8080", "127.0.0.1:9901", "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"} {
+	for _, addr := range []string{"127.0.0.1:8500", "127.0.0.1:8080", "127.0.0.1:9901", "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", apiAddr} {
 		if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
 			c.Close()
 			return fmt.Errorf("%s is already in use: stop what listens there (an earlier demo?) and run again", addr)
 		}
 	}
+	// Signals are taken from the start, so that Ctrl-C while starting
+	// stops what already runs.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGUSR1)
+	defer signal.Stop(sigs)
 
-	fmt.Println("starting Consul dev agent on 127.0.0.1:8500 ...")
 	consulData := filepath.Join(d.dir, "consul")
 	os.RemoveAll(consulData)
-	if err := d.start("consul", "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1", "-data-dir", consulData); err != nil {
+	consul := d.add("consul", false, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1", "-data-dir", consulData)
+	if d.consul, err = api.NewClient(&api.Config{Address: "127.0.0.1:8500"}); err != nil {
 		return err
 	}
-	client, err := api.NewClient(&api.Config{Address: "127.0.0.1:8500"})
-	if err != nil {
+	fmt.Fprintln(d.out, "starting Consul dev agent on 127.0.0.1:8500 ...")
+	if err := d.startConsul(consul); err != nil {
 		return err
 	}
-	if err := waitFor(30*time.Second, "Consul leader", func() bool {
-		leader, err := client.Status().Leader()
-		return err == nil && leader != ""
-	}); err != nil {
-		return err
-	}
-
-	for i := 1; i <= 3; i++ {
-		name, port := fmt.Sprintf("web-%d", i), 9000+i
-		addr := fmt.Sprintf("127.0.0.1:%d", port)
-		if err := d.start("demo-origin", "-listen", addr, "-name", name); err != nil {
+	for i := 1; i <= webOrigins; i++ {
+		o := d.add(webName(i), false, "-listen", webAddr(i), "-name", webName(i))
+		if err := d.start(o); err != nil {
 			return err
 		}
-		reg := &api.AgentServiceRegistration{
-			ID: name, Name: "web", Address: "127.0.0.1", Port: port,
-			Tags: []string{"edge.route=*/"},
-			Check: &api.AgentServiceCheck{
-				HTTP: "http://" + addr + "/health", Interval: "1s", Timeout: "1s",
-				DeregisterCriticalServiceAfter: "10m",
-			},
-		}
-		if err := client.Agent().ServiceRegister(reg); err != nil {
-			return fmt.Errorf("cannot register %s in Consul: %w", name, err)
-		}
-		fmt.Printf("origin %s on %s registered in Consul as service web\n", name, addr)
+		fmt.Fprintf(d.out, "origin %s on %s registered in Consul as service web\n", o.name, webAddr(i))
 	}
-
-	if err := d.start("edgelb", "-config", *config); err != nil {
+	api1 := d.add(apiOrigin, false, "-listen", apiAddr, "-name", apiOrigin)
+	if err := d.start(api1); err != nil {
+		return err
+	}
+	edgelb := d.add("edgelb", true, "-config", d.config)
+	if err := d.start(edgelb); err != nil {
 		return err
 	}
 	if err := waitFor(30*time.Second, "edgelb ready", func() bool {
@@ -122,112 +133,243 @@ func run() error {
 	}); err != nil {
 		return fmt.Errorf("%w (see %s)", err, filepath.Join(d.dir, "logs", "edgelb.log"))
 	}
-	fmt.Printf(`
+	d.printHints()
+
+	var timeout <-chan time.Time
+	if *exitAfter > 0 {
+		timeout = time.After(*exitAfter)
+	}
+	for {
+		select {
+		case <-timeout:
+			fmt.Fprintln(d.out, "\nstopping the demo ...")
+			return nil
+		case sig := <-sigs:
+			if sig != syscall.SIGUSR1 {
+				fmt.Fprintln(d.out, "\nstopping the demo ...")
+				return nil
+			}
+			d.startStopped()
+		case e := <-d.exited:
+			if e.cmd != e.c.cmd {
+				continue
+			}
+			e.c.running = false
+			if e.c.critical {
+				return fmt.Errorf("%s exited: %v (see %s/logs)", e.c.name, e.err, d.dir)
+			}
+			d.reportExit(e)
+		}
+	}
+}
+
+func webName(i int) string { return fmt.Sprintf("web-%d", i) }
+func webAddr(i int) string { return fmt.Sprintf("127.0.0.1:%d", 9000+i) }
+
+// add declares a child running bin/name (bin/demo-origin for origins).
+func (d *demo) add(name string, critical bool, args ...string) *child {
+	bin := name
+	if name != "consul" && name != "edgelb" {
+		bin = "demo-origin"
+	}
+	c := &child{name: name, path: filepath.Join(d.bin, bin), args: args, critical: critical}
+	d.children = append(d.children, c)
+	return c
+}
+
+func (d *demo) child(name string) *child {
+	for _, c := range d.children {
+		if c.name == name {
+			return c
+		}
+	}
+	panic("BUG: no demo process " + name)
+}
+
+// start runs c in the background, logging to dir/logs/NAME.log (appended
+// to when it runs again).
+func (d *demo) start(c *child) error {
+	if _, err := os.Stat(c.path); err != nil {
+		return fmt.Errorf("cannot find %s: run `make build consul` first", c.path)
+	}
+	log, err := os.OpenFile(filepath.Join(d.dir, "logs", c.name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(c.path, c.args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	// Its own process group: Ctrl-C in the terminal reaches the demo
+	// only, which stops its processes in order. Should the demo be
+	// killed outright, they get SIGTERM all the same.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	err = cmd.Start()
+	log.Close()
+	if err != nil {
+		return fmt.Errorf("cannot start %s: %w", c.name, err)
+	}
+	done := make(chan struct{})
+	c.cmd, c.done, c.running = cmd, done, true
+	go func() {
+		err := cmd.Wait()
+		close(done)
+		d.exited <- exit{c: c, cmd: cmd, err: err}
+	}()
+	return nil
+}
+
+// startConsul starts the Consul agent, waits for it to elect itself and
+// registers the web origins in it.
+func (d *demo) startConsul(c *child) error {
+	if err := d.start(c); err != nil {
+		return err
+	}
+	if err := waitFor(30*time.Second, "Consul leader", func() bool {
+		leader, err := d.consul.Status().Leader()
+		return err == nil && leader != ""
+	}); err != nil {
+		return fmt.Errorf("%w (see %s)", err, filepath.Join(d.dir, "logs", "consul.log"))
+	}
+	for i := 1; i <= webOrigins; i++ {
+		reg := &api.AgentServiceRegistration{
+			ID: webName(i), Name: "web", Address: "127.0.0.1", Port: 9000 + i,
+			Tags: []string{"edge.route=*/"},
+			Check: &api.AgentServiceCheck{
+				HTTP: "http://" + webAddr(i) + "/health", Interval: "1s", Timeout: "1s",
+				DeregisterCriticalServiceAfter: "10m",
+			},
+		}
+		if err := d.consul.Agent().ServiceRegister(reg); err != nil {
+			return fmt.Errorf("cannot register %s in Consul: %w", webName(i), err)
+		}
+	}
+	return nil
+}
+
+// startStopped starts again every stopped process but edgelb.
+func (d *demo) startStopped() {
+	started := false
+	for _, c := range d.children {
+		if c.running || c.critical {
+			continue
+		}
+		started = true
+		var err error
+		if c.name == "consul" {
+			// The agent reloads from its data dir what was registered
+			// through it; the web origins are registered again anyway.
+			fmt.Fprintln(d.out, "starting Consul again, with the services registered in it before ...")
+			err = d.startConsul(c)
+		} else {
+			err = d.start(c)
+		}
+		if err != nil {
+			fmt.Fprintf(d.out, "cannot start %s again: %v\n", c.name, err)
+			continue
+		}
+		fmt.Fprintf(d.out, "%s runs again as PID %d\n", c.name, c.cmd.Process.Pid)
+	}
+	if !started {
+		fmt.Fprintln(d.out, "SIGUSR1: every demo process is running")
+	}
+}
+
+// reportExit says what a process that ended means for the demo.
+func (d *demo) reportExit(e exit) {
+	again := fmt.Sprintf("kill -USR1 %d", os.Getpid())
+	switch {
+	case e.c.name == "consul":
+		fmt.Fprintf(d.out, "Consul exited (%v); edgelb keeps routing to the instances it knew (see /status and /readyz).\n"+
+			"  start it again: %s\n", e.err, again)
+	case e.c.name == apiOrigin:
+		fmt.Fprintf(d.out, "origin %s exited (%v); start it again: %s\n", e.c.name, e.err, again)
+	default:
+		alive := 0
+		for i := 1; i <= webOrigins; i++ {
+			if d.child(webName(i)).running {
+				alive++
+			}
+		}
+		if alive > 0 {
+			fmt.Fprintf(d.out, "origin %s exited (%v); edgelb routes around it (%d of %d web origins left).\n", e.c.name, e.err, alive, webOrigins)
+		} else {
+			fmt.Fprintf(d.out, "origin %s exited (%v); no web origin is left: edgelb answers from stored copies (Cache-Status) or 503 no_healthy_backend.\n",
+				e.c.name, e.err)
+		}
+		fmt.Fprintf(d.out, "  start it again: %s\n", again)
+	}
+}
+
+// printHints prints what to try, naming the demo's processes by PID.
+func (d *demo) printHints() {
+	pid := func(name string) int { return d.child(name).cmd.Process.Pid }
+	// web-2 is killed a step before.
+	var others []string
+	for _, name := range []string{"web-1", "web-3", apiOrigin} {
+		others = append(others, fmt.Sprint(pid(name)))
+	}
+	var procs strings.Builder
+	for _, c := range d.children {
+		fmt.Fprintf(&procs, "  %-7s PID %d\n", c.name, c.cmd.Process.Pid)
+	}
+	fmt.Fprintf(d.out, `
 edgelb is running on http://127.0.0.1:8080 (admin http://127.0.0.1:9901).
-Logs are in %[1]s/logs. Try:
+Logs are in %[1]s/logs. The demo is PID %[2]d; its processes:
+%[3]s
+Try:
 
   curl -i http://127.0.0.1:8080/                 # answered by web-1, web-2 or web-3 (X-Origin)
   curl -s http://127.0.0.1:9901/status           # backends, states, reasons, discovery freshness
   curl -s http://127.0.0.1:9901/metrics | grep edgelb_
 
-  # break an origin and watch edgelb route around it:
-  curl -X POST 'http://127.0.0.1:9002/_fault?mode=hang'      # or error500, garbage, overload, slow, reset
-  curl -X POST 'http://127.0.0.1:9002/_fault?mode=none'      # heal it
-  pkill -9 -f 'name web-2'                                    # kill it outright
-
-  # stop Consul: edgelb keeps routing to the instances it knew
-  pkill -f 'consul agent -dev'
-  curl -s http://127.0.0.1:9901/readyz
-
-  # kill every origin: what was answered before is served stale (Cache-Status)
-  pkill -9 -f 'demo-origin -listen 127.0.0.1:900'
-  curl -i http://127.0.0.1:8080/
-
-  # load it:
-  %[2]s/edgelb-load -url http://127.0.0.1:8080/ -c 32 -d 10s
-
-  # register a new origin with a route of its own; it is routed within a second:
-  %[2]s/demo-origin -listen 127.0.0.1:9004 -name api-1 &
+  # register api-1 (running on %[4]s) with a route of its own; it is routed within a second:
   curl -X PUT http://127.0.0.1:8500/v1/agent/service/register \
     -d '{"ID":"api-1","Name":"api","Address":"127.0.0.1","Port":9004,"Tags":["edge.route=*/api"]}'
   curl -i http://127.0.0.1:8080/api
 
-Press Ctrl-C to stop the demo.
-`, d.dir, d.bin)
+  # break an origin and watch edgelb route around it:
+  curl -X POST 'http://127.0.0.1:9002/_fault?mode=hang'      # or error500, garbage, overload, slow, reset
+  curl -X POST 'http://127.0.0.1:9002/_fault?mode=none'      # heal it
+  kill -9 %[5]d                                              # kill web-2 outright
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if *exitAfter > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, *exitAfter)
-		defer cancel()
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			fmt.Println("\nstopping the demo ...")
-			return nil
-		case e := <-d.exited:
-			if e.critical {
-				return fmt.Errorf("%s exited: %v (see %s/logs)", e.name, e.err, d.dir)
-			}
-			if e.name == "consul" {
-				fmt.Printf("Consul exited (%v); edgelb keeps routing to the instances it knew (see /status and /readyz).\n", e.err)
-				continue
-			}
-			// A dead origin is part of the demo: edgelb routes around it,
-			// or serves stored responses when every origin is gone.
-			fmt.Printf("origin %s exited (%v); edgelb routes around it. Start it again with:\n  %s\n",
-				e.name, e.err, strings.Join(e.cmdline, " ")+" &")
-		}
-	}
+  # stop Consul: edgelb keeps routing to the instances it knew
+  kill %[6]d
+  curl -s http://127.0.0.1:9901/readyz
+
+  # kill the other origins too: what was answered before is served stale (Cache-Status)
+  kill -9 %[7]s
+  curl -i http://127.0.0.1:8080/
+
+  # start again whatever was stopped (Consul, with its services, and the origins):
+  kill -USR1 %[2]d
+
+  # reload edgelb's config (%[8]s) without dropping requests:
+  kill -HUP %[9]d
+
+  # load it:
+  %[10]s/edgelb-load -url http://127.0.0.1:8080/ -c 32 -d 10s
+
+Press Ctrl-C to stop the demo and every process it started.
+`, d.dir, os.Getpid(), procs.String(), apiAddr, pid("web-2"), pid("consul"), strings.Join(others, " "), d.config, pid("edgelb"), d.bin)
 }
 
-// start runs bin/NAME with args in the background, logging to dir/logs.
-func (d *demo) start(name string, args ...string) error {
-	path := filepath.Join(d.bin, name)
-	if _, err := os.Stat(path); err != nil {
-		return fmt.Errorf("cannot find %s: run `make build consul` first", path)
-	}
-	logName := name
-	for i, a := range args {
-		if a == "-name" && i+1 < len(args) {
-			logName = args[i+1]
-		}
-	}
-	log, err := os.Create(filepath.Join(d.dir, "logs", logName+".log"))
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(path, args...)
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("cannot start %s: %w", name, err)
-	}
-	p := &proc{cmd: cmd, done: make(chan struct{})}
-	d.procs = append(d.procs, p)
-	// Origins and Consul failing are part of the demo; only edgelb is
-	// needed to go on.
-	critical := name == "edgelb"
-	cmdline := append([]string{path}, args...)
-	go func() {
-		err := cmd.Wait()
-		close(p.done)
-		d.exited <- exit{name: logName, cmdline: cmdline, err: err, critical: critical}
-	}()
-	return nil
-}
-
-// stopAll stops the processes in reverse order of start.
+// stopAll stops the running processes in reverse order of start.
 func (d *demo) stopAll() {
-	for i := len(d.procs) - 1; i >= 0; i-- {
-		p := d.procs[i]
-		p.cmd.Process.Signal(syscall.SIGTERM)
+	for i := len(d.children) - 1; i >= 0; i-- {
+		c := d.children[i]
+		if c.cmd == nil {
+			continue
+		}
 		select {
-		case <-p.done:
+		case <-c.done:
+			continue
+		default:
+		}
+		c.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-c.done:
 		case <-time.After(5 * time.Second):
-			p.cmd.Process.Kill()
+			c.cmd.Process.Kill()
+			<-c.done
 		}
 	}
 }

@@ -60,10 +60,7 @@ func run() int {
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	for sig := range sigs {
 		if sig == syscall.SIGHUP {
-			next, err := balancer.LoadConfig(*configPath)
-			if err == nil {
-				err = srv.Reload(next)
-			}
+			next, err := srv.ReloadFile(*configPath)
 			if err != nil {
 				logger.Error("config reload failed; keeping the running config", "err", err)
 				continue

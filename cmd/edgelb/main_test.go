@@ -199,3 +199,77 @@ func TestSignals(t *testing.T) {
 		t.Fatal("edgelb did not exit after SIGTERM")
 	}
 }
+
+// TestReloadBooks sends SIGHUP with three broken configs (an unknown key,
+// truncated YAML, an empty file), then a good one that changes the
+// service: every failure is counted, and the service's request counter
+// carries on through the rebuild of its pool.
+func TestReloadBooks(t *testing.T) {
+	origin := startOrigin(t)
+	dir := t.TempDir()
+	listen, admin := freeAddr(t), freeAddr(t)
+	path := filepath.Join(dir, "edgelb.yaml")
+	good := fmt.Sprintf("listen: %s\nadmin: %s\nstate_dir: %s\nservices:\n  web: {static: [%s]}\nroutes: [{service: web}]\n", listen, admin, filepath.Join(dir, "state"), origin)
+	writeConfig(t, path, good)
+	logFile, err := os.Create(filepath.Join(dir, "edgelb.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	output := func() string { b, _ := os.ReadFile(logFile.Name()); return string(b) }
+	cmd := exec.Command(edgelbBin, "-config", path)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("edgelb output:\n%s", output())
+		}
+	})
+	waitFor(t, "edgelb ready", func() bool { code, _ := get("http://" + admin + "/readyz"); return code == 200 })
+	metric := func(name string) string {
+		_, body := get("http://" + admin + "/metrics")
+		for _, line := range strings.Split(body, "\n") {
+			if v, ok := strings.CutPrefix(line, name+" "); ok {
+				return v
+			}
+		}
+		return "absent"
+	}
+	for i := 0; i < 50; i++ {
+		if code, _ := get("http://" + listen + "/"); code != 200 {
+			t.Fatalf("GET /: %d", code)
+		}
+	}
+
+	broken := []string{
+		good + "bogus: 1\n", // unknown key
+		good[:len(good)/2],  // truncated YAML
+		"",                  // empty file
+	}
+	for i, yaml := range broken {
+		writeConfig(t, path, yaml)
+		cmd.Process.Signal(syscall.SIGHUP)
+		waitFor(t, "the refused reload in the log", func() bool {
+			return strings.Count(output(), "keeping the running config") == i+1
+		})
+	}
+	if got := metric(`edgelb_config_reloads_total{result="error"}`); got != "3" {
+		t.Fatalf(`edgelb_config_reloads_total{result="error"} %s after three broken configs, want 3`, got)
+	}
+
+	writeConfig(t, path, strings.Replace(good, "web: {static", "web: {retries: 1, static", 1))
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, "the reload", func() bool { return metric(`edgelb_config_reloads_total{result="ok"}`) == "1" })
+	for i := 0; i < 10; i++ {
+		if code, _ := get("http://" + listen + "/"); code != 200 {
+			t.Fatalf("GET / after the reload: %d", code)
+		}
+	}
+	if got := metric(`edgelb_requests_total{service="web"}`); got != "60" {
+		t.Fatalf(`edgelb_requests_total{service="web"} %s after 50 requests, a reload that rebuilt the service and 10 more, want 60`, got)
+	}
+}

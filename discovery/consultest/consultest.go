@@ -200,11 +200,15 @@ func (a *Agent) Stop() {
 	a.cmd = nil
 }
 
-// Restart starts the agent again on the same ports. A dev agent keeps no
-// data: services must be registered again.
+// Restart stops the agent and starts a new, empty one on the same ports, as
+// a restarted dev agent or a rebuilt cluster: services must be registered
+// again, and its index starts low again.
 func (a *Agent) Restart() {
 	a.t.Helper()
 	a.Stop()
+	// A dev agent reloads the services registered through it from its
+	// data dir: a new one starts from an empty dir.
+	a.dataDir = a.t.TempDir()
 	if err := a.start(); err != nil {
 		a.t.Fatal(err)
 	}
