@@ -319,6 +319,11 @@ func metricFamily(name string, types map[string]string) string {
 // metricHelp is the HELP text of each edgelb metric family, and the type of
 // those written without metadata.
 var metricHelp = map[string]struct{ typ, help string }{
+	"edgelb_requests_refused_total":           {help: "Client requests edgelb answered itself without forwarding, by reason: a malformed method, target, Host, header name or framing, an unsupported version or expectation, a method not allowed (CONNECT, TRACE), a body over max_request_body, or OPTIONS * answered here."},
+	"edgelb_backend_conns_discarded_total":    {help: "Backend connections closed instead of reused: stale (the backend closed it, or left bytes on it, while idle) or surplus (bytes followed a response)."},
+	"edgelb_client_conns_rejected_total":      {help: "Client connections closed at accept, by reason (max_conns_per_ip)."},
+	"edgelb_accept_errors_total":              {help: "Failed accepts of client connections, by cause (emfile, enfile, enobufs, enomem, other); accepting pauses briefly after each."},
+	"edgelb_client_timeouts_total":            {help: "Client connections closed with 408 because the request head (server.header_timeout) or body (server.idle_timeout) did not arrive in time."},
 	"edgelb_admin_requests_refused_total":     {help: "Admin API requests refused, by reason: host (Host not accepted), token (missing or wrong admin_token), cross_origin (a request a web page of another origin may have sent)."},
 	"edgelb_backend_errors_total":             {help: "Tries on a backend that failed, by cause."},
 	"edgelb_backend_inflight":                 {help: "Requests in flight to a backend."},
