@@ -373,6 +373,7 @@ func TestMalformedHeadsAreRefused(t *testing.T) {
 			{"GET / HTTP/1.1\r\nHost: x\r\nTransfer Encoding: chunked\r\n\r\n", 400},
 			{"GET / HTTP/1.1\r\nHost: x\r\nX-Invalid Y: 1\r\n\r\n", 400},
 			{"GET / HTTP/1.1\r\nHost: x\r\nX-Bad[: 1\r\n\r\n", 400},
+			{"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n", 400},
 			{"get / HTTP/1.1\r\nHost: x\r\n\r\n", 400},
 			{"GeT / HTTP/1.1\r\nHost: x\r\n\r\n", 400},
 			{"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505},
