@@ -22,35 +22,8 @@ import (
 // gets and answers it with reply.
 func recordingOrigin(t *testing.T, reply string) (addr string, heads func() []string) {
 	t.Helper()
-	var mu sync.Mutex
-	var got []string
-	addr = serveRaw(t, func(c net.Conn) {
-		br := bufio.NewReader(c)
-		for {
-			var head strings.Builder
-			for {
-				line, err := br.ReadString('\n')
-				if err != nil {
-					return
-				}
-				head.WriteString(line)
-				if line == "\r\n" {
-					break
-				}
-			}
-			mu.Lock()
-			got = append(got, head.String())
-			mu.Unlock()
-			if _, err := io.WriteString(c, reply); err != nil {
-				return
-			}
-		}
-	})
-	return addr, func() []string {
-		mu.Lock()
-		defer mu.Unlock()
-		return append([]string(nil), got...)
-	}
+	o := startRecOrigin(t, func(c net.Conn, _ string) { io.WriteString(c, reply) })
+	return o.addr, o.got
 }
 
 // exchange writes raw to a new connection to the edge, optionally closes
