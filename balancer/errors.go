@@ -91,7 +91,9 @@ var errBodies = [numErrCodes][]byte{
 // backend. Slow path: only called on errors.
 func classifyErr(err error) (health.Outcome, errCode) {
 	switch {
-	case err == fasthttp.ErrBodyTooLarge:
+	case err == fasthttp.ErrBodyTooLarge, isSmallBuffer(err):
+		// A head over edgelb's buffer is its limit too: a backend that
+		// echoes a long URL into Location must not be ejected for it.
 		return health.OutcomeCanceled, errResponseTooLarge
 	case err == fasthttp.ErrNoFreeConns:
 		return health.OutcomeLocalOverload, errOverloaded
@@ -110,6 +112,11 @@ func classifyErr(err error) (health.Outcome, errCode) {
 		return health.OutcomeTimeout, errTimeout
 	}
 	return health.OutcomeInvalidResponse, errInvalidResponse
+}
+
+func isSmallBuffer(err error) bool {
+	var small *fasthttp.ErrSmallBuffer
+	return errors.As(err, &small)
 }
 
 // isDialErr reports whether err happened while connecting, so that the

@@ -112,7 +112,7 @@ func setForwarding(ctx *fasthttp.RequestCtx, h *fasthttp.RequestHeader, flags in
 		if trusted {
 			vals, span = collectForwarding(vals, h)
 		}
-		removeForwarding(h)
+		removeForwarding(h, trusted)
 	}
 	kept := func(i int) []byte { return vals[span[i][0]:span[i][1]] }
 	var out [512]byte
@@ -146,14 +146,19 @@ func collectForwarding(dst []byte, h *fasthttp.RequestHeader) (_ []byte, span [4
 	return dst, span
 }
 
-// removeForwarding deletes every forwarding header and look-alike.
-func removeForwarding(h *fasthttp.RequestHeader) {
+// removeForwarding deletes every forwarding header and look-alike, and,
+// unless the peer is trusted, the rest of the X-Forwarded-* family.
+func removeForwarding(h *fasthttp.RequestHeader, trusted bool) {
 	for range maxHeaderDeletes {
 		var del []byte
 		for k := range h.All() {
-			switch headerKindOf(k) {
+			switch requestHeaderKind(k) {
 			case hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded, hkForwardedLookalike:
 				del = k
+			case hkForwardedOther:
+				if !trusted {
+					del = k
+				}
 			}
 			if del != nil {
 				break

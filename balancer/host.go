@@ -47,7 +47,7 @@ func hostKey(dst, host []byte) (key []byte, ok bool) {
 	if n := len(name); n > 0 && name[n-1] == '.' {
 		name = name[:n-1]
 	}
-	if len(name) == 0 {
+	if len(name) == 0 || name[len(name)-1] == '.' || name[0] == '-' {
 		return dst, false
 	}
 	prev := byte('.') // no empty label: no leading dot, no ".."

@@ -40,6 +40,9 @@ type laneRequest struct {
 	// dupForwarded is set when one of them came twice.
 	xff, xfp, xfh, fwd []byte
 	dupForwarded       bool
+	// otherForwarded is set when another X-Forwarded-* or X-Real-IP
+	// came.
+	otherForwarded bool
 	// drop holds the [start, end) ranges of the header lines that do not
 	// go upstream: Connection: keep-alive, X-Forwarded-*, Forwarded and
 	// their look-alikes.
@@ -106,13 +109,22 @@ func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
 			r.headLen = off
 			break
 		}
-		switch kind := headerKindOf(name); kind {
+		switch kind := requestHeaderKind(name); kind {
 		case hkOther:
 		case hkHost:
 			if r.host != nil || len(value) == 0 {
 				return laneHandOff
 			}
 			r.host = value
+		case hkForwardedOther:
+			// Dropped from an untrusted peer; a trusted one's go to the
+			// fasthttp path, which keeps them.
+			r.otherForwarded = true
+			if r.ndrop == len(r.drop) {
+				return laneHandOff
+			}
+			r.drop[r.ndrop] = [2]int{start, off}
+			r.ndrop++
 		case hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded, hkForwardedLookalike:
 			// None of these goes upstream as the client sent it: the
 			// loop writes its own, from a trusted peer extending the
@@ -233,6 +245,10 @@ const (
 	// '_' for a '-': some backends read them as the real ones, so they
 	// never go upstream.
 	hkForwardedLookalike
+	// hkForwardedOther is any other X-Forwarded-* (Port, Prefix, Ssl,
+	// Server...) or X-Real-IP: frameworks believe them, so they reach a
+	// backend only from a trusted proxy.
+	hkForwardedOther
 	hkHop // another hop-by-hop header
 )
 
@@ -250,6 +266,20 @@ func headerKindOf(name []byte) headerKind {
 	}
 	return hkOther
 }
+
+// requestHeaderKind is headerKindOf for a request header, which also tells
+// the X-Forwarded-* family apart.
+func requestHeaderKind(name []byte) headerKind {
+	k := headerKindOf(name)
+	if k == hkOther && len(name) > len(strXForwardedPrefix) && name[0]|0x20 == 'x' &&
+		(name[1] == '-' || name[1] == '_') && equalFoldToken(name[2:len(strXForwardedPrefix)], strXForwardedPrefix[2:]) {
+		return hkForwardedOther
+	}
+	return k
+}
+
+// strXForwardedPrefix starts every X-Forwarded-* name, in lower case.
+var strXForwardedPrefix = []byte("x-forwarded")
 
 // equalFoldToken reports whether name equals lower, a name of the same
 // length in lower-case letters and '-', whatever name's case. Setting bit
@@ -307,6 +337,7 @@ var headerKindsByLen = func() (t [20][]headerKindName) {
 		add(e.kind, e.lower)
 	}
 	add(hkForwarded, strForwarded)
+	add(hkForwardedOther, []byte("x-real-ip"))
 	for _, suffix := range []string{"for", "proto", "host"} {
 		for _, sep := range [][2]byte{{'_', '_'}, {'_', '-'}, {'-', '_'}} {
 			add(hkForwardedLookalike, []byte("x"+string(sep[0])+"forwarded"+string(sep[1])+suffix))

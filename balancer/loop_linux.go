@@ -735,7 +735,7 @@ func (l *loop) serve(c *lconn) {
 	}
 	r := &c.req
 	host, ok := hostKey(l.hb[:0], r.host)
-	if !ok || r.dupForwarded && c.trusted {
+	if !ok || (r.dupForwarded || r.otherForwarded) && c.trusted {
 		// The fasthttp path refuses the Host with a 400, or joins a
 		// trusted proxy's repeated forwarding headers.
 		l.handOff(c)

@@ -421,7 +421,10 @@ func removeConnectionHeaders(v []byte, del func([]byte)) {
 		var tok []byte
 		tok, v, _ = bytes.Cut(v, strComma)
 		tok = bytes.TrimSpace(tok)
-		if len(tok) > 0 && !bytes.EqualFold(tok, strClose) && !bytes.EqualFold(tok, strKeepAlive) {
+		// Host and the framing headers are never hop-by-hop, whatever
+		// Connection says: without them the request means something else.
+		if len(tok) > 0 && !bytes.EqualFold(tok, strClose) && !bytes.EqualFold(tok, strKeepAlive) &&
+			!bytes.EqualFold(tok, strHost) && !bytes.EqualFold(tok, strContentLength) && !bytes.EqualFold(tok, strContentType) {
 			del(tok)
 		}
 	}

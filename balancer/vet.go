@@ -171,6 +171,7 @@ var (
 	strSchemeHTTPS = []byte("https://")
 	str100Continue = []byte("100-continue")
 	strForwarded   = []byte("Forwarded")
+	strContentType = []byte("Content-Type")
 )
 
 // absoluteForm splits an absolute-form request target with the http or
@@ -238,7 +239,7 @@ func scanHeaderLines(raw []byte) (flags int, r refusal) {
 			return flags, refuseHeaderName
 		}
 		name := line[:colon]
-		switch headerKindOf(name) {
+		switch requestHeaderKind(name) {
 		case hkContentLength:
 			flags |= sawContentLength
 		case hkTransferEncoding:
@@ -249,7 +250,8 @@ func scanHeaderLines(raw []byte) (flags int, r refusal) {
 			if !bytes.EqualFold(v, str100Continue) {
 				return flags, refuseExpect
 			}
-		case hkConnection, hkHop, hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded, hkForwardedLookalike:
+		case hkConnection, hkHop, hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded, hkForwardedLookalike,
+			hkForwardedOther:
 			flags |= sawRewrite
 		}
 	}
