@@ -5,7 +5,7 @@ BIN := $(CURDIR)/bin
 CONSUL_VERSION := 1.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: all build test test-race test-alloc bench consul demo vet fmt clean peers bench-scenarios
+.PHONY: all build test test-race test-alloc bench consul demo vet fmt clean peers bench-scenarios fuzz
 
 all: build
 
@@ -37,6 +37,13 @@ vet:
 test: consul vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -count=1 -run 'AllocatesNothing' -timeout 10m ./balancer/... ./health
+
+# Searches for client input that makes edgelb send a backend a request the
+# client did not send, or more requests than the client gets answers; what
+# it finds lands in balancer/testdata/fuzz, which `make test` then runs.
+FUZZTIME ?= 60s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzProxyHead -fuzztime $(FUZZTIME) ./balancer
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./...
