@@ -425,10 +425,6 @@ func provenance(r originReq, in []byte, peer string) string {
 		if canon == "host" && strings.Contains(string(in), "://"+value) {
 			continue // an absolute-form target's authority
 		}
-		if canon == "content-type" && value == fasthttpDefaultContentType && len(r.body) > 0 &&
-			!bytes.Contains(bytes.ToLower(in), []byte("content-type:")) {
-			continue
-		}
 		sent := false
 		for _, kv := range client {
 			if strings.EqualFold(kv[0], name) && strings.Trim(kv[1], " \t") == value {
@@ -461,11 +457,6 @@ func provenance(r originReq, in []byte, peer string) string {
 	}
 	return ""
 }
-
-// fasthttpDefaultContentType is the Content-Type fasthttp's client writes
-// for a request with a body and none of its own; the fasthttp path sends
-// it upstream for a client that sent none.
-const fasthttpDefaultContentType = "application/octet-stream"
 
 // clientSentTarget reports whether in holds a request line with this
 // method whose target is target, or an absolute-form target whose path is

@@ -502,3 +502,24 @@ func bodyOf(r *fasthttp.Response) string {
 	}
 	return string(r.Body())
 }
+
+// A client that half-closes right after its request gets its answer and
+// then the end of the connection at once, on both engines.
+func TestHalfCloseAfterRequestClosesAtOnce(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		o := startRecOrigin(t, echoPath)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n")
+		for i := 0; i < 5; i++ {
+			c := dialEdge(t, s)
+			io.WriteString(c, "GET /hc HTTP/1.1\r\nHost: x\r\n\r\n")
+			c.(*net.TCPConn).CloseWrite()
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			start := time.Now()
+			all, err := io.ReadAll(c)
+			c.Close()
+			if err != nil || !strings.HasPrefix(string(all), "HTTP/1.1 200") || !strings.HasSuffix(string(all), "/hc") {
+				t.Fatalf("got %q %v after %s; want the answer, then the end of the connection", all, err, time.Since(start))
+			}
+		}
+	})
+}

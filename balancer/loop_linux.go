@@ -101,6 +101,9 @@ type lconn struct {
 	// eof is set once the client has shut its sending side, or the
 	// backend has closed or reset its connection.
 	eof bool
+	// rdhup is set once epoll said the client shut its sending side,
+	// before the end of file is read.
+	rdhup bool
 
 	// Backend side.
 	backend *Backend
@@ -666,6 +669,12 @@ func (l *loop) onEvent(c *lconn, ev uint32) {
 		if ev&readEvents != 0 {
 			c.readable = true
 		}
+		if ev&(syscall.EPOLLRDHUP|syscall.EPOLLHUP) != 0 {
+			// Edge-triggered: the end of the client's sending side is
+			// signalled once, maybe with its last bytes; remember it so
+			// that the read after them sees the end of file.
+			c.rdhup = true
+		}
 		switch c.state {
 		case lcWriting:
 			if ev&(syscall.EPOLLOUT|syscall.EPOLLHUP|syscall.EPOLLERR) != 0 {
@@ -687,7 +696,7 @@ func (l *loop) onClient(c *lconn) {
 	if space := cap(c.in) - len(c.in); space > 0 && !c.eof {
 		n, errno := rawRead(c.fd, c.in[len(c.in):cap(c.in)])
 		// A short read drained the socket; a full one may have left more.
-		c.readable = n == space
+		c.readable = n == space || c.rdhup
 		switch {
 		case n > 0:
 			if c.headSince == 0 {

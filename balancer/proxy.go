@@ -268,6 +268,9 @@ func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request, flags int, 
 		h.DelBytes(strExpect)
 	}
 	h.ResetConnectionClose()
+	// A body with no Content-Type goes up without one, not with the
+	// client library's default.
+	h.SetNoDefaultContentType(true)
 	setForwarding(ctx, h, flags, trusted)
 	// Keep the client's Host (or the authority of an absolute-form
 	// target, which vetRequest made the Host): it goes upstream as sent.
