@@ -1,7 +1,6 @@
 package balancer
 
 import (
-	"context"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -30,16 +29,7 @@ func (b *syncBuffer) String() string {
 
 func TestAdminServerLogsThroughSlog(t *testing.T) {
 	var logs syncBuffer
-	cfg := mustConfig(t, "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: "+t.TempDir()+"\nservices:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}]\n")
-	s := NewServer(cfg, slog.New(slog.NewTextHandler(&logs, nil)))
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
+	s := startEdgeLogging(t, "services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}]\n", slog.New(slog.NewTextHandler(&logs, nil)))
 	// net/http logs a handler's panic to the server's ErrorLog.
 	s.admin.mux.HandleFunc("GET /test/panic", func(http.ResponseWriter, *http.Request) { panic("admin test panic") })
 	if resp, err := http.Get("http://" + s.AdminAddr() + "/test/panic"); err == nil {

@@ -59,11 +59,17 @@ func (o *origin) stop() {
 // The config must not set listen or admin.
 func startEdge(t testing.TB, yaml string) *Server {
 	t.Helper()
+	return startEdgeLogging(t, yaml, quietLogger())
+}
+
+// startEdgeLogging is startEdge with the server's logger.
+func startEdgeLogging(t testing.TB, yaml string, logger *slog.Logger) *Server {
+	t.Helper()
 	if !strings.Contains(yaml, "state_dir:") {
 		yaml = "state_dir: " + t.TempDir() + "\n" + yaml
 	}
 	cfg := mustConfig(t, "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n"+yaml)
-	s := NewServer(cfg, quietLogger())
+	s := NewServer(cfg, logger)
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -51,27 +51,15 @@ services:
 routes: [{service: web}]
 `, listen, admin, filepath.Join(dir, "state"), eventLoop, origin))
 
-	logFile, err := os.Create(filepath.Join(dir, "edgelb.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	output := func() string { b, _ := os.ReadFile(logFile.Name()); return string(b) }
 	// ulimit -n sets the hard limit too, which the Go runtime would
 	// otherwise raise the soft one to.
 	cmd := exec.Command("sh", "-c", `ulimit -n 200 && exec "$0" "$@"`, edgelbBin, "-config", path)
 	cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
-	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	output := startLogged(t, dir, cmd)
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		cmd.Wait()
-		if t.Failed() {
-			t.Logf("edgelb output:\n%s", output())
-		}
 	})
 	pid := cmd.Process.Pid
 

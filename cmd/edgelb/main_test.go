@@ -136,25 +136,11 @@ func TestSignals(t *testing.T) {
 	writeConfig(t, path, base+"routes: [{path: /a, service: web}, {path: /slow, service: web}]\n")
 
 	// The process writes its log to a file, read as it grows.
-	logFile, err := os.Create(filepath.Join(dir, "edgelb.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	output := func() string { b, _ := os.ReadFile(logFile.Name()); return string(b) }
 	cmd := exec.Command(edgelbBin, "-config", path)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	output := startLogged(t, dir, cmd)
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		if t.Failed() {
-			t.Logf("edgelb output:\n%s", output())
-		}
-	})
+	t.Cleanup(func() { cmd.Process.Kill() })
 	waitFor(t, "edgelb ready", func() bool { code, _ := get("http://" + admin + "/readyz"); return code == 200 })
 
 	if code, body := get("http://" + listen + "/a"); code != 200 || body != "origin /a" {
@@ -211,23 +197,11 @@ func TestReloadBooks(t *testing.T) {
 	path := filepath.Join(dir, "edgelb.yaml")
 	good := fmt.Sprintf("listen: %s\nadmin: %s\nstate_dir: %s\nservices:\n  web: {static: [%s]}\nroutes: [{service: web}]\n", listen, admin, filepath.Join(dir, "state"), origin)
 	writeConfig(t, path, good)
-	logFile, err := os.Create(filepath.Join(dir, "edgelb.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logFile.Close()
-	output := func() string { b, _ := os.ReadFile(logFile.Name()); return string(b) }
 	cmd := exec.Command(edgelbBin, "-config", path)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	output := startLogged(t, dir, cmd)
 	t.Cleanup(func() {
 		cmd.Process.Signal(syscall.SIGTERM)
 		cmd.Wait()
-		if t.Failed() {
-			t.Logf("edgelb output:\n%s", output())
-		}
 	})
 	waitFor(t, "edgelb ready", func() bool { code, _ := get("http://" + admin + "/readyz"); return code == 200 })
 	metric := func(name string) string {
@@ -272,4 +246,28 @@ func TestReloadBooks(t *testing.T) {
 	if got := metric(`edgelb_requests_total{service="web"}`); got != "60" {
 		t.Fatalf(`edgelb_requests_total{service="web"} %s after 50 requests, a reload that rebuilt the service and 10 more, want 60`, got)
 	}
+}
+
+// startLogged starts cmd with its output in dir/edgelb.log and returns a
+// function that reads the log so far; a failed test logs it at the end.
+func startLogged(t *testing.T, dir string, cmd *exec.Cmd) (output func() string) {
+	t.Helper()
+	logFile, err := os.Create(filepath.Join(dir, "edgelb.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	output = func() string { b, _ := os.ReadFile(logFile.Name()); return string(b) }
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		t.Fatal(err)
+	}
+	// Registered before the caller's stop, so it runs after it.
+	t.Cleanup(func() {
+		logFile.Close()
+		if t.Failed() {
+			t.Logf("edgelb output:\n%s", output())
+		}
+	})
+	return output
 }
