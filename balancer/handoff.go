@@ -3,6 +3,7 @@ package balancer
 import (
 	"context"
 	"errors"
+	"github.com/valyala/fasthttp"
 	"net"
 	"net/netip"
 	"sync"
@@ -15,6 +16,8 @@ var errNoLane = errors.New("edgelb: the event loop needs a TCP listener")
 // prefixConn is a client connection handed from an event loop to the
 // fasthttp server: pre holds the bytes the loop had already read. open
 // counts the handed-over connections not closed yet.
+// att, when set, is the state of the tries made for the first request in
+// pre (see attempt).
 type prefixConn struct {
 	net.Conn
 	pre    []byte
@@ -31,6 +34,19 @@ type prefixConn struct {
 	ip  netip.Addr
 	// got is set once the client sent a byte.
 	got bool
+	att *attempt
+}
+
+// takeAttempt returns the tries the loop made for the request the server
+// is about to serve on ctx's connection, if any, once.
+func takeAttempt(ctx *fasthttp.RequestCtx) *attempt {
+	pc, ok := ctx.Conn().(*prefixConn)
+	if !ok || pc.att == nil {
+		return nil
+	}
+	a := pc.att
+	pc.att = nil
+	return a
 }
 
 func newPrefixConn(c net.Conn, pre []byte, open *atomic.Int64) *prefixConn {

@@ -82,6 +82,9 @@ type lconn struct {
 	ip []byte // remote IP, as X-Forwarded-For carries it
 	// trusted is set when the peer is in server.trusted_proxies.
 	trusted bool
+	// tried holds the backend of the request in flight, for the
+	// attempt a hand-over carries.
+	tried   tried
 	req     laneRequest
 	pool    *Pool
 	peer    *lconn // the backend connection serving the request
@@ -112,7 +115,10 @@ type lconn struct {
 	reused  bool
 	resp    laneResponse
 	parsed  bool
-	outcome health.Outcome // how resp counts for the backend's health
+	// elsewhere is set when the response, once whole, goes to the
+	// fasthttp path to be retried elsewhere or replaced by a stored copy.
+	elsewhere bool
+	outcome   health.Outcome // how resp counts for the backend's health
 }
 
 // loop is one event loop.
@@ -756,7 +762,8 @@ func (l *loop) serve(c *lconn) {
 		return
 	}
 	p := rt.pool
-	b := p.pick(l.nowNs, &tried{})
+	c.tried = tried{}
+	b := p.pick(l.nowNs, &c.tried)
 	if b == nil || !b.ap.IsValid() {
 		l.handOff(c)
 		return
@@ -767,6 +774,7 @@ func (l *loop) serve(c *lconn) {
 		return
 	}
 	c.pool = p
+	c.tried.add(b)
 	c.peer, bc.client = bc, c
 	c.state = lcWaiting
 	c.start = l.now
@@ -967,11 +975,12 @@ func (l *loop) backendClosed(bc *lconn) {
 		// A kept-alive connection the backend had just closed: not the
 		// backend's failure. Resend on a new connection.
 		l.redial(bc)
+	case len(bc.in) == 0:
+		// Closed with no answer: as the fasthttp path counts it.
+		l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 	default:
-		// No answer, or one cut short: the full path asks again, and
-		// counts and answers what it gets, as it does for its own tries.
-		// Counting this try as well would count the failure twice.
-		l.abandon(bc)
+		// An answer cut short.
+		l.backendFailed(bc, health.OutcomeInvalidResponse, errInvalidResponse)
 	}
 }
 
@@ -999,13 +1008,10 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		p, r := c.pool, &bc.resp
 		o, retryable := classifyStatus(r.status, r.retryAfter)
 		bc.outcome = o
-		if retryable ||
-			(r.status >= 500 && r.status <= 504 && p.store != nil && p.staleOnStatus[r.status-500]) {
-			// Another backend or a stored answer may do better: that is
-			// the full path's job, as are retries.
-			l.tryElsewhere(bc, o)
-			return
-		}
+		// Another backend or a stored answer may do better: the
+		// fasthttp path decides, with this answer in hand once whole.
+		bc.elsewhere = retryable ||
+			(r.status >= 500 && r.status <= 504 && p.store != nil && p.staleOnStatus[r.status-500])
 		if r.headLen+r.bodyLen > laneMaxResponse || r.bodyLen > p.cfg.MaxResponseBody {
 			// Large bodies stream on the full path.
 			l.abandon(bc)
@@ -1025,6 +1031,10 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		}
 		if len(bc.in) > r.headLen+n {
 			r.keepAlive = false
+		}
+		if bc.elsewhere {
+			l.tryElsewhere(bc, bc.in[:r.headLen+n])
+			return
 		}
 		l.body = appendDechunked(l.body[:0], bc.in[r.headLen:r.headLen+n])
 		bc.in = bc.in[:r.headLen+n]
@@ -1046,6 +1056,10 @@ func (l *loop) onResponseBytes(bc *lconn) {
 	if len(bc.in) > total {
 		// More than the response: the connection is out of step.
 		bc.resp.keepAlive = false
+	}
+	if bc.elsewhere {
+		l.tryElsewhere(bc, bc.in[:total])
+		return
 	}
 	l.respond(c, bc, bc.in[r.headLen:total], false)
 }
@@ -1184,7 +1198,7 @@ func (l *loop) flush(c *lconn) {
 // releaseBackend returns bc to the idle list of its backend, or closes it.
 func (l *loop) releaseBackend(bc *lconn) {
 	keep := bc.resp.keepAlive && !bc.eof && !l.stopping
-	bc.parsed = false
+	bc.parsed, bc.elsewhere = false, false
 	if cap(bc.in) > laneKeepBuf {
 		bc.in = nil
 	} else {
@@ -1238,25 +1252,48 @@ func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 	l.finishBackend(bc, o, true)
 	if c != nil {
 		c.state = lcIdle
-		l.handOff(c)
+		l.handOffTried(c, 1, code, nil)
 	}
 }
 
-// tryElsewhere records a backend's answer that another backend may
-// better, and hands the client to the full path, which asks again.
-func (l *loop) tryElsewhere(bc *lconn, o health.Outcome) {
+// tryElsewhere records a backend's whole answer, raw, that another backend
+// or a stored copy may better, and hands the client to the fasthttp path
+// with it: the path retries elsewhere, serves stale, or answers with it,
+// and asks this backend nothing again.
+func (l *loop) tryElsewhere(bc *lconn, raw []byte) {
 	c, b := bc.client, bc.backend
 	b.m.requests.Inc()
 	b.m.status[statusClass(bc.resp.status)].Inc()
-	if o == health.OutcomeOverloaded {
+	if bc.outcome == health.OutcomeOverloaded {
 		b.m.errors[errOverloaded].Inc()
 	}
 	laneFallbacks.Inc()
+	lat := l.now.Sub(c.start)
+	b.m.latency.Update(lat)
+	b.target.Done(l.nowNs, bc.outcome, lat)
+	att := l.attemptOf(c, 1, errNone, raw)
 	c.peer, bc.client = nil, nil
-	b.target.Done(l.nowNs, o, l.now.Sub(c.start))
-	l.close(bc)
+	l.unwait(c)
+	l.releaseBackend(bc)
 	c.state = lcIdle
-	l.handOff(c)
+	l.handOffWith(c, att)
+}
+
+// attemptOf makes the attempt a hand-over of c carries after tries tries;
+// raw, if set, is copied.
+func (l *loop) attemptOf(c *lconn, tries int, code errCode, raw []byte) *attempt {
+	a := &attempt{start: c.start, deadline: c.start.Add(c.pool.cfg.Timeout), tried: c.tried, tries: tries, code: code,
+		head: c.req.head}
+	if raw != nil {
+		a.resp = append([]byte(nil), raw...)
+	}
+	return a
+}
+
+// handOffTried hands c over with the attempt of its request after tries
+// tries, the last of which failed with code.
+func (l *loop) handOffTried(c *lconn, tries int, code errCode, raw []byte) {
+	l.handOffWith(c, l.attemptOf(c, tries, code, raw))
 }
 
 // abandon gives up on a response the loop does not forward itself: the
@@ -1282,7 +1319,7 @@ func (l *loop) redial(bc *lconn) {
 	if nb == nil {
 		b.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 		c.state = lcIdle
-		l.handOff(c)
+		l.handOffTried(c, 0, errNone, nil)
 		return
 	}
 	c.peer, nb.client = nb, c
@@ -1359,7 +1396,11 @@ func (l *loop) httpDate() []byte {
 
 // handOff gives c, with the bytes read from it so far, to the fasthttp
 // server.
-func (l *loop) handOff(c *lconn) {
+func (l *loop) handOff(c *lconn) { l.handOffWith(c, nil) }
+
+// handOffWith hands c to the fasthttp server with att, the tries made for
+// its first request, if any.
+func (l *loop) handOffWith(c *lconn, att *attempt) {
 	laneHandoffs.Inc()
 	l.forget(c)
 	fd := c.fd
@@ -1371,6 +1412,7 @@ func (l *loop) handOff(c *lconn) {
 		pre = append(pre, c.in...)
 	}
 	pc := newPrefixConn(newFDConn(fd, c.remote, l.s.ln.Addr()), pre, &l.s.handedOver)
+	pc.att = att
 	if c.headSince != 0 {
 		pc.headBy = time.Unix(0, c.headSince+l.headerTimeout)
 	}

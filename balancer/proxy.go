@@ -61,7 +61,11 @@ var hopHeaderBytes = func() [][]byte {
 // idempotent requests on other backends within one deadline.
 // flags are what vetRequest saw in its head; trusted is set when the peer
 // is in server.trusted_proxies.
-func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted bool) {
+//
+// att, when set, holds the tries the event loop made for this request
+// before it handed the connection over: serve goes on from them, within
+// the same deadline, and does not count them again.
+func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted bool, att *attempt) {
 	p.m.requests.Inc()
 	req := &ctx.Request
 	clientClose := req.Header.ConnectionClose()
@@ -73,7 +77,25 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 	var t tried
 	code := errNoHealthyBackend
 	answered := false // ctx.Response holds a backend's answer
-	for attempt := 0; attempt <= p.cfg.Retries; attempt++ {
+	// kept is a retryable answer held while other backends are tried: a
+	// backend's answer beats an error edgelb would make up.
+	var kept *fasthttp.Response
+	first := 0
+	if att != nil {
+		// Slow path: go on from the event loop's tries.
+		start, deadline, t, first = att.start, att.deadline, att.tried, att.tries
+		if att.code != errNone {
+			code = att.code
+		} else if att.resp != nil && att.readResponse(&ctx.Response) == nil {
+			answered = true
+			if _, retryable := classifyResponse(&ctx.Response); !retryable || !idempotent || !now.Before(deadline) {
+				first = p.cfg.Retries + 1
+			} else {
+				kept = keepAnswer(kept, &ctx.Response)
+			}
+		}
+	}
+	for attempt := first; attempt <= p.cfg.Retries; attempt++ {
 		b := p.pick(now.UnixNano(), &t)
 		if b == nil {
 			if attempt == 0 && p.maxInflight > 0 && p.atCapacity(now.UnixNano()) {
@@ -108,6 +130,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 			if !retryable || !idempotent || !now.Before(deadline) {
 				break
 			}
+			kept = keepAnswer(kept, &ctx.Response)
 			continue
 		}
 
@@ -125,6 +148,15 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 		}
 	}
 	p.m.latency.Update(now.Sub(start))
+	if kept != nil {
+		// Slow path: the last retry failed, so the answer kept from an
+		// earlier one goes to the client.
+		if !answered {
+			kept.CopyTo(&ctx.Response)
+			answered = true
+		}
+		fasthttp.ReleaseResponse(kept)
+	}
 	if !answered && t.outOfRotation && code != errOverloaded && (idempotent || code == errConnectFailed) {
 		// Panic mode tried backends that were out of rotation and none
 		// answered: to the client that is still no healthy backend (503
@@ -156,6 +188,15 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 	ctx.Response.Reset()
 	p.m.generated[code].Inc()
 	writeError(ctx, code, clientClose)
+}
+
+// keepAnswer copies resp into kept, acquired if nil, and returns it.
+func keepAnswer(kept, resp *fasthttp.Response) *fasthttp.Response {
+	if kept == nil {
+		kept = fasthttp.AcquireResponse()
+	}
+	resp.CopyTo(kept)
+	return kept
 }
 
 // atCapacity reports whether available backends exist but all are at

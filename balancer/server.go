@@ -623,7 +623,7 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 		return
 	}
 	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
-	r.pool.serve(ctx, now, flags, s.trustedPeer(ip))
+	r.pool.serve(ctx, now, flags, s.trustedPeer(ip), takeAttempt(ctx))
 }
 
 // serveUnrouted answers a request that matches no route: 404 no_route,
