@@ -84,14 +84,16 @@ type lconn struct {
 	trusted bool
 	// tried holds the backend of the request in flight, for the
 	// attempt a hand-over carries.
-	tried   tried
-	req     laneRequest
-	pool    *Pool
-	peer    *lconn // the backend connection serving the request
-	start   time.Time
-	expires int64 // try deadline (unix nano)
-	pending []byte
-	waitIdx int // index in loop.waiting, -1 if none
+	tried tried
+	req   laneRequest
+	pool  *Pool
+	peer  *lconn // the backend connection serving the request
+	start time.Time
+	// tryStart is when the try in flight began.
+	tryStart time.Time
+	expires  int64 // try deadline (unix nano)
+	pending  []byte
+	waitIdx  int // index in loop.waiting, -1 if none
 	// dueURL is the host and URI, NUL-separated, of the last request
 	// the stale store was asked about, dueKey and dueOK what
 	// stale.URLKey said of it.
@@ -774,12 +776,20 @@ func (l *loop) serve(c *lconn) {
 		return
 	}
 	c.pool = p
+	c.start = l.now
+	l.startTry(c, b, bc)
+}
+
+// startTry sends c's request to b on bc.
+func (l *loop) startTry(c *lconn, b *Backend, bc *lconn) {
 	c.tried.add(b)
+	c.tryStart = l.now
 	c.peer, bc.client = bc, c
 	c.state = lcWaiting
-	c.start = l.now
 	c.expires = l.tryDeadline(c, bc)
-	l.addWaiting(c)
+	if c.waitIdx < 0 {
+		l.addWaiting(c)
+	}
 	b.target.Begin()
 
 	out := l.appendUpstreamRequest(bc.out[:0], c)
@@ -790,13 +800,36 @@ func (l *loop) serve(c *lconn) {
 	l.send(bc, out)
 }
 
+// retry tries c's request on another backend after a failed try, as the
+// fasthttp path would: within the request's retries and deadline, on a
+// backend not tried yet. It reports false when the request must go to
+// the fasthttp path instead: then no backend is left here, or the loop is
+// stopping.
+func (l *loop) retry(c *lconn) bool {
+	p := c.pool
+	if l.stopping || c.tried.n > p.cfg.Retries || !l.now.Before(c.start.Add(p.cfg.Timeout)) {
+		return false
+	}
+	b := p.pick(l.nowNs, &c.tried)
+	if b == nil || !b.ap.IsValid() {
+		return false
+	}
+	bc := l.backendConn(b)
+	if bc == nil {
+		return false
+	}
+	p.m.retries.Inc()
+	l.startTry(c, b, bc)
+	return true
+}
+
 // tryDeadline returns when the try of c's request on bc fails (unix nano):
-// try_timeout (or timeout, if shorter) from the request's start, and
+// try_timeout from the try's start, at most timeout from the request's, and
 // while bc connects, connect_timeout from now if that comes first.
 // onConnected sets it again once bc has connected.
 func (l *loop) tryDeadline(c, bc *lconn) int64 {
 	cfg := c.pool.cfg
-	d := c.start.UnixNano() + int64(min(cfg.TryTimeout, cfg.Timeout))
+	d := min(c.tryStart.UnixNano()+int64(cfg.TryTimeout), c.start.UnixNano()+int64(cfg.Timeout))
 	if bc.state == lcConnecting {
 		d = min(d, l.nowNs+int64(cfg.ConnectTimeout))
 	}
@@ -1073,13 +1106,13 @@ const fasthttpHeadLimit = DefaultMaxHeaderBytes
 // decoded chunked body).
 func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	p, b, r := c.pool, bc.backend, &bc.resp
-	lat := l.now.Sub(c.start)
+	lat := l.now.Sub(c.tryStart)
 	b.target.Done(l.nowNs, bc.outcome, lat)
 	p.m.requests.Inc()
 	b.m.requests.Inc()
 	b.m.latency.Update(lat)
 	b.m.status[statusClass(r.status)].Inc()
-	p.m.latency.Update(lat)
+	p.m.latency.Update(l.now.Sub(c.start))
 
 	out := l.out[:0]
 	for _, k := range r.keep[:r.nkeep] {
@@ -1235,25 +1268,27 @@ func (l *loop) finishBackend(bc *lconn, o health.Outcome, counted bool) {
 	}
 	lat := time.Duration(0)
 	if c != nil && counted {
-		lat = l.now.Sub(c.start)
+		lat = l.now.Sub(c.tryStart)
 	}
 	bc.backend.target.Done(l.nowNs, o, lat)
 	l.close(bc)
 }
 
-// backendFailed records a failed try on bc's backend and hands its client
-// to the full path, which tries another backend, serves stale or answers
-// with the error. Only requests safe to repeat take the loop.
+// backendFailed records a failed try on bc's backend and tries another
+// backend; when none is left here, it hands the client, with the attempt,
+// to the fasthttp path, which serves stale or answers with the error. Only
+// requests safe to repeat take the loop.
 func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 	c := bc.client
 	bc.backend.m.errors[code].Inc()
 	bc.backend.m.requests.Inc()
-	laneFallbacks.Inc()
 	l.finishBackend(bc, o, true)
-	if c != nil {
-		c.state = lcIdle
-		l.handOffTried(c, 1, code, nil)
+	if c == nil || l.retry(c) {
+		return
 	}
+	laneFallbacks.Inc()
+	c.state = lcIdle
+	l.handOffTried(c, code, nil)
 }
 
 // tryElsewhere records a backend's whole answer, raw, that another backend
@@ -1268,10 +1303,10 @@ func (l *loop) tryElsewhere(bc *lconn, raw []byte) {
 		b.m.errors[errOverloaded].Inc()
 	}
 	laneFallbacks.Inc()
-	lat := l.now.Sub(c.start)
+	lat := l.now.Sub(c.tryStart)
 	b.m.latency.Update(lat)
 	b.target.Done(l.nowNs, bc.outcome, lat)
-	att := l.attemptOf(c, 1, errNone, raw)
+	att := l.attemptOf(c, errNone, raw)
 	c.peer, bc.client = nil, nil
 	l.unwait(c)
 	l.releaseBackend(bc)
@@ -1279,10 +1314,10 @@ func (l *loop) tryElsewhere(bc *lconn, raw []byte) {
 	l.handOffWith(c, att)
 }
 
-// attemptOf makes the attempt a hand-over of c carries after tries tries;
+// attemptOf makes the attempt a hand-over of c carries after its tries;
 // raw, if set, is copied.
-func (l *loop) attemptOf(c *lconn, tries int, code errCode, raw []byte) *attempt {
-	a := &attempt{start: c.start, deadline: c.start.Add(c.pool.cfg.Timeout), tried: c.tried, tries: tries, code: code,
+func (l *loop) attemptOf(c *lconn, code errCode, raw []byte) *attempt {
+	a := &attempt{start: c.start, deadline: c.start.Add(c.pool.cfg.Timeout), tried: c.tried, tries: c.tried.n, code: code,
 		head: c.req.head}
 	if raw != nil {
 		a.resp = append([]byte(nil), raw...)
@@ -1290,10 +1325,10 @@ func (l *loop) attemptOf(c *lconn, tries int, code errCode, raw []byte) *attempt
 	return a
 }
 
-// handOffTried hands c over with the attempt of its request after tries
-// tries, the last of which failed with code.
-func (l *loop) handOffTried(c *lconn, tries int, code errCode, raw []byte) {
-	l.handOffWith(c, l.attemptOf(c, tries, code, raw))
+// handOffTried hands c over with the attempt of its request, whose last
+// try failed with code.
+func (l *loop) handOffTried(c *lconn, code errCode, raw []byte) {
+	l.handOffWith(c, l.attemptOf(c, code, raw))
 }
 
 // abandon gives up on a response the loop does not forward itself: the
@@ -1319,7 +1354,7 @@ func (l *loop) redial(bc *lconn) {
 	if nb == nil {
 		b.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 		c.state = lcIdle
-		l.handOffTried(c, 0, errNone, nil)
+		l.handOffTried(c, errNone, nil)
 		return
 	}
 	c.peer, nb.client = nb, c
