@@ -523,9 +523,7 @@ func (c *Config) validate() []error {
 	setDefault(&s.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&s.DrainTimeout, DefaultDrainTimeout)
 	setDefault(&s.HeaderTimeout, DefaultHeaderTimeout)
-	if c.StaleStore.MaxBytes < 0 || c.StaleStore.MaxEntryBytes < 0 {
-		bad("stale_store", "sizes must not be negative")
-	}
+	errs = append(errs, c.StaleStore.Validate("stale_store")...)
 	if s.MaxRequestBody < 0 {
 		bad("server.max_request_body", "must not be negative")
 	}
