@@ -409,7 +409,7 @@ func (s *Server) Remove(service string) {
 // tagServiceConfig is the config of services routed by Consul tags.
 func tagServiceConfig() *ServiceConfig {
 	sc := &ServiceConfig{Consul: &discovery.ConsulService{}}
-	sc.validate("", true)
+	sc.applyDefaults()
 	return sc
 }
 
