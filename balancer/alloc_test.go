@@ -5,6 +5,7 @@ package balancer
 import (
 	"bytes"
 	"testing"
+	"time"
 
 	"github.com/valyala/fasthttp"
 )
@@ -34,5 +35,25 @@ func TestProxiedGetAllocatesNothing(t *testing.T) {
 	}
 	if n := testing.AllocsPerRun(1000, serve); n != 0 {
 		t.Fatalf("proxied GET allocates %.2f times per request, want 0", n)
+	}
+}
+
+func TestPickAllocatesNothing(t *testing.T) {
+	for _, balance := range []string{"p2c", "round_robin", "random"} {
+		p := testPool(t, "{static: [127.0.0.1:1], balance: "+balance+"}", "127.0.0.1:1", "127.0.0.2:1", "127.0.0.3:1")
+		now := time.Now().UnixNano()
+		pick := func() {
+			var tr tried
+			if p.pick(now, &tr) == nil {
+				t.Fatalf("%s: no backend picked", balance)
+			}
+		}
+		if n := testing.AllocsPerRun(1000, pick); n != 0 {
+			t.Errorf("%s: pick allocates %.2f times, want 0", balance, n)
+		}
+		weighted(p)
+		if n := testing.AllocsPerRun(1000, pick); n != 0 {
+			t.Errorf("%s with weights: pick allocates %.2f times, want 0", balance, n)
+		}
 	}
 }

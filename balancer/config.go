@@ -346,6 +346,7 @@ func ParseConfig(data []byte) (*Config, error) {
 	if err := root.Content[0].Decode(cfg); err != nil {
 		errs = append(errs, decodeErrors(err, lines)...)
 	}
+	cfg.applyDefaults()
 	errs = append(errs, cfg.validate()...)
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -479,20 +480,36 @@ func decodeErrors(err error, lines map[int]string) []error {
 	return errs
 }
 
-// validate fills in defaults and checks values; it returns every problem.
+// Config, and each of its parts that has defaults, follows one convention:
+// applyDefaults fills in the unset fields, then validate(path) checks every
+// field and returns every problem, each naming its full dotted key under
+// path. Where checking a value means parsing it, validate keeps the parsed
+// form (trusted networks, canonical route hosts, the token read from
+// admin_token_file), so that the runtime reads values resolved once.
+
+// applyDefaults fills in every unset field that has a default.
+func (c *Config) applyDefaults() {
+	setDefault(&c.Listen, DefaultListen)
+	setDefault(&c.Admin, DefaultAdmin)
+	setDefault(&c.StateDir, DefaultStateDir)
+	if c.Consul != nil {
+		setDefault(&c.Consul.Address, discovery.DefaultConsulAddress)
+		setDefault(&c.Consul.Scheme, "http")
+	}
+	c.Server.applyDefaults()
+	for _, sc := range c.Services {
+		sc.applyDefaults()
+	}
+	for i := range c.Routes {
+		c.Routes[i].applyDefaults()
+	}
+}
+
+// validate checks c after applyDefaults; it returns every problem.
 func (c *Config) validate() []error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key}, args...)...))
-	}
-	if c.Listen == "" {
-		c.Listen = DefaultListen
-	}
-	if c.Admin == "" {
-		c.Admin = DefaultAdmin
-	}
-	if c.StateDir == "" {
-		c.StateDir = DefaultStateDir
 	}
 	if err := checkAddr(c.Listen); err != nil {
 		bad("listen", "%v", err)
@@ -505,51 +522,15 @@ func (c *Config) validate() []error {
 	}
 	errs = append(errs, c.validateAdminAccess()...)
 	if c.Consul != nil {
-		setDefault(&c.Consul.Address, discovery.DefaultConsulAddress)
-		switch c.Consul.Scheme {
-		case "":
-			c.Consul.Scheme = "http"
-		case "http", "https":
-		default:
-			bad("consul.scheme", "must be http or https (got %q)", c.Consul.Scheme)
+		if s := c.Consul.Scheme; s != "http" && s != "https" {
+			bad("consul.scheme", "must be http or https (got %q)", s)
 		}
 		if err := checkAddr(c.Consul.Address); err != nil {
 			bad("consul.address", "%v", err)
 		}
 	}
-	s := &c.Server
-	setDefault(&s.MaxRequestBody, DefaultMaxRequestBody)
-	setDefault(&s.MaxHeaderBytes, DefaultMaxHeaderBytes)
-	setDefault(&s.IdleTimeout, DefaultIdleTimeout)
-	setDefault(&s.DrainTimeout, DefaultDrainTimeout)
-	setDefault(&s.HeaderTimeout, DefaultHeaderTimeout)
-	if c.StaleStore.MaxBytes < 0 || c.StaleStore.MaxEntryBytes < 0 {
-		bad("stale_store", "sizes must not be negative")
-	}
-	if s.MaxRequestBody < 0 {
-		bad("server.max_request_body", "must not be negative")
-	}
-	if w := s.batchWait(); w < 0 || w > maxBatchWait {
-		bad("server.batch_wait", "must be between 0 (off) and %v (got %v)", maxBatchWait, w)
-	}
-	if s.HeaderTimeout < minHeaderTimeout {
-		bad("server.header_timeout", "must be at least %v (got %v)", minHeaderTimeout, s.HeaderTimeout)
-	}
-	if s.MaxConnsPerIP < 0 {
-		bad("server.max_conns_per_ip", "must not be negative (got %d); 0 or unset turns the cap off", s.MaxConnsPerIP)
-	}
-	if s.MaxHeaderBytes < 1024 {
-		bad("server.max_header_bytes", "must be at least 1024")
-	}
-	s.trusted = s.trusted[:0]
-	for i, t := range s.TrustedProxies {
-		pfx, err := parsePrefix(t)
-		if err != nil {
-			bad(fmt.Sprintf("server.trusted_proxies[%d]", i), "%v", err)
-			continue
-		}
-		s.trusted = append(s.trusted, pfx)
-	}
+	errs = append(errs, c.Server.validate("server")...)
+	errs = append(errs, c.StaleStore.Validate("stale_store")...)
 	if len(c.Services) == 0 && (c.Consul == nil || !c.Consul.TagRoutes) {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
 	}
@@ -560,32 +541,87 @@ func (c *Config) validate() []error {
 	for i := range c.Routes {
 		r := &c.Routes[i]
 		key := fmt.Sprintf("routes[%d]", i)
-		if r.Host == "" {
-			r.Host = "*"
-		}
-		if r.Host != "*" {
-			if k, ok := hostKey(nil, []byte(r.Host)); ok {
-				r.Host = string(k)
-			} else {
-				bad(key+".host", "must be a host name, an IP address or * (got %q)", r.Host)
-			}
-		}
-		if r.Path == "" {
-			r.Path = "/"
-		}
-		if !strings.HasPrefix(r.Path, "/") {
-			bad(key+".path", "must start with / (got %q)", r.Path)
-		}
-		if r.Service == "" {
-			bad(key+".service", "missing")
-		} else if _, ok := c.Services[r.Service]; !ok {
-			bad(key+".service", "unknown service %q (defined: %s)", r.Service, strings.Join(sortedNames(c.Services), ", "))
-		}
+		errs = append(errs, r.validate(key, c.Services)...)
 		id := r.Host + r.Path
 		if j, ok := seen[id]; ok {
 			bad(key, "host %q path %q already routed by routes[%d]", r.Host, r.Path, j)
 		}
 		seen[id] = i
+	}
+	return errs
+}
+
+// applyDefaults fills in every unset field that has a default.
+func (s *ServerConfig) applyDefaults() {
+	setDefault(&s.MaxRequestBody, DefaultMaxRequestBody)
+	setDefault(&s.MaxHeaderBytes, DefaultMaxHeaderBytes)
+	setDefault(&s.IdleTimeout, DefaultIdleTimeout)
+	setDefault(&s.DrainTimeout, DefaultDrainTimeout)
+	setDefault(&s.HeaderTimeout, DefaultHeaderTimeout)
+}
+
+// validate checks s after applyDefaults and parses trusted_proxies; it
+// returns every problem, each key under path.
+func (s *ServerConfig) validate(path string) []error {
+	var errs []error
+	bad := func(k, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
+	}
+	if s.MaxRequestBody < 0 {
+		bad(".max_request_body", "must not be negative")
+	}
+	if w := s.batchWait(); w < 0 || w > maxBatchWait {
+		bad(".batch_wait", "must be between 0 (off) and %v (got %v)", maxBatchWait, w)
+	}
+	if s.HeaderTimeout < minHeaderTimeout {
+		bad(".header_timeout", "must be at least %v (got %v)", minHeaderTimeout, s.HeaderTimeout)
+	}
+	if s.MaxConnsPerIP < 0 {
+		bad(".max_conns_per_ip", "must not be negative (got %d); 0 or unset turns the cap off", s.MaxConnsPerIP)
+	}
+	if s.MaxHeaderBytes < 1024 {
+		bad(".max_header_bytes", "must be at least 1024")
+	}
+	s.trusted = s.trusted[:0]
+	for i, t := range s.TrustedProxies {
+		pfx, err := parsePrefix(t)
+		if err != nil {
+			bad(fmt.Sprintf(".trusted_proxies[%d]", i), "%v", err)
+			continue
+		}
+		s.trusted = append(s.trusted, pfx)
+	}
+	return errs
+}
+
+// applyDefaults fills in the host and path of a route that leaves them out.
+func (r *RouteConfig) applyDefaults() {
+	setDefault(&r.Host, "*")
+	setDefault(&r.Path, "/")
+}
+
+// validate checks r after applyDefaults against the defined services and
+// puts its host in canonical form; it returns every problem, each key
+// under path.
+func (r *RouteConfig) validate(path string, services map[string]*ServiceConfig) []error {
+	var errs []error
+	bad := func(k, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
+	}
+	if r.Host != "*" {
+		if k, ok := hostKey(nil, []byte(r.Host)); ok {
+			r.Host = string(k)
+		} else {
+			bad(".host", "must be a host name, an IP address or * (got %q)", r.Host)
+		}
+	}
+	if !strings.HasPrefix(r.Path, "/") {
+		bad(".path", "must start with / (got %q)", r.Path)
+	}
+	if r.Service == "" {
+		bad(".service", "missing")
+	} else if _, ok := services[r.Service]; !ok {
+		bad(".service", "unknown service %q (defined: %s)", r.Service, strings.Join(sortedNames(services), ", "))
 	}
 	return errs
 }
@@ -659,13 +695,33 @@ func checkBearerToken(t string) error {
 	return nil
 }
 
-func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {
+// applyDefaults fills in every unset field of sc that has a default; a
+// service left empty in the YAML (nil) is reported by validate.
+func (sc *ServiceConfig) applyDefaults() {
+	if sc == nil {
+		return
+	}
+	setDefault(&sc.Balance, "p2c")
+	setDefault(&sc.ConnectTimeout, DefaultConnectTimeout)
+	setDefault(&sc.TryTimeout, DefaultTryTimeout)
+	setDefault(&sc.Timeout, DefaultRequestTimeout)
+	setDefault(&sc.Retries, DefaultRetries)
+	setDefault(&sc.MaxConns, DefaultMaxConnsPerBackend)
+	setDefault(&sc.MaxIdleConnTime, DefaultMaxIdleConnTime)
+	setDefault(&sc.MaxResponseBody, DefaultMaxResponseBody)
+	sc.Health.applyDefaults()
+	sc.Stale.applyDefaults()
+}
+
+// validate checks sc after applyDefaults; it returns every problem, each
+// key under path. Retries -1 (none) becomes 0, the count the proxy uses.
+func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 	var errs []error
 	bad := func(k, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key + k}, args...)...))
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
 	}
 	if sc == nil {
-		return []error{fmt.Errorf("%s: empty service; set consul or static", key)}
+		return []error{fmt.Errorf("%s: empty service; set consul or static", path)}
 	}
 	switch {
 	case sc.Consul != nil && len(sc.Static) > 0:
@@ -686,29 +742,21 @@ func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {
 			bad(k+".weight", "must not be negative")
 		}
 	}
-	switch sc.Balance {
-	case "":
-		sc.Balance = "p2c"
-	case "p2c", "round_robin", "random":
-	default:
-		bad(".balance", "unknown policy %q (one of p2c, round_robin, random)", sc.Balance)
+	if _, ok := selectors[sc.Balance]; !ok {
+		bad(".balance", "unknown policy %q (one of %s)", sc.Balance, policyNames)
 	}
-	setDefault(&sc.ConnectTimeout, DefaultConnectTimeout)
-	setDefault(&sc.TryTimeout, DefaultTryTimeout)
-	setDefault(&sc.Timeout, DefaultRequestTimeout)
-	setDefault(&sc.Retries, DefaultRetries)
-	setDefault(&sc.MaxConns, DefaultMaxConnsPerBackend)
-	setDefault(&sc.MaxIdleConnTime, DefaultMaxIdleConnTime)
-	setDefault(&sc.MaxResponseBody, DefaultMaxResponseBody)
-	if sc.Retries < -1 {
+	switch {
+	case sc.Retries < -1:
 		bad(".retries", "must be -1 (no retries) or more, got %d", sc.Retries)
-	}
-	if sc.Retries < 0 {
+	case sc.Retries == -1:
 		sc.Retries = 0
 	}
-	for k, d := range map[string]time.Duration{".connect_timeout": sc.ConnectTimeout, ".try_timeout": sc.TryTimeout, ".timeout": sc.Timeout, ".max_idle_conn_time": sc.MaxIdleConnTime} {
-		if d < 0 {
-			bad(k, "must not be negative")
+	for _, d := range []struct {
+		k string
+		v time.Duration
+	}{{".connect_timeout", sc.ConnectTimeout}, {".try_timeout", sc.TryTimeout}, {".timeout", sc.Timeout}, {".max_idle_conn_time", sc.MaxIdleConnTime}} {
+		if d.v < 0 {
+			bad(d.k, "must not be negative")
 		}
 	}
 	if sc.TryTimeout > sc.Timeout {
@@ -717,30 +765,61 @@ func (sc *ServiceConfig) validate(key string, haveConsul bool) []error {
 	if sc.MaxConns < 0 {
 		bad(".max_conns", "must not be negative")
 	}
-	if sc.Health.MaxInflight < 0 {
-		bad(".health.max_inflight", "must not be negative")
+	errs = append(errs, sc.Health.validate(path+".health")...)
+	errs = append(errs, sc.Stale.validate(path+".stale")...)
+	return errs
+}
+
+// applyDefaults fills in every unset field of h that has a default. The
+// passive and active checks apply their own defaults where they are used.
+func (h *HealthConfig) applyDefaults() {
+	setDefault(&h.PanicThreshold, health.DefaultPanicThreshold)
+}
+
+// validate checks h after applyDefaults; it returns every problem, each
+// key under path.
+func (h *HealthConfig) validate(path string) []error {
+	var errs []error
+	bad := func(k, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
 	}
-	setDefault(&sc.Health.PanicThreshold, health.DefaultPanicThreshold)
-	if pt := sc.Health.PanicThreshold; pt != -1 && (pt < 1 || pt > 100) {
-		bad(".health.panic_threshold", "must be a percentage from 1 to 100, or -1 to turn panic mode off (got %d)", pt)
+	if h.MaxInflight < 0 {
+		bad(".max_inflight", "must not be negative")
 	}
-	if sc.Health.SlowStart < 0 {
-		bad(".health.slow_start", "must not be negative")
+	if pt := h.PanicThreshold; pt != -1 && (pt < 1 || pt > 100) {
+		bad(".panic_threshold", "must be a percentage from 1 to 100, or -1 to turn panic mode off (got %d)", pt)
 	}
-	errs = append(errs, sc.Health.Passive.Validate(key+".health.passive")...)
-	if a := sc.Health.Active; a != nil {
-		errs = append(errs, a.Validate(key+".health.active")...)
+	if h.SlowStart < 0 {
+		bad(".slow_start", "must not be negative")
 	}
-	if sc.Stale.MaxStale < 0 {
-		bad(".stale.max_stale", "must not be negative")
+	errs = append(errs, h.Passive.Validate(path+".passive")...)
+	if a := h.Active; a != nil {
+		errs = append(errs, a.Validate(path+".active")...)
 	}
-	setDefault(&sc.Stale.MaxStale, DefaultMaxStale)
-	if len(sc.Stale.On) == 0 {
-		sc.Stale.On = defaultStaleOn
+	return errs
+}
+
+// applyDefaults fills in every unset field of s that has a default.
+func (s *StaleConfig) applyDefaults() {
+	setDefault(&s.MaxStale, DefaultMaxStale)
+	if len(s.On) == 0 {
+		s.On = defaultStaleOn
 	}
-	for i, on := range sc.Stale.On {
+}
+
+// validate checks s after applyDefaults; it returns every problem, each
+// key under path.
+func (s *StaleConfig) validate(path string) []error {
+	var errs []error
+	bad := func(k, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
+	}
+	if s.MaxStale < 0 {
+		bad(".max_stale", "must not be negative")
+	}
+	for i, on := range s.On {
 		if !contains(defaultStaleOn, on) {
-			bad(fmt.Sprintf(".stale.on[%d]", i), "unknown trigger %q (one of %s)", on, strings.Join(defaultStaleOn, ", "))
+			bad(fmt.Sprintf(".on[%d]", i), "unknown trigger %q (one of %s)", on, strings.Join(defaultStaleOn, ", "))
 		}
 	}
 	return errs

@@ -59,6 +59,11 @@ func TestParseConfigErrors(t *testing.T) {
 	f("server: {max_conns_per_ip: -1}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.max_conns_per_ip: must not be negative (got -1); 0 or unset turns the cap off")
 	f("server: {max_conns_per_ip: 2.5}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.max_conns_per_ip: must be a whole number, got 2.5")
 	f("server: {max_conn_per_ip: 3}\nservices:\n  web: {static: [127.0.0.1:1]}\n", "server.max_conn_per_ip: unknown key")
+	f("stale_store: {statuses: [999], refresh_interval: -1s}\nservices:\n  web: {static: [127.0.0.1:1]}\n",
+		"stale_store.statuses[0]: 999 is not an HTTP status (100 to 599)", "stale_store.refresh_interval: must not be negative (got -1s)")
+	f("stale_store: {max_bytes: -1, max_entry_bytes: -2, statuses: [200, 99]}\nservices:\n  web: {static: [127.0.0.1:1]}\n",
+		"stale_store.max_bytes: must not be negative (got -1)", "stale_store.max_entry_bytes: must not be negative (got -2)",
+		"stale_store.statuses[1]: 99 is not an HTTP status")
 	// Every problem is reported at once.
 	f("bogus: 1\nservices:\n  web: {static: [x]}\nroutes: [{service: y}]\n", "bogus: unknown key", "services.web.static[0]", "routes[0].service")
 }
@@ -108,6 +113,13 @@ routes:
 	}
 	if sc := cfg.Server; sc.HeaderTimeout != 3*time.Second || sc.MaxConnsPerIP != 50 {
 		t.Errorf("server.header_timeout, max_conns_per_ip: %v %d", sc.HeaderTimeout, sc.MaxConnsPerIP)
+	}
+	cfg, err = ParseConfig([]byte("stale_store: {statuses: [200, 404], refresh_interval: 2s}\nservices:\n  web: {static: [127.0.0.1:1]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sc := cfg.StaleStore; len(sc.Statuses) != 2 || sc.RefreshInterval != 2*time.Second {
+		t.Errorf("stale_store: %+v", sc)
 	}
 	for yaml, want := range map[string]time.Duration{"0s": 0, "0": 0, "50us": 50 * time.Microsecond, "1ms": time.Millisecond} {
 		cfg, err := ParseConfig([]byte("server: {batch_wait: " + yaml + "}\nservices:\n  web: {static: [127.0.0.1:1]}\n"))

@@ -94,6 +94,10 @@ type Pool struct {
 	// staleOnStatus is indexed by status-500 for 500..504.
 	staleOnStatus [5]bool
 
+	// sel is the selection policy's fast path, resolved from
+	// ServiceConfig.Balance when the pool is built.
+	sel selector
+
 	set    atomic.Pointer[backendSet]
 	rr     atomic.Uint64
 	m      *serviceMetrics
@@ -115,6 +119,9 @@ type drainingBackend struct {
 func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *health.Checker, store *stale.Store, series *seriesTable) *Pool {
 	p := &Pool{name: name, cfg: cfg, reg: reg, checker: checker, byAddr: make(map[string]*Backend), series: series, m: series.service(name)}
 	p.set.Store(&backendSet{})
+	if p.sel = selectors[cfg.Balance]; p.sel == nil {
+		panic("BUG: service " + name + " has balance " + strconv.Quote(cfg.Balance) + ": its config was not validated")
+	}
 	p.maxInflight = int32(cfg.Health.MaxInflight)
 	p.panicThreshold = max(cfg.Health.PanicThreshold, 0)
 	p.slowStart = int64(cfg.Health.SlowStart)
@@ -336,31 +343,18 @@ func (p *Pool) pick(now int64, t *tried) *Backend {
 	if p.ej.Panic() {
 		return p.pickPanic(bs, now, t)
 	}
-	// Fast path: sample per policy and take the sample if it is usable.
-	switch p.cfg.Balance {
-	case "round_robin":
-		if b := bs.at(p.rr.Add(1)); p.usable(b, now, t) && p.warm(b, now) {
-			return b
-		}
-	case "random":
-		if b := bs.at(rand.Uint64()); p.usable(b, now, t) && p.warm(b, now) {
-			return b
-		}
-	default:
-		r := rand.Uint64()
-		a, b := bs.at(r), bs.at(r>>32)
-		if a == b && n > 1 {
-			b = bs.list[(indexOf(bs, a)+1+int((r>>16)%uint64(n-1)))%n]
-		}
-		ua, ub := p.usable(a, now, t) && p.warm(a, now), p.usable(b, now, t) && p.warm(b, now)
-		switch {
-		case ua && ub:
-			return lessLoaded(a, b)
-		case ua:
-			return a
-		case ub:
-			return b
-		}
+	// Fast path: the policy's sample, the less loaded one if it took two,
+	// if it is usable.
+	a, b := p.sel(p, bs)
+	ua := p.usable(a, now, t) && p.warm(a, now)
+	ub := b != nil && p.usable(b, now, t) && p.warm(b, now)
+	switch {
+	case ua && ub:
+		return lessLoaded(a, b)
+	case ua:
+		return a
+	case ub:
+		return b
 	}
 	// Slow path: scan from a random start for the least loaded usable
 	// one, passing over backends that slow start holds back unless
@@ -396,6 +390,44 @@ func (p *Pool) pick(now int64, t *tried) *Backend {
 		return p.pickPanic(bs, now, t)
 	}
 	return nil
+}
+
+// selector is a selection policy: it samples the backends a new try may
+// go to, one, or two that pick compares by load (b nil if one). Each pool
+// resolves its policy into one when it is built. It takes nothing of the
+// request: a pointer passed through this indirect call would escape.
+type selector func(p *Pool, bs *backendSet) (a, b *Backend)
+
+// selectors are the selection policies by their services.NAME.balance name.
+var selectors = map[string]selector{
+	"p2c":         (*Pool).selectP2C,
+	"round_robin": (*Pool).selectRoundRobin,
+	"random":      (*Pool).selectRandom,
+}
+
+// policyNames lists the selectors for error messages.
+const policyNames = "p2c, round_robin, random"
+
+// selectP2C samples two distinct backends by weight (power of two
+// choices).
+func (p *Pool) selectP2C(bs *backendSet) (*Backend, *Backend) {
+	n := len(bs.list)
+	r := rand.Uint64()
+	a, b := bs.at(r), bs.at(r>>32)
+	if a == b && n > 1 {
+		b = bs.list[(indexOf(bs, a)+1+int((r>>16)%uint64(n-1)))%n]
+	}
+	return a, b
+}
+
+// selectRoundRobin takes the next backend in turn, by weight.
+func (p *Pool) selectRoundRobin(bs *backendSet) (*Backend, *Backend) {
+	return bs.at(p.rr.Add(1)), nil
+}
+
+// selectRandom takes a backend at random, by weight.
+func (p *Pool) selectRandom(bs *backendSet) (*Backend, *Backend) {
+	return bs.at(rand.Uint64()), nil
 }
 
 // pickPanic picks in panic mode: the least loaded backend not yet tried,

@@ -15,7 +15,7 @@ import (
 
 // testPool builds a pool of the given addresses from a service config
 // body, without a server.
-func testPool(t *testing.T, svc string, addrs ...string) *Pool {
+func testPool(t testing.TB, svc string, addrs ...string) *Pool {
 	t.Helper()
 	cfg := mustConfig(t, "services:\n  web: "+svc+"\n")
 	reg := health.NewRegistry(nil)

@@ -409,7 +409,7 @@ func (s *Server) Remove(service string) {
 // tagServiceConfig is the config of services routed by Consul tags.
 func tagServiceConfig() *ServiceConfig {
 	sc := &ServiceConfig{Consul: &discovery.ConsulService{}}
-	sc.validate("", true)
+	sc.applyDefaults()
 	return sc
 }
 
@@ -599,12 +599,20 @@ func (s *Server) goSafe(name string, f func()) {
 		defer s.wg.Done()
 		defer func() {
 			if r := recover(); r != nil {
-				panicsTotal.Inc()
-				s.log.Error("panic in background task", "task", name, "panic", r, "stack", string(debug.Stack()))
+				s.panicked(r, "panic in background task", "task", name)
 			}
 		}()
 		f()
 	}()
+}
+
+// panicked handles a panic r that a deferred function recovered (recover
+// works only when called there): it counts it in edgelb_panics_total and
+// logs msg, attrs, the panic and the stack, which is still the panicking
+// one. Every recover of the server ends here.
+func (s *Server) panicked(r any, msg string, attrs ...any) {
+	panicsTotal.Inc()
+	s.log.Error(msg, append(attrs, "panic", r, "stack", string(debug.Stack()))...)
 }
 
 // handle is the root request handler.
@@ -650,10 +658,12 @@ func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
 	writeError(ctx, errNoHealthyBackend, clientClose)
 }
 
+// recoverRequest, deferred by the root handler, answers a request whose
+// handling panicked with 500 and closes its connection, whose state is
+// unknown.
 func (s *Server) recoverRequest(ctx *fasthttp.RequestCtx) {
 	if r := recover(); r != nil {
-		panicsTotal.Inc()
-		s.log.Error("panic while serving request", "uri", string(ctx.RequestURI()), "panic", r, "stack", string(debug.Stack()))
+		s.panicked(r, "panic while serving request", "uri", string(ctx.RequestURI()))
 		ctx.Response.Reset()
 		ctx.Error("edgelb: internal error\n", fasthttp.StatusInternalServerError)
 		ctx.SetConnectionClose()

@@ -66,38 +66,40 @@ const (
 // (partial), 405, 414 and 501 (errors an origin may stop returning).
 var DefaultStatuses = []int{200, 203, 204, 300, 301, 308, 404, 410}
 
-// Validate reports the first invalid setting of c, naming its YAML key.
-func (c *Config) Validate() error {
-	switch {
-	case c.MaxBytes < 0:
-		return errConfig("max_bytes", "must not be negative")
-	case c.MaxEntryBytes < 0:
-		return errConfig("max_entry_bytes", "must not be negative")
-	case c.RefreshInterval < 0:
-		return errConfig("refresh_interval", "must not be negative")
+// Validate returns every invalid setting of c, each naming its YAML key
+// under prefix (as "prefix.statuses[2]"). The errors are *ConfigError.
+func (c *Config) Validate(prefix string) []error {
+	var errs []error
+	bad := func(key, reason string) {
+		errs = append(errs, &ConfigError{Key: prefix + "." + key, Reason: reason})
 	}
-	for _, st := range c.Statuses {
+	if c.MaxBytes < 0 {
+		bad("max_bytes", "must not be negative (got "+strconv.Itoa(c.MaxBytes)+")")
+	}
+	if c.MaxEntryBytes < 0 {
+		bad("max_entry_bytes", "must not be negative (got "+strconv.Itoa(c.MaxEntryBytes)+")")
+	}
+	if c.RefreshInterval < 0 {
+		bad("refresh_interval", "must not be negative (got "+c.RefreshInterval.String()+")")
+	}
+	for i, st := range c.Statuses {
 		if st < 100 || st > 599 {
-			return errConfig("statuses", "status "+strconv.Itoa(st)+" is not between 100 and 599")
+			bad("statuses["+strconv.Itoa(i)+"]", strconv.Itoa(st)+" is not an HTTP status (100 to 599)")
 		}
 	}
-	return nil
-}
-
-func errConfig(key, reason string) error {
-	return &ConfigError{Key: key, Reason: reason}
+	return errs
 }
 
 // ConfigError is an invalid Config setting.
 type ConfigError struct {
-	// Key is the YAML key of the setting.
+	// Key is the full dotted YAML key of the setting.
 	Key string
 	// Reason says what is wrong with it.
 	Reason string
 }
 
 // Error implements error.
-func (e *ConfigError) Error() string { return "stale: " + e.Key + ": " + e.Reason }
+func (e *ConfigError) Error() string { return e.Key + ": " + e.Reason }
 
 // Policy says when a stored response may be served. It is per service.
 type Policy struct {
