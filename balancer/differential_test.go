@@ -285,7 +285,10 @@ var cacheable = respond(200, "Cache-Control: max-age=0\r\nContent-Type: text/pla
 // diffCase is one scenario: its origins, the service's extra config, and
 // the client's requests, each sent on a new connection.
 type diffCase struct {
-	name    string
+	name string
+	// status is the status of the last answer without the event loop,
+	// so that both engines failing alike does not pass.
+	status  int
 	origins []diffOriginSpec
 	service string // extra keys of the service's flow map, after a comma
 	routes  string // the routes list; one catch-all route if empty
@@ -332,61 +335,66 @@ func TestDifferentialEngines(t *testing.T) {
 	slow := func(_ int, c net.Conn, _ string) { io.Copy(io.Discard, c) }
 	big := strings.Repeat("0123456789abcdef", 2<<20/16)
 	cases := []diffCase{
-		{name: "200", origins: []diffOriginSpec{{"a", echoReply}}, steps: []diffStep{get("/page?q=1")}},
-		{name: "204", origins: []diffOriginSpec{{"a", bodyless(204, "X-Origin: a\r\n")}}, steps: []diffStep{get("/")}},
-		{name: "304", origins: []diffOriginSpec{{"a", bodyless(304, "ETag: \"v1\"\r\n")}},
+		{name: "200", status: 200, origins: []diffOriginSpec{{"a", echoReply}}, steps: []diffStep{get("/page?q=1")}},
+		{name: "204", status: 204, origins: []diffOriginSpec{{"a", bodyless(204, "X-Origin: a\r\n")}}, steps: []diffStep{get("/")}},
+		{name: "304", status: 304, origins: []diffOriginSpec{{"a", bodyless(304, "ETag: \"v1\"\r\n")}},
 			steps: []diffStep{{raw: "GET / HTTP/1.1\r\nHost: shop.example\r\nIf-None-Match: \"v1\"\r\n\r\n"}}},
-		{name: "404", origins: []diffOriginSpec{{"a", respond(404, "Content-Type: text/plain\r\n", "not here")}}, steps: []diffStep{get("/x")}},
-		{name: "500 stale off", origins: []diffOriginSpec{{"a", respond(500, "", "broken")}},
+		{name: "404", status: 404, origins: []diffOriginSpec{{"a", respond(404, "Content-Type: text/plain\r\n", "not here")}}, steps: []diffStep{get("/x")}},
+		{name: "500 stale off", status: 500, origins: []diffOriginSpec{{"a", respond(500, "", "broken")}},
 			service: "stale: {disabled: true}", steps: []diffStep{get("/")}},
-		{name: "500 nothing stored", origins: []diffOriginSpec{{"a", respond(500, "", "broken")}}, steps: []diffStep{get("/")}},
-		{name: "500 stale", origins: []diffOriginSpec{{"a", thenReply(cacheable, respond(500, "", "broken"))}},
+		{name: "500 nothing stored", status: 500, origins: []diffOriginSpec{{"a", respond(500, "", "broken")}}, steps: []diffStep{get("/")}},
+		{name: "500 stale", status: 200, origins: []diffOriginSpec{{"a", thenReply(cacheable, respond(500, "", "broken"))}},
 			steps: []diffStep{get("/"), get("/")}},
-		{name: "502 retried", origins: []diffOriginSpec{{"a", respond(502, "", "bad a")}, {"b", respond(502, "", "bad b")}},
+		{name: "502 retried", status: 502, origins: []diffOriginSpec{{"a", respond(502, "", "bad a")}, {"b", respond(502, "", "bad b")}},
 			steps: []diffStep{get("/")}},
-		{name: "dead backend, then 503 Retry-After", origins: []diffOriginSpec{{"a", nil}, {"b", respond(503, "Retry-After: 1\r\n", "busy")}},
+		{name: "dead backend, then 503 Retry-After", status: 503, origins: []diffOriginSpec{{"a", nil}, {"b", respond(503, "Retry-After: 1\r\n", "busy")}},
 			steps: []diffStep{get("/")}},
-		{name: "503 Retry-After, then a dead backend", origins: []diffOriginSpec{{"a", respond(503, "Retry-After: 1\r\n", "busy")}, {"b", nil}},
+		{name: "503 Retry-After, then a dead backend", status: 502, origins: []diffOriginSpec{{"a", respond(503, "Retry-After: 1\r\n", "busy")}, {"b", nil}},
 			steps: []diffStep{get("/")}},
-		{name: "429", origins: []diffOriginSpec{{"a", respond(429, "Retry-After: 1\r\n", "slow down a")}, {"b", respond(429, "Retry-After: 1\r\n", "slow down b")}},
+		{name: "429", status: 429, origins: []diffOriginSpec{{"a", respond(429, "Retry-After: 1\r\n", "slow down a")}, {"b", respond(429, "Retry-After: 1\r\n", "slow down b")}},
 			steps: []diffStep{get("/")}},
-		{name: "connect refused", origins: []diffOriginSpec{{"a", nil}, {"b", echoReply}}, steps: []diffStep{get("/")}},
-		{name: "reset mid-response", origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+		{name: "connect refused", status: 200, origins: []diffOriginSpec{{"a", nil}, {"b", echoReply}}, steps: []diffStep{get("/")}},
+		{name: "reset mid-response", status: 502, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf")
 			time.Sleep(20 * time.Millisecond)
 			c.(*net.TCPConn).SetLinger(0)
 			c.Close()
 		}}}, steps: []diffStep{get("/")}},
-		{name: "timeout", origins: []diffOriginSpec{{"a", slow}},
+		{name: "timeout", status: 504, origins: []diffOriginSpec{{"a", slow}},
 			service: "try_timeout: 200ms, timeout: 1s", steps: []diffStep{get("/")}},
-		{name: "garbage", origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+		{name: "garbage", status: 502, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
 			io.WriteString(c, "this is not HTTP\r\n\r\n")
 			c.Close()
 		}}}, steps: []diffStep{get("/")}},
-		{name: "short body", origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+		{name: "short body", status: 502, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
 			c.Close()
 		}}}, steps: []diffStep{get("/")}},
-		{name: "chunked", origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+		{name: "chunked", status: 200, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
 		}}}, steps: []diffStep{get("/")}},
-		{name: "2 MiB body", origins: []diffOriginSpec{{"a", respond(200, "Content-Type: application/octet-stream\r\n", big)}}, steps: []diffStep{get("/big")}},
-		{name: "HEAD", origins: []diffOriginSpec{{"a", respond(200, "Content-Type: text/plain\r\n", "twelve bytes")}},
+		{name: "2 MiB body", status: 200, origins: []diffOriginSpec{{"a", respond(200, "Content-Type: application/octet-stream\r\n", big)}}, steps: []diffStep{get("/big")}},
+		{name: "HEAD", status: 200, origins: []diffOriginSpec{{"a", respond(200, "Content-Type: text/plain\r\n", "twelve bytes")}},
 			steps: []diffStep{{raw: "HEAD /h HTTP/1.1\r\nHost: shop.example\r\n\r\n"}}},
-		{name: "stale hit", origins: []diffOriginSpec{{"a", cacheable}},
+		{name: "stale hit", status: 200, origins: []diffOriginSpec{{"a", cacheable}},
 			steps: []diffStep{get("/s"), {raw: get("/s").raw, before: func(o map[string]*diffOrigin) { o["a"].stop() }}}},
-		{name: "no healthy backend", origins: []diffOriginSpec{{"a", nil}},
+		{name: "no healthy backend", status: 503, origins: []diffOriginSpec{{"a", nil}},
 			service: "health: {passive: {consecutive_gateway_failures: 1}}", steps: []diffStep{get("/"), get("/")}},
-		{name: "no route", origins: []diffOriginSpec{{"a", echoReply}},
+		{name: "no route", status: 404, origins: []diffOriginSpec{{"a", echoReply}},
 			routes: "[{host: shop.example, path: /app, service: diff}]", steps: []diffStep{get("/other")}},
-		{name: "Connection: close", origins: []diffOriginSpec{{"a", echoReply}},
+		{name: "Connection: close", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /c HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n", waitClose: true}}},
-		{name: "HTTP 1.0", origins: []diffOriginSpec{{"a", echoReply}},
+		{name: "HTTP 1.0", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /old HTTP/1.0\r\nHost: shop.example\r\n\r\n", waitClose: true}}},
-		{name: "header name case", origins: []diffOriginSpec{{"a", echoReply}},
+		{name: "header name case", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /h HTTP/1.1\r\nhost: shop.example\r\nx-lower: 1\r\nX-MIXED-case: 2\r\n\r\n"}}},
-		{name: "Host with a trailing tab", origins: []diffOriginSpec{{"a", echoReply}},
+		{name: "Host with a trailing tab", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /t HTTP/1.1\r\nHost: shop.example\t\r\n\r\n"}}},
+	}
+	for name := range diffKnown {
+		if !slices.ContainsFunc(cases, func(c diffCase) bool { return c.name == name }) {
+			t.Errorf("diffKnown names %q, which is no case", name)
+		}
 	}
 	start := time.Now()
 	for _, c := range cases {
@@ -403,12 +411,21 @@ func TestDifferentialEngines(t *testing.T) {
 			if results[0] == nil || results[1] == nil {
 				return
 			}
+			last := results[1].answers[len(c.steps)-1]
+			if want := fmt.Sprintf(" %d ", c.status); !strings.Contains(last.status+" ", want) || last.err != "" {
+				t.Errorf("without the event loop the last answer is %q (error %q), want status %d", last.status, last.err, c.status)
+			}
+			for i, st := range c.steps {
+				if a := results[1].answers[i]; st.waitClose && a.closed != "closed" {
+					t.Errorf("answer %d: connection %s, want closed", i+1, a.closed)
+				}
+			}
 			got := diffResults(results[0], results[1])
 			known, listed := diffKnown[c.name]
 			switch {
 			case !listed && len(got) > 0:
 				t.Errorf("the engines disagree (event loop first):\n  %s", strings.Join(got, "\n  "))
-			case listed && !slices.Equal(got, known.diffs):
+			case listed && !slices.Equal(got, slices.Sorted(slices.Values(known.diffs))):
 				t.Errorf("the engines' differences changed; diffKnown names (%s):\n  %s\nnow (event loop first):\n  %s",
 					known.why, strings.Join(known.diffs, "\n  "), strings.Join(got, "\n  "))
 			}
