@@ -18,6 +18,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/valyala/fasthttp"
 )
 
 // The differential test: one table of scenarios, each served once with the
@@ -131,21 +133,21 @@ const (
 // answers the nth request (from 0) with reply; a nil reply makes it a
 // dead address that refuses connections.
 type diffOrigin struct {
-	name  string
-	addr  string
-	ln    net.Listener
-	mu    sync.Mutex
-	heads []string
-	conns map[net.Conn]bool
+	addr    string
+	ln      net.Listener
+	mu      sync.Mutex
+	heads   []string
+	conns   map[net.Conn]bool
+	stopped bool
 }
 
 // originReply answers the nth request an origin got.
 type originReply func(n int, c net.Conn, head string)
 
 // startDiffOrigin starts an origin on the loopback address ip.
-func startDiffOrigin(t *testing.T, name, ip string, reply originReply) *diffOrigin {
+func startDiffOrigin(t *testing.T, ip string, reply originReply) *diffOrigin {
 	t.Helper()
-	o := &diffOrigin{name: name, conns: make(map[net.Conn]bool)}
+	o := &diffOrigin{conns: make(map[net.Conn]bool)}
 	ln, err := net.Listen("tcp", ip+":0")
 	if err != nil {
 		t.Fatal(err)
@@ -164,9 +166,13 @@ func startDiffOrigin(t *testing.T, name, ip string, reply originReply) *diffOrig
 				return
 			}
 			o.mu.Lock()
-			o.conns[c] = true
+			if o.stopped {
+				c.Close()
+			} else {
+				o.conns[c] = true
+				go o.serve(c, reply)
+			}
 			o.mu.Unlock()
-			go o.serve(c, reply)
 		}
 	}()
 	return o
@@ -216,6 +222,7 @@ func (o *diffOrigin) stop() {
 	o.ln.Close()
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	o.stopped = true
 	for c := range o.conns {
 		c.Close()
 	}
@@ -235,36 +242,14 @@ func respond(status int, hdr, body string) originReply {
 		if strings.HasPrefix(head, "HEAD ") {
 			b = ""
 		}
-		fmt.Fprintf(c, "HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n\r\n%s", status, statusText(status), hdr, len(body), b)
+		fmt.Fprintf(c, "HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n\r\n%s", status, fasthttp.StatusMessage(status), hdr, len(body), b)
 	}
-}
-
-func statusText(code int) string {
-	switch code {
-	case 200:
-		return "OK"
-	case 204:
-		return "No Content"
-	case 304:
-		return "Not Modified"
-	case 404:
-		return "Not Found"
-	case 429:
-		return "Too Many Requests"
-	case 500:
-		return "Internal Server Error"
-	case 502:
-		return "Bad Gateway"
-	case 503:
-		return "Service Unavailable"
-	}
-	return "Status"
 }
 
 // bodyless answers with a status that has no body, and no Content-Length.
 func bodyless(status int, hdr string) originReply {
 	return func(_ int, c net.Conn, _ string) {
-		fmt.Fprintf(c, "HTTP/1.1 %d %s\r\n%s\r\n", status, statusText(status), hdr)
+		fmt.Fprintf(c, "HTTP/1.1 %d %s\r\n%s\r\n", status, fasthttp.StatusMessage(status), hdr)
 	}
 }
 
@@ -471,7 +456,7 @@ func runDiffCase(t *testing.T, c diffCase, loop bool) *diffResult {
 		// second: these addresses make the origins' order the order of
 		// the tries.
 		ip := fmt.Sprintf("127.0.0.%d", (i+1)%len(c.origins)+1)
-		o := startDiffOrigin(t, spec.name, ip, spec.reply)
+		o := startDiffOrigin(t, ip, spec.reply)
 		origins[spec.name] = o
 		addrs = append(addrs, o.addr)
 		names[o.addr] = spec.name
