@@ -1,0 +1,693 @@
+//go:build linux
+
+package balancer
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http/httputil"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// The differential test: one table of scenarios, each served once with the
+// event loop on and once with it off, on fresh origins and a fresh edge.
+// What the client gets (status line, headers but Date, body), what each
+// origin was asked, backend health and metric deltas must be the same both
+// ways. Where they are not, diffKnown names every difference and why; the
+// test fails when a named difference goes away as well as when a new one
+// appears, so that the table says what is true today.
+
+// diffKnown lists the cases whose engines still disagree, with the exact
+// differences (as diffResults reports them, event loop first) and why.
+var diffKnown = map[string]struct {
+	why   string
+	diffs []string
+}{
+	"200":           {whyServer, []string{serverOnlyFasthttp}},
+	"204":           {whyServer, []string{serverOnlyFasthttp}},
+	"304":           {whyServer, []string{serverOnlyFasthttp}},
+	"404":           {whyServer, []string{serverOnlyFasthttp}},
+	"500 stale off": {whyServer, []string{serverOnlyFasthttp}},
+	"chunked":       {whyServer, []string{serverOnlyFasthttp}},
+	"HEAD":          {whyServer, []string{serverOnlyFasthttp}},
+	"500 nothing stored": {whyAgain + "; 500 is a stale trigger, so the loop hands it over though nothing is stored", []string{
+		`edgelb_backend_requests_total{service="diff",backend="a"}: +2 vs +1`,
+		`edgelb_backend_responses_total{service="diff",backend="a",class="5xx"}: +2 vs +1`,
+		"origin a asked 2 times vs 1",
+	}},
+	"500 stale": {whyServer + "; " + whyAgain + ", and the stale copy is served from the second 500", []string{
+		serverOnlyFasthttp,
+		`edgelb_backend_requests_total{service="diff",backend="a"}: +3 vs +2`,
+		`edgelb_backend_responses_total{service="diff",backend="a",class="5xx"}: +2 vs +1`,
+		"origin a asked 3 times vs 2",
+	}},
+	"502 retried": {whyAgain + ": it asks b, then a again, and answers with a's 502", []string{
+		`answer 1 body: "bad a" vs "bad b"`,
+		`edgelb_backend_requests_total{service="diff",backend="a"}: +2 vs +1`,
+		`edgelb_backend_responses_total{service="diff",backend="a",class="5xx"}: +2 vs +1`,
+		"origin a asked 2 times vs 1",
+	}},
+	"429": {whyAgain + ": it asks b, then a again, and answers with a's 429", []string{
+		`answer 1 body: "slow down a" vs "slow down b"`,
+		`edgelb_backend_errors_total{service="diff",backend="a",cause="overloaded"}: +2 vs +1`,
+		`edgelb_backend_requests_total{service="diff",backend="a"}: +2 vs +1`,
+		`edgelb_backend_responses_total{service="diff",backend="a",class="4xx"}: +2 vs +1`,
+		"origin a asked 2 times vs 1",
+	}},
+	"dead backend, then 503 Retry-After": {whyAgain + ": it asks b (503), then the dead a again, and " + whyLastTry, []string{
+		`answer 1 body: "edgelb: could not connect to any backend\n" vs "busy"`,
+		`answer 1 header content-length: ["41"] vs ["4"]`,
+		`answer 1 header content-type: ["text/plain; charset=utf-8"] vs []`,
+		`answer 1 header edgelb-error: ["upstream_connect_failed"] vs []`,
+		`answer 1 header retry-after: [] vs ["1"]`,
+		`answer 1 status: "HTTP/1.1 502 Bad Gateway" vs "HTTP/1.1 503 Service Unavailable"`,
+		`edgelb_backend_errors_total{service="diff",backend="a",cause="upstream_connect_failed"}: +2 vs +1`,
+		`edgelb_backend_requests_total{service="diff",backend="a"}: +2 vs +1`,
+		`edgelb_generated_errors_total{service="diff",code="upstream_connect_failed"}: +1 vs +0`,
+	}},
+	"503 Retry-After, then a dead backend": {whyAgain + ": it asks the dead b, then a again, whose 503 is the last answer; " +
+		"without the loop " + whyLastTry, []string{
+		`answer 1 body: "busy" vs "edgelb: could not connect to any backend\n"`,
+		`answer 1 header content-length: ["4"] vs ["41"]`,
+		`answer 1 header content-type: [] vs ["text/plain; charset=utf-8"]`,
+		`answer 1 header edgelb-error: [] vs ["upstream_connect_failed"]`,
+		`answer 1 header retry-after: ["1"] vs []`,
+		`answer 1 status: "HTTP/1.1 503 Service Unavailable" vs "HTTP/1.1 502 Bad Gateway"`,
+		`edgelb_backend_errors_total{service="diff",backend="a",cause="overloaded"}: +2 vs +1`,
+		`edgelb_backend_requests_total{service="diff",backend="a"}: +2 vs +1`,
+		`edgelb_backend_responses_total{service="diff",backend="a",class="5xx"}: +2 vs +1`,
+		`edgelb_generated_errors_total{service="diff",code="upstream_connect_failed"}: +0 vs +1`,
+		"origin a asked 2 times vs 1",
+	}},
+	"connect refused": {"the loop's failed connect to a is counted as a try, but the fasthttp path's try on b that follows is its first, not a retry", []string{
+		`edgelb_retries_total{service="diff"}: +0 vs +1`,
+	}},
+	"reset mid-response": {whyUncounted, []string{"origin a asked 2 times vs 1"}},
+	"garbage":            {whyUncounted, []string{"origin a asked 2 times vs 1"}},
+	"short body":         {whyUncounted, []string{"origin a asked 2 times vs 1"}},
+	"2 MiB body": {"the loop reads the head, finds a body over 1 MiB and hands the request over uncounted; the fasthttp path asks again and streams it",
+		[]string{"origin a asked 2 times vs 1"}},
+	"timeout": {"the loop counts its timed-out try; the fasthttp path starts a new deadline and tried-set and waits on the same slow backend again", []string{
+		`edgelb_backend_errors_total{service="diff",backend="a",cause="upstream_timeout"}: +2 vs +1`,
+		`edgelb_backend_requests_total{service="diff",backend="a"}: +2 vs +1`,
+		"origin a asked 2 times vs 1",
+	}},
+	"stale hit": {whyServer + "; the loop counts its refused connect, then the fasthttp path tries to connect again before serving the copy", []string{
+		serverOnlyFasthttp,
+		`edgelb_backend_errors_total{service="diff",backend="a",cause="upstream_connect_failed"}: +2 vs +1`,
+		`edgelb_backend_requests_total{service="diff",backend="a"}: +3 vs +2`,
+	}},
+	"header name case": {whyServer + "; the fasthttp server normalises request header names, the loop forwards them as sent", []string{
+		serverOnlyFasthttp,
+		`origin a request 1: ["host: shop.example" "x-lower: 1" "X-MIXED-case: 2"] vs ["Host: shop.example" "X-Lower: 1" "X-Mixed-Case: 2"]`,
+	}},
+	"Host with a trailing tab": {whyServer + "; the loop forwards the Host value with its trailing white space, the fasthttp server trims it", []string{
+		serverOnlyFasthttp,
+		`origin a request 1: ["Host: shop.example\t"] vs ["Host: shop.example"]`,
+	}},
+}
+
+// The reasons the engines differ today.
+const (
+	serverOnlyFasthttp = `answer 1 header server: [] vs ["edgelb"]`
+	whyServer          = "the fasthttp server adds Server: edgelb to a response without one; the loop does not"
+	whyAgain           = "the loop hands the request over after one try, and the fasthttp path starts it again with a fresh tried-set, retry budget and deadline"
+	whyUncounted       = "the loop counts nothing for a try whose response is cut or not HTTP and hands it over; the fasthttp path asks the same backend again"
+	whyLastTry         = "the fasthttp path answers with its last try, so a connect failure after a backend's 503 replaces the 503 with 502 upstream_connect_failed"
+)
+
+// diffOrigin is a scripted TCP origin. It records every request head and
+// answers the nth request (from 0) with reply; a nil reply makes it a
+// dead address that refuses connections.
+type diffOrigin struct {
+	addr    string
+	ln      net.Listener
+	mu      sync.Mutex
+	heads   []string
+	conns   map[net.Conn]bool
+	stopped bool
+}
+
+// originReply answers the nth request an origin got.
+type originReply func(n int, c net.Conn, head string)
+
+// startDiffOrigin starts an origin on the loopback address ip.
+func startDiffOrigin(t *testing.T, ip string, reply originReply) *diffOrigin {
+	t.Helper()
+	o := &diffOrigin{conns: make(map[net.Conn]bool)}
+	ln, err := net.Listen("tcp", ip+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.addr = ln.Addr().String()
+	if reply == nil {
+		ln.Close()
+		return o
+	}
+	o.ln = ln
+	t.Cleanup(o.stop)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			o.mu.Lock()
+			if o.stopped {
+				c.Close()
+			} else {
+				o.conns[c] = true
+				go o.serve(c, reply)
+			}
+			o.mu.Unlock()
+		}
+	}()
+	return o
+}
+
+func (o *diffOrigin) serve(c net.Conn, reply originReply) {
+	defer func() {
+		o.mu.Lock()
+		delete(o.conns, c)
+		o.mu.Unlock()
+		c.Close()
+	}()
+	br := bufio.NewReader(c)
+	for {
+		var head strings.Builder
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			head.WriteString(line)
+			if line == "\r\n" {
+				break
+			}
+		}
+		h := head.String()
+		if cl := headerValue(h, "Content-Length"); cl != "" {
+			n, _ := strconv.Atoi(cl)
+			if _, err := io.CopyN(io.Discard, br, int64(n)); err != nil {
+				return
+			}
+		}
+		o.mu.Lock()
+		n := len(o.heads)
+		o.heads = append(o.heads, h)
+		o.mu.Unlock()
+		reply(n, c, h)
+	}
+}
+
+// stop closes the listener and every connection, so that the origin then
+// refuses connections like a dead one.
+func (o *diffOrigin) stop() {
+	if o.ln == nil {
+		return
+	}
+	o.ln.Close()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.stopped = true
+	for c := range o.conns {
+		c.Close()
+	}
+}
+
+func (o *diffOrigin) got() []string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return slices.Clone(o.heads)
+}
+
+// respond answers with status, extra header lines (each ending in CRLF)
+// and body, which a HEAD request does not get.
+func respond(status int, hdr, body string) originReply {
+	return func(_ int, c net.Conn, head string) {
+		b := body
+		if strings.HasPrefix(head, "HEAD ") {
+			b = ""
+		}
+		fmt.Fprintf(c, "HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\n\r\n%s", status, fasthttp.StatusMessage(status), hdr, len(body), b)
+	}
+}
+
+// bodyless answers with a status that has no body, and no Content-Length.
+func bodyless(status int, hdr string) originReply {
+	return func(_ int, c net.Conn, _ string) {
+		fmt.Fprintf(c, "HTTP/1.1 %d %s\r\n%s\r\n", status, fasthttp.StatusMessage(status), hdr)
+	}
+}
+
+// thenReply answers the first request with first and the others with rest.
+func thenReply(first, rest originReply) originReply {
+	return func(n int, c net.Conn, head string) {
+		if n == 0 {
+			first(n, c, head)
+			return
+		}
+		rest(n, c, head)
+	}
+}
+
+// cacheable is a 200 that may be stored and is stale at once.
+var cacheable = respond(200, "Cache-Control: max-age=0\r\nContent-Type: text/plain\r\n", "stored copy")
+
+// diffCase is one scenario: its origins, the service's extra config, and
+// the client's requests, each sent on a new connection.
+type diffCase struct {
+	name string
+	// status is the status of the last answer without the event loop,
+	// so that both engines failing alike does not pass.
+	status  int
+	origins []diffOriginSpec
+	service string // extra keys of the service's flow map, after a comma
+	routes  string // the routes list; one catch-all route if empty
+	steps   []diffStep
+}
+
+type diffOriginSpec struct {
+	name  string
+	reply originReply // nil: a dead address
+}
+
+type diffStep struct {
+	raw string
+	// before runs before the request is sent, with the case's origins.
+	before func(map[string]*diffOrigin)
+	// waitClose waits for the edge to close the connection after the
+	// answer and records whether it did.
+	waitClose bool
+}
+
+func get(path string) diffStep {
+	return diffStep{raw: "GET " + path + " HTTP/1.1\r\nHost: shop.example\r\n\r\n"}
+}
+
+// diffResult is what one engine did with a case.
+type diffResult struct {
+	answers []diffAnswer
+	heads   map[string][]string // origin name: request heads received
+	health  map[string]string   // origin name: state and reason
+	metrics map[string]int      // series, backends by origin name: delta
+}
+
+// diffAnswer is what the client got for one request.
+type diffAnswer struct {
+	status  string
+	headers map[string][]string // lower-case name: values in order
+	body    string
+	closed  string
+	err     string
+}
+
+func TestDifferentialEngines(t *testing.T) {
+	// slow never answers: it reads until the edge or the test closes.
+	slow := func(_ int, c net.Conn, _ string) { io.Copy(io.Discard, c) }
+	big := strings.Repeat("0123456789abcdef", 2<<20/16)
+	cases := []diffCase{
+		{name: "200", status: 200, origins: []diffOriginSpec{{"a", echoReply}}, steps: []diffStep{get("/page?q=1")}},
+		{name: "204", status: 204, origins: []diffOriginSpec{{"a", bodyless(204, "X-Origin: a\r\n")}}, steps: []diffStep{get("/")}},
+		{name: "304", status: 304, origins: []diffOriginSpec{{"a", bodyless(304, "ETag: \"v1\"\r\n")}},
+			steps: []diffStep{{raw: "GET / HTTP/1.1\r\nHost: shop.example\r\nIf-None-Match: \"v1\"\r\n\r\n"}}},
+		{name: "404", status: 404, origins: []diffOriginSpec{{"a", respond(404, "Content-Type: text/plain\r\n", "not here")}}, steps: []diffStep{get("/x")}},
+		{name: "500 stale off", status: 500, origins: []diffOriginSpec{{"a", respond(500, "", "broken")}},
+			service: "stale: {disabled: true}", steps: []diffStep{get("/")}},
+		{name: "500 nothing stored", status: 500, origins: []diffOriginSpec{{"a", respond(500, "", "broken")}}, steps: []diffStep{get("/")}},
+		{name: "500 stale", status: 200, origins: []diffOriginSpec{{"a", thenReply(cacheable, respond(500, "", "broken"))}},
+			steps: []diffStep{get("/"), get("/")}},
+		{name: "502 retried", status: 502, origins: []diffOriginSpec{{"a", respond(502, "", "bad a")}, {"b", respond(502, "", "bad b")}},
+			steps: []diffStep{get("/")}},
+		{name: "dead backend, then 503 Retry-After", status: 503, origins: []diffOriginSpec{{"a", nil}, {"b", respond(503, "Retry-After: 1\r\n", "busy")}},
+			steps: []diffStep{get("/")}},
+		{name: "503 Retry-After, then a dead backend", status: 502, origins: []diffOriginSpec{{"a", respond(503, "Retry-After: 1\r\n", "busy")}, {"b", nil}},
+			steps: []diffStep{get("/")}},
+		{name: "429", status: 429, origins: []diffOriginSpec{{"a", respond(429, "Retry-After: 1\r\n", "slow down a")}, {"b", respond(429, "Retry-After: 1\r\n", "slow down b")}},
+			steps: []diffStep{get("/")}},
+		{name: "connect refused", status: 200, origins: []diffOriginSpec{{"a", nil}, {"b", echoReply}}, steps: []diffStep{get("/")}},
+		{name: "reset mid-response", status: 502, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf")
+			time.Sleep(20 * time.Millisecond)
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+		}}}, steps: []diffStep{get("/")}},
+		{name: "timeout", status: 504, origins: []diffOriginSpec{{"a", slow}},
+			service: "try_timeout: 200ms, timeout: 1s", steps: []diffStep{get("/")}},
+		{name: "garbage", status: 502, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+			io.WriteString(c, "this is not HTTP\r\n\r\n")
+			c.Close()
+		}}}, steps: []diffStep{get("/")}},
+		{name: "short body", status: 502, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+			c.Close()
+		}}}, steps: []diffStep{get("/")}},
+		{name: "chunked", status: 200, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+		}}}, steps: []diffStep{get("/")}},
+		{name: "2 MiB body", status: 200, origins: []diffOriginSpec{{"a", respond(200, "Content-Type: application/octet-stream\r\n", big)}}, steps: []diffStep{get("/big")}},
+		{name: "HEAD", status: 200, origins: []diffOriginSpec{{"a", respond(200, "Content-Type: text/plain\r\n", "twelve bytes")}},
+			steps: []diffStep{{raw: "HEAD /h HTTP/1.1\r\nHost: shop.example\r\n\r\n"}}},
+		{name: "stale hit", status: 200, origins: []diffOriginSpec{{"a", cacheable}},
+			steps: []diffStep{get("/s"), {raw: get("/s").raw, before: func(o map[string]*diffOrigin) { o["a"].stop() }}}},
+		{name: "no healthy backend", status: 503, origins: []diffOriginSpec{{"a", nil}},
+			service: "health: {passive: {consecutive_gateway_failures: 1}}", steps: []diffStep{get("/"), get("/")}},
+		{name: "no route", status: 404, origins: []diffOriginSpec{{"a", echoReply}},
+			routes: "[{host: shop.example, path: /app, service: diff}]", steps: []diffStep{get("/other")}},
+		{name: "Connection: close", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
+			steps: []diffStep{{raw: "GET /c HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n", waitClose: true}}},
+		{name: "HTTP 1.0", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
+			steps: []diffStep{{raw: "GET /old HTTP/1.0\r\nHost: shop.example\r\n\r\n", waitClose: true}}},
+		{name: "header name case", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
+			steps: []diffStep{{raw: "GET /h HTTP/1.1\r\nhost: shop.example\r\nx-lower: 1\r\nX-MIXED-case: 2\r\n\r\n"}}},
+		{name: "Host with a trailing tab", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
+			steps: []diffStep{{raw: "GET /t HTTP/1.1\r\nHost: shop.example\t\r\n\r\n"}}},
+	}
+	for name := range diffKnown {
+		if !slices.ContainsFunc(cases, func(c diffCase) bool { return c.name == name }) {
+			t.Errorf("diffKnown names %q, which is no case", name)
+		}
+	}
+	start := time.Now()
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var results [2]*diffResult
+			handoffs, fallbacks := laneHandoffs.Get(), laneFallbacks.Get()
+			for i, on := range []bool{true, false} {
+				t.Run(engineName(on), func(t *testing.T) { results[i] = runDiffCase(t, c, on) })
+				if on {
+					t.Logf("the event loop handed over %d connections and left %d tries to the fasthttp path",
+						laneHandoffs.Get()-handoffs, laneFallbacks.Get()-fallbacks)
+				}
+			}
+			if results[0] == nil || results[1] == nil {
+				return
+			}
+			last := results[1].answers[len(c.steps)-1]
+			if want := fmt.Sprintf(" %d ", c.status); !strings.Contains(last.status+" ", want) || last.err != "" {
+				t.Errorf("without the event loop the last answer is %q (error %q), want status %d", last.status, last.err, c.status)
+			}
+			for i, st := range c.steps {
+				if a := results[1].answers[i]; st.waitClose && a.closed != "closed" {
+					t.Errorf("answer %d: connection %s, want closed", i+1, a.closed)
+				}
+			}
+			got := diffResults(results[0], results[1])
+			known, listed := diffKnown[c.name]
+			switch {
+			case !listed && len(got) > 0:
+				t.Errorf("the engines disagree (event loop first):\n  %s", strings.Join(got, "\n  "))
+			case listed && !slices.Equal(got, slices.Sorted(slices.Values(known.diffs))):
+				t.Errorf("the engines' differences changed; diffKnown names (%s):\n  %s\nnow (event loop first):\n  %s",
+					known.why, strings.Join(known.diffs, "\n  "), strings.Join(got, "\n  "))
+			}
+		})
+	}
+	t.Logf("%d cases, both engines, in %v", len(cases), time.Since(start).Round(time.Millisecond))
+}
+
+func engineName(on bool) string {
+	if on {
+		return "event_loop"
+	}
+	return "fasthttp"
+}
+
+// echoReply answers 200 with the request target as the body.
+func echoReply(_ int, c net.Conn, head string) {
+	p := pathOf(head)
+	if strings.HasPrefix(head, "HEAD ") {
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n", len(p))
+		return
+	}
+	fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n%s", len(p), p)
+}
+
+// diffMetrics are the metric families compared: everything that counts
+// what happened to a request. The event loop's own counters differ by
+// design.
+var diffMetrics = []string{
+	"edgelb_requests_total", "edgelb_retries_total", "edgelb_stale_responses_total",
+	"edgelb_generated_errors_total", "edgelb_backend_requests_total", "edgelb_backend_errors_total",
+	"edgelb_backend_responses_total", "edgelb_backend_state_changes_total",
+}
+
+// runDiffCase serves c with the event loop on or off and records what
+// happened.
+func runDiffCase(t *testing.T, c diffCase, loop bool) *diffResult {
+	origins := make(map[string]*diffOrigin)
+	var addrs []string
+	names := make(map[string]string) // addr: origin name
+	for i, spec := range c.origins {
+		// Backends are ordered by address and round robin starts at the
+		// second: these addresses make the origins' order the order of
+		// the tries.
+		ip := fmt.Sprintf("127.0.0.%d", (i+1)%len(c.origins)+1)
+		o := startDiffOrigin(t, ip, spec.reply)
+		origins[spec.name] = o
+		addrs = append(addrs, o.addr)
+		names[o.addr] = spec.name
+	}
+	svc := "{static: [" + strings.Join(addrs, ", ") + "], balance: round_robin"
+	if c.service != "" {
+		svc += ", " + c.service
+	}
+	routes := c.routes
+	if routes == "" {
+		routes = "[{service: diff}]"
+	}
+	s := startEdge(t, fmt.Sprintf("server: {event_loop: %v}\nservices:\n  diff: %s}\nroutes: %s\n", loop, svc, routes))
+
+	before := diffSeries(t, s, names)
+	r := &diffResult{heads: make(map[string][]string), health: make(map[string]string)}
+	for _, st := range c.steps {
+		if st.before != nil {
+			st.before(origins)
+		}
+		r.answers = append(r.answers, diffAsk(t, s, st))
+	}
+	after := diffSeries(t, s, names)
+	r.metrics = make(map[string]int)
+	for k, v := range after {
+		if d := v - before[k]; d != 0 {
+			r.metrics[k] = d
+		}
+	}
+	for name, o := range origins {
+		for _, h := range o.got() {
+			r.heads[name] = append(r.heads[name], normHead(h))
+		}
+	}
+	for _, b := range s.Status().Services["diff"].Backends {
+		r.health[names[b.Addr]] = b.State + " (" + durationRe.ReplaceAllString(b.Reason, "*") + ")"
+	}
+	return r
+}
+
+// diffSeries returns the compared series of /metrics, each backend
+// named by its origin.
+func diffSeries(t *testing.T, s *Server, names map[string]string) map[string]int {
+	t.Helper()
+	_, body := adminGet(t, s, "/metrics")
+	m := make(map[string]int)
+	for _, line := range strings.Split(body, "\n") {
+		series, v, ok := strings.Cut(line, " ")
+		if !ok || strings.HasPrefix(line, "#") {
+			continue
+		}
+		family, labels, _ := strings.Cut(series, "{")
+		if !slices.Contains(diffMetrics, family) ||
+			!(strings.Contains(labels, `service="diff"`) || strings.Contains(labels, `service=""`) || !strings.Contains(labels, "service=")) {
+			continue
+		}
+		for addr, name := range names {
+			series = strings.ReplaceAll(series, `backend="`+addr+`"`, `backend="`+name+`"`)
+		}
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			t.Fatalf("/metrics: %q: %v", line, err)
+		}
+		m[series] += int(f)
+	}
+	return m
+}
+
+// normHead turns a request head into lines joined by "\n", without the
+// blank line that ends it.
+func normHead(h string) string {
+	lines := strings.Split(strings.TrimSuffix(h, "\r\n\r\n"), "\r\n")
+	return strings.Join(lines, "\n")
+}
+
+var (
+	ttlRe      = regexp.MustCompile(`ttl=-?\d+`)
+	durationRe = regexp.MustCompile(`[0-9.]+(ns|µs|ms|s|m|h)\b`)
+)
+
+// diffAsk sends one step's request on a new connection and reads the
+// answer as it came on the wire.
+func diffAsk(t *testing.T, s *Server, st diffStep) diffAnswer {
+	t.Helper()
+	c := dialEdge(t, s)
+	defer c.Close()
+	if _, err := io.WriteString(c, st.raw); err != nil {
+		return diffAnswer{err: err.Error()}
+	}
+	br := bufio.NewReader(c)
+	a := diffAnswer{headers: make(map[string][]string)}
+	line, err := br.ReadString('\n')
+	if err != nil {
+		a.err = "reading the status line: " + err.Error()
+		return a
+	}
+	a.status = strings.TrimRight(line, "\r\n")
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			a.err = "reading the head: " + err.Error()
+			return a
+		}
+		line = strings.TrimRight(line, "\r\n")
+		if line == "" {
+			break
+		}
+		k, v, _ := strings.Cut(line, ":")
+		k, v = strings.ToLower(k), strings.TrimSpace(v)
+		switch k {
+		case "date":
+			continue
+		case "age":
+			v = "*" // seconds since the copy was stored: timing
+		case "cache-status":
+			v = ttlRe.ReplaceAllString(v, "ttl=*")
+		}
+		a.headers[k] = append(a.headers[k], v)
+	}
+	code, _ := strconv.Atoi(strings.Fields(a.status + " 0 0")[1])
+	var body []byte
+	switch {
+	case strings.HasPrefix(st.raw, "HEAD "), code/100 == 1, code == 204, code == 304:
+	case len(a.headers["transfer-encoding"]) > 0:
+		body, err = io.ReadAll(httputil.NewChunkedReader(br))
+	case len(a.headers["content-length"]) > 0:
+		n, _ := strconv.Atoi(a.headers["content-length"][0])
+		body = make([]byte, n)
+		_, err = io.ReadFull(br, body)
+	default:
+		body, err = io.ReadAll(br)
+	}
+	if err != nil {
+		a.err = "reading the body: " + err.Error()
+	}
+	a.body = digest(body)
+	if st.waitClose {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		switch n, err := br.Read(make([]byte, 1)); {
+		case n > 0:
+			a.closed = "open, with more bytes"
+		case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), err != nil && strings.Contains(err.Error(), "reset"):
+			a.closed = "closed"
+		default:
+			a.closed = "open: " + err.Error()
+		}
+	}
+	return a
+}
+
+// digest shows a body in full when short, else by length and hash.
+func digest(b []byte) string {
+	if len(b) <= 64 {
+		return strconv.Quote(string(b))
+	}
+	return fmt.Sprintf("%d bytes, sha256 %x", len(b), sha256.Sum256(b))
+}
+
+// diffResults lists the differences between what the event loop (l) and
+// the fasthttp path (f) did, sorted.
+func diffResults(l, f *diffResult) []string {
+	var out []string
+	add := func(format string, args ...any) { out = append(out, fmt.Sprintf(format, args...)) }
+	for i := 0; i < max(len(l.answers), len(f.answers)); i++ {
+		la, fa := l.answers[i], f.answers[i]
+		n := i + 1
+		if la.status != fa.status {
+			add("answer %d status: %q vs %q", n, la.status, fa.status)
+		}
+		if la.err != fa.err {
+			add("answer %d error: %q vs %q", n, la.err, fa.err)
+		}
+		if la.body != fa.body {
+			add("answer %d body: %s vs %s", n, la.body, fa.body)
+		}
+		if la.closed != fa.closed {
+			add("answer %d connection: %q vs %q", n, la.closed, fa.closed)
+		}
+		for _, k := range unionKeys(la.headers, fa.headers) {
+			if lv, fv := la.headers[k], fa.headers[k]; !slices.Equal(lv, fv) {
+				add("answer %d header %s: %q vs %q", n, k, lv, fv)
+			}
+		}
+	}
+	for _, name := range unionKeys(l.heads, f.heads) {
+		lh, fh := l.heads[name], f.heads[name]
+		if len(lh) != len(fh) {
+			add("origin %s asked %d times vs %d", name, len(lh), len(fh))
+			continue
+		}
+		for i := range lh {
+			if only, fonly := linesOnlyIn(lh[i], fh[i]), linesOnlyIn(fh[i], lh[i]); len(only)+len(fonly) > 0 {
+				add("origin %s request %d: %q vs %q", name, i+1, only, fonly)
+			}
+		}
+	}
+	for _, name := range unionKeys(l.health, f.health) {
+		if l.health[name] != f.health[name] {
+			add("backend %s: %q vs %q", name, l.health[name], f.health[name])
+		}
+	}
+	for _, k := range unionKeys(l.metrics, f.metrics) {
+		if l.metrics[k] != f.metrics[k] {
+			add("%s: +%d vs +%d", k, l.metrics[k], f.metrics[k])
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// linesOnlyIn returns the lines of head a that head b lacks.
+func linesOnlyIn(a, b string) []string {
+	var only []string
+	for _, l := range strings.Split(a, "\n") {
+		if !slices.Contains(strings.Split(b, "\n"), l) {
+			only = append(only, l)
+		}
+	}
+	return only
+}
+
+func unionKeys[V any](a, b map[string]V) []string {
+	var keys []string
+	for k := range a {
+		keys = append(keys, k)
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	return keys
+}
