@@ -473,6 +473,13 @@ type laneResponse struct {
 	nkeep int
 }
 
+// hasStatusLinePrefix reports whether b starts as a response status line
+// does, "HTTP/d.d ": what does not is no HTTP response to anyone.
+func hasStatusLinePrefix(b []byte) bool {
+	return len(b) >= 9 && bytes.Equal(b[:5], strHTTP11[:5]) && b[5] >= '0' && b[5] <= '9' && b[6] == '.' &&
+		b[7] >= '0' && b[7] <= '9' && b[8] == ' '
+}
+
 // parseLaneResponse looks at the response head at the start of buf, the
 // answer to a GET (or a HEAD if head). It accepts HTTP/1.1 with a
 // final status, a single valid Content-Length or a Transfer-Encoding of

@@ -117,6 +117,8 @@ type lconn struct {
 	reused  bool
 	resp    laneResponse
 	parsed  bool
+	// reset is set when the backend reset the connection.
+	reset bool
 	// elsewhere is set when the response, once whole, goes to the
 	// fasthttp path to be retried elsewhere or replaced by a stored copy.
 	elsewhere bool
@@ -980,7 +982,7 @@ func (l *loop) onBackend(bc *lconn, ev uint32) {
 			break
 		}
 		if n <= 0 {
-			bc.eof = true
+			bc.eof, bc.reset = true, n < 0
 			break
 		}
 		bc.in = bc.in[:len(bc.in)+n]
@@ -1008,8 +1010,9 @@ func (l *loop) backendClosed(bc *lconn) {
 		// A kept-alive connection the backend had just closed: not the
 		// backend's failure. Resend on a new connection.
 		l.redial(bc)
-	case len(bc.in) == 0:
-		// Closed with no answer: as the fasthttp path counts it.
+	case len(bc.in) == 0 || bc.reset:
+		// Closed with no answer, or reset: as the fasthttp path counts
+		// them.
 		l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 	default:
 		// An answer cut short.
@@ -1034,6 +1037,12 @@ func (l *loop) onResponseBytes(bc *lconn) {
 			}
 			return
 		case laneHandOff:
+			if !hasStatusLinePrefix(bc.in) {
+				// Not HTTP at all: a failed try, as the fasthttp
+				// path would find it, not one to make again there.
+				l.backendFailed(bc, health.OutcomeInvalidResponse, errInvalidResponse)
+				return
+			}
 			l.abandon(bc)
 			return
 		}

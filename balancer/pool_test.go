@@ -20,8 +20,9 @@ func testPool(t testing.TB, svc string, addrs ...string) *Pool {
 	cfg := mustConfig(t, "services:\n  web: "+svc+"\n")
 	reg := health.NewRegistry(nil)
 	checker := health.NewChecker(nil)
-	p := newPool("web", cfg.Services["web"], reg, checker, nil, newSeriesTable())
-	t.Cleanup(func() { p.close(); checker.Close() })
+	st := newSeriesTable()
+	p := newPool("web", cfg.Services["web"], reg, checker, nil, st)
+	t.Cleanup(func() { p.close(); checker.Close(); st.close() })
 	ins := make([]discovery.Instance, len(addrs))
 	for i, a := range addrs {
 		ins[i] = discovery.Instance{Addr: a}

@@ -106,10 +106,11 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 	// head is in, the body gets the idle timeout.
 	body := fasthttp.RequestConfig{ReadTimeout: cfg.Server.IdleTimeout}
 	s.srv = &fasthttp.Server{
-		Handler:                       s.handle,
-		ExpectHandler:                 s.expectStatus,
-		ErrorHandler:                  s.handleParseError,
-		Name:                          "edgelb",
+		Handler:       s.handle,
+		ExpectHandler: s.expectStatus,
+		ErrorHandler:  s.handleParseError,
+		// No Server header of its own: a backend's answer goes out as the
+		// backend sent it, from either engine.
 		NoDefaultServerHeader:         true,
 		NoDefaultContentType:          true,
 		ReadBufferSize:                cfg.Server.MaxHeaderBytes,
@@ -476,6 +477,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		// fasthttp closes its own listener only when it accepted on one.
 		s.handoff.Close()
 	}
+	// Also when Serve had not yet taken ln when Shutdown came, which
+	// fasthttp cannot close then: Serve would wait on it for ever.
+	s.ln.Close()
 	if err == nil {
 		err = loopErr
 	}
