@@ -796,16 +796,22 @@ func (l *loop) tryDeadline(c, bc *lconn) int64 {
 }
 
 // appendUpstreamRequest appends the request as it goes to the backend: the
-// client's head minus the dropped lines, then X-Forwarded-*.
+// client's head minus the dropped lines, then X-Forwarded-*. It goes as
+// HTTP/1.1 whatever the client spoke, on a connection kept alive.
 func (l *loop) appendUpstreamRequest(dst []byte, c *lconn) []byte {
 	r := &c.req
 	head := c.in[:r.headLen-2]
-	from := 0
+	start, from := len(dst), 0
 	for _, d := range r.drop[:r.ndrop] {
 		dst = append(dst, head[from:d[0]]...)
 		from = d[1]
 	}
 	dst = append(dst, head[from:]...)
+	if r.http10 {
+		// The request line, which no dropped line precedes, ends in
+		// "HTTP/1.0\r\n".
+		dst[start+bytes.IndexByte(head, '\r')-1] = '1'
+	}
 	dst = appendForwarding(dst, c.ip, r.host, strHTTP, c.trusted, r.xff, r.xfp, r.xfh, r.fwd)
 	return append(dst, strCRLFCRLF...)
 }
@@ -1050,6 +1056,11 @@ func (l *loop) onResponseBytes(bc *lconn) {
 	l.respond(c, bc, bc.in[r.headLen:total], false)
 }
 
+var (
+	strConnectionClose     = []byte("Connection: close\r\n")
+	strConnectionKeepAlive = []byte("Connection: keep-alive\r\n")
+)
+
 // fasthttpHeadLimit bounds a backend's response head, as the HostClient's
 // read buffer does on the full path.
 const fasthttpHeadLimit = DefaultMaxHeaderBytes
@@ -1071,6 +1082,9 @@ func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	for _, k := range r.keep[:r.nkeep] {
 		out = append(out, bc.in[k[0]:k[1]]...)
 	}
+	if !r.hasServer {
+		out = append(out, strServerLine...)
+	}
 	if !r.hasDate {
 		out = append(out, strHeadDate...)
 		out = append(out, l.httpDate()...)
@@ -1081,9 +1095,15 @@ func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 		out = strconv.AppendInt(out, int64(len(body)), 10)
 		out = append(out, strCRLF...)
 	}
-	if l.stopping {
-		out = append(out, "Connection: close\r\n"...)
+	// As the fasthttp server does: close when the client asked to (or
+	// spoke HTTP/1.0 without keep-alive), and tell an HTTP/1.0 client
+	// that its connection stays open.
+	switch {
+	case l.stopping || c.req.close:
+		out = append(out, strConnectionClose...)
 		c.closing = true
+	case c.req.http10:
+		out = append(out, strConnectionKeepAlive...)
 	}
 	out = append(out, strCRLF...)
 
