@@ -273,4 +273,3 @@ func TestEventLoopHandsOffConnectionNamingAHeader(t *testing.T) {
 		t.Fatalf("X-Secret went upstream: %q", up)
 	}
 }
-
