@@ -194,9 +194,9 @@ func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
 }
 
 // connectionTokens reads a request's Connection value: whether it lists
-// close and keep-alive, whatever their case. ok is false for an empty
-// list or one naming anything else, a header the full path removes.
-func connectionTokens(v []byte) (close, keepAlive, ok bool) {
+// close (cl) and keep-alive (ka), whatever their case. ok is false for an
+// empty list or one naming anything else, a header the full path removes.
+func connectionTokens(v []byte) (cl, ka, ok bool) {
 	switch {
 	case bytes.EqualFold(v, strKeepAlive):
 		return false, true, true
@@ -210,14 +210,14 @@ func connectionTokens(v []byte) (close, keepAlive, ok bool) {
 		switch {
 		case len(tok) == 0:
 		case bytes.EqualFold(tok, strClose):
-			close = true
+			cl = true
 		case bytes.EqualFold(tok, strKeepAlive):
-			keepAlive = true
+			ka = true
 		default:
 			return false, false, false
 		}
 	}
-	return close, keepAlive, close || keepAlive
+	return cl, ka, cl || ka
 }
 
 // plainPath returns the path of an origin-form request target if routing
