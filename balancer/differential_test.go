@@ -46,14 +46,6 @@ var diffKnown = map[string]struct {
 	}},
 }
 
-// The reasons the engines differ today.
-const (
-	serverOnlyFasthttp = `answer 1 header server: [] vs ["edgelb"]`
-	whyServer          = "the fasthttp server adds Server: edgelb to a response without one; the loop does not"
-	whyAgain           = "the loop hands the request over after one try, and the fasthttp path starts it again with a fresh tried-set, retry budget and deadline"
-	whyUncounted       = "the loop counts nothing for a try whose response is cut or not HTTP and hands it over; the fasthttp path asks the same backend again"
-	whyLastTry         = "the fasthttp path answers with its last try, so a connect failure after a backend's 503 replaces the 503 with 502 upstream_connect_failed"
-)
 
 // diffOrigin is a scripted TCP origin. It records every request head and
 // answers the nth request (from 0) with reply; a nil reply makes it a

@@ -22,6 +22,8 @@ type fdConn struct {
 // peer is remote; local stands in for its own address if the socket cannot
 // tell it.
 func newFDConn(fd int, remote netip.AddrPort, local net.Addr) *fdConn {
+	// As on Go's own TCP connections; the loop may not have set it yet.
+	syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 	if sa, err := syscall.Getsockname(fd); err == nil {
 		switch a := sa.(type) {
 		case *syscall.SockaddrInet4:

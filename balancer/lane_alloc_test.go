@@ -6,6 +6,8 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"net/netip"
+	"syscall"
 	"testing"
 	"time"
 
@@ -61,6 +63,60 @@ func testEventLoopAllocs(t *testing.T, vary bool) {
 	}
 	if n := testing.AllocsPerRun(2000, serve); n != 0 {
 		t.Fatalf("a GET through the event loop allocates %.2f times per request, want 0", n)
+	}
+	if laneHandoffs.Get() != h0 {
+		t.Fatal("requests left the event loop")
+	}
+}
+
+// TestEventLoopCloseAllocatesNothing is TestEventLoopGetAllocatesNothing
+// for one request per connection, Connection: close: the client speaks
+// through raw system calls, which allocate nothing, so accepting, serving
+// and closing the connection are the edge's to do without allocating.
+func TestEventLoopCloseAllocatesNothing(t *testing.T) {
+	body := bytes.Repeat([]byte("x"), 64)
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.SetBody(body) })
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	ap := netip.MustParseAddrPort(s.Addr())
+	sa := &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	req := []byte("GET /static/app.js?v=1 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+	buf := make([]byte, 4096)
+	tv := syscall.NsecToTimeval(int64(10 * time.Second))
+	serve := func() {
+		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer syscall.Close(fd)
+		syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv)
+		if err := syscall.Connect(fd, sa); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := syscall.Write(fd, req); err != nil {
+			t.Fatal(err)
+		}
+		// The answer, then the end of file: the edge closed.
+		n := 0
+		for {
+			m, err := syscall.Read(fd, buf[n:])
+			if err != nil {
+				t.Fatalf("read: %v", err)
+			}
+			if m == 0 {
+				break
+			}
+			n += m
+		}
+		if !bytes.HasSuffix(buf[:n], body) || !bytes.Contains(buf[:n], []byte("\r\nConnection: close\r\n")) {
+			t.Fatalf("answer: %q", buf[:n])
+		}
+	}
+	h0 := laneHandoffs.Get()
+	for i := 0; i < 100; i++ {
+		serve()
+	}
+	if n := testing.AllocsPerRun(1000, serve); n != 0 {
+		t.Fatalf("a Connection: close GET through the event loop allocates %.2f times per request, want 0", n)
 	}
 	if laneHandoffs.Get() != h0 {
 		t.Fatal("requests left the event loop")

@@ -32,9 +32,13 @@ type laneRequest struct {
 	// headLen is the length of the head, blank line included.
 	headLen int
 	head    bool // HEAD, not GET
-	uri     []byte
-	path    []byte
-	host    []byte
+	// http10 is set for an HTTP/1.0 request, which goes upstream as
+	// HTTP/1.1; close for one whose connection closes once answered:
+	// Connection says close, or an HTTP/1.0 one lacks keep-alive.
+	http10, close bool
+	uri           []byte
+	path          []byte
+	host          []byte
 	// The client's X-Forwarded-For, -Proto, -Host and Forwarded values,
 	// which go upstream extended only when the peer is trusted;
 	// dupForwarded is set when one of them came twice.
@@ -44,8 +48,8 @@ type laneRequest struct {
 	// came.
 	otherForwarded bool
 	// drop holds the [start, end) ranges of the header lines that do not
-	// go upstream: Connection: keep-alive, X-Forwarded-*, Forwarded and
-	// their look-alikes.
+	// go upstream: Connection, X-Forwarded-*, Forwarded and their
+	// look-alikes.
 	drop  [8][2]int
 	ndrop int
 }
@@ -60,9 +64,10 @@ const (
 )
 
 // parseLaneRequest looks at the head at the start of buf. It forwards only
-// GET and HEAD over HTTP/1.1 with no body, a single Host, a plain path
-// (one that fasthttp's path normalization leaves as it is), well-formed
-// header lines and no hop-by-hop header but Connection: keep-alive.
+// GET and HEAD over HTTP/1.1 or HTTP/1.0 with no body, a single Host, a
+// plain path (one that fasthttp's path normalization leaves as it is),
+// well-formed header lines and no hop-by-hop header but a Connection that
+// lists only close and keep-alive.
 func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
 	if len(buf) > 0 && buf[0] == '\r' {
 		return laneHandOff
@@ -86,9 +91,17 @@ func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
 		return laneHandOff
 	}
 	sp := bytes.IndexByte(line, ' ')
-	if sp < 0 || !bytes.Equal(line[sp+1:], strHTTP11) {
+	if sp < 0 {
 		return laneHandOff
 	}
+	switch ver := line[sp+1:]; {
+	case bytes.Equal(ver, strHTTP11):
+	case bytes.Equal(ver, strHTTP10):
+		r.http10 = true
+	default:
+		return laneHandOff
+	}
+	keepAlive := false
 	r.uri = line[:sp]
 	path, ok := plainPath(r.uri)
 	if !ok {
@@ -152,9 +165,12 @@ func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
 			}
 			*v = value
 		case hkConnection:
-			if !bytes.EqualFold(value, strKeepAlive) || r.ndrop == len(r.drop) {
+			cl, ka, ok := connectionTokens(value)
+			if !ok || r.ndrop == len(r.drop) {
 				return laneHandOff
 			}
+			r.close = r.close || cl
+			keepAlive = keepAlive || ka
 			r.drop[r.ndrop] = [2]int{start, off}
 			r.ndrop++
 		case hkDate, hkVary, hkRetryAfter:
@@ -167,7 +183,37 @@ func parseLaneRequest(buf []byte, r *laneRequest) laneVerdict {
 	if r.host == nil {
 		return laneHandOff
 	}
+	if r.http10 && !keepAlive {
+		r.close = true
+	}
 	return laneForward
+}
+
+// connectionTokens reads a request's Connection value: whether it lists
+// close (cl) and keep-alive (ka), whatever their case. ok is false for an
+// empty list or one naming anything else, a header the full path removes.
+func connectionTokens(v []byte) (cl, ka, ok bool) {
+	switch {
+	case bytes.EqualFold(v, strKeepAlive):
+		return false, true, true
+	case bytes.EqualFold(v, strClose):
+		return true, false, true
+	}
+	for len(v) > 0 {
+		var tok []byte
+		tok, v, _ = bytes.Cut(v, strComma)
+		tok = bytes.Trim(tok, " \t")
+		switch {
+		case len(tok) == 0:
+		case bytes.EqualFold(tok, strClose):
+			cl = true
+		case bytes.EqualFold(tok, strKeepAlive):
+			ka = true
+		default:
+			return false, false, false
+		}
+	}
+	return cl, ka, cl || ka
 }
 
 // plainPath returns the path of an origin-form request target if routing

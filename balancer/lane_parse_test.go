@@ -20,20 +20,29 @@ func TestParseLaneRequest(t *testing.T) {
 	f("GET /a/.well-known/b HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n", laneForward)
 	f("GET / HTTP/1.1\r\nHost:\ta \r\nX-A: b\tc\r\n\r\n", laneForward)
 	f("GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\tGecko/20100101 \xc3\xa9t\xc3\xa9\r\n\r\n", laneForward)
+	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", laneForward)
+	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive ,CLOSE\r\nConnection: keep-alive\r\n\r\n", laneForward)
+	f("GET / HTTP/1.0\r\nHost: a\r\n\r\n", laneForward)
+	f("HEAD / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", laneForward)
 	f("GET / HTTP/1.1\r\nHost: a\r\n", laneIncomplete)
 	f("GET / HTTP/1.1\r\nHo", laneIncomplete)
 
 	// Everything else is the full path's.
 	f("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
 	f("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx", laneHandOff)
-	f("GET / HTTP/1.0\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET / HTTP/0.9\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET / HTTP/2.0\r\nHost: a\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.0\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost:\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", laneHandOff)
-	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.0\r\nHost: a\r\nConnection: X-Secret\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nConnection:\r\n\r\n", laneHandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: ,\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n", laneHandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n", laneHandOff)
@@ -57,6 +66,42 @@ func TestParseLaneRequest(t *testing.T) {
 	f("GET /a\\b HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
 	f("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
 	f("GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", laneHandOff)
+}
+
+// TestLaneRequestConnection checks how a request's version and Connection
+// decide whether its connection closes once answered.
+func TestLaneRequestConnection(t *testing.T) {
+	for _, tc := range []struct {
+		head          string
+		http10, close bool
+	}{
+		{"GET / HTTP/1.1\r\nHost: a\r\n\r\n", false, false},
+		{"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", false, false},
+		{"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", false, true},
+		{"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n", false, true},
+		{"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, close\r\n\r\n", false, true},
+		{"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n", false, true},
+		{"GET / HTTP/1.0\r\nHost: a\r\n\r\n", true, true},
+		{"GET / HTTP/1.0\r\nHost: a\r\nConnection: close\r\n\r\n", true, true},
+		{"GET / HTTP/1.0\r\nHost: a\r\nConnection: Keep-Alive\r\n\r\n", true, false},
+		{"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive,\tclose\r\n\r\n", true, true},
+	} {
+		var r laneRequest
+		if parseLaneRequest([]byte(tc.head), &r) != laneForward {
+			t.Fatalf("%q: not forwarded", tc.head)
+		}
+		if r.http10 != tc.http10 || r.close != tc.close {
+			t.Errorf("%q: http10 %v close %v, want %v %v", tc.head, r.http10, r.close, tc.http10, tc.close)
+		}
+		// The Connection lines never go upstream.
+		kept := tc.head
+		for i := r.ndrop - 1; i >= 0; i-- {
+			kept = kept[:r.drop[i][0]] + kept[r.drop[i][1]:]
+		}
+		if strings.Contains(strings.ToLower(kept), "connection") {
+			t.Errorf("%q: %q goes upstream", tc.head, kept)
+		}
+	}
 }
 
 func TestLaneRequestFields(t *testing.T) {

@@ -103,6 +103,11 @@ type lconn struct {
 	closing bool
 	// readable is set when the socket may hold bytes not read yet.
 	readable bool
+	// nodelay is set once TCP_NODELAY is on: from the connection's
+	// second request or first partial write, as nginx does. A first
+	// answer written at once is never held by Nagle's algorithm, and a
+	// connection that closes after it is spared the system call.
+	nodelay bool
 	// eof is set once the client has shut its sending side, or the
 	// backend has closed or reset its connection.
 	eof bool
@@ -145,11 +150,15 @@ type loop struct {
 	nloops int
 	// waiting holds the client connections with a request in flight.
 	waiting []*lconn
-	events  [256]syscall.EpollEvent
-	now     time.Time
-	nowNs   int64
-	out     []byte
-	body    []byte // a decoded chunked body
+	// free holds closed client connections, reused by accept.
+	free []*lconn
+	// sa is accept's scratch for the client's address.
+	sa     syscall.RawSockaddrAny
+	events [256]syscall.EpollEvent
+	now    time.Time
+	nowNs  int64
+	out    []byte
+	body   []byte // a decoded chunked body
 	// For the stale store's Vary check.
 	vary       [][]byte
 	reqHeaders [][2][]byte
@@ -518,7 +527,10 @@ func (l *loop) close(c *lconn) {
 	if c.fd < 0 {
 		return
 	}
-	l.forget(c)
+	// Closing the descriptor, which nothing duplicates, takes it out of
+	// the epoll set: no EPOLL_CTL_DEL.
+	l.conns[c.fd] = nil
+	l.unwait(c)
 	if c.peer != nil {
 		// A client gone while its request is with a backend: the
 		// backend connection carries an answer nobody reads.
@@ -540,6 +552,33 @@ func (l *loop) close(c *lconn) {
 	l.releaseIP(c)
 	syscall.Close(c.fd)
 	c.fd = -1
+	if c.backend == nil && len(l.free) < laneFreeConns {
+		// Only accept takes it back, between events: nothing refers to
+		// a closed client connection by then.
+		l.free = append(l.free, c)
+	}
+}
+
+// laneFreeConns bounds the closed client connections a loop keeps for
+// reuse.
+const laneFreeConns = 1024
+
+// newClient returns a client connection for fd, reusing a closed one's
+// memory when there is one.
+func (l *loop) newClient(fd int, remote netip.AddrPort, held bool) *lconn {
+	var c *lconn
+	if n := len(l.free); n > 0 {
+		c = l.free[n-1]
+		l.free[n-1] = nil
+		l.free = l.free[:n-1]
+		*c = lconn{in: c.in[:0], ip: c.ip[:0], dueURL: c.dueURL[:0]}
+	} else {
+		c = &lconn{in: make([]byte, 0, laneReadBuf)}
+	}
+	c.fd, c.state, c.waitIdx = fd, lcIdle, -1
+	c.lastActive, c.headSince = l.nowNs, l.nowNs
+	c.remote, c.ipHeld = remote, held
+	return c
 }
 
 // maxConns is the loop's share of b's max_conns.
@@ -566,7 +605,7 @@ func (l *loop) unwait(c *lconn) {
 
 func (l *loop) accept() {
 	for {
-		fd, sa, err := syscall.Accept4(l.lfd, syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
+		fd, err := l.accept4()
 		if err != nil {
 			switch err {
 			case syscall.EAGAIN:
@@ -581,7 +620,7 @@ func (l *loop) accept() {
 			l.pauseAccept()
 			return
 		}
-		remote := sockaddrAddrPort(sa)
+		remote := rawSockaddrAddrPort(&l.sa)
 		held := false
 		if ipc := l.s.perIP; ipc != nil {
 			// Slow path: a cap per client address.
@@ -592,10 +631,8 @@ func (l *loop) accept() {
 			}
 			held = true
 		}
-		syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
-		c := &lconn{fd: fd, state: lcIdle, in: make([]byte, 0, laneReadBuf), waitIdx: -1, lastActive: l.nowNs,
-			headSince: l.nowNs, remote: remote, ipHeld: held}
-		c.ip = appendSockaddrIP(c.ip, sa)
+		c := l.newClient(fd, remote, held)
+		c.ip = appendAddrIP(c.ip, remote)
 		c.trusted = l.s.trustedPeer(remote.Addr())
 		if !l.add(c, connEvents) {
 			l.releaseIP(c)
@@ -636,25 +673,44 @@ func (l *loop) releaseIP(c *lconn) {
 	}
 }
 
-// sockaddrAddrPort returns the address of an accepted client.
-func sockaddrAddrPort(sa syscall.Sockaddr) netip.AddrPort {
-	switch a := sa.(type) {
-	case *syscall.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
-	case *syscall.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
+// accept4 accepts a connection into l.sa: syscall.Accept4 allocates the
+// address it returns.
+func (l *loop) accept4() (int, error) {
+	l.sa = syscall.RawSockaddrAny{}
+	size := uint32(unsafe.Sizeof(l.sa))
+	fd, _, e := syscall.RawSyscall6(syscall.SYS_ACCEPT4, uintptr(l.lfd), uintptr(unsafe.Pointer(&l.sa)),
+		uintptr(unsafe.Pointer(&size)), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0, 0)
+	if e != 0 {
+		return -1, e
+	}
+	return int(fd), nil
+}
+
+// rawSockaddrAddrPort returns the address accept4 stored in sa.
+func rawSockaddrAddrPort(sa *syscall.RawSockaddrAny) netip.AddrPort {
+	switch sa.Addr.Family {
+	case syscall.AF_INET:
+		a := (*syscall.RawSockaddrInet4)(unsafe.Pointer(sa))
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), ntohs(a.Port))
+	case syscall.AF_INET6:
+		a := (*syscall.RawSockaddrInet6)(unsafe.Pointer(sa))
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), ntohs(a.Port))
 	}
 	return netip.AddrPort{}
 }
 
-func appendSockaddrIP(dst []byte, sa syscall.Sockaddr) []byte {
-	switch a := sa.(type) {
-	case *syscall.SockaddrInet4:
-		return netip.AddrFrom4(a.Addr).AppendTo(dst)
-	case *syscall.SockaddrInet6:
-		return netip.AddrFrom16(a.Addr).Unmap().AppendTo(dst)
+// ntohs turns a port in network byte order into a number.
+func ntohs(p uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(&p))
+	return uint16(b[0])<<8 | uint16(b[1])
+}
+
+// appendAddrIP appends a client's IP as X-Forwarded-For carries it.
+func appendAddrIP(dst []byte, ap netip.AddrPort) []byte {
+	if !ap.IsValid() {
+		return append(dst, "unknown"...)
 	}
-	return append(dst, "unknown"...)
+	return ap.Addr().AppendTo(dst)
 }
 
 // connEvents is what every connection waits for, edge-triggered: a
@@ -839,16 +895,22 @@ func (l *loop) tryDeadline(c, bc *lconn) int64 {
 }
 
 // appendUpstreamRequest appends the request as it goes to the backend: the
-// client's head minus the dropped lines, then X-Forwarded-*.
+// client's head minus the dropped lines, then X-Forwarded-*. It goes as
+// HTTP/1.1 whatever the client spoke, on a connection kept alive.
 func (l *loop) appendUpstreamRequest(dst []byte, c *lconn) []byte {
 	r := &c.req
 	head := c.in[:r.headLen-2]
-	from := 0
+	start, from := len(dst), 0
 	for _, d := range r.drop[:r.ndrop] {
 		dst = append(dst, head[from:d[0]]...)
 		from = d[1]
 	}
 	dst = append(dst, head[from:]...)
+	if r.http10 {
+		// The request line, which no dropped line precedes, ends in
+		// "HTTP/1.0\r\n".
+		dst[start+bytes.IndexByte(head, '\r')-1] = '1'
+	}
 	dst = appendForwarding(dst, c.ip, r.host, strHTTP, c.trusted, r.xff, r.xfp, r.xfh, r.fwd)
 	return append(dst, strCRLFCRLF...)
 }
@@ -1106,6 +1168,11 @@ func (l *loop) onResponseBytes(bc *lconn) {
 	l.respond(c, bc, bc.in[r.headLen:total], false)
 }
 
+var (
+	strConnectionClose     = []byte("Connection: close\r\n")
+	strConnectionKeepAlive = []byte("Connection: keep-alive\r\n")
+)
+
 // fasthttpHeadLimit bounds a backend's response head, as the HostClient's
 // read buffer does on the full path.
 const fasthttpHeadLimit = DefaultMaxHeaderBytes
@@ -1137,9 +1204,15 @@ func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 		out = strconv.AppendInt(out, int64(len(body)), 10)
 		out = append(out, strCRLF...)
 	}
-	if l.stopping {
-		out = append(out, "Connection: close\r\n"...)
+	// As the fasthttp server does: close when the client asked to (or
+	// spoke HTTP/1.0 without keep-alive), and tell an HTTP/1.0 client
+	// that its connection stays open.
+	switch {
+	case l.stopping || c.req.close:
+		out = append(out, strConnectionClose...)
 		c.closing = true
+	case c.req.http10:
+		out = append(out, strConnectionKeepAlive...)
 	}
 	out = append(out, strCRLF...)
 
@@ -1190,9 +1263,18 @@ func (l *loop) afterWrite(c *lconn, w []byte, n int, errno syscall.Errno, reqLen
 	if n < len(w) {
 		c.pending = append(c.pending[:0], w[n:]...)
 		c.state = lcWriting
+		l.setNoDelay(c)
 		return
 	}
 	l.next(c)
+}
+
+// setNoDelay turns TCP_NODELAY on for c, once.
+func (l *loop) setNoDelay(c *lconn) {
+	if !c.nodelay {
+		c.nodelay = true
+		syscall.SetsockoptInt(c.fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+	}
 }
 
 // next makes c ready for its next request.
@@ -1203,6 +1285,7 @@ func (l *loop) next(c *lconn) {
 		l.close(c)
 		return
 	}
+	l.setNoDelay(c)
 	c.lastActive = l.nowNs
 	// A pipelined head is already coming; otherwise the next head's time
 	// starts at its first byte.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Side-by-side hot-path comparison: a proxied keep-alive GET with a 64-byte
-# body through edgelb, nginx and HAProxy, each pinned to CPU 0 with one
-# worker; the origin and wrk share CPU 1. Reports requests/s, p99 and CPU
+# Side-by-side hot-path comparison: a proxied GET (keep-alive unless
+# WRK_HEADER says otherwise) with a 64-byte body through edgelb, nginx and
+# HAProxy, each pinned to CPU 0 with one worker; the origin and wrk share
+# CPU 1. Reports requests/s, p99 and CPU
 # time per request of the proxy process (from /proc/PID/stat).
 #
 # The three proxies run side by side on their own ports and wrk visits them
@@ -11,11 +12,16 @@
 # over the rounds and the median of the per-round ratios.
 #
 #   bench/hotpath-peers.sh [DURATION_SECONDS] [CONNECTIONS] [ROUNDS]
+#
+# WRK_HEADER, when set, is a header line wrk sends with every request:
+# WRK_HEADER='Connection: close' measures one request per connection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
 CONNS=${2:-64}
 ROUNDS=${3:-1}
+hdr=()
+if [ -n "${WRK_HEADER:-}" ]; then hdr=(-H "$WRK_HEADER"); fi
 make -s build peers >/dev/null
 work=$(mktemp -d)
 pids=()
@@ -93,14 +99,14 @@ tree_cpu() { # pid field(user|both)
 }
 
 for name in edgelb nginx haproxy; do # warm up
-	wrk -t1 -c"$CONNS" -d2s "http://${ADDR[$name]}/" >/dev/null
+	wrk -t1 -c"$CONNS" -d2s "${hdr[@]}" "http://${ADDR[$name]}/" >/dev/null
 done
 
 run() { # round name
 	local r=$1 name=$2 pid=${PID[$2]}
 	local c0 u0 c1 u1
 	c0=$(tree_cpu "$pid" both); u0=$(tree_cpu "$pid" user)
-	taskset -c 1 wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "http://${ADDR[$name]}/" > "$work/$name.wrk"
+	taskset -c 1 wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "${hdr[@]}" "http://${ADDR[$name]}/" > "$work/$name.wrk"
 	c1=$(tree_cpu "$pid" both); u1=$(tree_cpu "$pid" user)
 	local reqs rps p99 non2xx
 	reqs=$(awk '/requests in/ {print $1}' "$work/$name.wrk")
