@@ -46,7 +46,6 @@ var diffKnown = map[string]struct {
 	}},
 }
 
-
 // diffOrigin is a scripted TCP origin. It records every request head and
 // answers the nth request (from 0) with reply; a nil reply makes it a
 // dead address that refuses connections.

@@ -309,6 +309,11 @@ func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request, flags int, 
 		h.DelBytes(strExpect)
 	}
 	h.ResetConnectionClose()
+	if !h.IsHTTP11() {
+		// Upstream is HTTP/1.1 on a kept-alive connection whatever the
+		// client speaks, as from the event loop.
+		h.SetProtocolBytes(strHTTP11)
+	}
 	// A body with no Content-Type goes up without one, not with the
 	// client library's default.
 	h.SetNoDefaultContentType(true)
