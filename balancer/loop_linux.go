@@ -536,7 +536,7 @@ func (l *loop) close(c *lconn) {
 		// backend connection carries an answer nobody reads.
 		b := c.peer
 		c.peer, b.client = nil, nil
-		l.finishBackend(b, health.OutcomeCanceled, false)
+		l.cancelTry(b)
 	}
 	if cl := c.client; cl != nil {
 		// Not expected: every path frees the client first. Do not leave
@@ -858,14 +858,15 @@ func (l *loop) startTry(c *lconn, b *Backend, bc *lconn) {
 	l.send(bc, out)
 }
 
-// retry tries c's request on another backend after a failed try, as the
-// fasthttp path would: within the request's retries and deadline, on a
-// backend not tried yet. It reports false when the request must go to
-// the fasthttp path instead: then no backend is left here, or the loop is
-// stopping.
-func (l *loop) retry(c *lconn) bool {
+// retry tries c's request on another backend after a try that failed with
+// code, as the fasthttp path would: within the request's retries and
+// deadline, on a backend not tried yet. It reports false when the request
+// must go to the fasthttp path instead: no backend is left here, or the
+// loop is stopping.
+func (l *loop) retry(c *lconn, code errCode) bool {
 	p := c.pool
-	if l.stopping || c.tried.n > p.cfg.Retries || !l.now.Before(c.start.Add(p.cfg.Timeout)) {
+	if l.stopping || c.tried.n > p.cfg.Retries ||
+		!retryFailure(code, true, false, l.now, c.start.Add(p.cfg.Timeout)) {
 		return false
 	}
 	b := p.pick(l.nowNs, &c.tried)
@@ -1182,12 +1183,8 @@ const fasthttpHeadLimit = DefaultMaxHeaderBytes
 // decoded chunked body).
 func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	p, b, r := c.pool, bc.backend, &bc.resp
-	lat := l.now.Sub(c.tryStart)
-	b.target.Done(l.nowNs, bc.outcome, lat)
+	endTry(b, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, r.status, errNone)
 	p.m.requests.Inc()
-	b.m.requests.Inc()
-	b.m.latency.Update(lat)
-	b.m.status[statusClass(r.status)].Inc()
 	p.m.latency.Update(l.now.Sub(c.start))
 
 	out := l.out[:0]
@@ -1352,17 +1349,13 @@ func (l *loop) dropIdle(bc *lconn) {
 	l.close(bc)
 }
 
-// finishBackend ends the request on bc with outcome o and closes it.
-func (l *loop) finishBackend(bc *lconn, o health.Outcome, counted bool) {
-	c := bc.client
-	if c != nil {
+// cancelTry ends the try on bc without counting it, as nobody waits for
+// its answer or another engine makes it, and closes bc.
+func (l *loop) cancelTry(bc *lconn) {
+	if c := bc.client; c != nil {
 		c.peer, bc.client = nil, nil
 	}
-	lat := time.Duration(0)
-	if c != nil && counted {
-		lat = l.now.Sub(c.tryStart)
-	}
-	bc.backend.target.Done(l.nowNs, o, lat)
+	bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 	l.close(bc)
 }
 
@@ -1372,10 +1365,14 @@ func (l *loop) finishBackend(bc *lconn, o health.Outcome, counted bool) {
 // requests safe to repeat take the loop.
 func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 	c := bc.client
-	bc.backend.m.errors[code].Inc()
-	bc.backend.m.requests.Inc()
-	l.finishBackend(bc, o, true)
-	if c == nil || l.retry(c) {
+	lat := time.Duration(0)
+	if c != nil {
+		lat = l.now.Sub(c.tryStart)
+		c.peer, bc.client = nil, nil
+	}
+	endTry(bc.backend, l.nowNs, lat, o, 0, code)
+	l.close(bc)
+	if c == nil || l.retry(c, code) {
 		return
 	}
 	laneFallbacks.Inc()
@@ -1388,16 +1385,9 @@ func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 // with it: the path retries elsewhere, serves stale, or answers with it,
 // and asks this backend nothing again.
 func (l *loop) tryElsewhere(bc *lconn, raw []byte) {
-	c, b := bc.client, bc.backend
-	b.m.requests.Inc()
-	b.m.status[statusClass(bc.resp.status)].Inc()
-	if bc.outcome == health.OutcomeOverloaded {
-		b.m.errors[errOverloaded].Inc()
-	}
+	c := bc.client
+	endTry(bc.backend, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, bc.resp.status, errNone)
 	laneFallbacks.Inc()
-	lat := l.now.Sub(c.tryStart)
-	b.m.latency.Update(lat)
-	b.target.Done(l.nowNs, bc.outcome, lat)
 	att := l.attemptOf(c, errNone, raw)
 	c.peer, bc.client = nil, nil
 	l.unwait(c)
@@ -1428,7 +1418,7 @@ func (l *loop) handOffTried(c *lconn, code errCode, raw []byte) {
 func (l *loop) abandon(bc *lconn) {
 	c := bc.client
 	laneFallbacks.Inc()
-	l.finishBackend(bc, health.OutcomeCanceled, false)
+	l.cancelTry(bc)
 	if c != nil {
 		c.state = lcIdle
 		l.handOff(c)

@@ -88,7 +88,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 			code = att.code
 		} else if att.resp != nil && att.readResponse(&ctx.Response) == nil {
 			answered = true
-			if _, retryable := classifyResponse(&ctx.Response); !retryable || !idempotent || !now.Before(deadline) {
+			if _, retryable := classifyResponse(&ctx.Response); !retryAnswer(retryable, idempotent, now, deadline) {
 				first = p.cfg.Retries + 1
 			} else {
 				kept = keepAnswer(kept, &ctx.Response)
@@ -115,19 +115,13 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 		err := forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
 		end := time.Now()
 		lat := end.Sub(now)
-		b.m.requests.Inc()
-		b.m.latency.Update(lat)
 		now = end
 
 		if err == nil {
 			outcome, retryable := classifyResponse(&ctx.Response)
-			b.target.Done(end.UnixNano(), outcome, lat)
-			b.m.status[statusClass(ctx.Response.StatusCode())].Inc()
-			if outcome == health.OutcomeOverloaded {
-				b.m.errors[errOverloaded].Inc()
-			}
+			endTry(b, end.UnixNano(), lat, outcome, ctx.Response.StatusCode(), errNone)
 			answered = true
-			if !retryable || !idempotent || !now.Before(deadline) {
+			if !retryAnswer(retryable, idempotent, now, deadline) {
 				break
 			}
 			kept = keepAnswer(kept, &ctx.Response)
@@ -135,15 +129,9 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 		}
 
 		outcome, c := classifyErr(err)
-		b.target.Done(end.UnixNano(), outcome, lat)
-		b.m.errors[c].Inc()
+		endTry(b, end.UnixNano(), lat, outcome, 0, c)
 		code, answered = c, false
-		if c == errResponseTooLarge {
-			// Every backend would send the same: asking another only
-			// doubles the load.
-			break
-		}
-		if !(idempotent || isDialErr(err) || err == fasthttp.ErrNoFreeConns) || !now.Before(deadline) {
+		if !retryFailure(c, idempotent, isDialErr(err) || err == fasthttp.ErrNoFreeConns, now, deadline) {
 			break
 		}
 	}

@@ -1,0 +1,47 @@
+package balancer
+
+import (
+	"time"
+
+	"github.com/edgelb/edgelb/health"
+)
+
+// The forwarding core: what both engines do around a try, in one place.
+// The engines do the I/O; how a try counts and what follows it are decided
+// here, so that a request gets the same answer, and its backends the same
+// books, whichever engine serves it.
+
+// endTry counts one try on b that ended with outcome o after lat: in b's
+// health, and in b's metrics, with the status a backend answered (0 when
+// it did not) or the code of the failure (errNone when it answered).
+// Every try of every engine is counted here, once.
+func endTry(b *Backend, now int64, lat time.Duration, o health.Outcome, status int, code errCode) {
+	b.target.Done(now, o, lat)
+	b.m.requests.Inc()
+	b.m.latency.Update(lat)
+	if status > 0 {
+		b.m.status[statusClass(status)].Inc()
+		if o == health.OutcomeOverloaded {
+			code = errOverloaded
+		}
+	}
+	if code != errNone {
+		b.m.errors[code].Inc()
+	}
+}
+
+// retryAnswer reports whether a request whose try got an answer classified
+// retryable goes on to another backend: only an idempotent one, and only
+// while its deadline has not passed.
+func retryAnswer(retryable, idempotent bool, now, deadline time.Time) bool {
+	return retryable && idempotent && now.Before(deadline)
+}
+
+// retryFailure reports whether a request whose try failed with code goes on
+// to another backend: an idempotent one, or any whose request never left
+// (notSent: the connection could not be made, or edgelb's own connection
+// limit), while its deadline has not passed. A response too large for
+// edgelb would be too large from any backend.
+func retryFailure(code errCode, idempotent, notSent bool, now, deadline time.Time) bool {
+	return code != errResponseTooLarge && (idempotent || notSent) && now.Before(deadline)
+}
