@@ -321,7 +321,7 @@ func (l *loop) run() {
 				l.beginStop()
 			default:
 				if fd < len(l.conns) && l.conns[fd] != nil {
-					l.onEvent(l.conns[fd], ev.Events)
+					l.dispatch(l.conns[fd], ev.Events)
 				}
 			}
 		}
@@ -722,6 +722,26 @@ const readEvents uint32 = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLHU
 
 // epollET is EPOLLET, which package syscall declares as a negative int.
 const epollET = 1 << 31
+
+// dispatch handles the events ev of c. A panic while doing so is counted
+// and logged, and costs that connection (and a backend connection serving
+// it) only: the loop and its other connections go on.
+func (l *loop) dispatch(c *lconn, ev uint32) {
+	defer func() {
+		if r := recover(); r != nil {
+			l.s.panicked(r, "panic in event loop; its connection is closed", "loop", l.idx)
+			if p := c.peer; p != nil && p.fd >= 0 {
+				p.client, c.peer = nil, nil
+				p.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
+				l.close(p)
+			}
+			if c.fd >= 0 {
+				l.close(c)
+			}
+		}
+	}()
+	l.onEvent(c, ev)
+}
 
 func (l *loop) onEvent(c *lconn, ev uint32) {
 	switch c.state {

@@ -3,6 +3,7 @@ package balancer
 import (
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/valyala/fasthttp"
@@ -60,5 +61,52 @@ func TestPanicInBackgroundTaskIsLogged(t *testing.T) {
 	// The server still serves.
 	if resp := do(t, s, "GET", "x", "/"); resp.StatusCode() != 502 && resp.StatusCode() != 503 {
 		t.Fatalf("after a background panic: %d", resp.StatusCode())
+	}
+}
+
+// A panic while the event loop serves a request costs that connection
+// only: the loop goes on serving the others.
+func TestPanicInEventLoopCostsOneConnection(t *testing.T) {
+	o := startOrigin(t, "a", nil)
+	var logs syncBuffer
+	s := startEdgeLogging(t, "server: {event_loop: true}\nservices:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n",
+		slog.New(slog.NewTextHandler(&logs, nil)))
+	s.mu.Lock()
+	p := s.pools["web"]
+	s.mu.Unlock()
+	// Set before any request, never changed: the first pick panics.
+	orig := p.sel
+	var calls atomic.Int32
+	p.sel = func(p *Pool, bs *backendSet) (*Backend, *Backend) {
+		if calls.Add(1) == 1 {
+			panic("test panic in the event loop")
+		}
+		return orig(p, bs)
+	}
+	// The loop loads the route table before it picks: storing it again
+	// publishes sel to the loop.
+	s.routes.Store(s.routes.Load())
+	before := panicsTotal.Get()
+	if resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err == nil {
+		t.Fatalf("the connection whose request panicked got an answer: %d", resp.StatusCode())
+	}
+	if n := panicsTotal.Get() - before; n != 1 {
+		t.Fatalf("edgelb_panics_total went up by %d, want 1", n)
+	}
+	for i := 0; i < 20; i++ {
+		resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		if err != nil || resp.StatusCode() != 200 {
+			t.Fatalf("request %d after the panic: %v %d", i, err, statusOf(resp))
+		}
+	}
+	for i, l := range s.loops {
+		select {
+		case <-l.done:
+			t.Fatalf("event loop %d stopped after the panic", i)
+		default:
+		}
+	}
+	if !strings.Contains(logs.String(), "panic in event loop") {
+		t.Fatalf("log:\n%s", logs.String())
 	}
 }
