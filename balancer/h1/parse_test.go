@@ -193,7 +193,15 @@ func TestScanChunked(t *testing.T) {
 	}
 	f("0\r\n\r\n", 10, Forward, "")
 	f("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", 100, Forward, "hello world")
-	f("5;ext=1\r\nhello\r\nA \r\n0123456789\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT", 100, Forward, "hello0123456789")
+	f("5;ext=1\r\nhello\r\nA \r\n0123456789\r\n0\r\n\r\nNEXT", 100, Forward, "hello0123456789")
+	// Trailers, and whitespace before an extension, are fasthttp's to
+	// judge: it refuses some.
+	f("5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n", 100, HandOff, "")
+	f("5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n", 100, HandOff, "")
+	f("5 ;ext=1\r\nhello\r\n0\r\n\r\n", 100, HandOff, "")
+	f("5\r\nhello\r\n0\r\n\n", 100, HandOff, "")
+	f("5;\r\r\nhello\r\n0\r\n\r\n", 100, HandOff, "")
+	f("5\r\nhello\r\n0\r\n\r", 100, Incomplete, "")
 	f("5\r\nhel", 100, Incomplete, "")
 	f("5\r\nhello\r\n0\r\n", 100, Incomplete, "")
 	f("5\r\nhello\r\n", 100, Incomplete, "")
