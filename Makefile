@@ -39,11 +39,17 @@ test: consul vet
 	$(GO) test -count=1 -run 'AllocatesNothing' -timeout 10m ./balancer/... ./health
 
 # Searches for client input that makes edgelb send a backend a request the
-# client did not send, or more requests than the client gets answers; what
-# it finds lands in balancer/testdata/fuzz, which `make test` then runs.
+# client did not send, or more requests than the client gets answers, and
+# for bytes that the HTTP/1 scanners of balancer/h1 forward but fasthttp's
+# parser reads otherwise; each target runs FUZZTIME. What they find lands in
+# testdata/fuzz beside them, which `make test` then runs.
 FUZZTIME ?= 60s
+H1_FUZZ := FuzzParseRequest FuzzParseResponse FuzzChunked
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzProxyHead -fuzztime $(FUZZTIME) ./balancer
+	$(GO) test -run '^$$' -fuzz '^FuzzProxyHead$$' -fuzztime $(FUZZTIME) ./balancer
+	@set -e; for t in $(H1_FUZZ); do \
+		$(GO) test -run '^$$' -fuzz "^$$t\$$" -fuzztime $(FUZZTIME) ./balancer/h1; \
+	done
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./...

@@ -16,6 +16,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
@@ -609,7 +610,7 @@ func (r *RouteConfig) validate(path string, services map[string]*ServiceConfig) 
 		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
 	}
 	if r.Host != "*" {
-		if k, ok := hostKey(nil, []byte(r.Host)); ok {
+		if k, ok := h1.HostKey(nil, []byte(r.Host)); ok {
 			r.Host = string(k)
 		} else {
 			bad(".host", "must be a host name, an IP address or * (got %q)", r.Host)

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/balancer/h1"
 )
 
 // Forwarding headers: a backend learns the client's address, the scheme
@@ -70,7 +72,7 @@ func appendXFF(dst, chain, ip []byte) []byte {
 
 // appendForwarded appends a Forwarded value (RFC 7239): the elements a
 // trusted peer sent, if any, then this hop's for=IP;host="HOST";proto=P,
-// an IPv6 address quoted and bracketed. host is a Host that hostKey
+// an IPv6 address quoted and bracketed. host is a Host that h1.HostKey
 // accepted, so it needs no escaping inside the quotes.
 func appendForwarded(dst, chain, ip, host, proto []byte) []byte {
 	if len(chain) > 0 {
@@ -127,14 +129,14 @@ func setForwarding(ctx *fasthttp.RequestCtx, h *fasthttp.RequestHeader, flags in
 // headers and says where each lies in it: each kind's copies joined by
 // ", ", but only the first X-Forwarded-Proto and -Host.
 func collectForwarding(dst []byte, h *fasthttp.RequestHeader) (_ []byte, span [4][2]int) {
-	for i, kind := range [4]headerKind{hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded} {
+	for i, kind := range [4]h1.HeaderKind{h1.KindXForwardedFor, h1.KindXForwardedProto, h1.KindXForwardedHost, h1.KindForwarded} {
 		start := len(dst)
 		for k, v := range h.All() {
-			if headerKindOf(k) != kind {
+			if h1.KindOf(k) != kind {
 				continue
 			}
 			if len(dst) > start {
-				if kind == hkXForwardedProto || kind == hkXForwardedHost {
+				if kind == h1.KindXForwardedProto || kind == h1.KindXForwardedHost {
 					break
 				}
 				dst = append(dst, strCommaSpace...)
@@ -152,10 +154,10 @@ func removeForwarding(h *fasthttp.RequestHeader, trusted bool) {
 	for range maxHeaderDeletes {
 		var del []byte
 		for k := range h.All() {
-			switch requestHeaderKind(k) {
-			case hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded, hkForwardedLookalike:
+			switch h1.RequestKindOf(k) {
+			case h1.KindXForwardedFor, h1.KindXForwardedProto, h1.KindXForwardedHost, h1.KindForwarded, h1.KindForwardedLookalike:
 				del = k
-			case hkForwardedOther:
+			case h1.KindForwardedOther:
 				if !trusted {
 					del = k
 				}

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/edgelb/edgelb/balancer/h1"
 )
 
 // FuzzProxyHead sends arbitrary bytes as a client through the whole proxy,
@@ -419,7 +421,7 @@ func provenance(r originReq, in []byte, peer string) string {
 			"te", "trailer", "transfer-encoding", "upgrade", "expect":
 			return "hop-by-hop header " + name + " went upstream"
 		}
-		if headerKindOf([]byte(name)) == hkForwardedLookalike {
+		if h1.KindOf([]byte(name)) == h1.KindForwardedLookalike {
 			return "look-alike " + name + " went upstream"
 		}
 		if canon == "host" && strings.Contains(string(in), "://"+value) {

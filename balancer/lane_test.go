@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -509,5 +510,34 @@ func TestEventLoopStopsBatchingWhatWaitingDoesNotGather(t *testing.T) {
 	// batching on load alone waits every other event of one sweep in two.
 	if waits := laneBatchWaits.Get() - w0; waits > 60 {
 		t.Fatalf("%d batched waits for %d requests on one connection", waits, n)
+	}
+}
+
+// Chunked bodies that fasthttp refuses, or whose trailers it judges, get
+// the same answer with the event loop on and off: the loop hands them to
+// the fasthttp path rather than decode them itself.
+func TestChunkedBodiesFasthttpJudgesAnswerTheSameOnBothEngines(t *testing.T) {
+	for _, c := range []struct {
+		name, body string
+		status     int
+		errValue   string
+	}{
+		{"bare CR in a chunk-size line", "5;\r\r\nhello\r\n0\r\n\r\n", 502, "upstream_invalid_response"},
+		{"space before a chunk extension", "5 ;x=1\r\nhello\r\n0\r\n\r\n", 502, "upstream_invalid_response"},
+		{"forbidden trailer", "5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n", 502, "upstream_invalid_response"},
+		{"allowed trailer", "5\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n", 200, ""},
+	} {
+		for _, loop := range []bool{true, false} {
+			origin := rawOrigin(t, func() string {
+				return "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + c.body
+			})
+			s := startEdge(t, "server: {event_loop: "+strconv.FormatBool(loop)+"}\nservices:\n  web: {static: ["+origin+"]}\nroutes: [{service: web}]\n")
+			resp := do(t, s, "GET", "a", "/")
+			if resp.StatusCode() != c.status || string(resp.Header.Peek(HeaderError)) != c.errValue ||
+				c.status == 200 && string(resp.Body()) != "hello" {
+				t.Fatalf("%s, event loop %v: %d %q %q; want %d %q", c.name, loop, resp.StatusCode(),
+					resp.Header.Peek(HeaderError), resp.Body(), c.status, c.errValue)
+			}
+		}
 	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/health"
 )
@@ -85,7 +86,7 @@ type lconn struct {
 	// tried holds the backend of the request in flight, for the
 	// attempt a hand-over carries.
 	tried tried
-	req   laneRequest
+	req   h1.Request
 	pool  *Pool
 	peer  *lconn // the backend connection serving the request
 	start time.Time
@@ -120,7 +121,7 @@ type lconn struct {
 	client  *lconn
 	out     []byte // request to write once connected
 	reused  bool
-	resp    laneResponse
+	resp    h1.Response
 	parsed  bool
 	// reset is set when the backend reset the connection.
 	reset bool
@@ -811,8 +812,8 @@ func (l *loop) onClient(c *lconn) {
 
 // serve forwards the request at the start of c.in, or hands c over.
 func (l *loop) serve(c *lconn) {
-	switch parseLaneRequest(c.in, &c.req) {
-	case laneIncomplete:
+	switch h1.ParseRequest(c.in, &c.req) {
+	case h1.Incomplete:
 		switch {
 		case len(c.in) >= l.maxHead:
 			l.handOff(c)
@@ -820,23 +821,23 @@ func (l *loop) serve(c *lconn) {
 			l.close(c)
 		}
 		return
-	case laneHandOff:
+	case h1.HandOff:
 		l.handOff(c)
 		return
 	}
-	if l.stopping || c.req.headLen > l.maxHead {
+	if l.stopping || c.req.HeadLen > l.maxHead {
 		l.handOff(c)
 		return
 	}
 	r := &c.req
-	host, ok := hostKey(l.hb[:0], r.host)
-	if !ok || (r.dupForwarded || r.otherForwarded) && c.trusted {
+	host, ok := h1.HostKey(l.hb[:0], r.Host)
+	if !ok || (r.DupForwarded || r.OtherForwarded) && c.trusted {
 		// The fasthttp path refuses the Host with a 400, or joins a
 		// trusted proxy's repeated forwarding headers.
 		l.handOff(c)
 		return
 	}
-	rt := l.s.routes.Load().match(host, r.path)
+	rt := l.s.routes.Load().match(host, r.Path)
 	if rt == nil || rt.pool == nil {
 		l.handOff(c)
 		return
@@ -920,19 +921,19 @@ func (l *loop) tryDeadline(c, bc *lconn) int64 {
 // HTTP/1.1 whatever the client spoke, on a connection kept alive.
 func (l *loop) appendUpstreamRequest(dst []byte, c *lconn) []byte {
 	r := &c.req
-	head := c.in[:r.headLen-2]
+	head := c.in[:r.HeadLen-2]
 	start, from := len(dst), 0
-	for _, d := range r.drop[:r.ndrop] {
+	for _, d := range r.Drop[:r.NDrop] {
 		dst = append(dst, head[from:d[0]]...)
 		from = d[1]
 	}
 	dst = append(dst, head[from:]...)
-	if r.http10 {
+	if r.HTTP10 {
 		// The request line, which no dropped line precedes, ends in
 		// "HTTP/1.0\r\n".
 		dst[start+bytes.IndexByte(head, '\r')-1] = '1'
 	}
-	dst = appendForwarding(dst, c.ip, r.host, strHTTP, c.trusted, r.xff, r.xfp, r.xfh, r.fwd)
+	dst = appendForwarding(dst, c.ip, r.Host, strHTTP, c.trusted, r.XFF, r.XFP, r.XFH, r.Fwd)
 	return append(dst, strCRLFCRLF...)
 }
 
@@ -1113,14 +1114,14 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		return
 	}
 	if !bc.parsed {
-		switch parseLaneResponse(bc.in, c.req.head, &bc.resp) {
-		case laneIncomplete:
+		switch h1.ParseResponse(bc.in, c.req.Head, &bc.resp) {
+		case h1.Incomplete:
 			if len(bc.in) >= fasthttpHeadLimit {
 				l.abandon(bc)
 			}
 			return
-		case laneHandOff:
-			if !hasStatusLinePrefix(bc.in) {
+		case h1.HandOff:
+			if !h1.HasStatusLinePrefix(bc.in) {
 				// Not HTTP at all: a failed try, as the fasthttp
 				// path would find it, not one to make again there.
 				l.backendFailed(bc, health.OutcomeInvalidResponse, errInvalidResponse)
@@ -1131,45 +1132,45 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		}
 		bc.parsed = true
 		p, r := c.pool, &bc.resp
-		o, retryable := classifyStatus(r.status, r.retryAfter)
+		o, retryable := classifyStatus(r.Status, r.RetryAfter)
 		bc.outcome = o
 		// Another backend or a stored answer may do better: the
 		// fasthttp path decides, with this answer in hand once whole.
 		bc.elsewhere = retryable ||
-			(r.status >= 500 && r.status <= 504 && p.store != nil && p.staleOnStatus[r.status-500])
-		if r.headLen+r.bodyLen > laneMaxResponse || r.bodyLen > p.cfg.MaxResponseBody {
+			(r.Status >= 500 && r.Status <= 504 && p.store != nil && p.staleOnStatus[r.Status-500])
+		if r.HeadLen+r.BodyLen > laneMaxResponse || r.BodyLen > p.cfg.MaxResponseBody {
 			// Large bodies stream on the full path.
 			l.abandon(bc)
 			return
 		}
 	}
 	r := &bc.resp
-	if r.chunked {
+	if r.Chunked {
 		limit := min(laneMaxResponse, c.pool.cfg.MaxResponseBody)
-		bodyLen, n, v := scanChunked(bc.in[r.headLen:], limit)
+		bodyLen, n, v := h1.ScanChunked(bc.in[r.HeadLen:], limit)
 		switch v {
-		case laneIncomplete:
+		case h1.Incomplete:
 			return
-		case laneHandOff:
+		case h1.HandOff:
 			l.abandon(bc)
 			return
 		}
-		if len(bc.in) > r.headLen+n {
-			r.keepAlive = false
+		if len(bc.in) > r.HeadLen+n {
+			r.KeepAlive = false
 		}
 		if bc.elsewhere {
-			l.tryElsewhere(bc, bc.in[:r.headLen+n])
+			l.tryElsewhere(bc, bc.in[:r.HeadLen+n])
 			return
 		}
-		l.body = appendDechunked(l.body[:0], bc.in[r.headLen:r.headLen+n])
-		bc.in = bc.in[:r.headLen+n]
+		l.body = h1.AppendDechunked(l.body[:0], bc.in[r.HeadLen:r.HeadLen+n])
+		bc.in = bc.in[:r.HeadLen+n]
 		if len(l.body) != bodyLen {
 			panic("BUG: chunked body decoded to another length than scanned")
 		}
 		l.respond(c, bc, l.body, true)
 		return
 	}
-	total := bc.resp.headLen + bc.resp.bodyLen
+	total := bc.resp.HeadLen + bc.resp.BodyLen
 	if len(bc.in) < total {
 		if cap(bc.in) < total {
 			grown := make([]byte, len(bc.in), total)
@@ -1180,13 +1181,13 @@ func (l *loop) onResponseBytes(bc *lconn) {
 	}
 	if len(bc.in) > total {
 		// More than the response: the connection is out of step.
-		bc.resp.keepAlive = false
+		bc.resp.KeepAlive = false
 	}
 	if bc.elsewhere {
 		l.tryElsewhere(bc, bc.in[:total])
 		return
 	}
-	l.respond(c, bc, bc.in[r.headLen:total], false)
+	l.respond(c, bc, bc.in[r.HeadLen:total], false)
 }
 
 var (
@@ -1203,15 +1204,15 @@ const fasthttpHeadLimit = DefaultMaxHeaderBytes
 // decoded chunked body).
 func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	p, b, r := c.pool, bc.backend, &bc.resp
-	endTry(b, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, r.status, errNone)
+	endTry(b, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, r.Status, errNone)
 	p.m.requests.Inc()
 	p.m.latency.Update(l.now.Sub(c.start))
 
 	out := l.out[:0]
-	for _, k := range r.keep[:r.nkeep] {
+	for _, k := range r.Keep[:r.NKeep] {
 		out = append(out, bc.in[k[0]:k[1]]...)
 	}
-	if !r.hasDate {
+	if !r.HasDate {
 		out = append(out, strHeadDate...)
 		out = append(out, l.httpDate()...)
 		out = append(out, strCRLF...)
@@ -1225,21 +1226,21 @@ func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	// spoke HTTP/1.0 without keep-alive), and tell an HTTP/1.0 client
 	// that its connection stays open.
 	switch {
-	case l.stopping || c.req.close:
+	case l.stopping || c.req.Close:
 		out = append(out, strConnectionClose...)
 		c.closing = true
-	case c.req.http10:
+	case c.req.HTTP10:
 		out = append(out, strConnectionKeepAlive...)
 	}
 	out = append(out, strCRLF...)
 
-	if p.store != nil && !c.req.head && l.storeWants(p, c, bc) {
+	if p.store != nil && !c.req.Head && l.storeWants(p, c, bc) {
 		l.save(p, c, out, body)
 	}
 
 	c.peer, bc.client = nil, nil
 	l.unwait(c)
-	reqLen := c.req.headLen
+	reqLen := c.req.HeadLen
 	if len(body) <= 4096 {
 		// Fast path: one write of head and body.
 		out = append(out, body...)
@@ -1339,7 +1340,7 @@ func (l *loop) flush(c *lconn) {
 
 // releaseBackend returns bc to the idle list of its backend, or closes it.
 func (l *loop) releaseBackend(bc *lconn) {
-	keep := bc.resp.keepAlive && !bc.eof && !l.stopping
+	keep := bc.resp.KeepAlive && !bc.eof && !l.stopping
 	bc.parsed, bc.elsewhere = false, false
 	if cap(bc.in) > laneKeepBuf {
 		bc.in = nil
@@ -1406,7 +1407,7 @@ func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 // and asks this backend nothing again.
 func (l *loop) tryElsewhere(bc *lconn, raw []byte) {
 	c := bc.client
-	endTry(bc.backend, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, bc.resp.status, errNone)
+	endTry(bc.backend, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, bc.resp.Status, errNone)
 	laneFallbacks.Inc()
 	att := l.attemptOf(c, errNone, raw)
 	c.peer, bc.client = nil, nil
@@ -1420,7 +1421,7 @@ func (l *loop) tryElsewhere(bc *lconn, raw []byte) {
 // raw, if set, is copied.
 func (l *loop) attemptOf(c *lconn, code errCode, raw []byte) *attempt {
 	a := &attempt{start: c.start, deadline: c.start.Add(c.pool.cfg.Timeout), tried: c.tried, tries: c.tried.n, code: code,
-		head: c.req.head}
+		head: c.req.Head}
 	if raw != nil {
 		a.resp = append([]byte(nil), raw...)
 	}
@@ -1565,25 +1566,25 @@ func (l *loop) handOffWith(c *lconn, att *attempt) {
 // storeWants reports whether the stale store is due a copy of the answer
 // in bc to c's request; the store rate-limits its writes per URL.
 func (l *loop) storeWants(p *Pool, c, bc *lconn) bool {
-	if !bc.resp.vary {
+	if !bc.resp.Vary {
 		r := &c.req
-		if n := len(r.host); len(c.dueURL) != n+1+len(r.uri) || !bytes.Equal(c.dueURL[:n], r.host) || !bytes.Equal(c.dueURL[n+1:], r.uri) {
+		if n := len(r.Host); len(c.dueURL) != n+1+len(r.URI) || !bytes.Equal(c.dueURL[:n], r.Host) || !bytes.Equal(c.dueURL[n+1:], r.URI) {
 			// Not the URL of the connection's last request: hash its key.
-			c.dueURL = append(append(append(c.dueURL[:0], r.host...), 0), r.uri...)
-			c.dueKey, c.dueOK, l.keyBuf = stale.URLKey(l.keyBuf, strHTTP, r.host, r.uri)
+			c.dueURL = append(append(append(c.dueURL[:0], r.Host...), 0), r.URI...)
+			c.dueKey, c.dueOK, l.keyBuf = stale.URLKey(l.keyBuf, strHTTP, r.Host, r.URI)
 		}
 		return c.dueOK && p.store.DueKey(c.dueKey, l.now)
 	}
 	l.vary, l.reqHeaders = l.vary[:0], l.reqHeaders[:0]
-	for k, v := range eachHeader(bc.in[:bc.resp.headLen]) {
-		if headerKindOf(k) == hkVary {
+	for k, v := range h1.EachHeader(bc.in[:bc.resp.HeadLen]) {
+		if h1.KindOf(k) == h1.KindVary {
 			l.vary = append(l.vary, v)
 		}
 	}
-	for k, v := range eachHeader(c.in[:c.req.headLen]) {
+	for k, v := range h1.EachHeader(c.in[:c.req.HeadLen]) {
 		l.reqHeaders = append(l.reqHeaders, [2][]byte{k, v})
 	}
-	return p.store.Due(l.now, strHTTP, c.req.host, c.req.uri, l.vary, l.reqHeaders)
+	return p.store.Due(l.now, strHTTP, c.req.Host, c.req.URI, l.vary, l.reqHeaders)
 }
 
 // save stores the response in the stale store (slow path: at most once per
@@ -1594,7 +1595,7 @@ func (l *loop) save(p *Pool, c *lconn, head, body []byte) {
 	resp.Reset()
 	req.Header.DisableNormalizing()
 	resp.Header.DisableNormalizing()
-	if err := req.Header.Read(l.reader(c.in[:c.req.headLen])); err != nil {
+	if err := req.Header.Read(l.reader(c.in[:c.req.HeadLen])); err != nil {
 		return
 	}
 	if err := resp.Header.Read(l.reader(head)); err != nil {

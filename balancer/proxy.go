@@ -7,6 +7,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/health"
 )
 
@@ -17,45 +18,30 @@ const (
 )
 
 var (
-	strXForwardedFor   = []byte("X-Forwarded-For")
-	strXForwardedProto = []byte("X-Forwarded-Proto")
-	strXForwardedHost  = []byte("X-Forwarded-Host")
+	strXForwardedFor   = []byte(h1.HeaderXForwardedFor)
+	strXForwardedProto = []byte(h1.HeaderXForwardedProto)
+	strXForwardedHost  = []byte(h1.HeaderXForwardedHost)
 	strHTTP            = []byte("http")
 	strHTTPS           = []byte("https")
-	strClose           = []byte("close")
-	strKeepAlive       = []byte("keep-alive")
-	strConnection      = []byte(fasthttp.HeaderConnection)
+	strClose           = []byte(h1.TokenClose)
+	strKeepAlive       = []byte(h1.TokenKeepAlive)
+	strConnection      = []byte(h1.HeaderConnection)
 	strCommaSpace      = []byte(", ")
 	strComma           = []byte(",")
 	strColon           = []byte(":")
-	strRetryAfter      = []byte("Retry-After")
-	strDate            = []byte(fasthttp.HeaderDate)
+	strRetryAfter      = []byte(h1.HeaderRetryAfter)
+	strDate            = []byte(h1.HeaderDate)
 	strRetryAfterValue = []byte("1")
 	strHeaderError     = []byte(HeaderError)
 	strTextPlain       = []byte("text/plain; charset=utf-8")
+	strExpect          = []byte(h1.HeaderExpect)
+	strHTTP11          = []byte(h1.HTTP11)
+	strHTTP10          = []byte(h1.HTTP10)
+	strCRLF            = []byte("\r\n")
+	strCRLFCRLF        = []byte("\r\n\r\n")
+	strHeadDate        = []byte(h1.HeaderDate + ": ")
+	strHeadContentLen  = []byte(h1.HeaderContentLength + ": ")
 )
-
-// hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, plus the
-// legacy ones net/http/httputil also drops. Connection itself is handled
-// apart, with the headers it names.
-var hopHeaders = []string{
-	"Keep-Alive",
-	"Proxy-Connection",
-	"Proxy-Authenticate",
-	"Proxy-Authorization",
-	"Te",
-	"Trailer",
-	"Transfer-Encoding",
-	"Upgrade",
-}
-
-var hopHeaderBytes = func() [][]byte {
-	b := make([][]byte, len(hopHeaders))
-	for i, k := range hopHeaders {
-		b[i] = []byte(k)
-	}
-	return b
-}()
 
 // serve forwards the request in ctx to a backend of the pool, retrying
 // idempotent requests on other backends within one deadline.
@@ -290,8 +276,8 @@ func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request, flags int, 
 	// Fast path: the head as received names no header to remove, which
 	// vetRequest's one scan of it tells.
 	if flags&sawRewrite != 0 {
-		removeConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
-		for _, k := range hopHeaders {
+		h1.RemoveConnectionHeaders(h.Peek(fasthttp.HeaderConnection), h.DelBytes)
+		for _, k := range h1.HopHeaders {
 			h.Del(k)
 		}
 		h.DelBytes(strExpect)
@@ -311,26 +297,6 @@ func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request, flags int, 
 	req.UseHostHeader = true
 }
 
-// isHopHeader reports whether name is Connection or one of hopHeaders,
-// whatever its case.
-func isHopHeader(name []byte) bool {
-	if len(name) == 0 {
-		return false
-	}
-	switch name[0] | 0x20 {
-	case 'c', 'k', 'p', 't', 'u':
-		if bytes.EqualFold(name, strConnection) {
-			return true
-		}
-		for _, k := range hopHeaderBytes {
-			if bytes.EqualFold(name, k) {
-				return true
-			}
-		}
-	}
-	return false
-}
-
 // prepareResponse strips hop-by-hop headers from a backend's response and
 // keeps the client's connection open unless the client asked to close it.
 // Names compare case-insensitively, so that it works whether or not the
@@ -343,14 +309,14 @@ func prepareResponse(resp *fasthttp.Response, clientClose bool) {
 	var conn []byte
 	slow := false
 	for k, v := range h.All() {
-		if !isHopHeader(k) {
+		if !h1.IsHopHeader(k) {
 			if isOddDate(k) {
 				slow = true
 				break
 			}
 			continue
 		}
-		if conn == nil && bytes.EqualFold(k, strConnection) && namesNoHeader(v) {
+		if conn == nil && bytes.EqualFold(k, strConnection) && h1.NamesNoHeader(v) {
 			conn = k
 			continue
 		}
@@ -383,7 +349,7 @@ func removeHopHeaders(h *fasthttp.ResponseHeader) {
 	for range maxHeaderDeletes {
 		var del []byte
 		for k := range h.All() {
-			if !bytes.EqualFold(k, strConnection) && (isHopHeader(k) || isOddDate(k) || connectionNames(h, k)) {
+			if !bytes.EqualFold(k, strConnection) && (h1.IsHopHeader(k) || isOddDate(k) || connectionNames(h, k)) {
 				del = k
 				break
 			}
@@ -426,46 +392,10 @@ func connectionNames(h *fasthttp.ResponseHeader, name []byte) bool {
 	return false
 }
 
-// namesNoHeader reports whether a Connection value holds only the options
-// close and keep-alive, which name no header to remove.
-func namesNoHeader(v []byte) bool {
-	for len(v) > 0 {
-		var tok []byte
-		tok, v, _ = bytes.Cut(v, strComma)
-		tok = bytes.TrimSpace(tok)
-		if len(tok) > 0 && !bytes.EqualFold(tok, strClose) && !bytes.EqualFold(tok, strKeepAlive) {
-			return false
-		}
-	}
-	return true
-}
-
 // isOddDate reports whether name is Date in other than canonical case: the
 // server skips only a backend's "Date" when it writes its own.
 func isOddDate(name []byte) bool {
 	return len(name) == len(strDate) && !bytes.Equal(name, strDate) && bytes.EqualFold(name, strDate)
-}
-
-// removeConnectionHeaders deletes the headers that a Connection header
-// value names. Fast path: nothing to do when it is absent or just "close".
-func removeConnectionHeaders(v []byte, del func([]byte)) {
-	if len(v) == 0 || bytes.Equal(v, strClose) {
-		return
-	}
-	// v may be used while deleting: fasthttp moves header entries but not
-	// the bytes they own, and Connection itself goes last.
-	for len(v) > 0 {
-		var tok []byte
-		tok, v, _ = bytes.Cut(v, strComma)
-		tok = bytes.TrimSpace(tok)
-		// Host and the framing headers are never hop-by-hop, whatever
-		// Connection says: without them the request means something else.
-		if len(tok) > 0 && !bytes.EqualFold(tok, strClose) && !bytes.EqualFold(tok, strKeepAlive) &&
-			!bytes.EqualFold(tok, strHost) && !bytes.EqualFold(tok, strContentLength) && !bytes.EqualFold(tok, strContentType) {
-			del(tok)
-		}
-	}
-	del(strConnection)
 }
 
 // appendRemoteIP appends the client's IP address in text form.

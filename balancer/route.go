@@ -3,6 +3,8 @@ package balancer
 import (
 	"sort"
 	"strings"
+
+	"github.com/edgelb/edgelb/balancer/h1"
 )
 
 // route is one entry of a routeTable.
@@ -32,9 +34,9 @@ func newRouteTable(routes []route) *routeTable {
 	}
 	for _, r := range routes {
 		if r.host != "*" {
-			// Keyed as hostKey keys a request's Host; a tag route's
+			// Keyed as h1.HostKey keys a request's Host; a tag route's
 			// host that is not valid can never match.
-			if k, ok := hostKey(nil, []byte(r.host)); ok {
+			if k, ok := h1.HostKey(nil, []byte(r.host)); ok {
 				r.host = string(k)
 			}
 			rt.byHost[r.host] = append(rt.byHost[r.host], r)

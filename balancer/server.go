@@ -20,6 +20,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
@@ -623,7 +624,7 @@ func (s *Server) panicked(r any, msg string, attrs ...any) {
 func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 	defer s.recoverRequest(ctx)
 	now := ctx.Time()
-	var hb [maxHostLen]byte
+	var hb [h1.MaxHostLen]byte
 	host, flags, why := vetRequest(&ctx.Request, hb[:0])
 	if why != refuseNone {
 		refuse(ctx, why)

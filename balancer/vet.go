@@ -5,6 +5,8 @@ import (
 
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/balancer/h1"
 )
 
 // refusal is why edgelb answered a client's request itself without
@@ -136,11 +138,11 @@ func vetRequest(req *fasthttp.Request, dst []byte) (key []byte, flags int, r ref
 		}
 		return dst, flags, refuseTarget
 	default:
-		auth, rest, ok := absoluteForm(uri)
+		auth, rest, ok := h1.AbsoluteForm(uri)
 		if !ok {
 			return dst, flags, refuseTarget
 		}
-		key, ok = hostKey(dst, auth)
+		key, ok = h1.HostKey(dst, auth)
 		if !ok {
 			return dst, flags, refuseHost
 		}
@@ -157,7 +159,7 @@ func vetRequest(req *fasthttp.Request, dst []byte) (key []byte, flags int, r ref
 	if len(host) == 0 {
 		return dst, flags, refuseNoHost
 	}
-	key, ok := hostKey(dst, host)
+	key, ok := h1.HostKey(dst, host)
 	if !ok {
 		return dst, flags, refuseHost
 	}
@@ -165,52 +167,13 @@ func vetRequest(req *fasthttp.Request, dst []byte) (key []byte, flags int, r ref
 }
 
 var (
-	strHTTP10      = []byte("HTTP/1.0")
 	strSlash       = []byte("/")
 	strSchemeHTTP  = []byte("http://")
 	strSchemeHTTPS = []byte("https://")
 	str100Continue = []byte("100-continue")
-	strForwarded   = []byte("Forwarded")
-	strContentType = []byte("Content-Type")
+	strForwarded   = []byte(h1.HeaderForwarded)
+	strContentType = []byte(h1.HeaderContentType)
 )
-
-// absoluteForm splits an absolute-form request target with the http or
-// https scheme into its authority and the rest (path and query). A target
-// with userinfo is refused, as RFC 9110 section 4.2.4 asks.
-func absoluteForm(uri []byte) (auth, rest []byte, ok bool) {
-	switch {
-	case hasPrefixFold(uri, strSchemeHTTP):
-		uri = uri[len(strSchemeHTTP):]
-	case hasPrefixFold(uri, strSchemeHTTPS):
-		uri = uri[len(strSchemeHTTPS):]
-	default:
-		return nil, nil, false
-	}
-	end := len(uri)
-	for i, c := range uri {
-		if c == '/' || c == '?' || c == '#' {
-			end = i
-			break
-		}
-		if c == '@' {
-			return nil, nil, false
-		}
-	}
-	if end == 0 {
-		return nil, nil, false
-	}
-	auth, rest = uri[:end], uri[end:]
-	if len(rest) > 0 && rest[0] != '/' {
-		// A query or fragment right after the authority: rare enough
-		// to refuse rather than rebuild.
-		return nil, nil, false
-	}
-	return auth, rest, true
-}
-
-func hasPrefixFold(b, prefix []byte) bool {
-	return len(b) >= len(prefix) && bytes.EqualFold(b[:len(prefix)], prefix)
-}
 
 // scanHeaderLines checks the header lines of a request head as received:
 // every name must be a token (RFC 9110 section 5.1), with no space before
@@ -232,26 +195,26 @@ func scanHeaderLines(raw []byte) (flags int, r refusal) {
 			continue
 		}
 		colon := 0
-		for colon < len(line) && tokenChars[line[colon]] {
+		for colon < len(line) && h1.TokenChars[line[colon]] {
 			colon++
 		}
 		if colon == 0 || colon == len(line) || line[colon] != ':' {
 			return flags, refuseHeaderName
 		}
 		name := line[:colon]
-		switch requestHeaderKind(name) {
-		case hkContentLength:
+		switch h1.RequestKindOf(name) {
+		case h1.KindContentLength:
 			flags |= sawContentLength
-		case hkTransferEncoding:
+		case h1.KindTransferEncoding:
 			flags |= sawTransferEncoding | sawRewrite
-		case hkExpect:
+		case h1.KindExpect:
 			flags |= sawExpect | sawRewrite
 			v := bytes.TrimSpace(line[colon+1:])
 			if !bytes.EqualFold(v, str100Continue) {
 				return flags, refuseExpect
 			}
-		case hkConnection, hkHop, hkXForwardedFor, hkXForwardedProto, hkXForwardedHost, hkForwarded, hkForwardedLookalike,
-			hkForwardedOther:
+		case h1.KindConnection, h1.KindHop, h1.KindXForwardedFor, h1.KindXForwardedProto, h1.KindXForwardedHost, h1.KindForwarded, h1.KindForwardedLookalike,
+			h1.KindForwardedOther:
 			flags |= sawRewrite
 		}
 	}

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/balancer/h1"
 )
 
 // Values start with a kind byte and a format version; a value of another
@@ -153,15 +155,14 @@ var bigPointer = []byte{kindBig, formatV}
 // Connection header names, Content-Length (the body sets it), Age and
 // Cache-Status (set when served), Set-Cookie (never stored anyway).
 func notStored(k, connection []byte) bool {
+	if h1.IsHopHeader(k) {
+		return true
+	}
 	switch len(k) {
-	case 2:
-		return bytes.EqualFold(k, strTE)
 	case 3:
 		return bytes.EqualFold(k, strAge)
-	case 7:
-		return bytes.EqualFold(k, strUpgrade) || bytes.EqualFold(k, strTrailer)
 	case 10:
-		if bytes.EqualFold(k, strConnection) || bytes.EqualFold(k, strKeepAlive) || bytes.EqualFold(k, strSetCookie) {
+		if bytes.EqualFold(k, strSetCookie) {
 			return true
 		}
 	case 12:
@@ -170,41 +171,8 @@ func notStored(k, connection []byte) bool {
 		if bytes.EqualFold(k, strContentLength) {
 			return true
 		}
-	case 16:
-		if bytes.EqualFold(k, strProxyConnection) {
-			return true
-		}
-	case 17:
-		if bytes.EqualFold(k, strTransferEncoding) {
-			return true
-		}
-	case 18:
-		if bytes.EqualFold(k, strProxyAuthenticate) {
-			return true
-		}
 	}
-	return len(connection) > 0 && namedIn(k, connection)
+	return len(connection) > 0 && h1.HasToken(connection, k)
 }
 
-// namedIn reports whether the comma-separated list v names k.
-func namedIn(k, v []byte) bool {
-	for len(v) > 0 {
-		var name []byte
-		name, v, _ = bytes.Cut(v, strComma)
-		if bytes.EqualFold(trimOWS(name), k) {
-			return true
-		}
-	}
-	return false
-}
-
-var (
-	strTE                = []byte("TE")
-	strUpgrade           = []byte(fasthttp.HeaderUpgrade)
-	strTrailer           = []byte(fasthttp.HeaderTrailer)
-	strKeepAlive         = []byte(fasthttp.HeaderKeepAlive)
-	strContentLength     = []byte(fasthttp.HeaderContentLength)
-	strProxyConnection   = []byte("Proxy-Connection")
-	strTransferEncoding  = []byte(fasthttp.HeaderTransferEncoding)
-	strProxyAuthenticate = []byte(fasthttp.HeaderProxyAuthenticate)
-)
+var strContentLength = []byte(h1.HeaderContentLength)

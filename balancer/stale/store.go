@@ -11,7 +11,6 @@ import (
 	"bytes"
 	"log/slog"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,6 +19,8 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/cespare/xxhash/v2"
 	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/balancer/h1"
 )
 
 // Config configures a Store. The zero value selects the defaults.
@@ -545,19 +546,11 @@ func isSFToken(v []byte) bool {
 		return false
 	}
 	for _, c := range v {
-		if !isTChar(c) && c != ':' && c != '/' {
+		if !h1.TokenChars[c] && c != ':' && c != '/' {
 			return false
 		}
 	}
 	return true
-}
-
-func isTChar(c byte) bool {
-	switch {
-	case 'a' <= c|0x20 && c|0x20 <= 'z', '0' <= c && c <= '9':
-		return true
-	}
-	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
 }
 
 // Purge removes the stored answers to one absolute URL

@@ -1,14 +1,16 @@
-package balancer
+package h1
 
-// hostKey checks a Host header value or an absolute-form authority and
+import "bytes"
+
+// HostKey checks a Host header value or an absolute-form authority and
 // appends its routing key to dst: the host in lower case, without its port
 // and without one trailing dot. ok is false for anything that is not a
 // valid host[:port] (RFC 9110 section 7.2, RFC 3986 section 3.2.2): empty,
 // userinfo, a path, spaces, commas or other delimiters, percent-encoding,
 // an empty, non-numeric or out-of-range port, or a malformed IPv6 literal.
 // Both engines route with it, so that they agree on every Host.
-func hostKey(dst, host []byte) (key []byte, ok bool) {
-	if len(host) == 0 || len(host) > maxHostLen {
+func HostKey(dst, host []byte) (key []byte, ok bool) {
+	if len(host) == 0 || len(host) > MaxHostLen {
 		return dst, false
 	}
 	name, port := host, []byte(nil)
@@ -60,9 +62,9 @@ func hostKey(dst, host []byte) (key []byte, ok bool) {
 	return appendLowerASCII(dst, name), true
 }
 
-// maxHostLen bounds a Host value: a DNS name has at most 253 bytes, and
+// MaxHostLen bounds a Host value: a DNS name has at most 253 bytes, and
 // the key is built in a fixed buffer on the hot path.
-const maxHostLen = 255
+const MaxHostLen = 255
 
 // hostChars holds the bytes of a registered name or IPv4 address in a
 // Host: letters, digits, '-', '.' and '_'. The other characters RFC 3986
@@ -120,4 +122,47 @@ func appendLowerASCII(dst, s []byte) []byte {
 		dst = append(dst, c)
 	}
 	return dst
+}
+
+var (
+	strSchemeHTTP  = []byte("http://")
+	strSchemeHTTPS = []byte("https://")
+)
+
+// AbsoluteForm splits an absolute-form request target with the http or
+// https scheme into its authority and the rest (path and query). A target
+// with userinfo is refused, as RFC 9110 section 4.2.4 asks.
+func AbsoluteForm(uri []byte) (auth, rest []byte, ok bool) {
+	switch {
+	case hasPrefixFold(uri, strSchemeHTTP):
+		uri = uri[len(strSchemeHTTP):]
+	case hasPrefixFold(uri, strSchemeHTTPS):
+		uri = uri[len(strSchemeHTTPS):]
+	default:
+		return nil, nil, false
+	}
+	end := len(uri)
+	for i, c := range uri {
+		if c == '/' || c == '?' || c == '#' {
+			end = i
+			break
+		}
+		if c == '@' {
+			return nil, nil, false
+		}
+	}
+	if end == 0 {
+		return nil, nil, false
+	}
+	auth, rest = uri[:end], uri[end:]
+	if len(rest) > 0 && rest[0] != '/' {
+		// A query or fragment right after the authority: rare enough
+		// to refuse rather than rebuild.
+		return nil, nil, false
+	}
+	return auth, rest, true
+}
+
+func hasPrefixFold(b, prefix []byte) bool {
+	return len(b) >= len(prefix) && bytes.EqualFold(b[:len(prefix)], prefix)
 }
