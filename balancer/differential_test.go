@@ -302,12 +302,12 @@ func TestDifferentialEngines(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			var results [2]*diffResult
-			handoffs, fallbacks := laneHandoffs.Get(), laneFallbacks.Get()
+			handoffs, fallbacks := loopHandoffs.Get(), loopFallbacks.Get()
 			for i, on := range []bool{true, false} {
 				t.Run(engineName(on), func(t *testing.T) { results[i] = runDiffCase(t, c, on) })
 				if on {
 					t.Logf("the event loop handed over %d connections and left %d tries to the fasthttp path",
-						laneHandoffs.Get()-handoffs, laneFallbacks.Get()-fallbacks)
+						loopHandoffs.Get()-handoffs, loopFallbacks.Get()-fallbacks)
 				}
 			}
 			if results[0] == nil || results[1] == nil {

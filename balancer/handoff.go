@@ -11,7 +11,7 @@ import (
 	"time"
 )
 
-var errNoLane = errors.New("edgelb: the event loop needs a TCP listener")
+var errNoLoop = errors.New("edgelb: the event loop needs a TCP listener")
 
 // prefixConn is a client connection handed from an event loop to the
 // fasthttp server: pre holds the bytes the loop had already read. open
@@ -119,7 +119,7 @@ func (h *handoffListener) push(c net.Conn) {
 	select {
 	case h.conns <- c:
 	default:
-		laneHandoffDrops.Inc()
+		loopHandoffDrops.Inc()
 		c.Close()
 	}
 }

@@ -131,7 +131,7 @@ func TestEventLoopServesCloseAndHTTP10LikeTheFullPath(t *testing.T) {
 		loop := engine == "event_loop: true"
 		got[engine] = map[string]rawResponse{}
 		for _, tc := range closeCases {
-			h0 := laneHandoffs.Get()
+			h0 := loopHandoffs.Get()
 			seen := len(o.got())
 			c := dialEdge(t, s)
 			br := bufio.NewReader(c)
@@ -163,7 +163,7 @@ func TestEventLoopServesCloseAndHTTP10LikeTheFullPath(t *testing.T) {
 				expectOpen(t, c, br, again)
 			}
 			c.Close()
-			if loop && laneHandoffs.Get() != h0 {
+			if loop && loopHandoffs.Get() != h0 {
 				t.Errorf("%s: the request left the event loop", tc.name)
 			}
 			// Upstream, the client's Connection never goes; the loop
@@ -191,7 +191,7 @@ func TestEventLoopPipelinedAfterCloseIsNotAnswered(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
 		o := startRecOrigin(t, echoPath)
 		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n")
-		h0 := laneHandoffs.Get()
+		h0 := loopHandoffs.Get()
 		c := dialEdge(t, s)
 		defer c.Close()
 		io.WriteString(c, "GET /one HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -204,7 +204,7 @@ func TestEventLoopPipelinedAfterCloseIsNotAnswered(t *testing.T) {
 		if hs := o.got(); len(hs) != 1 || pathOf(hs[0]) != "/one" {
 			t.Fatalf("the origin got %d requests", len(hs))
 		}
-		if engine == "event_loop: true" && laneHandoffs.Get() != h0 {
+		if engine == "event_loop: true" && loopHandoffs.Get() != h0 {
 			t.Fatal("the request left the event loop")
 		}
 	})
@@ -235,7 +235,7 @@ func TestEventLoopClosesAfterPartialWrites(t *testing.T) {
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(20 * time.Second))
-		h0 := laneHandoffs.Get()
+		h0 := loopHandoffs.Get()
 		io.WriteString(c, "GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
 		// Let the edge fill the buffers before anything is read.
 		time.Sleep(100 * time.Millisecond)
@@ -245,7 +245,7 @@ func TestEventLoopClosesAfterPartialWrites(t *testing.T) {
 			t.Fatalf("answer: %v, %d bytes, headers %q", err, len(r.body), r.headers)
 		}
 		expectEOF(t, c, br)
-		if engine == "event_loop: true" && laneHandoffs.Get() != h0 {
+		if engine == "event_loop: true" && loopHandoffs.Get() != h0 {
 			t.Fatal("the request left the event loop")
 		}
 	})
@@ -256,7 +256,7 @@ func TestEventLoopClosesAfterPartialWrites(t *testing.T) {
 func TestEventLoopHandsOffConnectionNamingAHeader(t *testing.T) {
 	o := startRecOrigin(t, echoPath)
 	s := startEdge(t, "services:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n")
-	h0 := laneHandoffs.Get()
+	h0 := loopHandoffs.Get()
 	c := dialEdge(t, s)
 	defer c.Close()
 	io.WriteString(c, "GET /x HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n\r\n")
@@ -266,7 +266,7 @@ func TestEventLoopHandsOffConnectionNamingAHeader(t *testing.T) {
 		t.Fatalf("answer: %v\n%s", err, r)
 	}
 	expectEOF(t, c, br)
-	if laneHandoffs.Get() == h0 {
+	if loopHandoffs.Get() == h0 {
 		t.Fatal("the event loop served a request whose Connection names a header")
 	}
 	if up := o.got()[0]; headerValue(up, "X-Secret") != "" {

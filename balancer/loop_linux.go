@@ -34,22 +34,22 @@ import (
 // rest of the connection's life: retries, stale answers, generated errors.
 
 const (
-	// laneReadBuf is a client connection's read buffer; a longer head goes
+	// loopReadBuf is a client connection's read buffer; a longer head goes
 	// to the full path.
-	laneReadBuf = 4 << 10
-	// laneBackendBuf is a backend connection's first read buffer.
-	laneBackendBuf = 16 << 10
-	// laneKeepBuf is the largest read buffer an idle backend connection
+	loopReadBuf = 4 << 10
+	// loopBackendBuf is a backend connection's first read buffer.
+	loopBackendBuf = 16 << 10
+	// loopKeepBuf is the largest read buffer an idle backend connection
 	// keeps for its next response.
-	laneKeepBuf = 256 << 10
-	// laneMaxResponse is the largest response (head and body) the loop
+	loopKeepBuf = 256 << 10
+	// loopMaxResponse is the largest response (head and body) the loop
 	// buffers; a larger one goes to the full path, which streams it.
-	laneMaxResponse = 1 << 20
-	// laneSweep is how often in-flight requests are checked for timeouts.
-	laneSweep = 10 * time.Millisecond
-	// laneSlowHead is how long a client may take to send a head before
+	loopMaxResponse = 1 << 20
+	// loopSweep is how often in-flight requests are checked for timeouts.
+	loopSweep = 10 * time.Millisecond
+	// loopSlowHead is how long a client may take to send a head before
 	// its connection goes to the full path and its read timeout.
-	laneSlowHead = time.Second
+	loopSlowHead = time.Second
 )
 
 // Client connection states.
@@ -146,7 +146,7 @@ type loop struct {
 	wake     [2]int // pipe: a byte written wakes the loop
 	conns    []*lconn
 	// idx is the loop's index among the nloops loops, and of its slot
-	// in each backend's lanes.
+	// in each backend's loopSlots.
 	idx    int
 	nloops int
 	// waiting holds the client connections with a request in flight.
@@ -211,14 +211,14 @@ type loop struct {
 	done chan struct{}
 }
 
-// laneSupported reports whether this platform has the event loop.
-const laneSupported = true
+// eventLoopSupported reports whether this platform has the event loop.
+const eventLoopSupported = true
 
 // startLoops starts n event loops accepting on ln's socket.
 func (s *Server) startLoops(ln net.Listener, n int) error {
 	tl, ok := ln.(*net.TCPListener)
 	if !ok {
-		return errNoLane
+		return errNoLoop
 	}
 	f, err := tl.File()
 	if err != nil {
@@ -226,7 +226,7 @@ func (s *Server) startLoops(ln net.Listener, n int) error {
 	}
 	lfd := int(f.Fd())
 	// f keeps the duplicate open for as long as the loops run.
-	s.laneFile = f
+	s.loopFile = f
 	if err := syscall.SetNonblock(lfd, true); err != nil {
 		return err
 	}
@@ -250,7 +250,7 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		s: s, epfd: epfd, lfd: lfd,
 		idx:         idx,
 		nloops:      nloops,
-		maxHead:     min(laneReadBuf, s.cfg.Server.MaxHeaderBytes),
+		maxHead:     min(loopReadBuf, s.cfg.Server.MaxHeaderBytes),
 		idleTimeout: int64(s.cfg.Server.IdleTimeout),
 		batchWait:   int64(s.cfg.Server.batchWait()),
 		batchSleep:  syscall.NsecToTimespec(int64(s.cfg.Server.batchWait())),
@@ -334,7 +334,7 @@ func (l *loop) run() {
 			l.lfd = -1
 			close(l.deaf)
 		}
-		if l.nowNs-l.lastSweep >= int64(laneSweep) {
+		if l.nowNs-l.lastSweep >= int64(loopSweep) {
 			l.decideBatching(l.nowNs - l.lastSweep)
 			l.lastSweep = l.nowNs
 			l.sweepTimeouts()
@@ -360,7 +360,7 @@ func (l *loop) run() {
 // would have the runtime take the thread's P away and hand it back at
 // every idle moment.
 func (l *loop) wait() (int, error) {
-	next := l.lastSweep + int64(laneSweep)
+	next := l.lastSweep + int64(loopSweep)
 	if len(l.waiting) == 0 {
 		next = l.lastIdle + l.idleEvery
 	}
@@ -371,14 +371,14 @@ func (l *loop) wait() (int, error) {
 		l.deadline = next
 		l.ep.SetReadDeadline(time.Unix(0, next))
 	}
-	if l.batching && l.polled > 0 && l.polled < laneBatchFull && l.s.handedOver.Load() == 0 {
+	if l.batching && l.polled > 0 && l.polled < loopBatchFull && l.s.handedOver.Load() == 0 {
 		// A short batch under load: let the next events gather, so
 		// that one poll returns several. The sleep is a raw system
 		// call: the thread keeps its P and nothing else runs on it
 		// meanwhile, which is why the loops do not batch while the
 		// fasthttp server, whose goroutines need a P, has a connection.
 		syscall.RawSyscall(syscall.SYS_NANOSLEEP, uintptr(unsafe.Pointer(&l.batchSleep)), 0, 0)
-		laneBatchWaits.Inc()
+		loopBatchWaits.Inc()
 		l.waits++
 		l.slept = true
 	}
@@ -393,9 +393,9 @@ func (l *loop) wait() (int, error) {
 	return max(n, 0), nil
 }
 
-// laneBatchFull is the batch of events after which a loop polls again at
+// loopBatchFull is the batch of events after which a loop polls again at
 // once: it is busy enough that waiting gathers nothing more.
-const laneBatchFull = 8
+const loopBatchFull = 8
 
 // decideBatching turns batched waits on or off for the next sweep
 // interval, from what happened in the one that elapsed.
@@ -410,11 +410,11 @@ const laneBatchFull = 8
 func (l *loop) decideBatching(elapsed int64) {
 	was := l.batching
 	loaded := l.batchWait > 0 && !l.stopping && int64(l.swept)*l.batchWait >= elapsed
-	judged := l.waits >= laneBatchJudge
+	judged := l.waits >= loopBatchJudge
 	switch {
 	case was && judged && l.gathered < 2*l.waits:
 		l.batching = false
-		l.batchBackoff = min(max(2*l.batchBackoff, int64(laneBatchBackoff)), int64(laneBatchMaxBackoff))
+		l.batchBackoff = min(max(2*l.batchBackoff, int64(loopBatchBackoff)), int64(loopBatchMaxBackoff))
 		l.batchRetry = l.nowNs + l.batchBackoff
 	case !loaded:
 		l.batching = false
@@ -438,9 +438,9 @@ func (l *loop) decideBatching(elapsed int64) {
 // Batching feedback: how many waits an interval needs before what they
 // gathered is judged, and the pauses after waits that gathered too little.
 const (
-	laneBatchJudge      = 8
-	laneBatchBackoff    = 100 * time.Millisecond
-	laneBatchMaxBackoff = 5 * time.Second
+	loopBatchJudge      = 8
+	loopBatchBackoff    = 100 * time.Millisecond
+	loopBatchMaxBackoff = 5 * time.Second
 )
 
 // prSetTimerSlack is PR_SET_TIMERSLACK.
@@ -553,16 +553,16 @@ func (l *loop) close(c *lconn) {
 	l.releaseIP(c)
 	syscall.Close(c.fd)
 	c.fd = -1
-	if c.backend == nil && len(l.free) < laneFreeConns {
+	if c.backend == nil && len(l.free) < loopFreeConns {
 		// Only accept takes it back, between events: nothing refers to
 		// a closed client connection by then.
 		l.free = append(l.free, c)
 	}
 }
 
-// laneFreeConns bounds the closed client connections a loop keeps for
+// loopFreeConns bounds the closed client connections a loop keeps for
 // reuse.
-const laneFreeConns = 1024
+const loopFreeConns = 1024
 
 // newClient returns a client connection for fd, reusing a closed one's
 // memory when there is one.
@@ -574,7 +574,7 @@ func (l *loop) newClient(fd int, remote netip.AddrPort, held bool) *lconn {
 		l.free = l.free[:n-1]
 		*c = lconn{in: c.in[:0], ip: c.ip[:0], dueURL: c.dueURL[:0]}
 	} else {
-		c = &lconn{in: make([]byte, 0, laneReadBuf)}
+		c = &lconn{in: make([]byte, 0, loopReadBuf)}
 	}
 	c.fd, c.state, c.waitIdx = fd, lcIdle, -1
 	c.lastActive, c.headSince = l.nowNs, l.nowNs
@@ -616,7 +616,7 @@ func (l *loop) accept() {
 			}
 			// Out of descriptors, say: the listening socket stays
 			// readable, and polling it again at once would spin.
-			laneAcceptErrors.Inc()
+			loopAcceptErrors.Inc()
 			l.s.acceptFailed(os.NewSyscallError("accept4", err), "event_loop", l.nowNs)
 			l.pauseAccept()
 			return
@@ -954,25 +954,25 @@ func (l *loop) send(bc *lconn, out []byte) {
 	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 }
 
-// laneSlot is one loop's share of a backend: its idle connections to it
+// loopSlot is one loop's share of a backend: its idle connections to it
 // and how many it has open, which count against the backend's max_conns
 // with the other loops'. A loop touches only its own slot.
-type laneSlot struct {
+type loopSlot struct {
 	idle []*lconn
 	open int
 	_    [32]byte // a cache line each
 }
 
-// slot returns the loop's slot in b's lanes, which the first loop to
+// slot returns the loop's slot in b's loopSlots, which the first loop to
 // need them makes.
-func (l *loop) slot(b *Backend) *laneSlot {
-	slots := b.lanes.slots.Load()
+func (l *loop) slot(b *Backend) *loopSlot {
+	slots := b.loopSlots.slots.Load()
 	if slots == nil {
-		fresh := make([]laneSlot, l.nloops)
-		if b.lanes.slots.CompareAndSwap(nil, &fresh) {
+		fresh := make([]loopSlot, l.nloops)
+		if b.loopSlots.slots.CompareAndSwap(nil, &fresh) {
 			slots = &fresh
 		} else {
-			slots = b.lanes.slots.Load()
+			slots = b.loopSlots.slots.Load()
 		}
 	}
 	return &(*slots)[l.idx]
@@ -991,7 +991,7 @@ func (l *loop) backendConn(b *Backend) *lconn {
 	return l.dial(b, sl)
 }
 
-func (l *loop) dial(b *Backend, sl *laneSlot) *lconn {
+func (l *loop) dial(b *Backend, sl *loopSlot) *lconn {
 	if sl.open >= l.maxConns(b) {
 		// The full path's HostClient enforces the limit and answers
 		// overloaded.
@@ -1050,10 +1050,10 @@ func (l *loop) onBackend(bc *lconn, ev uint32) {
 	closing := ev&(syscall.EPOLLRDHUP|syscall.EPOLLHUP|syscall.EPOLLERR) != 0
 	for {
 		if bc.in == nil {
-			bc.in = make([]byte, 0, laneBackendBuf)
+			bc.in = make([]byte, 0, loopBackendBuf)
 		}
 		if len(bc.in) == cap(bc.in) {
-			if cap(bc.in) >= laneMaxResponse+fasthttpHeadLimit {
+			if cap(bc.in) >= loopMaxResponse+fasthttpHeadLimit {
 				// More than the loop ever forwards: what is read already
 				// says that the full path takes it.
 				break
@@ -1138,7 +1138,7 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		// fasthttp path decides, with this answer in hand once whole.
 		bc.elsewhere = retryable ||
 			(r.Status >= 500 && r.Status <= 504 && p.store != nil && p.staleOnStatus[r.Status-500])
-		if r.HeadLen+r.BodyLen > laneMaxResponse || r.BodyLen > p.cfg.MaxResponseBody {
+		if r.HeadLen+r.BodyLen > loopMaxResponse || r.BodyLen > p.cfg.MaxResponseBody {
 			// Large bodies stream on the full path.
 			l.abandon(bc)
 			return
@@ -1146,7 +1146,7 @@ func (l *loop) onResponseBytes(bc *lconn) {
 	}
 	r := &bc.resp
 	if r.Chunked {
-		limit := min(laneMaxResponse, c.pool.cfg.MaxResponseBody)
+		limit := min(loopMaxResponse, c.pool.cfg.MaxResponseBody)
 		bodyLen, n, v := h1.ScanChunked(bc.in[r.HeadLen:], limit)
 		switch v {
 		case h1.Incomplete:
@@ -1342,7 +1342,7 @@ func (l *loop) flush(c *lconn) {
 func (l *loop) releaseBackend(bc *lconn) {
 	keep := bc.resp.KeepAlive && !bc.eof && !l.stopping
 	bc.parsed, bc.elsewhere = false, false
-	if cap(bc.in) > laneKeepBuf {
+	if cap(bc.in) > loopKeepBuf {
 		bc.in = nil
 	} else {
 		bc.in = bc.in[:0]
@@ -1396,7 +1396,7 @@ func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 	if c == nil || l.retry(c, code) {
 		return
 	}
-	laneFallbacks.Inc()
+	loopFallbacks.Inc()
 	c.state = lcIdle
 	l.handOffTried(c, code, nil)
 }
@@ -1408,7 +1408,7 @@ func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 func (l *loop) tryElsewhere(bc *lconn, raw []byte) {
 	c := bc.client
 	endTry(bc.backend, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, bc.resp.Status, errNone)
-	laneFallbacks.Inc()
+	loopFallbacks.Inc()
 	att := l.attemptOf(c, errNone, raw)
 	c.peer, bc.client = nil, nil
 	l.unwait(c)
@@ -1438,7 +1438,7 @@ func (l *loop) handOffTried(c *lconn, code errCode, raw []byte) {
 // full path asks again and handles it, and the try counts for nothing.
 func (l *loop) abandon(bc *lconn) {
 	c := bc.client
-	laneFallbacks.Inc()
+	loopFallbacks.Inc()
 	l.cancelTry(bc)
 	if c != nil {
 		c.state = lcIdle
@@ -1493,7 +1493,7 @@ func (l *loop) sweepTimeouts() {
 // server.header_timeout and answers 408 once it is over.
 func (l *loop) sweepIdle() {
 	idleClient := l.idleTimeout
-	slowHead := min(int64(laneSlowHead), l.headerTimeout)
+	slowHead := min(int64(loopSlowHead), l.headerTimeout)
 	for _, c := range l.conns {
 		if c == nil {
 			continue
@@ -1539,7 +1539,7 @@ func (l *loop) handOff(c *lconn) { l.handOffWith(c, nil) }
 // handOffWith hands c to the fasthttp server with att, the tries made for
 // its first request, if any.
 func (l *loop) handOffWith(c *lconn, att *attempt) {
-	laneHandoffs.Inc()
+	loopHandoffs.Inc()
 	l.forget(c)
 	fd := c.fd
 	c.fd = -1
@@ -1609,7 +1609,7 @@ func (l *loop) save(p *Pool, c *lconn, head, body []byte) {
 func (l *loop) reader(b []byte) *bufio.Reader {
 	l.br.Reset(b)
 	if l.bufr == nil {
-		l.bufr = bufio.NewReaderSize(&l.br, laneReadBuf)
+		l.bufr = bufio.NewReaderSize(&l.br, loopReadBuf)
 	} else {
 		l.bufr.Reset(&l.br)
 	}

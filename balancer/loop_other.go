@@ -4,13 +4,13 @@ package balancer
 
 import "net"
 
-// laneSupported reports whether this platform has the event loop.
-const laneSupported = false
+// eventLoopSupported reports whether this platform has the event loop.
+const eventLoopSupported = false
 
 type loop struct{ deaf, done chan struct{} }
 
-type laneSlot struct{}
+type loopSlot struct{}
 
 func (l *loop) stop() {}
 
-func (s *Server) startLoops(net.Listener, int) error { return errNoLane }
+func (s *Server) startLoops(net.Listener, int) error { return errNoLoop }

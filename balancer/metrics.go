@@ -247,11 +247,11 @@ var (
 	// The event loops: connections handed to the full path, tries the loop
 	// gave up and left to it, handed connections dropped because the
 	// server was not taking them, accept errors, and batched waits.
-	laneHandoffs     = metrics.NewCounter(`edgelb_event_loop_handoffs_total`)
-	laneFallbacks    = metrics.NewCounter(`edgelb_event_loop_fallbacks_total`)
-	laneHandoffDrops = metrics.NewCounter(`edgelb_event_loop_handoff_drops_total`)
-	laneAcceptErrors = metrics.NewCounter(`edgelb_event_loop_accept_errors_total`)
-	laneBatchWaits   = metrics.NewCounter(`edgelb_event_loop_batch_waits_total`)
+	loopHandoffs     = metrics.NewCounter(`edgelb_event_loop_handoffs_total`)
+	loopFallbacks    = metrics.NewCounter(`edgelb_event_loop_fallbacks_total`)
+	loopHandoffDrops = metrics.NewCounter(`edgelb_event_loop_handoff_drops_total`)
+	loopAcceptErrors = metrics.NewCounter(`edgelb_event_loop_accept_errors_total`)
+	loopBatchWaits   = metrics.NewCounter(`edgelb_event_loop_batch_waits_total`)
 
 	// Clients held to the server limits: requests whose head or body did
 	// not come within server.header_timeout or idle_timeout, and

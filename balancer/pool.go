@@ -40,14 +40,14 @@ type Backend struct {
 	idleFor time.Duration
 	// maxConns caps the connections to it.
 	maxConns int
-	// lanes holds each event loop's connections to it; a copy of the
+	// loopSlots holds each event loop's connections to it; a copy of the
 	// backend with another weight shares them.
-	lanes *backendLanes
+	loopSlots *backendSlots
 }
 
-// backendLanes is a backend's slots, one per event loop, made when a loop
+// backendSlots is a backend's slots, one per event loop, made when a loop
 // first needs them.
-type backendLanes struct{ slots atomic.Pointer[[]laneSlot] }
+type backendSlots struct{ slots atomic.Pointer[[]loopSlot] }
 
 // Addr returns the backend's host:port.
 func (b *Backend) Addr() string { return b.addr }
@@ -253,7 +253,7 @@ func (p *Pool) newBackend(addr string) *Backend {
 	t := p.reg.Acquire(addr, cfg.Health.Passive)
 	connectTimeout := cfg.ConnectTimeout
 	b := &Backend{addr: addr, weight: 1, target: t, ap: parseAddrPort(addr), idleFor: cfg.MaxIdleConnTime, maxConns: cfg.MaxConns,
-		lanes: &backendLanes{}}
+		loopSlots: &backendSlots{}}
 	b.client = &fasthttp.HostClient{
 		Addr: addr,
 		Dial: func(addr string) (net.Conn, error) {

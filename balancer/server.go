@@ -51,7 +51,7 @@ type Server struct {
 	// do not serve to srv through handoff.
 	loops    []*loop
 	handoff  *handoffListener
-	laneFile *os.File
+	loopFile *os.File
 	// handedOver counts the connections handed over and not closed: the
 	// loops do not batch their waits while the fasthttp server has any.
 	handedOver atomic.Int64
@@ -156,7 +156,7 @@ func (s *Server) Start() error {
 	s.ready.Store(true)
 
 	var serveLn net.Listener = newAcceptListener(s, ln)
-	if laneSupported && s.cfg.Server.eventLoop() {
+	if eventLoopSupported && s.cfg.Server.eventLoop() {
 		s.handoff = newHandoffListener(ln.Addr())
 		if err := s.startLoops(ln, runtime.GOMAXPROCS(0)); err != nil {
 			s.log.Warn("event loops not started; the fasthttp server takes every connection", "err", err)
@@ -528,7 +528,7 @@ func (s *Server) stopLoops(ctx context.Context) error {
 		}
 	}
 	if err == nil {
-		s.closeLaneFile()
+		s.closeLoopFile()
 	}
 	for _, l := range s.loops {
 		select {
@@ -538,15 +538,15 @@ func (s *Server) stopLoops(ctx context.Context) error {
 		}
 	}
 	s.loops = nil
-	s.closeLaneFile()
+	s.closeLoopFile()
 	return err
 }
 
-// closeLaneFile closes the loops' descriptor of the listening socket.
-func (s *Server) closeLaneFile() {
-	if s.laneFile != nil {
-		s.laneFile.Close()
-		s.laneFile = nil
+// closeLoopFile closes the loops' descriptor of the listening socket.
+func (s *Server) closeLoopFile() {
+	if s.loopFile != nil {
+		s.loopFile.Close()
+		s.loopFile = nil
 	}
 }
 

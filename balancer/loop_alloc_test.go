@@ -49,7 +49,7 @@ func testEventLoopAllocs(t *testing.T, vary bool) {
 		t.Fatalf("first answer: %v %q", err, first[:n])
 	}
 	buf := make([]byte, n)
-	h0 := laneHandoffs.Get()
+	h0 := loopHandoffs.Get()
 	serve := func() {
 		if _, err := c.Write(req); err != nil {
 			t.Fatal(err)
@@ -64,7 +64,7 @@ func testEventLoopAllocs(t *testing.T, vary bool) {
 	if n := testing.AllocsPerRun(2000, serve); n != 0 {
 		t.Fatalf("a GET through the event loop allocates %.2f times per request, want 0", n)
 	}
-	if laneHandoffs.Get() != h0 {
+	if loopHandoffs.Get() != h0 {
 		t.Fatal("requests left the event loop")
 	}
 }
@@ -111,14 +111,14 @@ func TestEventLoopCloseAllocatesNothing(t *testing.T) {
 			t.Fatalf("answer: %q", buf[:n])
 		}
 	}
-	h0 := laneHandoffs.Get()
+	h0 := loopHandoffs.Get()
 	for i := 0; i < 100; i++ {
 		serve()
 	}
 	if n := testing.AllocsPerRun(1000, serve); n != 0 {
 		t.Fatalf("a Connection: close GET through the event loop allocates %.2f times per request, want 0", n)
 	}
-	if laneHandoffs.Get() != h0 {
+	if loopHandoffs.Get() != h0 {
 		t.Fatal("requests left the event loop")
 	}
 }

@@ -62,10 +62,10 @@ func exchange(t *testing.T, s *Server, raw string, closeWrite bool, n int) []*fa
 func TestEventLoopForwardsLikeTheFullPath(t *testing.T) {
 	addr, heads := recordingOrigin(t, "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-App: 1\r\nContent-Length: 2\r\n\r\nok")
 	s := startEdge(t, "services:\n  web: {static: ["+addr+"]}\nroutes: [{service: web}]\n")
-	h0 := laneHandoffs.Get()
+	h0 := loopHandoffs.Get()
 	resp := exchange(t, s, "GET /a?b=1 HTTP/1.1\r\nHost: www.example.com\r\nConnection: keep-alive\r\n"+
 		"X-Forwarded-For: 198.51.100.7\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nAccept: */*\r\n\r\n", false, 1)[0]
-	if laneHandoffs.Get() != h0 {
+	if loopHandoffs.Get() != h0 {
 		t.Fatal("the request left the event loop")
 	}
 	if resp.StatusCode() != 200 || string(resp.Body()) != "ok" || string(resp.Header.Peek("X-App")) != "1" {
@@ -164,7 +164,7 @@ func TestEventLoopHandsOffWhatItDoesNotServe(t *testing.T) {
 	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
 	f := func(method, path, body, want string) {
 		t.Helper()
-		h0 := laneHandoffs.Get()
+		h0 := loopHandoffs.Get()
 		raw := method + " " + path + " HTTP/1.1\r\nHost: a\r\n"
 		if body != "" {
 			raw += fmt.Sprintf("Content-Length: %d\r\n", len(body))
@@ -173,7 +173,7 @@ func TestEventLoopHandsOffWhatItDoesNotServe(t *testing.T) {
 		if resp.StatusCode() != 200 || string(resp.Body()) != want {
 			t.Fatalf("%s %s: %d %q, want %q", method, path, resp.StatusCode(), resp.Body(), want)
 		}
-		if laneHandoffs.Get() == h0 {
+		if loopHandoffs.Get() == h0 {
 			t.Fatalf("%s %s: not handed to the full path", method, path)
 		}
 	}
@@ -196,7 +196,7 @@ func TestEventLoopDecodesChunkedResponses(t *testing.T) {
 		})
 	})
 	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
-	h0, hits0 := laneHandoffs.Get(), o.hits.Load()
+	h0, hits0 := loopHandoffs.Get(), o.hits.Load()
 	for _, c := range []struct{ path, want string }{{"/", "part1,part2"}, {"/big", "part1," + big + "part2"}} {
 		rs := exchange(t, s, "GET "+c.path+" HTTP/1.1\r\nHost: a\r\n\r\nGET "+c.path+" HTTP/1.1\r\nHost: a\r\n\r\n", false, 2)
 		for _, resp := range rs {
@@ -205,7 +205,7 @@ func TestEventLoopDecodesChunkedResponses(t *testing.T) {
 			}
 		}
 	}
-	if laneHandoffs.Get() != h0 {
+	if loopHandoffs.Get() != h0 {
 		t.Fatal("chunked responses left the event loop")
 	}
 	if n := o.hits.Load() - hits0; n != 4 {
@@ -375,20 +375,20 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 	}
 
 	// One request at a time, 20ms apart: never batched, answered at once.
-	w0 := laneBatchWaits.Get()
+	w0 := loopBatchWaits.Get()
 	for i := 0; i < 10; i++ {
 		if resp := do(t, s, "GET", "a", "/"); resp.StatusCode() != 200 {
 			t.Fatalf("request %d: %d", i, resp.StatusCode())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if n := laneBatchWaits.Get() - w0; n != 0 {
+	if n := loopBatchWaits.Get() - w0; n != 0 {
 		t.Fatalf("%d batched waits under light load", n)
 	}
 
 	// Under load the loops batch, and every answer is right.
 	load()
-	if laneBatchWaits.Get() == w0 {
+	if loopBatchWaits.Get() == w0 {
 		t.Fatal("no batched wait under load")
 	}
 
@@ -404,9 +404,9 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 		t.Fatalf("%d connections counted handed over, want 1", n)
 	}
 	time.Sleep(20 * time.Millisecond) // a wait begun before ends
-	w1 := laneBatchWaits.Get()
+	w1 := loopBatchWaits.Get()
 	load()
-	if n := laneBatchWaits.Get() - w1; n != 0 {
+	if n := loopBatchWaits.Get() - w1; n != 0 {
 		t.Fatalf("%d batched waits while the fasthttp server had a connection", n)
 	}
 
@@ -418,7 +418,7 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 		}
 	}
 	load()
-	if laneBatchWaits.Get() == w1 {
+	if loopBatchWaits.Get() == w1 {
 		t.Fatal("no batched wait under load after the handed-over connection closed")
 	}
 }
@@ -496,7 +496,7 @@ func TestEventLoopStopsBatchingWhatWaitingDoesNotGather(t *testing.T) {
 	c := dialEdge(t, s)
 	defer c.Close()
 	br := bufio.NewReader(c)
-	w0 := laneBatchWaits.Get()
+	w0 := loopBatchWaits.Get()
 	n := 0
 	for start := time.Now(); time.Since(start) < 500*time.Millisecond; n++ {
 		io.WriteString(c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -508,7 +508,7 @@ func TestEventLoopStopsBatchingWhatWaitingDoesNotGather(t *testing.T) {
 	// Tries at 0, 100ms and 300ms later, each waiting after every
 	// event until the next sweep 10ms on: about 30 waits, where
 	// batching on load alone waits every other event of one sweep in two.
-	if waits := laneBatchWaits.Get() - w0; waits > 60 {
+	if waits := loopBatchWaits.Get() - w0; waits > 60 {
 		t.Fatalf("%d batched waits for %d requests on one connection", waits, n)
 	}
 }
