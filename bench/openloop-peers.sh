@@ -8,8 +8,10 @@
 # requests at a fixed rate (FRACTION of it unless RATE is given) with
 # bin/edgelb-load, whose latencies count from when each request was due, so
 # that queueing shows. The three proxies are visited in turn, ROUNDS times,
-# and the summary gives each one's median p50 and p99 over the rounds and
-# its CPU time per request (from /proc/PID/stat).
+# and the summary gives each one's median p50, p99 and CPU time per request
+# (from /proc/PID/stat) over the rounds, and the medians of the per-round
+# ratios to nginx's p50 and p99. Each round's line also shows edgelb's
+# batched waits per request.
 #
 #   bench/openloop-peers.sh [DURATION_SECONDS] [CONNECTIONS] [ROUNDS]
 #
@@ -122,5 +124,10 @@ END {
 	for (k = 1; k <= n; k++) {
 		for (r = 1; r <= rounds; r++) { a[r] = p50[nm[k], r]; b[r] = p99[nm[k], r]; c[r] = cpu[nm[k], r] }
 		printf "%-15s p50 %6.3f ms  p99 %6.3f ms  cpu/req %6.2f us\n", nm[k], median(a, rounds), median(b, rounds), median(c, rounds)
+	}
+	last = nm[n]
+	for (k = 1; k < n; k++) {
+		for (r = 1; r <= rounds; r++) { a[r] = p50[nm[k], r] / p50[last, r]; b[r] = p99[nm[k], r] / p99[last, r] }
+		printf "%s / %s p50 %.2fx, p99 %.2fx (medians of the per-round ratios)\n", nm[k], last, median(a, rounds), median(b, rounds)
 	}
 }' "$work/summary"
