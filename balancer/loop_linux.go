@@ -199,8 +199,10 @@ type loop struct {
 	batchSleep syscall.Timespec
 	// batchRetry is when batching may be tried again after waits that
 	// gathered too little (unix nano); batchBackoff the next pause.
+	// batchPaid marks waits last judged to have gathered full batches.
 	batchRetry   int64
 	batchBackoff int64
+	batchPaid    bool
 	// Scratch for the stale store, which takes fasthttp types.
 	sreq  fasthttp.Request
 	sresp fasthttp.Response
@@ -410,7 +412,9 @@ const laneBatchFull = 8
 // made enough of them, over as many intervals as that takes; when the polls
 // after them returned fewer than a full batch each on average, it stops
 // batching for a while, 100ms at first, twice as long after each new try
-// that fails, up to 5s.
+// that fails, up to 5s. When waits that paid until then fall short once,
+// as the batches of a saturated loop vary around full, it tries again
+// after one interval only.
 func (l *loop) decideBatching(elapsed int64) {
 	was := l.batching
 	loaded := l.batchWait > 0 && !l.stopping && int64(l.swept)*l.batchWait >= elapsed
@@ -418,6 +422,11 @@ func (l *loop) decideBatching(elapsed int64) {
 	switch {
 	case was && judged && l.gathered < laneBatchFull*l.waits:
 		l.batching = false
+		if l.batchPaid {
+			l.batchPaid = false
+			l.batchRetry = l.nowNs
+			break
+		}
 		l.batchBackoff = min(max(2*l.batchBackoff, int64(laneBatchBackoff)), int64(laneBatchMaxBackoff))
 		l.batchRetry = l.nowNs + l.batchBackoff
 	case !loaded:
@@ -425,6 +434,7 @@ func (l *loop) decideBatching(elapsed int64) {
 	case was:
 		if judged {
 			l.batchBackoff = 0
+			l.batchPaid = true
 		}
 	default:
 		l.batching = l.nowNs >= l.batchRetry
