@@ -134,8 +134,8 @@ type ServerConfig struct {
 	// short batch of events, so that its next wake-up gathers several:
 	// it trades at most that much latency for fewer system calls and
 	// wake-ups per request. A loop waits only while it handles at least
-	// one event per BatchWait, its waits gather two events or more on
-	// average, and no connection is on the fasthttp server.
+	// one event per BatchWait, its waits gather a full batch of events
+	// (8) on average, and no connection is on the fasthttp server.
 	// DefaultBatchWait is used if not set; 0 turns it off.
 	BatchWait *time.Duration `yaml:"batch_wait"`
 

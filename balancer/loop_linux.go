@@ -192,9 +192,10 @@ type loop struct {
 	acceptResume int64
 
 	// Batched waits: see ServerConfig.BatchWait and decideBatching.
-	// batchWait is 0 when off. Since the last sweep, swept counts the
-	// events, waits the batched waits and gathered the events the polls
-	// after them returned; slept marks a poll that follows one.
+	// batchWait is 0 when off. swept counts the events since the last
+	// sweep; waits the batched waits not yet judged and gathered the
+	// events the polls after them returned; slept marks a poll that
+	// follows one.
 	batchWait  int64
 	batching   bool
 	swept      int
@@ -204,8 +205,10 @@ type loop struct {
 	batchSleep syscall.Timespec
 	// batchRetry is when batching may be tried again after waits that
 	// gathered too little (unix nano); batchBackoff the next pause.
+	// batchPaid marks waits last judged to have gathered full batches.
 	batchRetry   int64
 	batchBackoff int64
+	batchPaid    bool
 	// Scratch for the stale store, which takes fasthttp types.
 	sreq  fasthttp.Request
 	sresp fasthttp.Response
@@ -405,20 +408,31 @@ const loopBatchFull = 8
 // decideBatching turns batched waits on or off for the next sweep
 // interval, from what happened in the one that elapsed.
 //
-// A loop batches while it handles at least one event per batch wait: a
-// lightly loaded loop answers at once. Load alone does not say that
-// waiting helps, though: the events of a few busy connections come one
-// after another, and a wait only delays the next. So the loop checks what
-// its waits gathered, and when the polls after them returned fewer than
-// two events each on average, it stops batching for a while, 100ms at
-// first, twice as long after each new try that fails, up to 5s.
+// A loop tries batching while it handles at least one event per batch
+// wait: a lightly loaded loop answers at once. Load alone does not say that
+// waiting pays, though. A wait delays every event it gathers, and pays when
+// the poll after it returns a full batch, as when many connections have a
+// request in flight. At a moderate rate it gathers only a few, each of them
+// delayed to save little, and the events of a few busy connections come one
+// after another. So the loop checks what its waits gathered, once it has
+// made enough of them, over as many intervals as that takes; when the polls
+// after them returned fewer than a full batch each on average, it stops
+// batching for a while, 100ms at first, twice as long after each new try
+// that fails, up to 5s. When waits that paid until then fall short once,
+// as the batches of a saturated loop vary around full, it tries again
+// after one interval only.
 func (l *loop) decideBatching(elapsed int64) {
 	was := l.batching
 	loaded := l.batchWait > 0 && !l.stopping && int64(l.swept)*l.batchWait >= elapsed
 	judged := l.waits >= loopBatchJudge
 	switch {
-	case was && judged && l.gathered < 2*l.waits:
+	case was && judged && l.gathered < loopBatchFull*l.waits:
 		l.batching = false
+		if l.batchPaid {
+			l.batchPaid = false
+			l.batchRetry = l.nowNs
+			break
+		}
 		l.batchBackoff = min(max(2*l.batchBackoff, int64(loopBatchBackoff)), int64(loopBatchMaxBackoff))
 		l.batchRetry = l.nowNs + l.batchBackoff
 	case !loaded:
@@ -426,11 +440,15 @@ func (l *loop) decideBatching(elapsed int64) {
 	case was:
 		if judged {
 			l.batchBackoff = 0
+			l.batchPaid = true
 		}
 	default:
 		l.batching = l.nowNs >= l.batchRetry
 	}
-	l.swept, l.waits, l.gathered = 0, 0, 0
+	l.swept = 0
+	if judged || !l.batching {
+		l.waits, l.gathered = 0, 0
+	}
 	if l.batching {
 		// The kernel stretches a sleep by the thread's timer slack,
 		// 50µs by default: more than the wait itself. The loop's
@@ -440,8 +458,8 @@ func (l *loop) decideBatching(elapsed int64) {
 	}
 }
 
-// Batching feedback: how many waits an interval needs before what they
-// gathered is judged, and the pauses after waits that gathered too little.
+// Batching feedback: how many waits it takes to judge what they gathered,
+// and the pauses after waits that gathered too little.
 const (
 	loopBatchJudge      = 8
 	loopBatchBackoff    = 100 * time.Millisecond

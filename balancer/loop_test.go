@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -334,41 +335,50 @@ func TestEventLoopDrainsOnShutdown(t *testing.T) {
 	}
 }
 
+// loadEdge keeps conns connections to s asking for d, each a request every
+// pace (0: as fast as they are answered), checking each answer is "hello
+// from a". It returns how many were answered.
+func loadEdge(t *testing.T, s *Server, d time.Duration, conns int, pace time.Duration) uint64 {
+	t.Helper()
+	start := time.Now()
+	var wg sync.WaitGroup
+	var answered atomic.Uint64
+	errs := make(chan string, conns)
+	for w := 0; w < conns; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := dialEdge(t, s)
+			defer c.Close()
+			br := bufio.NewReader(c)
+			for i := 0; time.Since(start) < d; i++ {
+				time.Sleep(time.Until(start.Add(time.Duration(i) * pace)))
+				io.WriteString(c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+				resp := &fasthttp.Response{}
+				if err := resp.Read(br); err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "hello from a" {
+					errs <- fmt.Sprintf("request %d: %v %d %q", i, err, resp.StatusCode(), resp.Body())
+					return
+				}
+				answered.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Fatal(e)
+	}
+	return answered.Load()
+}
+
 func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 	o := startOrigin(t, "a", nil)
-	// A long wait makes "under load" a thousand events a second, which
-	// any test machine reaches.
+	// A long wait makes "one event per wait" a thousand events a second,
+	// which any test machine reaches.
 	s := startEdge(t, "server: {batch_wait: 1ms}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
-	// load keeps 16 connections busy for 300ms: long enough for several
-	// sweeps, which decide on batching, however fast the machine.
-	load := func() {
-		t.Helper()
-		start := time.Now()
-		var wg sync.WaitGroup
-		errs := make(chan string, 16)
-		for w := 0; w < 16; w++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				c := dialEdge(t, s)
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for i := 0; time.Since(start) < 300*time.Millisecond; i++ {
-					io.WriteString(c, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-					resp := &fasthttp.Response{}
-					if err := resp.Read(br); err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "hello from a" {
-						errs <- fmt.Sprintf("request %d: %v %d %q", i, err, resp.StatusCode(), resp.Body())
-						return
-					}
-				}
-			}()
-		}
-		wg.Wait()
-		close(errs)
-		for e := range errs {
-			t.Fatal(e)
-		}
-	}
+	// 300ms of load makes several sweeps, which decide on batching,
+	// however fast the machine.
+	load := func() { loadEdge(t, s, 300*time.Millisecond, 32, 0) }
 
 	if got := s.loops[0].batchSleep; got != syscall.NsecToTimespec(int64(time.Millisecond)) {
 		t.Fatalf("sleep %v", got)
@@ -386,7 +396,8 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 		t.Fatalf("%d batched waits under light load", n)
 	}
 
-	// Under load the loops batch, and every answer is right.
+	// Under load, many connections with a request in flight, the loops
+	// batch, and every answer is right.
 	load()
 	if loopBatchWaits.Get() == w0 {
 		t.Fatal("no batched wait under load")
@@ -421,46 +432,90 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 	if loopBatchWaits.Get() == w1 {
 		t.Fatal("no batched wait under load after the handed-over connection closed")
 	}
+
+}
+
+func TestEventLoopDoesNotBatchAModerateRate(t *testing.T) {
+	o := startOrigin(t, "a", nil)
+	s := startEdge(t, "server: {batch_wait: 200us}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	// Six connections, each a request a millisecond: thousands of
+	// events a second, more than one per wait, but fewer connections
+	// than a full batch, so no wait can gather one, and each would delay
+	// the few it gathers to save little. The loops try, see that, and
+	// answer at once, trying again 100ms later, then 200ms after that:
+	// three tries of a sweep interval in 600ms. Waiting whenever a wait
+	// gathers two events would take about a wait per request.
+	w0 := loopBatchWaits.Get()
+	if n, waits := loadEdge(t, s, 600*time.Millisecond, 6, time.Millisecond), loopBatchWaits.Get()-w0; waits > n/10 {
+		t.Fatalf("%d batched waits for %d requests at a moderate rate", waits, n)
+	}
 }
 
 func TestDecideBatching(t *testing.T) {
 	const ms = int64(time.Millisecond)
 	l := &loop{batchWait: int64(20 * time.Microsecond)}
+	// Each step is one 10ms interval: its events, its batched waits and
+	// the events the polls after them gathered.
 	step := func(now int64, events, waits, gathered int, want bool) {
 		t.Helper()
-		l.nowNs, l.swept, l.waits, l.gathered = now, events, waits, gathered
+		l.nowNs, l.swept = now, events
+		l.waits += waits
+		l.gathered += gathered
+		w, g := l.waits, l.gathered
 		l.decideBatching(10 * ms)
 		if l.batching != want {
 			t.Fatalf("at %dms, %d events, %d waits gathering %d: batching %v, want %v", now/ms, events, waits, gathered, l.batching, want)
 		}
-		if l.swept != 0 || l.waits != 0 || l.gathered != 0 {
-			t.Fatal("counts not reset")
+		if l.swept != 0 {
+			t.Fatal("events not reset")
+		}
+		// Waits too few to judge count on into the next interval.
+		if w >= loopBatchJudge || !l.batching {
+			w, g = 0, 0
+		}
+		if l.waits != w || l.gathered != g {
+			t.Fatalf("at %dms: %d waits gathering %d kept, want %d gathering %d", now/ms, l.waits, l.gathered, w, g)
 		}
 	}
 	step(0, 499, 0, 0, false) // fewer than one event per 20µs
 	step(10*ms, 500, 0, 0, true)
-	step(20*ms, 5000, 10, 30, true)  // three events a wait
-	step(30*ms, 5000, 3, 0, true)    // too few waits to judge
-	step(40*ms, 5000, 10, 19, false) // under two a wait: off for 100ms
-	step(50*ms, 5000, 0, 0, false)
-	step(130*ms, 5000, 0, 0, false)
-	step(140*ms, 5000, 0, 0, true) // tried again
-	step(150*ms, 5000, 10, 10, false)
-	step(340*ms, 5000, 0, 0, false) // then 200ms
-	step(350*ms, 5000, 0, 0, true)
-	step(360*ms, 5000, 10, 40, true) // it helps now: the pause starts over
-	step(370*ms, 5000, 10, 10, false)
-	step(470*ms, 5000, 0, 0, true)
+	step(20*ms, 5000, 3, 30, true)  // too few waits to judge: they count on
+	step(30*ms, 5000, 5, 33, false) // 63 in 8, under a full batch each: off for 100ms
+	step(40*ms, 5000, 0, 0, false)
+	step(120*ms, 5000, 0, 0, false)
+	step(130*ms, 5000, 0, 0, true) // tried again
+	step(140*ms, 5000, 10, 10, false)
+	step(330*ms, 5000, 0, 0, false) // then 200ms
+	step(340*ms, 5000, 0, 0, true)
+	step(350*ms, 5000, 10, 120, true) // a full batch a wait and more: the pause starts over
+	// Waits that paid and fall short once: tried again at the next sweep.
+	step(360*ms, 5000, 10, 10, false)
+	step(370*ms, 5000, 0, 0, true)
+	step(380*ms, 5000, 10, 10, false) // short again: 100ms
+	step(470*ms, 5000, 0, 0, false)
+	step(480*ms, 5000, 0, 0, true)
 	// Waits that slow one connection down to a few events: judged
 	// on what they gathered, not on the load they left.
-	step(480*ms, 9, 9, 5, false)
-	step(490*ms, 5000, 0, 0, false) // off until 680ms
-	step(690*ms, 5000, 0, 0, true)
-	step(700*ms, 100, 0, 0, false) // load gone
+	step(490*ms, 9, 9, 5, false)
+	step(500*ms, 5000, 0, 0, false) // off until 690ms
+	step(700*ms, 5000, 0, 0, true)
+	step(710*ms, 100, 0, 0, false) // load gone
+	// A moderate rate: each wait gathers the few events that came in it,
+	// three here, and delays them all to save little.
+	step(720*ms, 1000, 0, 0, true)
+	step(730*ms, 1000, 300, 900, false)
+	step(1120*ms, 1000, 0, 0, false) // the third failed try in a row: 400ms
+	step(1130*ms, 1000, 0, 0, true)
+	// Waits judged over two intervals, both ways.
+	step(1140*ms, 5000, 7, 56, true)
+	step(1150*ms, 5000, 1, 8, true) // 64 in 8
+	step(1160*ms, 5000, 4, 31, true)
+	step(1170*ms, 5000, 4, 0, false) // 31 in 8
+	step(1180*ms, 5000, 0, 0, true)
 	l.stopping = true
-	step(710*ms, 5000, 0, 0, false)
+	step(1190*ms, 5000, 0, 0, false)
 	l.stopping, l.batchWait = false, 0
-	step(720*ms, 1e6, 0, 0, false)
+	step(1200*ms, 1e6, 0, 0, false)
 }
 
 func TestEventLoopSavesEveryURLOfAConnection(t *testing.T) {
