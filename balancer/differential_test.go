@@ -104,23 +104,9 @@ func (o *diffOrigin) serve(c net.Conn, reply originReply) {
 	}()
 	br := bufio.NewReader(c)
 	for {
-		var head strings.Builder
-		for {
-			line, err := br.ReadString('\n')
-			if err != nil {
-				return
-			}
-			head.WriteString(line)
-			if line == "\r\n" {
-				break
-			}
-		}
-		h := head.String()
-		if cl := headerValue(h, "Content-Length"); cl != "" {
-			n, _ := strconv.Atoi(cl)
-			if _, err := io.CopyN(io.Discard, br, int64(n)); err != nil {
-				return
-			}
+		h, err := readRequest(br)
+		if err != nil {
+			return
 		}
 		o.mu.Lock()
 		n := len(o.heads)

@@ -48,23 +48,9 @@ func startRecOrigin(t *testing.T, reply func(c net.Conn, head string)) *recOrigi
 	o.addr = serveRaw(t, func(c net.Conn) {
 		br := bufio.NewReader(c)
 		for {
-			var head strings.Builder
-			for {
-				line, err := br.ReadString('\n')
-				if err != nil {
-					return
-				}
-				head.WriteString(line)
-				if line == "\r\n" {
-					break
-				}
-			}
-			h := head.String()
-			if cl := headerValue(h, "Content-Length"); cl != "" {
-				n, _ := strconv.Atoi(cl)
-				if _, err := io.CopyN(io.Discard, br, int64(n)); err != nil {
-					return
-				}
+			h, err := readRequest(br)
+			if err != nil {
+				return
 			}
 			o.mu.Lock()
 			o.heads = append(o.heads, h)
@@ -73,6 +59,30 @@ func startRecOrigin(t *testing.T, reply func(c net.Conn, head string)) *recOrigi
 		}
 	})
 	return o
+}
+
+// readRequest reads one request from br and returns its head; a body with
+// a Content-Length is read and dropped.
+func readRequest(br *bufio.Reader) (string, error) {
+	var head strings.Builder
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			return "", err
+		}
+		head.WriteString(line)
+		if line == "\r\n" {
+			break
+		}
+	}
+	h := head.String()
+	if cl := headerValue(h, "Content-Length"); cl != "" {
+		n, _ := strconv.Atoi(cl)
+		if _, err := io.CopyN(io.Discard, br, int64(n)); err != nil {
+			return "", err
+		}
+	}
+	return h, nil
 }
 
 func (o *recOrigin) got() []string {
