@@ -3,6 +3,8 @@ package balancer
 import (
 	"bufio"
 	"bytes"
+	"io"
+	"net"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -30,6 +32,45 @@ type attempt struct {
 	// is set when it answers a HEAD request.
 	resp []byte
 	head bool
+
+	// conn, when set, is the backend connection of the last try, which
+	// the loop began on backend at tryStart and whose answer is still
+	// coming on conn: a body larger than the loop buffers, or a form it
+	// does not read; pre holds what of it the loop has read. The
+	// fasthttp path reads the rest and counts the try. resp is then an
+	// earlier try's answer, kept in case this one fails.
+	conn     net.Conn
+	pre      []byte
+	backend  *Backend
+	tryStart time.Time
+}
+
+// readCarried reads the carried try's answer into resp, by deadline and
+// within maxBody, as forwardOnce reads one, and closes its connection.
+func (a *attempt) readCarried(resp *fasthttp.Response, deadline time.Time, maxBody int) error {
+	conn := a.conn
+	a.conn = nil
+	defer conn.Close()
+	resp.Reset()
+	resp.Header.SetNoDefaultContentType(true)
+	resp.Header.DisableNormalizing()
+	resp.SkipBody = a.head
+	if err := conn.SetReadDeadline(deadline); err != nil {
+		return err
+	}
+	// The buffer is the HostClient's, so that a head too large for one
+	// is too large here.
+	br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(a.pre), conn), DefaultMaxHeaderBytes)
+	err := resp.ReadLimitBody(br, maxBody)
+	switch {
+	case err == io.EOF:
+		return fasthttp.ErrConnectionClosed
+	case err != nil:
+		return timeoutErr(err)
+	case resp.StatusCode() < 200:
+		return errInterimResponse
+	}
+	return nil
 }
 
 // readResponse puts the answer a carried try received in resp.

@@ -749,6 +749,8 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 	switch {
 	case sc.Retries < -1:
 		bad(".retries", "must be -1 (no retries) or more, got %d", sc.Retries)
+	case sc.Retries > maxTries-1:
+		bad(".retries", "must be at most %d (a request tries at most %d backends), got %d", maxTries-1, maxTries, sc.Retries)
 	case sc.Retries == -1:
 		sc.Retries = 0
 	}

@@ -45,3 +45,38 @@ func retryAnswer(retryable, idempotent bool, now, deadline time.Time) bool {
 func retryFailure(code errCode, idempotent, notSent bool, now, deadline time.Time) bool {
 	return code != errResponseTooLarge && (idempotent || notSent) && now.Before(deadline)
 }
+
+// noBackendCode is why a request found no backend for its first try: every
+// available backend at its max_inflight cap is overload, anything else is
+// no healthy backend.
+func (p *Pool) noBackendCode(now int64) errCode {
+	if p.maxInflight > 0 && p.atCapacity(now) {
+		return errOverloaded
+	}
+	return errNoHealthyBackend
+}
+
+// failureCode is the cause a request that no backend answered is answered
+// with (stale copy or generated error), after its last try failed with
+// code, t being the backends tried.
+func (p *Pool) failureCode(code errCode, t *tried, idempotent bool, now int64) errCode {
+	if t.outOfRotation && code != errOverloaded && (idempotent || code == errConnectFailed) {
+		// Panic mode tried backends that were out of rotation and none
+		// answered: to the client that is still no healthy backend (503
+		// or a stale copy), never a 502.
+		return errNoHealthyBackend
+	}
+	if code == errConnectFailed && p.pick(now, &tried{}) == nil {
+		// Every backend refused and none is left to try: the pool is
+		// known to be down now, which is a 503 (or a stale copy), the
+		// same answer the next request gets at once.
+		return errNoHealthyBackend
+	}
+	return code
+}
+
+// staleOnAnswer reports whether a backend's answer with status st is
+// replaced by a stored copy when there is one (stale_on 500 to 504).
+func (p *Pool) staleOnAnswer(st int) bool {
+	return st >= 500 && st <= 504 && p.store != nil && p.staleOnStatus[st-500]
+}

@@ -36,14 +36,21 @@ var diffKnown = map[string]struct {
 	why   string
 	diffs []string
 }{
-	"2 MiB body": {"the loop reads the head, finds a body over 1 MiB and hands the request over uncounted; the fasthttp path asks again and streams it",
-		[]string{"origin a asked 2 times vs 1"}},
 	"header name case": {"the fasthttp server normalises request header names, the loop forwards them as sent", []string{
 		`origin a request 1: ["host: shop.example" "x-lower: 1" "X-MIXED-case: 2"] vs ["Host: shop.example" "X-Lower: 1" "X-Mixed-Case: 2"]`,
 	}},
 	"Host with a trailing tab": {"the loop forwards the Host value with its trailing white space, the fasthttp server trims it", []string{
 		`origin a request 1: ["Host: shop.example\t"] vs ["Host: shop.example"]`,
 	}},
+}
+
+// diffHandsOver lists the cases whose requests the event loop does not
+// finish itself, and why; every other case it serves start to end, retries,
+// stored copies and errors included, with no hand-over.
+var diffHandsOver = map[string]string{
+	"2 MiB body":                                 "the loop buffers at most 1 MiB: the fasthttp path reads the rest of the answer on the loop's backend connection",
+	"503 Retry-After, then 2 MiB body":           "as for 2 MiB body, with the 503 kept in the attempt",
+	"503 Retry-After, then 2 MiB body cut short": "as for 2 MiB body; the kept 503 goes to the client",
 }
 
 // diffOrigin is a scripted TCP origin. It records every request head and
@@ -262,6 +269,13 @@ func TestDifferentialEngines(t *testing.T) {
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
 		}}}, steps: []diffStep{get("/")}},
 		{name: "2 MiB body", status: 200, origins: []diffOriginSpec{{"a", respond(200, "Content-Type: application/octet-stream\r\n", big)}}, steps: []diffStep{get("/big")}},
+		{name: "503 Retry-After, then 2 MiB body", status: 200, origins: []diffOriginSpec{{"a", respond(503, "Retry-After: 1\r\n", "busy")},
+			{"b", respond(200, "Content-Type: application/octet-stream\r\n", big)}}, steps: []diffStep{get("/big")}},
+		{name: "503 Retry-After, then 2 MiB body cut short", status: 503, origins: []diffOriginSpec{{"a", respond(503, "Retry-After: 1\r\n", "busy")},
+			{"b", func(_ int, c net.Conn, _ string) {
+				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(big), big[:len(big)/2])
+				c.Close()
+			}}}, steps: []diffStep{get("/big")}},
 		{name: "HEAD", status: 200, origins: []diffOriginSpec{{"a", respond(200, "Content-Type: text/plain\r\n", "twelve bytes")}},
 			steps: []diffStep{{raw: "HEAD /h HTTP/1.1\r\nHost: shop.example\r\n\r\n"}}},
 		{name: "stale hit", status: 200, origins: []diffOriginSpec{{"a", cacheable}},
@@ -278,6 +292,11 @@ func TestDifferentialEngines(t *testing.T) {
 			steps: []diffStep{{raw: "GET /h HTTP/1.1\r\nhost: shop.example\r\nx-lower: 1\r\nX-MIXED-case: 2\r\n\r\n"}}},
 		{name: "Host with a trailing tab", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /t HTTP/1.1\r\nHost: shop.example\t\r\n\r\n"}}},
+	}
+	for name := range diffHandsOver {
+		if !slices.ContainsFunc(cases, func(c diffCase) bool { return c.name == name }) {
+			t.Errorf("diffHandsOver names %q, which is no case", name)
+		}
 	}
 	for name := range diffKnown {
 		if !slices.ContainsFunc(cases, func(c diffCase) bool { return c.name == name }) {
@@ -298,6 +317,9 @@ func TestDifferentialEngines(t *testing.T) {
 			}
 			if results[0] == nil || results[1] == nil {
 				return
+			}
+			if n, why := loopHandoffs.Get()-handoffs, diffHandsOver[c.name]; (n > 0) != (why != "") {
+				t.Errorf("the event loop handed over %d connections; diffHandsOver says %q", n, why)
 			}
 			last := results[1].answers[len(c.steps)-1]
 			if want := fmt.Sprintf(" %d ", c.status); !strings.Contains(last.status+" ", want) || last.err != "" {

@@ -3,12 +3,15 @@ package balancer
 import (
 	"context"
 	"errors"
-	"github.com/valyala/fasthttp"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/health"
 )
 
 var errNoLoop = errors.New("edgelb: the event loop needs a TCP listener")
@@ -34,19 +37,17 @@ type prefixConn struct {
 	ip  netip.Addr
 	// got is set once the client sent a byte.
 	got bool
-	att *attempt
+	att atomic.Pointer[attempt]
 }
 
 // takeAttempt returns the tries the loop made for the request the server
 // is about to serve on ctx's connection, if any, once.
 func takeAttempt(ctx *fasthttp.RequestCtx) *attempt {
 	pc, ok := ctx.Conn().(*prefixConn)
-	if !ok || pc.att == nil {
+	if !ok {
 		return nil
 	}
-	a := pc.att
-	pc.att = nil
-	return a
+	return pc.att.Swap(nil)
 }
 
 func newPrefixConn(c net.Conn, pre []byte, open *atomic.Int64) *prefixConn {
@@ -57,6 +58,12 @@ func newPrefixConn(c net.Conn, pre []byte, open *atomic.Int64) *prefixConn {
 // Close implements net.Conn.
 func (c *prefixConn) Close() error {
 	if c.closed.CompareAndSwap(false, true) {
+		if a := c.att.Swap(nil); a != nil && a.conn != nil {
+			// Closed before its request was served: the try the
+			// loop began ends uncounted.
+			a.conn.Close()
+			a.backend.target.Done(time.Now().UnixNano(), health.OutcomeCanceled, 0)
+		}
 		c.open.Add(-1)
 		if c.ipc != nil {
 			c.ipc.release(c.ip)

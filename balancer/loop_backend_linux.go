@@ -38,29 +38,73 @@ func (l *loop) startTry(c *lconn, b *Backend, bc *lconn) {
 	l.send(bc, out)
 }
 
-// retry tries c's request on another backend after a try that failed with
-// code, as the fasthttp path would: within the request's retries and
-// deadline, on a backend not tried yet. It reports false when the request
-// must go to the fasthttp path instead: no backend is left here, or the
-// loop is stopping.
-func (l *loop) retry(c *lconn, code errCode) bool {
+// What nextTry did.
+const (
+	tryStarted  = iota // a try is under way
+	tryNone            // no backend is left to try: settle the request now
+	tryHandOver        // the loop cannot make the try, the fasthttp path can
+)
+
+// nextTry starts the next try of c's request, on a backend it has not
+// tried, within its retries; callers check its deadline. A backend that
+// refuses the connection at once is a failed try, counted as the fasthttp
+// path counts a refused dial, and the next backend is tried.
+func (l *loop) nextTry(c *lconn) int {
 	p := c.pool
-	if l.stopping || c.tried.n > p.cfg.Retries ||
-		!retryFailure(code, true, false, l.now, c.start.Add(p.cfg.Timeout)) {
-		return false
+	for c.tried.n <= p.cfg.Retries {
+		if l.stopping {
+			// The fasthttp server drains after the loops: it goes on.
+			return tryHandOver
+		}
+		b := p.pick(l.nowNs, &c.tried)
+		if b == nil {
+			if c.tried.n == 0 {
+				c.code = p.noBackendCode(l.nowNs)
+			}
+			return tryNone
+		}
+		if !b.ap.IsValid() {
+			return tryHandOver
+		}
+		bc, refused := l.backendConn(b)
+		if bc == nil && !refused {
+			// No connection of its own to spare: the fasthttp path
+			// has its own, and its limits.
+			return tryHandOver
+		}
+		if c.tried.n > 0 {
+			p.m.retries.Inc()
+		}
+		if bc != nil {
+			l.startTry(c, b, bc)
+			return tryStarted
+		}
+		c.tried.add(b)
+		b.target.Begin()
+		endTry(b, l.nowNs, 0, health.OutcomeConnectFailed, 0, errConnectFailed)
+		c.code = errConnectFailed
+		if !retryFailure(errConnectFailed, true, true, l.now, l.due(c)) {
+			return tryNone
+		}
 	}
-	b := p.pick(l.nowNs, &c.tried)
-	if b == nil || !b.ap.IsValid() {
-		return false
-	}
-	bc := l.backendConn(b)
-	if bc == nil {
-		return false
-	}
-	p.m.retries.Inc()
-	l.startTry(c, b, bc)
-	return true
+	return tryNone
 }
+
+// goOn follows a try of c's request that failed or got an answer another
+// backend may better: the next try, else the answer the request has now,
+// else the fasthttp path, with the attempt.
+func (l *loop) goOn(c *lconn) {
+	switch l.nextTry(c) {
+	case tryNone:
+		l.settle(c)
+	case tryHandOver:
+		c.state = lcIdle
+		l.handOffWith(c, l.attemptOf(c))
+	}
+}
+
+// due is when c's request is due, whatever its tries.
+func (l *loop) due(c *lconn) time.Time { return c.start.Add(c.pool.cfg.Timeout) }
 
 // tryDeadline returns when the try of c's request on bc fails (unix nano):
 // try_timeout from the try's start, at most timeout from the request's, and
@@ -116,24 +160,26 @@ func (l *loop) slot(b *Backend) *loopSlot {
 	return &(*slots)[l.idx]
 }
 
-// backendConn returns an idle connection to b, or starts a new one.
-func (l *loop) backendConn(b *Backend) *lconn {
+// backendConn returns an idle connection to b, or starts a new one. It
+// returns nil when it cannot, with refused set when b refused the
+// connection at once.
+func (l *loop) backendConn(b *Backend) (bc *lconn, refused bool) {
 	sl := l.slot(b)
 	if n := len(sl.idle); n > 0 {
 		bc := sl.idle[n-1]
 		sl.idle[n-1] = nil
 		sl.idle = sl.idle[:n-1]
 		bc.reused = true
-		return bc
+		return bc, false
 	}
 	return l.dial(b, sl)
 }
 
-func (l *loop) dial(b *Backend, sl *loopSlot) *lconn {
+func (l *loop) dial(b *Backend, sl *loopSlot) (*lconn, bool) {
 	if sl.open >= l.maxConns(b) {
 		// The full path's HostClient enforces the limit and answers
 		// overloaded.
-		return nil
+		return nil, false
 	}
 	sa := sockaddr(b.ap)
 	domain := syscall.AF_INET
@@ -144,7 +190,7 @@ func (l *loop) dial(b *Backend, sl *loopSlot) *lconn {
 	if err != nil {
 		// Out of descriptors, say: the full path's dial fails the same
 		// way and answers overloaded, never blaming the backend.
-		return nil
+		return nil, false
 	}
 	syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 	bc := &lconn{fd: fd, state: lcBackend, backend: b, waitIdx: -1, lastActive: l.nowNs}
@@ -154,15 +200,15 @@ func (l *loop) dial(b *Backend, sl *loopSlot) *lconn {
 	case syscall.EINPROGRESS:
 		bc.state = lcConnecting
 	default:
-		// Refused at once: the full path tries it and reports it.
+		// Refused at once (on loopback, say).
 		syscall.Close(fd)
-		return nil
+		return nil, true
 	}
 	if !l.add(bc, connEvents) {
-		return nil
+		return nil, false
 	}
 	sl.open++
-	return bc
+	return bc, false
 }
 
 func (l *loop) onConnected(bc *lconn) {
@@ -255,30 +301,28 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		switch h1.ParseResponse(bc.in, c.req.Head, &bc.resp) {
 		case h1.Incomplete:
 			if len(bc.in) >= fasthttpHeadLimit {
-				l.abandon(bc)
+				l.carry(bc)
 			}
 			return
 		case h1.HandOff:
 			if !h1.HasStatusLinePrefix(bc.in) {
 				// Not HTTP at all: a failed try, as the fasthttp
-				// path would find it, not one to make again there.
+				// path would find it.
 				l.backendFailed(bc, health.OutcomeInvalidResponse, errInvalidResponse)
 				return
 			}
-			l.abandon(bc)
+			l.carry(bc)
 			return
 		}
 		bc.parsed = true
 		p, r := c.pool, &bc.resp
-		o, retryable := classifyStatus(r.Status, r.RetryAfter)
-		bc.outcome = o
-		// Another backend or a stored answer may do better: the
-		// fasthttp path decides, with this answer in hand once whole.
-		bc.elsewhere = retryable ||
-			(r.Status >= 500 && r.Status <= 504 && p.store != nil && p.staleOnStatus[r.Status-500])
+		bc.outcome, bc.retryable = classifyStatus(r.Status, r.RetryAfter)
+		// Another backend or a stored answer may do better: decided
+		// once the answer is whole.
+		bc.elsewhere = bc.retryable || p.staleOnAnswer(r.Status)
 		if r.HeadLen+r.BodyLen > loopMaxResponse || r.BodyLen > p.cfg.MaxResponseBody {
-			// Large bodies stream on the full path.
-			l.abandon(bc)
+			// Large bodies: the fasthttp path reads the rest.
+			l.carry(bc)
 			return
 		}
 	}
@@ -290,14 +334,14 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		case h1.Incomplete:
 			return
 		case h1.HandOff:
-			l.abandon(bc)
+			l.carry(bc)
 			return
 		}
 		if len(bc.in) > r.HeadLen+n {
 			r.KeepAlive = false
 		}
-		if bc.elsewhere {
-			l.tryElsewhere(bc, bc.in[:r.HeadLen+n])
+		l.countAnswer(bc)
+		if bc.elsewhere && l.replaced(bc, bc.in[:r.HeadLen+n]) {
 			return
 		}
 		l.body = h1.AppendDechunked(l.body[:0], bc.in[r.HeadLen:r.HeadLen+n])
@@ -321,11 +365,44 @@ func (l *loop) onResponseBytes(bc *lconn) {
 		// More than the response: the connection is out of step.
 		bc.resp.KeepAlive = false
 	}
-	if bc.elsewhere {
-		l.tryElsewhere(bc, bc.in[:total])
+	l.countAnswer(bc)
+	if bc.elsewhere && l.replaced(bc, bc.in[:total]) {
 		return
 	}
 	l.respond(c, bc, bc.in[r.HeadLen:total], false)
+}
+
+// countAnswer counts the try on bc, whose whole answer is in.
+func (l *loop) countAnswer(bc *lconn) {
+	endTry(bc.backend, l.nowNs, l.now.Sub(bc.client.tryStart), bc.outcome, bc.resp.Status, errNone)
+}
+
+// replaced goes on with a whole answer, raw, that another backend or a
+// stored copy may better, as the fasthttp path does: a retryable answer is
+// kept while another backend is tried; a final one gives way to a stored
+// copy on a status the service serves stale on. It reports false when the
+// answer is the one to send.
+func (l *loop) replaced(bc *lconn, raw []byte) bool {
+	c := bc.client
+	if bc.retryable && retryAnswer(true, true, l.now, l.due(c)) && c.tried.n <= c.pool.cfg.Retries {
+		c.kept = append(c.kept[:0], raw...)
+		c.peer, bc.client = nil, nil
+		l.unwait(c)
+		l.releaseBackend(bc)
+		l.goOn(c)
+		return true
+	}
+	if !c.pool.staleOnAnswer(bc.resp.Status) {
+		return false
+	}
+	c.peer, bc.client = nil, nil
+	l.unwait(c)
+	if l.serveStale(c, upstreamStatusDetail[bc.resp.Status-500]) {
+		l.releaseBackend(bc)
+		return true
+	}
+	c.peer, bc.client = bc, c
+	return false
 }
 
 // fasthttpHeadLimit bounds a backend's response head, as the HostClient's
@@ -374,10 +451,8 @@ func (l *loop) cancelTry(bc *lconn) {
 	l.close(bc)
 }
 
-// backendFailed records a failed try on bc's backend and tries another
-// backend; when none is left here, it hands the client, with the attempt,
-// to the fasthttp path, which serves stale or answers with the error. Only
-// requests safe to repeat take the loop.
+// backendFailed records a failed try on bc's backend and goes on with
+// its request: another backend, else a stored copy or an error.
 func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 	c := bc.client
 	lat := time.Duration(0)
@@ -387,57 +462,52 @@ func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 	}
 	endTry(bc.backend, l.nowNs, lat, o, 0, code)
 	l.close(bc)
-	if c == nil || l.retry(c, code) {
+	if c != nil {
+		l.tryFailed(c, code)
+	}
+}
+
+// tryFailed goes on with c's request after a try that failed with code.
+func (l *loop) tryFailed(c *lconn, code errCode) {
+	l.unwait(c)
+	c.code = code
+	if !retryFailure(code, true, false, l.now, l.due(c)) {
+		l.settle(c)
 		return
 	}
-	loopFallbacks.Inc()
-	c.state = lcIdle
-	l.handOffTried(c, code, nil)
+	l.goOn(c)
 }
 
-// tryElsewhere records a backend's whole answer, raw, that another backend
-// or a stored copy may better, and hands the client to the fasthttp path
-// with it: the path retries elsewhere, serves stale, or answers with it,
-// and asks this backend nothing again.
-func (l *loop) tryElsewhere(bc *lconn, raw []byte) {
-	c := bc.client
-	endTry(bc.backend, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, bc.resp.Status, errNone)
-	loopFallbacks.Inc()
-	att := l.attemptOf(c, errNone, raw)
-	c.peer, bc.client = nil, nil
-	l.unwait(c)
-	l.releaseBackend(bc)
-	c.state = lcIdle
-	l.handOffWith(c, att)
-}
-
-// attemptOf makes the attempt a hand-over of c carries after its tries;
-// raw, if set, is copied.
-func (l *loop) attemptOf(c *lconn, code errCode, raw []byte) *attempt {
-	a := &attempt{start: c.start, deadline: c.start.Add(c.pool.cfg.Timeout), tried: c.tried, tries: c.tried.n, code: code,
+// attemptOf makes the attempt a hand-over of c carries after its tries:
+// the answer kept, if any, or the last try's failure.
+func (l *loop) attemptOf(c *lconn) *attempt {
+	a := &attempt{start: c.start, deadline: l.due(c), tried: c.tried, tries: c.tried.n, code: c.code,
 		head: c.req.Head}
-	if raw != nil {
-		a.resp = append([]byte(nil), raw...)
+	if len(c.kept) > 0 {
+		a.code = errNone
+		a.resp = append([]byte(nil), c.kept...)
 	}
 	return a
 }
 
-// handOffTried hands c over with the attempt of its request, whose last
-// try failed with code.
-func (l *loop) handOffTried(c *lconn, code errCode, raw []byte) {
-	l.handOffWith(c, l.attemptOf(c, code, raw))
-}
-
-// abandon gives up on a response the loop does not forward itself: the
-// full path asks again and handles it, and the try counts for nothing.
-func (l *loop) abandon(bc *lconn) {
+// carry hands c over with the try on bc under way: the fasthttp path reads
+// the rest of bc's answer from its connection, which goes with it, and
+// counts the try. For answers the loop does not buffer: too large, or
+// framed in a way it leaves to fasthttp.
+func (l *loop) carry(bc *lconn) {
 	c := bc.client
 	loopFallbacks.Inc()
-	l.cancelTry(bc)
-	if c != nil {
-		c.state = lcIdle
-		l.handOff(c)
-	}
+	c.peer, bc.client = nil, nil
+	l.unwait(c)
+	a := l.attemptOf(c)
+	a.code, a.pre = errNone, append([]byte(nil), bc.in...)
+	a.backend, a.tryStart = bc.backend, c.tryStart
+	l.forget(bc)
+	l.slot(bc.backend).open--
+	a.conn = newFDConn(bc.fd, bc.backend.ap, nil)
+	bc.fd = -1
+	c.state = lcIdle
+	l.handOffWith(c, a)
 }
 
 // redial resends the request of a kept-alive connection that turned out
@@ -447,11 +517,17 @@ func (l *loop) redial(bc *lconn) {
 	b := bc.backend
 	c.peer, bc.client = nil, nil
 	l.close(bc)
-	nb := l.dial(b, l.slot(b))
+	nb, refused := l.dial(b, l.slot(b))
 	if nb == nil {
+		if refused {
+			endTry(b, l.nowNs, l.now.Sub(c.tryStart), health.OutcomeConnectFailed, 0, errConnectFailed)
+			l.tryFailed(c, errConnectFailed)
+			return
+		}
 		b.target.Done(l.nowNs, health.OutcomeCanceled, 0)
+		l.unwait(c)
 		c.state = lcIdle
-		l.handOffTried(c, errNone, nil)
+		l.handOffWith(c, l.attemptOf(c))
 		return
 	}
 	c.peer, nb.client = nb, c

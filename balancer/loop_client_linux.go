@@ -278,24 +278,33 @@ func (l *loop) serve(c *lconn) {
 	}
 	rt := l.s.routes.Load().match(host, r.Path)
 	if rt == nil || rt.pool == nil {
-		l.handOff(c)
+		if !l.s.routesKnown() {
+			// Maybe a tag route not known yet: the fasthttp path
+			// decides.
+			l.handOff(c)
+			return
+		}
+		noRouteTotal.Inc()
+		resp := &l.aresp
+		resp.Reset()
+		writeError(resp, errNoRoute, false)
+		l.writeAnswer(c, resp)
 		return
 	}
-	p := rt.pool
-	c.tried = tried{}
-	b := p.pick(l.nowNs, &c.tried)
-	if b == nil || !b.ap.IsValid() {
-		l.handOff(c)
-		return
+	c.pool, c.start = rt.pool, l.now
+	c.tried, c.code = tried{}, errNoHealthyBackend
+	switch l.nextTry(c) {
+	case tryNone:
+		l.settle(c)
+	case tryHandOver:
+		if c.tried.n == 0 {
+			// Nothing tried: the fasthttp path serves it whole.
+			c.pool = nil
+			l.handOff(c)
+			return
+		}
+		l.handOffWith(c, l.attemptOf(c))
 	}
-	bc := l.backendConn(b)
-	if bc == nil {
-		l.handOff(c)
-		return
-	}
-	c.pool = p
-	c.start = l.now
-	l.startTry(c, b, bc)
 }
 
 // appendUpstreamRequest appends the request as it goes to the backend: the
@@ -326,16 +335,23 @@ var (
 
 // respond answers c with the response whose head is in bc.in and whose
 // body is body; withLength adds the Content-Length the head lacks (a
-// decoded chunked body).
+// decoded chunked body). The try is counted already.
 func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
-	p, b, r := c.pool, bc.backend, &bc.resp
-	endTry(b, l.nowNs, l.now.Sub(c.tryStart), bc.outcome, r.Status, errNone)
-	p.m.requests.Inc()
-	p.m.latency.Update(l.now.Sub(c.start))
+	c.peer, bc.client = nil, nil
+	l.unwait(c)
+	l.answer(c, bc.in, &bc.resp, body, withLength, bc)
+}
+
+// answer sends c a backend's answer, whose head r describes in raw, with
+// body; bc, if set, is the backend connection it came on, released once
+// what must outlive it is copied.
+func (l *loop) answer(c *lconn, raw []byte, r *h1.Response, body []byte, withLength bool, bc *lconn) {
+	p := c.pool
+	l.settled(c)
 
 	out := l.out[:0]
 	for _, k := range r.Keep[:r.NKeep] {
-		out = append(out, bc.in[k[0]:k[1]]...)
+		out = append(out, raw[k[0]:k[1]]...)
 	}
 	if !r.HasDate {
 		out = append(out, strHeadDate...)
@@ -359,19 +375,35 @@ func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	}
 	out = append(out, strCRLF...)
 
-	if p.store != nil && !c.req.Head && l.storeWants(p, c, bc) {
+	if p.store != nil && !c.req.Head && l.storeWants(p, c, raw, r) {
 		l.save(p, c, out, body)
 	}
+	l.write(c, out, body, bc)
+}
 
-	c.peer, bc.client = nil, nil
-	l.unwait(c)
+// settled counts c's request as answered, whatever answered it.
+func (l *loop) settled(c *lconn) {
+	p := c.pool
+	p.m.requests.Inc()
+	p.m.latency.Update(l.now.Sub(c.start))
+	if cap(c.kept) > loopKeepBuf {
+		c.kept = nil
+	}
+	c.kept = c.kept[:0]
+}
+
+// write sends c the head out and body of its answer, and releases bc, if
+// set, the backend connection body may be in.
+func (l *loop) write(c *lconn, out, body []byte, bc *lconn) {
 	reqLen := c.req.HeadLen
 	if len(body) <= 4096 {
 		// Fast path: one write of head and body.
 		out = append(out, body...)
 		l.out = out
 		n, errno := rawWrite(c.fd, out)
-		l.releaseBackend(bc)
+		if bc != nil {
+			l.releaseBackend(bc)
+		}
 		l.afterWrite(c, out, n, errno, reqLen)
 		return
 	}
@@ -383,7 +415,9 @@ func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 	} else if n < len(out)+len(body) {
 		rest = append(rest, body[n-len(out):]...)
 	}
-	l.releaseBackend(bc)
+	if bc != nil {
+		l.releaseBackend(bc)
+	}
 	if n < 0 && errno != syscall.EAGAIN {
 		l.afterWrite(c, rest, -1, errno, reqLen)
 		return
@@ -525,7 +559,7 @@ func (l *loop) handOffWith(c *lconn, att *attempt) {
 		pre = append(pre, c.in...)
 	}
 	pc := newPrefixConn(newFDConn(fd, c.remote, l.s.ln.Addr()), pre, &l.s.handedOver)
-	pc.att = att
+	pc.att.Store(att)
 	if c.headSince != 0 {
 		pc.headBy = time.Unix(0, c.headSince+l.headerTimeout)
 	}
@@ -539,19 +573,20 @@ func (l *loop) handOffWith(c *lconn, att *attempt) {
 }
 
 // storeWants reports whether the stale store is due a copy of the answer
-// in bc to c's request; the store rate-limits its writes per URL.
-func (l *loop) storeWants(p *Pool, c, bc *lconn) bool {
-	if !bc.resp.Vary {
-		r := &c.req
-		if n := len(r.Host); len(c.dueURL) != n+1+len(r.URI) || !bytes.Equal(c.dueURL[:n], r.Host) || !bytes.Equal(c.dueURL[n+1:], r.URI) {
+// r describes in raw to c's request; the store rate-limits its writes per
+// URL.
+func (l *loop) storeWants(p *Pool, c *lconn, raw []byte, r *h1.Response) bool {
+	if !r.Vary {
+		q := &c.req
+		if n := len(q.Host); len(c.dueURL) != n+1+len(q.URI) || !bytes.Equal(c.dueURL[:n], q.Host) || !bytes.Equal(c.dueURL[n+1:], q.URI) {
 			// Not the URL of the connection's last request: hash its key.
-			c.dueURL = append(append(append(c.dueURL[:0], r.Host...), 0), r.URI...)
-			c.dueKey, c.dueOK, l.keyBuf = stale.URLKey(l.keyBuf, strHTTP, r.Host, r.URI)
+			c.dueURL = append(append(append(c.dueURL[:0], q.Host...), 0), q.URI...)
+			c.dueKey, c.dueOK, l.keyBuf = stale.URLKey(l.keyBuf, strHTTP, q.Host, q.URI)
 		}
 		return c.dueOK && p.store.DueKey(c.dueKey, l.now)
 	}
 	l.vary, l.reqHeaders = l.vary[:0], l.reqHeaders[:0]
-	for k, v := range h1.EachHeader(bc.in[:bc.resp.HeadLen]) {
+	for k, v := range h1.EachHeader(raw[:r.HeadLen]) {
 		if h1.KindOf(k) == h1.KindVary {
 			l.vary = append(l.vary, v)
 		}
@@ -565,14 +600,12 @@ func (l *loop) storeWants(p *Pool, c, bc *lconn) bool {
 // save stores the response in the stale store (slow path: at most once per
 // URL and refresh interval).
 func (l *loop) save(p *Pool, c *lconn, head, body []byte) {
-	req, resp := &l.sreq, &l.sresp
-	req.Reset()
-	resp.Reset()
-	req.Header.DisableNormalizing()
-	resp.Header.DisableNormalizing()
-	if err := req.Header.Read(l.reader(c.in[:c.req.HeadLen])); err != nil {
+	req, resp := l.storeRequest(c), &l.sresp
+	if req == nil {
 		return
 	}
+	resp.Reset()
+	resp.Header.DisableNormalizing()
 	if err := resp.Header.Read(l.reader(head)); err != nil {
 		return
 	}

@@ -26,12 +26,14 @@ import (
 // of its own. That is what nginx and HAProxy do, and what forwarding at
 // their CPU cost per request takes.
 //
-// A failed try is retried in the loop on another backend. Anything else
-// (other methods, bodies, upgrades, odd heads, large or close-delimited
-// responses, answers to retry or replace with a stored copy, no backend
-// left) is handed with the bytes read so far, and the request's attempt,
-// to the fasthttp server, which does the full job for the rest of the
-// connection's life.
+// The loop finishes the requests it starts: it retries a failed try or a
+// retryable answer on another backend, and answers with a stored copy or
+// an error of its own when no backend can, deciding as the fasthttp path
+// does (core.go). Anything else (other methods, bodies, upgrades, odd
+// heads) is handed with the bytes read so far to the fasthttp server,
+// which does the full job for the rest of the connection's life; so is a
+// response too large or too odd for the loop to buffer, with its backend
+// connection and the request's attempt, so that nothing is asked twice.
 //
 // The loop's code is in four files: this one (the loop, its polling and
 // batched waits, its connection table), loop_client_linux.go (client
@@ -48,7 +50,8 @@ const (
 	// keeps for its next response.
 	loopKeepBuf = 256 << 10
 	// loopMaxResponse is the largest response (head and body) the loop
-	// buffers; a larger one goes to the full path, which streams it.
+	// buffers; a larger one goes to the full path, with its backend
+	// connection, which reads the rest.
 	loopMaxResponse = 1 << 20
 	// loopSweep is how often in-flight requests are checked for timeouts.
 	loopSweep = 10 * time.Millisecond
@@ -88,9 +91,13 @@ type lconn struct {
 	ip []byte // remote IP, as X-Forwarded-For carries it
 	// trusted is set when the peer is in server.trusted_proxies.
 	trusted bool
-	// tried holds the backend of the request in flight, for the
-	// attempt a hand-over carries.
+	// tried holds the backends the request in flight has tried.
 	tried tried
+	// code is why the request's last try failed; kept is the last
+	// answer a backend gave it that another backend may better, held
+	// while one is tried.
+	code  errCode
+	kept  []byte
 	req   h1.Request
 	pool  *Pool
 	peer  *lconn // the backend connection serving the request
@@ -130,9 +137,10 @@ type lconn struct {
 	parsed  bool
 	// reset is set when the backend reset the connection.
 	reset bool
-	// elsewhere is set when the response, once whole, goes to the
-	// fasthttp path to be retried elsewhere or replaced by a stored copy.
+	// elsewhere is set when the response, once whole, may give way to
+	// another backend's (retryable is then set) or to a stored copy.
 	elsewhere bool
+	retryable bool
 	outcome   health.Outcome // how resp counts for the backend's health
 }
 
@@ -212,6 +220,11 @@ type loop struct {
 	// Scratch for the stale store, which takes fasthttp types.
 	sreq  fasthttp.Request
 	sresp fasthttp.Response
+	// aresp is an answer the loop makes itself, a stored copy or an
+	// error, with header names normalized as the fasthttp server's are;
+	// kresp is the head of a kept answer.
+	aresp fasthttp.Response
+	kresp h1.Response
 
 	// deaf is closed once the loop no longer accepts, done once it has
 	// exited.

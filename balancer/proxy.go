@@ -70,9 +70,20 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 	if att != nil {
 		// Slow path: go on from the event loop's tries.
 		start, deadline, t, first = att.start, att.deadline, att.tried, att.tries
-		if att.code != errNone {
+		switch {
+		case att.conn != nil:
+			// The last try's answer is still coming: read first.
+			first--
+			if att.resp != nil {
+				kept = fasthttp.AcquireResponse()
+				if att.readResponse(kept) != nil {
+					fasthttp.ReleaseResponse(kept)
+					kept = nil
+				}
+			}
+		case att.code != errNone:
 			code = att.code
-		} else if att.resp != nil && att.readResponse(&ctx.Response) == nil {
+		case att.resp != nil && att.readResponse(&ctx.Response) == nil:
 			answered = true
 			if _, retryable := classifyResponse(&ctx.Response); !retryAnswer(retryable, idempotent, now, deadline) {
 				first = p.cfg.Retries + 1
@@ -81,31 +92,50 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 			}
 		}
 	}
+	// carried is a try the loop began whose answer is still on its
+	// backend connection: it is read here, as this path's next try, and
+	// counted once, here.
+	carried := att != nil && att.conn != nil
 	for attempt := first; attempt <= p.cfg.Retries; attempt++ {
-		b := p.pick(now.UnixNano(), &t)
-		if b == nil {
-			if attempt == 0 && p.maxInflight > 0 && p.atCapacity(now.UnixNano()) {
-				code = errOverloaded
+		var b *Backend
+		var err error
+		var lat time.Duration
+		if carried {
+			carried = false
+			b = att.backend
+			tryDeadline := att.tryStart.Add(p.cfg.TryTimeout)
+			if tryDeadline.After(deadline) {
+				tryDeadline = deadline
 			}
-			break
+			err = att.readCarried(&ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
+			now = time.Now()
+			lat = now.Sub(att.tryStart)
+		} else {
+			b = p.pick(now.UnixNano(), &t)
+			if b == nil {
+				if attempt == 0 {
+					code = p.noBackendCode(now.UnixNano())
+				}
+				break
+			}
+			t.add(b)
+			if attempt > 0 {
+				p.m.retries.Inc()
+			}
+			tryDeadline := now.Add(p.cfg.TryTimeout)
+			if tryDeadline.After(deadline) {
+				tryDeadline = deadline
+			}
+			b.target.Begin()
+			err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
+			end := time.Now()
+			lat = end.Sub(now)
+			now = end
 		}
-		t.add(b)
-		if attempt > 0 {
-			p.m.retries.Inc()
-		}
-		tryDeadline := now.Add(p.cfg.TryTimeout)
-		if tryDeadline.After(deadline) {
-			tryDeadline = deadline
-		}
-		b.target.Begin()
-		err := forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
-		end := time.Now()
-		lat := end.Sub(now)
-		now = end
 
 		if err == nil {
 			outcome, retryable := classifyResponse(&ctx.Response)
-			endTry(b, end.UnixNano(), lat, outcome, ctx.Response.StatusCode(), errNone)
+			endTry(b, now.UnixNano(), lat, outcome, ctx.Response.StatusCode(), errNone)
 			answered = true
 			if !retryAnswer(retryable, idempotent, now, deadline) {
 				break
@@ -115,7 +145,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 		}
 
 		outcome, c := classifyErr(err)
-		endTry(b, end.UnixNano(), lat, outcome, 0, c)
+		endTry(b, now.UnixNano(), lat, outcome, 0, c)
 		code, answered = c, false
 		if !retryFailure(c, idempotent, isDialErr(err) || err == fasthttp.ErrNoFreeConns, now, deadline) {
 			break
@@ -131,23 +161,13 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 		}
 		fasthttp.ReleaseResponse(kept)
 	}
-	if !answered && t.outOfRotation && code != errOverloaded && (idempotent || code == errConnectFailed) {
-		// Panic mode tried backends that were out of rotation and none
-		// answered: to the client that is still no healthy backend (503
-		// or a stale copy), never a 502.
-		code = errNoHealthyBackend
-	}
-	if !answered && code == errConnectFailed && p.pick(now.UnixNano(), &tried{}) == nil {
-		// Every backend refused and none is left to try: the pool is
-		// known to be down now, which is a 503 (or a stale copy), the
-		// same answer the next request gets at once.
-		code = errNoHealthyBackend
+	if !answered {
+		code = p.failureCode(code, &t, idempotent, now.UnixNano())
 	}
 	if answered {
 		// Fast path: a backend answered.
 		sc := ctx.Response.StatusCode()
-		if sc >= 500 && sc <= 504 && p.store != nil && p.staleOnStatus[sc-500] &&
-			p.serveStale(ctx, now, clientClose, upstreamStatusDetail[sc-500]) {
+		if p.staleOnAnswer(sc) && p.serveStale(ctx, now, clientClose, upstreamStatusDetail[sc-500]) {
 			return
 		}
 		prepareResponse(&ctx.Response, clientClose)
@@ -161,7 +181,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 	}
 	ctx.Response.Reset()
 	p.m.generated[code].Inc()
-	writeError(ctx, code, clientClose)
+	writeError(&ctx.Response, code, clientClose)
 }
 
 // keepAnswer copies resp into kept, acquired if nil, and returns it.
@@ -243,9 +263,8 @@ func peekFold(h *fasthttp.ResponseHeader, name []byte) []byte {
 	return nil
 }
 
-// writeError answers the client with an error edgelb generated itself.
-func writeError(ctx *fasthttp.RequestCtx, code errCode, clientClose bool) {
-	resp := &ctx.Response
+// writeError makes resp the answer edgelb generates itself for code.
+func writeError(resp *fasthttp.Response, code errCode, clientClose bool) {
 	resp.SetStatusCode(code.status())
 	resp.Header.SetContentTypeBytes(strTextPlain)
 	resp.Header.SetBytesKV(strHeaderError, errCodeValues[code])

@@ -646,12 +646,12 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 // no_healthy_backend, which clients retry and caches do not keep.
 func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
 	clientClose := ctx.Request.Header.ConnectionClose()
-	u := s.unrouted.Load()
-	if u == nil || u.consul.RoutesKnown() {
+	if s.routesKnown() {
 		noRouteTotal.Inc()
-		writeError(ctx, errNoRoute, clientClose)
+		writeError(&ctx.Response, errNoRoute, clientClose)
 		return
 	}
+	u := s.unrouted.Load()
 	if s.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, u.stale, errCodeValues[errNoHealthyBackend]) {
 		unroutedStaleTotal.Inc()
 		if clientClose {
@@ -660,7 +660,14 @@ func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
 		return
 	}
 	unroutedUnknownTotal.Inc()
-	writeError(ctx, errNoHealthyBackend, clientClose)
+	writeError(&ctx.Response, errNoHealthyBackend, clientClose)
+}
+
+// routesKnown reports whether a request that matches no route is known to
+// have none: unless Consul's tag routes are not known yet.
+func (s *Server) routesKnown() bool {
+	u := s.unrouted.Load()
+	return u == nil || u.consul.RoutesKnown()
 }
 
 // recoverRequest, deferred by the root handler, answers a request whose

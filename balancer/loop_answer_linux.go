@@ -1,0 +1,108 @@
+//go:build linux
+
+// The event loop's answers when no backend's answer goes as it came: an
+// answer kept from an earlier try, a stored copy, or an error of edgelb's
+// own. They are decided as the fasthttp path decides them (core.go) and
+// written as the fasthttp server writes them.
+
+package balancer
+
+import (
+	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/balancer/h1"
+)
+
+// settle answers c's request, which no try is left for: with the answer
+// kept from an earlier try if there is one, else a stored copy or an error
+// for c.code.
+func (l *loop) settle(c *lconn) {
+	c.state = lcIdle
+	if len(c.kept) > 0 {
+		l.answerKept(c)
+		return
+	}
+	p := c.pool
+	code := p.failureCode(c.code, &c.tried, true, l.nowNs)
+	if p.store != nil && p.staleOn[code] && l.serveStale(c, errCodeValues[code]) {
+		return
+	}
+	p.m.generated[code].Inc()
+	resp := &l.aresp
+	resp.Reset()
+	writeError(resp, code, false)
+	l.settled(c)
+	l.writeAnswer(c, resp)
+}
+
+// answerKept answers c with the answer kept from an earlier try, or with
+// a stored copy that its status gives way to.
+func (l *loop) answerKept(c *lconn) {
+	raw, r := c.kept, &l.kresp
+	if h1.ParseResponse(raw, c.req.Head, r) != h1.Forward {
+		panic("BUG: a kept answer no longer parses")
+	}
+	if c.pool.staleOnAnswer(r.Status) && l.serveStale(c, upstreamStatusDetail[r.Status-500]) {
+		return
+	}
+	body, withLength := raw[r.HeadLen:r.HeadLen+r.BodyLen], false
+	if r.Chunked {
+		_, n, _ := h1.ScanChunked(raw[r.HeadLen:], len(raw))
+		l.body = h1.AppendDechunked(l.body[:0], raw[r.HeadLen:r.HeadLen+n])
+		body, withLength = l.body, true
+	}
+	l.answer(c, raw, r, body, withLength, nil)
+}
+
+// serveStale answers c with a stored copy of what its request asks for,
+// if the store holds a usable one; detail says why, in Cache-Status.
+func (l *loop) serveStale(c *lconn, detail []byte) bool {
+	p := c.pool
+	req := l.storeRequest(c)
+	resp := &l.aresp
+	if req == nil || !p.store.Serve(l.now, strHTTP, req, resp, p.stalePolicy, detail) {
+		return false
+	}
+	p.m.staleServed.Inc()
+	l.settled(c)
+	l.writeAnswer(c, resp)
+	return true
+}
+
+// storeRequest returns c's request head as the stale store reads
+// requests, or nil if fasthttp does not read it (it always does: the loop
+// forwards no other).
+func (l *loop) storeRequest(c *lconn) *fasthttp.Request {
+	req := &l.sreq
+	req.Reset()
+	req.Header.DisableNormalizing()
+	if err := req.Header.Read(l.reader(c.in[:c.req.HeadLen])); err != nil {
+		return nil
+	}
+	return req
+}
+
+// writeAnswer sends c an answer the loop made, with the headers the
+// fasthttp server would write: its framing, its Date, and Connection as
+// the client's request calls for.
+func (l *loop) writeAnswer(c *lconn, resp *fasthttp.Response) {
+	h := &resp.Header
+	switch {
+	case l.stopping || c.req.Close:
+		h.SetConnectionClose()
+		c.closing = true
+	case c.req.HTTP10:
+		h.SetBytesKV(strConnection, strKeepAlive)
+	}
+	body := resp.Body()
+	st := resp.StatusCode()
+	send := !resp.SkipBody && !c.req.Head && st >= 200 && st != fasthttp.StatusNoContent && st != fasthttp.StatusNotModified
+	if send || len(body) > 0 {
+		h.SetContentLength(len(body))
+	}
+	if !send {
+		body = nil
+	}
+	out := h.AppendBytes(l.out[:0])
+	l.write(c, out, body, nil)
+}
