@@ -122,3 +122,55 @@ func TestEventLoopCloseAllocatesNothing(t *testing.T) {
 		t.Fatal("requests left the event loop")
 	}
 }
+
+// TestEventLoopOutageAllocatesNothing is TestEventLoopGetAllocatesNothing
+// during an outage, when every request is answered by the loop itself:
+// with a stored copy, or with the error edgelb makes up.
+func TestEventLoopOutageAllocatesNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name, stale string
+		want        []byte
+	}{
+		{"stored copy", "", []byte("stored copy")},
+		{"generated error", ", stale: {disabled: true}", errNoHealthyBackend.body()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := startDiffOrigin(t, "127.0.0.1", cacheable)
+			s := startEdge(t, "services:\n  web: {static: ["+o.addr+"]"+tc.stale+
+				", health: {panic_threshold: -1, passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n")
+			c := dialEdge(t, s)
+			defer c.Close()
+			req := []byte("GET /static/app.js?v=1 HTTP/1.1\r\nHost: www.example.com\r\nAccept-Encoding: gzip\r\n\r\n")
+			buf := make([]byte, 4096)
+			serve := func() {
+				if _, err := c.Write(req); err != nil {
+					t.Fatal(err)
+				}
+				// Age and Cache-Status change length: read up to the body.
+				n := 0
+				for !bytes.HasSuffix(buf[:n], tc.want) {
+					m, err := c.Read(buf[n:])
+					if err != nil {
+						t.Fatalf("answer: %v %q", err, buf[:n])
+					}
+					n += m
+				}
+			}
+			if tc.stale == "" {
+				serve() // stores the copy
+			}
+			o.stop()
+			// The first request after the stop ejects the backend.
+			for i := 0; i < 100; i++ {
+				serve()
+			}
+			h0 := loopHandoffs.Get()
+			if n := testing.AllocsPerRun(2000, serve); n != 0 {
+				t.Fatalf("an answer the loop makes itself allocates %.2f times per request, want 0", n)
+			}
+			if loopHandoffs.Get() != h0 {
+				t.Fatal("requests left the event loop")
+			}
+		})
+	}
+}
