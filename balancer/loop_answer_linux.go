@@ -16,7 +16,7 @@ import (
 // settle answers c's request, which no try is left for: with the answer
 // kept from an earlier try if there is one, else a stored copy or an error
 // for c.code.
-func (l *loop) settle(c *lconn) {
+func (l *loop) settle(c *loopClient) {
 	c.state = lcIdle
 	if len(c.kept) > 0 {
 		l.answerKept(c)
@@ -37,7 +37,7 @@ func (l *loop) settle(c *lconn) {
 
 // answerKept answers c with the answer kept from an earlier try, or with
 // a stored copy that its status gives way to.
-func (l *loop) answerKept(c *lconn) {
+func (l *loop) answerKept(c *loopClient) {
 	raw, r := c.kept, &l.kresp
 	if h1.ParseResponse(raw, c.req.Head, r) != h1.Forward {
 		panic("BUG: a kept answer no longer parses")
@@ -56,7 +56,7 @@ func (l *loop) answerKept(c *lconn) {
 
 // serveStale answers c with a stored copy of what its request asks for,
 // if the store holds a usable one; detail says why, in Cache-Status.
-func (l *loop) serveStale(c *lconn, detail []byte) bool {
+func (l *loop) serveStale(c *loopClient, detail []byte) bool {
 	p := c.pool
 	req := l.storeRequest(c)
 	resp := &l.aresp
@@ -72,7 +72,7 @@ func (l *loop) serveStale(c *lconn, detail []byte) bool {
 // storeRequest returns c's request head as the stale store reads
 // requests, or nil if fasthttp does not read it (it always does: the loop
 // forwards no other).
-func (l *loop) storeRequest(c *lconn) *fasthttp.Request {
+func (l *loop) storeRequest(c *loopClient) *fasthttp.Request {
 	req := &l.sreq
 	req.Reset()
 	req.Header.DisableNormalizing()
@@ -85,7 +85,7 @@ func (l *loop) storeRequest(c *lconn) *fasthttp.Request {
 // writeAnswer sends c an answer the loop made, with the headers the
 // fasthttp server would write: its framing, its Date, and Connection as
 // the client's request calls for.
-func (l *loop) writeAnswer(c *lconn, resp *fasthttp.Response) {
+func (l *loop) writeAnswer(c *loopClient, resp *fasthttp.Response) {
 	h := &resp.Header
 	switch {
 	case l.stopping || c.req.Close:

@@ -19,7 +19,7 @@ func (l *loop) maxConns(b *Backend) int {
 }
 
 // startTry sends c's request to b on bc.
-func (l *loop) startTry(c *lconn, b *Backend, bc *lconn) {
+func (l *loop) startTry(c *loopClient, b *Backend, bc *loopBackend) {
 	c.tried.add(b)
 	c.tryStart = l.now
 	c.peer, bc.client = bc, c
@@ -49,7 +49,7 @@ const (
 // tried, within its retries; callers check its deadline. A backend that
 // refuses the connection at once is a failed try, counted as the fasthttp
 // path counts a refused dial, and the next backend is tried.
-func (l *loop) nextTry(c *lconn) int {
+func (l *loop) nextTry(c *loopClient) int {
 	p := c.pool
 	for c.tried.n <= p.cfg.Retries {
 		if l.stopping {
@@ -66,7 +66,7 @@ func (l *loop) nextTry(c *lconn) int {
 		if !b.ap.IsValid() {
 			return tryHandOver
 		}
-		bc, refused := l.backendConn(b)
+		bc, refused := l.connTo(b)
 		if bc == nil && !refused {
 			// No connection of its own to spare: the fasthttp path
 			// has its own, and its limits.
@@ -93,7 +93,7 @@ func (l *loop) nextTry(c *lconn) int {
 // goOn follows a try of c's request that failed or got an answer another
 // backend may better: the next try, else the answer the request has now,
 // else the fasthttp path, with the attempt.
-func (l *loop) goOn(c *lconn) {
+func (l *loop) goOn(c *loopClient) {
 	switch l.nextTry(c) {
 	case tryNone:
 		l.settle(c)
@@ -104,13 +104,13 @@ func (l *loop) goOn(c *lconn) {
 }
 
 // due is when c's request is due, whatever its tries.
-func (l *loop) due(c *lconn) time.Time { return c.start.Add(c.pool.cfg.Timeout) }
+func (l *loop) due(c *loopClient) time.Time { return c.start.Add(c.pool.cfg.Timeout) }
 
 // tryDeadline returns when the try of c's request on bc fails (unix nano):
 // try_timeout from the try's start, at most timeout from the request's, and
 // while bc connects, connect_timeout from now if that comes first.
 // onConnected sets it again once bc has connected.
-func (l *loop) tryDeadline(c, bc *lconn) int64 {
+func (l *loop) tryDeadline(c *loopClient, bc *loopBackend) int64 {
 	cfg := c.pool.cfg
 	d := min(c.tryStart.UnixNano()+int64(cfg.TryTimeout), c.start.UnixNano()+int64(cfg.Timeout))
 	if bc.state == lcConnecting {
@@ -120,7 +120,7 @@ func (l *loop) tryDeadline(c, bc *lconn) int64 {
 }
 
 // send writes the request to a connected backend connection.
-func (l *loop) send(bc *lconn, out []byte) {
+func (l *loop) send(bc *loopBackend, out []byte) {
 	n, _ := rawWrite(bc.fd, out)
 	bc.out = out[:0]
 	if n == len(out) {
@@ -140,7 +140,7 @@ func (l *loop) send(bc *lconn, out []byte) {
 // and how many it has open, which count against the backend's max_conns
 // with the other loops'. A loop touches only its own slot.
 type loopSlot struct {
-	idle []*lconn
+	idle []*loopBackend
 	open int
 	_    [32]byte // a cache line each
 }
@@ -160,10 +160,10 @@ func (l *loop) slot(b *Backend) *loopSlot {
 	return &(*slots)[l.idx]
 }
 
-// backendConn returns an idle connection to b, or starts a new one. It
+// connTo returns an idle connection to b, or starts a new one. It
 // returns nil when it cannot, with refused set when b refused the
 // connection at once.
-func (l *loop) backendConn(b *Backend) (bc *lconn, refused bool) {
+func (l *loop) connTo(b *Backend) (bc *loopBackend, refused bool) {
 	sl := l.slot(b)
 	if n := len(sl.idle); n > 0 {
 		bc := sl.idle[n-1]
@@ -175,7 +175,7 @@ func (l *loop) backendConn(b *Backend) (bc *lconn, refused bool) {
 	return l.dial(b, sl)
 }
 
-func (l *loop) dial(b *Backend, sl *loopSlot) (*lconn, bool) {
+func (l *loop) dial(b *Backend, sl *loopSlot) (*loopBackend, bool) {
 	if sl.open >= l.maxConns(b) {
 		// The full path's HostClient enforces the limit and answers
 		// overloaded.
@@ -193,7 +193,7 @@ func (l *loop) dial(b *Backend, sl *loopSlot) (*lconn, bool) {
 		return nil, false
 	}
 	syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
-	bc := &lconn{fd: fd, state: lcBackend, backend: b, waitIdx: -1, lastActive: l.nowNs}
+	bc := &loopBackend{sock: sock{fd: fd, state: lcBackend, lastActive: l.nowNs}, backend: b}
 	err = syscall.Connect(fd, sa)
 	switch err {
 	case nil:
@@ -204,14 +204,14 @@ func (l *loop) dial(b *Backend, sl *loopSlot) (*lconn, bool) {
 		syscall.Close(fd)
 		return nil, true
 	}
-	if !l.add(bc, connEvents) {
+	if !l.add(fd, loopSock{bc: bc}, connEvents) {
 		return nil, false
 	}
 	sl.open++
 	return bc, false
 }
 
-func (l *loop) onConnected(bc *lconn) {
+func (l *loop) onConnected(bc *loopBackend) {
 	if errno, err := syscall.GetsockoptInt(bc.fd, syscall.SOL_SOCKET, syscall.SO_ERROR); err != nil || errno != 0 {
 		l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 		return
@@ -226,7 +226,7 @@ func (l *loop) onConnected(bc *lconn) {
 
 // onBackend reads a backend's response and answers the client once it is
 // complete; ev are the events that woke the loop for it.
-func (l *loop) onBackend(bc *lconn, ev uint32) {
+func (l *loop) onBackend(bc *loopBackend, ev uint32) {
 	// Edge-triggered, a close that comes with the last bytes is reported
 	// with them, and never again: then the socket is read to its end.
 	// Otherwise a short read drained it, and a close still to come is
@@ -269,7 +269,7 @@ func (l *loop) onBackend(bc *lconn, ev uint32) {
 
 // backendClosed handles a backend connection the backend closed or reset,
 // with no whole response read from it.
-func (l *loop) backendClosed(bc *lconn) {
+func (l *loop) backendClosed(bc *loopBackend) {
 	c := bc.client
 	switch {
 	case c == nil:
@@ -289,7 +289,7 @@ func (l *loop) backendClosed(bc *lconn) {
 }
 
 // onResponseBytes goes on with the response bytes in bc.in.
-func (l *loop) onResponseBytes(bc *lconn) {
+func (l *loop) onResponseBytes(bc *loopBackend) {
 	bc.lastActive = l.nowNs
 	c := bc.client
 	if c == nil {
@@ -373,7 +373,7 @@ func (l *loop) onResponseBytes(bc *lconn) {
 }
 
 // countAnswer counts the try on bc, whose whole answer is in.
-func (l *loop) countAnswer(bc *lconn) {
+func (l *loop) countAnswer(bc *loopBackend) {
 	endTry(bc.backend, l.nowNs, l.now.Sub(bc.client.tryStart), bc.outcome, bc.resp.Status, errNone)
 }
 
@@ -382,7 +382,7 @@ func (l *loop) countAnswer(bc *lconn) {
 // kept while another backend is tried; a final one gives way to a stored
 // copy on a status the service serves stale on. It reports false when the
 // answer is the one to send.
-func (l *loop) replaced(bc *lconn, raw []byte) bool {
+func (l *loop) replaced(bc *loopBackend, raw []byte) bool {
 	c := bc.client
 	if bc.retryable && retryAnswer(true, true, l.now, l.due(c)) && c.tried.n <= c.pool.cfg.Retries {
 		c.kept = append(c.kept[:0], raw...)
@@ -410,7 +410,7 @@ func (l *loop) replaced(bc *lconn, raw []byte) bool {
 const fasthttpHeadLimit = DefaultMaxHeaderBytes
 
 // releaseBackend returns bc to the idle list of its backend, or closes it.
-func (l *loop) releaseBackend(bc *lconn) {
+func (l *loop) releaseBackend(bc *loopBackend) {
 	keep := bc.resp.KeepAlive && !bc.eof && !l.stopping
 	bc.parsed, bc.elsewhere = false, false
 	if cap(bc.in) > loopKeepBuf {
@@ -419,7 +419,7 @@ func (l *loop) releaseBackend(bc *lconn) {
 		bc.in = bc.in[:0]
 	}
 	if !keep {
-		l.close(bc)
+		l.closeBackend(bc)
 		return
 	}
 	bc.lastActive = l.nowNs
@@ -428,7 +428,7 @@ func (l *loop) releaseBackend(bc *lconn) {
 }
 
 // dropIdle closes an idle backend connection the backend closed.
-func (l *loop) dropIdle(bc *lconn) {
+func (l *loop) dropIdle(bc *loopBackend) {
 	sl := l.slot(bc.backend)
 	for i, x := range sl.idle {
 		if x == bc {
@@ -438,22 +438,22 @@ func (l *loop) dropIdle(bc *lconn) {
 			break
 		}
 	}
-	l.close(bc)
+	l.closeBackend(bc)
 }
 
 // cancelTry ends the try on bc without counting it, as nobody waits for
 // its answer or another engine makes it, and closes bc.
-func (l *loop) cancelTry(bc *lconn) {
+func (l *loop) cancelTry(bc *loopBackend) {
 	if c := bc.client; c != nil {
 		c.peer, bc.client = nil, nil
 	}
 	bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
-	l.close(bc)
+	l.closeBackend(bc)
 }
 
 // backendFailed records a failed try on bc's backend and goes on with
 // its request: another backend, else a stored copy or an error.
-func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
+func (l *loop) backendFailed(bc *loopBackend, o health.Outcome, code errCode) {
 	c := bc.client
 	lat := time.Duration(0)
 	if c != nil {
@@ -461,14 +461,14 @@ func (l *loop) backendFailed(bc *lconn, o health.Outcome, code errCode) {
 		c.peer, bc.client = nil, nil
 	}
 	endTry(bc.backend, l.nowNs, lat, o, 0, code)
-	l.close(bc)
+	l.closeBackend(bc)
 	if c != nil {
 		l.tryFailed(c, code)
 	}
 }
 
 // tryFailed goes on with c's request after a try that failed with code.
-func (l *loop) tryFailed(c *lconn, code errCode) {
+func (l *loop) tryFailed(c *loopClient, code errCode) {
 	l.unwait(c)
 	c.code = code
 	if !retryFailure(code, true, false, l.now, l.due(c)) {
@@ -480,7 +480,7 @@ func (l *loop) tryFailed(c *lconn, code errCode) {
 
 // attemptOf makes the attempt a hand-over of c carries after its tries:
 // the answer kept, if any, or the last try's failure.
-func (l *loop) attemptOf(c *lconn) *attempt {
+func (l *loop) attemptOf(c *loopClient) *attempt {
 	a := &attempt{start: c.start, deadline: l.due(c), tried: c.tried, tries: c.tried.n, code: c.code,
 		head: c.req.Head}
 	if len(c.kept) > 0 {
@@ -494,7 +494,7 @@ func (l *loop) attemptOf(c *lconn) *attempt {
 // the rest of bc's answer from its connection, which goes with it, and
 // counts the try. For answers the loop does not buffer: too large, or
 // framed in a way it leaves to fasthttp.
-func (l *loop) carry(bc *lconn) {
+func (l *loop) carry(bc *loopBackend) {
 	c := bc.client
 	loopFallbacks.Inc()
 	c.peer, bc.client = nil, nil
@@ -502,7 +502,7 @@ func (l *loop) carry(bc *lconn) {
 	a := l.attemptOf(c)
 	a.code, a.pre = errNone, append([]byte(nil), bc.in...)
 	a.backend, a.tryStart = bc.backend, c.tryStart
-	l.forget(bc)
+	l.forget(bc.fd)
 	l.slot(bc.backend).open--
 	a.conn = newFDConn(bc.fd, bc.backend.ap, nil)
 	bc.fd = -1
@@ -512,11 +512,11 @@ func (l *loop) carry(bc *lconn) {
 
 // redial resends the request of a kept-alive connection that turned out
 // closed on a new connection.
-func (l *loop) redial(bc *lconn) {
+func (l *loop) redial(bc *loopBackend) {
 	c := bc.client
 	b := bc.backend
 	c.peer, bc.client = nil, nil
-	l.close(bc)
+	l.closeBackend(bc)
 	nb, refused := l.dial(b, l.slot(b))
 	if nb == nil {
 		if refused {

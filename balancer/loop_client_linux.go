@@ -27,15 +27,15 @@ const loopFreeConns = 1024
 
 // newClient returns a client connection for fd, reusing a closed one's
 // memory when there is one.
-func (l *loop) newClient(fd int, remote netip.AddrPort, held bool) *lconn {
-	var c *lconn
+func (l *loop) newClient(fd int, remote netip.AddrPort, held bool) *loopClient {
+	var c *loopClient
 	if n := len(l.free); n > 0 {
 		c = l.free[n-1]
 		l.free[n-1] = nil
 		l.free = l.free[:n-1]
-		*c = lconn{in: c.in[:0], ip: c.ip[:0], dueURL: c.dueURL[:0]}
+		*c = loopClient{sock: sock{in: c.in[:0]}, ip: c.ip[:0], dueURL: c.dueURL[:0]}
 	} else {
-		c = &lconn{in: make([]byte, 0, loopReadBuf)}
+		c = &loopClient{sock: sock{in: make([]byte, 0, loopReadBuf)}}
 	}
 	c.fd, c.state, c.waitIdx = fd, lcIdle, -1
 	c.lastActive, c.headSince = l.nowNs, l.nowNs
@@ -74,7 +74,7 @@ func (l *loop) accept() {
 		c := l.newClient(fd, remote, held)
 		c.ip = appendAddrIP(c.ip, remote)
 		c.trusted = l.s.trustedPeer(remote.Addr())
-		if !l.add(c, connEvents) {
+		if !l.add(fd, loopSock{c: c}, connEvents) {
 			l.releaseIP(c)
 			return
 		}
@@ -106,7 +106,7 @@ func (l *loop) resumeAccept() {
 }
 
 // releaseIP uncounts c from its address's server.max_conns_per_ip.
-func (l *loop) releaseIP(c *lconn) {
+func (l *loop) releaseIP(c *loopClient) {
 	if c.ipHeld {
 		c.ipHeld = false
 		l.s.perIP.release(c.remote.Addr())
@@ -163,62 +163,80 @@ const readEvents uint32 = syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLHU
 // epollET is EPOLLET, which package syscall declares as a negative int.
 const epollET = 1 << 31
 
-// dispatch handles the events ev of c. A panic while doing so is counted
-// and logged, and costs that connection (and a backend connection serving
-// it) only: the loop and its other connections go on.
-func (l *loop) dispatch(c *lconn, ev uint32) {
+// dispatch handles the events ev of the socket s. A panic while doing so
+// is counted and logged, and costs that connection (and a backend
+// connection serving it, or the client it serves) only: the loop and its
+// other connections go on.
+func (l *loop) dispatch(s loopSock, ev uint32) {
 	defer func() {
 		if r := recover(); r != nil {
 			l.s.panicked(r, "panic in event loop; its connection is closed", "loop", l.idx)
-			if p := c.peer; p != nil && p.fd >= 0 {
-				p.client, c.peer = nil, nil
-				p.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
-				l.close(p)
+			c, bc := s.c, s.bc
+			if bc != nil {
+				c = bc.client
+			} else if c != nil {
+				bc = c.peer
 			}
-			if c.fd >= 0 {
+			if bc != nil && bc.fd >= 0 {
+				if cl := bc.client; cl != nil {
+					cl.peer, bc.client = nil, nil
+					bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
+				}
+				l.closeBackend(bc)
+			}
+			if c != nil && c.fd >= 0 {
 				l.close(c)
 			}
 		}
 	}()
-	l.onEvent(c, ev)
-}
-
-func (l *loop) onEvent(c *lconn, ev uint32) {
-	switch c.state {
-	case lcConnecting:
-		l.onConnected(c)
-	case lcBackend:
-		if ev&readEvents != 0 {
-			l.onBackend(c, ev)
-		}
-	default:
-		if ev&readEvents != 0 {
-			c.readable = true
-		}
-		if ev&(syscall.EPOLLRDHUP|syscall.EPOLLHUP) != 0 {
-			// Edge-triggered: the end of the client's sending side is
-			// signalled once, maybe with its last bytes; remember it so
-			// that the read after them sees the end of file.
-			c.rdhup = true
-		}
-		switch c.state {
-		case lcWriting:
-			if ev&(syscall.EPOLLOUT|syscall.EPOLLHUP|syscall.EPOLLERR) != 0 {
-				l.flush(c)
-			}
-		case lcIdle:
-			if c.readable {
-				l.onClient(c)
-			}
-		}
-		// Nothing is read while a request is in flight, as on the full
-		// path: a client that half-closes after its request still gets
-		// the answer. next reads what came meanwhile.
+	switch {
+	case s.c != nil:
+		l.onEvent(s.c, ev)
+	case s.bc != nil:
+		l.onBackendEvent(s.bc, ev)
 	}
 }
 
+// onBackendEvent handles the events ev of a backend connection.
+func (l *loop) onBackendEvent(bc *loopBackend, ev uint32) {
+	switch bc.state {
+	case lcConnecting:
+		l.onConnected(bc)
+	case lcBackend:
+		if ev&readEvents != 0 {
+			l.onBackend(bc, ev)
+		}
+	}
+}
+
+// onEvent handles the events ev of a client connection.
+func (l *loop) onEvent(c *loopClient, ev uint32) {
+	if ev&readEvents != 0 {
+		c.readable = true
+	}
+	if ev&(syscall.EPOLLRDHUP|syscall.EPOLLHUP) != 0 {
+		// Edge-triggered: the end of the client's sending side is
+		// signalled once, maybe with its last bytes; remember it so
+		// that the read after them sees the end of file.
+		c.rdhup = true
+	}
+	switch c.state {
+	case lcWriting:
+		if ev&(syscall.EPOLLOUT|syscall.EPOLLHUP|syscall.EPOLLERR) != 0 {
+			l.flush(c)
+		}
+	case lcIdle:
+		if c.readable {
+			l.onClient(c)
+		}
+	}
+	// Nothing is read while a request is in flight, as on the full path:
+	// a client that half-closes after its request still gets the answer.
+	// next reads what came meanwhile.
+}
+
 // onClient reads from a client connection and forwards what it can.
-func (l *loop) onClient(c *lconn) {
+func (l *loop) onClient(c *loopClient) {
 	if space := cap(c.in) - len(c.in); space > 0 && !c.eof {
 		n, errno := rawRead(c.fd, c.in[len(c.in):cap(c.in)])
 		// A short read drained the socket; a full one may have left more.
@@ -250,7 +268,7 @@ func (l *loop) onClient(c *lconn) {
 }
 
 // serve forwards the request at the start of c.in, or hands c over.
-func (l *loop) serve(c *lconn) {
+func (l *loop) serve(c *loopClient) {
 	switch h1.ParseRequest(c.in, &c.req) {
 	case h1.Incomplete:
 		switch {
@@ -310,7 +328,7 @@ func (l *loop) serve(c *lconn) {
 // appendUpstreamRequest appends the request as it goes to the backend: the
 // client's head minus the dropped lines, then X-Forwarded-*. It goes as
 // HTTP/1.1 whatever the client spoke, on a connection kept alive.
-func (l *loop) appendUpstreamRequest(dst []byte, c *lconn) []byte {
+func (l *loop) appendUpstreamRequest(dst []byte, c *loopClient) []byte {
 	r := &c.req
 	head := c.in[:r.HeadLen-2]
 	start, from := len(dst), 0
@@ -336,7 +354,7 @@ var (
 // respond answers c with the response whose head is in bc.in and whose
 // body is body; withLength adds the Content-Length the head lacks (a
 // decoded chunked body). The try is counted already.
-func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
+func (l *loop) respond(c *loopClient, bc *loopBackend, body []byte, withLength bool) {
 	c.peer, bc.client = nil, nil
 	l.unwait(c)
 	l.answer(c, bc.in, &bc.resp, body, withLength, bc)
@@ -345,7 +363,7 @@ func (l *loop) respond(c *lconn, bc *lconn, body []byte, withLength bool) {
 // answer sends c a backend's answer, whose head r describes in raw, with
 // body; bc, if set, is the backend connection it came on, released once
 // what must outlive it is copied.
-func (l *loop) answer(c *lconn, raw []byte, r *h1.Response, body []byte, withLength bool, bc *lconn) {
+func (l *loop) answer(c *loopClient, raw []byte, r *h1.Response, body []byte, withLength bool, bc *loopBackend) {
 	p := c.pool
 	l.settled(c)
 
@@ -382,7 +400,7 @@ func (l *loop) answer(c *lconn, raw []byte, r *h1.Response, body []byte, withLen
 }
 
 // settled counts c's request as answered, whatever answered it.
-func (l *loop) settled(c *lconn) {
+func (l *loop) settled(c *loopClient) {
 	p := c.pool
 	p.m.requests.Inc()
 	p.m.latency.Update(l.now.Sub(c.start))
@@ -394,7 +412,7 @@ func (l *loop) settled(c *lconn) {
 
 // write sends c the head out and body of its answer, and releases bc, if
 // set, the backend connection body may be in.
-func (l *loop) write(c *lconn, out, body []byte, bc *lconn) {
+func (l *loop) write(c *loopClient, out, body []byte, bc *loopBackend) {
 	reqLen := c.req.HeadLen
 	if len(body) <= 4096 {
 		// Fast path: one write of head and body.
@@ -428,7 +446,7 @@ func (l *loop) write(c *lconn, out, body []byte, bc *lconn) {
 // afterWrite follows a write of w to the client, n bytes of which went
 // (-1 and errno on an error): it keeps the rest for EPOLLOUT, or goes on
 // to the next request.
-func (l *loop) afterWrite(c *lconn, w []byte, n int, errno syscall.Errno, reqLen int) {
+func (l *loop) afterWrite(c *loopClient, w []byte, n int, errno syscall.Errno, reqLen int) {
 	c.in = c.in[:copy(c.in, c.in[reqLen:])]
 	if n < 0 {
 		if errno != syscall.EAGAIN {
@@ -447,7 +465,7 @@ func (l *loop) afterWrite(c *lconn, w []byte, n int, errno syscall.Errno, reqLen
 }
 
 // setNoDelay turns TCP_NODELAY on for c, once.
-func (l *loop) setNoDelay(c *lconn) {
+func (l *loop) setNoDelay(c *loopClient) {
 	if !c.nodelay {
 		c.nodelay = true
 		syscall.SetsockoptInt(c.fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
@@ -455,7 +473,7 @@ func (l *loop) setNoDelay(c *lconn) {
 }
 
 // next makes c ready for its next request.
-func (l *loop) next(c *lconn) {
+func (l *loop) next(c *loopClient) {
 	c.state = lcIdle
 	c.pool = nil
 	if c.closing {
@@ -480,7 +498,7 @@ func (l *loop) next(c *lconn) {
 	}
 }
 
-func (l *loop) flush(c *lconn) {
+func (l *loop) flush(c *loopClient) {
 	n, errno := rawWrite(c.fd, c.pending)
 	if n < 0 {
 		if errno != syscall.EAGAIN {
@@ -503,7 +521,14 @@ func (l *loop) flush(c *lconn) {
 func (l *loop) sweepIdle() {
 	idleClient := l.idleTimeout
 	slowHead := min(int64(loopSlowHead), l.headerTimeout)
-	for _, c := range l.conns {
+	for _, s := range l.conns {
+		if bc := s.bc; bc != nil {
+			if bc.state == lcBackend && bc.client == nil && l.nowNs-bc.lastActive > int64(bc.backend.idleFor) {
+				l.dropIdle(bc)
+			}
+			continue
+		}
+		c := s.c
 		if c == nil {
 			continue
 		}
@@ -522,10 +547,6 @@ func (l *loop) sweepIdle() {
 			if l.nowNs-c.lastActive > idleClient {
 				l.close(c)
 			}
-		case lcBackend:
-			if c.client == nil && l.nowNs-c.lastActive > int64(c.backend.idleFor) {
-				l.dropIdle(c)
-			}
 		}
 	}
 }
@@ -543,13 +564,14 @@ func (l *loop) httpDate() []byte {
 
 // handOff gives c, with the bytes read from it so far, to the fasthttp
 // server.
-func (l *loop) handOff(c *lconn) { l.handOffWith(c, nil) }
+func (l *loop) handOff(c *loopClient) { l.handOffWith(c, nil) }
 
 // handOffWith hands c to the fasthttp server with att, the tries made for
 // its first request, if any.
-func (l *loop) handOffWith(c *lconn, att *attempt) {
+func (l *loop) handOffWith(c *loopClient, att *attempt) {
 	loopHandoffs.Inc()
-	l.forget(c)
+	l.forget(c.fd)
+	l.unwait(c)
 	fd := c.fd
 	c.fd = -1
 	// While the loops drain, the fasthttp server still runs: it takes
@@ -575,7 +597,7 @@ func (l *loop) handOffWith(c *lconn, att *attempt) {
 // storeWants reports whether the stale store is due a copy of the answer
 // r describes in raw to c's request; the store rate-limits its writes per
 // URL.
-func (l *loop) storeWants(p *Pool, c *lconn, raw []byte, r *h1.Response) bool {
+func (l *loop) storeWants(p *Pool, c *loopClient, raw []byte, r *h1.Response) bool {
 	if !r.Vary {
 		q := &c.req
 		if n := len(q.Host); len(c.dueURL) != n+1+len(q.URI) || !bytes.Equal(c.dueURL[:n], q.Host) || !bytes.Equal(c.dueURL[n+1:], q.URI) {
@@ -599,7 +621,7 @@ func (l *loop) storeWants(p *Pool, c *lconn, raw []byte, r *h1.Response) bool {
 
 // save stores the response in the stale store (slow path: at most once per
 // URL and refresh interval).
-func (l *loop) save(p *Pool, c *lconn, head, body []byte) {
+func (l *loop) save(p *Pool, c *loopClient, head, body []byte) {
 	req, resp := l.storeRequest(c), &l.sresp
 	if req == nil {
 		return

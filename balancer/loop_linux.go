@@ -69,20 +69,34 @@ const (
 	lcConnecting        // a backend connection being established
 )
 
-// lconn is a socket the loop owns: a client's or a backend's.
-type lconn struct {
+// sock is what the loop keeps of every socket it owns.
+type sock struct {
 	fd    int
 	state uint8
 	in    []byte
 	// lastActive is when the connection last moved (unix nano).
 	lastActive int64
+	// eof is set once the client has shut its sending side, or the
+	// backend has closed or reset its connection.
+	eof bool
+}
+
+// loopSock is the loop's entry for a descriptor it polls: a client's
+// connection or one of its own to a backend.
+type loopSock struct {
+	c  *loopClient
+	bc *loopBackend
+}
+
+// loopClient is a client's connection to the loop, and the request it is
+// serving.
+type loopClient struct {
+	sock
 	// headSince is when the head being read started to count against
 	// server.header_timeout: the connection's opening for its first
 	// request, the head's first byte for the next ones; 0 while a kept
 	// alive connection waits for a request.
 	headSince int64
-
-	// Client side.
 	// remote is the client's address; ipHeld is set when the connection
 	// counts against its server.max_conns_per_ip.
 	remote netip.AddrPort
@@ -100,7 +114,7 @@ type lconn struct {
 	kept  []byte
 	req   h1.Request
 	pool  *Pool
-	peer  *lconn // the backend connection serving the request
+	peer  *loopBackend // the backend connection serving the request
 	start time.Time
 	// tryStart is when the try in flight began.
 	tryStart time.Time
@@ -121,17 +135,18 @@ type lconn struct {
 	// answer written at once is never held by Nagle's algorithm, and a
 	// connection that closes after it is spared the system call.
 	nodelay bool
-	// eof is set once the client has shut its sending side, or the
-	// backend has closed or reset its connection.
-	eof bool
 	// rdhup is set once epoll said the client shut its sending side,
 	// before the end of file is read.
 	rdhup bool
+}
 
-	// Backend side.
+// loopBackend is one of the loop's connections to a backend, and the
+// answer it is reading.
+type loopBackend struct {
+	sock
 	backend *Backend
-	client  *lconn
-	out     []byte // request to write once connected
+	client  *loopClient // whose request it carries, if any
+	out     []byte      // request to write once connected
 	reused  bool
 	resp    h1.Response
 	parsed  bool
@@ -157,15 +172,15 @@ type loop struct {
 	pollErr  syscall.Errno
 	lfd      int
 	wake     [2]int // pipe: a byte written wakes the loop
-	conns    []*lconn
+	conns    []loopSock
 	// idx is the loop's index among the nloops loops, and of its slot
 	// in each backend's loopSlots.
 	idx    int
 	nloops int
 	// waiting holds the client connections with a request in flight.
-	waiting []*lconn
+	waiting []*loopClient
 	// free holds closed client connections, reused by accept.
-	free []*lconn
+	free []*loopClient
 	// sa is accept's scratch for the client's address.
 	sa     syscall.RawSockaddrAny
 	events [256]syscall.EpollEvent
@@ -342,7 +357,7 @@ func (l *loop) run() {
 				rawRead(l.wake[0], b[:])
 				l.beginStop()
 			default:
-				if fd < len(l.conns) && l.conns[fd] != nil {
+				if fd < len(l.conns) {
 					l.dispatch(l.conns[fd], ev.Events)
 				}
 			}
@@ -502,8 +517,8 @@ func (l *loop) beginStop() {
 	l.stopping = true
 	l.batching = false
 	l.ctl(syscall.EPOLL_CTL_DEL, l.lfd, 0)
-	for _, c := range l.conns {
-		if c != nil && c.state == lcIdle && len(c.in) == 0 {
+	for _, s := range l.conns {
+		if c := s.c; c != nil && c.state == lcIdle && len(c.in) == 0 {
 			l.close(c)
 		}
 	}
@@ -512,8 +527,8 @@ func (l *loop) beginStop() {
 // busy counts client connections still being served.
 func (l *loop) busy() int {
 	n := 0
-	for _, c := range l.conns {
-		if c != nil && c.state != lcBackend && c.state != lcConnecting {
+	for _, s := range l.conns {
+		if s.c != nil {
 			n++
 		}
 	}
@@ -521,9 +536,12 @@ func (l *loop) busy() int {
 }
 
 func (l *loop) closeAll() {
-	for _, c := range l.conns {
-		if c != nil {
-			l.close(c)
+	for _, s := range l.conns {
+		switch {
+		case s.c != nil:
+			l.close(s.c)
+		case s.bc != nil:
+			l.closeBackend(s.bc)
 		}
 	}
 	syscall.Close(l.wake[0])
@@ -531,33 +549,35 @@ func (l *loop) closeAll() {
 	l.ep.Close()
 }
 
-func (l *loop) add(c *lconn, events uint32) bool {
-	for c.fd >= len(l.conns) {
-		l.conns = append(l.conns, nil)
+// add polls fd, whose socket s is, for events.
+func (l *loop) add(fd int, s loopSock, events uint32) bool {
+	for fd >= len(l.conns) {
+		l.conns = append(l.conns, loopSock{})
 	}
-	l.conns[c.fd] = c
-	if err := l.ctl(syscall.EPOLL_CTL_ADD, c.fd, events); err != nil {
-		l.conns[c.fd] = nil
-		syscall.Close(c.fd)
+	l.conns[fd] = s
+	if err := l.ctl(syscall.EPOLL_CTL_ADD, fd, events); err != nil {
+		l.conns[fd] = loopSock{}
+		syscall.Close(fd)
 		return false
 	}
 	return true
 }
 
-// forget takes c out of the loop without closing its socket.
-func (l *loop) forget(c *lconn) {
-	l.ctl(syscall.EPOLL_CTL_DEL, c.fd, 0)
-	l.conns[c.fd] = nil
-	l.unwait(c)
+// forget takes the socket fd out of the loop without closing it.
+func (l *loop) forget(fd int) {
+	l.ctl(syscall.EPOLL_CTL_DEL, fd, 0)
+	l.conns[fd] = loopSock{}
 }
 
-func (l *loop) close(c *lconn) {
+// close closes a client connection, and ends the try of its request in
+// flight, if any, uncounted.
+func (l *loop) close(c *loopClient) {
 	if c.fd < 0 {
 		return
 	}
 	// Closing the descriptor, which nothing duplicates, takes it out of
 	// the epoll set: no EPOLL_CTL_DEL.
-	l.conns[c.fd] = nil
+	l.conns[c.fd] = loopSock{}
 	l.unwait(c)
 	if c.peer != nil {
 		// A client gone while its request is with a backend: the
@@ -566,33 +586,42 @@ func (l *loop) close(c *lconn) {
 		c.peer, b.client = nil, nil
 		l.cancelTry(b)
 	}
-	if cl := c.client; cl != nil {
-		// Not expected: every path frees the client first. Do not leave
-		// it waiting.
-		c.client, cl.peer = nil, nil
-		c.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
-		cl.state = lcIdle
-		l.handOff(cl)
-	}
-	if c.backend != nil {
-		l.slot(c.backend).open--
-	}
 	l.releaseIP(c)
 	syscall.Close(c.fd)
 	c.fd = -1
-	if c.backend == nil && len(l.free) < loopFreeConns {
+	if len(l.free) < loopFreeConns {
 		// Only accept takes it back, between events: nothing refers to
 		// a closed client connection by then.
 		l.free = append(l.free, c)
 	}
 }
 
-func (l *loop) addWaiting(c *lconn) {
+// closeBackend closes a backend connection.
+func (l *loop) closeBackend(bc *loopBackend) {
+	if bc.fd < 0 {
+		return
+	}
+	l.conns[bc.fd] = loopSock{}
+	if cl := bc.client; cl != nil {
+		// Not expected: every path frees the client first. Do not leave
+		// it waiting.
+		bc.client, cl.peer = nil, nil
+		bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
+		l.unwait(cl)
+		cl.state = lcIdle
+		l.handOff(cl)
+	}
+	l.slot(bc.backend).open--
+	syscall.Close(bc.fd)
+	bc.fd = -1
+}
+
+func (l *loop) addWaiting(c *loopClient) {
 	c.waitIdx = len(l.waiting)
 	l.waiting = append(l.waiting, c)
 }
 
-func (l *loop) unwait(c *lconn) {
+func (l *loop) unwait(c *loopClient) {
 	i := c.waitIdx
 	if i < 0 || i >= len(l.waiting) || l.waiting[i] != c {
 		return
