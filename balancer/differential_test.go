@@ -39,9 +39,6 @@ var diffKnown = map[string]struct {
 	"header name case": {"the fasthttp server normalises request header names, the loop forwards them as sent", []string{
 		`origin a request 1: ["host: shop.example" "x-lower: 1" "X-MIXED-case: 2"] vs ["Host: shop.example" "X-Lower: 1" "X-Mixed-Case: 2"]`,
 	}},
-	"Host with a trailing tab": {"the loop forwards the Host value with its trailing white space, the fasthttp server trims it", []string{
-		`origin a request 1: ["Host: shop.example\t"] vs ["Host: shop.example"]`,
-	}},
 }
 
 // diffHandsOver lists the cases whose requests the event loop does not
@@ -51,6 +48,7 @@ var diffHandsOver = map[string]string{
 	"2 MiB body":                                 "the loop buffers at most 1 MiB: the fasthttp path reads the rest of the answer on the loop's backend connection",
 	"503 Retry-After, then 2 MiB body":           "as for 2 MiB body, with the 503 kept in the attempt",
 	"503 Retry-After, then 2 MiB body cut short": "as for 2 MiB body; the kept 503 goes to the client",
+	"Host with a trailing tab":                   "a forwarded line with white space around its value is not one the loop forwards as it came: the fasthttp path writes it as Name: value",
 }
 
 // diffOrigin is a scripted TCP origin. It records every request head and

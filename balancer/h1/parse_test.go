@@ -16,9 +16,9 @@ func TestParseRequest(t *testing.T) {
 		}
 	}
 	f("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Forward)
-	f("HEAD /x?y=%2F HTTP/1.1\r\nhost:a\r\nAccept: */*\r\n\r\n", Forward)
+	f("HEAD /x?y=%2F HTTP/1.1\r\nhost: a\r\nAccept: */*\r\n\r\n", Forward)
 	f("GET /a/.well-known/b HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n", Forward)
-	f("GET / HTTP/1.1\r\nHost:\ta \r\nX-A: b\tc\r\n\r\n", Forward)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A: b\tc\r\n\r\n", Forward)
 	f("GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\tGecko/20100101 \xc3\xa9t\xc3\xa9\r\n\r\n", Forward)
 	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", Forward)
 	f("GET / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive ,CLOSE\r\nConnection: keep-alive\r\n\r\n", Forward)
@@ -27,7 +27,13 @@ func TestParseRequest(t *testing.T) {
 	f("GET / HTTP/1.1\r\nHost: a\r\n", Incomplete)
 	f("GET / HTTP/1.1\r\nHo", Incomplete)
 
-	// Everything else is the full path's.
+	// Everything else is the full path's, forwarded lines with other
+	// white space than "Name: value" included.
+	f("GET / HTTP/1.1\r\nHost:\ta\r\n\r\n", HandOff)
+	f("GET / HTTP/1.1\r\nHost: a \r\n\r\n", HandOff)
+	f("GET / HTTP/1.1\r\nHost:a\r\n\r\n", HandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-A:  b\r\n\r\n", HandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\n\r\n", HandOff)
 	f("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", HandOff)
 	f("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx", HandOff)
 	f("GET / HTTP/0.9\r\nHost: a\r\n\r\n", HandOff)

@@ -89,7 +89,17 @@ func ParseRequest(buf []byte, r *Request) Verdict {
 			r.HeadLen = off
 			break
 		}
-		switch kind := RequestKindOf(name); kind {
+		kind := RequestKindOf(name)
+		switch kind {
+		case KindOther, KindHost, KindDate, KindVary, KindRetryAfter:
+			if n != len(name)+len(value)+4 || buf[start+len(name)+1] != ' ' {
+				// A line forwarded as it came, but not "Name: value":
+				// the fasthttp path would drop the white space around
+				// the value.
+				return HandOff
+			}
+		}
+		switch kind {
 		case KindOther:
 		case KindHost:
 			if r.Host != nil || len(value) == 0 {
