@@ -228,6 +228,10 @@ type ServiceConfig struct {
 
 	// Stale configures serving stored responses when origins fail.
 	Stale StaleConfig `yaml:"stale"`
+
+	// Hedge sends an idempotent request's try that is slow to answer to
+	// a second backend as well; off if not set.
+	Hedge *HedgeConfig `yaml:"hedge"`
 }
 
 // StaticBackend is one statically configured instance: either a plain
@@ -712,6 +716,7 @@ func (sc *ServiceConfig) applyDefaults() {
 	setDefault(&sc.MaxResponseBody, DefaultMaxResponseBody)
 	sc.Health.applyDefaults()
 	sc.Stale.applyDefaults()
+	sc.Hedge.applyDefaults()
 }
 
 // validate checks sc after applyDefaults; it returns every problem, each
@@ -754,6 +759,7 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 	case sc.Retries == -1:
 		sc.Retries = 0
 	}
+	errs = append(errs, sc.Hedge.validate(path+".hedge", sc.Retries)...)
 	for _, d := range []struct {
 		k string
 		v time.Duration

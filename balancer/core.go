@@ -20,6 +20,9 @@ func endTry(b *Backend, now int64, lat time.Duration, o health.Outcome, status i
 	b.m.requests.Inc()
 	b.m.latency.Update(lat)
 	if status > 0 {
+		if b.hedge != nil {
+			b.hedge.answered(lat)
+		}
 		b.m.status[statusClass(status)].Inc()
 		if o == health.OutcomeOverloaded {
 			code = errOverloaded

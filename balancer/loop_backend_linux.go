@@ -21,10 +21,20 @@ func (l *loop) maxConns(b *Backend) int {
 // startTry sends c's request to b on bc.
 func (l *loop) startTry(c *loopClient, b *Backend, bc *loopBackend) {
 	c.tried.add(b)
-	c.tryStart = l.now
-	c.peer, bc.client = bc, c
+	bc.tryStart = l.now
+	l.attach(c, bc)
 	c.state = lcWaiting
-	c.expires = l.tryDeadline(c, bc)
+	bc.due = l.tryDeadline(c, bc)
+	if h := c.pool.hedge; h != nil && c.live == 1 && c.hedges < h.max {
+		// A try alone: hedge it if it is slow to answer.
+		if d := h.delay(l.nowNs); d > 0 {
+			c.hedgeAt = l.nowNs + d
+			if l.hedgeNext == 0 || c.hedgeAt < l.hedgeNext {
+				l.hedgeNext = c.hedgeAt
+			}
+		}
+	}
+	l.rearm(c)
 	if c.waitIdx < 0 {
 		l.addWaiting(c)
 	}
@@ -36,6 +46,88 @@ func (l *loop) startTry(c *loopClient, b *Backend, bc *loopBackend) {
 		return
 	}
 	l.send(bc, out)
+}
+
+// attach makes bc carry a try of c's request.
+func (l *loop) attach(c *loopClient, bc *loopBackend) {
+	c.peers[c.live] = bc
+	c.live++
+	bc.client = c
+}
+
+// detach ends bc's part in c's request.
+func (l *loop) detach(c *loopClient, bc *loopBackend) {
+	for i := 0; i < c.live; i++ {
+		if c.peers[i] == bc {
+			c.live--
+			c.peers[i], c.peers[c.live] = c.peers[c.live], nil
+			break
+		}
+	}
+	bc.client = nil
+	if c.live == 0 {
+		c.hedgeAt = 0
+	}
+}
+
+// cancelTries ends the tries of c's request still in flight, uncounted:
+// their answers are not needed.
+func (l *loop) cancelTries(c *loopClient) {
+	for c.live > 0 {
+		l.cancelTry(c.peers[0])
+	}
+	c.hedgeAt = 0
+}
+
+// rearm sets when c's request next needs the sweep: its first try due, or
+// its hedge.
+func (l *loop) rearm(c *loopClient) {
+	e := c.hedgeAt
+	for _, bc := range c.peers[:c.live] {
+		if e == 0 || bc.due < e {
+			e = bc.due
+		}
+	}
+	c.expires = e
+}
+
+// hedge sends c's request, whose tries have not answered in time, to one
+// more backend, within the service's hedges and budget; the first answer
+// wins.
+func (l *loop) hedge(c *loopClient) {
+	c.hedgeAt = 0
+	p, h := c.pool, c.pool.hedge
+	if c.live == 0 || c.hedges >= h.max || len(c.kept) > 0 || l.stopping || !l.now.Before(l.due(c)) || !h.take() {
+		l.rearm(c)
+		return
+	}
+	b := p.pick(l.nowNs, &c.tried)
+	if b == nil || !b.ap.IsValid() {
+		l.rearm(c)
+		return
+	}
+	bc, refused := l.connTo(b)
+	if bc == nil {
+		if refused {
+			c.tried.add(b)
+			c.hedges++
+			b.target.Begin()
+			endTry(b, l.nowNs, 0, health.OutcomeConnectFailed, 0, errConnectFailed)
+		}
+		l.rearm(c)
+		return
+	}
+	c.hedges++
+	l.startTry(c, b, bc)
+	if c.hedges < h.max {
+		if d := h.after.Load(); d > 0 {
+			c.hedgeAt = l.nowNs + d
+			if l.hedgeNext == 0 || c.hedgeAt < l.hedgeNext {
+				l.hedgeNext = c.hedgeAt
+			}
+			l.rearm(c)
+		}
+	}
 }
 
 // What nextTry did.
@@ -51,14 +143,14 @@ const (
 // path counts a refused dial, and the next backend is tried.
 func (l *loop) nextTry(c *loopClient) int {
 	p := c.pool
-	for c.tried.n <= p.cfg.Retries {
+	for c.tried.n-c.hedges <= p.cfg.Retries {
 		if l.stopping {
 			// The fasthttp server drains after the loops: it goes on.
 			return tryHandOver
 		}
 		b := p.pick(l.nowNs, &c.tried)
 		if b == nil {
-			if c.tried.n == 0 {
+			if c.tried.n-c.hedges == 0 {
 				c.code = p.noBackendCode(l.nowNs)
 			}
 			return tryNone
@@ -72,7 +164,7 @@ func (l *loop) nextTry(c *loopClient) int {
 			// has its own, and its limits.
 			return tryHandOver
 		}
-		if c.tried.n > 0 {
+		if c.tried.n-c.hedges > 0 {
 			p.m.retries.Inc()
 		}
 		if bc != nil {
@@ -112,7 +204,7 @@ func (l *loop) due(c *loopClient) time.Time { return c.start.Add(c.pool.cfg.Time
 // onConnected sets it again once bc has connected.
 func (l *loop) tryDeadline(c *loopClient, bc *loopBackend) int64 {
 	cfg := c.pool.cfg
-	d := min(c.tryStart.UnixNano()+int64(cfg.TryTimeout), c.start.UnixNano()+int64(cfg.Timeout))
+	d := min(bc.tryStart.UnixNano()+int64(cfg.TryTimeout), c.start.UnixNano()+int64(cfg.Timeout))
 	if bc.state == lcConnecting {
 		d = min(d, l.nowNs+int64(cfg.ConnectTimeout))
 	}
@@ -219,7 +311,8 @@ func (l *loop) onConnected(bc *loopBackend) {
 	bc.state = lcBackend
 	if c := bc.client; c != nil {
 		// Connected: the answer has until the try's deadline.
-		c.expires = l.tryDeadline(c, bc)
+		bc.due = l.tryDeadline(c, bc)
+		l.rearm(c)
 		l.send(bc, bc.out)
 	}
 }
@@ -374,7 +467,7 @@ func (l *loop) onResponseBytes(bc *loopBackend) {
 
 // countAnswer counts the try on bc, whose whole answer is in.
 func (l *loop) countAnswer(bc *loopBackend) {
-	endTry(bc.backend, l.nowNs, l.now.Sub(bc.client.tryStart), bc.outcome, bc.resp.Status, errNone)
+	endTry(bc.backend, l.nowNs, l.now.Sub(bc.tryStart), bc.outcome, bc.resp.Status, errNone)
 }
 
 // replaced goes on with a whole answer, raw, that another backend or a
@@ -384,24 +477,30 @@ func (l *loop) countAnswer(bc *loopBackend) {
 // answer is the one to send.
 func (l *loop) replaced(bc *loopBackend, raw []byte) bool {
 	c := bc.client
-	if bc.retryable && retryAnswer(true, true, l.now, l.due(c)) && c.tried.n <= c.pool.cfg.Retries {
+	if bc.retryable && retryAnswer(true, true, l.now, l.due(c)) && (c.live > 1 || c.tried.n-c.hedges <= c.pool.cfg.Retries) {
 		c.kept = append(c.kept[:0], raw...)
-		c.peer, bc.client = nil, nil
-		l.unwait(c)
+		l.detach(c, bc)
 		l.releaseBackend(bc)
+		if c.live > 0 {
+			// A hedge is still out: its answer may do better.
+			l.rearm(c)
+			return true
+		}
+		l.unwait(c)
 		l.goOn(c)
 		return true
 	}
 	if !c.pool.staleOnAnswer(bc.resp.Status) {
 		return false
 	}
-	c.peer, bc.client = nil, nil
+	l.detach(c, bc)
+	l.cancelTries(c)
 	l.unwait(c)
 	if l.serveStale(c, upstreamStatusDetail[bc.resp.Status-500]) {
 		l.releaseBackend(bc)
 		return true
 	}
-	c.peer, bc.client = bc, c
+	l.attach(c, bc)
 	return false
 }
 
@@ -445,7 +544,7 @@ func (l *loop) dropIdle(bc *loopBackend) {
 // its answer or another engine makes it, and closes bc.
 func (l *loop) cancelTry(bc *loopBackend) {
 	if c := bc.client; c != nil {
-		c.peer, bc.client = nil, nil
+		l.detach(c, bc)
 	}
 	bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 	l.closeBackend(bc)
@@ -457,12 +556,18 @@ func (l *loop) backendFailed(bc *loopBackend, o health.Outcome, code errCode) {
 	c := bc.client
 	lat := time.Duration(0)
 	if c != nil {
-		lat = l.now.Sub(c.tryStart)
-		c.peer, bc.client = nil, nil
+		lat = l.now.Sub(bc.tryStart)
+		l.detach(c, bc)
 	}
 	endTry(bc.backend, l.nowNs, lat, o, 0, code)
 	l.closeBackend(bc)
-	if c != nil {
+	switch {
+	case c == nil:
+	case c.live > 0:
+		// A hedge is still out: wait for it.
+		c.code = code
+		l.rearm(c)
+	default:
 		l.tryFailed(c, code)
 	}
 }
@@ -481,7 +586,7 @@ func (l *loop) tryFailed(c *loopClient, code errCode) {
 // attemptOf makes the attempt a hand-over of c carries after its tries:
 // the answer kept, if any, or the last try's failure.
 func (l *loop) attemptOf(c *loopClient) *attempt {
-	a := &attempt{start: c.start, deadline: l.due(c), tried: c.tried, tries: c.tried.n, code: c.code,
+	a := &attempt{start: c.start, deadline: l.due(c), tried: c.tried, tries: c.tried.n - c.hedges, code: c.code,
 		head: c.req.Head}
 	if len(c.kept) > 0 {
 		a.code = errNone
@@ -497,11 +602,12 @@ func (l *loop) attemptOf(c *loopClient) *attempt {
 func (l *loop) carry(bc *loopBackend) {
 	c := bc.client
 	loopFallbacks.Inc()
-	c.peer, bc.client = nil, nil
+	l.detach(c, bc)
+	l.cancelTries(c)
 	l.unwait(c)
 	a := l.attemptOf(c)
 	a.code, a.pre = errNone, append([]byte(nil), bc.in...)
-	a.backend, a.tryStart = bc.backend, c.tryStart
+	a.backend, a.tryStart = bc.backend, bc.tryStart
 	l.forget(bc.fd)
 	l.slot(bc.backend).open--
 	a.conn = newFDConn(bc.fd, bc.backend.ap, nil)
@@ -515,23 +621,31 @@ func (l *loop) carry(bc *loopBackend) {
 func (l *loop) redial(bc *loopBackend) {
 	c := bc.client
 	b := bc.backend
-	c.peer, bc.client = nil, nil
+	l.detach(c, bc)
 	l.closeBackend(bc)
 	nb, refused := l.dial(b, l.slot(b))
 	if nb == nil {
 		if refused {
-			endTry(b, l.nowNs, l.now.Sub(c.tryStart), health.OutcomeConnectFailed, 0, errConnectFailed)
-			l.tryFailed(c, errConnectFailed)
-			return
+			endTry(b, l.nowNs, l.now.Sub(bc.tryStart), health.OutcomeConnectFailed, 0, errConnectFailed)
+		} else {
+			b.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 		}
-		b.target.Done(l.nowNs, health.OutcomeCanceled, 0)
-		l.unwait(c)
-		c.state = lcIdle
-		l.handOffWith(c, l.attemptOf(c))
+		switch {
+		case c.live > 0:
+			l.rearm(c)
+		case refused:
+			l.tryFailed(c, errConnectFailed)
+		default:
+			l.unwait(c)
+			c.state = lcIdle
+			l.handOffWith(c, l.attemptOf(c))
+		}
 		return
 	}
-	c.peer, nb.client = nb, c
-	c.expires = l.tryDeadline(c, nb)
+	nb.tryStart = bc.tryStart
+	l.attach(c, nb)
+	nb.due = l.tryDeadline(c, nb)
+	l.rearm(c)
 	out := l.appendUpstreamRequest(nb.out[:0], c)
 	if nb.state == lcConnecting {
 		nb.out = out
@@ -540,20 +654,62 @@ func (l *loop) redial(bc *loopBackend) {
 	l.send(nb, out)
 }
 
-// sweepTimeouts fails the requests past their try deadline.
+// sweepTimeouts fails the tries past their deadline and sends the hedges
+// that are due.
 func (l *loop) sweepTimeouts() {
 	for i := 0; i < len(l.waiting); {
 		c := l.waiting[i]
-		if l.nowNs < c.expires || c.peer == nil {
+		if l.nowNs < c.expires || c.live == 0 {
 			i++
 			continue
 		}
-		bc := c.peer
+		l.expire(c)
+		if i < len(l.waiting) && l.waiting[i] == c {
+			i++
+		}
+		// Otherwise c left the list, and another took its place.
+	}
+}
+
+// expire fails c's tries that are due, and hedges them if it is time.
+func (l *loop) expire(c *loopClient) {
+	for i := 0; i < c.live; {
+		bc := c.peers[i]
+		if l.nowNs < bc.due {
+			i++
+			continue
+		}
+		last := c.live == 1
 		if bc.state == lcConnecting {
 			l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 		} else {
 			l.backendFailed(bc, health.OutcomeTimeout, errTimeout)
 		}
-		// backendFailed took c off the list: look at index i again.
+		if last {
+			// The request went on: retried, or answered.
+			return
+		}
+	}
+	if c.hedgeAt != 0 && l.nowNs >= c.hedgeAt {
+		l.hedge(c)
+	}
+}
+
+// sweepHedges sends the hedges that are due, and finds when the next is.
+func (l *loop) sweepHedges() {
+	l.hedgeNext = 0
+	for i := 0; i < len(l.waiting); i++ {
+		c := l.waiting[i]
+		if c.hedgeAt != 0 && l.nowNs >= c.hedgeAt {
+			l.hedge(c)
+			if i >= len(l.waiting) || l.waiting[i] != c {
+				// c left the list, and another took its place.
+				i--
+				continue
+			}
+		}
+		if c.hedgeAt != 0 && (l.hedgeNext == 0 || c.hedgeAt < l.hedgeNext) {
+			l.hedgeNext = c.hedgeAt
+		}
 	}
 }

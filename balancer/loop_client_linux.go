@@ -18,7 +18,6 @@ import (
 
 	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
-	"github.com/edgelb/edgelb/health"
 )
 
 // loopFreeConns bounds the closed client connections a loop keeps for
@@ -172,16 +171,13 @@ func (l *loop) dispatch(s loopSock, ev uint32) {
 		if r := recover(); r != nil {
 			l.s.panicked(r, "panic in event loop; its connection is closed", "loop", l.idx)
 			c, bc := s.c, s.bc
-			if bc != nil {
+			if bc != nil && bc.client != nil {
 				c = bc.client
-			} else if c != nil {
-				bc = c.peer
+			}
+			if c != nil {
+				l.cancelTries(c)
 			}
 			if bc != nil && bc.fd >= 0 {
-				if cl := bc.client; cl != nil {
-					cl.peer, bc.client = nil, nil
-					bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
-				}
 				l.closeBackend(bc)
 			}
 			if c != nil && c.fd >= 0 {
@@ -311,6 +307,7 @@ func (l *loop) serve(c *loopClient) {
 	}
 	c.pool, c.start = rt.pool, l.now
 	c.tried, c.code = tried{}, errNoHealthyBackend
+	c.hedges, c.hedgeAt = 0, 0
 	switch l.nextTry(c) {
 	case tryNone:
 		l.settle(c)
@@ -355,7 +352,8 @@ var (
 // body is body; withLength adds the Content-Length the head lacks (a
 // decoded chunked body). The try is counted already.
 func (l *loop) respond(c *loopClient, bc *loopBackend, body []byte, withLength bool) {
-	c.peer, bc.client = nil, nil
+	l.detach(c, bc)
+	l.cancelTries(c)
 	l.unwait(c)
 	l.answer(c, bc.in, &bc.resp, body, withLength, bc)
 }

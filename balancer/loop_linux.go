@@ -110,17 +110,24 @@ type loopClient struct {
 	// code is why the request's last try failed; kept is the last
 	// answer a backend gave it that another backend may better, held
 	// while one is tried.
-	code  errCode
-	kept  []byte
-	req   h1.Request
-	pool  *Pool
-	peer  *loopBackend // the backend connection serving the request
+	code errCode
+	kept []byte
+	req  h1.Request
+	pool *Pool
+	// peers are the backend connections of the request's tries in
+	// flight, live of them: one, or more while it is hedged.
+	peers [1 + maxHedges]*loopBackend
+	live  int
 	start time.Time
-	// tryStart is when the try in flight began.
-	tryStart time.Time
-	expires  int64 // try deadline (unix nano)
-	pending  []byte
-	waitIdx  int // index in loop.waiting, -1 if none
+	// expires is when the first of its tries in flight is due or its
+	// next hedge goes, whichever is sooner (unix nano).
+	expires int64
+	// hedgeAt is when the request hedges its tries in flight (unix
+	// nano), 0 for never; hedges counts the hedges it sent.
+	hedgeAt int64
+	hedges  int
+	pending []byte
+	waitIdx int // index in loop.waiting, -1 if none
 	// dueURL is the host and URI, NUL-separated, of the last request
 	// the stale store was asked about, dueKey and dueOK what
 	// stale.URLKey said of it.
@@ -147,9 +154,13 @@ type loopBackend struct {
 	backend *Backend
 	client  *loopClient // whose request it carries, if any
 	out     []byte      // request to write once connected
-	reused  bool
-	resp    h1.Response
-	parsed  bool
+	// tryStart is when the try it carries began; due when it fails
+	// (unix nano).
+	tryStart time.Time
+	due      int64
+	reused   bool
+	resp     h1.Response
+	parsed   bool
 	// reset is set when the backend reset the connection.
 	reset bool
 	// elsewhere is set when the response, once whole, may give way to
@@ -204,6 +215,9 @@ type loop struct {
 
 	lastSweep int64
 	lastIdle  int64
+	// hedgeNext is when the first hedge of a request in flight is due
+	// (unix nano), 0 for none.
+	hedgeNext int64
 	stopping  bool
 	// idleEvery is how often idle connections and slow heads are
 	// checked; headerTimeout is server.header_timeout.
@@ -379,6 +393,9 @@ func (l *loop) run() {
 				l.sweepIdle()
 			}
 		}
+		if l.hedgeNext != 0 && l.nowNs >= l.hedgeNext {
+			l.sweepHedges()
+		}
 		if l.acceptPaused && l.nowNs >= l.acceptResume && !l.stopping {
 			l.resumeAccept()
 		}
@@ -402,6 +419,9 @@ func (l *loop) wait() (int, error) {
 	}
 	if l.acceptPaused && l.acceptResume < next {
 		next = l.acceptResume
+	}
+	if l.hedgeNext != 0 && l.hedgeNext < next {
+		next = l.hedgeNext
 	}
 	if next != l.deadline {
 		l.deadline = next
@@ -579,13 +599,9 @@ func (l *loop) close(c *loopClient) {
 	// the epoll set: no EPOLL_CTL_DEL.
 	l.conns[c.fd] = loopSock{}
 	l.unwait(c)
-	if c.peer != nil {
-		// A client gone while its request is with a backend: the
-		// backend connection carries an answer nobody reads.
-		b := c.peer
-		c.peer, b.client = nil, nil
-		l.cancelTry(b)
-	}
+	// A client gone while its request is with backends: their
+	// connections carry answers nobody reads.
+	l.cancelTries(c)
 	l.releaseIP(c)
 	syscall.Close(c.fd)
 	c.fd = -1
@@ -605,11 +621,13 @@ func (l *loop) closeBackend(bc *loopBackend) {
 	if cl := bc.client; cl != nil {
 		// Not expected: every path frees the client first. Do not leave
 		// it waiting.
-		bc.client, cl.peer = nil, nil
+		l.detach(cl, bc)
 		bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
-		l.unwait(cl)
-		cl.state = lcIdle
-		l.handOff(cl)
+		if cl.live == 0 {
+			l.unwait(cl)
+			cl.state = lcIdle
+			l.handOff(cl)
+		}
 	}
 	l.slot(bc.backend).open--
 	syscall.Close(bc.fd)

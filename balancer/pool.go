@@ -43,6 +43,9 @@ type Backend struct {
 	// loopSlots holds each event loop's connections to it; a copy of the
 	// backend with another weight shares them.
 	loopSlots *backendSlots
+	// hedge is its service's hedging, which learns from its answers;
+	// nil when off.
+	hedge *hedger
 }
 
 // backendSlots is a backend's slots, one per event loop, made when a loop
@@ -94,6 +97,9 @@ type Pool struct {
 	// staleOnStatus is indexed by status-500 for 500..504.
 	staleOnStatus [5]bool
 
+	// hedge is the service's hedging; nil when off.
+	hedge *hedger
+
 	// sel is the selection policy's fast path, resolved from
 	// ServiceConfig.Balance when the pool is built.
 	sel selector
@@ -126,6 +132,7 @@ func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *hea
 	p.panicThreshold = max(cfg.Health.PanicThreshold, 0)
 	p.slowStart = int64(cfg.Health.SlowStart)
 	p.ej = reg.NewEjector(name, cfg.Health.Passive, p.panicThreshold)
+	p.hedge = newHedger(name, cfg.Hedge)
 	if !cfg.Stale.Disabled && store != nil {
 		p.store = store
 		p.stalePolicy = stale.Policy{MaxStale: cfg.Stale.MaxStale, IgnoreRevalidate: cfg.Stale.IgnoreRevalidate}
@@ -253,7 +260,7 @@ func (p *Pool) newBackend(addr string) *Backend {
 	t := p.reg.Acquire(addr, cfg.Health.Passive)
 	connectTimeout := cfg.ConnectTimeout
 	b := &Backend{addr: addr, weight: 1, target: t, ap: parseAddrPort(addr), idleFor: cfg.MaxIdleConnTime, maxConns: cfg.MaxConns,
-		loopSlots: &backendSlots{}}
+		loopSlots: &backendSlots{}, hedge: p.hedge}
 	b.client = &fasthttp.HostClient{
 		Addr: addr,
 		Dial: func(addr string) (net.Conn, error) {

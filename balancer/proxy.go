@@ -61,6 +61,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 	deadline := now.Add(p.cfg.Timeout)
 	start := now
 	var t tried
+	hedges := 0
 	code := errNoHealthyBackend
 	answered := false // ctx.Response holds a backend's answer
 	// kept is a retryable answer held while other backends are tried: a
@@ -127,9 +128,14 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 				tryDeadline = deadline
 			}
 			b.target.Begin()
-			err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
+			tryStart := now
+			if h := p.hedge; h != nil && idempotent {
+				b, err, tryStart = p.hedgedTry(b, req, &ctx.Response, &t, &hedges, now, deadline)
+			} else {
+				err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody, nil)
+			}
 			end := time.Now()
-			lat = end.Sub(now)
+			lat = end.Sub(tryStart)
 			now = end
 		}
 

@@ -1,0 +1,172 @@
+package balancer
+
+import (
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestHedgeConfigErrors(t *testing.T) {
+	f := func(hedge string, wants ...string) {
+		t.Helper()
+		_, err := ParseConfig([]byte("services:\n  web: {static: [127.0.0.1:1], hedge: " + hedge + "}\n"))
+		if err == nil {
+			t.Fatalf("hedge %s accepted", hedge)
+		}
+		for _, w := range wants {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("hedge %s: error lacks %q:\n%v", hedge, w, err)
+			}
+		}
+	}
+	f("{}", "services.web.hedge.after: missing")
+	f("{after: soon}", `services.web.hedge.after: "soon": want a duration (50ms) or a percentile (p95)`)
+	f("{after: p100}", `services.web.hedge.after: "p100": a percentile is p followed by a number between 0 and 100`)
+	f("{after: p0}", `services.web.hedge.after: "p0": a percentile`)
+	f("{after: [1]}", "services.web.hedge.after: want a duration")
+	f("{after: -5ms}", "services.web.hedge.after: must be positive")
+	f("{after: 5ms, max: 4}", "services.web.hedge.max: must be 1 to 3, got 4")
+	f("{after: 5ms, budget: 101}", "services.web.hedge.budget: must be 1 to 100 (percent of requests), got 101")
+	f("{after: 5ms, max: 3}, retries: 5", "services.web.hedge.max: with retries 5 a request could try 9 backends; at most 8")
+	f("{after: 5ms, min_after: -1ms}", "services.web.hedge.min_after: must not be negative")
+
+	cfg, err := ParseConfig([]byte("services:\n  web: {static: [127.0.0.1:1], hedge: {after: p99.5}}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := cfg.Services["web"].Hedge
+	if h.After.Percentile != 99.5 || h.Max != DefaultHedgeMax || h.Budget != DefaultHedgeBudget || h.MinAfter != DefaultHedgeMinAfter {
+		t.Fatalf("defaults: %+v", *h)
+	}
+}
+
+// The latency buckets grow by a quarter of a doubling, and a percentile
+// comes out at the top of the bucket that holds it.
+func TestHedgePercentile(t *testing.T) {
+	prev := -1
+	for lat := time.Duration(0); lat < 20*time.Second; lat = lat*9/8 + time.Microsecond {
+		b := hedgeBucket(lat)
+		if b < prev || b >= hedgeBuckets {
+			t.Fatalf("%v: bucket %d after %d", lat, b, prev)
+		}
+		if b < hedgeBuckets-1 && lat > hedgeBucketMin && time.Duration(hedgeBucketTop(b)) < lat {
+			t.Fatalf("%v in bucket %d, whose top is %v", lat, b, time.Duration(hedgeBucketTop(b)))
+		}
+		prev = b
+	}
+	h := newHedger("hedge_percentile_test", &HedgeConfig{After: HedgeAfter{Percentile: 95}, Max: 1, Budget: 10, MinAfter: time.Millisecond})
+	now := time.Now().UnixNano()
+	if d := h.delay(now); d != 0 {
+		t.Fatalf("no answers yet: delay %v, want 0 (no hedging)", time.Duration(d))
+	}
+	// 95 answers at 2ms, 5 at 80ms: p95 is 2ms, in the bucket up to 2.048ms.
+	for i := 0; i < 95; i++ {
+		h.answered(2 * time.Millisecond)
+	}
+	for i := 0; i < 5; i++ {
+		h.answered(80 * time.Millisecond)
+	}
+	d := time.Duration(h.delay(now + int64(2*hedgeEvery)))
+	if d < 2*time.Millisecond || d > 2500*time.Microsecond {
+		t.Fatalf("p95 of 95x2ms and 5x80ms: %v", d)
+	}
+}
+
+// slowOrigin answers after delay, or when the edge gives up on it.
+func slowOrigin(t *testing.T, name string, delay time.Duration) *recOrigin {
+	return startRecOrigin(t, func(c net.Conn, head string) {
+		time.Sleep(delay)
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nX-Origin: %s\r\nContent-Length: %d\r\n\r\n%s", name, len(name), name)
+	})
+}
+
+// With one backend hanging for 2s and hedge after 30ms, every GET is
+// answered well within a second, by the other backend when the first try
+// went to the slow one; the slow backend is not blamed for the cancelled
+// tries, and the hedges are counted.
+func TestHedgedRequests(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		slow := slowOrigin(t, "slow", 2*time.Second)
+		fast := slowOrigin(t, "fast", 0)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+slow.addr+", "+fast.addr+"], balance: round_robin, try_timeout: 5s,"+
+			" hedge: {after: 30ms}, health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n")
+		sent0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`)
+		for i := 0; i < 6; i++ {
+			start := time.Now()
+			resp, err := rawRequest(t, s, "GET /h HTTP/1.1\r\nHost: x\r\n\r\n")
+			took := time.Since(start)
+			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
+				t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
+			}
+			if took > time.Second {
+				t.Fatalf("request %d took %v: not hedged", i, took)
+			}
+		}
+		// Every try the slow one got was a first try, hedged; a first
+		// try to the fast one answers before any hedge.
+		n := len(slow.got())
+		if sent := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`) - sent0; n == 0 || sent != n {
+			t.Errorf("%d hedges sent, for %d first tries to the slow backend", sent, n)
+		}
+		assertAllHealthy(t, s)
+		if e := backendErrors(t, s, slow.addr); len(e) != 0 {
+			t.Errorf("the slow backend has errors for tries that were cancelled: %v", e)
+		}
+	})
+}
+
+// The budget bounds hedges: with budget 1%, a burst of slow tries hedges
+// ten of them and refuses the rest.
+func TestHedgeBudget(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		a := slowOrigin(t, "a", 60*time.Millisecond)
+		b := slowOrigin(t, "b", 60*time.Millisecond)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+a.addr+", "+b.addr+"], hedge: {after: 5ms, budget: 1}}\nroutes: [{service: web}]\n")
+		sent0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`)
+		denied0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="over_budget"}`)
+		var wg sync.WaitGroup
+		for i := 0; i < 20; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+				if err != nil || resp.StatusCode() != 200 {
+					t.Errorf("%v %d", err, statusOf(resp))
+				}
+			}()
+		}
+		wg.Wait()
+		sent := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`) - sent0
+		denied := metricValue(t, s, `edgelb_hedges_total{service="web",result="over_budget"}`) - denied0
+		if sent != hedgeBurst/hedgeToken || sent+denied != 20 {
+			t.Errorf("%d hedges sent and %d refused for 20 slow requests, want %d sent and the rest refused", sent, denied, hedgeBurst/hedgeToken)
+		}
+		if n := len(a.got()) + len(b.got()); n != 20+sent {
+			t.Errorf("origins asked %d times for 20 requests and %d hedges", n, sent)
+		}
+		assertAllHealthy(t, s)
+	})
+}
+
+// A hedge that fails (the other backend is dead) does not fail the
+// request: the first try's answer, when it comes, is the one.
+func TestHedgeToDeadBackend(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		slow := slowOrigin(t, "slow", 150*time.Millisecond)
+		dead := deadAddr(t)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+slow.addr+", "+dead+"], balance: round_robin,"+
+			" hedge: {after: 20ms}, health: {panic_threshold: -1, passive: {consecutive_gateway_failures: 100}}}\nroutes: [{service: web}]\n")
+		for i := 0; i < 4; i++ {
+			resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "slow" {
+				t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
+			}
+		}
+		if n := len(slow.got()); n != 4 {
+			t.Errorf("the slow backend was asked %d times for 4 requests", n)
+		}
+	})
+}
