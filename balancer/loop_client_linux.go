@@ -277,7 +277,9 @@ func (l *loop) serve(c *lconn) {
 		return
 	}
 	rt := l.s.routes.Load().match(host, r.Path)
-	if rt == nil || rt.pool == nil {
+	if rt == nil || rt.pool == nil || rt.httpsRedirect {
+		// The fasthttp path answers these, no route and redirects to
+		// HTTPS alike.
 		l.handOff(c)
 		return
 	}

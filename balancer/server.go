@@ -449,7 +449,11 @@ func (s *Server) rebuildRoutesLocked() {
 	var rs []route
 	owner := make(map[string]string)
 	for _, rc := range s.cfg.Routes {
-		rs = append(rs, route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service]})
+		r := route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service], httpsRedirect: rc.HTTPSRedirect}
+		if rc.HSTS != nil {
+			r.hsts = rc.HSTS.value
+		}
+		rs = append(rs, r)
 		owner[routeID(rc.Host, rc.Path)] = "config"
 	}
 	var conflicts []string
@@ -662,7 +666,16 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 		return
 	}
 	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
-	r.pool.serve(ctx, now, flags, s.trustedPeer(ip), takeAttempt(ctx))
+	trusted := s.trustedPeer(ip)
+	if r.httpsRedirect && !ctx.IsTLS() && !(trusted && forwardedHTTPS(&ctx.Request.Header)) {
+		// Slow path: a route served over HTTPS only.
+		s.redirectHTTPS(ctx, host)
+		return
+	}
+	r.pool.serve(ctx, now, flags, trusted, takeAttempt(ctx))
+	if r.hsts != nil && ctx.IsTLS() {
+		setHSTS(&ctx.Response.Header, r.hsts)
+	}
 }
 
 // serveUnrouted answers a request that matches no route: 404 no_route,
