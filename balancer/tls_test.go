@@ -503,3 +503,40 @@ func TestTLSAcceptLimits(t *testing.T) {
 		t.Errorf("408 after %v, want about 300ms", d)
 	}
 }
+
+// TestTLSStaleKeyedByScheme: the stale store keeps what was answered over
+// HTTPS apart from what was answered over HTTP: during an outage each URL
+// is served stale only on the scheme it was stored from.
+func TestTLSStaleKeyedByScheme(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+			ctx.Response.Header.Set("Cache-Control", "max-age=0")
+			fmt.Fprintf(ctx, "%s stored over %s", ctx.Path(), ctx.Request.Header.Peek("X-Forwarded-Proto"))
+		})
+		pki := newTestPKI(t)
+		cert, key := pki.issue("shop", "shop.example")
+		s := startEdge(t, "server: {"+engine+"}\n"+tlsYAML("", cert, key)+"services:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n")
+		c := mustDialTLS(t, s, pki.client("shop.example"))
+		if resp := c.get(t, "shop.example", "/s"); resp.StatusCode() != 200 {
+			t.Fatalf("priming over TLS: %d", resp.StatusCode())
+		}
+		if resp := do(t, s, "GET", "shop.example", "/p"); resp.StatusCode() != 200 {
+			t.Fatalf("priming over plain HTTP: %d", resp.StatusCode())
+		}
+		o.stop()
+		stale := func(what string, resp *fasthttp.Response, want string) {
+			t.Helper()
+			got := ""
+			if len(resp.Header.Peek("Cache-Status")) > 0 {
+				got = string(resp.Body())
+			}
+			if got != want {
+				t.Errorf("%s: %d %q (Cache-Status %q), want stale %q", what, resp.StatusCode(), resp.Body(), resp.Header.Peek("Cache-Status"), want)
+			}
+		}
+		stale("/s over TLS", c.get(t, "shop.example", "/s"), "/s stored over https")
+		stale("/p over TLS", c.get(t, "shop.example", "/p"), "")
+		stale("/s over plain HTTP", do(t, s, "GET", "shop.example", "/s"), "")
+		stale("/p over plain HTTP", do(t, s, "GET", "shop.example", "/p"), "/p stored over http")
+	})
+}
