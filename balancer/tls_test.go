@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -538,5 +540,19 @@ func TestTLSStaleKeyedByScheme(t *testing.T) {
 		stale("/p over TLS", c.get(t, "shop.example", "/p"), "")
 		stale("/s over plain HTTP", do(t, s, "GET", "shop.example", "/s"), "")
 		stale("/p over plain HTTP", do(t, s, "GET", "shop.example", "/p"), "/p stored over http")
+
+		// A purge names the scheme: http:// leaves the HTTPS copy.
+		for _, u := range []string{"http://shop.example/s", "https://shop.example/s"} {
+			resp, err := http.Post("http://"+s.AdminAddr()+"/cache/purge?url="+url.QueryEscape(u), "", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			want := "/s stored over https"
+			if strings.HasPrefix(u, "https") {
+				want = ""
+			}
+			stale("/s over TLS after purging "+u, c.get(t, "shop.example", "/s"), want)
+		}
 	})
 }
