@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -555,4 +556,31 @@ func TestTLSStaleKeyedByScheme(t *testing.T) {
 			stale("/s over TLS after purging "+u, c.get(t, "shop.example", "/s"), want)
 		}
 	})
+}
+
+// TestTLSListenerPausesOnResourceErrors: the TLS listener accepts through
+// the plain listener's acceptListener: out of file descriptors, it pauses
+// and tries again instead of stopping.
+func TestTLSListenerPausesOnResourceErrors(t *testing.T) {
+	s := NewServer(mustConfig(t, "services:\n  web: {static: [127.0.0.1:1]}\n"), quietLogger())
+	emfile := &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	stub := &stubListener{errs: []error{emfile, emfile}, conns: []net.Conn{c1}, closed: make(chan struct{})}
+	defer close(stub.closed)
+	l := &tlsListener{acceptListener: newAcceptListener(s, stub, "tls"), t: newTLSState(stub)}
+	e0 := acceptErrEMFILE.Get()
+	start := time.Now()
+	c, err := l.Accept()
+	tc, ok := c.(*tlsConn)
+	if err != nil || !ok || tc.NetConn().(*clientConn).Conn != c1 {
+		t.Fatalf("Accept after EMFILE: %T %v", c, err)
+	}
+	if took := time.Since(start); took < 2*acceptPause {
+		t.Errorf("two EMFILE errors retried within %v: the listener does not pause", took)
+	}
+	if n := acceptErrEMFILE.Get() - e0; n != 2 {
+		t.Errorf("edgelb_accept_errors_total{cause=\"emfile\"} went up by %d, want 2", n)
+	}
 }
