@@ -5,7 +5,7 @@ BIN := $(CURDIR)/bin
 CONSUL_VERSION := 1.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: all build test test-race test-alloc bench consul demo vet fmt clean peers bench-scenarios fuzz
+.PHONY: all build test test-race test-alloc bench consul curl demo vet fmt clean peers bench-scenarios fuzz
 
 all: build
 
@@ -26,6 +26,14 @@ $(BIN)/consul:
 	fi
 	@$(BIN)/consul version | head -1
 
+# curl for the tests that talk HTTPS to edgelb as a real client does.
+curl:
+	@command -v curl >/dev/null 2>&1 || { \
+		echo "installing curl"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; \
+	}
+
 vet:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
@@ -34,7 +42,7 @@ vet:
 # Every test: vet, the race-enabled suite (Consul integration tests
 # included, against a real agent), then the allocation tests, which only
 # build without -race.
-test: consul vet
+test: consul curl vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -count=1 -run 'AllocatesNothing' -timeout 10m ./balancer/... ./health
 

@@ -137,13 +137,15 @@ func (r *repeatLog) allow(now int64) (ok bool, held int64) {
 // also holds client addresses to server.max_conns_per_ip.
 type acceptListener struct {
 	net.Listener
-	s      *Server
+	s *Server
+	// engine names the listener in logs: "fasthttp" or "tls".
+	engine string
 	closed chan struct{}
 	once   sync.Once
 }
 
-func newAcceptListener(s *Server, ln net.Listener) *acceptListener {
-	return &acceptListener{Listener: ln, s: s, closed: make(chan struct{})}
+func newAcceptListener(s *Server, ln net.Listener, engine string) *acceptListener {
+	return &acceptListener{Listener: ln, s: s, engine: engine, closed: make(chan struct{})}
 }
 
 // Accept implements net.Listener.
@@ -154,7 +156,7 @@ func (a *acceptListener) Accept() (net.Conn, error) {
 			if errors.Is(err, net.ErrClosed) {
 				return nil, err
 			}
-			a.s.acceptFailed(err, "fasthttp", time.Now().UnixNano())
+			a.s.acceptFailed(err, a.engine, time.Now().UnixNano())
 			t := time.NewTimer(acceptPause)
 			select {
 			case <-t.C:

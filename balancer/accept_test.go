@@ -332,7 +332,7 @@ func TestAcceptListenerPausesOnResourceErrors(t *testing.T) {
 	defer c1.Close()
 	defer c2.Close()
 	stub := &stubListener{errs: []error{emfile, emfile, emfile}, conns: []net.Conn{c1}, closed: make(chan struct{})}
-	a := newAcceptListener(s, stub)
+	a := newAcceptListener(s, stub, "fasthttp")
 	e0 := acceptErrEMFILE.Get()
 	start := time.Now()
 	c, err := a.Accept()

@@ -357,6 +357,9 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_stale_responses_total":            {help: "Stored copies served instead of an error, by service."},
 	"edgelb_stale_served_total":               {help: "Stored copies served instead of an error."},
 	"edgelb_stale_stored_total":               {help: "Responses written to the stale store."},
+	"edgelb_tls_handshakes_total":             {help: "TLS handshakes completed on tls.listen, by version (1.2, 1.3) and whether a session ticket resumed them."},
+	"edgelb_tls_handshake_errors_total":       {help: "TLS handshakes failed on tls.listen, by reason: timeout (not done within server.header_timeout), closed (the client went away), not_tls (not a TLS client, such as plain HTTP), version (only TLS 1.1 or older, or below tls.min_version), cipher (no shared cipher suite or key exchange), alpn (no shared application protocol), cert_rejected (the client refused the certificate), client_alert (the client aborted otherwise), other."},
+	"edgelb_https_redirects_total":            {help: "Plain HTTP requests answered with 308 to HTTPS on routes with https_redirect."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {

@@ -59,6 +59,10 @@ type Config struct {
 	// Server tunes the client-facing listener.
 	Server ServerConfig `yaml:"server"`
 
+	// TLS adds a listener serving HTTPS. Omit it to serve plain HTTP
+	// only.
+	TLS *TLSConfig `yaml:"tls"`
+
 	// StaleStore sizes the store of responses served when origins fail.
 	StaleStore stale.Config `yaml:"stale_store"`
 
@@ -318,6 +322,16 @@ type RouteConfig struct {
 
 	// Service is the name of the service that answers.
 	Service string `yaml:"service"`
+
+	// HTTPSRedirect answers a request that came over plain HTTP with 308
+	// Permanent Redirect to the same URL over HTTPS, on the port of
+	// tls.listen. It needs the tls block.
+	HTTPSRedirect bool `yaml:"https_redirect"`
+
+	// HSTS, when set, adds Strict-Transport-Security to the route's
+	// responses sent over TLS, in place of any the backend sent. It needs
+	// the tls block.
+	HSTS *HSTSConfig `yaml:"hsts"`
 }
 
 // LoadConfig reads and validates the config file at path. The error lists
@@ -502,6 +516,9 @@ func (c *Config) applyDefaults() {
 		setDefault(&c.Consul.Scheme, "http")
 	}
 	c.Server.applyDefaults()
+	if c.TLS != nil {
+		c.TLS.applyDefaults()
+	}
 	for _, sc := range c.Services {
 		sc.applyDefaults()
 	}
@@ -535,6 +552,14 @@ func (c *Config) validate() []error {
 		}
 	}
 	errs = append(errs, c.Server.validate("server")...)
+	if t := c.TLS; t != nil {
+		errs = append(errs, t.validate("tls")...)
+		for _, other := range []struct{ key, addr string }{{"listen", c.Listen}, {"admin", c.Admin}} {
+			if t.Listen == other.addr && !strings.HasSuffix(t.Listen, ":0") {
+				bad("tls.listen", "must differ from %s (%s)", other.key, other.addr)
+			}
+		}
+	}
 	errs = append(errs, c.StaleStore.Validate("stale_store")...)
 	if len(c.Services) == 0 && (c.Consul == nil || !c.Consul.TagRoutes) {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
@@ -546,7 +571,7 @@ func (c *Config) validate() []error {
 	for i := range c.Routes {
 		r := &c.Routes[i]
 		key := fmt.Sprintf("routes[%d]", i)
-		errs = append(errs, r.validate(key, c.Services)...)
+		errs = append(errs, r.validate(key, c.Services, c.TLS != nil)...)
 		id := r.Host + r.Path
 		if j, ok := seen[id]; ok {
 			bad(key, "host %q path %q already routed by routes[%d]", r.Host, r.Path, j)
@@ -603,12 +628,15 @@ func (s *ServerConfig) validate(path string) []error {
 func (r *RouteConfig) applyDefaults() {
 	setDefault(&r.Host, "*")
 	setDefault(&r.Path, "/")
+	if r.HSTS != nil {
+		r.HSTS.applyDefaults()
+	}
 }
 
 // validate checks r after applyDefaults against the defined services and
-// puts its host in canonical form; it returns every problem, each key
-// under path.
-func (r *RouteConfig) validate(path string, services map[string]*ServiceConfig) []error {
+// whether there is a TLS listener, and puts its host in canonical form; it
+// returns every problem, each key under path.
+func (r *RouteConfig) validate(path string, services map[string]*ServiceConfig, haveTLS bool) []error {
 	var errs []error
 	bad := func(k, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
@@ -627,6 +655,15 @@ func (r *RouteConfig) validate(path string, services map[string]*ServiceConfig) 
 		bad(".service", "missing")
 	} else if _, ok := services[r.Service]; !ok {
 		bad(".service", "unknown service %q (defined: %s)", r.Service, strings.Join(sortedNames(services), ", "))
+	}
+	if r.HTTPSRedirect && !haveTLS {
+		bad(".https_redirect", "%v", errTLSNeeded)
+	}
+	if r.HSTS != nil {
+		if !haveTLS {
+			bad(".hsts", "%v", errTLSNeeded)
+		}
+		errs = append(errs, r.HSTS.validate(path+".hsts")...)
 	}
 	return errs
 }

@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"crypto/tls"
 	"os"
 	"path/filepath"
 	"strings"
@@ -208,4 +209,73 @@ func TestParseConfigAdminAccess(t *testing.T) {
 	f("admin_hosts: [Edge-1.Internal, 10.0.0.5, '::1', edge_2]\n", func(c *Config) bool {
 		return strings.Join(c.AdminHosts, ",") == "edge-1.internal,10.0.0.5,::1,edge_2"
 	})
+}
+
+// TestParseConfigTLS: the tls block, https_redirect and hsts are checked
+// with their full key paths, and certificates are loaded at parse time, so
+// that a bad pair refuses the config (at start, in -check, on reload).
+func TestParseConfigTLS(t *testing.T) {
+	pki := newTestPKI(t)
+	cert, key := pki.issue("shop", "shop.example")
+	cert2, key2 := pki.issue("api", "api.example")
+	noName, noNameKey := pki.issue("bare")
+	svc := "services:\n  web: {static: [127.0.0.1:1]}\n"
+	tlsBlock := "tls: {certs: [{cert: " + cert + ", key: " + key + "}]}\n"
+	bad := func(yaml string, wants ...string) {
+		t.Helper()
+		_, err := ParseConfig([]byte(yaml))
+		if err == nil {
+			t.Fatalf("config accepted:\n%s", yaml)
+		}
+		for _, w := range wants {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error lacks %q:\n%v", w, err)
+			}
+		}
+	}
+	bad("tls: {listen: 127.0.0.1:8443}\n"+svc, "tls.certs: missing: tls.listen needs at least one certificate ({cert: FILE, key: FILE})")
+	bad("tls: {}\n"+svc, "tls.certs: missing")
+	bad("tls: {certs: [{cert: "+cert+", key: "+key2+"}]}\n"+svc,
+		`tls.certs[0]: key "`+key2+`" does not belong to certificate "`+cert+`"`)
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}, {cert: /nonexistent/c.pem, key: "+key+"}]}\n"+svc,
+		`tls.certs[1]: cannot read certificate "/nonexistent/c.pem"`)
+	bad("tls: {certs: [{cert: "+cert+"}]}\n"+svc, "tls.certs[0]: needs both cert and key")
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}, {cert: "+noName+", key: "+noNameKey+"}]}\n"+svc,
+		`tls.certs[1]: certificate "`+noName+`" holds no DNS name`)
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], min_version: 1.1}\n"+svc, `tls.min_version: must be "1.2" or "1.3" (got "1.1")`)
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], listen: 127.0.0.1:8080}\n"+svc, "tls.listen: must differ from listen (127.0.0.1:8080)")
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], listen: nope}\n"+svc, `tls.listen: invalid address "nope"`)
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], session_tickets: {rotate: 10s, keys: 0}}\n"+svc,
+		"tls.session_tickets.rotate: must be at least 1m0s (got 10s)")
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], session_tickets: {keys: 100}}\n"+svc, "tls.session_tickets.keys: must be from 1 to 64 (got 100)")
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], acme: {email: x}}\n"+svc, "tls.acme: unknown key")
+	bad(svc+"routes: [{service: web, https_redirect: true, hsts: {}}]\n",
+		"routes[0].https_redirect: needs the tls block", "routes[0].hsts: needs the tls block")
+	bad(tlsBlock+svc+"routes: [{service: web, hsts: {max_age: 100}}]\n", "routes[0].hsts.max_age: duration 100 needs a unit (s, m, h, d, y), e.g. 100d")
+	bad(tlsBlock+svc+"routes: [{service: web, hsts: {max_age: soon}}]\n", `routes[0].hsts.max_age: invalid duration "soon"`)
+	bad(tlsBlock+svc+"routes: [{service: web, hsts: {preload: true, max_age: 30d}}]\n",
+		"routes[0].hsts.preload: needs include_subdomains: true", "routes[0].hsts.max_age: must be at least 1y with preload (got 30d)")
+
+	good := func(yaml string) *Config {
+		t.Helper()
+		cfg, err := ParseConfig([]byte(yaml))
+		if err != nil {
+			t.Fatalf("%v\n%s", err, yaml)
+		}
+		return cfg
+	}
+	cfg := good(tlsBlock + svc + "routes: [{service: web, https_redirect: true, hsts: {}}, {path: /a, service: web, hsts: {max_age: 0}}, " +
+		"{path: /b, service: web, hsts: {max_age: 2y, include_subdomains: true, preload: true}}, {path: /c, service: web, hsts: {max_age: 12h}}]\n")
+	if tc := cfg.TLS; tc.Listen != DefaultTLSListen || tc.MinVersion != "1.2" || tc.SessionTickets.Rotate != time.Hour || tc.SessionTickets.Keys != 4 {
+		t.Errorf("tls defaults: %+v", tc)
+	}
+	for i, want := range []string{"max-age=31536000", "max-age=0", "max-age=63072000; includeSubDomains; preload", "max-age=43200"} {
+		if got := string(cfg.Routes[i].HSTS.value); got != want {
+			t.Errorf("routes[%d].hsts: %q, want %q", i, got, want)
+		}
+	}
+	cfg = good("tls: {certs: [{cert: " + cert + ", key: " + key + "}, {cert: " + cert2 + ", key: " + key2 + "}], min_version: 1.3}\n" + svc)
+	if cfg.TLS.minVersion != tls.VersionTLS13 || len(cfg.TLS.certs.Certificates()) != 2 {
+		t.Errorf("min_version 1.3 with two certificates: %+v", cfg.TLS)
+	}
 }

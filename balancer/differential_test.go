@@ -48,6 +48,7 @@ var diffHandsOver = map[string]string{
 	"2 MiB body":                                 "the loop buffers at most 1 MiB: the fasthttp path reads the rest of the answer on the loop's backend connection",
 	"503 Retry-After, then 2 MiB body":           "as for 2 MiB body, with the 503 kept in the attempt",
 	"503 Retry-After, then 2 MiB body cut short": "as for 2 MiB body; the kept 503 goes to the client",
+	"https redirect":                             "its POST step: the loop serves GET and HEAD only",
 	"Host with a trailing tab":                   "a forwarded line with white space around its value is not one the loop forwards as it came: the fasthttp path writes it as Name: value",
 }
 
@@ -185,6 +186,7 @@ type diffCase struct {
 	origins []diffOriginSpec
 	service string // extra keys of the service's flow map, after a comma
 	routes  string // the routes list; one catch-all route if empty
+	top     string // extra top-level keys (a tls block, say)
 	steps   []diffStep
 }
 
@@ -226,6 +228,9 @@ type diffAnswer struct {
 func TestDifferentialEngines(t *testing.T) {
 	// slow never answers: it reads until the edge or the test closes.
 	slow := func(_ int, c net.Conn, _ string) { io.Copy(io.Discard, c) }
+	pki := newTestPKI(t)
+	cert, key := pki.issue("shop", "shop.example")
+	withTLS := tlsYAML("", cert, key)
 	big := strings.Repeat("0123456789abcdef", 2<<20/16)
 	cases := []diffCase{
 		{name: "200", status: 200, origins: []diffOriginSpec{{"a", echoReply}}, steps: []diffStep{get("/page?q=1")}},
@@ -286,6 +291,11 @@ func TestDifferentialEngines(t *testing.T) {
 			steps: []diffStep{{raw: "GET /c HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n", waitClose: true}}},
 		{name: "HTTP 1.0", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /old HTTP/1.0\r\nHost: shop.example\r\n\r\n", waitClose: true}}},
+		{name: "https redirect", status: 308, top: withTLS, origins: []diffOriginSpec{{"a", echoReply}},
+			routes: "[{service: diff, https_redirect: true}]",
+			steps:  []diffStep{get("/r?x=1"), {raw: "POST /form HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 3\r\n\r\nabc"}}},
+		{name: "hsts on plain HTTP", status: 200, top: withTLS, origins: []diffOriginSpec{{"a", echoReply}},
+			routes: "[{service: diff, hsts: {max_age: 1y, include_subdomains: true}}]", steps: []diffStep{get("/h")}},
 		{name: "header name case", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /h HTTP/1.1\r\nhost: shop.example\r\nx-lower: 1\r\nX-MIXED-case: 2\r\n\r\n"}}},
 		{name: "Host with a trailing tab", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
@@ -365,7 +375,7 @@ func echoReply(_ int, c net.Conn, head string) {
 var diffMetrics = []string{
 	"edgelb_requests_total", "edgelb_retries_total", "edgelb_stale_responses_total",
 	"edgelb_generated_errors_total", "edgelb_backend_requests_total", "edgelb_backend_errors_total",
-	"edgelb_backend_responses_total", "edgelb_backend_state_changes_total",
+	"edgelb_backend_responses_total", "edgelb_backend_state_changes_total", "edgelb_https_redirects_total",
 }
 
 // runDiffCase serves c with the event loop on or off and records what
@@ -392,7 +402,7 @@ func runDiffCase(t *testing.T, c diffCase, loop bool) *diffResult {
 	if routes == "" {
 		routes = "[{service: diff}]"
 	}
-	s := startEdge(t, fmt.Sprintf("server: {event_loop: %v}\nservices:\n  diff: %s}\nroutes: %s\n", loop, svc, routes))
+	s := startEdge(t, fmt.Sprintf("server: {event_loop: %v}\n%sservices:\n  diff: %s}\nroutes: %s\n", loop, c.top, svc, routes))
 
 	before := diffSeries(t, s, names)
 	r := &diffResult{heads: make(map[string][]string), health: make(map[string]string)}
@@ -496,6 +506,11 @@ func diffAsk(t *testing.T, s *Server, st diffStep) diffAnswer {
 			v = "*" // seconds since the copy was stored: timing
 		case "cache-status":
 			v = ttlRe.ReplaceAllString(v, "ttl=*")
+		case "location":
+			// Each edge has a TLS port of its own.
+			if _, port, err := net.SplitHostPort(s.TLSAddr()); err == nil {
+				v = strings.Replace(v, ":"+port+"/", ":TLSPORT/", 1)
+			}
 		}
 		a.headers[k] = append(a.headers[k], v)
 	}

@@ -291,6 +291,15 @@ func (l *loop) serve(c *loopClient) {
 		return
 	}
 	rt := l.s.routes.Load().match(host, r.Path)
+	if rt != nil && rt.httpsRedirect && !(c.trusted && bytes.EqualFold(bytes.TrimSpace(r.XFP), strHTTPS)) {
+		// To HTTPS, unless a trusted proxy in front says the client
+		// came over it.
+		resp := &l.aresp
+		resp.Reset()
+		l.s.fillRedirect(resp, host, r.URI, false)
+		l.writeAnswer(c, resp)
+		return
+	}
 	if rt == nil || rt.pool == nil {
 		if !l.s.routesKnown() {
 			// Maybe a tag route not known yet: the fasthttp path

@@ -13,6 +13,12 @@ type route struct {
 	path    string
 	service string
 	pool    *Pool // nil while the service has no pool
+	// httpsRedirect sends plain HTTP requests to HTTPS (308); the event
+	// loop hands them to the fasthttp path, which answers them.
+	httpsRedirect bool
+	// hsts is the Strict-Transport-Security value for responses sent
+	// over TLS; nil for none.
+	hsts []byte
 }
 
 // routeTable maps hosts and path prefixes to pools. It is immutable once

@@ -57,6 +57,9 @@ type Server struct {
 	handedOver atomic.Int64
 	admin      *adminServer
 	consul     *discovery.Consul
+	// tls is the TLS listener and its certificates; nil without a tls
+	// block.
+	tls *tlsState
 	// unrouted decides what a request matching no route gets while
 	// Consul's tag routes are not known yet; nil without tag routes.
 	unrouted atomic.Pointer[unroutedPolicy]
@@ -134,6 +137,12 @@ func (s *Server) Start() error {
 		return fmt.Errorf("cannot listen on %s (listen): %w", s.cfg.Listen, err)
 	}
 	s.ln = ln
+	if s.cfg.TLS != nil {
+		if err := s.listenTLS(s.cfg.TLS); err != nil {
+			ln.Close()
+			return err
+		}
+	}
 	if err := s.store.LoadFrom(s.cfg.StateDir); err != nil {
 		s.log.Error("stale store", "err", err)
 	} else {
@@ -141,7 +150,7 @@ func (s *Server) Start() error {
 	}
 	s.admin = newAdminServer(s)
 	if err := s.admin.start(s.cfg.Admin); err != nil {
-		ln.Close()
+		s.closeListeners()
 		return fmt.Errorf("cannot listen on %s (admin): %w", s.cfg.Admin, err)
 	}
 	s.mu.Lock()
@@ -149,13 +158,13 @@ func (s *Server) Start() error {
 	err = s.startConsulLocked(s.cfg)
 	s.mu.Unlock()
 	if err != nil {
-		ln.Close()
+		s.closeListeners()
 		s.admin.close()
 		return err
 	}
 	s.ready.Store(true)
 
-	var serveLn net.Listener = newAcceptListener(s, ln)
+	var serveLn net.Listener = newAcceptListener(s, ln, "fasthttp")
 	if eventLoopSupported && s.cfg.Server.eventLoop() {
 		s.handoff = newHandoffListener(ln.Addr())
 		if err := s.startLoops(ln, runtime.GOMAXPROCS(0)); err != nil {
@@ -171,10 +180,21 @@ func (s *Server) Start() error {
 			s.log.Error("server stopped", "err", err)
 		}
 	})
+	if s.tls != nil {
+		s.serveTLS()
+	}
 	s.goSafe("reaper", s.reapLoop)
 	s.goSafe("stale-persist", s.persistLoop)
-	s.log.Info("edgelb started", "listen", ln.Addr().String(), "admin", s.admin.addr())
+	s.log.Info("edgelb started", "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
 	return nil
+}
+
+// closeListeners closes the client-facing listeners.
+func (s *Server) closeListeners() {
+	s.ln.Close()
+	if s.tls != nil {
+		s.tls.ln.Close()
+	}
 }
 
 // Addr returns the client-facing address the server listens on.
@@ -185,18 +205,24 @@ func (s *Server) AdminAddr() string { return s.admin.addr() }
 
 // Reload replaces the config. Pools whose service config is unchanged keep
 // running untouched; changed ones are rebuilt, keeping the health state of
-// their backends. Listener addresses cannot change without a restart.
+// their backends. New TLS handshakes get the certificates of cfg, which
+// LoadConfig read anew; open connections keep theirs. Listener addresses
+// cannot change without a restart, nor can the TLS listener come or go.
 func (s *Server) Reload(cfg *Config) error {
 	s.mu.Lock()
-	if cfg.Listen != s.cfg.Listen || cfg.Admin != s.cfg.Admin {
+	if cfg.Listen != s.cfg.Listen || cfg.Admin != s.cfg.Admin || tlsListen(cfg) != tlsListen(s.cfg) {
 		reloadErrors.Inc()
-		err := fmt.Errorf("cannot reload: listen and admin addresses need a restart (listen %s -> %s, admin %s -> %s)",
-			s.cfg.Listen, cfg.Listen, s.cfg.Admin, cfg.Admin)
+		err := fmt.Errorf("cannot reload: listen, tls.listen and admin addresses need a restart (listen %s -> %s, tls.listen %q -> %q, admin %s -> %s)",
+			s.cfg.Listen, cfg.Listen, tlsListen(s.cfg), tlsListen(cfg), s.cfg.Admin, cfg.Admin)
 		s.mu.Unlock()
 		return err
 	}
 	old := s.cfg
 	s.applyLocked(cfg)
+	if s.tls != nil {
+		s.tls.apply(cfg.TLS)
+		s.logCertificates(cfg.TLS, time.Now())
+	}
 	if s.admin != nil {
 		s.admin.setAccess(cfg)
 	}
@@ -423,7 +449,11 @@ func (s *Server) rebuildRoutesLocked() {
 	var rs []route
 	owner := make(map[string]string)
 	for _, rc := range s.cfg.Routes {
-		rs = append(rs, route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service]})
+		r := route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service], httpsRedirect: rc.HTTPSRedirect}
+		if rc.HSTS != nil {
+			r.hsts = rc.HSTS.value
+		}
+		rs = append(rs, r)
 		owner[routeID(rc.Host, rc.Path)] = "config"
 	}
 	var conflicts []string
@@ -480,7 +510,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	// Also when Serve had not yet taken ln when Shutdown came, which
 	// fasthttp cannot close then: Serve would wait on it for ever.
-	s.ln.Close()
+	s.closeListeners()
 	if err == nil {
 		err = loopErr
 	}
@@ -636,7 +666,16 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 		return
 	}
 	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
-	r.pool.serve(ctx, now, flags, s.trustedPeer(ip), takeAttempt(ctx))
+	trusted := s.trustedPeer(ip)
+	if r.httpsRedirect && !ctx.IsTLS() && !(trusted && forwardedHTTPS(&ctx.Request.Header)) {
+		// Slow path: a route served over HTTPS only.
+		s.redirectHTTPS(ctx, host)
+		return
+	}
+	r.pool.serve(ctx, now, flags, trusted, takeAttempt(ctx))
+	if r.hsts != nil && ctx.IsTLS() {
+		setHSTS(&ctx.Response.Header, r.hsts)
+	}
 }
 
 // serveUnrouted answers a request that matches no route: 404 no_route,

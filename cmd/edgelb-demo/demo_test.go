@@ -63,6 +63,7 @@ func TestDemoHints(t *testing.T) {
 	}
 	var order []int
 	for _, want := range []string{
+		"curl -i --cacert " + d.dir + "/tls/ca.pem https://127.0.0.1:8443/\n",
 		"/v1/agent/service/register",
 		fmt.Sprintf("kill -9 %d ", pid("web-2")),
 		fmt.Sprintf("kill %d\n", pid("consul")),

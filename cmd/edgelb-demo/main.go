@@ -1,7 +1,9 @@
 // Command edgelb-demo runs the demo that `make demo` starts: a Consul dev
 // agent, three demo origins registered in it with edge.route tags, a
 // fourth one to register by hand, and edgelb in front of them on
-// 127.0.0.1:8080 (admin on 127.0.0.1:9901).
+// 127.0.0.1:8080 and, over HTTPS, 127.0.0.1:8443 (admin on
+// 127.0.0.1:9901). The HTTPS certificate comes from a local CA made once
+// in the demo's directory.
 //
 // The hints it prints name its processes by PID, so that nothing else on
 // the machine is hit. SIGUSR1 starts again whatever of Consul and the
@@ -24,6 +26,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/edgelb/edgelb/balancer/certs/localca"
 )
 
 func main() {
@@ -39,7 +43,11 @@ const (
 	webOrigins = 3
 	apiOrigin  = "api-1"
 	apiAddr    = "127.0.0.1:9004"
+	httpsAddr  = "127.0.0.1:8443"
 )
+
+// tlsNames are the names of the demo's HTTPS certificate.
+var tlsNames = []string{"localhost", "edgelb.localhost", "127.0.0.1"}
 
 type demo struct {
 	out    io.Writer // where hints and events are printed
@@ -86,7 +94,7 @@ func run() error {
 	if err := os.MkdirAll(filepath.Join(d.dir, "logs"), 0o755); err != nil {
 		return err
 	}
-	for _, addr := range []string{"127.0.0.1:8500", "127.0.0.1:8080", "127.0.0.1:9901", "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", apiAddr} {
+	for _, addr := range []string{"127.0.0.1:8500", "127.0.0.1:8080", httpsAddr, "127.0.0.1:9901", "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", apiAddr} {
 		if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
 			c.Close()
 			return fmt.Errorf("%s is already in use: stop what listens there (an earlier demo?) and run again", addr)
@@ -114,6 +122,13 @@ func run() error {
 			return err
 		}
 		fmt.Fprintf(d.out, "origin %s on %s registered in Consul as service web\n", o.name, webAddr(i))
+	}
+	files, created, err := localca.Ensure(filepath.Join(d.dir, "tls"), tlsNames)
+	if err != nil {
+		return fmt.Errorf("cannot make the demo's HTTPS certificate: %w", err)
+	}
+	if created {
+		fmt.Fprintf(d.out, "HTTPS certificate for %s issued by a local CA in %s\n", strings.Join(tlsNames, ", "), filepath.Dir(files.CA))
 	}
 	api1 := d.add(apiOrigin, false, "-listen", apiAddr, "-name", apiOrigin)
 	if err := d.start(api1); err != nil {
@@ -312,12 +327,16 @@ func (d *demo) printHints() {
 		fmt.Fprintf(&procs, "  %-7s PID %d\n", c.name, c.cmd.Process.Pid)
 	}
 	fmt.Fprintf(d.out, `
-edgelb is running on http://127.0.0.1:8080 (admin http://127.0.0.1:9901).
+edgelb is running on http://127.0.0.1:8080 and https://127.0.0.1:8443 (admin http://127.0.0.1:9901).
 Logs are in %[1]s/logs. The demo is PID %[2]d; its processes:
 %[3]s
 Try:
 
   curl -i http://127.0.0.1:8080/                 # answered by web-1, web-2 or web-3 (X-Origin)
+
+  # HTTPS, with a certificate from the demo's own CA, which --cacert trusts:
+  curl -i --cacert %[1]s/tls/ca.pem https://127.0.0.1:8443/
+  curl -i --tlsv1.2 --cacert %[1]s/tls/ca.pem --resolve edgelb.localhost:8443:127.0.0.1 https://edgelb.localhost:8443/
   curl -s http://127.0.0.1:9901/status           # backends, states, reasons, discovery freshness
   curl -s http://127.0.0.1:9901/metrics | grep edgelb_
 
