@@ -341,7 +341,7 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_event_loop_handoff_drops_total":   {help: "Connections an event loop handed over that the fasthttp server did not take."},
 	"edgelb_event_loop_handoffs_total":        {help: "Client connections an event loop handed to the fasthttp server."},
 	"edgelb_generated_errors_total":           {help: "Responses edgelb generated because no backend answered, by Edgelb-Error code."},
-	"edgelb_hedges_total":                     {help: "Hedged tries: sent, or not sent because the hedge budget was spent (over_budget)."},
+	"edgelb_hedges_total":                     {help: "Hedged tries sent (sent), and hedges due that waited because the hedge budget was spent (over_budget)."},
 	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},
 	"edgelb_panic_mode":                       {help: "1 while the service is in panic mode (too few backends available, so all get traffic), else 0."},
 	"edgelb_panic_mode_entries_total":         {help: "Times the service entered panic mode."},

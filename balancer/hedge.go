@@ -1,14 +1,11 @@
 package balancer
 
 import (
-	"errors"
 	"fmt"
 	"math"
 	"math/bits"
-	"net"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -21,7 +18,9 @@ import (
 
 // Hedged requests: when an idempotent request's try has not answered in
 // time, a second try goes to another backend and the first answer wins; the
-// other try is cancelled, and its backend is not blamed for the cancel.
+// other try is abandoned: its answer is thrown away and its backend is not
+// blamed, but it keeps its place in the backend's in-flight count until it
+// ends, which steers selection away from a backend that stopped answering.
 // Both engines hedge; this file holds what they share: the configuration,
 // when to hedge, and the budget that bounds the extra load.
 
@@ -152,6 +151,8 @@ type hedger struct {
 	lat      [hedgeBuckets]atomic.Uint32
 	computed atomic.Int64
 
+	// sent counts hedges sent, denied the times a hedge was due but the
+	// budget was spent (it is tried again after another delay).
 	sent, denied *metrics.Counter
 }
 
@@ -265,43 +266,6 @@ func (h *hedger) compute(now int64) {
 	}
 }
 
-// errTryCanceled ends a hedged try that lost: no failure of its backend.
-var errTryCanceled = errors.New("edgelb: hedged try cancelled, another answered first")
-
-// tryWatch lets a hedged try of the fasthttp path be cancelled while it
-// waits on its backend: cancel puts its connection's deadline in the past.
-type tryWatch struct {
-	mu       sync.Mutex
-	conn     net.Conn
-	canceled bool
-}
-
-// attach records the connection the try uses; false if already cancelled.
-func (w *tryWatch) attach(c net.Conn) bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.conn = c
-	return !w.canceled
-}
-
-// detach forgets the connection, which then goes back to its pool or is
-// closed; it reports whether the try was cancelled meanwhile.
-func (w *tryWatch) detach() bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.conn = nil
-	return w.canceled
-}
-
-func (w *tryWatch) cancel() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.canceled = true
-	if w.conn != nil {
-		w.conn.SetDeadline(time.Unix(1, 0))
-	}
-}
-
 // hedgeTry is one try of a hedged request on the fasthttp path.
 type hedgeTry struct {
 	b     *Backend
@@ -310,7 +274,6 @@ type hedgeTry struct {
 	start time.Time
 	end   time.Time
 	err   error
-	w     tryWatch
 }
 
 // hedgedTry makes the try of req on b and, while no answer has come after
@@ -327,7 +290,7 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 	h := p.hedge
 	delay := h.delay(now.UnixNano())
 	if delay == 0 || *hedges >= h.max {
-		return b, forwardOnce(b.client, req, resp, p.tryDeadline(now, deadline), p.cfg.MaxResponseBody, nil), now
+		return b, forwardOnce(b.client, req, resp, p.tryDeadline(now, deadline), p.cfg.MaxResponseBody), now
 	}
 	results := make(chan *hedgeTry, 1+h.max)
 	var tries [1 + maxHedges]*hedgeTry
@@ -340,7 +303,7 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 		running++
 		d := p.tryDeadline(at, deadline)
 		go func() {
-			ht.err = forwardOnce(ht.b.client, ht.req, ht.resp, d, p.cfg.MaxResponseBody, &ht.w)
+			ht.err = forwardOnce(ht.b.client, ht.req, ht.resp, d, p.cfg.MaxResponseBody)
 			ht.end = time.Now()
 			results <- ht
 		}()
@@ -374,7 +337,15 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 				continue
 			}
 			at := time.Now()
-			if !at.Before(deadline) || !h.take() {
+			if !at.Before(deadline) {
+				continue
+			}
+			if !h.take() {
+				// Over budget: try again after another delay, by
+				// when the budget may allow it.
+				if a := h.after.Load(); a > 0 {
+					timer.Reset(time.Duration(a))
+				}
 				continue
 			}
 			hb := p.pick(at.UnixNano(), t)
@@ -390,16 +361,18 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 			}
 		}
 	}
-	// The others lost: cancelled, they end at once, uncounted.
-	for _, ht := range tries[:n] {
-		if ht != best {
-			ht.w.cancel()
-		}
-	}
-	for ; running > 0; running-- {
-		ht := <-results
-		ht.b.target.Done(ht.end.UnixNano(), health.OutcomeCanceled, 0)
-		releaseHedgeTry(ht)
+	if running > 0 {
+		// The others lost: abandoned, they go on until their answer,
+		// thrown away, or their deadline, and end uncounted. Until then
+		// they hold their place in their backends' in-flight counts, so
+		// that a backend that stopped answering stops being picked.
+		go func(running int) {
+			for ; running > 0; running-- {
+				ht := <-results
+				ht.b.target.Done(ht.end.UnixNano(), health.OutcomeCanceled, 0)
+				releaseHedgeTry(ht)
+			}
+		}(running)
 	}
 	best.resp.CopyTo(resp)
 	b, err, at := best.b, best.err, best.start

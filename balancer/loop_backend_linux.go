@@ -79,6 +79,29 @@ func (l *loop) cancelTries(c *loopClient) {
 	c.hedgeAt = 0
 }
 
+// abandonTries leaves the tries of c's request still in flight, which lost
+// to another's answer: each goes on, orphaned, until its answer comes,
+// which is thrown away, or its deadline; then it ends uncounted. Until
+// then it holds its place in its backend's in-flight count, so that a
+// backend that stopped answering, whose tries hedges keep beating, stops
+// being picked.
+func (l *loop) abandonTries(c *loopClient) {
+	for c.live > 0 {
+		bc := c.peers[0]
+		l.detach(c, bc)
+		bc.orphan = true
+	}
+	c.hedgeAt = 0
+}
+
+// endOrphan ends an abandoned try, uncounted, and closes its connection:
+// an answer may be coming on it still.
+func (l *loop) endOrphan(bc *loopBackend) {
+	bc.orphan = false
+	bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
+	l.closeBackend(bc)
+}
+
 // rearm sets when c's request next needs the sweep: its first try due, or
 // its hedge.
 func (l *loop) rearm(c *loopClient) {
@@ -97,8 +120,14 @@ func (l *loop) rearm(c *loopClient) {
 func (l *loop) hedge(c *loopClient) {
 	c.hedgeAt = 0
 	p, h := c.pool, c.pool.hedge
-	if c.live == 0 || c.hedges >= h.max || len(c.kept) > 0 || l.stopping || !l.now.Before(l.due(c)) || !h.take() {
+	if c.live == 0 || c.hedges >= h.max || len(c.kept) > 0 || l.stopping || !l.now.Before(l.due(c)) {
 		l.rearm(c)
+		return
+	}
+	if !h.take() {
+		// Over budget: try again after another delay, by when the
+		// budget may allow it.
+		l.hedgeLater(c)
 		return
 	}
 	b := p.pick(l.nowNs, &c.tried)
@@ -120,14 +149,19 @@ func (l *loop) hedge(c *loopClient) {
 	c.hedges++
 	l.startTry(c, b, bc)
 	if c.hedges < h.max {
-		if d := h.after.Load(); d > 0 {
-			c.hedgeAt = l.nowNs + d
-			if l.hedgeNext == 0 || c.hedgeAt < l.hedgeNext {
-				l.hedgeNext = c.hedgeAt
-			}
-			l.rearm(c)
+		l.hedgeLater(c)
+	}
+}
+
+// hedgeLater has c's request hedge its tries after another hedge delay.
+func (l *loop) hedgeLater(c *loopClient) {
+	if d := c.pool.hedge.after.Load(); d > 0 {
+		c.hedgeAt = l.nowNs + d
+		if l.hedgeNext == 0 || c.hedgeAt < l.hedgeNext {
+			l.hedgeNext = c.hedgeAt
 		}
 	}
+	l.rearm(c)
 }
 
 // What nextTry did.
@@ -304,6 +338,11 @@ func (l *loop) dial(b *Backend, sl *loopSlot) (*loopBackend, bool) {
 }
 
 func (l *loop) onConnected(bc *loopBackend) {
+	if bc.orphan {
+		// Abandoned before its request went.
+		l.endOrphan(bc)
+		return
+	}
 	if errno, err := syscall.GetsockoptInt(bc.fd, syscall.SOL_SOCKET, syscall.SO_ERROR); err != nil || errno != 0 {
 		l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 		return
@@ -365,6 +404,8 @@ func (l *loop) onBackend(bc *loopBackend, ev uint32) {
 func (l *loop) backendClosed(bc *loopBackend) {
 	c := bc.client
 	switch {
+	case bc.orphan:
+		l.endOrphan(bc)
 	case c == nil:
 		l.dropIdle(bc)
 	case bc.reused && len(bc.in) == 0:
@@ -386,6 +427,11 @@ func (l *loop) onResponseBytes(bc *loopBackend) {
 	bc.lastActive = l.nowNs
 	c := bc.client
 	if c == nil {
+		if bc.orphan {
+			// The answer to an abandoned try: thrown away.
+			l.endOrphan(bc)
+			return
+		}
 		// Bytes from an idle connection: nothing may come there.
 		l.dropIdle(bc)
 		return
@@ -494,7 +540,7 @@ func (l *loop) replaced(bc *loopBackend, raw []byte) bool {
 		return false
 	}
 	l.detach(c, bc)
-	l.cancelTries(c)
+	l.abandonTries(c)
 	l.unwait(c)
 	if l.serveStale(c, upstreamStatusDetail[bc.resp.Status-500]) {
 		l.releaseBackend(bc)
@@ -603,7 +649,7 @@ func (l *loop) carry(bc *loopBackend) {
 	c := bc.client
 	loopFallbacks.Inc()
 	l.detach(c, bc)
-	l.cancelTries(c)
+	l.abandonTries(c)
 	l.unwait(c)
 	a := l.attemptOf(c)
 	a.code, a.pre = errNone, append([]byte(nil), bc.in...)

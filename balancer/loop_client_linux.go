@@ -362,7 +362,7 @@ var (
 // decoded chunked body). The try is counted already.
 func (l *loop) respond(c *loopClient, bc *loopBackend, body []byte, withLength bool) {
 	l.detach(c, bc)
-	l.cancelTries(c)
+	l.abandonTries(c)
 	l.unwait(c)
 	l.answer(c, bc.in, &bc.resp, body, withLength, bc)
 }
@@ -530,7 +530,12 @@ func (l *loop) sweepIdle() {
 	slowHead := min(int64(loopSlowHead), l.headerTimeout)
 	for _, s := range l.conns {
 		if bc := s.bc; bc != nil {
-			if bc.state == lcBackend && bc.client == nil && l.nowNs-bc.lastActive > int64(bc.backend.idleFor) {
+			switch {
+			case bc.orphan:
+				if l.nowNs >= bc.due {
+					l.endOrphan(bc)
+				}
+			case bc.state == lcBackend && bc.client == nil && l.nowNs-bc.lastActive > int64(bc.backend.idleFor):
 				l.dropIdle(bc)
 			}
 			continue

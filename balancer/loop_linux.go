@@ -168,6 +168,9 @@ type loopBackend struct {
 	elsewhere bool
 	retryable bool
 	outcome   health.Outcome // how resp counts for the backend's health
+	// orphan is set on a try abandoned when another answered first (see
+	// abandonTries).
+	orphan bool
 }
 
 // loop is one event loop.
@@ -628,6 +631,10 @@ func (l *loop) closeBackend(bc *loopBackend) {
 			cl.state = lcIdle
 			l.handOff(cl)
 		}
+	}
+	if bc.orphan {
+		bc.orphan = false
+		bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 	}
 	l.slot(bc.backend).open--
 	syscall.Close(bc.fd)

@@ -132,7 +132,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 			if h := p.hedge; h != nil && idempotent {
 				b, err, tryStart = p.hedgedTry(b, req, &ctx.Response, &t, &hedges, now, deadline)
 			} else {
-				err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody, nil)
+				err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
 			}
 			end := time.Now()
 			lat = end.Sub(tryStart)

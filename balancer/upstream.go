@@ -41,9 +41,8 @@ const maxStaleConns = 16
 //   - a connection that holds unread bytes after a response is closed, not
 //     returned to the pool.
 //
-// The balancer owns retries, so exchange never retries a request. w, when
-// set, can cancel the exchange (a hedged try that lost).
-func forwardOnce(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response, deadline time.Time, maxBody int, w *tryWatch) error {
+// The balancer owns retries, so exchange never retries a request.
+func forwardOnce(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response, deadline time.Time, maxBody int) error {
 	resp.Reset()
 	resp.Header.SetNoDefaultContentType(true)
 	resp.Header.DisableNormalizing()
@@ -68,10 +67,6 @@ func forwardOnce(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.
 			hc.CloseConn(cc)
 			return err
 		}
-		if w != nil && !w.attach(conn) {
-			hc.CloseConn(cc)
-			return errTryCanceled
-		}
 		bw := hc.AcquireWriter(conn)
 		err = req.Write(bw)
 		if err == nil {
@@ -80,21 +75,12 @@ func forwardOnce(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.
 		hc.ReleaseWriter(bw)
 		if err != nil {
 			hc.CloseConn(cc)
-			if w != nil && w.detach() {
-				return errTryCanceled
-			}
 			return timeoutErr(err)
 		}
 		br := hc.AcquireReader(conn)
 		err = resp.ReadLimitBody(br, maxBody)
 		surplus := br.Buffered() > 0
 		hc.ReleaseReader(br)
-		if w != nil && w.detach() {
-			// Cancelled: whatever was read, the connection's deadline
-			// is in the past.
-			hc.CloseConn(cc)
-			return errTryCanceled
-		}
 		switch {
 		case err != nil:
 			hc.CloseConn(cc)

@@ -345,7 +345,7 @@ Load per run: {{f 0 .Settings.DurationS}}s, {{.Settings.Concurrency}} connection
 {{if .Error}}<p class="err">Scenario failed: {{.Error}}</p>{{end}}
 <table>
 <tr><th class="l">proxy</th><th>requests</th><th>req/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th><th>errors</th><th>stale</th><th>CPU µs/req</th><th class="l">errors by cause</th><th class="l">events</th></tr>
-{{range .Rows}}{{if .Result}}<tr><td class="l">{{.Proxy}}</td><td>{{.Result.Requests}}</td><td>{{f 0 .Result.RPS}}</td><td>{{f 2 .Result.Latency.P50}}</td><td>{{f 2 .Result.Latency.P90}}</td><td>{{f 2 .Result.Latency.P99}}</td><td>{{f 2 .Result.Latency.P999}}</td><td>{{f 2 .Result.Latency.Max}}</td><td{{if .Result.Errors}} class="err"{{end}}>{{.Result.Errors}}</td><td>{{.Result.Stale}}</td><td>{{f 1 .CPUPerRequestUS}}</td><td class="l">{{.Causes}}</td><td class="l">{{range .Events}}{{f 2 .T}}s {{.Name}}<br>{{end}}</td></tr>
+{{range .Rows}}{{if .Result}}<tr><td class="l">{{.Proxy}}</td><td>{{.Result.Requests}}</td><td>{{f 0 .Result.RPS}}</td><td>{{f 2 .Result.Latency.P50}}</td><td>{{f 2 .Result.Latency.P90}}</td><td>{{f 2 .Result.Latency.P99}}</td><td>{{f 2 .Result.Latency.P999}}</td><td>{{f 2 .Result.Latency.Max}}</td><td{{if .Result.Errors}} class="err"{{end}}>{{.Result.Errors}}</td><td>{{.Result.Stale}}</td><td>{{f 1 .CPUPerRequestUS}}</td><td class="l">{{.Causes}}</td><td class="l">{{range .Events}}{{f 2 .T}}s {{.Name}}<br>{{end}}{{range .Notes}}{{.}}<br>{{end}}</td></tr>
 {{else}}<tr><td class="l">{{.Proxy}}</td><td class="l err" colspan="12">{{.Error}}</td></tr>
 {{end}}{{if and .Result .Error}}<tr><td class="l">{{.Proxy}}</td><td class="l err" colspan="12">{{.Error}}</td></tr>{{end}}{{end}}
 </table>

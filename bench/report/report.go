@@ -70,6 +70,8 @@ type Run struct {
 	CPUPerRequestUS float64         `json:"cpu_per_request_us"`
 	Result          *loadgen.Result `json:"result,omitempty"`
 	Error           string          `json:"error,omitempty"`
+	// Notes say what the run shows against the scenario's targets.
+	Notes []string `json:"notes,omitempty"`
 }
 
 // Event is something the scenario did or saw during the load.

@@ -27,17 +27,23 @@ const (
 )
 
 // EdgeConfig is edgelb's config for the service web on static origins.
-func EdgeConfig(origins []string) string {
+func EdgeConfig(origins []string) string { return EdgeConfigWith(origins, "") }
+
+// EdgeConfigWith is EdgeConfig with more keys for the service, one line.
+func EdgeConfigWith(origins []string, extra string) string {
+	if extra != "" {
+		extra = "    " + extra + "\n"
+	}
 	return fmt.Sprintf(`services:
   web:
     static: [%s]
     connect_timeout: %s
     try_timeout: %s
     retries: %d
-    health:
+%s    health:
       active: {path: /health, interval: 1s}
 routes: [{service: web}]
-`, strings.Join(origins, ", "), connectTimeout, tryTimeout, retries)
+`, strings.Join(origins, ", "), connectTimeout, tryTimeout, retries, extra)
 }
 
 // NginxConfig is the nginx equivalent of EdgeConfig: one worker, upstream

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -26,10 +27,11 @@ const (
 	Outage     = "outage"
 	ConsulStop = "consul-stop"
 	Churn      = "churn"
+	Hedge      = "hedge"
 )
 
 // Names lists every scenario in the order "all" runs them.
-var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn}
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge}
 
 // Compared are the scenarios that comparison mode also runs through nginx
 // and HAProxy.
@@ -50,6 +52,9 @@ var about = map[string][2]string{
 	Churn: {"Consul register/deregister churn", "While load runs on / (service web, three origins from Consul), an instance web-4 and a service api " +
 		"(edge.route=*/api) are registered and deregistered again and again. The table gives the time from each Consul API call " +
 		"until GET /api shows the change; the load shows whether churn costs clients anything."},
+	Hedge: {"Hung backend, hedged", "As hang (SIGSTOP of o2 from one third to two thirds), with hedge: {after: p95} on edgelb: a try that has not " +
+		"answered after the service's recent p95 goes to a second backend as well, and the first answer wins. The notes compare the " +
+		"worst latency while o2 hangs with the p99 before it (target: at most 3x), and the hedges sent with the requests (budget 10%)."},
 }
 
 // Options describe a bench-suite run. Zero values select the defaults.
@@ -216,6 +221,9 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 		return run, nil, fmt.Errorf("setup: %w", err)
 	}
 	run, err = s.drive(scripts[name])
+	if f := judges[name]; f != nil && err == nil && run.Result != nil {
+		run.Notes = f(s, &run)
+	}
 	return run, s.prop, err
 }
 
@@ -231,7 +239,11 @@ func (s *session) setupStatic() error {
 		addrs = append(addrs, p.Addr)
 	}
 	if s.proxy == report.Edgelb {
-		e, err := s.g.StartEdge(EdgeConfig(addrs), filepath.Join(s.g.Dir, "state"))
+		cfg := EdgeConfig(addrs)
+		if s.name == Hedge {
+			cfg = EdgeConfigWith(addrs, "hedge: {after: p95}")
+		}
+		e, err := s.g.StartEdge(cfg, filepath.Join(s.g.Dir, "state"))
 		if err != nil {
 			return err
 		}
@@ -370,6 +382,58 @@ var scripts = map[string]func(*session) error{
 	Outage:     outageScript,
 	ConsulStop: consulStopScript,
 	Churn:      churnScript,
+	Hedge:      hangScript,
+}
+
+// judges, after a scenario's load, write what it shows against its
+// targets.
+var judges = map[string]func(*session, *report.Run) []string{
+	Hedge: hedgeJudge,
+}
+
+// hedgeJudge compares the worst latency while o2 hung with the p99 before
+// it, and the hedges sent with the requests.
+func hedgeJudge(s *session, run *report.Run) []string {
+	var stop, cont float64 = -1, -1
+	for _, e := range run.Events {
+		switch {
+		case strings.HasPrefix(e.Name, "SIGSTOP"):
+			stop = e.T
+		case strings.HasPrefix(e.Name, "SIGCONT"):
+			cont = e.T
+		}
+	}
+	if stop < 0 || cont < 0 {
+		return []string{"o2 was not stopped and continued during the load"}
+	}
+	var healthyP99, hungMax float64
+	for _, sec := range run.Result.Seconds {
+		t := float64(sec.T)
+		switch {
+		case t+1 <= stop:
+			healthyP99 = max(healthyP99, sec.Latency.P99)
+		case t >= stop-1 && t <= cont:
+			hungMax = max(hungMax, sec.Latency.Max)
+		}
+	}
+	var notes []string
+	if healthyP99 > 0 {
+		r := hungMax / healthyP99
+		verdict := "met"
+		if r > 3 {
+			verdict = "NOT met"
+		}
+		notes = append(notes, fmt.Sprintf("healthy p99 %.2fms (worst second before SIGSTOP); worst latency while o2 hung %.2fms: %.1fx, target at most 3x: %s",
+			healthyP99, hungMax, r, verdict))
+	}
+	if m, err := s.edge.Metrics(); err == nil {
+		sent, denied, reqs := m[`edgelb_hedges_total{service="web",result="sent"}`], m[`edgelb_hedges_total{service="web",result="over_budget"}`],
+			m[`edgelb_requests_total{service="web"}`]
+		if reqs > 0 {
+			notes = append(notes, fmt.Sprintf("hedges sent %.0f (%.1f%% of %.0f requests, budget 10%%), %.0f refused over budget", sent, 100*sent/reqs, reqs, denied))
+		}
+	}
+	return notes
 }
 
 func killScript(s *session) error {

@@ -203,6 +203,9 @@ func summary(rep *report.Report) string {
 			if r.Error != "" {
 				fmt.Fprintf(&b, "%-12s %-8s error: %s\n", "", "", r.Error)
 			}
+			for _, n := range r.Notes {
+				fmt.Fprintf(&b, "%-12s %-8s %s\n", "", "", n)
+			}
 		}
 		for _, c := range s.Comparisons {
 			fmt.Fprintf(&b, "%-12s edgelb/%-7s req/s %.2fx  cpu/req %.2fx  p99 %.2fx  errors %d vs %d\n", "", c.Peer, c.RPSRatio, c.CPUPerRequestRatio, c.P99Ratio, c.Errors, c.PeerErrors)
