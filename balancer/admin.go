@@ -356,6 +356,10 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_stale_responses_total":            {help: "Stored copies served instead of an error, by service."},
 	"edgelb_stale_served_total":               {help: "Stored copies served instead of an error."},
 	"edgelb_stale_stored_total":               {help: "Responses written to the stale store."},
+	"edgelb_tunnels_open":                     {help: "Open tunnels (WebSocket and other upgraded connections) to the service's backends."},
+	"edgelb_tunnels_total":                    {help: "Upgrade requests by result: opened (a backend switched protocols), declined (it answered otherwise), failed (no backend answered), overloaded (websocket.max_tunnels open, or shutting down: 503)."},
+	"edgelb_tunnels_closed_total":             {help: "Tunnels closed, by reason: client or backend (the side that closed or failed first), idle_timeout (websocket.idle_timeout), shutdown."},
+	"edgelb_tunnel_bytes_total":               {help: "Bytes relayed through tunnels, by direction (to_backend, to_client)."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {
@@ -453,6 +457,9 @@ type ServiceStatus struct {
 	// that is not draining or failing to answer gets traffic.
 	Panic      bool      `json:"panic"`
 	PanicSince time.Time `json:"panic_since,omitzero"`
+	// Tunnels counts the open WebSocket and other upgraded connections,
+	// those of backends no longer listed included.
+	Tunnels int64 `json:"tunnels"`
 }
 
 // BackendStatus is one backend in /status.
@@ -462,6 +469,9 @@ type BackendStatus struct {
 	// SlowStart is the share of its traffic, in percent, that slow start
 	// gives a returning backend; absent when it is not held back.
 	SlowStart int `json:"slow_start_percent,omitempty"`
+	// Tunnels counts the backend's open WebSocket and other upgraded
+	// connections; ejection does not close them.
+	Tunnels int64 `json:"tunnels"`
 }
 
 // RouteStatus is one route in /status.
@@ -483,8 +493,9 @@ func (s *Server) Status() *Status {
 			ss.UpdatedAt = set.UpdatedAt
 		}
 		ss.Panic, ss.PanicSince = p.ej.Panic(), p.ej.PanicSince()
+		ss.Tunnels = p.m.tunnelsOpen.Load()
 		for _, b := range p.set.Load().list {
-			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight}
+			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight, Tunnels: b.m.tunnels.Load()}
 			if bs.State == health.StateHealthy.String() {
 				ss.Available++
 				if pct := p.slowStartPercent(b, now.UnixNano()); pct < 100 {
@@ -495,7 +506,7 @@ func (s *Server) Status() *Status {
 		}
 		p.mu.Lock()
 		for _, d := range p.draining {
-			bs := BackendStatus{TargetStatus: d.b.target.Status(now), Weight: d.b.weight}
+			bs := BackendStatus{TargetStatus: d.b.target.Status(now), Weight: d.b.weight, Tunnels: d.b.m.tunnels.Load()}
 			bs.State = health.StateDraining.String()
 			bs.Reason = "removed from discovery; finishing in-flight requests"
 			bs.Since = d.since

@@ -13,6 +13,9 @@ type route struct {
 	path    string
 	service string
 	pool    *Pool // nil while the service has no pool
+	// upgrade is set when upgrade requests are tunnelled: the route's
+	// websocket key, or else its service's.
+	upgrade bool
 }
 
 // routeTable maps hosts and path prefixes to pools. It is immutable once

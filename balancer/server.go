@@ -57,6 +57,8 @@ type Server struct {
 	handedOver atomic.Int64
 	admin      *adminServer
 	consul     *discovery.Consul
+	// tunnels are the open WebSocket and other upgraded connections.
+	tunnels *tunnelSet
 	// unrouted decides what a request matching no route gets while
 	// Consul's tag routes are not known yet; nil without tag routes.
 	unrouted atomic.Pointer[unroutedPolicy]
@@ -102,6 +104,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
 	s.routes.Store(newRouteTable(nil))
+	s.tunnels = newTunnelSet(s.panicked)
 	// ReadTimeout bounds the head: fasthttp arms it when a connection
 	// opens and again at the first byte of each later request. Once the
 	// head is in, the body gets the idle timeout.
@@ -423,7 +426,8 @@ func (s *Server) rebuildRoutesLocked() {
 	var rs []route
 	owner := make(map[string]string)
 	for _, rc := range s.cfg.Routes {
-		rs = append(rs, route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service]})
+		rs = append(rs, route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service],
+			upgrade: upgrades(rc.WebSocket, s.cfg.Services[rc.Service])})
 		owner[routeID(rc.Host, rc.Path)] = "config"
 	}
 	var conflicts []string
@@ -436,7 +440,12 @@ func (s *Server) rebuildRoutesLocked() {
 				continue
 			}
 			owner[id] = fmt.Sprintf("service %q", name)
-			rs = append(rs, route{host: r.Host, path: r.Path, service: name, pool: s.pools[name]})
+			p := s.pools[name]
+			var sc *ServiceConfig
+			if p != nil {
+				sc = p.cfg
+			}
+			rs = append(rs, route{host: r.Host, path: r.Path, service: name, pool: p, upgrade: upgrades(nil, sc)})
 		}
 	}
 	for _, c := range conflicts {
@@ -458,9 +467,11 @@ func contains(ss []string, s string) bool {
 }
 
 // Shutdown stops accepting connections, waits up to the drain timeout for
-// in-flight requests and stops all background work.
+// in-flight requests and stops all background work. Tunnels are told to go
+// away (WebSocket close frames) and closed when ctx is done, if not before.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
+	s.tunnels.drain()
 	if s.handoff != nil {
 		// The loops accept on a duplicate of ln, which stopLoops closes
 		// as soon as none accepts: with ln closed, that is the socket's
@@ -483,6 +494,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.ln.Close()
 	if err == nil {
 		err = loopErr
+	}
+	if cut := s.tunnels.wait(ctx); cut > 0 {
+		s.log.Info("tunnels still open at the end of the drain were closed", "tunnels", cut)
 	}
 	s.mu.Lock()
 	c := s.consul
@@ -635,8 +649,13 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 		s.serveUnrouted(ctx, now)
 		return
 	}
+	var up *upgrade
+	if flags&sawUpgrade != 0 {
+		// Slow path: the client may ask to switch protocols.
+		up = s.upgradeOf(&ctx.Request, r)
+	}
 	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
-	r.pool.serve(ctx, now, flags, s.trustedPeer(ip), takeAttempt(ctx))
+	r.pool.serve(ctx, now, flags, s.trustedPeer(ip), takeAttempt(ctx), up)
 }
 
 // serveUnrouted answers a request that matches no route: 404 no_route,
