@@ -80,7 +80,8 @@ type tunnel struct {
 	ws      bool
 	idle    time.Duration
 	backend net.Conn
-	br      *bufio.Reader
+	// br holds what the backend sent with its 101, until run starts.
+	br *bufio.Reader
 
 	// cmu guards clientRaw, the client connection under the one fasthttp
 	// hands over (which reads through fasthttp's buffer but does not
@@ -150,6 +151,7 @@ func (t *tunnel) run(c net.Conn) {
 	if t.br.Buffered() == 0 {
 		w.src = t.backend
 	}
+	t.br = nil
 	w = &t.ways[toBackend]
 	w.dst, w.src = t.backend, c
 	if _, err := c.Write(t.head); err != nil {
@@ -213,9 +215,9 @@ func (t *tunnel) pump(way int) {
 				return
 			}
 		}
-		if way == toClient && w.src == io.Reader(t.br) && t.br.Buffered() == 0 {
+		if br, ok := w.src.(*bufio.Reader); ok && br.Buffered() == 0 {
 			// What the backend sent with its 101 is through: read its
-			// connection directly from now on.
+			// connection directly from now on, and let the buffer go.
 			w.src = t.backend
 		}
 		if err == nil {
