@@ -273,6 +273,30 @@ func TestWebSocketRetriesDeadBackend(t *testing.T) {
 	})
 }
 
+// An upgrade try that times out (the backend takes the request and never
+// answers) counts as a timeout and goes to the next backend.
+func TestWebSocketRetriesHungBackend(t *testing.T) {
+	o := startWSOrigin(t, "a")
+	hung := serveRaw(t, func(c net.Conn) { io.Copy(io.Discard, c) })
+	s := startEdge(t, "services:\n  web: {static: ["+o.addr+", "+hung+"], try_timeout: 300ms}\nroutes: [{service: web}]\n")
+	for i := 0; metricValue(t, s, `edgelb_retries_total{service="web"}`) == 0; i++ {
+		if i == 100 {
+			t.Fatal("100 upgrades and not one tried the hung backend")
+		}
+		c, resp, err := wsDial(t, s, "/")
+		if err != nil {
+			t.Fatalf("dial %d: %v %v", i, err, resp)
+		}
+		if got := echo(t, c, "x"); got != "a: x" {
+			t.Fatalf("echo: %q", got)
+		}
+		c.Close()
+	}
+	if n := metricValue(t, s, `edgelb_backend_errors_total{service="web",backend="`+hung+`",cause="upstream_timeout"}`); n != 1 {
+		t.Fatalf("timeouts of the hung backend: %d", n)
+	}
+}
+
 // A backend that answers an upgrade with anything but 101: the client gets
 // that answer, counted like any, and its connection stays usable.
 func TestWebSocketUpgradeDeclined(t *testing.T) {
