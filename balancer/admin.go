@@ -360,6 +360,10 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_tls_handshakes_total":             {help: "TLS handshakes completed on tls.listen, by version (1.2, 1.3) and whether a session ticket resumed them."},
 	"edgelb_tls_handshake_errors_total":       {help: "TLS handshakes failed on tls.listen, by reason: timeout (not done within server.header_timeout), closed (the client went away), not_tls (not a TLS client, such as plain HTTP), version (only TLS 1.1 or older, or below tls.min_version), cipher (no shared cipher suite or key exchange), alpn (no shared application protocol), cert_rejected (the client refused the certificate), client_alert (the client aborted otherwise), other."},
 	"edgelb_https_redirects_total":            {help: "Plain HTTP requests answered with 308 to HTTPS on routes with https_redirect."},
+	"edgelb_tunnels_open":                     {help: "Open tunnels (WebSocket and other upgraded connections) to the service's backends."},
+	"edgelb_tunnels_total":                    {help: "Upgrade requests by result: opened (a backend switched protocols), declined (it answered otherwise), failed (no backend answered), overloaded (websocket.max_tunnels open, or shutting down: 503)."},
+	"edgelb_tunnels_closed_total":             {help: "Tunnels closed, by reason: client or backend (the side that closed or failed first), idle_timeout (websocket.idle_timeout), shutdown."},
+	"edgelb_tunnel_bytes_total":               {help: "Bytes relayed through tunnels, by direction (to_backend, to_client)."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {
@@ -457,6 +461,9 @@ type ServiceStatus struct {
 	// that is not draining or failing to answer gets traffic.
 	Panic      bool      `json:"panic"`
 	PanicSince time.Time `json:"panic_since,omitzero"`
+	// Tunnels counts the open WebSocket and other upgraded connections,
+	// those of backends no longer listed included.
+	Tunnels int64 `json:"tunnels"`
 }
 
 // BackendStatus is one backend in /status.
@@ -466,6 +473,9 @@ type BackendStatus struct {
 	// SlowStart is the share of its traffic, in percent, that slow start
 	// gives a returning backend; absent when it is not held back.
 	SlowStart int `json:"slow_start_percent,omitempty"`
+	// Tunnels counts the backend's open WebSocket and other upgraded
+	// connections; ejection does not close them.
+	Tunnels int64 `json:"tunnels"`
 }
 
 // RouteStatus is one route in /status.
@@ -487,8 +497,9 @@ func (s *Server) Status() *Status {
 			ss.UpdatedAt = set.UpdatedAt
 		}
 		ss.Panic, ss.PanicSince = p.ej.Panic(), p.ej.PanicSince()
+		ss.Tunnels = p.m.tunnelsOpen.Load()
 		for _, b := range p.set.Load().list {
-			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight}
+			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight, Tunnels: b.m.tunnels.Load()}
 			if bs.State == health.StateHealthy.String() {
 				ss.Available++
 				if pct := p.slowStartPercent(b, now.UnixNano()); pct < 100 {
@@ -499,7 +510,7 @@ func (s *Server) Status() *Status {
 		}
 		p.mu.Lock()
 		for _, d := range p.draining {
-			bs := BackendStatus{TargetStatus: d.b.target.Status(now), Weight: d.b.weight}
+			bs := BackendStatus{TargetStatus: d.b.target.Status(now), Weight: d.b.weight, Tunnels: d.b.m.tunnels.Load()}
 			bs.State = health.StateDraining.String()
 			bs.Reason = "removed from discovery; finishing in-flight requests"
 			bs.Since = d.since

@@ -236,7 +236,61 @@ type ServiceConfig struct {
 	// Hedge sends an idempotent request's try that is slow to answer to
 	// a second backend as well; off if not set.
 	Hedge *HedgeConfig `yaml:"hedge"`
+
+	// WebSocket configures WebSocket and other HTTP/1.1 upgrades to the
+	// service's backends: whether they are tunnelled, and the limits of
+	// the tunnels. "websocket: false" is short for "websocket: {enabled:
+	// false}".
+	WebSocket WebSocketConfig `yaml:"websocket"`
 }
+
+// WebSocketConfig configures the tunnels of a service: the connections a
+// backend switched to another protocol (WebSocket, say) with 101 Switching
+// Protocols, which edgelb then relays byte for byte.
+type WebSocketConfig struct {
+	// Enabled forwards upgrade requests (Connection: upgrade with an
+	// Upgrade header) as such and tunnels the connection once a backend
+	// switches protocols. When false they go upstream as plain requests,
+	// without Upgrade. A route's own websocket key, when set, wins. On if
+	// not set.
+	Enabled *bool `yaml:"enabled"`
+
+	// IdleTimeout closes a tunnel through which no byte went either way
+	// for this long. DefaultTunnelIdleTimeout is used if not set.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+
+	// MaxTunnels caps the tunnels open at once to the service's backends,
+	// counting the upgrades under way; an upgrade request over it gets
+	// 503 overloaded. DefaultMaxTunnels is used if not set.
+	MaxTunnels int `yaml:"max_tunnels"`
+}
+
+// Defaults of WebSocketConfig.
+const (
+	// DefaultTunnelIdleTimeout is long enough for applications that ping
+	// every minute or less, as WebSocket libraries do by default, and short
+	// enough to let go of peers that vanished without a word.
+	DefaultTunnelIdleTimeout = time.Hour
+	DefaultMaxTunnels        = 10000
+)
+
+// UnmarshalYAML accepts a bool, short for {enabled: BOOL}, as well as the
+// mapping.
+func (w *WebSocketConfig) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		var on bool
+		if err := n.Decode(&on); err != nil {
+			return err
+		}
+		*w = WebSocketConfig{Enabled: &on}
+		return nil
+	}
+	type plain WebSocketConfig
+	return n.Decode((*plain)(w))
+}
+
+// enabled reports whether the service tunnels upgrades.
+func (w *WebSocketConfig) enabled() bool { return w.Enabled == nil || *w.Enabled }
 
 // StaticBackend is one statically configured instance: either a plain
 // "host:port" string or a mapping {addr, weight}.
@@ -332,6 +386,21 @@ type RouteConfig struct {
 	// responses sent over TLS, in place of any the backend sent. It needs
 	// the tls block.
 	HSTS *HSTSConfig `yaml:"hsts"`
+
+	// WebSocket, when set, says whether upgrade requests (WebSocket and
+	// other protocols) on this route are tunnelled, whatever the
+	// service's websocket.enabled says; when false they go upstream as
+	// plain requests, without Upgrade. The service decides if not set.
+	WebSocket *bool `yaml:"websocket"`
+}
+
+// upgrades reports whether a route whose websocket key is ws tunnels
+// upgrades to the service configured by sc (nil for one not known).
+func upgrades(ws *bool, sc *ServiceConfig) bool {
+	if ws != nil {
+		return *ws
+	}
+	return sc == nil || sc.WebSocket.enabled()
 }
 
 // LoadConfig reads and validates the config file at path. The error lists
@@ -754,6 +823,8 @@ func (sc *ServiceConfig) applyDefaults() {
 	sc.Health.applyDefaults()
 	sc.Stale.applyDefaults()
 	sc.Hedge.applyDefaults()
+	setDefault(&sc.WebSocket.IdleTimeout, DefaultTunnelIdleTimeout)
+	setDefault(&sc.WebSocket.MaxTunnels, DefaultMaxTunnels)
 }
 
 // validate checks sc after applyDefaults; it returns every problem, each
@@ -810,6 +881,12 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 	}
 	if sc.MaxConns < 0 {
 		bad(".max_conns", "must not be negative")
+	}
+	if sc.WebSocket.IdleTimeout < 0 {
+		bad(".websocket.idle_timeout", "must not be negative")
+	}
+	if sc.WebSocket.MaxTunnels < 0 {
+		bad(".websocket.max_tunnels", "must not be negative (got %d); unset for the default, %d", sc.WebSocket.MaxTunnels, DefaultMaxTunnels)
 	}
 	errs = append(errs, sc.Health.validate(path+".health")...)
 	errs = append(errs, sc.Stale.validate(path+".stale")...)

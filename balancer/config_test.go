@@ -279,3 +279,48 @@ func TestParseConfigTLS(t *testing.T) {
 		t.Errorf("min_version 1.3 with two certificates: %+v", cfg.TLS)
 	}
 }
+
+// The websocket keys: per service a mapping, or a bool short for
+// {enabled: BOOL}; per route a bool. Every mistake names its key.
+func TestWebSocketConfig(t *testing.T) {
+	bad := func(yaml string, wants ...string) {
+		t.Helper()
+		_, err := ParseConfig([]byte(yaml))
+		if err == nil {
+			t.Fatalf("config accepted:\n%s", yaml)
+		}
+		for _, w := range wants {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error lacks %q:\n%v", w, err)
+			}
+		}
+	}
+	bad("services:\n  web: {static: [127.0.0.1:1], websocket: {idle_timeout: -1s, max_tunnels: -5}}\n",
+		"services.web.websocket.idle_timeout: must not be negative", "services.web.websocket.max_tunnels: must not be negative (got -5)")
+	bad("services:\n  web: {static: [127.0.0.1:1], websocket: {idle_timeout: 30}}\n", "services.web.websocket.idle_timeout: duration 30 needs a unit")
+	bad("services:\n  web: {static: [127.0.0.1:1], websocket: {idle: 1m}}\n", "services.web.websocket.idle: unknown key (known keys: enabled, idle_timeout, max_tunnels)")
+	bad("services:\n  web: {static: [127.0.0.1:1], websocket: maybe}\n", "services.web.websocket: cannot unmarshal")
+	bad("services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web, websocket: sometimes}]\n", "routes[0].websocket: cannot unmarshal")
+	bad("services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web, websockets: true}]\n", "routes[0].websockets: unknown key")
+
+	f := func(yaml string, enabled bool, idle time.Duration, maxTunnels int, route bool) {
+		t.Helper()
+		cfg, err := ParseConfig([]byte(yaml))
+		if err != nil {
+			t.Fatalf("%s: %v", yaml, err)
+		}
+		ws := cfg.Services["web"].WebSocket
+		if ws.enabled() != enabled || ws.IdleTimeout != idle || ws.MaxTunnels != maxTunnels {
+			t.Errorf("%s: enabled %v idle %v max %d", yaml, ws.enabled(), ws.IdleTimeout, ws.MaxTunnels)
+		}
+		if got := upgrades(cfg.Routes[0].WebSocket, cfg.Services["web"]); got != route {
+			t.Errorf("%s: the route tunnels: %v", yaml, got)
+		}
+	}
+	const svc = "services:\n  web: {static: [127.0.0.1:1]"
+	f(svc+"}\nroutes: [{service: web}]\n", true, DefaultTunnelIdleTimeout, DefaultMaxTunnels, true)
+	f(svc+", websocket: false}\nroutes: [{service: web}]\n", false, DefaultTunnelIdleTimeout, DefaultMaxTunnels, false)
+	f(svc+", websocket: {idle_timeout: 10m, max_tunnels: 50}}\nroutes: [{service: web}]\n", true, 10*time.Minute, 50, true)
+	f(svc+"}\nroutes: [{service: web, websocket: false}]\n", true, DefaultTunnelIdleTimeout, DefaultMaxTunnels, false)
+	f(svc+", websocket: {enabled: false}}\nroutes: [{service: web, websocket: true}]\n", false, DefaultTunnelIdleTimeout, DefaultMaxTunnels, true)
+}

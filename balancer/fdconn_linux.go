@@ -40,3 +40,16 @@ func (c *fdConn) LocalAddr() net.Addr { return c.local }
 
 // RemoteAddr implements net.Conn.
 func (c *fdConn) RemoteAddr() net.Addr { return c.remote }
+
+// CloseWrite half-closes the socket, as net.TCPConn.CloseWrite does.
+func (c *fdConn) CloseWrite() error {
+	rc, err := c.File.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = syscall.Shutdown(int(fd), syscall.SHUT_WR) }); err != nil {
+		return err
+	}
+	return serr
+}

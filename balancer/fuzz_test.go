@@ -40,6 +40,8 @@ func FuzzProxyHead(f *testing.F) {
 		"GET / HTTP/1.0\r\n\r\n",
 		"GET http://y/abs HTTP/1.1\r\nHost: x\r\n\r\n",
 		"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\r\n",
+		// An upgrade the origin declines, and the request after it.
+		"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
 	} {
 		f.Add([]byte(s))
 	}
@@ -388,6 +390,29 @@ func (e errString) Error() string { return string(e) }
 // provenance says what in request r the client did not send in in, or ""
 // when every part of it is the client's or one of the headers edgelb
 // writes.
+// upgradeProvenance checks an upgrade that went upstream: one Connection:
+// Upgrade and one Upgrade, with a value the client sent in an Upgrade line,
+// for a client that sent a Connection line naming upgrade.
+func upgradeProvenance(head string, client [][2]string, seen map[string]int) string {
+	if seen["connection"] != 1 || seen["upgrade"] != 1 {
+		return "an upgrade went upstream without exactly one Connection: Upgrade and one Upgrade"
+	}
+	up := headerValue(head+"\r\n", "upgrade")
+	sentUp, sentConn := false, false
+	for _, kv := range client {
+		switch {
+		case strings.EqualFold(kv[0], "upgrade"):
+			sentUp = sentUp || strings.Trim(kv[1], " \t") == up
+		case strings.EqualFold(kv[0], "connection"):
+			sentConn = sentConn || h1.HasToken([]byte(kv[1]), []byte("upgrade"))
+		}
+	}
+	if !sentUp || !sentConn {
+		return "Connection: Upgrade and Upgrade: " + up + " went upstream for a client that did not ask to upgrade to it"
+	}
+	return ""
+}
+
 func provenance(r originReq, in []byte, peer string) string {
 	var client [][2]string // the client's lines split at the first ':' (or not)
 	for _, l := range strings.Split(string(in), "\n") {
@@ -417,8 +442,15 @@ func provenance(r originReq, in []byte, peer string) string {
 			continue
 		case "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded":
 			continue // checked below, against the Host
-		case "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-			"te", "trailer", "transfer-encoding", "upgrade", "expect":
+		case "connection", "upgrade":
+			// An upgrade edgelb forwards: its own Connection: Upgrade,
+			// beside an Upgrade the client sent, checked below.
+			if canon == "connection" && value == "Upgrade" || canon == "upgrade" {
+				continue
+			}
+			return "hop-by-hop header " + name + " went upstream"
+		case "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+			"te", "trailer", "transfer-encoding", "expect":
 			return "hop-by-hop header " + name + " went upstream"
 		}
 		if h1.KindOf([]byte(name)) == h1.KindForwardedLookalike {
@@ -440,6 +472,11 @@ func provenance(r originReq, in []byte, peer string) string {
 	}
 	if seen["host"] != 1 {
 		return strconv.Itoa(seen["host"]) + " Host headers"
+	}
+	if seen["connection"] > 0 || seen["upgrade"] > 0 {
+		if why := upgradeProvenance(r.head, client, seen); why != "" {
+			return why
+		}
 	}
 	for name, want := range map[string]string{
 		"x-forwarded-for":   peer,

@@ -163,6 +163,8 @@ type backendMetrics struct {
 	// target is the backend's health state, whose in-flight count the
 	// gauge shows.
 	target atomic.Pointer[health.Target]
+	// tunnels counts the backend's open tunnels, for /status.
+	tunnels atomic.Int64
 
 	// Guarded by table.mu.
 	table      *seriesTable
@@ -214,6 +216,16 @@ type serviceMetrics struct {
 	staleServed *metrics.Counter
 	generated   [numErrCodes]*metrics.Counter
 	latency     *latencyHistogram
+
+	// Tunnels (see tunnel.go): open ones; slots taken against
+	// websocket.max_tunnels, by open tunnels and upgrades under way;
+	// upgrade requests by result; closes by reason; bytes relayed each
+	// way.
+	tunnelsOpen   atomic.Int64
+	tunnelSlots   atomic.Int64
+	tunnelResults [numUpgradeResults]*metrics.Counter
+	tunnelCloses  [numTunnelEnds]*metrics.Counter
+	tunnelBytes   [2]*metrics.Counter // toBackend, toClient
 }
 
 func newServiceMetrics(service string) *serviceMetrics {
@@ -229,6 +241,15 @@ func newServiceMetrics(service string) *serviceMetrics {
 	for c := errCode(1); c < numErrCodes; c++ {
 		m.generated[c] = s.NewCounter(fmt.Sprintf(`edgelb_generated_errors_total{%s,code=%q}`, l, c))
 	}
+	for r := range numUpgradeResults {
+		m.tunnelResults[r] = s.NewCounter(fmt.Sprintf(`edgelb_tunnels_total{%s,result=%q}`, l, upgradeResultNames[r]))
+	}
+	for e := range numTunnelEnds {
+		m.tunnelCloses[e] = s.NewCounter(fmt.Sprintf(`edgelb_tunnels_closed_total{%s,reason=%q}`, l, tunnelEndNames[e]))
+	}
+	m.tunnelBytes[toBackend] = s.NewCounter(`edgelb_tunnel_bytes_total{` + l + `,direction="to_backend"}`)
+	m.tunnelBytes[toClient] = s.NewCounter(`edgelb_tunnel_bytes_total{` + l + `,direction="to_client"}`)
+	s.NewGauge(`edgelb_tunnels_open{`+l+`}`, func() float64 { return float64(m.tunnelsOpen.Load()) })
 	s.RegisterMetricsWriter(m.latency.writePrometheus)
 	return m
 }

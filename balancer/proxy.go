@@ -51,11 +51,28 @@ var (
 // att, when set, holds the tries the event loop made for this request
 // before it handed the connection over: serve goes on from them, within
 // the same deadline, and does not count them again.
-func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted bool, att *attempt) {
+//
+// up, when set, is the protocol switch the request asks for: each try
+// goes to a backend connection of its own, and a backend's 101 opens a
+// tunnel (see upgrade.go).
+func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted bool, att *attempt, up *upgrade) {
 	p.m.requests.Inc()
 	req := &ctx.Request
 	clientClose := req.Header.ConnectionClose()
 	prepareRequest(ctx, req, flags, trusted)
+	store := p.store
+	if up != nil {
+		// Slow path: a stored copy never stands in for a protocol switch,
+		// nor is an answer to one stored.
+		if !p.takeTunnelSlot(up) {
+			p.m.tunnelResults[upgradeOverloaded].Inc()
+			p.m.generated[errOverloaded].Inc()
+			writeError(&ctx.Response, errOverloaded, clientClose)
+			return
+		}
+		up.prepare(req)
+		store = nil
+	}
 
 	idempotent := isIdempotent(req.Header.Method())
 	deadline := now.Add(p.cfg.Timeout)
@@ -129,9 +146,12 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 			}
 			b.target.Begin()
 			tryStart := now
-			if h := p.hedge; h != nil && idempotent {
+			switch {
+			case up != nil:
+				err = up.try(b, req, &ctx.Response, tryDeadline, p.cfg)
+			case p.hedge != nil && idempotent:
 				b, err, tryStart = p.hedgedTry(b, req, &ctx.Response, &t, &hedges, now, deadline)
-			} else {
+			default:
 				err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
 			}
 			end := time.Now()
@@ -170,24 +190,36 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 	if !answered {
 		code = p.failureCode(code, &t, idempotent, now.UnixNano())
 	}
+	if up != nil && up.conn != nil {
+		// Slow path: a backend switched protocols.
+		p.openTunnel(ctx, up)
+		return
+	}
 	if answered {
 		// Fast path: a backend answered.
 		sc := ctx.Response.StatusCode()
-		if p.staleOnAnswer(sc) && p.serveStale(ctx, now, clientClose, upstreamStatusDetail[sc-500]) {
+		if sc >= 500 && sc <= 504 && store != nil && p.staleOnStatus[sc-500] &&
+			p.serveStale(ctx, now, clientClose, upstreamStatusDetail[sc-500]) {
 			return
 		}
 		prepareResponse(&ctx.Response, clientClose)
-		if p.store != nil {
-			p.store.Save(now, scheme(ctx), req, &ctx.Response)
+		if store != nil {
+			store.Save(now, scheme(ctx), req, &ctx.Response)
+		}
+		if up != nil {
+			p.endUpgrade(upgradeDeclined)
 		}
 		return
 	}
-	if p.store != nil && p.staleOn[code] && p.serveStale(ctx, now, clientClose, errCodeValues[code]) {
+	if store != nil && p.staleOn[code] && p.serveStale(ctx, now, clientClose, errCodeValues[code]) {
 		return
 	}
 	ctx.Response.Reset()
 	p.m.generated[code].Inc()
 	writeError(&ctx.Response, code, clientClose)
+	if up != nil {
+		p.endUpgrade(upgradeFailed)
+	}
 }
 
 // keepAnswer copies resp into kept, acquired if nil, and returns it.

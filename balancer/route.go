@@ -19,6 +19,9 @@ type route struct {
 	// hsts is the Strict-Transport-Security value for responses sent
 	// over TLS; nil for none.
 	hsts []byte
+	// upgrade is set when upgrade requests are tunnelled: the route's
+	// websocket key, or else its service's.
+	upgrade bool
 }
 
 // routeTable maps hosts and path prefixes to pools. It is immutable once

@@ -60,6 +60,8 @@ type Server struct {
 	// tls is the TLS listener and its certificates; nil without a tls
 	// block.
 	tls *tlsState
+	// tunnels are the open WebSocket and other upgraded connections.
+	tunnels *tunnelSet
 	// unrouted decides what a request matching no route gets while
 	// Consul's tag routes are not known yet; nil without tag routes.
 	unrouted atomic.Pointer[unroutedPolicy]
@@ -105,6 +107,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
 	s.routes.Store(newRouteTable(nil))
+	s.tunnels = newTunnelSet(s.panicked)
 	// ReadTimeout bounds the head: fasthttp arms it when a connection
 	// opens and again at the first byte of each later request. Once the
 	// head is in, the body gets the idle timeout.
@@ -449,7 +452,8 @@ func (s *Server) rebuildRoutesLocked() {
 	var rs []route
 	owner := make(map[string]string)
 	for _, rc := range s.cfg.Routes {
-		r := route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service], httpsRedirect: rc.HTTPSRedirect}
+		r := route{host: rc.Host, path: rc.Path, service: rc.Service, pool: s.pools[rc.Service], httpsRedirect: rc.HTTPSRedirect,
+			upgrade: upgrades(rc.WebSocket, s.cfg.Services[rc.Service])}
 		if rc.HSTS != nil {
 			r.hsts = rc.HSTS.value
 		}
@@ -466,7 +470,12 @@ func (s *Server) rebuildRoutesLocked() {
 				continue
 			}
 			owner[id] = fmt.Sprintf("service %q", name)
-			rs = append(rs, route{host: r.Host, path: r.Path, service: name, pool: s.pools[name]})
+			p := s.pools[name]
+			var sc *ServiceConfig
+			if p != nil {
+				sc = p.cfg
+			}
+			rs = append(rs, route{host: r.Host, path: r.Path, service: name, pool: p, upgrade: upgrades(nil, sc)})
 		}
 	}
 	for _, c := range conflicts {
@@ -488,9 +497,11 @@ func contains(ss []string, s string) bool {
 }
 
 // Shutdown stops accepting connections, waits up to the drain timeout for
-// in-flight requests and stops all background work.
+// in-flight requests and stops all background work. Tunnels are told to go
+// away (WebSocket close frames) and closed when ctx is done, if not before.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
+	s.tunnels.drain()
 	if s.handoff != nil {
 		// The loops accept on a duplicate of ln, which stopLoops closes
 		// as soon as none accepts: with ln closed, that is the socket's
@@ -513,6 +524,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.closeListeners()
 	if err == nil {
 		err = loopErr
+	}
+	if cut := s.tunnels.wait(ctx); cut > 0 {
+		s.log.Info("tunnels still open at the end of the drain were closed", "tunnels", cut)
 	}
 	s.mu.Lock()
 	c := s.consul
@@ -665,6 +679,11 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 		s.serveUnrouted(ctx, now)
 		return
 	}
+	var up *upgrade
+	if flags&sawUpgrade != 0 {
+		// Slow path: the client may ask to switch protocols.
+		up = s.upgradeOf(&ctx.Request, r)
+	}
 	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
 	trusted := s.trustedPeer(ip)
 	if r.httpsRedirect && !ctx.IsTLS() && !(trusted && forwardedHTTPS(&ctx.Request.Header)) {
@@ -672,7 +691,7 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 		s.redirectHTTPS(ctx, host)
 		return
 	}
-	r.pool.serve(ctx, now, flags, trusted, takeAttempt(ctx))
+	r.pool.serve(ctx, now, flags, trusted, takeAttempt(ctx), up)
 	if r.hsts != nil && ctx.IsTLS() {
 		setHSTS(&ctx.Response.Header, r.hsts)
 	}

@@ -89,6 +89,9 @@ const (
 	sawContentLength
 	sawTransferEncoding
 	sawExpect
+	// sawUpgrade: an Upgrade header, which may ask for a tunnel (see
+	// upgradeOf).
+	sawUpgrade
 )
 
 var strAllowAll = []byte("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")
@@ -173,6 +176,8 @@ var (
 	str100Continue = []byte("100-continue")
 	strForwarded   = []byte(h1.HeaderForwarded)
 	strContentType = []byte(h1.HeaderContentType)
+	// strUpgradeLower is in the lower case that h1.EqualFoldToken wants.
+	strUpgradeLower = []byte("upgrade")
 )
 
 // scanHeaderLines checks the header lines of a request head as received:
@@ -213,7 +218,12 @@ func scanHeaderLines(raw []byte) (flags int, r refusal) {
 			if !bytes.EqualFold(v, str100Continue) {
 				return flags, refuseExpect
 			}
-		case h1.KindConnection, h1.KindHop, h1.KindXForwardedFor, h1.KindXForwardedProto, h1.KindXForwardedHost, h1.KindForwarded, h1.KindForwardedLookalike,
+		case h1.KindHop:
+			flags |= sawRewrite
+			if len(name) == len(strUpgradeLower) && h1.EqualFoldToken(name, strUpgradeLower) {
+				flags |= sawUpgrade
+			}
+		case h1.KindConnection, h1.KindXForwardedFor, h1.KindXForwardedProto, h1.KindXForwardedHost, h1.KindForwarded, h1.KindForwardedLookalike,
 			h1.KindForwardedOther:
 			flags |= sawRewrite
 		}
