@@ -21,6 +21,7 @@ import (
 
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // adminServer serves the admin API: /metrics, /status, /healthz, /readyz,
@@ -66,7 +67,8 @@ func newAdminServer(s *Server) *adminServer {
 	a.srv = &http.Server{
 		Handler:           a,
 		ReadHeaderTimeout: 5 * time.Second,
-		// net/http reports handler panics and accept errors here.
+		// net/http reports accept and connection errors here; handler
+		// panics are recoverHandler's.
 		ErrorLog: slog.NewLogLogger(s.log.With("server", "admin").Handler(), slog.LevelError),
 	}
 	return a
@@ -159,6 +161,7 @@ func bearerToken(r *http.Request) (string, bool) {
 // ServeHTTP checks the Host, the token and the origin of an admin request
 // before serving it.
 func (a *adminServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	defer a.recoverHandler(r)
 	acc := a.access.Load()
 	if !acc.hostAllowed(r.Host) {
 		a.refuse(w, r, adminRefusedHost, http.StatusMisdirectedRequest,
@@ -182,6 +185,20 @@ func (a *adminServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a.mux.ServeHTTP(w, r)
+}
+
+// recoverHandler, deferred by ServeHTTP, counts and logs a handler's
+// panic, then lets net/http abort the connection as it does for any
+// handler panic; http.ErrAbortHandler keeps net/http from logging it again.
+func (a *adminServer) recoverHandler(r *http.Request) {
+	p := recover()
+	if p == nil {
+		return
+	}
+	if p != http.ErrAbortHandler {
+		panics.Admin.Recovered(a.s.log, p, "panic in admin handler", "server", "admin", "method", r.Method, "path", r.URL.Path)
+	}
+	panic(http.ErrAbortHandler)
 }
 
 // checkOrigin refuses a request that changes state when a web page of
@@ -345,7 +362,7 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},
 	"edgelb_panic_mode":                       {help: "1 while the service is in panic mode (too few backends available, so all get traffic), else 0."},
 	"edgelb_panic_mode_entries_total":         {help: "Times the service entered panic mode."},
-	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers."},
+	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers, by component: balancer (request handling in both engines, background tasks), admin (admin API handlers), discovery (Consul watches), health (active probes, outlier detection), stale (saving and loading the stale store)."},
 	"edgelb_request_duration_seconds":         {typ: "histogram", help: "Duration of client requests, retries included."},
 	"edgelb_requests_total":                   {help: "Client requests routed to the service."},
 	"edgelb_retries_total":                    {help: "Retries on another backend."},

@@ -18,6 +18,7 @@ import (
 
 	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // loopFreeConns bounds the closed client connections a loop keeps for
@@ -169,7 +170,7 @@ const epollET = 1 << 31
 func (l *loop) dispatch(s loopSock, ev uint32) {
 	defer func() {
 		if r := recover(); r != nil {
-			l.s.panicked(r, "panic in event loop; its connection is closed", "loop", l.idx)
+			panics.Balancer.Recovered(l.s.log, r, "panic in event loop; its connection is closed", "loop", l.idx)
 			c, bc := s.c, s.bc
 			if bc != nil && bc.client != nil {
 				c = bc.client

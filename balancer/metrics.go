@@ -261,7 +261,6 @@ var (
 	// answered from the stale store, or with no_healthy_backend.
 	unroutedStaleTotal   = metrics.NewCounter(`edgelb_stale_responses_total{service=""}`)
 	unroutedUnknownTotal = metrics.NewCounter(`edgelb_generated_errors_total{service="",code="no_healthy_backend"}`)
-	panicsTotal          = metrics.NewCounter(`edgelb_panics_total`)
 	reloadsTotal         = metrics.NewCounter(`edgelb_config_reloads_total{result="ok"}`)
 	reloadErrors         = metrics.NewCounter(`edgelb_config_reloads_total{result="error"}`)
 

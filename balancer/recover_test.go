@@ -1,7 +1,10 @@
 package balancer
 
 import (
+	"io"
 	"log/slog"
+	"net/http"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -19,7 +22,7 @@ func TestPanicWhileServingAnswers500AndCloses(t *testing.T) {
 	// The selection policy is the one indirect call a request makes: a
 	// bug in it must cost that request only.
 	p.sel = func(*Pool, *backendSet) (*Backend, *Backend) { panic("test panic in pick") }
-	before := panicsTotal.Get()
+	before := panicCount(t, s, "balancer")
 
 	var req fasthttp.Request
 	req.SetRequestURI("/boom")
@@ -32,11 +35,11 @@ func TestPanicWhileServingAnswers500AndCloses(t *testing.T) {
 	if !ctx.Response.ConnectionClose() {
 		t.Fatal("the connection is kept open after a panic")
 	}
-	if n := panicsTotal.Get() - before; n != 1 {
-		t.Fatalf("edgelb_panics_total went up by %d, want 1", n)
+	if n := panicCount(t, s, "balancer") - before; n != 1 {
+		t.Fatalf(`edgelb_panics_total{component="balancer"} went up by %d, want 1`, n)
 	}
 	out := logs.String()
-	for _, want := range []string{`level=ERROR msg="panic while serving request" uri=/boom panic="test panic in pick" stack=`, "recover_test.go"} {
+	for _, want := range []string{`level=ERROR msg="panic while serving request" component=balancer uri=/boom panic="test panic in pick" stack=`, "recover_test.go"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %q:\n%s", want, out)
 		}
@@ -46,17 +49,17 @@ func TestPanicWhileServingAnswers500AndCloses(t *testing.T) {
 func TestPanicInBackgroundTaskIsLogged(t *testing.T) {
 	var logs syncBuffer
 	s := startEdgeLogging(t, "services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}]\n", slog.New(slog.NewTextHandler(&logs, nil)))
-	before := panicsTotal.Get()
+	before := panicCount(t, s, "balancer")
 	s.goSafe("test-task", func() { panic("test panic in task") })
 	waitFor(t, "the panic in the log", func() bool { return strings.Contains(logs.String(), "panic in background task") })
 	out := logs.String()
-	for _, want := range []string{`level=ERROR msg="panic in background task" task=test-task panic="test panic in task" stack=`, "recover_test.go"} {
+	for _, want := range []string{`level=ERROR msg="panic in background task" component=balancer task=test-task panic="test panic in task" stack=`, "recover_test.go"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %q:\n%s", want, out)
 		}
 	}
-	if n := panicsTotal.Get() - before; n != 1 {
-		t.Fatalf("edgelb_panics_total went up by %d, want 1", n)
+	if n := panicCount(t, s, "balancer") - before; n != 1 {
+		t.Fatalf(`edgelb_panics_total{component="balancer"} went up by %d, want 1`, n)
 	}
 	// The server still serves.
 	if resp := do(t, s, "GET", "x", "/"); resp.StatusCode() != 502 && resp.StatusCode() != 503 {
@@ -86,12 +89,12 @@ func TestPanicInEventLoopCostsOneConnection(t *testing.T) {
 	// The loop loads the route table before it picks: storing it again
 	// publishes sel to the loop.
 	s.routes.Store(s.routes.Load())
-	before := panicsTotal.Get()
+	before := panicCount(t, s, "balancer")
 	if resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err == nil {
 		t.Fatalf("the connection whose request panicked got an answer: %d", resp.StatusCode())
 	}
-	if n := panicsTotal.Get() - before; n != 1 {
-		t.Fatalf("edgelb_panics_total went up by %d, want 1", n)
+	if n := panicCount(t, s, "balancer") - before; n != 1 {
+		t.Fatalf(`edgelb_panics_total{component="balancer"} went up by %d, want 1`, n)
 	}
 	for i := 0; i < 20; i++ {
 		resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -106,7 +109,58 @@ func TestPanicInEventLoopCostsOneConnection(t *testing.T) {
 		default:
 		}
 	}
-	if !strings.Contains(logs.String(), "panic in event loop") {
+	if !strings.Contains(logs.String(), `msg="panic in event loop; its connection is closed" component=balancer loop=`) {
 		t.Fatalf("log:\n%s", logs.String())
 	}
+}
+
+// A panicking admin handler costs its connection only, as in net/http,
+// and is counted and logged once, by edgelb rather than by net/http.
+func TestPanicInAdminHandlerIsCounted(t *testing.T) {
+	var logs syncBuffer
+	s := startEdgeLogging(t, "services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}]\n", slog.New(slog.NewTextHandler(&logs, nil)))
+	s.admin.mux.HandleFunc("GET /test-panic", func(http.ResponseWriter, *http.Request) { panic("test panic in admin") })
+	before := panicCount(t, s, "admin")
+	// A fresh connection: net/http's client sends a GET again when a
+	// reused connection breaks, and that would panic twice.
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	if resp, err := client.Get("http://" + s.AdminAddr() + "/test-panic"); err == nil {
+		resp.Body.Close()
+		t.Fatalf("the panicking handler's connection answered %d", resp.StatusCode)
+	}
+	if n := panicCount(t, s, "admin") - before; n != 1 {
+		t.Fatalf(`edgelb_panics_total{component="admin"} went up by %d, want 1`, n)
+	}
+	out := logs.String()
+	want := `level=ERROR msg="panic in admin handler" component=admin server=admin method=GET path=/test-panic panic="test panic in admin" stack=`
+	if !strings.Contains(out, want) || !strings.Contains(out, "recover_test.go") || strings.Contains(out, "http: panic serving") {
+		t.Fatalf("log, want one line with %q and the panicking frame:\n%s", want, out)
+	}
+	if code, _ := adminGet(t, s, "/healthz"); code != 200 {
+		t.Fatalf("/healthz after the panic: %d", code)
+	}
+}
+
+// panicCount reads edgelb_panics_total{component} from the admin API's
+// /metrics, where every component has a series from the start.
+func panicCount(t *testing.T, s *Server, component string) uint64 {
+	t.Helper()
+	resp, err := http.Get("http://" + s.AdminAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	series := `edgelb_panics_total{component="` + component + `"} `
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, series); ok {
+			n, err := strconv.ParseUint(v, 10, 64)
+			if err != nil {
+				t.Fatalf("%q: %v", l, err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("/metrics has no %s series", series)
+	return 0
 }

@@ -12,7 +12,6 @@ import (
 	"os"
 	"reflect"
 	"runtime"
-	"runtime/debug"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -24,6 +23,7 @@ import (
 	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // Server is an edgelb instance: the client-facing listener, the admin API
@@ -93,11 +93,13 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 	if logger == nil {
 		logger = slog.Default()
 	}
+	sc := cfg.StaleStore
+	sc.Logger = logger
 	s := &Server{
 		log:     logger,
 		reg:     health.NewRegistry(logger),
 		checker: health.NewChecker(logger),
-		store:   stale.New(cfg.StaleStore),
+		store:   stale.New(sc),
 		series:  newSeriesTable(),
 		cfg:     cfg,
 		pools:   make(map[string]*Pool),
@@ -107,7 +109,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
 	s.routes.Store(newRouteTable(nil))
-	s.tunnels = newTunnelSet(s.panicked)
+	s.tunnels = newTunnelSet(func(r any, msg string, attrs ...any) { panics.Balancer.Recovered(s.log, r, msg, attrs...) })
 	// ReadTimeout bounds the head: fasthttp arms it when a connection
 	// opens and again at the first byte of each later request. Once the
 	// head is in, the body gets the idle timeout.
@@ -636,32 +638,17 @@ func (s *Server) saveStore() {
 	s.mu.Lock()
 	dir := s.cfg.StateDir
 	s.mu.Unlock()
-	if err := s.store.SaveTo(dir); err != nil {
-		s.log.Error("stale store", "err", err)
-	}
+	s.store.Persist(dir)
 }
 
-// goSafe runs f in a goroutine that recovers and logs panics.
+// goSafe runs f in a goroutine; a panic in f is counted and logged, and
+// ends that goroutine only.
 func (s *Server) goSafe(name string, f func()) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		defer func() {
-			if r := recover(); r != nil {
-				s.panicked(r, "panic in background task", "task", name)
-			}
-		}()
-		f()
+		panics.Balancer.Run(f, s.log, "panic in background task", "task", name)
 	}()
-}
-
-// panicked handles a panic r that a deferred function recovered (recover
-// works only when called there): it counts it in edgelb_panics_total and
-// logs msg, attrs, the panic and the stack, which is still the panicking
-// one. Every recover of the server ends here.
-func (s *Server) panicked(r any, msg string, attrs ...any) {
-	panicsTotal.Inc()
-	s.log.Error(msg, append(attrs, "panic", r, "stack", string(debug.Stack()))...)
 }
 
 // handle is the root request handler.
@@ -733,7 +720,7 @@ func (s *Server) routesKnown() bool {
 // unknown.
 func (s *Server) recoverRequest(ctx *fasthttp.RequestCtx) {
 	if r := recover(); r != nil {
-		s.panicked(r, "panic while serving request", "uri", string(ctx.RequestURI()))
+		panics.Balancer.Recovered(s.log, r, "panic while serving request", "uri", string(ctx.RequestURI()))
 		ctx.Response.Reset()
 		ctx.Error("edgelb: internal error\n", fasthttp.StatusInternalServerError)
 		ctx.SetConnectionClose()

@@ -506,7 +506,7 @@ func closeWrite(c net.Conn) error {
 // tunnelSet holds a Server's open tunnels, so that shutting down can end
 // them. It is safe for concurrent use.
 type tunnelSet struct {
-	// panicked reports a recovered panic (Server.panicked).
+	// panicked reports a recovered panic (panics.Balancer).
 	panicked func(r any, msg string, attrs ...any)
 	// draining is set once shutting down began: no tunnel opens, and the
 	// open ones are told to go away.

@@ -8,7 +8,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"reflect"
-	"runtime/debug"
 	"slices"
 	"sort"
 	"strconv"
@@ -19,6 +18,8 @@ import (
 
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/hashicorp/consul/api"
+
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // ConsulConfig says where Consul is and how edgelb uses it.
@@ -187,7 +188,7 @@ func (c *Consul) Start() {
 				c.startWatchLocked(name, ConsulService{Name: name}, true, set)
 			}
 		}
-		c.goSafe("catalog", func() { c.follow(c.ctx, c.cfg.Datacenter, &catalogFollower{c: c}) })
+		c.goSafe(c.ctx, "catalog", func() { c.follow(c.ctx, c.cfg.Datacenter, &catalogFollower{c: c}) })
 	}
 	c.mu.Unlock()
 	c.noteDelivered()
@@ -285,7 +286,7 @@ func (c *Consul) startWatchLocked(name string, svc ConsulService, tagged bool, d
 	}
 	c.watches[name] = w
 	if disk != nil {
-		c.goSafe("disk "+name, func() {
+		c.goSafe(ctx, "disk "+name, func() {
 			select {
 			case <-ctx.Done():
 			case <-time.After(diskWait):
@@ -297,7 +298,7 @@ func (c *Consul) startWatchLocked(name string, svc ConsulService, tagged bool, d
 	if dc == "" {
 		dc = c.cfg.Datacenter
 	}
-	c.goSafe("watch "+name, func() { c.follow(ctx, dc, &serviceFollower{c: c, w: w, disk: disk}) })
+	c.goSafe(ctx, "watch "+name, func() { c.follow(ctx, dc, &serviceFollower{c: c, w: w, disk: disk}) })
 }
 
 // publishFromDisk publishes a persisted set unless Consul answered first.
@@ -762,16 +763,27 @@ func (c *Consul) persist() {
 	c.state.save(sets)
 }
 
-func (c *Consul) goSafe(name string, f func()) {
+// goSafe runs f in a goroutine. A panic in f is counted and logged, and f
+// runs again after a backoff while ctx lasts: a watch that panicked starts
+// again from a non-blocking query instead of leaving its service unwatched.
+func (c *Consul) goSafe(ctx context.Context, name string, f func()) {
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		defer func() {
-			if r := recover(); r != nil {
-				c.log.Error("panic in Consul watch", "task", name, "panic", r, "stack", string(debug.Stack()))
+		for n := 1; ; n++ {
+			start := time.Now()
+			if panics.Discovery.Run(f, c.log, "panic in Consul watch; restarting it", "task", name) == nil {
+				return
 			}
-		}()
-		f()
+			if time.Since(start) > maxBackoff {
+				// f ran a while: not a panic loop, so wait as after a
+				// first panic.
+				n = 1
+			}
+			if !sleepCtx(ctx, backoff(n)) {
+				return
+			}
+		}
 	}()
 }
 

@@ -1,15 +1,20 @@
 package discovery
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 
 	"github.com/edgelb/edgelb/discovery/consultest"
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 func startSourceToken(t *testing.T, a *consultest.Agent, token string, services map[string]ConsulService) (*Consul, *recorder) {
@@ -341,4 +346,72 @@ func TestCallLimiterRefund(t *testing.T) {
 		}
 		l.refund()
 	}
+}
+
+// panickyPublisher panics at the first Publish of one service, as a bug in
+// what the sets are published to would.
+type panickyPublisher struct {
+	*recorder
+	service string
+	armed   atomic.Bool
+}
+
+func (p *panickyPublisher) Publish(s *Set) {
+	if s.Service == p.service && p.armed.CompareAndSwap(true, false) {
+		panic("test panic in Publish")
+	}
+	p.recorder.Publish(s)
+}
+
+// A panic in a watch is counted and logged; that watch starts again and
+// follows its service as before, and the other watches never stop.
+func TestConsulWatchPanicIsCountedAndWatchGoesOn(t *testing.T) {
+	a := consultest.Start(t)
+	pub := &panickyPublisher{recorder: newRecorder(), service: "web"}
+	pub.armed.Store(true)
+	var logs lockedBuffer
+	before := panics.Discovery.Total()
+	c, err := NewConsul(ConsulConfig{Address: a.Addr()}, map[string]ConsulService{"web": {Name: "web-svc"}, "api": {Name: "api-svc"}}, "",
+		pub, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	t.Cleanup(c.Stop)
+
+	eventually(t, "the panic", func() bool { return !pub.armed.Load() })
+	a.Register("a1", "api-svc", 9101, nil, 0)
+	eventually(t, "api published", func() bool { return pub.addrs("api") == "127.0.0.1:9101*1" })
+	a.Register("w1", "web-svc", 9001, nil, 0)
+	eventually(t, "web published after its watch panicked", func() bool { return pub.addrs("web") == "127.0.0.1:9001*1" })
+	time.Sleep(1100 * time.Millisecond) // past the minimum call interval
+	a.Register("w2", "web-svc", 9002, nil, 0)
+	eventually(t, "web still followed", func() bool { return pub.addrs("web") == "127.0.0.1:9001*1,127.0.0.1:9002*1" })
+
+	if n := panics.Discovery.Total() - before; n != 1 {
+		t.Fatalf(`edgelb_panics_total{component="discovery"} went up by %d, want 1`, n)
+	}
+	out := logs.String()
+	want := `level=ERROR msg="panic in Consul watch; restarting it" source=consul component=discovery task="watch web" panic="test panic in Publish" stack=`
+	if strings.Count(out, "msg=\"panic in Consul watch") != 1 || !strings.Contains(out, want) || !strings.Contains(out, "consul_test.go") {
+		t.Fatalf("log, want one line with %q and the panicking frame:\n%s", want, out)
+	}
+}
+
+// lockedBuffer is a log destination safe for concurrent writes.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }

@@ -7,13 +7,14 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // ActiveConfig configures a periodic probe of each backend. Zero values
@@ -125,6 +126,8 @@ func (c ActiveConfig) Validate(prefix string) []error {
 // many pools share the backend. It is safe for concurrent use.
 type Checker struct {
 	log *slog.Logger
+	// dial opens the connections of HTTP probes; tests replace it.
+	dial func(addr string, timeout time.Duration) (net.Conn, error)
 
 	mu     sync.Mutex
 	probes map[probeKey]*probe
@@ -148,7 +151,7 @@ func NewChecker(log *slog.Logger) *Checker {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Checker{log: log.With("component", "health"), probes: make(map[probeKey]*probe)}
+	return &Checker{log: log, dial: fasthttp.DialTimeout, probes: make(map[probeKey]*probe)}
 }
 
 // Watch starts probing t with cfg, or joins the probe already running for
@@ -202,24 +205,14 @@ func (c *Checker) Probes() int {
 	return len(c.probes)
 }
 
+// run probes p until it stops. A panic costs that one probe: it is
+// counted and logged, says nothing about the backend, and the next probe
+// goes out on a new HostClient, since the panicking one may keep its only
+// connection slot taken and fail every later probe with ErrNoFreeConns.
 func (c *Checker) run(p *probe) {
 	defer c.wg.Done()
-	defer func() {
-		if r := recover(); r != nil {
-			c.log.Error("panic in health probe", "addr", p.t.addr, "panic", r, "stack", string(debug.Stack()))
-		}
-	}()
-	hc := &fasthttp.HostClient{
-		Addr:                      p.t.addr,
-		MaxConns:                  1,
-		MaxIdemponentCallAttempts: 1,
-		NoDefaultUserAgentHeader:  true,
-		Name:                      "edgelb-health",
-		Dial: func(addr string) (net.Conn, error) {
-			return fasthttp.DialTimeout(addr, p.cfg.Timeout)
-		},
-	}
-	defer hc.CloseIdleConnections()
+	hc := c.newHostClient(p)
+	defer func() { hc.CloseIdleConnections() }()
 	var passes, fails int
 	// The first probe goes out at a random point of the first interval,
 	// so that probes of many backends do not fire together.
@@ -232,21 +225,9 @@ func (c *Checker) run(p *probe) {
 			return
 		case <-timer.C:
 		}
-		err := c.probeOnce(hc, p)
-		switch {
-		case err == nil:
-			passes, fails = passes+1, 0
-			if passes >= p.cfg.Rise {
-				p.t.setActive(true, fmt.Sprintf("active check passed %d times in a row", passes))
-			}
-		case isLocalResourceErr(err):
-			// edgelb is out of descriptors or memory: the probe says
-			// nothing about the backend either way.
-		default:
-			passes, fails = 0, fails+1
-			if fails >= p.cfg.Fall {
-				p.t.setActive(false, fmt.Sprintf("active check failed %d times in a row, last: %v", fails, err))
-			}
+		if panics.Health.Run(func() { c.check(hc, p, &passes, &fails) }, c.log, "panic in health probe", "addr", p.t.addr) != nil {
+			hc.CloseIdleConnections()
+			hc = c.newHostClient(p)
 		}
 		wait = p.cfg.Interval
 		if p.t.activeFailing.Load() {
@@ -254,6 +235,40 @@ func (c *Checker) run(p *probe) {
 		}
 		// Up to 10% jitter keeps probes from synchronising.
 		wait += time.Duration(rand.Int64N(int64(wait)/10 + 1))
+	}
+}
+
+func (c *Checker) newHostClient(p *probe) *fasthttp.HostClient {
+	return &fasthttp.HostClient{
+		Addr:                      p.t.addr,
+		MaxConns:                  1,
+		MaxIdemponentCallAttempts: 1,
+		NoDefaultUserAgentHeader:  true,
+		Name:                      "edgelb-health",
+		Dial: func(addr string) (net.Conn, error) {
+			return c.dial(addr, p.cfg.Timeout)
+		},
+	}
+}
+
+// check runs one probe and moves the backend to healthy after Rise passes
+// in a row, or to unhealthy after Fall failures.
+func (c *Checker) check(hc *fasthttp.HostClient, p *probe, passes, fails *int) {
+	err := c.probeOnce(hc, p)
+	switch {
+	case err == nil:
+		*passes, *fails = *passes+1, 0
+		if *passes >= p.cfg.Rise {
+			p.t.setActive(true, fmt.Sprintf("active check passed %d times in a row", *passes))
+		}
+	case isLocalResourceErr(err):
+		// edgelb is out of descriptors or memory: the probe says
+		// nothing about the backend either way.
+	default:
+		*passes, *fails = 0, *fails+1
+		if *fails >= p.cfg.Fall {
+			p.t.setActive(false, fmt.Sprintf("active check failed %d times in a row, last: %v", *fails, err))
+		}
 	}
 }
 

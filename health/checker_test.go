@@ -1,14 +1,19 @@
 package health
 
 import (
+	"bytes"
+	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/valyala/fasthttp"
 	"go.uber.org/goleak"
+
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // TestMain checks that probes stop. fasthttp keeps package-level helper
@@ -193,4 +198,70 @@ func TestActiveConfigValidate(t *testing.T) {
 	f(ActiveConfig{Interval: time.Second, Timeout: 2 * time.Second}, "services.web.health.active.timeout: must not exceed interval (1s)")
 	f(ActiveConfig{ExpectStatus: []int{42}}, "services.web.health.active.expect_status: 42 is not an HTTP status")
 	f(ActiveConfig{Interval: time.Millisecond}, "services.web.health.active.interval: must be at least 10ms")
+}
+
+// A probe that panics costs that probe only: the panic is counted and
+// logged, the backend's state does not move, its next probes go out and
+// decide as before, and the other backends' probes never stop.
+func TestProbePanicIsCountedAndChecksGoOn(t *testing.T) {
+	a, b := startHealthServer(t), startHealthServer(t)
+	var logs lockedBuffer
+	c := NewChecker(slog.New(slog.NewTextHandler(&logs, nil)))
+	defer c.Close()
+	var panicked atomic.Bool
+	c.dial = func(addr string, timeout time.Duration) (net.Conn, error) {
+		if addr == a.addr && panicked.CompareAndSwap(false, true) {
+			panic("test panic in a probe")
+		}
+		return fasthttp.DialTimeout(addr, timeout)
+	}
+	before := panics.Health.Total()
+	reg := NewRegistry(nil)
+	ta, tb := reg.Acquire(a.addr, PassiveConfig{}), reg.Acquire(b.addr, PassiveConfig{})
+	cfg := ActiveConfig{Interval: 20 * time.Millisecond}
+	defer c.Watch(ta, cfg)()
+	defer c.Watch(tb, cfg)()
+
+	deadline := time.Now().Add(10 * time.Second)
+	for (a.hits.Load() < 3 || b.hits.Load() < 3) && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if !panicked.Load() || a.hits.Load() < 3 || b.hits.Load() < 3 {
+		t.Fatalf("panicked %v; probes answered: %d by a, %d by b", panicked.Load(), a.hits.Load(), b.hits.Load())
+	}
+	if n := panics.Health.Total() - before; n != 1 {
+		t.Fatalf(`edgelb_panics_total{component="health"} went up by %d, want 1`, n)
+	}
+	now := time.Now().UnixNano()
+	if ta.State(now) != StateHealthy || tb.State(now) != StateHealthy {
+		t.Fatalf("states after the panic: a %s, b %s", ta.State(now), tb.State(now))
+	}
+	// The probe of a still decides a's state.
+	a.status.Store(503)
+	waitState(t, ta, StateUnhealthy)
+	waitState(t, tb, StateHealthy)
+
+	out := logs.String()
+	want := `level=ERROR msg="panic in health probe" component=health addr=` + a.addr + ` panic="test panic in a probe" stack=`
+	if strings.Count(out, `msg="panic in health probe"`) != 1 || !strings.Contains(out, want) || !strings.Contains(out, "checker_test.go") {
+		t.Fatalf("log, want one line with %q and the panicking frame:\n%s", want, out)
+	}
+}
+
+// lockedBuffer is a log destination safe for concurrent writes.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }

@@ -4,13 +4,14 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"runtime/debug"
 	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // maxWindowBuckets bounds the intervals a window may span.
@@ -33,6 +34,9 @@ type Ejector struct {
 	cfg            PassiveConfig
 	panicThreshold int
 	log            *slog.Logger
+	// panicLog is log without the component, which the panic log names
+	// itself.
+	panicLog *slog.Logger
 
 	panic      atomic.Bool
 	panicSince atomic.Int64
@@ -66,6 +70,7 @@ func (r *Registry) NewEjector(service string, cfg PassiveConfig, panicThreshold 
 		cfg:            cfg,
 		panicThreshold: panicThreshold,
 		log:            log.With("component", "health", "service", service),
+		panicLog:       log,
 		windows:        make(map[*Target]*window),
 		m:              r.ejectorMetrics(service),
 		stop:           make(chan struct{}),
@@ -256,15 +261,10 @@ func (e *Ejector) run() {
 	}
 }
 
-// sweepSafe runs one sweep, recovering from a panic so that the next one
-// still runs.
+// sweepSafe runs one sweep; a panic in it is counted and logged, and the
+// next sweep still runs.
 func (e *Ejector) sweepSafe(now time.Time) {
-	defer func() {
-		if r := recover(); r != nil {
-			e.log.Error("panic in outlier detection", "panic", r, "stack", string(debug.Stack()))
-		}
-	}()
-	e.sweep(now)
+	panics.Health.Run(func() { e.sweep(now) }, e.panicLog, "panic in outlier detection", "service", e.service)
 }
 
 // sweep moves every target's window one interval on, ejects the outliers
@@ -272,8 +272,24 @@ func (e *Ejector) sweepSafe(now time.Time) {
 func (e *Ejector) sweep(now time.Time) {
 	ns := now.UnixNano()
 	ts := *e.targets.Load()
+	for _, o := range findOutliers(&e.cfg, e.advanceWindows(ts, ns)) {
+		reason := fmt.Sprintf("%s over the last %s", o.reason, e.cfg.window())
+		if o.t.eject(ns, reason, true) {
+			e.m.ejections[o.rule].Inc()
+			e.resetWindow(o.t)
+		}
+	}
+	e.updatePanic(ts, ns)
+}
+
+// advanceWindows moves the windows of ts one interval on, drops those of
+// targets gone, and returns the traffic of the targets available at now.
+// Unlocking is deferred so that a panic, which sweepSafe survives, does not
+// leave e.mu locked.
+func (e *Ejector) advanceWindows(ts []*Target, now int64) []backendStats {
 	stats := make([]backendStats, 0, len(ts))
 	e.mu.Lock()
+	defer e.mu.Unlock()
 	seen := make(map[*Target]bool, len(ts))
 	for _, t := range ts {
 		seen[t] = true
@@ -283,7 +299,7 @@ func (e *Ejector) sweep(now time.Time) {
 			e.windows[t] = w
 		}
 		w.advance(t)
-		if t.Available(ns) {
+		if t.Available(now) {
 			stats = append(stats, backendStats{t: t, sample: w.sum})
 		}
 	}
@@ -292,20 +308,16 @@ func (e *Ejector) sweep(now time.Time) {
 			delete(e.windows, t)
 		}
 	}
-	e.mu.Unlock()
+	return stats
+}
 
-	for _, o := range findOutliers(&e.cfg, stats) {
-		reason := fmt.Sprintf("%s over the last %s", o.reason, e.cfg.window())
-		if o.t.eject(ns, reason, true) {
-			e.m.ejections[o.rule].Inc()
-			e.mu.Lock()
-			if w := e.windows[o.t]; w != nil {
-				w.reset()
-			}
-			e.mu.Unlock()
-		}
+// resetWindow forgets the traffic of an ejected target.
+func (e *Ejector) resetWindow(t *Target) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if w := e.windows[t]; w != nil {
+		w.reset()
 	}
-	e.updatePanic(ts, ns)
 }
 
 // updatePanic enters or leaves panic mode, logging and counting the change.

@@ -2,9 +2,12 @@ package health
 
 import (
 	"fmt"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // traffic is a backend's window in findOutliers tests: requests, failed
@@ -252,4 +255,59 @@ func TestEjectorClose(t *testing.T) {
 	if gs := ts[0].groups.Load(); gs != nil && len(*gs) != 0 {
 		t.Fatal("a closed Ejector still holds a budget")
 	}
+}
+
+// A sweep that panics is counted and logged, and the next sweep still
+// runs and ejects.
+func TestSweepPanicIsCountedAndSweepsGoOn(t *testing.T) {
+	var logs lockedBuffer
+	reg := NewRegistry(slog.New(slog.NewTextHandler(&logs, nil)))
+	// The ticker's own sweeps stay out of the way of the ones made here.
+	cfg := PassiveConfig{Consecutive5xx: 1000, BaseEjectionTime: time.Minute, Interval: time.Hour}
+	ts := make([]*Target, 4)
+	for i := range ts {
+		ts[i] = reg.Acquire(fmt.Sprintf("127.0.0.1:%d", i+1), cfg)
+	}
+	e := reg.NewEjector("web", cfg, 0)
+	e.SetTargets(ts)
+	before := panics.Health.Total()
+
+	// A nil target makes the sweep panic while it holds the Ejector's lock.
+	e.targets.Store(&[]*Target{ts[0], nil})
+	e.sweepSafe(time.Now())
+	if n := panics.Health.Total() - before; n != 1 {
+		t.Fatalf(`edgelb_panics_total{component="health"} went up by %d, want 1`, n)
+	}
+	out := logs.String()
+	if want := `level=ERROR msg="panic in outlier detection" component=health service=web panic=`; !strings.Contains(out, want) || !strings.Contains(out, "ejector.go") {
+		t.Fatalf("log lacks %q and the panicking frame:\n%s", want, out)
+	}
+
+	e.targets.Store(&ts)
+	now := time.Now()
+	for i, tg := range ts {
+		fails := 0
+		if i == 1 {
+			fails = 40
+		}
+		serveN(tg, now.UnixNano(), 100, fails, 10*time.Millisecond)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		e.sweepSafe(now)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the sweep after a panic did not end: the Ejector's lock was left held")
+	}
+	if got := ts[1].State(now.UnixNano()); got != StateEjected {
+		t.Fatalf("outlier after the panic: %s, want ejected", got)
+	}
+	if n := panics.Health.Total() - before; n != 1 {
+		t.Fatalf("the sweep after the panic panicked too (%d panics)", n)
+	}
+	// Not deferred: with the lock left held, Close would hang the test.
+	e.Close()
 }

@@ -9,13 +9,14 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/VictoriaMetrics/fastcache"
 	"github.com/cespare/xxhash/v2"
+
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // On disk, a store saved under a state dir is the directory stateDirName:
@@ -46,6 +47,9 @@ var dataFileRE = regexp.MustCompile(`^(metadata|data\.\d+)\.bin$`)
 func (s *Store) SaveTo(dir string) error {
 	s.persistMu.Lock()
 	defer s.persistMu.Unlock()
+	if s.saveHook != nil {
+		s.saveHook()
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("cannot save stale store: %w", err)
 	}
@@ -191,16 +195,17 @@ func (s *Store) LoadFrom(dir string) error {
 }
 
 // load checks the saved copy in path against its manifest, then loads it.
+// A panic of fastcache's loader is counted and logged, and returned as an
+// error: the store then starts empty.
 func (s *Store) load(path string) (c *fastcache.Cache, err error) {
 	if err := verifyManifest(path, s.cfg.MaxBytes); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if r := recover(); r != nil {
-			c, err = nil, fmt.Errorf("fastcache panicked: %v", r)
-		}
-	}()
-	return fastcache.LoadFromFileMaxBytes(path, s.cfg.MaxBytes)
+	if r := panics.Stale.Run(func() { c, err = fastcache.LoadFromFileMaxBytes(path, s.cfg.MaxBytes) },
+		s.log, "stale store: panic while loading", "path", path); r != nil {
+		return nil, fmt.Errorf("fastcache panicked: %v", r)
+	}
+	return c, err
 }
 
 func verifyManifest(dir string, maxBytes int) error {
@@ -266,8 +271,8 @@ func removeTemps(dir string) {
 
 // RunPersist saves the store under dir every interval, and once more when
 // ctx is done; it returns after that last save. Run it in a goroutine of
-// its own. Errors and panics of a save are logged to Config.Logger and do
-// not stop it. DefaultPersistInterval is used if interval is not set.
+// its own. Each save is a Persist. DefaultPersistInterval is used if
+// interval is not set.
 func (s *Store) RunPersist(ctx context.Context, dir string, interval time.Duration) {
 	if interval <= 0 {
 		interval = DefaultPersistInterval
@@ -277,21 +282,22 @@ func (s *Store) RunPersist(ctx context.Context, dir string, interval time.Durati
 	for {
 		select {
 		case <-ctx.Done():
-			s.persist(dir)
+			s.Persist(dir)
 			return
 		case <-t.C:
-			s.persist(dir)
+			s.Persist(dir)
 		}
 	}
 }
 
-func (s *Store) persist(dir string) {
-	defer func() {
-		if r := recover(); r != nil {
-			s.log.Error("stale store: panic while saving", "dir", dir, "panic", r, "stack", string(debug.Stack()))
-		}
-	}()
-	if err := s.SaveTo(dir); err != nil {
+// Persist saves the store under dir as SaveTo does, for saves that nobody
+// waits on: an error is logged to Config.Logger, and a panic is recovered,
+// counted in edgelb_panics_total{component="stale"} and logged, so that
+// the next save still runs.
+func (s *Store) Persist(dir string) {
+	var err error
+	panics.Stale.Run(func() { err = s.SaveTo(dir) }, s.log, "stale store: panic while saving", "dir", dir)
+	if err != nil {
 		s.log.Error("stale store", "err", err)
 	}
 }

@@ -44,8 +44,8 @@ type Config struct {
 	// used if not set.
 	Statuses []int `yaml:"statuses"`
 
-	// Logger receives the errors and recovered panics of RunPersist.
-	// slog.Default() is used if not set.
+	// Logger receives the errors of Persist and RunPersist and the panics
+	// recovered while saving or loading. slog.Default() is used if not set.
 	Logger *slog.Logger `yaml:"-"`
 }
 
@@ -137,6 +137,9 @@ type Store struct {
 	gen atomic.Uint64
 
 	persistMu sync.Mutex
+	// saveHook, if set, runs at the start of each SaveTo: tests make a
+	// save panic with it.
+	saveHook func()
 }
 
 // New returns an empty store.
