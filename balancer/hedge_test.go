@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"sync"
@@ -196,5 +197,48 @@ func TestHedgeSteersAwayFromHungBackend(t *testing.T) {
 			t.Errorf("the hung backend got %d of 30 requests; its abandoned tries should keep it from being picked", n)
 		}
 		assertAllHealthy(t, s)
+	})
+}
+
+// Every try ends: after hedged requests whose clients stay or go away
+// mid-request, and whose losing tries are abandoned, no backend is left
+// with a request in flight.
+func TestHedgedTriesAllEnd(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		slow := slowOrigin(t, "slow", 300*time.Millisecond)
+		fast := slowOrigin(t, "fast", 0)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+slow.addr+", "+fast.addr+"], try_timeout: 1s,"+
+			" hedge: {after: 10ms, max: 1}}\nroutes: [{service: web}]\n")
+		var wg sync.WaitGroup
+		for i := 0; i < 24; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c := dialEdge(t, s)
+				defer c.Close()
+				io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+				if i%3 == 0 {
+					// Gone before any answer.
+					time.Sleep(5 * time.Millisecond)
+					return
+				}
+				c.Read(make([]byte, 512))
+			}()
+		}
+		wg.Wait()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			busy := 0
+			for _, b := range s.Status().Services["web"].Backends {
+				busy += int(b.Inflight)
+			}
+			if busy == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d tries still in flight 5s after the last request", busy)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	})
 }
