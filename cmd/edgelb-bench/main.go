@@ -203,6 +203,12 @@ func summary(rep *report.Report) string {
 			if r.Error != "" {
 				fmt.Fprintf(&b, "%-12s %-8s error: %s\n", "", "", r.Error)
 			}
+			if f := r.Failover; f != nil {
+				fmt.Fprintf(&b, "%-12s %-8s failover: kill to first %s answer %s, to every answer from it %s, %d errors in the outage (slowest %.1fms); "+
+					"restart to first primary answer %s, to every answer from primaries %s; primaries %.1f%% of the last second\n",
+					"", "", f.Backup, msText(f.FirstBackupMS), msText(f.AllBackupMS), f.OutageErrors, f.OutageMaxMS,
+					msText(f.FirstPrimaryMS), msText(f.AllPrimaryMS), f.LastSecondPrimaryPercent)
+			}
 		}
 		for _, c := range s.Comparisons {
 			fmt.Fprintf(&b, "%-12s edgelb/%-7s req/s %.2fx  cpu/req %.2fx  p99 %.2fx  errors %d vs %d\n", "", c.Peer, c.RPSRatio, c.CPUPerRequestRatio, c.P99Ratio, c.Errors, c.PeerErrors)
@@ -212,4 +218,12 @@ func summary(rep *report.Report) string {
 		}
 	}
 	return b.String()
+}
+
+// msText words a failover time: milliseconds, or never (-1).
+func msText(v float64) string {
+	if v < 0 {
+		return "never"
+	}
+	return fmt.Sprintf("%.1fms", v)
 }
