@@ -80,6 +80,10 @@ type Run struct {
 type Failover struct {
 	// Backup names the backup origin.
 	Backup string `json:"backup"`
+	// KillMS is how long killing the primaries took, from the first
+	// SIGKILL to the exit of the last one: the times below count from the
+	// first.
+	KillMS float64 `json:"kill_ms"`
 	// FirstBackupMS is the time from the kill of the primaries to the
 	// first answer from the backup.
 	FirstBackupMS float64 `json:"first_backup_ms"`

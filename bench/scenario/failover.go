@@ -53,9 +53,10 @@ func (l *answerLog) observe(sent, end time.Time, resp *fasthttp.Response, err er
 }
 
 // failover sums up the load that began at start and ended at end, whose
-// primaries were killed at killAt and answered again from restartAt
-// (zero if they were not), backup being the backup origin's name.
-func (l *answerLog) failover(start, end, killAt, restartAt time.Time, backup string) *report.Failover {
+// primaries were killed from killAt to killedAt and answered again from
+// restartAt (zero if they were not), backup being the backup origin's
+// name.
+func (l *answerLog) failover(start, end, killAt, killedAt, restartAt time.Time, backup string) *report.Failover {
 	l.mu.Lock()
 	as := append([]answer(nil), l.answers...)
 	l.mu.Unlock()
@@ -67,6 +68,7 @@ func (l *answerLog) failover(start, end, killAt, restartAt time.Time, backup str
 	f := &report.Failover{
 		Backup: backup, FirstBackupMS: -1, FirstPrimaryMS: -1, AllPrimaryMS: -1,
 		Before: map[string]int64{}, Outage: map[string]int64{}, After: map[string]int64{},
+		KillMS: ms(killedAt.Sub(killAt)),
 	}
 	seconds := int(end.Sub(start) / time.Second)
 	var lastOther, lastBackup time.Time

@@ -36,13 +36,14 @@ func TestAnswerLogFailover(t *testing.T) {
 	answer(2600, "o1", 200)
 	answer(2700, "o2", 503)
 
-	f := l.failover(start, ms(3000), ms(1000), ms(2000), "backup")
+	f := l.failover(start, ms(3000), ms(1000), ms(1002), ms(2000), "backup")
 	check := func(name string, got, want float64) {
 		t.Helper()
 		if got != want {
 			t.Errorf("%s: %v, want %v", name, got, want)
 		}
 	}
+	check("kill", f.KillMS, 2)
 	check("first backup", f.FirstBackupMS, 4)
 	check("every answer from the backup", f.AllBackupMS, 30)
 	check("outage errors", float64(f.OutageErrors), 1)
@@ -60,7 +61,7 @@ func TestAnswerLogFailover(t *testing.T) {
 	// The backup never answered, the primaries never came back.
 	l = newAnswerLog()
 	answer(1500, "", 502)
-	f = l.failover(start, ms(3000), ms(1000), time.Time{}, "backup")
+	f = l.failover(start, ms(3000), ms(1000), ms(1000), time.Time{}, "backup")
 	if f.FirstBackupMS != -1 || f.FirstPrimaryMS != -1 || f.AllPrimaryMS != -1 || f.OutageErrors != 1 {
 		t.Errorf("nothing answered: %+v", f)
 	}

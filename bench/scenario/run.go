@@ -182,10 +182,12 @@ type session struct {
 	prop   *report.Propagation
 
 	// answers records who answered each request, for the backup
-	// scenario; killAt and restartAt are when its primaries were killed
-	// and answered again after their restart (guarded by mu).
+	// scenario; killAt and killedAt are when the kill of its primaries
+	// began and ended, restartAt when they answered again after their
+	// restart (guarded by mu).
 	answers   *answerLog
 	killAt    time.Time
+	killedAt  time.Time
 	restartAt time.Time
 }
 
@@ -237,10 +239,10 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 	run, err = s.drive(scripts[name])
 	if s.answers != nil && run.Result != nil {
 		s.mu.Lock()
-		killAt, restartAt := s.killAt, s.restartAt
+		killAt, killedAt, restartAt := s.killAt, s.killedAt, s.restartAt
 		s.mu.Unlock()
-		if !killAt.IsZero() {
-			run.Failover = s.answers.failover(run.Result.Start, run.Result.Start.Add(run.Result.Elapsed), killAt, restartAt, backupOrigin)
+		if !killedAt.IsZero() {
+			run.Failover = s.answers.failover(run.Result.Start, run.Result.Start.Add(run.Result.Elapsed), killAt, killedAt, restartAt, backupOrigin)
 		}
 	}
 	return run, s.prop, err
@@ -494,13 +496,14 @@ func backupScript(s *session) error {
 	if err := s.at(1.0 / 3); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	s.killAt = time.Now()
-	s.mu.Unlock()
+	killAt := time.Now()
 	for _, o := range s.origins {
 		o.Kill9()
 	}
-	s.markAt(s.killAt, "kill -9 o1, o2, o3 (%s up)", backupOrigin)
+	s.mu.Lock()
+	s.killAt, s.killedAt = killAt, time.Now()
+	s.mu.Unlock()
+	s.markAt(killAt, "kill -9 o1, o2, o3 (%s up)", backupOrigin)
 	s.watchServing("backup")
 	if err := s.at(2.0 / 3); err != nil {
 		return err

@@ -204,9 +204,9 @@ func summary(rep *report.Report) string {
 				fmt.Fprintf(&b, "%-12s %-8s error: %s\n", "", "", r.Error)
 			}
 			if f := r.Failover; f != nil {
-				fmt.Fprintf(&b, "%-12s %-8s failover: kill to first %s answer %s, to every answer from it %s, %d errors in the outage (slowest %.1fms); "+
+				fmt.Fprintf(&b, "%-12s %-8s failover: kill (%.1fms) to first %s answer %s, to every answer from it %s, %d errors in the outage (slowest %.1fms); "+
 					"restart to first primary answer %s, to every answer from primaries %s; primaries %.1f%% of the last second\n",
-					"", "", f.Backup, msText(f.FirstBackupMS), msText(f.AllBackupMS), f.OutageErrors, f.OutageMaxMS,
+					"", "", f.KillMS, f.Backup, msText(f.FirstBackupMS), msText(f.AllBackupMS), f.OutageErrors, f.OutageMaxMS,
 					msText(f.FirstPrimaryMS), msText(f.AllPrimaryMS), f.LastSecondPrimaryPercent)
 			}
 		}
