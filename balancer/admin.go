@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -344,6 +345,9 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_admin_requests_refused_total":     {help: "Admin API requests refused, by reason: host (Host not accepted), token (missing or wrong admin_token), cross_origin (a request a web page of another origin may have sent)."},
 	"edgelb_backend_errors_total":             {help: "Tries on a backend that failed, by cause."},
 	"edgelb_backend_inflight":                 {help: "Requests in flight to a backend."},
+	"edgelb_backend_backup":                   {help: "1 while the backend is in its service's backup set, 0 while it is a primary."},
+	"edgelb_backup_requests_total":            {help: "Answers the service's backup backends gave (tries on a backup that got an HTTP response, retries included)."},
+	"edgelb_serving":                          {help: "1 for the set of backends that serves the service's new requests now (set: primary, backup, panic or none), 0 for the others."},
 	"edgelb_backend_request_duration_seconds": {typ: "histogram", help: "Duration of tries on a backend."},
 	"edgelb_backend_requests_total":           {help: "Tries sent to a backend, retries included."},
 	"edgelb_backend_responses_total":          {help: "Responses from a backend, by status class."},
@@ -470,10 +474,12 @@ type Status struct {
 
 // ServiceStatus is one service in /status.
 type ServiceStatus struct {
-	Source    string          `json:"source"`
-	UpdatedAt time.Time       `json:"updated_at,omitzero"`
-	Backends  []BackendStatus `json:"backends"`
-	Available int             `json:"available"`
+	Source    string    `json:"source"`
+	UpdatedAt time.Time `json:"updated_at,omitzero"`
+	// Backends lists the primary backends, then the backup ones.
+	Backends []BackendStatus `json:"backends"`
+	// Available counts the healthy primary backends.
+	Available int `json:"available"`
 	// Panic is set while too few backends are available and every one
 	// that is not draining or failing to answer gets traffic.
 	Panic      bool      `json:"panic"`
@@ -481,6 +487,15 @@ type ServiceStatus struct {
 	// Tunnels counts the open WebSocket and other upgraded connections,
 	// those of backends no longer listed included.
 	Tunnels int64 `json:"tunnels"`
+	// Serving says which set serves new requests: "primary", "backup",
+	// "panic" or "none".
+	Serving string `json:"serving"`
+	// BackupSource and BackupUpdatedAt describe the backup set's
+	// discovery, BackupAvailable counts its healthy backends; absent
+	// without a backup set.
+	BackupSource    string    `json:"backup_source,omitempty"`
+	BackupUpdatedAt time.Time `json:"backup_updated_at,omitzero"`
+	BackupAvailable int       `json:"backup_available,omitempty"`
 }
 
 // BackendStatus is one backend in /status.
@@ -493,6 +508,8 @@ type BackendStatus struct {
 	// Tunnels counts the backend's open WebSocket and other upgraded
 	// connections; ejection does not close them.
 	Tunnels int64 `json:"tunnels"`
+	// Backup is set for a backend of the service's backup set.
+	Backup bool `json:"backup,omitempty"`
 }
 
 // RouteStatus is one route in /status.
@@ -513,12 +530,22 @@ func (s *Server) Status() *Status {
 			ss.Source = set.Source
 			ss.UpdatedAt = set.UpdatedAt
 		}
+		if set := p.backupSource.Load(); set != nil && p.bej != nil {
+			ss.BackupSource = set.Source
+			ss.BackupUpdatedAt = set.UpdatedAt
+		}
 		ss.Panic, ss.PanicSince = p.ej.Panic(), p.ej.PanicSince()
 		ss.Tunnels = p.m.tunnelsOpen.Load()
-		for _, b := range p.set.Load().list {
-			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight, Tunnels: b.m.tunnels.Load()}
+		ss.Serving = p.serving(now.UnixNano())
+		primary, backup := p.set.Load().list, p.backup.Load().list
+		for _, b := range slices.Concat(primary, backup) {
+			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight, Tunnels: b.m.tunnels.Load(), Backup: b.backup}
 			if bs.State == health.StateHealthy.String() {
-				ss.Available++
+				if b.backup {
+					ss.BackupAvailable++
+				} else {
+					ss.Available++
+				}
 				if pct := p.slowStartPercent(b, now.UnixNano()); pct < 100 {
 					bs.SlowStart = pct
 				}
@@ -527,7 +554,7 @@ func (s *Server) Status() *Status {
 		}
 		p.mu.Lock()
 		for _, d := range p.draining {
-			bs := BackendStatus{TargetStatus: d.b.target.Status(now), Weight: d.b.weight, Tunnels: d.b.m.tunnels.Load()}
+			bs := BackendStatus{TargetStatus: d.b.target.Status(now), Weight: d.b.weight, Tunnels: d.b.m.tunnels.Load(), Backup: d.b.backup}
 			bs.State = health.StateDraining.String()
 			bs.Reason = "removed from discovery; finishing in-flight requests"
 			bs.Since = d.since

@@ -55,5 +55,35 @@ func TestPickAllocatesNothing(t *testing.T) {
 		if n := testing.AllocsPerRun(1000, pick); n != 0 {
 			t.Errorf("%s with weights: pick allocates %.2f times, want 0", balance, n)
 		}
+
+		// With a backup set: the primaries' fast path, the backups once
+		// every primary is out, the last try, and panic mode.
+		p = testBackupPool(t, "{static: [127.0.0.1:1], backup: [127.0.0.2:1], balance: "+balance+
+			", health: {passive: {consecutive_5xx: 1, max_ejection_percent: 100, base_ejection_time: 1m}}}", []string{p1, p2}, []string{b1, b2})
+		set := func(what string, want func(b *Backend) bool, tr tried) {
+			t.Helper()
+			f := func() {
+				tr := tr
+				if b := p.pick(now, &tr); b == nil || !want(b) {
+					panic("BUG: " + what + ": unexpected pick")
+				}
+			}
+			if n := testing.AllocsPerRun(1000, f); n != 0 {
+				t.Errorf("%s, %s: pick allocates %.2f times, want 0", balance, what, n)
+			}
+		}
+		primary := func(b *Backend) bool { return !b.backup }
+		backup := func(b *Backend) bool { return b.backup }
+		set("primaries up", primary, tried{})
+		var last tried
+		last.add(p.byAddr[p1])
+		last.add(p.byAddr[p2])
+		set("the last try", backup, last)
+		fail5xx(t, p.byAddr[p1], now)
+		fail5xx(t, p.byAddr[p2], now)
+		set("primaries out", backup, tried{})
+		fail5xx(t, p.byAddr[b1], now)
+		fail5xx(t, p.byAddr[b2], now)
+		set("panic", primary, tried{})
 	}
 }

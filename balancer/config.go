@@ -193,6 +193,11 @@ type ServiceConfig struct {
 	// Static lists the instances as host:port.
 	Static []StaticBackend `yaml:"static"`
 
+	// Backup is a second set of backends that gets the service's
+	// requests only while none of the primary ones (Consul or Static) is
+	// available to them; see BackupConfig. None if not set.
+	Backup *BackupConfig `yaml:"backup"`
+
 	// Balance is the selection policy: "p2c" (power of two choices on
 	// in-flight requests, the default), "round_robin" or "random".
 	// All of them honour weights.
@@ -308,6 +313,54 @@ func (b *StaticBackend) UnmarshalYAML(n *yaml.Node) error {
 	type plain StaticBackend
 	return n.Decode((*plain)(b))
 }
+
+// BackupConfig is a service's backup set: backends found as the service's
+// own are, from Consul or a static list, checked, ejected and timed by
+// the service's settings like its primary backends, and picked only when
+// no primary is available to a try. In YAML it is either
+// {static: [...]} or {consul: {name: ...}}, as the service's own
+// backends, or a bare list, short for {static: [...]}.
+type BackupConfig struct {
+	// Consul discovers the backups from Consul.
+	Consul *discovery.ConsulService `yaml:"consul"`
+
+	// Static lists the backups as host:port.
+	Static []StaticBackend `yaml:"static"`
+
+	// list is set when the YAML gave the short form, a bare list, so that
+	// errors name its keys as written.
+	list bool
+}
+
+// UnmarshalYAML accepts a bare list of backends as well as the
+// {static: [...]} and {consul: {...}} mappings.
+func (b *BackupConfig) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: want a list of host:port, {static: [...]} or {consul: {name: ...}} (got %q)", n.Line, n.Value)}}
+	}
+	if n.Kind == yaml.SequenceNode {
+		b.list = true
+		return n.Decode(&b.Static)
+	}
+	type plain BackupConfig
+	return n.Decode((*plain)(b))
+}
+
+// staticKey returns the key of the i-th static backup under path, as the
+// YAML wrote it.
+func (b *BackupConfig) staticKey(path string, i int) string {
+	if b.list {
+		return fmt.Sprintf("%s.backup[%d]", path, i)
+	}
+	return fmt.Sprintf("%s.backup.static[%d]", path, i)
+}
+
+// backupSuffix makes the discovery name of a service's backup set, under
+// which its Consul watch reports in /status and /metrics.
+const backupSuffix = "/backup"
+
+// backupName returns the discovery name of the backup set of service.
+func backupName(service string) string { return service + backupSuffix }
 
 // HealthConfig configures how backends are judged.
 type HealthConfig struct {
@@ -477,6 +530,10 @@ func checkKeys(n *yaml.Node, t reflect.Type, path string, lines map[int]string, 
 			*errs = append(*errs, fmt.Errorf("%s: must be a whole number, got %s", path, n.Value))
 		}
 	case reflect.Struct:
+		if t == reflect.TypeOf(BackupConfig{}) && n.Kind == yaml.SequenceNode {
+			checkKeys(n, reflect.TypeOf([]StaticBackend{}), path, lines, errs)
+			return
+		}
 		if n.Kind != yaml.MappingNode {
 			if t == reflect.TypeOf(StaticBackend{}) || t == reflect.TypeOf(time.Time{}) {
 				return
@@ -635,6 +692,11 @@ func (c *Config) validate() []error {
 	}
 	for _, name := range sortedNames(c.Services) {
 		errs = append(errs, c.Services[name].validate("services."+name, c.Consul != nil)...)
+		if base, ok := strings.CutSuffix(name, backupSuffix); ok {
+			if sc := c.Services[base]; sc != nil && sc.Backup != nil && sc.Backup.Consul != nil {
+				bad("services."+name, "the name is taken: the Consul backup set of services.%s reports under it; rename the service", base)
+			}
+		}
 	}
 	seen := make(map[string]int)
 	for i := range c.Routes {
@@ -856,6 +918,9 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 			bad(k+".weight", "must not be negative")
 		}
 	}
+	if sc.Backup != nil {
+		errs = append(errs, sc.validateBackup(path, haveConsul)...)
+	}
 	if _, ok := selectors[sc.Balance]; !ok {
 		bad(".balance", "unknown policy %q (one of %s)", sc.Balance, policyNames)
 	}
@@ -890,6 +955,53 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 	}
 	errs = append(errs, sc.Health.validate(path+".health")...)
 	errs = append(errs, sc.Stale.validate(path+".stale")...)
+	return errs
+}
+
+// validateBackup checks sc.Backup; it returns every problem, each key
+// under path.
+func (sc *ServiceConfig) validateBackup(path string, haveConsul bool) []error {
+	var errs []error
+	bad := func(k, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{k}, args...)...))
+	}
+	b := sc.Backup
+	k := path + ".backup"
+	switch {
+	case b.Consul != nil && len(b.Static) > 0:
+		bad(k, "set either consul or static, not both")
+	case b.Consul == nil && len(b.Static) == 0:
+		bad(k, "no backends: set consul: {name: ...}, static: [host:port, ...] or a list of host:port")
+	case b.Consul != nil && !haveConsul:
+		bad(k+".consul", "needs the top-level consul block")
+	case b.Consul != nil && b.Consul.Name == "":
+		bad(k+".consul.name", "missing")
+	case b.Consul != nil && sc.Consul != nil && reflect.DeepEqual(*b.Consul, *sc.Consul):
+		bad(k+".consul", "watches the same Consul service as %s.consul: a backend is a primary or a backup, not both; "+
+			"tell the sets apart by name, tags or datacenter", path)
+	}
+	primary := make(map[string]int, len(sc.Static))
+	for i, p := range sc.Static {
+		primary[p.Addr] = i
+	}
+	seen := make(map[string]int, len(b.Static))
+	for i, s := range b.Static {
+		key := b.staticKey(path, i)
+		if err := checkAddr(s.Addr); err != nil {
+			bad(key, "%v", err)
+			continue
+		}
+		if s.Weight < 0 {
+			bad(key+".weight", "must not be negative")
+		}
+		if j, ok := primary[s.Addr]; ok {
+			bad(key, "%s is also a primary backend (%s.static[%d]); a backend is a primary or a backup, not both", s.Addr, path, j)
+		}
+		if j, ok := seen[s.Addr]; ok {
+			bad(key, "%s is listed twice (also %s)", s.Addr, b.staticKey(path, j))
+		}
+		seen[s.Addr] = i
+	}
 	return errs
 }
 

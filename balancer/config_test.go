@@ -133,6 +133,73 @@ routes:
 	}
 }
 
+func TestParseBackupConfig(t *testing.T) {
+	ok := func(yaml string, check func(b *BackupConfig) bool) {
+		t.Helper()
+		cfg, err := ParseConfig([]byte(yaml))
+		if err != nil {
+			t.Fatalf("%s: %v", yaml, err)
+		}
+		if b := cfg.Services["web"].Backup; b == nil || !check(b) {
+			t.Errorf("%s: got %+v", yaml, b)
+		}
+	}
+	ok("services:\n  web: {static: [127.0.0.1:1], backup: [127.0.0.1:2, {addr: 127.0.0.1:3, weight: 2}]}\n", func(b *BackupConfig) bool {
+		return b.Consul == nil && len(b.Static) == 2 && b.Static[0].Addr == "127.0.0.1:2" && b.Static[1].Weight == 2
+	})
+	ok("services:\n  web:\n    static: [127.0.0.1:1]\n    backup: {static: [127.0.0.1:2]}\n", func(b *BackupConfig) bool {
+		return len(b.Static) == 1 && b.Static[0].Addr == "127.0.0.1:2"
+	})
+	ok("consul: {}\nservices:\n  web:\n    consul: {name: web}\n    backup: {consul: {name: web-dr, tags: [edge]}}\n", func(b *BackupConfig) bool {
+		return b.Consul != nil && b.Consul.Name == "web-dr" && len(b.Consul.Tags) == 1 && b.Static == nil
+	})
+	// The same Consul service with other tags is another set.
+	ok("consul: {}\nservices:\n  web:\n    consul: {name: web, tags: [primary]}\n    backup: {consul: {name: web, tags: [standby]}}\n", func(b *BackupConfig) bool {
+		return b.Consul.Name == "web"
+	})
+	cfg := mustConfig(t, "services:\n  web: {static: [127.0.0.1:1]}\n")
+	if cfg.Services["web"].Backup != nil {
+		t.Fatal("a backup set where none is configured")
+	}
+}
+
+func TestParseBackupConfigErrors(t *testing.T) {
+	f := func(yaml string, wants ...string) {
+		t.Helper()
+		_, err := ParseConfig([]byte(yaml))
+		if err == nil {
+			t.Fatalf("config accepted:\n%s", yaml)
+		}
+		for _, w := range wants {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error lacks %q:\n%v", w, err)
+			}
+		}
+	}
+	svc := func(body string) string { return "services:\n  web:\n    static: [127.0.0.1:1, 127.0.0.1:2]\n" + body }
+	f(svc("    backup: [127.0.0.1:3, nope, 127.0.0.1:2]\n"),
+		`services.web.backup[1]: invalid address "nope"`,
+		"services.web.backup[2]: 127.0.0.1:2 is also a primary backend (services.web.static[1]); a backend is a primary or a backup, not both")
+	f(svc("    backup: {static: [127.0.0.1:99999, {addr: 127.0.0.1:1, weight: -1}]}\n"),
+		`services.web.backup.static[0]: invalid address "127.0.0.1:99999": port must be a number up to 65535`,
+		"services.web.backup.static[1].weight: must not be negative",
+		"services.web.backup.static[1]: 127.0.0.1:1 is also a primary backend (services.web.static[0])")
+	f(svc("    backup: [127.0.0.1:3, 127.0.0.1:3]\n"), "services.web.backup[1]: 127.0.0.1:3 is listed twice (also services.web.backup[0])")
+	f(svc("    backup: {}\n"), "services.web.backup: no backends")
+	f(svc("    backup: []\n"), "services.web.backup: no backends")
+	f(svc("    backup: {static: [127.0.0.1:3], consul: {name: dr}}\n"), "services.web.backup: set either consul or static, not both")
+	f(svc("    backup: {consul: {name: dr}}\n"), "services.web.backup.consul: needs the top-level consul block")
+	f("consul: {}\n"+svc("    backup: {consul: {tags: [x]}}\n"), "services.web.backup.consul.name: missing")
+	f("consul: {}\nservices:\n  web: {consul: {name: web}, backup: {consul: {name: web}}}\n",
+		"services.web.backup.consul: watches the same Consul service as services.web.consul")
+	f(svc("    backup: {statik: [127.0.0.1:3]}\n"), "services.web.backup.statik: unknown key (known keys: consul, static)")
+	f(svc("    backup: [{addr: 127.0.0.1:3, wieght: 2}]\n"), "services.web.backup[0].wieght: unknown key")
+	f(svc("    backup: {consul: {name: dr, tgas: [x]}}\n"), "services.web.backup.consul.tgas: unknown key")
+	f(svc("    backup: 127.0.0.1:3\n"), `services.web.backup: want a list of host:port, {static: [...]} or {consul: {name: ...}} (got "127.0.0.1:3") (line 4)`)
+	f("consul: {}\nservices:\n  web: {consul: {name: web}, backup: {consul: {name: dr}}}\n  web/backup: {static: [127.0.0.1:1]}\n",
+		"services.web/backup: the name is taken: the Consul backup set of services.web reports under it")
+}
+
 func TestParseHealthConfig(t *testing.T) {
 	f := func(health string, check func(h *HealthConfig) bool) {
 		t.Helper()

@@ -13,7 +13,8 @@ import (
 
 // endTry counts one try on b that ended with outcome o after lat: in b's
 // health, and in b's metrics, with the status a backend answered (0 when
-// it did not) or the code of the failure (errNone when it answered).
+// it did not) or the code of the failure (errNone when it answered), and
+// for a backup that answered, in its service's backup answers.
 // Every try of every engine is counted here, once.
 func endTry(b *Backend, now int64, lat time.Duration, o health.Outcome, status int, code errCode) {
 	b.target.Done(now, o, lat)
@@ -30,6 +31,9 @@ func endTry(b *Backend, now int64, lat time.Duration, o health.Outcome, status i
 	}
 	if code != errNone {
 		b.m.errors[code].Inc()
+	}
+	if b.backupAnswers != nil && status > 0 {
+		b.backupAnswers.Inc()
 	}
 }
 

@@ -165,6 +165,8 @@ type backendMetrics struct {
 	target atomic.Pointer[health.Target]
 	// tunnels counts the backend's open tunnels, for /status.
 	tunnels atomic.Int64
+	// backup is set while the backend is in the service's backup set.
+	backup atomic.Bool
 
 	// Guarded by table.mu.
 	table      *seriesTable
@@ -192,6 +194,12 @@ func newBackendMetrics(table *seriesTable, service, addr string) *backendMetrics
 	s.NewGauge(`edgelb_backend_inflight{`+l+`}`, func() float64 {
 		if t := m.target.Load(); t != nil {
 			return float64(t.Inflight())
+		}
+		return 0
+	})
+	s.NewGauge(`edgelb_backend_backup{`+l+`}`, func() float64 {
+		if m.backup.Load() {
+			return 1
 		}
 		return 0
 	})
@@ -226,17 +234,23 @@ type serviceMetrics struct {
 	tunnelResults [numUpgradeResults]*metrics.Counter
 	tunnelCloses  [numTunnelEnds]*metrics.Counter
 	tunnelBytes   [2]*metrics.Counter // toBackend, toClient
+	// backupAnswers counts the answers of the backup set's backends.
+	backupAnswers *metrics.Counter
+	// pool is the service's pool now, whose serving set the gauge shows;
+	// nil when it has none.
+	pool atomic.Pointer[Pool]
 }
 
 func newServiceMetrics(service string) *serviceMetrics {
 	s := metrics.NewSet()
 	l := fmt.Sprintf(`service=%q`, service)
 	m := &serviceMetrics{
-		set:         s,
-		requests:    s.NewCounter(`edgelb_requests_total{` + l + `}`),
-		retries:     s.NewCounter(`edgelb_retries_total{` + l + `}`),
-		staleServed: s.NewCounter(`edgelb_stale_responses_total{` + l + `}`),
-		latency:     newLatencyHistogram("edgelb_request_duration_seconds", l),
+		set:           s,
+		requests:      s.NewCounter(`edgelb_requests_total{` + l + `}`),
+		retries:       s.NewCounter(`edgelb_retries_total{` + l + `}`),
+		staleServed:   s.NewCounter(`edgelb_stale_responses_total{` + l + `}`),
+		latency:       newLatencyHistogram("edgelb_request_duration_seconds", l),
+		backupAnswers: s.NewCounter(`edgelb_backup_requests_total{` + l + `}`),
 	}
 	for c := errCode(1); c < numErrCodes; c++ {
 		m.generated[c] = s.NewCounter(fmt.Sprintf(`edgelb_generated_errors_total{%s,code=%q}`, l, c))
@@ -250,6 +264,18 @@ func newServiceMetrics(service string) *serviceMetrics {
 	m.tunnelBytes[toBackend] = s.NewCounter(`edgelb_tunnel_bytes_total{` + l + `,direction="to_backend"}`)
 	m.tunnelBytes[toClient] = s.NewCounter(`edgelb_tunnel_bytes_total{` + l + `,direction="to_client"}`)
 	s.NewGauge(`edgelb_tunnels_open{`+l+`}`, func() float64 { return float64(m.tunnelsOpen.Load()) })
+	for _, set := range servingSets {
+		s.NewGauge(fmt.Sprintf(`edgelb_serving{%s,set=%q}`, l, set), func() float64 {
+			serving := servingNone
+			if p := m.pool.Load(); p != nil {
+				serving = p.serving(time.Now().UnixNano())
+			}
+			if serving == set {
+				return 1
+			}
+			return 0
+		})
+	}
 	s.RegisterMetricsWriter(m.latency.writePrometheus)
 	return m
 }

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/VictoriaMetrics/metrics"
 	"github.com/valyala/fasthttp"
 
 	"github.com/edgelb/edgelb/balancer/stale"
@@ -46,6 +47,10 @@ type Backend struct {
 	// hedge is its service's hedging, which learns from its answers;
 	// nil when off.
 	hedge *hedger
+	// backup is set when the backend is in its service's backup set;
+	// backupAnswers then counts the answers it gives for the service.
+	backup        bool
+	backupAnswers *metrics.Counter
 }
 
 // backendSlots is a backend's slots, one per event loop, made when a loop
@@ -61,6 +66,9 @@ type backendSet struct {
 	// cumWeight[i] is the sum of weights of list[:i+1]; nil when all
 	// weights are equal.
 	cumWeight []uint32
+	// rr is the round-robin sequence of the set's role in its pool, kept
+	// across updates; nil for an empty set.
+	rr *atomic.Uint64
 }
 
 // Pool is the set of backends of one service and the policy that picks
@@ -82,6 +90,9 @@ type Pool struct {
 	// ej compares the backends with each other, holds the ejection
 	// budget and decides panic mode.
 	ej *health.Ejector
+	// bej does the same for the backup set, except panic mode; nil when
+	// the service has none configured.
+	bej *health.Ejector
 	// panicThreshold is the percentage of available backends below which
 	// the pool routes to all of them; 0 is off.
 	panicThreshold int
@@ -104,17 +115,26 @@ type Pool struct {
 	// ServiceConfig.Balance when the pool is built.
 	sel selector
 
+	// set holds the primary backends, backup the backup set (empty when
+	// there is none).
 	set    atomic.Pointer[backendSet]
-	rr     atomic.Uint64
-	m      *serviceMetrics
-	series *seriesTable
+	backup atomic.Pointer[backendSet]
+	// rr and backupRR are the round-robin sequences of the two sets.
+	rr       atomic.Uint64
+	backupRR atomic.Uint64
+	m        *serviceMetrics
+	series   *seriesTable
 
 	// mu serializes updates (slow path).
-	mu       sync.Mutex
-	retired  bool
+	mu      sync.Mutex
+	retired bool
+	// byAddr holds the backends of both sets.
 	byAddr   map[string]*Backend
 	draining []drainingBackend
-	source   atomic.Pointer[discovery.Set]
+	// source and backupSource are the sets discovery last gave for the
+	// primaries and the backups; nil until it gave one.
+	source       atomic.Pointer[discovery.Set]
+	backupSource atomic.Pointer[discovery.Set]
 }
 
 type drainingBackend struct {
@@ -125,6 +145,7 @@ type drainingBackend struct {
 func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *health.Checker, store *stale.Store, series *seriesTable) *Pool {
 	p := &Pool{name: name, cfg: cfg, reg: reg, checker: checker, byAddr: make(map[string]*Backend), series: series, m: series.service(name)}
 	p.set.Store(&backendSet{})
+	p.backup.Store(&backendSet{})
 	if p.sel = selectors[cfg.Balance]; p.sel == nil {
 		panic("BUG: service " + name + " has balance " + strconv.Quote(cfg.Balance) + ": its config was not validated")
 	}
@@ -133,6 +154,9 @@ func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *hea
 	p.slowStart = int64(cfg.Health.SlowStart)
 	p.ej = reg.NewEjector(name, cfg.Health.Passive, p.panicThreshold)
 	p.hedge = newHedger(name, cfg.Hedge)
+	if cfg.Backup != nil {
+		p.bej = p.ej.NewBackup()
+	}
 	if !cfg.Stale.Disabled && store != nil {
 		p.store = store
 		p.stalePolicy = stale.Policy{MaxStale: cfg.Stale.MaxStale, IgnoreRevalidate: cfg.Stale.IgnoreRevalidate}
@@ -147,43 +171,47 @@ func newPool(name string, cfg *ServiceConfig, reg *health.Registry, checker *hea
 			}
 		}
 	}
+	p.m.pool.Store(p)
 	return p
 }
 
 // Name returns the service name.
 func (p *Pool) Name() string { return p.name }
 
-// update replaces the pool's instances with those of s. Backends whose
-// address stays keep their connections, health state and metrics.
+// update replaces the pool's primary instances with those of s. Backends
+// whose address stays keep their connections, health state and metrics.
 func (p *Pool) update(s *discovery.Set) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.source.Store(s)
-	now := time.Now()
-	// A backend joining a pool that already serves gets slow start.
-	hadBackends := len(p.set.Load().list) > 0
-	keep := make(map[string]bool, len(s.Instances))
-	list := make([]*Backend, 0, len(s.Instances))
-	targets := make([]*health.Target, 0, len(s.Instances))
-	for _, in := range s.Instances {
-		keep[in.Addr] = true
-		b := p.byAddr[in.Addr]
-		if b == nil {
-			b = p.newBackend(in.Addr)
-			if hadBackends {
-				b.slowFrom = now.UnixNano()
-			}
-			p.byAddr[in.Addr] = b
-		}
-		w := uint32(max(in.Weight, 1))
-		if b.weight != w {
-			nb := *b
-			nb.weight = w
-			b = &nb
-			p.byAddr[in.Addr] = b
-		}
-		list = append(list, b)
-		targets = append(targets, b.target)
+	p.rebuildLocked(time.Now())
+}
+
+// updateBackup replaces the pool's backup instances with those of s, as
+// update does the primaries. An address that is also a primary is a
+// primary only.
+func (p *Pool) updateBackup(s *discovery.Set) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.backupSource.Store(s)
+	p.rebuildLocked(time.Now())
+}
+
+// rebuildLocked publishes both sets from the sources last given. A backend
+// that leaves both drains; one that moves between them keeps everything
+// but its role.
+func (p *Pool) rebuildLocked(now time.Time) {
+	// A backend joining a pool that already serves gets slow start; a
+	// backup, one joining backups already there.
+	hadBackups := len(p.backup.Load().list) > 0
+	hadBackends := hadBackups || len(p.set.Load().list) > 0
+	keep := make(map[string]bool)
+	var primary, backup []*Backend
+	if s := p.source.Load(); s != nil {
+		primary = p.collectLocked(s.Instances, false, hadBackends, now, keep)
+	}
+	if s := p.backupSource.Load(); s != nil && p.bej != nil {
+		backup = p.collectLocked(s.Instances, true, hadBackups, now, keep)
 	}
 	for addr, b := range p.byAddr {
 		if !keep[addr] {
@@ -191,11 +219,62 @@ func (p *Pool) update(s *discovery.Set) {
 			p.draining = append(p.draining, drainingBackend{b: b, since: now})
 		}
 	}
-	p.set.Store(newBackendSet(list))
+	p.set.Store(newBackendSet(primary, &p.rr))
+	p.backup.Store(newBackendSet(backup, &p.backupRR))
 	if !p.retired {
-		p.ej.SetTargets(targets)
+		p.ej.SetTargets(targetsOf(primary))
+		if p.bej != nil {
+			p.bej.SetTargets(targetsOf(backup))
+		}
 	}
 	p.reapLocked(now, false)
+}
+
+// collectLocked returns the backends of the instances not already in keep
+// and adds them to it, making the ones that are new (in slow start if
+// slow is set) and giving the others the weight and role asked for.
+func (p *Pool) collectLocked(ins []discovery.Instance, backup, slow bool, now time.Time, keep map[string]bool) []*Backend {
+	list := make([]*Backend, 0, len(ins))
+	for _, in := range ins {
+		if keep[in.Addr] {
+			continue
+		}
+		keep[in.Addr] = true
+		b := p.byAddr[in.Addr]
+		if b == nil {
+			b = p.newBackend(in.Addr)
+			if slow {
+				b.slowFrom = now.UnixNano()
+			}
+			if backup {
+				b.backup, b.backupAnswers = true, p.m.backupAnswers
+			}
+			p.byAddr[in.Addr] = b
+		}
+		w := uint32(max(in.Weight, 1))
+		if b.weight != w || b.backup != backup {
+			// A copy, so that requests under way keep the backend as
+			// they picked it.
+			nb := *b
+			nb.weight, nb.backup, nb.backupAnswers = w, backup, nil
+			if backup {
+				nb.backupAnswers = p.m.backupAnswers
+			}
+			b = &nb
+			p.byAddr[in.Addr] = b
+		}
+		b.m.backup.Store(backup)
+		list = append(list, b)
+	}
+	return list
+}
+
+func targetsOf(list []*Backend) []*health.Target {
+	ts := make([]*health.Target, len(list))
+	for i, b := range list {
+		ts[i] = b.target
+	}
+	return ts
 }
 
 // reapLocked releases draining backends that have finished their requests
@@ -240,6 +319,10 @@ func (p *Pool) retire() {
 	}
 	p.retired = true
 	p.ej.Close()
+	if p.bej != nil {
+		p.bej.Close()
+	}
+	p.m.pool.CompareAndSwap(p, nil)
 }
 
 // close releases every backend of the pool.
@@ -253,6 +336,7 @@ func (p *Pool) close() {
 	}
 	p.reapLocked(time.Now(), true)
 	p.set.Store(&backendSet{})
+	p.backup.Store(&backendSet{})
 }
 
 func (p *Pool) newBackend(addr string) *Backend {
@@ -292,8 +376,8 @@ func (p *Pool) newBackend(addr string) *Backend {
 	return b
 }
 
-func newBackendSet(list []*Backend) *backendSet {
-	bs := &backendSet{list: list}
+func newBackendSet(list []*Backend, rr *atomic.Uint64) *backendSet {
+	bs := &backendSet{list: list, rr: rr}
 	equal := true
 	for _, b := range list {
 		if b.weight != list[0].weight {
@@ -341,62 +425,161 @@ func (t *tried) add(b *Backend) {
 
 // pick returns a backend for a new attempt, or nil when none is available.
 // It takes no lock and allocates nothing.
+//
+// A try goes to an available primary backend; only when no primary is
+// available to it (out of rotation, draining, at max_inflight or already
+// tried by the request) does it go to a backup, and the last try a
+// request's retries allow goes to a backup first. With backups, panic mode
+// comes only when no backend of either set is available, and then tries
+// the primaries before the backups.
 func (p *Pool) pick(now int64, t *tried) *Backend {
-	bs := p.set.Load()
-	n := len(bs.list)
-	if n == 0 {
+	bs, bk := p.set.Load(), p.backup.Load()
+	if len(bk.list) == 0 {
+		if len(bs.list) == 0 {
+			return nil
+		}
+		if p.ej.Panic() {
+			return p.pickPanic(bs, now, t)
+		}
+		b, held, available := p.pickIn(bs, now, t)
+		switch {
+		case b != nil:
+			return b
+		case held != nil:
+			return held
+		case health.InPanic(available, len(bs.list), p.panicThreshold):
+			// Backends went out since the last sweep: panic mode need not
+			// wait for it.
+			return p.pickPanic(bs, now, t)
+		}
 		return nil
 	}
-	if p.ej.Panic() {
-		return p.pickPanic(bs, now, t)
+	return p.pickWithBackups(bs, bk, now, t)
+}
+
+// pickWithBackups is pick for a pool with backups. Once no primary is
+// available, each pick scans the primaries before it samples the backups
+// (slow path).
+func (p *Pool) pickWithBackups(bs, bk *backendSet, now int64, t *tried) *Backend {
+	if t.n > 0 && t.n == p.cfg.Retries {
+		// The last try: a backup is the surest bet after primaries
+		// failed this request, however many of them are left.
+		if b, held, _ := p.pickIn(bk, now, t); b != nil {
+			return b
+		} else if held != nil {
+			return held
+		}
+	}
+	b, held, available := p.pickIn(bs, now, t)
+	if b != nil {
+		return b
+	}
+	bb, bheld, bavailable := p.pickIn(bk, now, t)
+	switch {
+	case bb != nil:
+		return bb
+	case held != nil:
+		// Slow start ramps a returning primary's traffic up from the
+		// backups' share.
+		return held
+	case bheld != nil:
+		return bheld
+	case health.InPanicWithBackups(available, len(bs.list), bavailable, len(bk.list), p.panicThreshold):
+		if b := p.pickPanic(bs, now, t); b != nil {
+			return b
+		}
+		return p.pickPanic(bk, now, t)
+	}
+	return nil
+}
+
+// pickIn picks among the backends of bs: the least loaded usable one that
+// slow start lets through (b), else the least loaded one it holds back
+// (held), and how many backends of bs are available. The count is only
+// made when the policy's sample is not taken. It allocates nothing.
+func (p *Pool) pickIn(bs *backendSet, now int64, t *tried) (b, held *Backend, available int) {
+	n := len(bs.list)
+	if n == 0 {
+		return nil, nil, 0
 	}
 	// Fast path: the policy's sample, the less loaded one if it took two,
 	// if it is usable.
-	a, b := p.sel(p, bs)
-	ua := p.usable(a, now, t) && p.warm(a, now)
-	ub := b != nil && p.usable(b, now, t) && p.warm(b, now)
+	x, y := p.sel(p, bs)
+	if y == x {
+		y = nil
+	}
+	ux := p.usable(x, now, t) && p.warm(x, now)
+	uy := y != nil && p.usable(y, now, t) && p.warm(y, now)
 	switch {
-	case ua && ub:
-		return lessLoaded(a, b)
-	case ua:
-		return a
-	case ub:
-		return b
+	case ux && uy:
+		return lessLoaded(x, y), nil, 1
+	case ux:
+		return x, nil, 1
+	case uy:
+		return y, nil, 1
 	}
 	// Slow path: scan from a random start for the least loaded usable
 	// one, passing over backends that slow start holds back unless
-	// nothing else is left.
-	var best, held *Backend
-	available := 0
+	// nothing else is left. A usable backend of the sample was held back
+	// already: one draw per backend and pick keeps slow start's share.
 	start := int(rand.Uint64() % uint64(n))
 	for i := 0; i < n; i++ {
-		b := bs.list[(start+i)%n]
-		if !b.target.Available(now) {
+		c := bs.list[(start+i)%n]
+		if !c.target.Available(now) {
 			continue
 		}
 		available++
-		if !p.usable(b, now, t) {
+		if !p.usable(c, now, t) {
 			continue
 		}
-		if p.warm(b, now) {
-			if best == nil || lessLoaded(b, best) == b {
-				best = b
+		if c != x && c != y && p.warm(c, now) {
+			if b == nil || lessLoaded(c, b) == c {
+				b = c
 			}
-		} else if held == nil || lessLoaded(b, held) == b {
-			held = b
+		} else if held == nil || lessLoaded(c, held) == c {
+			held = c
 		}
 	}
+	return b, held, available
+}
+
+// Which set of backends serves a pool's new requests, as /status and
+// edgelb_serving say.
+const (
+	servingPrimary = "primary"
+	servingBackup  = "backup"
+	servingPanic   = "panic"
+	servingNone    = "none"
+)
+
+var servingSets = [...]string{servingPrimary, servingBackup, servingPanic, servingNone}
+
+// serving returns which set serves new requests at now, from the health
+// of the backends (not their load): the primaries while one is available,
+// else the backups while one is, else panic mode, else none. Without
+// backups, panic mode starts below panic_threshold (slow path).
+func (p *Pool) serving(now int64) string {
+	bs, bk := p.set.Load(), p.backup.Load()
+	avail, bavail := countAvailable(bs, now), countAvailable(bk, now)
 	switch {
-	case best != nil:
-		return best
-	case held != nil:
-		return held
-	case health.InPanic(available, n, p.panicThreshold):
-		// Backends went out since the last sweep: panic mode need not
-		// wait for it.
-		return p.pickPanic(bs, now, t)
+	case health.InPanicWithBackups(avail, len(bs.list), bavail, len(bk.list), p.panicThreshold):
+		return servingPanic
+	case avail > 0:
+		return servingPrimary
+	case bavail > 0:
+		return servingBackup
 	}
-	return nil
+	return servingNone
+}
+
+func countAvailable(bs *backendSet, now int64) int {
+	n := 0
+	for _, b := range bs.list {
+		if b.target.Available(now) {
+			n++
+		}
+	}
+	return n
 }
 
 // selector is a selection policy: it samples the backends a new try may
@@ -429,7 +612,7 @@ func (p *Pool) selectP2C(bs *backendSet) (*Backend, *Backend) {
 
 // selectRoundRobin takes the next backend in turn, by weight.
 func (p *Pool) selectRoundRobin(bs *backendSet) (*Backend, *Backend) {
-	return bs.at(p.rr.Add(1)), nil
+	return bs.at(bs.rr.Add(1)), nil
 }
 
 // selectRandom takes a backend at random, by weight.

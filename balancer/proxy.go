@@ -231,15 +231,10 @@ func keepAnswer(kept, resp *fasthttp.Response) *fasthttp.Response {
 	return kept
 }
 
-// atCapacity reports whether available backends exist but all are at
-// their max_inflight cap (slow path).
+// atCapacity reports whether available backends, primaries or backups,
+// exist but all are at their max_inflight cap (slow path).
 func (p *Pool) atCapacity(now int64) bool {
-	for _, b := range p.set.Load().list {
-		if b.target.Available(now) {
-			return true
-		}
-	}
-	return false
+	return countAvailable(p.set.Load(), now)+countAvailable(p.backup.Load(), now) > 0
 }
 
 // serveStale answers from the stale store if it holds a usable copy.

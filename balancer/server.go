@@ -13,6 +13,7 @@ import (
 	"reflect"
 	"runtime"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -81,6 +82,8 @@ type Server struct {
 	sets      map[string]*discovery.Set
 	conflicts []string
 	statics   map[string]bool
+	// backups are the backup sets by service name, static or from Consul.
+	backups map[string]*discovery.Set
 
 	stop     chan struct{}
 	stopOnce sync.Once
@@ -105,6 +108,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		pools:   make(map[string]*Pool),
 		sets:    make(map[string]*discovery.Set),
 		statics: make(map[string]bool),
+		backups: make(map[string]*discovery.Set),
 		stop:    make(chan struct{}),
 		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
@@ -309,11 +313,44 @@ func (s *Server) applyLocked(cfg *Config) {
 		if set := s.sets[name]; set != nil {
 			p.update(set)
 		}
+		s.applyBackupLocked(name, sc, p)
 	}
 	s.rebuildRoutesLocked()
 	for _, p := range retired {
 		s.retire(p)
 	}
+}
+
+// applyBackupLocked gives the new pool p of service name its backup set:
+// the static one of sc, or the last one Consul gave.
+func (s *Server) applyBackupLocked(name string, sc *ServiceConfig, p *Pool) {
+	switch b := sc.Backup; {
+	case b == nil:
+		delete(s.backups, name)
+		return
+	case len(b.Static) > 0:
+		ins := make([]discovery.Instance, len(b.Static))
+		for i, sb := range b.Static {
+			ins[i] = discovery.Instance{Addr: sb.Addr, Weight: sb.Weight}
+		}
+		s.backups[name] = discovery.NewSet(backupName(name), "static", ins, time.Now())
+	case s.backups[name] != nil && s.backups[name].Source == "static":
+		delete(s.backups, name)
+	}
+	if set := s.backups[name]; set != nil {
+		p.updateBackup(set)
+	}
+}
+
+// backupOf returns the service whose Consul backup set is published as
+// name, if any.
+func (s *Server) backupOf(name string) (string, bool) {
+	base, ok := strings.CutSuffix(name, backupSuffix)
+	if !ok {
+		return "", false
+	}
+	sc := s.cfg.Services[base]
+	return base, sc != nil && sc.Backup != nil && sc.Backup.Consul != nil
 }
 
 // startConsulLocked starts watching Consul if cfg asks for it.
@@ -358,12 +395,16 @@ func (s *Server) setUnroutedLocked(cfg *Config) {
 	s.unrouted.Store(u)
 }
 
-// consulServices returns the services that cfg discovers from Consul.
+// consulServices returns the services that cfg discovers from Consul: the
+// primaries of a service under its name, its backups under backupName.
 func consulServices(cfg *Config) map[string]discovery.ConsulService {
 	m := make(map[string]discovery.ConsulService)
 	for name, sc := range cfg.Services {
 		if sc.Consul != nil {
 			m[name] = *sc.Consul
+		}
+		if sc.Backup != nil && sc.Backup.Consul != nil {
+			m[backupName(name)] = *sc.Backup.Consul
 		}
 	}
 	return m
@@ -377,6 +418,11 @@ func (s *Server) DiscoveryStatus() []discovery.Status {
 	for _, name := range sortedNames(s.statics) {
 		if set := s.sets[name]; set != nil {
 			out = append(out, discovery.Status{Source: "static", Service: name, LastUpdate: set.UpdatedAt})
+		}
+	}
+	for _, name := range sortedNames(s.backups) {
+		if set := s.backups[name]; set.Source == "static" {
+			out = append(out, discovery.Status{Source: "static", Service: set.Service, LastUpdate: set.UpdatedAt})
 		}
 	}
 	s.mu.Unlock()
@@ -400,10 +446,20 @@ func (s *Server) retire(p *Pool) {
 }
 
 // Publish implements discovery.Publisher: it replaces the instances of
-// set.Service, creating a pool for a newly tag-routed service.
+// set.Service, or the backup set of the service it is the backupName of,
+// creating a pool for a newly tag-routed service.
 func (s *Server) Publish(set *discovery.Set) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if name, ok := s.backupOf(set.Service); ok {
+		// A backup set routes nothing of its own: its instances' route
+		// tags are the primaries' business.
+		s.backups[name] = set
+		if p := s.pools[name]; p != nil {
+			p.updateBackup(set)
+		}
+		return
+	}
 	prev := s.sets[set.Service]
 	s.sets[set.Service] = set
 	p := s.pools[set.Service]

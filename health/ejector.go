@@ -41,6 +41,9 @@ type Ejector struct {
 	panic      atomic.Bool
 	panicSince atomic.Int64
 	targets    atomic.Pointer[[]*Target]
+	// backup is the Ejector of the pool's backup set, if it has one: panic
+	// mode then waits until no backend of either set is available.
+	backup atomic.Pointer[Ejector]
 
 	// lastRefusalLog rate-limits the log of refused ejections (unix nano).
 	lastRefusalLog atomic.Int64
@@ -79,6 +82,25 @@ func (r *Registry) NewEjector(service string, cfg PassiveConfig, panicThreshold 
 	e.targets.Store(&[]*Target{})
 	e.m.current.Store(e)
 	return e
+}
+
+// NewBackup returns the Ejector of the backup set of e's pool: it compares
+// the backups with each other, holds their own ejection budget and counts
+// into e's series. It never decides panic mode; e does, counting the
+// backups' targets too (see InPanicWithBackups). Close it as e.
+func (e *Ejector) NewBackup() *Ejector {
+	b := &Ejector{
+		service: e.service,
+		cfg:     e.cfg,
+		log:     e.log.With("set", "backup"),
+		windows: make(map[*Target]*window),
+		m:       e.m,
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	b.targets.Store(&[]*Target{})
+	e.backup.Store(b)
+	return b
 }
 
 // ejectorMetrics are the series of a service's outlier detection. The
@@ -322,32 +344,57 @@ func (e *Ejector) resetWindow(t *Target) {
 
 // updatePanic enters or leaves panic mode, logging and counting the change.
 func (e *Ejector) updatePanic(ts []*Target, now int64) {
-	avail := 0
-	for _, t := range ts {
-		if t.Available(now) {
-			avail++
-		}
+	avail := countAvailable(ts, now)
+	var bts []*Target
+	if b := e.backup.Load(); b != nil {
+		bts = *b.targets.Load()
 	}
-	on := InPanic(avail, len(ts), e.panicThreshold)
+	bavail := countAvailable(bts, now)
+	on := InPanicWithBackups(avail, len(ts), bavail, len(bts), e.panicThreshold)
 	if on == e.panic.Load() {
 		return
+	}
+	attrs := []any{"available", avail, "backends", len(ts)}
+	if len(bts) > 0 {
+		attrs = append(attrs, "backups_available", bavail, "backups", len(bts))
 	}
 	if on {
 		e.panicSince.Store(now)
 		e.m.panicEntered.Inc()
 		e.log.Warn("panic mode: too few backends available, routing to all of them since the checks may be wrong",
-			"available", avail, "backends", len(ts), "panic_threshold_percent", e.panicThreshold)
+			append(attrs, "panic_threshold_percent", e.panicThreshold)...)
 	} else {
-		e.log.Info("panic mode over", "available", avail, "backends", len(ts),
-			"lasted", time.Duration(now-e.panicSince.Load()).Round(time.Millisecond).String())
+		e.log.Info("panic mode over", append(attrs,
+			"lasted", time.Duration(now-e.panicSince.Load()).Round(time.Millisecond).String())...)
 	}
 	e.panic.Store(on)
+}
+
+func countAvailable(ts []*Target, now int64) int {
+	n := 0
+	for _, t := range ts {
+		if t.Available(now) {
+			n++
+		}
+	}
+	return n
 }
 
 // InPanic reports whether a pool with available of its n backends
 // available is in panic mode under threshold (percent; 0 is off).
 func InPanic(available, n, threshold int) bool {
 	return threshold > 0 && n > 0 && available*100 < threshold*n
+}
+
+// InPanicWithBackups is InPanic for a pool that also has backups, of which
+// backupsAvailable are available. Backups are the pool's answer to its
+// primaries failing: while any backend of either set is available, there
+// is no panic. With no backups it is InPanic.
+func InPanicWithBackups(available, n, backupsAvailable, backups, threshold int) bool {
+	if backups == 0 {
+		return InPanic(available, n, threshold)
+	}
+	return threshold > 0 && available == 0 && backupsAvailable == 0
 }
 
 // sample is what a target's counters moved by over some time.

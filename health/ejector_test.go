@@ -226,6 +226,63 @@ func TestPanicMode(t *testing.T) {
 	f(0, 3, 0, false)
 }
 
+func TestPanicModeWithBackups(t *testing.T) {
+	e, ts := fakePool(t, 4, PassiveConfig{}, 50)
+	b := e.NewBackup()
+	t.Cleanup(b.Close)
+	reg := NewRegistry(nil)
+	bts := []*Target{reg.Acquire("127.0.0.2:1", PassiveConfig{}), reg.Acquire("127.0.0.2:2", PassiveConfig{})}
+	b.SetTargets(bts)
+	now := time.Now()
+	step := func(primariesDown, backupsDown int, want bool) {
+		t.Helper()
+		for i, tg := range ts {
+			tg.setActive(i >= primariesDown, "test")
+		}
+		for i, tg := range bts {
+			tg.setActive(i >= backupsDown, "test")
+		}
+		e.sweep(now)
+		b.sweep(now)
+		if e.Panic() != want {
+			t.Fatalf("%d of 4 primaries and %d of 2 backups down: panic %v, want %v", primariesDown, backupsDown, e.Panic(), want)
+		}
+		if b.Panic() {
+			t.Fatal("the backup set's Ejector decided panic mode")
+		}
+	}
+	step(3, 0, false) // below the threshold, but backups are there
+	step(4, 1, false)
+	step(3, 2, false) // one primary is left
+	step(4, 2, true)
+	step(4, 1, false)
+
+	// The backups have a budget of their own: one of two may go for 5xx,
+	// whatever the primaries do.
+	for _, tg := range append(ts, bts...) {
+		tg.setActive(true, "test")
+	}
+	for _, tg := range bts {
+		serveN(tg, now.UnixNano(), DefaultConsecutive5xx, DefaultConsecutive5xx, time.Millisecond)
+	}
+	if bts[0].State(now.UnixNano()) != StateEjected || bts[1].State(now.UnixNano()) != StateHealthy {
+		t.Fatalf("backups after consecutive 5xx: %s, %s; want one ejected", bts[0].State(now.UnixNano()), bts[1].State(now.UnixNano()))
+	}
+
+	f := func(avail, n, bavail, bn, threshold int, want bool) {
+		t.Helper()
+		if got := InPanicWithBackups(avail, n, bavail, bn, threshold); got != want {
+			t.Errorf("InPanicWithBackups(%d, %d, %d, %d, %d) = %v", avail, n, bavail, bn, threshold, got)
+		}
+	}
+	f(1, 3, 0, 0, 50, true) // no backups: InPanic
+	f(1, 3, 0, 2, 50, false)
+	f(0, 3, 1, 2, 50, false)
+	f(0, 3, 0, 2, 50, true)
+	f(0, 0, 0, 2, 50, true)
+	f(0, 3, 0, 2, 0, false)
+}
+
 func TestWindowForgetsOldTraffic(t *testing.T) {
 	cfg := PassiveConfig{Interval: time.Second, Window: 3 * time.Second}
 	tg := NewRegistry(nil).Acquire("127.0.0.1:1", cfg)

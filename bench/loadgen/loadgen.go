@@ -50,6 +50,11 @@ type Options struct {
 	Timeout time.Duration
 	// OnSecond, if set, is called with every completed second.
 	OnSecond func(Second)
+	// OnResponse, if set, is called after every request that the end of
+	// the run did not cut, from the worker that sent it and concurrently
+	// with the others: when it was sent and ended, and the response, or
+	// the error (resp is then nil). It must not keep resp.
+	OnResponse func(sent, end time.Time, resp *fasthttp.Response, err error)
 }
 
 // Percentiles are latencies in milliseconds.
@@ -260,6 +265,13 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 				end := time.Now()
 				if ctx.Err() != nil && err != nil {
 					return // cut by the end of the run, not a server failure
+				}
+				if o.OnResponse != nil {
+					if err != nil {
+						o.OnResponse(sendAt, end, nil, err)
+					} else {
+						o.OnResponse(sendAt, end, resp, nil)
+					}
 				}
 				sec := int(end.Sub(start) / time.Second)
 				if sec != curSec {

@@ -66,6 +66,8 @@ type section struct {
 	*Scenario
 	Rows   []row
 	Charts []template.HTML
+	// HasFailover is set when a run measured a failover.
+	HasFailover bool
 }
 
 // row is one run in the summary table.
@@ -79,6 +81,7 @@ func newSection(s *Scenario, ids *int) section {
 	for i := range s.Runs {
 		run := &s.Runs[i]
 		sec.Rows = append(sec.Rows, row{Run: run, Causes: causes(run)})
+		sec.HasFailover = sec.HasFailover || run.Failover != nil
 	}
 	runs := make([]*Run, 0, len(s.Runs))
 	for i := range s.Runs {
@@ -92,6 +95,9 @@ func newSection(s *Scenario, ids *int) section {
 	sec.Charts = append(sec.Charts, snippet(rpsChart(s, runs, ids)))
 	for _, run := range runs {
 		sec.Charts = append(sec.Charts, snippet(latencyChart(s, run, ids)), snippet(errorsChart(s, run, ids)))
+		if run.Failover != nil {
+			sec.Charts = append(sec.Charts, snippet(originsChart(s, run, ids)))
+		}
 	}
 	return sec
 }
@@ -267,6 +273,44 @@ func errorsChart(s *Scenario, run *Run, ids *int) *charts.RectChart {
 	return &c.RectChart
 }
 
+// originsChart stacks the answers of each second by the origin that gave
+// them, requests with no answer under "no answer".
+func originsChart(s *Scenario, run *Run, ids *int) *charts.RectChart {
+	f := run.Failover
+	n := len(run.Result.Seconds)
+	names := map[string]bool{}
+	for _, sec := range f.BySecond {
+		for o := range sec {
+			names[o] = true
+		}
+	}
+	c := charts.NewBar()
+	c.SetGlobalOptions(baseOpts(s.Title+": who answered through "+run.Proxy, "answers per second by origin (X-Origin); "+f.Backup+" is the backup", "requests", "value", ids)...)
+	c.SetXAxis(seconds([]*Run{run}))
+	first := true
+	for _, o := range sortedKeys(names) {
+		data := make([]opts.BarData, n)
+		for i := range data {
+			var v int64
+			if i < len(f.BySecond) {
+				v = f.BySecond[i][o]
+			}
+			data[i] = opts.BarData{Value: v}
+		}
+		name := o
+		if name == "" {
+			name = "no answer"
+		}
+		so := []charts.SeriesOpts{charts.WithBarChartOpts(opts.BarChart{Stack: "origins"})}
+		if first {
+			so = append(so, eventLines(run)...)
+			first = false
+		}
+		c.AddSeries(name, data, so...)
+	}
+	return &c.RectChart
+}
+
 func sortedKeys[V any](m map[string]V) []string {
 	keys := make([]string, 0, len(m))
 	for k := range m {
@@ -307,6 +351,23 @@ func sortedInts(m map[int]int64) []int {
 
 var pageTmpl = template.Must(template.New("report").Funcs(template.FuncMap{
 	"f": func(prec int, v float64) string { return strconv.FormatFloat(v, 'f', prec, 64) },
+	"ms": func(v float64) string {
+		if v < 0 {
+			return "never"
+		}
+		return strconv.FormatFloat(v, 'f', 1, 64)
+	},
+	"counts": func(m map[string]int64) string {
+		var parts []string
+		for _, k := range sortedKeys(m) {
+			name := k
+			if name == "" {
+				name = "no answer"
+			}
+			parts = append(parts, fmt.Sprintf("%s %d", name, m[k]))
+		}
+		return strings.Join(parts, ", ")
+	},
 	"ratio": func(v float64) string {
 		if v == 0 {
 			return "n/a"
@@ -353,6 +414,10 @@ Load per run: {{f 0 .Settings.DurationS}}s, {{.Settings.Concurrency}} connection
 <tr><th class="l">edgelb / peer</th><th>req/s</th><th>CPU per request</th><th>p99</th><th>errors (edgelb vs peer)</th></tr>
 {{range .Comparisons}}<tr><td class="l">edgelb / {{.Peer}}</td><td>{{ratio .RPSRatio}}</td><td>{{ratio .CPUPerRequestRatio}}</td><td>{{ratio .P99Ratio}}</td><td>{{.Errors}} vs {{.PeerErrors}}</td></tr>
 {{end}}</table>{{end}}
+{{if .HasFailover}}<table>
+<tr><th class="l">failover</th><th>kill -9 of the primaries took ms</th><th>kill to first backup answer ms</th><th>kill to every answer from the backup ms</th><th>errors in the outage</th><th>slowest request in the outage ms</th><th>restart to first primary answer ms</th><th>restart to every answer from primaries ms</th><th>primaries' share of the last second</th><th class="l">answers by origin: before / outage / after</th></tr>
+{{range .Rows}}{{if .Failover}}<tr><td class="l">{{.Proxy}}</td>{{with .Failover}}<td>{{f 1 .KillMS}}</td><td>{{ms .FirstBackupMS}}</td><td>{{ms .AllBackupMS}}</td><td{{if .OutageErrors}} class="err"{{end}}>{{.OutageErrors}}</td><td>{{f 1 .OutageMaxMS}}</td><td>{{ms .FirstPrimaryMS}}</td><td>{{ms .AllPrimaryMS}}</td><td>{{f 1 .LastSecondPrimaryPercent}}%</td><td class="l">{{counts .Before}} / {{counts .Outage}} / {{counts .After}}</td>{{end}}</tr>
+{{end}}{{end}}</table>{{end}}
 {{with .Propagation}}<table>
 <tr><th class="l">Consul change to routing change</th><th>changes</th><th>p50 ms</th><th>max ms</th><th>not seen in time</th><th class="l">each (ms, in order)</th></tr>
 <tr><td class="l">register / deregister</td><td>{{len .RegisterMS}} / {{len .DeregisterMS}}</td><td>{{f 1 .P50MS}}</td><td>{{f 1 .MaxMS}}</td><td>{{.Missed}}</td><td class="l">register: {{range .RegisterMS}}{{f 0 .}} {{end}}<br>deregister: {{range .DeregisterMS}}{{f 0 .}} {{end}}</td></tr>

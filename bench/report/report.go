@@ -69,9 +69,50 @@ type Run struct {
 	// CPUPerRequestUS is CPUSeconds per request, in microseconds.
 	CPUPerRequestUS float64         `json:"cpu_per_request_us"`
 	Result          *loadgen.Result `json:"result,omitempty"`
-	Error           string          `json:"error,omitempty"`
+	// Failover is what the backup scenario measured.
+	Failover *Failover `json:"failover,omitempty"`
+	Error    string    `json:"error,omitempty"`
 	// Notes say what the run shows against the scenario's targets.
 	Notes []string `json:"notes,omitempty"`
+}
+
+// Failover is how answers moved from a service's primary origins to its
+// backup origin and back, from the origin that answered each request.
+// Times are in milliseconds; -1 means it never happened.
+type Failover struct {
+	// Backup names the backup origin.
+	Backup string `json:"backup"`
+	// KillMS is how long killing the primaries took, from the first
+	// SIGKILL to the exit of the last one: the times below count from the
+	// first.
+	KillMS float64 `json:"kill_ms"`
+	// FirstBackupMS is the time from the kill of the primaries to the
+	// first answer from the backup.
+	FirstBackupMS float64 `json:"first_backup_ms"`
+	// AllBackupMS is the time from the kill to the end of the last
+	// request until the restart that the backup did not answer: from
+	// then on, every request got the backup's answer.
+	AllBackupMS float64 `json:"all_backup_ms"`
+	// OutageErrors counts the requests that failed (no answer, or not
+	// 2xx/3xx) between the kill and the restart; OutageMaxMS is the
+	// longest request that ended then.
+	OutageErrors int64   `json:"outage_errors"`
+	OutageMaxMS  float64 `json:"outage_max_ms"`
+	// FirstPrimaryMS is the time from the restart of the primaries (all
+	// of them answering) to the first answer from one of them;
+	// AllPrimaryMS to the end of the last answer from the backup.
+	FirstPrimaryMS float64 `json:"first_primary_ms"`
+	AllPrimaryMS   float64 `json:"all_primary_ms"`
+	// LastSecondPrimaryPercent is the primaries' share of the answers in
+	// the last second of the load.
+	LastSecondPrimaryPercent float64 `json:"last_second_primary_percent"`
+	// Before, Outage and After count the answers by origin ("" for
+	// requests with no answer) before the kill, between the kill and the
+	// restart, and after it; BySecond does so for each second of the load.
+	Before   map[string]int64   `json:"before"`
+	Outage   map[string]int64   `json:"outage"`
+	After    map[string]int64   `json:"after"`
+	BySecond []map[string]int64 `json:"by_second"`
 }
 
 // Event is something the scenario did or saw during the load.

@@ -187,3 +187,31 @@ func TestHTMLInlinesLocalEcharts(t *testing.T) {
 		t.Error("a missing -echarts-js is not an error")
 	}
 }
+
+func TestHTMLFailoverTable(t *testing.T) {
+	r := sample()
+	run := &r.Scenarios[0].Runs[0]
+	run.Failover = &Failover{
+		Backup: "backup", KillMS: 0.5, FirstBackupMS: 1.5, AllBackupMS: 2.25, OutageMaxMS: 3, FirstPrimaryMS: 1200, AllPrimaryMS: -1, LastSecondPrimaryPercent: 100,
+		Before: map[string]int64{"o1": 10}, Outage: map[string]int64{"backup": 20, "": 1}, After: map[string]int64{"o1": 5},
+		BySecond: []map[string]int64{{"o1": 10}, {"backup": 20, "": 1}, {"o1": 5}},
+	}
+	var b bytes.Buffer
+	if err := r.WriteHTML(&b, HTMLOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	html := b.String()
+	for _, want := range []string{
+		"kill to first backup answer ms",
+		"<td class=\"l\">edgelb</td><td>0.5</td><td>1.5</td><td>2.2</td><td>0</td><td>3.0</td><td>1200.0</td><td>never</td><td>100.0%</td>",
+		"o1 10 / no answer 1, backup 20 / o1 5",
+		"kill -9 a backend: who answered through edgelb", `"stack":"origins"`,
+	} {
+		if !strings.Contains(html, want) {
+			t.Errorf("HTML lacks %q", want)
+		}
+	}
+	if n := strings.Count(html, "echarts.init("); n != 6 {
+		t.Errorf("%d charts, want 6 (the origins chart of the run with a failover)", n)
+	}
+}

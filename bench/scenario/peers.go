@@ -26,33 +26,44 @@ const (
 	retries        = 2
 )
 
-// EdgeConfig is edgelb's config for the service web on static origins.
-func EdgeConfig(origins []string) string { return EdgeConfigWith(origins, "") }
+// EdgeConfig is edgelb's config for the service web on static origins,
+// with backups as its backup set if any.
+func EdgeConfig(origins []string, backups ...string) string {
+	return EdgeConfigWith(origins, "", backups...)
+}
 
 // EdgeConfigWith is EdgeConfig with more keys for the service, one line.
-func EdgeConfigWith(origins []string, extra string) string {
+func EdgeConfigWith(origins []string, extra string, backups ...string) string {
+	backup := ""
+	if len(backups) > 0 {
+		backup = fmt.Sprintf("    backup: [%s]\n", strings.Join(backups, ", "))
+	}
 	if extra != "" {
 		extra = "    " + extra + "\n"
 	}
 	return fmt.Sprintf(`services:
   web:
     static: [%s]
-    connect_timeout: %s
+%s    connect_timeout: %s
     try_timeout: %s
     retries: %d
 %s    health:
       active: {path: /health, interval: 1s}
 routes: [{service: web}]
-`, strings.Join(origins, ", "), connectTimeout, tryTimeout, retries, extra)
+`, strings.Join(origins, ", "), backup, connectTimeout, tryTimeout, retries, extra)
 }
 
 // NginxConfig is the nginx equivalent of EdgeConfig: one worker, upstream
-// keep-alive, least_conn, max_fails for passive ejection and
-// proxy_next_upstream for retries on another backend.
-func NginxConfig(listen, dir string, origins []string) string {
+// keep-alive, least_conn, max_fails for passive ejection,
+// proxy_next_upstream for retries on another backend, and backups as
+// backup servers.
+func NginxConfig(listen, dir string, origins []string, backups ...string) string {
 	var servers strings.Builder
 	for _, o := range origins {
 		fmt.Fprintf(&servers, "    server %s max_fails=3 fail_timeout=5s;\n", o)
+	}
+	for _, b := range backups {
+		fmt.Fprintf(&servers, "    server %s max_fails=3 fail_timeout=5s backup;\n", b)
 	}
 	s := func(d time.Duration) string { return fmt.Sprintf("%dms", d.Milliseconds()) }
 	return fmt.Sprintf(`worker_processes 1;
@@ -93,12 +104,15 @@ http {
 
 // HAProxyConfig is the HAProxy equivalent of EdgeConfig: one thread,
 // server-side keep-alive, leastconn, 1s HTTP health checks, layer-4
-// observation marking a server down after failed connections, and
-// retries with redispatch to another server.
-func HAProxyConfig(listen string, origins []string) string {
+// observation marking a server down after failed connections, retries
+// with redispatch to another server, and backups as backup servers.
+func HAProxyConfig(listen string, origins []string, backups ...string) string {
 	var servers strings.Builder
 	for i, o := range origins {
 		fmt.Fprintf(&servers, "  server o%d %s check inter 1s fall 2 rise 2 observe layer4 error-limit 3 on-error mark-down\n", i+1, o)
+	}
+	for i, b := range backups {
+		fmt.Fprintf(&servers, "  server b%d %s check inter 1s fall 2 rise 2 observe layer4 error-limit 3 on-error mark-down backup\n", i+1, b)
 	}
 	return fmt.Sprintf(`global
   nbthread 1
@@ -129,9 +143,9 @@ type Peer struct {
 	*Proc
 }
 
-// StartPeer starts nginx or HAProxy on a free port in front of origins
-// and waits until it proxies.
-func (g *Procs) StartPeer(name string, origins []string) (*Peer, error) {
+// StartPeer starts nginx or HAProxy on a free port in front of origins,
+// with backups as backup servers, and waits until it proxies.
+func (g *Procs) StartPeer(name string, origins []string, backups ...string) (*Peer, error) {
 	addr, err := FreeAddr()
 	if err != nil {
 		return nil, err
@@ -144,13 +158,13 @@ func (g *Procs) StartPeer(name string, origins []string) (*Peer, error) {
 	switch name {
 	case Nginx:
 		conf := filepath.Join(dir, "nginx.conf")
-		if err := os.WriteFile(conf, []byte(NginxConfig(addr, dir, origins)), 0o644); err != nil {
+		if err := os.WriteFile(conf, []byte(NginxConfig(addr, dir, origins, backups...)), 0o644); err != nil {
 			return nil, err
 		}
 		p, err = g.Start(name, g.ProxyCPUs, nil, "nginx", "-p", dir, "-c", conf, "-e", "stderr")
 	case HAProxy:
 		conf := filepath.Join(dir, "haproxy.cfg")
-		if err := os.WriteFile(conf, []byte(HAProxyConfig(addr, origins)), 0o644); err != nil {
+		if err := os.WriteFile(conf, []byte(HAProxyConfig(addr, origins, backups...)), 0o644); err != nil {
 			return nil, err
 		}
 		p, err = g.Start(name, g.ProxyCPUs, nil, "haproxy", "-f", conf, "-db")

@@ -27,6 +27,24 @@ func TestPeerConfigsAreEquivalent(t *testing.T) {
 		"timeout connect 1000ms", "timeout server 1000ms")
 }
 
+func TestPeerConfigsWithBackups(t *testing.T) {
+	origins, backups := []string{"127.0.0.1:9001", "127.0.0.1:9002"}, []string{"127.0.0.1:9101"}
+	f := func(name, config string, wants ...string) {
+		t.Helper()
+		for _, w := range wants {
+			if !strings.Contains(config, w) {
+				t.Errorf("%s config lacks %q:\n%s", name, w, config)
+			}
+		}
+	}
+	f("edgelb", EdgeConfig(origins, backups...), "static: [127.0.0.1:9001, 127.0.0.1:9002]\n    backup: [127.0.0.1:9101]\n")
+	f("nginx", NginxConfig("127.0.0.1:8000", "/tmp/x", origins, backups...), "server 127.0.0.1:9101 max_fails=3 fail_timeout=5s backup;")
+	f("haproxy", HAProxyConfig("127.0.0.1:8000", origins, backups...), "server b1 127.0.0.1:9101 check inter 1s fall 2 rise 2 observe layer4 error-limit 3 on-error mark-down backup")
+	if strings.Contains(EdgeConfig(origins), "backup") || strings.Contains(NginxConfig("127.0.0.1:8000", "/tmp/x", origins), "backup") {
+		t.Error("a backup without backups")
+	}
+}
+
 func TestCPUTime(t *testing.T) {
 	before, err := CPUTime(os.Getpid())
 	if err != nil {

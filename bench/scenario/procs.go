@@ -321,6 +321,22 @@ func (e *Edge) Backend(service, addr string) (BackendState, error) {
 	return BackendState{}, ErrNoBackend
 }
 
+// Serving returns which set of backends serves service now, as /status
+// says: "primary", "backup", "panic" or "none".
+func (e *Edge) Serving(service string) (string, error) {
+	st, err := e.Status()
+	if err != nil {
+		return "", err
+	}
+	services, _ := st["services"].(map[string]any)
+	svc, ok := services[service].(map[string]any)
+	if !ok {
+		return "", fmt.Errorf("scenario: service %q not in /status", service)
+	}
+	serving, _ := svc["serving"].(string)
+	return serving, nil
+}
+
 // WaitHTTP waits up to timeout for url to answer 200.
 func WaitHTTP(url string, timeout time.Duration) error {
 	c := http.Client{Timeout: time.Second}

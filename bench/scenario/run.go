@@ -28,14 +28,18 @@ const (
 	ConsulStop = "consul-stop"
 	Churn      = "churn"
 	Hedge      = "hedge"
+	Backup     = "backup"
 )
 
 // Names lists every scenario in the order "all" runs them.
-var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge}
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup}
 
 // Compared are the scenarios that comparison mode also runs through nginx
 // and HAProxy.
-var Compared = []string{Steady, Kill}
+var Compared = []string{Steady, Kill, Backup}
+
+// backupOrigin names the backup origin of the backup scenario.
+const backupOrigin = "backup"
 
 var about = map[string][2]string{
 	Steady: {"Steady state", "Three healthy origins behind the proxy; nothing happens. Requests/s, latency and CPU per request of the proxy itself."},
@@ -55,6 +59,10 @@ var about = map[string][2]string{
 	Hedge: {"Hung backend, hedged", "As hang (SIGSTOP of o2 from one third to two thirds), with hedge: {after: p95} on edgelb: a try that has not " +
 		"answered after the service's recent p95 goes to a second backend as well, and the first answer wins. The notes compare the " +
 		"worst latency while o2 hangs with the p99 before it (target: at most 3x), and the hedges sent with the requests (budget 10%)."},
+	Backup: {"Backup server", "Origins o1, o2 and o3 serve; origin backup is the service's backup server (edgelb backup:, nginx and HAProxy " +
+		"backup). At one third every primary is killed with SIGKILL; at two thirds they are started again. The failover table gives, " +
+		"from the origin that answered each request (X-Origin), the time from the kill to the backup's first answer and until every " +
+		"answer comes from it, and the time from the restart until the primaries answer again."},
 }
 
 // Options describe a bench-suite run. Zero values select the defaults.
@@ -177,6 +185,15 @@ type session struct {
 	mu     sync.Mutex
 	events []event
 	prop   *report.Propagation
+
+	// answers records who answered each request, for the backup
+	// scenario; killAt and killedAt are when the kill of its primaries
+	// began and ended, restartAt when they answered again after their
+	// restart (guarded by mu).
+	answers   *answerLog
+	killAt    time.Time
+	killedAt  time.Time
+	restartAt time.Time
 }
 
 type event struct {
@@ -212,9 +229,13 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 		return run, nil, err
 	}
 	s := &session{o: o, g: g, ctx: ctx, name: name, proxy: proxy, extra: map[string]*Proc{}}
-	if name == ConsulStop || name == Churn {
+	switch name {
+	case ConsulStop, Churn:
 		err = s.setupConsul(name == Churn)
-	} else {
+	case Backup:
+		s.answers = newAnswerLog()
+		err = s.setupStatic(backupOrigin)
+	default:
 		err = s.setupStatic()
 	}
 	if err != nil {
@@ -224,12 +245,21 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 	if f := judges[name]; f != nil && err == nil && run.Result != nil {
 		run.Notes = f(s, &run)
 	}
+	if s.answers != nil && run.Result != nil {
+		s.mu.Lock()
+		killAt, killedAt, restartAt := s.killAt, s.killedAt, s.restartAt
+		s.mu.Unlock()
+		if !killedAt.IsZero() {
+			run.Failover = s.answers.failover(run.Result.Start, run.Result.Start.Add(run.Result.Elapsed), killAt, killedAt, restartAt, backupOrigin)
+		}
+	}
 	return run, s.prop, err
 }
 
-// setupStatic starts three origins and the proxy in front of them.
-func (s *session) setupStatic() error {
-	var addrs []string
+// setupStatic starts three origins, the backup origins named, and the
+// proxy in front of them.
+func (s *session) setupStatic(backups ...string) error {
+	var addrs, backupAddrs []string
 	for i := 1; i <= 3; i++ {
 		p, err := s.g.StartOrigin("o" + strconv.Itoa(i))
 		if err != nil {
@@ -238,8 +268,16 @@ func (s *session) setupStatic() error {
 		s.origins = append(s.origins, p)
 		addrs = append(addrs, p.Addr)
 	}
+	for _, name := range backups {
+		p, err := s.g.StartOrigin(name)
+		if err != nil {
+			return err
+		}
+		s.extra[name] = p
+		backupAddrs = append(backupAddrs, p.Addr)
+	}
 	if s.proxy == report.Edgelb {
-		cfg := EdgeConfig(addrs)
+		cfg := EdgeConfig(addrs, backupAddrs...)
 		if s.name == Hedge {
 			cfg = EdgeConfigWith(addrs, "hedge: {after: p95}")
 		}
@@ -250,7 +288,7 @@ func (s *session) setupStatic() error {
 		s.edge, s.url, s.pid = e, "http://"+e.Addr+"/", e.Pid()
 		return nil
 	}
-	p, err := s.g.StartPeer(s.proxy, addrs)
+	p, err := s.g.StartPeer(s.proxy, addrs, backupAddrs...)
 	if err != nil {
 		return err
 	}
@@ -324,6 +362,9 @@ func (s *session) drive(script func(*session) error) (report.Run, error) {
 		return run, err
 	}
 	lo.Duration = s.o.Duration
+	if s.answers != nil {
+		lo.OnResponse = s.answers.observe
+	}
 	if s.o.OnSecond != nil {
 		lo.OnSecond = func(sec loadgen.Second) { s.o.OnSecond(s.name, s.proxy, sec) }
 	}
@@ -383,6 +424,7 @@ var scripts = map[string]func(*session) error{
 	ConsulStop: consulStopScript,
 	Churn:      churnScript,
 	Hedge:      hangScript,
+	Backup:     backupScript,
 }
 
 // judges, after a scenario's load, write what it shows against its
@@ -514,6 +556,38 @@ func outageScript(s *session) error {
 	return nil
 }
 
+func backupScript(s *session) error {
+	if err := s.at(1.0 / 3); err != nil {
+		return err
+	}
+	killAt := time.Now()
+	for _, o := range s.origins {
+		o.Kill9()
+	}
+	s.mu.Lock()
+	s.killAt, s.killedAt = killAt, time.Now()
+	s.mu.Unlock()
+	s.markAt(killAt, "kill -9 o1, o2, o3 (%s up)", backupOrigin)
+	s.watchServing("backup")
+	if err := s.at(2.0 / 3); err != nil {
+		return err
+	}
+	for i, o := range s.origins {
+		p, err := s.g.StartOriginAt(o.Name, o.Addr)
+		if err != nil {
+			return err
+		}
+		s.origins[i] = p
+	}
+	// StartOriginAt returns once each origin answers.
+	s.mu.Lock()
+	s.restartAt = time.Now()
+	s.mu.Unlock()
+	s.markAt(s.restartAt, "o1, o2, o3 restarted")
+	s.watchServing("primary")
+	return nil
+}
+
 func consulStopScript(s *session) error {
 	if err := s.at(1.0 / 3); err != nil {
 		return err
@@ -632,6 +706,27 @@ func (s *session) watchOut(o *Proc) {
 					at = time.Now()
 				}
 				s.markAt(at, "%s %s", o.Name, st.State)
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+}
+
+// watchServing marks when edgelb's /status says that service web is
+// served by set ("primary", "backup"), polling in the background for at
+// most a third of the load. Peers have no such API: nothing is marked for
+// them.
+func (s *session) watchServing(set string) {
+	if s.edge == nil {
+		return
+	}
+	from := time.Now()
+	go func() {
+		deadline := from.Add(s.o.Duration / 3)
+		for time.Now().Before(deadline) && s.ctx.Err() == nil {
+			if serving, err := s.edge.Serving("web"); err == nil && serving == set {
+				s.mark("edgelb serving from %s", set)
 				return
 			}
 			time.Sleep(5 * time.Millisecond)

@@ -96,6 +96,48 @@ func TestProxies(t *testing.T) {
 	f(Kill, true, "edgelb,nginx,haproxy")
 	f(Hang, true, "edgelb")
 	f(Churn, true, "edgelb")
+	f(Backup, true, "edgelb,nginx,haproxy")
+	f(Backup, false, "edgelb")
+}
+
+// TestRunnerBackup runs the backup scenario briefly through edgelb: no
+// client error while every primary is killed, the backup answering in
+// the outage, and the primaries again after their restart.
+func TestRunnerBackup(t *testing.T) {
+	dir := t.TempDir()
+	rep := Run(context.Background(), Options{Bin: Binaries(t), Dir: dir, Duration: 6 * time.Second, Concurrency: 4, Logf: t.Logf}, []string{Backup})
+	s := rep.Scenarios[0]
+	if s.Error != "" || len(s.Runs) != 1 || s.Runs[0].Error != "" || s.Runs[0].Result == nil || s.Runs[0].Failover == nil {
+		t.Fatalf("%+v", s)
+	}
+	run := s.Runs[0]
+	f := run.Failover
+	t.Logf("events %v; failover %+v", run.Events, *f)
+	if run.Result.Errors != 0 || f.OutageErrors != 0 {
+		t.Fatalf("%d errors, %d in the outage:\n%s", run.Result.Errors, f.OutageErrors, run.Result.Format())
+	}
+	if f.FirstBackupMS < 0 || f.Outage[backupOrigin] == 0 || f.Before[backupOrigin] != 0 {
+		t.Fatalf("the backup's answers: first %.1fms after the kill; before %v, outage %v", f.FirstBackupMS, f.Before, f.Outage)
+	}
+	if f.FirstPrimaryMS < 0 || f.After["o1"]+f.After["o2"]+f.After["o3"] == 0 {
+		t.Fatalf("no primary answered after the restart: %v", f.After)
+	}
+	names := map[string]bool{}
+	for _, e := range run.Events {
+		names[e.Name] = true
+	}
+	for _, want := range []string{"kill -9 o1, o2, o3 (backup up)", "o1, o2, o3 restarted", "edgelb serving from backup", "edgelb serving from primary"} {
+		if !names[want] {
+			t.Errorf("no event %q in %v", want, run.Events)
+		}
+	}
+	_, htmlPath, err := rep.WriteFiles(dir, report.HTMLOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if html, _ := os.ReadFile(htmlPath); !strings.Contains(string(html), "kill to first backup answer ms") {
+		t.Fatal("no failover table in the report")
+	}
 }
 
 // TestRunnerConsulScenarios runs consul-stop and churn briefly against a

@@ -206,6 +206,12 @@ func summary(rep *report.Report) string {
 			for _, n := range r.Notes {
 				fmt.Fprintf(&b, "%-12s %-8s %s\n", "", "", n)
 			}
+			if f := r.Failover; f != nil {
+				fmt.Fprintf(&b, "%-12s %-8s failover: kill (%.1fms) to first %s answer %s, to every answer from it %s, %d errors in the outage (slowest %.1fms); "+
+					"restart to first primary answer %s, to every answer from primaries %s; primaries %.1f%% of the last second\n",
+					"", "", f.KillMS, f.Backup, msText(f.FirstBackupMS), msText(f.AllBackupMS), f.OutageErrors, f.OutageMaxMS,
+					msText(f.FirstPrimaryMS), msText(f.AllPrimaryMS), f.LastSecondPrimaryPercent)
+			}
 		}
 		for _, c := range s.Comparisons {
 			fmt.Fprintf(&b, "%-12s edgelb/%-7s req/s %.2fx  cpu/req %.2fx  p99 %.2fx  errors %d vs %d\n", "", c.Peer, c.RPSRatio, c.CPUPerRequestRatio, c.P99Ratio, c.Errors, c.PeerErrors)
@@ -215,4 +221,12 @@ func summary(rep *report.Report) string {
 		}
 	}
 	return b.String()
+}
+
+// msText words a failover time: milliseconds, or never (-1).
+func msText(v float64) string {
+	if v < 0 {
+		return "never"
+	}
+	return fmt.Sprintf("%.1fms", v)
 }
