@@ -56,6 +56,10 @@ type Config struct {
 	// services only.
 	Consul *discovery.ConsulConfig `yaml:"consul"`
 
+	// DNS says how static backends given by host name are resolved:
+	// servers, interval, timeout, hosts file. Every field has a default.
+	DNS discovery.DNSConfig `yaml:"dns"`
+
 	// Server tunes the client-facing listener.
 	Server ServerConfig `yaml:"server"`
 
@@ -186,8 +190,14 @@ type ServiceConfig struct {
 	// Consul discovers the instances from Consul.
 	Consul *discovery.ConsulService `yaml:"consul"`
 
-	// Static lists the instances as host:port.
+	// Static lists the instances as host:port. A host given by name is
+	// resolved (A and AAAA) at start and again on its records' TTL or the
+	// DNS interval; each address is a backend.
 	Static []StaticBackend `yaml:"static"`
+
+	// DNS overrides, for this service's host names, the fields of the
+	// top-level dns block that it sets.
+	DNS *discovery.DNSConfig `yaml:"dns"`
 
 	// Balance is the selection policy: "p2c" (power of two choices on
 	// in-flight requests, the default), "round_robin" or "random".
@@ -245,6 +255,16 @@ func (b *StaticBackend) UnmarshalYAML(n *yaml.Node) error {
 	}
 	type plain StaticBackend
 	return n.Decode((*plain)(b))
+}
+
+// usesDNS reports whether a static backend of sc is given by host name.
+func (sc *ServiceConfig) usesDNS() bool {
+	for _, b := range sc.Static {
+		if discovery.HostIsName(b.Addr) {
+			return true
+		}
+	}
+	return false
 }
 
 // HealthConfig configures how backends are judged.
@@ -498,6 +518,7 @@ func (c *Config) applyDefaults() {
 		setDefault(&c.Consul.Scheme, "http")
 	}
 	c.Server.applyDefaults()
+	c.DNS.ApplyDefaults()
 	for _, sc := range c.Services {
 		sc.applyDefaults()
 	}
@@ -532,11 +553,12 @@ func (c *Config) validate() []error {
 	}
 	errs = append(errs, c.Server.validate("server")...)
 	errs = append(errs, c.StaleStore.Validate("stale_store")...)
+	errs = append(errs, c.DNS.Validate("dns")...)
 	if len(c.Services) == 0 && (c.Consul == nil || !c.Consul.TagRoutes) {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
 	}
 	for _, name := range sortedNames(c.Services) {
-		errs = append(errs, c.Services[name].validate("services."+name, c.Consul != nil)...)
+		errs = append(errs, c.Services[name].validate("services."+name, c.Consul != nil, c.DNS)...)
 	}
 	seen := make(map[string]int)
 	for i := range c.Routes {
@@ -716,7 +738,8 @@ func (sc *ServiceConfig) applyDefaults() {
 
 // validate checks sc after applyDefaults; it returns every problem, each
 // key under path. Retries -1 (none) becomes 0, the count the proxy uses.
-func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
+// dns is the top-level dns block, which sc.DNS overrides.
+func (sc *ServiceConfig) validate(path string, haveConsul bool, dns discovery.DNSConfig) []error {
 	var errs []error
 	bad := func(k, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
@@ -738,9 +761,23 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 		k := fmt.Sprintf(".static[%d]", i)
 		if err := checkAddr(b.Addr); err != nil {
 			bad(k, "%v", err)
+		} else if host, _, _ := net.SplitHostPort(b.Addr); discovery.HostIsName(b.Addr) {
+			if err := discovery.CheckHostName(host); err != nil {
+				bad(k, "%q: %v", b.Addr, err)
+			}
 		}
 		if b.Weight < 0 {
 			bad(k+".weight", "must not be negative")
+		}
+	}
+	if sc.DNS != nil {
+		if !sc.usesDNS() {
+			bad(".dns", "set, but no static backend is given by host name: it would change nothing")
+		}
+		errs = append(errs, sc.DNS.Validate(path+".dns")...)
+		// Validate has said so when the service sets both.
+		if m := dns.With(sc.DNS); m.Timeout > m.Interval && !(sc.DNS.Interval > 0 && sc.DNS.Timeout > sc.DNS.Interval) {
+			bad(".dns", "timeout (%v) must not exceed interval (%v)", m.Timeout, m.Interval)
 		}
 	}
 	if _, ok := selectors[sc.Balance]; !ok {
