@@ -15,6 +15,7 @@ import (
 
 	"github.com/edgelb/edgelb/bench/loadgen"
 	"github.com/edgelb/edgelb/bench/report"
+	"github.com/edgelb/edgelb/discovery/dnstest"
 )
 
 // Scenario names, in the order "all" runs them.
@@ -26,10 +27,11 @@ const (
 	Outage     = "outage"
 	ConsulStop = "consul-stop"
 	Churn      = "churn"
+	DNS        = "dns"
 )
 
 // Names lists every scenario in the order "all" runs them.
-var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn}
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, DNS}
 
 // Compared are the scenarios that comparison mode also runs through nginx
 // and HAProxy.
@@ -50,6 +52,9 @@ var about = map[string][2]string{
 	Churn: {"Consul register/deregister churn", "While load runs on / (service web, three origins from Consul), an instance web-4 and a service api " +
 		"(edge.route=*/api) are registered and deregistered again and again. The table gives the time from each Consul API call " +
 		"until GET /api shows the change; the load shows whether churn costs clients anything."},
+	DNS: {"DNS outage", "edgelb finds the origins (o1, o2, o3 on 127.0.0.1, .2 and .3, one port) by the name " + dnsName +
+		", from a DNS server the bench runs (TTL 1s, dns.interval 2s). At 5s (or a third of a shorter load) the DNS server stops for good; " +
+		"edgelb keeps the last addresses it resolved and tries again and again. Errors should stay at 0 for the whole load: -duration sets how long the outage lasts."},
 }
 
 // Options describe a bench-suite run. Zero values select the defaults.
@@ -166,6 +171,7 @@ type session struct {
 	edge    *Edge // nil for a peer
 	origins []*Proc
 	consul  *Consul
+	dns     *dnstest.Server
 	extra   map[string]*Proc
 
 	start  time.Time
@@ -207,9 +213,17 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 		return run, nil, err
 	}
 	s := &session{o: o, g: g, ctx: ctx, name: name, proxy: proxy, extra: map[string]*Proc{}}
-	if name == ConsulStop || name == Churn {
+	defer func() {
+		if s.dns != nil {
+			s.dns.Stop()
+		}
+	}()
+	switch name {
+	case ConsulStop, Churn:
 		err = s.setupConsul(name == Churn)
-	} else {
+	case DNS:
+		err = s.setupDNS()
+	default:
 		err = s.setupStatic()
 	}
 	if err != nil {
@@ -370,6 +384,7 @@ var scripts = map[string]func(*session) error{
 	Outage:     outageScript,
 	ConsulStop: consulStopScript,
 	Churn:      churnScript,
+	DNS:        dnsScript,
 }
 
 func killScript(s *session) error {
