@@ -168,8 +168,16 @@ func (r *resolver) ask(ctx context.Context, srv, name string) (answer, *resolveE
 	replies := make(chan reply, 2)
 	for _, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
 		go func() {
+			var rp reply
+			defer func() {
+				// A panic in the DNS client fails this question only.
+				if p := recover(); p != nil {
+					rp = reply{qtype: qt, err: fmt.Errorf("panic in the DNS client: %v", p)}
+				}
+				replies <- rp
+			}()
 			m, err := r.exchange(ctx, srv, name, qt)
-			replies <- reply{qt, m, err}
+			rp = reply{qt, m, err}
 		}()
 	}
 	var got [2]reply
