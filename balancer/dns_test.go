@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miekg/dns"
 	"github.com/valyala/fasthttp"
 
 	"github.com/edgelb/edgelb/discovery"
@@ -214,7 +215,7 @@ func TestDNSBackendsServeThroughAnOutage(t *testing.T) {
 
 // TestDNSReResolutionKeepsHealth: an address that stays in the answer
 // keeps its health state; a new one joins; one that leaves drains and
-// goes.
+// goes. An NXDOMAIN answer then changes none of them.
 func TestDNSReResolutionKeepsHealth(t *testing.T) {
 	port, origins := startOriginsOnOnePort(t, 3)
 	sick := func(ctx *fasthttp.RequestCtx) {
@@ -253,6 +254,21 @@ func TestDNSReResolutionKeepsHealth(t *testing.T) {
 	for i := 0; i < 10; i++ {
 		if resp := do(t, s, "GET", "web.example", "/"); resp.StatusCode() != 200 || string(resp.Body()) != "hello from o3" {
 			t.Fatalf("request %d: %d %q", i, resp.StatusCode(), resp.Body())
+		}
+	}
+
+	// A name that stops existing keeps its last addresses and states.
+	srv.Fail("web.health.test", dns.RcodeNameError)
+	waitFor(t, "NXDOMAIN seen", func() bool { return dnsStatus(t, s, "web", "web.health.test").Failures > 0 })
+	if st := dnsStatus(t, s, "web", "web.health.test"); !strings.Contains(st.LastError, "web.health.test. does not exist (NXDOMAIN from "+srv.Addr()+")") {
+		t.Fatalf("status %+v", st)
+	}
+	if got := backendStates(s, "web"); got != p(2)+"=unhealthy,"+p(3)+"=healthy" {
+		t.Fatalf("backends after NXDOMAIN: %s", got)
+	}
+	for i := 0; i < 10; i++ {
+		if resp := do(t, s, "GET", "web.example", "/"); resp.StatusCode() != 200 || string(resp.Body()) != "hello from o3" {
+			t.Fatalf("request %d after NXDOMAIN: %d %q", i, resp.StatusCode(), resp.Body())
 		}
 	}
 }
