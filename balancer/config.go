@@ -776,7 +776,7 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool, dns discovery.DN
 		}
 		errs = append(errs, sc.DNS.Validate(path+".dns")...)
 		// Validate has said so when the service sets both.
-		if m := dns.With(sc.DNS); m.Timeout > m.Interval && !(sc.DNS.Interval > 0 && sc.DNS.Timeout > sc.DNS.Interval) {
+		if m := dns.With(sc.DNS); m.Interval >= discovery.MinDNSRefresh && m.Timeout > m.Interval && !(sc.DNS.Interval > 0 && sc.DNS.Timeout > sc.DNS.Interval) {
 			bad(".dns", "timeout (%v) must not exceed interval (%v)", m.Timeout, m.Interval)
 		}
 	}

@@ -100,7 +100,7 @@ func (c *DNSConfig) Validate(path string) []error {
 	if c.Timeout < 0 {
 		bad(".timeout", "must be positive (got %v)", c.Timeout)
 	}
-	if c.Interval > 0 && c.Timeout > c.Interval {
+	if c.Interval >= MinDNSRefresh && c.Timeout > c.Interval {
 		bad(".timeout", "must not exceed interval (%v), got %v", c.Interval, c.Timeout)
 	}
 	for _, f := range []struct{ k, v string }{{".hosts_file", c.HostsFile}, {".resolv_conf", c.ResolvConf}} {
