@@ -355,6 +355,7 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_config_reloads_total":             {help: "Config reloads, by result."},
 	"edgelb_discovery_errors_total":           {help: "Failed discovery queries, by source and service."},
 	"edgelb_discovery_updates_total":          {help: "Discovery answers that changed a service's instances, by source and service."},
+	"edgelb_dns_resolutions_total":            {help: "Resolutions of the host names of static backends, by name and result: ok (a DNS server answered), hosts (the hosts file did), nxdomain, nodata (no A or AAAA record), servfail, refused, timeout, unreachable (nothing listens at the server's address), error."},
 	"edgelb_ejections_refused_total":          {help: "Ejections not made because max_ejection_percent of the service's backends were held out already."},
 	"edgelb_event_loop_accept_errors_total":   {help: "Errors accepting client connections in the event loops."},
 	"edgelb_event_loop_batch_waits_total":     {help: "Waits of server.batch_wait that event loops made to gather events."},
@@ -399,7 +400,11 @@ func (a *adminServer) readyz(w http.ResponseWriter, _ *http.Request) {
 	fmt.Fprintln(w, "ready")
 	now := time.Now()
 	for _, st := range a.s.DiscoveryStatus() {
-		fmt.Fprintf(w, "%s %s: %s\n", st.Source, st.Service, describeFreshness(st, now))
+		what := st.Service
+		if st.Name != "" {
+			what += " " + st.Name
+		}
+		fmt.Fprintf(w, "%s %s: %s\n", st.Source, what, describeFreshness(st, now))
 	}
 }
 
@@ -419,6 +424,9 @@ func describeFreshness(st discovery.Status, now time.Time) string {
 	}
 	if st.LastError != "" {
 		fmt.Fprintf(&b, ", last error %s ago: %s", now.Sub(st.LastErrorAt).Round(time.Millisecond), st.LastError)
+	}
+	if !st.FailingSince.IsZero() {
+		fmt.Fprintf(&b, ", failing for %s (%d tries)", now.Sub(st.FailingSince).Round(time.Millisecond), st.Failures)
 	}
 	return b.String()
 }

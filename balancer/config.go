@@ -56,6 +56,10 @@ type Config struct {
 	// services only.
 	Consul *discovery.ConsulConfig `yaml:"consul"`
 
+	// DNS says how static backends given by host name are resolved:
+	// servers, interval, timeout, hosts file. Every field has a default.
+	DNS discovery.DNSConfig `yaml:"dns"`
+
 	// Server tunes the client-facing listener.
 	Server ServerConfig `yaml:"server"`
 
@@ -190,13 +194,18 @@ type ServiceConfig struct {
 	// Consul discovers the instances from Consul.
 	Consul *discovery.ConsulService `yaml:"consul"`
 
-	// Static lists the instances as host:port.
+	// Static lists the instances as host:port. A host given by name is
+	// resolved (A and AAAA) at start and again on its records' TTL or the
+	// DNS interval; each address is a backend.
 	Static []StaticBackend `yaml:"static"`
 
 	// Backup is a second set of backends that gets the service's
 	// requests only while none of the primary ones (Consul or Static) is
 	// available to them; see BackupConfig. None if not set.
 	Backup *BackupConfig `yaml:"backup"`
+	// DNS overrides, for this service's host names, the fields of the
+	// top-level dns block that it sets.
+	DNS *discovery.DNSConfig `yaml:"dns"`
 
 	// Balance is the selection policy: "p2c" (power of two choices on
 	// in-flight requests, the default), "round_robin" or "random".
@@ -361,6 +370,16 @@ const backupSuffix = "/backup"
 
 // backupName returns the discovery name of the backup set of service.
 func backupName(service string) string { return service + backupSuffix }
+
+// usesDNS reports whether a static backend of sc is given by host name.
+func (sc *ServiceConfig) usesDNS() bool {
+	for _, b := range sc.Static {
+		if discovery.HostIsName(b.Addr) {
+			return true
+		}
+	}
+	return false
+}
 
 // HealthConfig configures how backends are judged.
 type HealthConfig struct {
@@ -645,6 +664,7 @@ func (c *Config) applyDefaults() {
 	if c.TLS != nil {
 		c.TLS.applyDefaults()
 	}
+	c.DNS.ApplyDefaults()
 	for _, sc := range c.Services {
 		sc.applyDefaults()
 	}
@@ -687,11 +707,12 @@ func (c *Config) validate() []error {
 		}
 	}
 	errs = append(errs, c.StaleStore.Validate("stale_store")...)
+	errs = append(errs, c.DNS.Validate("dns")...)
 	if len(c.Services) == 0 && (c.Consul == nil || !c.Consul.TagRoutes) {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
 	}
 	for _, name := range sortedNames(c.Services) {
-		errs = append(errs, c.Services[name].validate("services."+name, c.Consul != nil)...)
+		errs = append(errs, c.Services[name].validate("services."+name, c.Consul != nil, c.DNS)...)
 		if base, ok := strings.CutSuffix(name, backupSuffix); ok {
 			if sc := c.Services[base]; sc != nil && sc.Backup != nil && sc.Backup.Consul != nil {
 				bad("services."+name, "the name is taken: the Consul backup set of services.%s reports under it; rename the service", base)
@@ -891,7 +912,8 @@ func (sc *ServiceConfig) applyDefaults() {
 
 // validate checks sc after applyDefaults; it returns every problem, each
 // key under path. Retries -1 (none) becomes 0, the count the proxy uses.
-func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
+// dns is the top-level dns block, which sc.DNS overrides.
+func (sc *ServiceConfig) validate(path string, haveConsul bool, dns discovery.DNSConfig) []error {
 	var errs []error
 	bad := func(k, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
@@ -913,6 +935,10 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 		k := fmt.Sprintf(".static[%d]", i)
 		if err := checkAddr(b.Addr); err != nil {
 			bad(k, "%v", err)
+		} else if host, _, _ := net.SplitHostPort(b.Addr); discovery.HostIsName(b.Addr) {
+			if err := discovery.CheckHostName(host); err != nil {
+				bad(k, "%q: %v", b.Addr, err)
+			}
 		}
 		if b.Weight < 0 {
 			bad(k+".weight", "must not be negative")
@@ -920,6 +946,16 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 	}
 	if sc.Backup != nil {
 		errs = append(errs, sc.validateBackup(path, haveConsul)...)
+	}
+	if sc.DNS != nil {
+		if !sc.usesDNS() {
+			bad(".dns", "set, but no static backend is given by host name: it would change nothing")
+		}
+		errs = append(errs, sc.DNS.Validate(path+".dns")...)
+		// Validate has said so when the service sets both.
+		if m := dns.With(sc.DNS); m.Interval >= discovery.MinDNSRefresh && m.Timeout > m.Interval && !(sc.DNS.Interval > 0 && sc.DNS.Timeout > sc.DNS.Interval) {
+			bad(".dns", "timeout (%v) must not exceed interval (%v)", m.Timeout, m.Interval)
+		}
 	}
 	if _, ok := selectors[sc.Balance]; !ok {
 		bad(".balance", "unknown policy %q (one of %s)", sc.Balance, policyNames)

@@ -63,6 +63,8 @@ type Server struct {
 	tls *tlsState
 	// tunnels are the open WebSocket and other upgraded connections.
 	tunnels *tunnelSet
+	// dns resolves the static backends given by host name.
+	dns *discovery.DNS
 	// unrouted decides what a request matching no route gets while
 	// Consul's tag routes are not known yet; nil without tag routes.
 	unrouted atomic.Pointer[unroutedPolicy]
@@ -74,6 +76,10 @@ type Server struct {
 	// resource, for /readyz; acceptLog holds back their repeats.
 	acceptTrouble acceptTrouble
 	acceptLog     repeatLog
+
+	// reloadMu serialises Start and Reload: the DNS source is configured
+	// outside mu, as it waits for publications that take mu.
+	reloadMu sync.Mutex
 
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
@@ -112,6 +118,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		stop:    make(chan struct{}),
 		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
+	s.dns = discovery.NewDNS(s, logger)
 	s.routes.Store(newRouteTable(nil))
 	s.tunnels = newTunnelSet(func(r any, msg string, attrs ...any) { panics.Balancer.Recovered(s.log, r, msg, attrs...) })
 	// ReadTimeout bounds the head: fasthttp arms it when a connection
@@ -141,6 +148,8 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 // Start binds the listeners, builds the pools and routes and starts serving
 // in the background. It returns once the listeners accept connections.
 func (s *Server) Start() error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
 	ln, err := net.Listen("tcp", s.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s (listen): %w", s.cfg.Listen, err)
@@ -171,6 +180,10 @@ func (s *Server) Start() error {
 		s.admin.close()
 		return err
 	}
+	// Host names are resolved before the first request is served, so
+	// that their services start with backends; the listener queues
+	// connections meanwhile.
+	s.dns.Configure(s.cfg.StateDir, dnsServices(s.cfg))
 	s.ready.Store(true)
 
 	var serveLn net.Listener = newAcceptListener(s, ln, "fasthttp")
@@ -218,6 +231,8 @@ func (s *Server) AdminAddr() string { return s.admin.addr() }
 // LoadConfig read anew; open connections keep theirs. Listener addresses
 // cannot change without a restart, nor can the TLS listener come or go.
 func (s *Server) Reload(cfg *Config) error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
 	s.mu.Lock()
 	if cfg.Listen != s.cfg.Listen || cfg.Admin != s.cfg.Admin || tlsListen(cfg) != tlsListen(s.cfg) {
 		reloadErrors.Inc()
@@ -226,6 +241,12 @@ func (s *Server) Reload(cfg *Config) error {
 		s.mu.Unlock()
 		return err
 	}
+	s.mu.Unlock()
+	// Before the pools are rebuilt, so that a service turned from names
+	// to addresses gets no late publication of its names, and a service
+	// with new names finds their addresses when its pool is built.
+	s.dns.Configure(cfg.StateDir, dnsServices(cfg))
+	s.mu.Lock()
 	old := s.cfg
 	s.applyLocked(cfg)
 	if s.tls != nil {
@@ -299,16 +320,16 @@ func (s *Server) applyLocked(cfg *Config) {
 		}
 		p := newPool(name, sc, s.reg, s.checker, s.store, s.series)
 		s.pools[name] = p
-		if len(sc.Static) > 0 {
-			ins := make([]discovery.Instance, len(sc.Static))
-			for i, b := range sc.Static {
-				ins[i] = discovery.Instance{Addr: b.Addr, Weight: b.Weight}
-			}
-			s.sets[name] = discovery.NewSet(name, "static", ins, time.Now())
+		switch {
+		case len(sc.Static) > 0 && !sc.usesDNS():
+			s.sets[name] = discovery.NewSet(name, "static", staticInstances(sc), time.Now())
 			s.statics[name] = true
-		} else if s.statics[name] {
+		case s.statics[name]:
 			delete(s.statics, name)
-			delete(s.sets, name)
+			// A set published by the DNS source stays.
+			if set := s.sets[name]; set != nil && set.Source == "static" {
+				delete(s.sets, name)
+			}
 		}
 		if set := s.sets[name]; set != nil {
 			p.update(set)
@@ -395,6 +416,27 @@ func (s *Server) setUnroutedLocked(cfg *Config) {
 	s.unrouted.Store(u)
 }
 
+// staticInstances returns the static backends of sc as instances.
+func staticInstances(sc *ServiceConfig) []discovery.Instance {
+	ins := make([]discovery.Instance, len(sc.Static))
+	for i, b := range sc.Static {
+		ins[i] = discovery.Instance{Addr: b.Addr, Weight: b.Weight}
+	}
+	return ins
+}
+
+// dnsServices returns the services of cfg whose static backends include
+// host names, with their resolution settings.
+func dnsServices(cfg *Config) map[string]discovery.DNSService {
+	m := make(map[string]discovery.DNSService)
+	for name, sc := range cfg.Services {
+		if sc.usesDNS() {
+			m[name] = discovery.DNSService{Backends: staticInstances(sc), DNS: cfg.DNS.With(sc.DNS)}
+		}
+	}
+	return m
+}
+
 // consulServices returns the services that cfg discovers from Consul: the
 // primaries of a service under its name, its backups under backupName.
 func consulServices(cfg *Config) map[string]discovery.ConsulService {
@@ -429,7 +471,7 @@ func (s *Server) DiscoveryStatus() []discovery.Status {
 	if c != nil {
 		out = append(out, c.Status()...)
 	}
-	return out
+	return append(out, s.dns.Status()...)
 }
 
 // retire closes a pool that no longer serves once its requests are done.
@@ -592,6 +634,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if c != nil {
 		c.Stop()
 	}
+	s.dns.Stop()
 	s.stopOnce.Do(func() { close(s.stop) })
 	if s.admin != nil {
 		s.admin.close()

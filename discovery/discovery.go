@@ -1,5 +1,6 @@
 // Package discovery finds the instances of services and publishes them as
-// immutable sets. Sources are static lists from the config and Consul.
+// immutable sets. Sources are static lists from the config, Consul, and
+// DNS for static backends given by host name.
 //
 // A published Set is never modified after it is handed out: consumers may
 // keep it and read it from any goroutine without locking.
@@ -44,7 +45,7 @@ type Set struct {
 	// when tag routes are off.
 	Routes []Route `json:"routes,omitempty"`
 
-	// Source names where the set came from: "static" or "consul".
+	// Source names where the set came from: "static", "consul" or "dns".
 	Source string `json:"source"`
 
 	// UpdatedAt is when the source last confirmed the set.
@@ -73,14 +74,36 @@ func NewSet(service, source string, instances []Instance, updatedAt time.Time) *
 // Status describes how fresh a source's view is. It is shown in /status and
 // decides /readyz.
 type Status struct {
-	// Source is "static" or "consul".
+	// Source is "static", "consul" or "dns".
 	Source string `json:"source"`
 
 	// Service is the watched service, or "" for the source as a whole.
 	Service string `json:"service,omitempty"`
 
+	// Name is the host name that a "dns" status is about; the service has
+	// one status per name.
+	Name string `json:"name,omitempty"`
+
+	// Addrs are the addresses that Name resolves to as served: the last
+	// good answer. Only for "dns".
+	Addrs []string `json:"addrs,omitempty"`
+
+	// AnsweredBy says where Addrs came from: a DNS server, the hosts file
+	// or state_dir. Only for "dns".
+	AnsweredBy string `json:"answered_by,omitempty"`
+
 	// LastUpdate is when the source last delivered data successfully.
 	LastUpdate time.Time `json:"last_update"`
+
+	// NextResolve is when Name is resolved next. Only for "dns".
+	NextResolve time.Time `json:"next_resolve,omitzero"`
+
+	// FailingSince is when the failures that go on now began; zero while
+	// the last try succeeded. Only for "dns".
+	FailingSince time.Time `json:"failing_since,omitzero"`
+
+	// Failures counts the failed tries in a row. Only for "dns".
+	Failures int `json:"failures,omitempty"`
 
 	// LastError is the last error in words, "" if the last call succeeded.
 	LastError string `json:"last_error,omitempty"`

@@ -16,6 +16,7 @@ import (
 
 	"github.com/edgelb/edgelb/bench/loadgen"
 	"github.com/edgelb/edgelb/bench/report"
+	"github.com/edgelb/edgelb/discovery/dnstest"
 )
 
 // Scenario names, in the order "all" runs them.
@@ -29,10 +30,11 @@ const (
 	Churn      = "churn"
 	Hedge      = "hedge"
 	Backup     = "backup"
+	DNS        = "dns"
 )
 
 // Names lists every scenario in the order "all" runs them.
-var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup}
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup, DNS}
 
 // Compared are the scenarios that comparison mode also runs through nginx
 // and HAProxy.
@@ -63,6 +65,9 @@ var about = map[string][2]string{
 		"backup). At one third every primary is killed with SIGKILL; at two thirds they are started again. The failover table gives, " +
 		"from the origin that answered each request (X-Origin), the time from the kill to the backup's first answer and until every " +
 		"answer comes from it, and the time from the restart until the primaries answer again."},
+	DNS: {"DNS outage", "edgelb finds the origins (o1, o2, o3 on 127.0.0.1, .2 and .3, one port) by the name " + dnsName +
+		", from a DNS server the bench runs (TTL 1s, dns.interval 2s). At 5s (or a third of a shorter load) the DNS server stops for good; " +
+		"edgelb keeps the last addresses it resolved and tries again and again. Errors should stay at 0 for the whole load: -duration sets how long the outage lasts."},
 }
 
 // Options describe a bench-suite run. Zero values select the defaults.
@@ -179,6 +184,7 @@ type session struct {
 	edge    *Edge // nil for a peer
 	origins []*Proc
 	consul  *Consul
+	dns     *dnstest.Server
 	extra   map[string]*Proc
 
 	start  time.Time
@@ -229,12 +235,19 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 		return run, nil, err
 	}
 	s := &session{o: o, g: g, ctx: ctx, name: name, proxy: proxy, extra: map[string]*Proc{}}
+	defer func() {
+		if s.dns != nil {
+			s.dns.Stop()
+		}
+	}()
 	switch name {
 	case ConsulStop, Churn:
 		err = s.setupConsul(name == Churn)
 	case Backup:
 		s.answers = newAnswerLog()
 		err = s.setupStatic(backupOrigin)
+	case DNS:
+		err = s.setupDNS()
 	default:
 		err = s.setupStatic()
 	}
@@ -425,6 +438,7 @@ var scripts = map[string]func(*session) error{
 	Churn:      churnScript,
 	Hedge:      hangScript,
 	Backup:     backupScript,
+	DNS:        dnsScript,
 }
 
 // judges, after a scenario's load, write what it shows against its
