@@ -643,6 +643,32 @@ func TestTunnelHalfClose(t *testing.T) {
 	})
 }
 
+// A backend that closes its tunnel ends it, and is counted so, even when
+// the client then resets its connection rather than closing it, as
+// browsers do once their WebSocket ended.
+func TestTunnelClosedByBackendThenResetByClient(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		o := startRecOrigin(t, func(c net.Conn, head string) {
+			io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: chat\r\n\r\nbye")
+			c.Close()
+		})
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n")
+		resp, br, c := rawUpgrade(t, s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: chat\r\n\r\n")
+		if resp.StatusCode() != 101 {
+			t.Fatalf("%d", resp.StatusCode())
+		}
+		if rest, err := io.ReadAll(br); err != nil || string(rest) != "bye" {
+			t.Fatalf("%q %v", rest, err)
+		}
+		c.(*net.TCPConn).SetLinger(0) // Close sends a reset
+		c.Close()
+		waitFor(t, "closed", func() bool { return metricValue(t, s, `edgelb_tunnels_open{service="web"}`) == 0 })
+		if n := metricValue(t, s, `edgelb_tunnels_closed_total{service="web",reason="backend"}`); n != 1 {
+			t.Fatalf("closes by the backend: %d, by the client: %d", n, metricValue(t, s, `edgelb_tunnels_closed_total{service="web",reason="client"}`))
+		}
+	})
+}
+
 // A backend that leaves the service keeps its tunnels.
 func TestTunnelOutlivesItsBackendsRemoval(t *testing.T) {
 	a, b := startWSOrigin(t, "a"), startWSOrigin(t, "b")
