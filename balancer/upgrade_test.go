@@ -34,6 +34,13 @@ type wsOrigin struct {
 
 func startWSOrigin(t *testing.T, name string) *wsOrigin {
 	t.Helper()
+	return startWSOriginWithPage(t, name, nil)
+}
+
+// startWSOriginWithPage is startWSOrigin that serves requests other than
+// WebSocket upgrades with page, when set.
+func startWSOriginWithPage(t *testing.T, name string, page http.Handler) *wsOrigin {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -41,6 +48,10 @@ func startWSOrigin(t *testing.T, name string) *wsOrigin {
 	o := &wsOrigin{name: name, addr: ln.Addr().String(), ln: ln, conns: make(map[*websocket.Conn]bool)}
 	up := websocket.Upgrader{CheckOrigin: func(*http.Request) bool { return true }}
 	o.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if page != nil && !websocket.IsWebSocketUpgrade(r) {
+			page.ServeHTTP(w, r)
+			return
+		}
 		o.mu.Lock()
 		o.heads = append(o.heads, r.Header.Clone())
 		o.mu.Unlock()
