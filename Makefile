@@ -5,7 +5,7 @@ BIN := $(CURDIR)/bin
 CONSUL_VERSION := 1.13.9
 export PATH := $(BIN):$(PATH)
 
-.PHONY: all build test test-race test-alloc bench consul curl demo vet fmt clean peers bench-scenarios fuzz
+.PHONY: all build test test-race test-alloc bench consul curl chromium demo vet fmt clean peers bench-scenarios fuzz
 
 all: build
 
@@ -34,6 +34,17 @@ curl:
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; \
 	}
 
+# Chromium and NSS's certutil for the browser test (balancer/browser_test.go):
+# a headless Chromium that trusts the test's CA through an NSS database.
+chromium:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v certutil >/dev/null 2>&1 || missing="$$missing libnss3-tools"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends $$missing; \
+	fi
+
 vet:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
@@ -42,7 +53,7 @@ vet:
 # Every test: vet, the race-enabled suite (Consul integration tests
 # included, against a real agent), then the allocation tests, which only
 # build without -race.
-test: consul curl vet
+test: consul curl chromium vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -count=1 -run 'AllocatesNothing' -timeout 10m ./balancer/... ./health
 

@@ -32,7 +32,7 @@ const (
 
 // Why a tunnel ended, counted in edgelb_tunnels_closed_total{reason}.
 const (
-	// endClient: the client closed its connection (after the backend
+	// endClient: the client closed its connection (before the backend
 	// did, when both closed in turn), or it failed.
 	endClient = iota
 	// endBackend: the backend did.
@@ -227,12 +227,22 @@ func (t *tunnel) pump(way int) {
 			t.shut(endShutdown)
 			return
 		}
+		if err == io.EOF {
+			// Noted before the half-close is passed on, which the
+			// other side may answer at once.
+			t.firstEOF.CompareAndSwap(-1, int32(src))
+		}
 		if err != io.EOF || closeWrite(t.peer(dst)) != nil {
+			// A side that half-closed before ended the tunnel: what
+			// fails after follows from it (a browser resets its
+			// connection once the backend closed its WebSocket).
+			if first := t.firstEOF.Load(); first >= 0 {
+				src = int(first)
+			}
 			t.shut(src)
 			return
 		}
 		// A half-close: the other way goes on.
-		t.firstEOF.CompareAndSwap(-1, int32(src))
 		if t.eofs.Add(1) == 2 {
 			t.shut(int(t.firstEOF.Load()))
 		}

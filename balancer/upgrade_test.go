@@ -34,6 +34,13 @@ type wsOrigin struct {
 
 func startWSOrigin(t *testing.T, name string) *wsOrigin {
 	t.Helper()
+	return startWSOriginWithPage(t, name, nil)
+}
+
+// startWSOriginWithPage is startWSOrigin that serves requests other than
+// WebSocket upgrades with page, when set.
+func startWSOriginWithPage(t *testing.T, name string, page http.Handler) *wsOrigin {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -41,6 +48,10 @@ func startWSOrigin(t *testing.T, name string) *wsOrigin {
 	o := &wsOrigin{name: name, addr: ln.Addr().String(), ln: ln, conns: make(map[*websocket.Conn]bool)}
 	up := websocket.Upgrader{CheckOrigin: func(*http.Request) bool { return true }}
 	o.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if page != nil && !websocket.IsWebSocketUpgrade(r) {
+			page.ServeHTTP(w, r)
+			return
+		}
 		o.mu.Lock()
 		o.heads = append(o.heads, r.Header.Clone())
 		o.mu.Unlock()
@@ -639,6 +650,32 @@ func TestTunnelHalfClose(t *testing.T) {
 		waitFor(t, "closed", func() bool { return metricValue(t, s, `edgelb_tunnels_open{service="web"}`) == 0 })
 		if n := metricValue(t, s, `edgelb_tunnels_closed_total{service="web",reason="client"}`); n != 1 {
 			t.Fatalf("closes: %d", n)
+		}
+	})
+}
+
+// A backend that closes its tunnel ends it, and is counted so, even when
+// the client then resets its connection rather than closing it, as
+// browsers do once their WebSocket ended.
+func TestTunnelClosedByBackendThenResetByClient(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		o := startRecOrigin(t, func(c net.Conn, head string) {
+			io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: chat\r\n\r\nbye")
+			c.Close()
+		})
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n")
+		resp, br, c := rawUpgrade(t, s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: chat\r\n\r\n")
+		if resp.StatusCode() != 101 {
+			t.Fatalf("%d", resp.StatusCode())
+		}
+		if rest, err := io.ReadAll(br); err != nil || string(rest) != "bye" {
+			t.Fatalf("%q %v", rest, err)
+		}
+		c.(*net.TCPConn).SetLinger(0) // Close sends a reset
+		c.Close()
+		waitFor(t, "closed", func() bool { return metricValue(t, s, `edgelb_tunnels_open{service="web"}`) == 0 })
+		if n := metricValue(t, s, `edgelb_tunnels_closed_total{service="web",reason="backend"}`); n != 1 {
+			t.Fatalf("closes by the backend: %d, by the client: %d", n, metricValue(t, s, `edgelb_tunnels_closed_total{service="web",reason="client"}`))
 		}
 	})
 }
