@@ -205,8 +205,8 @@ func (s *Server) Start() error {
 	if s.tls != nil {
 		s.serveTLS()
 	}
-	s.goSafe("reaper", s.reapLoop)
-	s.goSafe("stale-persist", s.persistLoop)
+	s.goSafe("reaper", func() { s.every(time.Second, s.reap) })
+	s.goSafe("stale-persist", func() { s.every(StaleSaveInterval, func(time.Time) { s.saveStore() }) })
 	s.log.Info("edgelb started", "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
 	return nil
 }
@@ -695,43 +695,36 @@ func (s *Server) closeLoopFile() {
 	}
 }
 
-func (s *Server) reapLoop() {
-	t := time.NewTicker(time.Second)
+// every calls f every d until s stops.
+func (s *Server) every(d time.Duration, f func(now time.Time)) {
+	t := time.NewTicker(d)
 	defer t.Stop()
 	for {
 		select {
 		case <-s.stop:
 			return
 		case now := <-t.C:
-			s.mu.Lock()
-			pools := make([]*Pool, 0, len(s.pools))
-			for _, p := range s.pools {
-				pools = append(pools, p)
-			}
-			s.mu.Unlock()
-			for _, p := range pools {
-				p.reap(now)
-			}
+			f(now)
 		}
+	}
+}
+
+// reap releases, once a second, the backends that left their pools.
+func (s *Server) reap(now time.Time) {
+	s.mu.Lock()
+	pools := make([]*Pool, 0, len(s.pools))
+	for _, p := range s.pools {
+		pools = append(pools, p)
+	}
+	s.mu.Unlock()
+	for _, p := range pools {
+		p.reap(now)
 	}
 }
 
 // StaleSaveInterval is how often the stale store is written to state_dir,
 // besides at shutdown.
 const StaleSaveInterval = time.Minute
-
-func (s *Server) persistLoop() {
-	t := time.NewTicker(StaleSaveInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-s.stop:
-			return
-		case <-t.C:
-			s.saveStore()
-		}
-	}
-}
 
 func (s *Server) saveStore() {
 	s.mu.Lock()

@@ -133,19 +133,10 @@ func (t *tlsState) ticketsDue(now time.Time) bool {
 // ticketTick is how often the ticket rotation checks whether a key is due.
 const ticketTick = time.Minute
 
-// rotateLoop rotates the session ticket keys until s stops.
-func (s *Server) rotateLoop() {
-	t := time.NewTicker(ticketTick)
-	defer t.Stop()
-	for {
-		select {
-		case <-s.stop:
-			return
-		case now := <-t.C:
-			if s.tls.ticketsDue(now) {
-				s.tls.rotateTickets(now)
-			}
-		}
+// rotateTicketsDue rotates the session ticket keys when one is due.
+func (s *Server) rotateTicketsDue(now time.Time) {
+	if s.tls.ticketsDue(now) {
+		s.tls.rotateTickets(now)
 	}
 }
 
@@ -317,7 +308,7 @@ func (s *Server) serveTLS() {
 			s.log.Error("TLS server stopped", "err", err)
 		}
 	})
-	s.goSafe("tls-tickets", s.rotateLoop)
+	s.goSafe("tls-tickets", func() { s.every(ticketTick, s.rotateTicketsDue) })
 }
 
 // logCertificates logs the certificates of tc and warns of those that a
