@@ -22,6 +22,7 @@ import (
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
 	"github.com/edgelb/edgelb/internal/panics"
+	"github.com/edgelb/edgelb/internal/version"
 )
 
 // adminServer serves the admin API: /metrics, /status, /healthz, /readyz,
@@ -461,6 +462,9 @@ func (s *Server) Ready() (bool, string) {
 
 // Status is the JSON document of GET /status.
 type Status struct {
+	// Version is the running build's (edgelb -version).
+	Version   string                    `json:"version"`
+	StartedAt time.Time                 `json:"started_at"`
 	Ready     bool                      `json:"ready"`
 	Services  map[string]*ServiceStatus `json:"services"`
 	Routes    []RouteStatus             `json:"routes"`
@@ -505,7 +509,7 @@ type RouteStatus struct {
 // Status returns what GET /status shows.
 func (s *Server) Status() *Status {
 	now := time.Now()
-	st := &Status{Services: make(map[string]*ServiceStatus)}
+	st := &Status{Version: version.Version(), StartedAt: s.started, Services: make(map[string]*ServiceStatus)}
 	st.Ready, _ = s.Ready()
 	for _, p := range s.poolsSorted() {
 		ss := &ServiceStatus{Backends: []BackendStatus{}}

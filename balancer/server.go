@@ -24,6 +24,7 @@ import (
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
 	"github.com/edgelb/edgelb/internal/panics"
+	"github.com/edgelb/edgelb/internal/version"
 )
 
 // Server is an edgelb instance: the client-facing listener, the admin API
@@ -39,6 +40,8 @@ type Server struct {
 	store   *stale.Store
 	// series are the per-service and per-backend metrics of the pools.
 	series *seriesTable
+	// started is when Start was called, for /status.
+	started time.Time
 
 	routes atomic.Pointer[routeTable]
 	// trusted is server.trusted_proxies; nil when empty.
@@ -137,6 +140,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 // Start binds the listeners, builds the pools and routes and starts serving
 // in the background. It returns once the listeners accept connections.
 func (s *Server) Start() error {
+	s.started = time.Now()
 	ln, err := net.Listen("tcp", s.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s (listen): %w", s.cfg.Listen, err)
@@ -190,7 +194,7 @@ func (s *Server) Start() error {
 	}
 	s.goSafe("reaper", s.reapLoop)
 	s.goSafe("stale-persist", s.persistLoop)
-	s.log.Info("edgelb started", "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
+	s.log.Info("edgelb started", "version", version.Version(), "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
 	return nil
 }
 
