@@ -13,6 +13,7 @@ import (
 	"net/http/pprof"
 	"net/netip"
 	"sort"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -436,11 +437,30 @@ func (a *adminServer) purge(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintln(w, "purged", u)
 }
 
-func (a *adminServer) status(w http.ResponseWriter, _ *http.Request) {
+// status serves /status, and with ?rates=1 the live view the status page
+// polls (compact, as it comes every second); since=UNIX_MS limits its
+// history to the samples after that time.
+func (a *adminServer) status(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	live := q.Get("rates") != "" && q.Get("rates") != "0"
+	var since int64
+	if v := q.Get("since"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			http.Error(w, fmt.Sprintf("since=%q: want unix milliseconds, as in samples.times", v), http.StatusBadRequest)
+			return
+		}
+		since = n
+	}
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
 	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(a.s.Status())
+	if !live {
+		enc.SetIndent("", "  ")
+		enc.Encode(a.s.Status())
+		return
+	}
+	enc.Encode(a.s.LiveStatus(since))
 }
 
 // Ready reports whether routes are loaded and the server accepts requests,
@@ -470,6 +490,8 @@ type Status struct {
 	Routes    []RouteStatus             `json:"routes"`
 	Conflicts []string                  `json:"conflicts,omitempty"`
 	Discovery []discovery.Status        `json:"discovery,omitempty"`
+	// Samples are the times of the History series, with ?rates=1 only.
+	Samples *Samples `json:"samples,omitempty"`
 }
 
 // ServiceStatus is one service in /status.
@@ -485,6 +507,9 @@ type ServiceStatus struct {
 	// Tunnels counts the open WebSocket and other upgraded connections,
 	// those of backends no longer listed included.
 	Tunnels int64 `json:"tunnels"`
+	// Rates and History, with ?rates=1 only.
+	Rates   *ServiceRates   `json:"rates,omitempty"`
+	History *ServiceHistory `json:"history,omitempty"`
 }
 
 // BackendStatus is one backend in /status.
@@ -497,6 +522,9 @@ type BackendStatus struct {
 	// Tunnels counts the backend's open WebSocket and other upgraded
 	// connections; ejection does not close them.
 	Tunnels int64 `json:"tunnels"`
+	// Rates and History, with ?rates=1 only.
+	Rates   *BackendRates   `json:"rates,omitempty"`
+	History *BackendHistory `json:"history,omitempty"`
 }
 
 // RouteStatus is one route in /status.
@@ -507,12 +535,32 @@ type RouteStatus struct {
 }
 
 // Status returns what GET /status shows.
-func (s *Server) Status() *Status {
+func (s *Server) Status() *Status { return s.status(false, 0) }
+
+// LiveStatus returns what GET /status?rates=1&since=SINCE shows: Status
+// with each service's and backend's rates over the last seconds and their
+// per-second history after since (unix milliseconds; 0 for all of it).
+func (s *Server) LiveStatus(since int64) *Status { return s.status(true, since) }
+
+func (s *Server) status(live bool, since int64) *Status {
 	now := time.Now()
 	st := &Status{Version: version.Version(), StartedAt: s.started, Services: make(map[string]*ServiceStatus)}
 	st.Ready, _ = s.Ready()
+	// The series of each service and backend listed, for the live view.
+	type liveService struct {
+		ss *ServiceStatus
+		m  *serviceMetrics
+	}
+	type liveBackend struct {
+		ss *ServiceStatus
+		i  int
+		m  *backendMetrics
+	}
+	var liveServices []liveService
+	var liveBackends []liveBackend
 	for _, p := range s.poolsSorted() {
 		ss := &ServiceStatus{Backends: []BackendStatus{}}
+		liveServices = append(liveServices, liveService{ss, p.m})
 		if set := p.source.Load(); set != nil {
 			ss.Source = set.Source
 			ss.UpdatedAt = set.UpdatedAt
@@ -527,6 +575,7 @@ func (s *Server) Status() *Status {
 					bs.SlowStart = pct
 				}
 			}
+			liveBackends = append(liveBackends, liveBackend{ss, len(ss.Backends), b.m})
 			ss.Backends = append(ss.Backends, bs)
 		}
 		p.mu.Lock()
@@ -535,6 +584,7 @@ func (s *Server) Status() *Status {
 			bs.State = health.StateDraining.String()
 			bs.Reason = "removed from discovery; finishing in-flight requests"
 			bs.Since = d.since
+			liveBackends = append(liveBackends, liveBackend{ss, len(ss.Backends), d.b.m})
 			ss.Backends = append(ss.Backends, bs)
 		}
 		p.mu.Unlock()
@@ -555,5 +605,18 @@ func (s *Server) Status() *Status {
 	st.Conflicts = append([]string(nil), s.conflicts...)
 	s.mu.Unlock()
 	st.Discovery = s.DiscoveryStatus()
+	if live {
+		s.live.mu.Lock()
+		v := s.live.view(since)
+		st.Samples = v.samples()
+		for _, l := range liveServices {
+			l.ss.Rates, l.ss.History = v.service(l.m.live)
+		}
+		for _, l := range liveBackends {
+			bs := &l.ss.Backends[l.i]
+			bs.Rates, bs.History = v.backend(l.m.live)
+		}
+		s.live.mu.Unlock()
+	}
 	return st
 }

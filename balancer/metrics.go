@@ -165,6 +165,8 @@ type backendMetrics struct {
 	target atomic.Pointer[health.Target]
 	// tunnels counts the backend's open tunnels, for /status.
 	tunnels atomic.Int64
+	// live is its per-second history; see liveRecorder.
+	live *backendLive
 
 	// Guarded by table.mu.
 	table      *seriesTable
@@ -226,6 +228,9 @@ type serviceMetrics struct {
 	tunnelResults [numUpgradeResults]*metrics.Counter
 	tunnelCloses  [numTunnelEnds]*metrics.Counter
 	tunnelBytes   [2]*metrics.Counter // toBackend, toClient
+
+	// live is its per-second history; see liveRecorder.
+	live *serviceLive
 }
 
 func newServiceMetrics(service string) *serviceMetrics {

@@ -40,6 +40,8 @@ type Server struct {
 	store   *stale.Store
 	// series are the per-service and per-backend metrics of the pools.
 	series *seriesTable
+	// live samples them for /status?rates=1.
+	live liveRecorder
 	// started is when Start was called, for /status.
 	started time.Time
 
@@ -194,6 +196,7 @@ func (s *Server) Start() error {
 	}
 	s.goSafe("reaper", s.reapLoop)
 	s.goSafe("stale-persist", s.persistLoop)
+	s.goSafe("live", s.liveLoop)
 	s.log.Info("edgelb started", "version", version.Version(), "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
 	return nil
 }
