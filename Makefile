@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 # What `edgelb -version` and /status report: git describe of the tree.
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 
-.PHONY: all build test test-race test-alloc bench consul curl demo vet fmt clean peers bench-scenarios fuzz
+.PHONY: all build test test-race test-alloc bench consul curl chromium demo vet fmt clean peers bench-scenarios fuzz
 
 all: build
 
@@ -36,6 +36,15 @@ curl:
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; \
 	}
 
+# Headless Chromium (Debian's) for the tests that load the status page in
+# a real browser; under CI=true they fail without it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	}
+
 vet:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
@@ -44,7 +53,7 @@ vet:
 # Every test: vet, the race-enabled suite (Consul integration tests
 # included, against a real agent), then the allocation tests, which only
 # build without -race.
-test: consul curl vet
+test: consul curl chromium vet
 	$(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -count=1 -run 'AllocatesNothing' -timeout 10m ./balancer/... ./health
 

@@ -27,8 +27,8 @@ import (
 )
 
 // adminServer serves the admin API: /metrics, /status, /healthz, /readyz,
-// /cache/purge and /debug/pprof/. Every request passes the checks of
-// ServeHTTP first.
+// /cache/purge, /debug/pprof/ and the status page (/ and /ui). Every
+// request passes the checks of ServeHTTP first.
 type adminServer struct {
 	s      *Server
 	ln     net.Listener
@@ -63,6 +63,7 @@ func newAdminServer(s *Server) *adminServer {
 	a.mux.HandleFunc("/debug/pprof/", pprof.Index)
 	a.mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	a.mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	a.handleUI()
 	// TYPE lines for /metrics. The switch is process-wide; /metrics is
 	// the only caller of metrics.WritePrometheus.
 	metrics.ExposeMetadata(true)
@@ -170,7 +171,7 @@ func (a *adminServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fmt.Sprintf("Host %q is not a name of this admin API; use its IP address or localhost, or list the name in admin_hosts", r.Host))
 		return
 	}
-	if acc.hasToken && r.URL.Path != "/healthz" {
+	if acc.hasToken && r.URL.Path != "/healthz" && !isUIAsset(r.URL.Path) {
 		switch ok, present := acc.tokenOK(r); {
 		case !present:
 			w.Header().Set("WWW-Authenticate", `Bearer realm="edgelb admin"`)
