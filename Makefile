@@ -4,13 +4,15 @@ GO ?= go
 BIN := $(CURDIR)/bin
 CONSUL_VERSION := 1.13.9
 export PATH := $(BIN):$(PATH)
+# What `edgelb -version` and /status report: git describe of the tree.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 
 .PHONY: all build test test-race test-alloc bench consul curl chromium demo vet fmt clean peers bench-scenarios fuzz
 
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags "-X github.com/edgelb/edgelb/internal/version.version=$(VERSION)" -o $(BIN)/ ./cmd/...
 
 # Consul: one on PATH is used as is; otherwise v$(CONSUL_VERSION) is built
 # from the Go module proxy (about 3 minutes the first time on 2 cores).
@@ -34,8 +36,9 @@ curl:
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; \
 	}
 
-# Chromium and NSS's certutil for the browser test (balancer/browser_test.go):
-# a headless Chromium that trusts the test's CA through an NSS database.
+# Chromium and NSS's certutil for the browser tests (balancer/browser_test.go,
+# the status page's): a headless Chromium, trusting the test's CA through an
+# NSS database where it needs to.
 chromium:
 	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v certutil >/dev/null 2>&1 || missing="$$missing libnss3-tools"; \

@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -23,11 +24,12 @@ import (
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
 	"github.com/edgelb/edgelb/internal/panics"
+	"github.com/edgelb/edgelb/internal/version"
 )
 
 // adminServer serves the admin API: /metrics, /status, /healthz, /readyz,
-// /cache/purge and /debug/pprof/. Every request passes the checks of
-// ServeHTTP first.
+// /cache/purge, /debug/pprof/ and the status page (/ and /ui). Every
+// request passes the checks of ServeHTTP first.
 type adminServer struct {
 	s      *Server
 	ln     net.Listener
@@ -62,6 +64,7 @@ func newAdminServer(s *Server) *adminServer {
 	a.mux.HandleFunc("/debug/pprof/", pprof.Index)
 	a.mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	a.mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	a.handleUI()
 	// TYPE lines for /metrics. The switch is process-wide; /metrics is
 	// the only caller of metrics.WritePrometheus.
 	metrics.ExposeMetadata(true)
@@ -169,7 +172,7 @@ func (a *adminServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fmt.Sprintf("Host %q is not a name of this admin API; use its IP address or localhost, or list the name in admin_hosts", r.Host))
 		return
 	}
-	if acc.hasToken && r.URL.Path != "/healthz" {
+	if acc.hasToken && r.URL.Path != "/healthz" && !isUIAsset(r.URL.Path) {
 		switch ok, present := acc.tokenOK(r); {
 		case !present:
 			w.Header().Set("WWW-Authenticate", `Bearer realm="edgelb admin"`)
@@ -447,11 +450,30 @@ func (a *adminServer) purge(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintln(w, "purged", u)
 }
 
-func (a *adminServer) status(w http.ResponseWriter, _ *http.Request) {
+// status serves /status, and with ?rates=1 the live view the status page
+// polls (compact, as it comes every second); since=UNIX_MS limits its
+// history to the samples after that time.
+func (a *adminServer) status(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	live := q.Get("rates") != "" && q.Get("rates") != "0"
+	var since int64
+	if v := q.Get("since"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			http.Error(w, fmt.Sprintf("since=%q: want unix milliseconds, as in samples.times", v), http.StatusBadRequest)
+			return
+		}
+		since = n
+	}
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
 	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(a.s.Status())
+	if !live {
+		enc.SetIndent("", "  ")
+		enc.Encode(a.s.Status())
+		return
+	}
+	enc.Encode(a.s.LiveStatus(since))
 }
 
 // Ready reports whether routes are loaded and the server accepts requests,
@@ -473,11 +495,16 @@ func (s *Server) Ready() (bool, string) {
 
 // Status is the JSON document of GET /status.
 type Status struct {
+	// Version is the running build's (edgelb -version).
+	Version   string                    `json:"version"`
+	StartedAt time.Time                 `json:"started_at"`
 	Ready     bool                      `json:"ready"`
 	Services  map[string]*ServiceStatus `json:"services"`
 	Routes    []RouteStatus             `json:"routes"`
 	Conflicts []string                  `json:"conflicts,omitempty"`
 	Discovery []discovery.Status        `json:"discovery,omitempty"`
+	// Samples are the times of the History series, with ?rates=1 only.
+	Samples *Samples `json:"samples,omitempty"`
 }
 
 // ServiceStatus is one service in /status.
@@ -504,6 +531,9 @@ type ServiceStatus struct {
 	BackupSource    string    `json:"backup_source,omitempty"`
 	BackupUpdatedAt time.Time `json:"backup_updated_at,omitzero"`
 	BackupAvailable int       `json:"backup_available,omitempty"`
+	// Rates and History, with ?rates=1 only.
+	Rates   *ServiceRates   `json:"rates,omitempty"`
+	History *ServiceHistory `json:"history,omitempty"`
 }
 
 // BackendStatus is one backend in /status.
@@ -518,6 +548,9 @@ type BackendStatus struct {
 	Tunnels int64 `json:"tunnels"`
 	// Backup is set for a backend of the service's backup set.
 	Backup bool `json:"backup,omitempty"`
+	// Rates and History, with ?rates=1 only.
+	Rates   *BackendRates   `json:"rates,omitempty"`
+	History *BackendHistory `json:"history,omitempty"`
 }
 
 // RouteStatus is one route in /status.
@@ -528,12 +561,32 @@ type RouteStatus struct {
 }
 
 // Status returns what GET /status shows.
-func (s *Server) Status() *Status {
+func (s *Server) Status() *Status { return s.status(false, 0) }
+
+// LiveStatus returns what GET /status?rates=1&since=SINCE shows: Status
+// with each service's and backend's rates over the last seconds and their
+// per-second history after since (unix milliseconds; 0 for all of it).
+func (s *Server) LiveStatus(since int64) *Status { return s.status(true, since) }
+
+func (s *Server) status(live bool, since int64) *Status {
 	now := time.Now()
-	st := &Status{Services: make(map[string]*ServiceStatus)}
+	st := &Status{Version: version.Version(), StartedAt: s.started, Services: make(map[string]*ServiceStatus)}
 	st.Ready, _ = s.Ready()
+	// The series of each service and backend listed, for the live view.
+	type liveService struct {
+		ss *ServiceStatus
+		m  *serviceMetrics
+	}
+	type liveBackend struct {
+		ss *ServiceStatus
+		i  int
+		m  *backendMetrics
+	}
+	var liveServices []liveService
+	var liveBackends []liveBackend
 	for _, p := range s.poolsSorted() {
 		ss := &ServiceStatus{Backends: []BackendStatus{}}
+		liveServices = append(liveServices, liveService{ss, p.m})
 		if set := p.source.Load(); set != nil {
 			ss.Source = set.Source
 			ss.UpdatedAt = set.UpdatedAt
@@ -558,6 +611,7 @@ func (s *Server) Status() *Status {
 					bs.SlowStart = pct
 				}
 			}
+			liveBackends = append(liveBackends, liveBackend{ss, len(ss.Backends), b.m})
 			ss.Backends = append(ss.Backends, bs)
 		}
 		p.mu.Lock()
@@ -566,6 +620,7 @@ func (s *Server) Status() *Status {
 			bs.State = health.StateDraining.String()
 			bs.Reason = "removed from discovery; finishing in-flight requests"
 			bs.Since = d.since
+			liveBackends = append(liveBackends, liveBackend{ss, len(ss.Backends), d.b.m})
 			ss.Backends = append(ss.Backends, bs)
 		}
 		p.mu.Unlock()
@@ -586,5 +641,18 @@ func (s *Server) Status() *Status {
 	st.Conflicts = append([]string(nil), s.conflicts...)
 	s.mu.Unlock()
 	st.Discovery = s.DiscoveryStatus()
+	if live {
+		s.live.mu.Lock()
+		v := s.live.view(since)
+		st.Samples = v.samples()
+		for _, l := range liveServices {
+			l.ss.Rates, l.ss.History = v.service(l.m.live)
+		}
+		for _, l := range liveBackends {
+			bs := &l.ss.Backends[l.i]
+			bs.Rates, bs.History = v.backend(l.m.live)
+		}
+		s.live.mu.Unlock()
+	}
 	return st
 }

@@ -105,8 +105,8 @@ func servedBy(t *testing.T, s *Server, n int) map[string]int {
 	return got
 }
 
-// backendStatus returns the /status entry of addr in service web.
-func backendStatus(t *testing.T, s *Server, addr string) BackendStatus {
+// webBackend returns the /status entry of addr in service web.
+func webBackend(t *testing.T, s *Server, addr string) BackendStatus {
 	t.Helper()
 	b, ok := backendsByAddr(s, "web")[addr]
 	if !ok {
@@ -152,11 +152,11 @@ func TestBackupAnswersWhenEveryPrimaryRefuses(t *testing.T) {
 			t.Fatalf("/status: %+v", st)
 		}
 		for _, a := range dead {
-			if b := backendStatus(t, s, a); b.Backup || b.State != "ejected" || !strings.Contains(b.Reason, "connect_failed") {
+			if b := webBackend(t, s, a); b.Backup || b.State != "ejected" || !strings.Contains(b.Reason, "connect_failed") {
 				t.Errorf("primary %s: %+v", a, b)
 			}
 		}
-		if b := backendStatus(t, s, backup.addr); !b.Backup || b.State != "healthy" {
+		if b := webBackend(t, s, backup.addr); !b.Backup || b.State != "healthy" {
 			t.Errorf("backup: %+v", b)
 		}
 		if n := metricValue(t, s, `edgelb_backup_requests_total{service="web"}`); n != 120 {
@@ -253,7 +253,7 @@ func TestBackupAfterPrimariesAskForLessLoad(t *testing.T) {
 		}
 		// Overload is no failure: the primaries stay in rotation.
 		for _, o := range []*origin{a, b} {
-			if st := backendStatus(t, s, o.addr); st.State != "healthy" {
+			if st := webBackend(t, s, o.addr); st.State != "healthy" {
 				t.Fatalf("primary %s asking for less load: %+v", o.addr, st)
 			}
 		}
@@ -286,11 +286,11 @@ func TestBackupsEjectedLikePrimaries(t *testing.T) {
 			t.Fatalf("answers: %v", got)
 		}
 		for addr, why := range map[string]string{deadBackup: "connect_failed", failing.addr: "consecutive 5xx"} {
-			if b := backendStatus(t, s, addr); !b.Backup || b.State != "ejected" || !strings.Contains(b.Reason, why) {
+			if b := webBackend(t, s, addr); !b.Backup || b.State != "ejected" || !strings.Contains(b.Reason, why) {
 				t.Errorf("backup %s: %+v, want ejected for %s", addr, b, why)
 			}
 		}
-		if b := backendStatus(t, s, good.addr); !b.Backup || b.State != "healthy" {
+		if b := webBackend(t, s, good.addr); !b.Backup || b.State != "healthy" {
 			t.Errorf("good backup: %+v", b)
 		}
 		// Ejected backups get no more tries.
@@ -389,7 +389,7 @@ routes: [{service: web}]
 	// An instance in both sets is a primary.
 	a.Register("dr-2", "web-dr", originPort(t, primary), nil, 0)
 	waitFor(t, "the second backup instance", func() bool { return serviceStatus(s).BackupUpdatedAt.After(st.BackupUpdatedAt) })
-	if b := backendStatus(t, s, primary.addr); b.Backup {
+	if b := webBackend(t, s, primary.addr); b.Backup {
 		t.Fatalf("an instance in both sets: %+v", b)
 	}
 	a.Deregister("web-1")

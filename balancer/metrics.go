@@ -167,6 +167,8 @@ type backendMetrics struct {
 	tunnels atomic.Int64
 	// backup is set while the backend is in the service's backup set.
 	backup atomic.Bool
+	// live is its per-second history; see liveRecorder.
+	live *backendLive
 
 	// Guarded by table.mu.
 	table      *seriesTable
@@ -239,6 +241,9 @@ type serviceMetrics struct {
 	// pool is the service's pool now, whose serving set the gauge shows;
 	// nil when it has none.
 	pool atomic.Pointer[Pool]
+
+	// live is its per-second history; see liveRecorder.
+	live *serviceLive
 }
 
 func newServiceMetrics(service string) *serviceMetrics {

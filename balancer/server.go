@@ -25,6 +25,7 @@ import (
 	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/health"
 	"github.com/edgelb/edgelb/internal/panics"
+	"github.com/edgelb/edgelb/internal/version"
 )
 
 // Server is an edgelb instance: the client-facing listener, the admin API
@@ -40,6 +41,10 @@ type Server struct {
 	store   *stale.Store
 	// series are the per-service and per-backend metrics of the pools.
 	series *seriesTable
+	// live samples them for /status?rates=1.
+	live liveRecorder
+	// started is when Start was called, for /status.
+	started time.Time
 
 	routes atomic.Pointer[routeTable]
 	// trusted is server.trusted_proxies; nil when empty.
@@ -150,6 +155,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 func (s *Server) Start() error {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
+	s.started = time.Now()
 	ln, err := net.Listen("tcp", s.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s (listen): %w", s.cfg.Listen, err)
@@ -207,7 +213,8 @@ func (s *Server) Start() error {
 	}
 	s.goSafe("reaper", func() { s.every(time.Second, s.reap) })
 	s.goSafe("stale-persist", func() { s.every(StaleSaveInterval, func(time.Time) { s.saveStore() }) })
-	s.log.Info("edgelb started", "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
+	s.goSafe("live", s.liveLoop)
+	s.log.Info("edgelb started", "version", version.Version(), "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
 	return nil
 }
 

@@ -178,6 +178,9 @@ type Target struct {
 
 	// change holds the last state change; written on the slow path only.
 	change atomic.Pointer[change]
+	// entered counts the changes into each state, so that a sampler sees
+	// a state the target entered and left between two of its looks.
+	entered [StateDraining + 1]atomic.Uint32
 
 	passive PassiveConfig
 	log     *slog.Logger
@@ -234,6 +237,11 @@ func (t *Target) PanicUsable(now int64) bool {
 // into rotation after an ejection or failed active checks, or 0 if it
 // never left. Slow start ramps traffic up from there.
 func (t *Target) AvailableSince() int64 { return t.availableSince.Load() }
+
+// Entered returns how many times the target has entered state s, modulo
+// 2^32: a count that moved between two looks means s was entered in
+// between, however briefly. The expiry of an ejection is no change.
+func (t *Target) Entered(s State) uint32 { return t.entered[s].Load() }
 
 // Inflight returns the number of requests in progress to the backend.
 func (t *Target) Inflight() int32 { return t.inflight.Load() }
@@ -385,6 +393,7 @@ func (t *Target) setState(s, old State, reason string) bool {
 		return false
 	}
 	t.change.Store(&change{reason: reason, since: time.Now()})
+	t.entered[s].Add(1)
 	stateChanges[s].Inc()
 	if t.log != nil {
 		level := slog.LevelInfo

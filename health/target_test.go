@@ -168,3 +168,32 @@ func TestPassiveConfigValidate(t *testing.T) {
 	f(PassiveConfig{Interval: time.Second, Window: 500 * time.Millisecond}, "services.web.health.passive.window: must not be shorter than interval (1s)")
 	f(PassiveConfig{Interval: 100 * time.Millisecond, Window: time.Minute}, "services.web.health.passive.window: must not exceed 120 intervals (12s)")
 }
+
+// TestEnteredCountsBriefStates: an ejection and its end, and a drain and
+// its end, between two looks still show in the counts of the states entered.
+func TestEnteredCountsBriefStates(t *testing.T) {
+	tg := NewRegistry(nil).Acquire("127.0.0.1:1", PassiveConfig{ConsecutiveGatewayFailures: 1, BaseEjectionTime: time.Millisecond})
+	now := time.Now().UnixNano()
+	f := func(s State, want uint32) {
+		t.Helper()
+		if got := tg.Entered(s); got != want {
+			t.Fatalf("entered %s %d times, want %d", s, got, want)
+		}
+	}
+	f(StateEjected, 0)
+	tg.Begin()
+	tg.Done(now, OutcomeConnectFailed, time.Millisecond)
+	now += int64(time.Second)
+	tg.Begin()
+	tg.Done(now, OutcomeSuccess, time.Millisecond)
+	if tg.State(now) != StateHealthy {
+		t.Fatalf("state %s after the ejection and a success", tg.State(now))
+	}
+	f(StateEjected, 1)
+	f(StateHealthy, 1)
+	tg.SetDraining(true)
+	tg.SetDraining(false)
+	f(StateDraining, 1)
+	f(StateHealthy, 2)
+	f(StateUnhealthy, 0)
+}

@@ -332,6 +332,8 @@ Logs are in %[1]s/logs. The demo is PID %[2]d; its processes:
 %[3]s
 Try:
 
+  open http://127.0.0.1:9901/ in a browser: the live status page; keep it open while you break things below
+
   curl -i http://127.0.0.1:8080/                 # answered by web-1, web-2 or web-3 (X-Origin)
 
   # HTTPS, with a certificate from the demo's own CA, which --cacert trusts:

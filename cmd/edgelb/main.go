@@ -2,6 +2,7 @@
 //
 //	edgelb -config FILE          run
 //	edgelb -config FILE -check   validate the config and exit
+//	edgelb -version              print the version and exit
 //
 // SIGHUP reloads the config; SIGTERM and SIGINT drain in-flight requests
 // and exit.
@@ -17,6 +18,7 @@ import (
 	"syscall"
 
 	"github.com/edgelb/edgelb/balancer"
+	"github.com/edgelb/edgelb/internal/version"
 )
 
 func main() {
@@ -27,7 +29,12 @@ func run() int {
 	configPath := flag.String("config", "", "path to the YAML config file (required)")
 	check := flag.Bool("check", false, "validate the config and exit: 0 if valid, 1 with every problem listed")
 	logLevel := flag.String("log-level", "info", "log level: debug, info, warn or error")
+	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
+	if *showVersion {
+		fmt.Println(version.String())
+		return 0
+	}
 	if *configPath == "" {
 		fmt.Fprintln(os.Stderr, "edgelb: -config FILE is required")
 		flag.Usage()
