@@ -140,6 +140,11 @@ func (c *testCA) validate(httpAddr, tlsAddr string) {
 	c.mu.Unlock()
 }
 
+// stop closes the CA's API: connections to it are refused from now on.
+func (c *testCA) stop() {
+	c.api.Close()
+}
+
 // serveAPI serves the ACME API once validate was called, counting orders.
 func (c *testCA) serveAPI(w http.ResponseWriter, r *http.Request) {
 	select {
@@ -261,7 +266,7 @@ func shortChecks(cfg *Config, every time.Duration) {
 // tlsState returns the connection state of a handshake with s's TLS
 // listener asking for sni and trusting roots, or the handshake's error.
 func handshakeACME(s *Server, sni string, roots *x509.CertPool) (tls.ConnectionState, error) {
-	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", s.TLSAddr(), &tls.Config{ServerName: sni, RootCAs: roots})
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", s.TLSAddr(), &tls.Config{ServerName: sni, RootCAs: roots, NextProtos: []string{"h2", "http/1.1"}})
 	if err != nil {
 		return tls.ConnectionState{}, err
 	}

@@ -3,6 +3,7 @@ package balancer
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"strings"
 	"testing"
 	"time"
@@ -106,4 +107,141 @@ func TestACMEIssuesOverHTTP01(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestACMEIssuesOverTLSALPN01 gets a certificate whose validation does the
+// TLS-ALPN-01 handshake (acme-tls/1) with edgelb's TLS listener.
+func TestACMEIssuesOverTLSALPN01(t *testing.T) {
+	c := startTestCA(t, testCAOptions{})
+	before := alpnChallengesServed(t)
+	s := startACMEEdge(t, c, "services: {web: {static: [127.0.0.1:1]}}\n"+
+		acmeYAML(c, []string{"b.test"}, "challenges: [tls-alpn-01]", "storage: dir"), true)
+	st := waitServed(t, s, "b.test", c.roots, nil, 30*time.Second)
+	if names := st.PeerCertificates[0].DNSNames; len(names) != 1 || names[0] != "b.test" {
+		t.Fatalf("certificate names %v, want [b.test]", names)
+	}
+	if st.NegotiatedProtocol != "http/1.1" {
+		t.Fatalf("a client offering h2 and http/1.1 negotiated %q", st.NegotiatedProtocol)
+	}
+	if n := alpnChallengesServed(t) - before; n < 1 {
+		t.Fatal("no TLS-ALPN-01 challenge answered by edgelb")
+	}
+
+	// A handshake asking for acme-tls/1 alone, with no challenge under
+	// way, gets no certificate; nor does one for another name.
+	if _, err := tls.Dial("tcp", s.TLSAddr(), &tls.Config{ServerName: "b.test", NextProtos: []string{acme.ALPNProto}, InsecureSkipVerify: true}); err == nil {
+		t.Fatal("an acme-tls/1 handshake with no challenge under way succeeded")
+	}
+	if _, err := handshakeACME(s, "other.test", c.roots); err == nil {
+		t.Fatal("a handshake for a name with no certificate succeeded")
+	}
+}
+
+// alpnChallengesServed reads edgelb_acme_challenges_total{type="tls-alpn-01"}.
+func alpnChallengesServed(t *testing.T) int {
+	t.Helper()
+	return metricValue(t, startEdge(t, "services: {web: {static: [127.0.0.1:1]}}\nroutes: [{path: /, service: web}]\n"), `edgelb_acme_challenges_total{type="tls-alpn-01"}`)
+}
+
+// TestACMERenews renews short-lived certificates in the background: a new
+// order, and the new certificate served on new handshakes, while the
+// previous one served until then.
+func TestACMERenews(t *testing.T) {
+	c := startTestCA(t, testCAOptions{validity: 12 * time.Second})
+	s := startACMEEdge(t, c, "services: {web: {static: [127.0.0.1:1]}}\n"+
+		acmeYAML(c, []string{"r.test"}, "storage: dir", "renewal_window: 0.5"), true)
+	first := waitServed(t, s, "r.test", c.roots, nil, 30*time.Second).PeerCertificates[0]
+	renewed := metricValue(t, s, "edgelb_acme_certificates_renewed_total")
+	second := waitServed(t, s, "r.test", c.roots, first.SerialNumber, 30*time.Second).PeerCertificates[0]
+	if !second.NotAfter.After(first.NotAfter) {
+		t.Fatalf("renewed certificate expires %v, not after the first's %v", second.NotAfter, first.NotAfter)
+	}
+	if n := c.orders.Load(); n < 2 {
+		t.Fatalf("%d orders at the CA, want a second for the renewal", n)
+	}
+	if got := metricValue(t, s, "edgelb_acme_certificates_renewed_total"); got <= renewed {
+		t.Fatalf("edgelb_acme_certificates_renewed_total stayed %d", got)
+	}
+}
+
+// TestACMEFilesWin serves a certificate from files for the names it holds
+// and the ACME one for its domain; the file one is the default.
+func TestACMEFilesWin(t *testing.T) {
+	pki := newTestPKI(t)
+	cert, key := pki.issue("files", "files.test", "both.test")
+	c := startTestCA(t, testCAOptions{})
+	cfg := "services: {web: {static: [127.0.0.1:1]}}\n" + acmeYAML(c, []string{"acme.test", "both.test"}, "storage: dir") +
+		"  certs: [{cert: " + cert + ", key: " + key + "}]\n"
+	s := startACMEEdge(t, c, cfg, true)
+	waitServed(t, s, "acme.test", c.roots, nil, 30*time.Second)
+	waitFor(t, "both ACME certificates", func() bool { return c.orders.Load() == 2 && len(acmeCerts(s)) == 2 })
+	for _, tc := range []struct {
+		sni   string
+		roots *x509.CertPool
+	}{{"files.test", pki.ca.Pool()}, {"both.test", pki.ca.Pool()}, {"", pki.ca.Pool()}, {"acme.test", c.roots}} {
+		st, err := handshakeACME(s, tc.sni, tc.roots)
+		if err != nil && tc.sni != "" {
+			t.Fatalf("SNI %q: %v", tc.sni, err)
+		}
+		if tc.sni == "" {
+			// No name to verify: check which certificate came.
+			conn, err := tls.Dial("tcp", s.TLSAddr(), &tls.Config{InsecureSkipVerify: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st = conn.ConnectionState()
+			conn.Close()
+			if names := st.PeerCertificates[0].DNSNames; names[0] != "files.test" {
+				t.Fatalf("no SNI: got the certificate of %v, want the file one", names)
+			}
+		}
+	}
+}
+
+// acmeCerts returns the ACME certificates in s's /status.
+func acmeCerts(s *Server) []CertStatus {
+	var out []CertStatus
+	for _, c := range s.Certificates() {
+		if c.Source == "acme" && !c.Pending {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// TestACMECADown: with the CA gone, a restarted edgelb serves the
+// certificates stored before, counts its failure to get the one of a new
+// domain, lists that domain as pending, and serves the rest as usual.
+func TestACMECADown(t *testing.T) {
+	stateDir := t.TempDir()
+	c := startTestCA(t, testCAOptions{})
+	yaml := "state_dir: " + stateDir + "\nservices: {web: {static: [127.0.0.1:1]}}\n"
+	first := startACMEEdge(t, c, yaml+acmeYAML(c, []string{"d.test"}, "storage: dir"), true)
+	waitServed(t, first, "d.test", c.roots, nil, 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	first.Shutdown(ctx)
+	cancel()
+	c.stop()
+
+	failures := metricValue(t, startEdge(t, "services: {web: {static: [127.0.0.1:1]}}\nroutes: [{path: /, service: web}]\n"), `edgelb_acme_failures_total{op="obtain"}`)
+	s := startACMEEdge(t, c, yaml+acmeYAML(c, []string{"d.test", "n.test"}, "storage: dir"), false)
+	// Served at once from storage, without the CA.
+	if _, err := handshakeACME(s, "d.test", c.roots); err != nil {
+		t.Fatalf("stored certificate of d.test not served with the CA down: %v", err)
+	}
+	waitFor(t, "the failed order counted", func() bool {
+		return metricValue(t, s, `edgelb_acme_failures_total{op="obtain"}`) > failures
+	})
+	var pending []string
+	for _, cs := range getStatus(t, s).Certificates {
+		if cs.Pending {
+			pending = append(pending, cs.Names...)
+		}
+	}
+	if len(pending) != 1 || pending[0] != "n.test" {
+		t.Fatalf("/status pending domains %v, want [n.test]", pending)
+	}
+	if _, err := handshakeACME(s, "n.test", c.roots); err == nil {
+		t.Fatal("a handshake for n.test verified, with no certificate for it")
+	}
 }
