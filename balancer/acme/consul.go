@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"path"
 	"sort"
 	"strings"
@@ -31,6 +32,9 @@ const (
 	lockDelay = time.Millisecond
 	// lockWait is how long one blocking query waits for a held lock.
 	lockWait = 15 * time.Second
+	// lockRetry is how long a lock found free but not acquired (its
+	// lock delay) waits before the next try.
+	lockRetry = 100 * time.Millisecond
 )
 
 // ConsulStorage is a certmagic.Storage on the Consul KV store, so that
@@ -46,7 +50,7 @@ type ConsulStorage struct {
 	prefix string
 
 	mu    sync.Mutex
-	locks map[string]*api.Lock
+	locks map[string]*heldLock
 }
 
 // NewConsulStorage returns a storage under prefix (DefaultConsulPrefix if
@@ -58,7 +62,7 @@ func NewConsulStorage(client *api.Client, prefix string) *ConsulStorage {
 	if !strings.HasSuffix(prefix, "/") {
 		prefix += "/"
 	}
-	return &ConsulStorage{client: client, prefix: prefix, locks: make(map[string]*api.Lock)}
+	return &ConsulStorage{client: client, prefix: prefix, locks: make(map[string]*heldLock)}
 }
 
 var _ certmagic.Storage = (*ConsulStorage)(nil)
@@ -194,59 +198,110 @@ func (s *ConsulStorage) Stat(ctx context.Context, key string) (certmagic.KeyInfo
 	return certmagic.KeyInfo{Key: key, IsTerminal: false}, nil
 }
 
-// Lock implements certmagic.Locker: it blocks until this process holds the
-// Consul lock of name, or ctx is done. The lock is held by a session of
-// its own, renewed until Unlock, so that it is released if this process
-// dies.
-func (s *ConsulStorage) Lock(ctx context.Context, name string) error {
-	l, err := s.client.LockOpts(&api.LockOptions{
-		Key:          s.lockKey(name),
-		SessionName:  "edgelb certmagic " + name,
-		SessionTTL:   lockSessionTTL,
-		LockDelay:    lockDelay,
-		LockWaitTime: lockWait,
-	})
-	if err != nil {
-		return fmt.Errorf("consul storage: lock %s: %w", name, err)
-	}
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		select {
-		case <-ctx.Done():
-			close(stop)
-		case <-done:
-		}
-	}()
-	lost, err := l.Lock(stop)
-	close(done)
-	switch {
-	case err != nil:
-		return fmt.Errorf("consul storage: lock %s: %w", name, err)
-	case lost == nil:
-		return fmt.Errorf("consul storage: lock %s: %w", name, context.Cause(ctx))
-	}
-	s.mu.Lock()
-	s.locks[name] = l
-	s.mu.Unlock()
-	return nil
+// heldLock is a lock this process holds: its session, and what stops
+// the session's renewal.
+type heldLock struct {
+	session string
+	stop    chan struct{}
 }
 
-// Unlock implements certmagic.Locker: it releases the lock of name and
-// ends its session.
+// Lock implements certmagic.Locker: it blocks until this process holds the
+// Consul lock of name, or ctx is done. The lock is held by a session of
+// its own with a TTL, renewed until Unlock: if this process dies, the
+// session expires and the lock goes with it.
+func (s *ConsulStorage) Lock(ctx context.Context, name string) error {
+	key := s.lockKey(name)
+	wo := (&api.WriteOptions{}).WithContext(ctx)
+	session, _, err := s.client.Session().Create(&api.SessionEntry{
+		Name:      "edgelb certmagic " + name,
+		TTL:       lockSessionTTL,
+		LockDelay: lockDelay,
+		// The lock's key goes with the session, so that none is left
+		// behind.
+		Behavior: api.SessionBehaviorDelete,
+	}, wo)
+	if err != nil {
+		return fmt.Errorf("consul storage: lock %s: cannot create session: %w", name, err)
+	}
+	held := &heldLock{session: session, stop: make(chan struct{})}
+	go s.client.Session().RenewPeriodic(lockSessionTTL, session, nil, held.stop)
+	fail := func(err error) error {
+		s.end(held)
+		return fmt.Errorf("consul storage: lock %s: %w", name, err)
+	}
+	value := []byte(lockOwner())
+	for {
+		ok, _, err := s.client.KV().Acquire(&api.KVPair{Key: key, Value: value, Session: session}, wo)
+		if ctx.Err() != nil {
+			return fail(context.Cause(ctx))
+		}
+		if err != nil {
+			return fail(err)
+		}
+		if ok {
+			s.mu.Lock()
+			s.locks[name] = held
+			s.mu.Unlock()
+			return nil
+		}
+		if err := s.waitFree(ctx, key); err != nil {
+			return fail(err)
+		}
+	}
+}
+
+// waitFree waits until no session holds key.
+func (s *ConsulStorage) waitFree(ctx context.Context, key string) error {
+	var index uint64
+	for {
+		p, meta, err := s.client.KV().Get(key, (&api.QueryOptions{WaitIndex: index, WaitTime: lockWait}).WithContext(ctx))
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
+		if err != nil {
+			return err
+		}
+		if p == nil || p.Session == "" {
+			if index == 0 {
+				// Free at once, yet not acquired: the lock delay of a
+				// session that just ended. Wait it out.
+				select {
+				case <-ctx.Done():
+					return context.Cause(ctx)
+				case <-time.After(lockRetry):
+				}
+			}
+			return nil
+		}
+		index = meta.LastIndex
+	}
+}
+
+// lockOwner describes this process, as the value of the locks it holds.
+func lockOwner() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("edgelb pid %d on %s", os.Getpid(), host)
+}
+
+// end ends the session of held, which releases its lock and deletes its
+// key.
+func (s *ConsulStorage) end(held *heldLock) error {
+	close(held.stop)
+	_, err := s.client.Session().Destroy(held.session, nil)
+	return err
+}
+
+// Unlock implements certmagic.Locker: it releases the lock of name by
+// ending its session.
 func (s *ConsulStorage) Unlock(_ context.Context, name string) error {
 	s.mu.Lock()
-	l := s.locks[name]
+	held := s.locks[name]
 	delete(s.locks, name)
 	s.mu.Unlock()
-	if l == nil {
+	if held == nil {
 		return fmt.Errorf("consul storage: unlock %s: not locked by this process", name)
 	}
-	if err := l.Unlock(); err != nil {
-		return fmt.Errorf("consul storage: unlock %s: %w", name, err)
-	}
-	// The key goes too, unless another process already waits on it.
-	if err := l.Destroy(); err != nil && !errors.Is(err, api.ErrLockInUse) {
+	if err := s.end(held); err != nil {
 		return fmt.Errorf("consul storage: unlock %s: %w", name, err)
 	}
 	return nil
