@@ -4,11 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"math/big"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/edgelb/edgelb/balancer/acme"
+	"github.com/edgelb/edgelb/discovery/consultest"
 )
 
 // startACMEEdge starts edgelb from a config with a tls.acme block for c,
@@ -244,4 +246,83 @@ func TestACMECADown(t *testing.T) {
 	if _, err := handshakeACME(s, "n.test", c.roots); err == nil {
 		t.Fatal("a handshake for n.test verified, with no certificate for it")
 	}
+}
+
+// TestACMESharedConsul: an instance gets a certificate into Consul; a
+// second instance on the same Consul serves it from its start, with no
+// order of its own.
+func TestACMESharedConsul(t *testing.T) {
+	agent := consultest.Start(t)
+	c := startTestCA(t, testCAOptions{})
+	issued := issuedCount(t)
+	yaml := "consul: {address: " + agent.Addr() + "}\nservices: {web: {static: [127.0.0.1:1]}}\n" + acmeYAML(c, []string{"shared.test"})
+	a := startACMEEdge(t, c, yaml, true)
+	first := waitServed(t, a, "shared.test", c.roots, nil, 30*time.Second).PeerCertificates[0]
+	if keys, _, err := agent.Client.KV().Keys(acme.DefaultConsulPrefix+"certificates/", "", nil); err != nil || len(keys) == 0 {
+		t.Fatalf("no certificate under %scertificates/ in Consul: %v %v", acme.DefaultConsulPrefix, keys, err)
+	}
+
+	b := startACMEEdge(t, c, yaml, false)
+	st, err := handshakeACME(b, "shared.test", c.roots)
+	if err != nil {
+		t.Fatalf("second instance: %v", err)
+	}
+	if got := st.PeerCertificates[0]; got.SerialNumber.Cmp(first.SerialNumber) != 0 {
+		t.Fatalf("second instance serves serial %v, want the first's %v", got.SerialNumber, first.SerialNumber)
+	}
+	// Give the second instance's management time to go wrong.
+	time.Sleep(time.Second)
+	if n := c.orders.Load(); n != 1 {
+		t.Fatalf("%d orders at the CA, want 1", n)
+	}
+	if n := issuedCount(t) - issued; n != 1 {
+		t.Fatalf("edgelb_acme_certificates_issued_total went up by %d, want 1", n)
+	}
+	if cs := acmeCerts(b); len(cs) != 1 || cs[0].Names[0] != "shared.test" {
+		t.Fatalf("second instance's /status certificates %+v", cs)
+	}
+}
+
+// TestACMEConsulLockIssuesOnce starts two instances on one Consul at once:
+// the Consul lock lets one order the certificate, and both serve it.
+func TestACMEConsulLockIssuesOnce(t *testing.T) {
+	agent := consultest.Start(t)
+	c := startTestCA(t, testCAOptions{})
+	issued := issuedCount(t)
+	yaml := "consul: {address: " + agent.Addr() + "}\nservices: {web: {static: [127.0.0.1:1]}}\n" + acmeYAML(c, []string{"once.test"})
+	servers := make([]*Server, 2)
+	done := make(chan int)
+	for i := range servers {
+		go func() {
+			defer func() { done <- i }()
+			servers[i] = startACMEEdge(t, c, yaml, false)
+		}()
+	}
+	<-done
+	<-done
+	if servers[0] == nil || servers[1] == nil {
+		t.FailNow()
+	}
+	// Both are managing the name by now, each waiting on the CA.
+	c.validate(servers[0].Addr(), servers[0].TLSAddr())
+	var serials []*big.Int
+	for _, s := range servers {
+		serials = append(serials, waitServed(t, s, "once.test", c.roots, nil, 60*time.Second).PeerCertificates[0].SerialNumber)
+	}
+	if serials[0].Cmp(serials[1]) != 0 {
+		t.Fatalf("the instances serve serials %v and %v, want one certificate", serials[0], serials[1])
+	}
+	if n := c.orders.Load(); n != 1 {
+		t.Fatalf("%d orders at the CA, want 1", n)
+	}
+	if n := issuedCount(t) - issued; n != 1 {
+		t.Fatalf("edgelb_acme_certificates_issued_total went up by %d, want 1", n)
+	}
+}
+
+// issuedCount reads edgelb_acme_certificates_issued_total, which every
+// instance of the test process shares.
+func issuedCount(t *testing.T) int {
+	t.Helper()
+	return metricValue(t, startEdge(t, "services: {web: {static: [127.0.0.1:1]}}\nroutes: [{path: /, service: web}]\n"), "edgelb_acme_certificates_issued_total")
 }
