@@ -326,3 +326,50 @@ func issuedCount(t *testing.T) int {
 	t.Helper()
 	return metricValue(t, startEdge(t, "services: {web: {static: [127.0.0.1:1]}}\nroutes: [{path: /, service: web}]\n"), "edgelb_acme_certificates_issued_total")
 }
+
+// TestACMEReload: a reload that adds a domain gets its certificate while
+// the running one serves on, with no new order for it; one that leaves
+// tls.acme unchanged keeps the manager; one that drops it stops serving
+// the ACME certificates.
+func TestACMEReload(t *testing.T) {
+	c := startTestCA(t, testCAOptions{})
+	stateDir := t.TempDir()
+	svc := "services: {web: {static: [127.0.0.1:1]}}\n"
+	s := startACMEEdge(t, c, "state_dir: "+stateDir+"\n"+svc+acmeYAML(c, []string{"one.test"}), true)
+	waitServed(t, s, "one.test", c.roots, nil, 30*time.Second)
+	running := s.tls.acme.Load()
+
+	same := mustConfig(t, reloadYAML(s, svc+acmeYAML(c, []string{"one.test"})))
+	shortChecks(same, 300*time.Millisecond)
+	if err := s.Reload(same); err != nil {
+		t.Fatal(err)
+	}
+	if s.tls.acme.Load() != running {
+		t.Fatal("a reload with the same tls.acme replaced the manager")
+	}
+
+	cfg := mustConfig(t, reloadYAML(s, svc+acmeYAML(c, []string{"one.test", "two.test"})))
+	shortChecks(cfg, 300*time.Millisecond)
+	if err := s.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := handshakeACME(s, "one.test", c.roots); err != nil {
+		t.Fatalf("one.test right after the reload: %v", err)
+	}
+	waitServed(t, s, "two.test", c.roots, nil, 30*time.Second)
+	if n := c.orders.Load(); n != 2 {
+		t.Fatalf("%d orders at the CA, want 2 (one per domain)", n)
+	}
+
+	pki := newTestPKI(t)
+	cert, key := pki.issue("files", "files.test")
+	if err := s.Reload(mustConfig(t, reloadYAML(s, svc+tlsYAML("", cert, key)))); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := handshakeACME(s, "one.test", c.roots); err == nil {
+		t.Fatal("one.test still served from ACME after tls.acme was dropped")
+	}
+	if cs := s.Certificates(); len(cs) != 1 || cs[0].Source != "file" {
+		t.Fatalf("certificates after dropping tls.acme: %+v", cs)
+	}
+}
