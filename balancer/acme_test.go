@@ -10,13 +10,14 @@ import (
 	"time"
 
 	"github.com/edgelb/edgelb/balancer/acme"
+	"github.com/edgelb/edgelb/balancer/acme/acmetest"
 	"github.com/edgelb/edgelb/discovery/consultest"
 )
 
 // startACMEEdge starts edgelb from a config with a tls.acme block for c,
 // frequent certificate checks, and stops it when the test ends. The CA's
 // validation is pointed at it unless another instance was.
-func startACMEEdge(t *testing.T, c *testCA, yaml string, validate bool) *Server {
+func startACMEEdge(t *testing.T, c *acmetest.CA, yaml string, validate bool) *Server {
 	t.Helper()
 	if !strings.Contains(yaml, "state_dir:") {
 		yaml = "state_dir: " + t.TempDir() + "\n" + yaml
@@ -33,7 +34,7 @@ func startACMEEdge(t *testing.T, c *testCA, yaml string, validate bool) *Server 
 		s.Shutdown(ctx)
 	})
 	if validate {
-		c.validate(s.Addr(), s.TLSAddr())
+		c.Validate(s.Addr(), s.TLSAddr())
 	}
 	return s
 }
@@ -45,18 +46,18 @@ func startACMEEdge(t *testing.T, c *testCA, yaml string, validate bool) *Server 
 func TestACMEIssuesOverHTTP01(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
 		o := startOrigin(t, "web", nil)
-		c := startTestCA(t, testCAOptions{ocsp: true})
+		c := acmetest.Start(t, acmetest.Options{OCSP: true})
 		challenges := metricValue(t, startEdge(t, "services: {web: {static: ["+o.addr+"]}}\nroutes: [{path: /, service: web}]\n"), `edgelb_acme_challenges_total{type="http-01"}`)
 		s := startACMEEdge(t, c, "server: {"+engine+"}\nservices: {web: {static: ["+o.addr+"]}}\n"+
 			"routes: [{host: a.test, path: /, service: web, https_redirect: true}, {path: /, service: web}]\n"+
 			acmeYAML(c, []string{"a.test"}, "challenges: [http-01]", "storage: dir"), true)
 
-		st := waitServed(t, s, "a.test", c.roots, nil, 30*time.Second)
+		st := waitServed(t, s, "a.test", c.Roots, nil, 30*time.Second)
 		leaf := st.PeerCertificates[0]
 		if len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != "a.test" {
 			t.Fatalf("certificate names %v, want [a.test]", leaf.DNSNames)
 		}
-		if n := c.orders.Load(); n != 1 {
+		if n := c.Orders.Load(); n != 1 {
 			t.Fatalf("%d orders at the CA, want 1", n)
 		}
 		if got := metricValue(t, s, `edgelb_acme_challenges_total{type="http-01"}`); got <= challenges {
@@ -68,12 +69,12 @@ func TestACMEIssuesOverHTTP01(t *testing.T) {
 		deadline := time.Now().Add(10 * time.Second)
 		for len(st.OCSPResponse) == 0 && time.Now().Before(deadline) {
 			time.Sleep(100 * time.Millisecond)
-			st = waitServed(t, s, "a.test", c.roots, nil, 5*time.Second)
+			st = waitServed(t, s, "a.test", c.Roots, nil, 5*time.Second)
 		}
-		c.checkStaple(st)
+		c.CheckStaple(st)
 
 		// Requests over TLS reach the backend; plain ones are redirected.
-		cc := mustDialTLS(t, s, &tls.Config{ServerName: "a.test", RootCAs: c.roots})
+		cc := mustDialTLS(t, s, &tls.Config{ServerName: "a.test", RootCAs: c.Roots})
 		if resp := cc.get(t, "a.test", "/x"); resp.StatusCode() != 200 || string(resp.Body()) != "hello from web" {
 			t.Fatalf("GET https://a.test/x: %d %q", resp.StatusCode(), resp.Body())
 		}
@@ -114,11 +115,11 @@ func TestACMEIssuesOverHTTP01(t *testing.T) {
 // TestACMEIssuesOverTLSALPN01 gets a certificate whose validation does the
 // TLS-ALPN-01 handshake (acme-tls/1) with edgelb's TLS listener.
 func TestACMEIssuesOverTLSALPN01(t *testing.T) {
-	c := startTestCA(t, testCAOptions{})
+	c := acmetest.Start(t, acmetest.Options{})
 	before := alpnChallengesServed(t)
 	s := startACMEEdge(t, c, "services: {web: {static: [127.0.0.1:1]}}\n"+
 		acmeYAML(c, []string{"b.test"}, "challenges: [tls-alpn-01]", "storage: dir"), true)
-	st := waitServed(t, s, "b.test", c.roots, nil, 30*time.Second)
+	st := waitServed(t, s, "b.test", c.Roots, nil, 30*time.Second)
 	if names := st.PeerCertificates[0].DNSNames; len(names) != 1 || names[0] != "b.test" {
 		t.Fatalf("certificate names %v, want [b.test]", names)
 	}
@@ -134,7 +135,7 @@ func TestACMEIssuesOverTLSALPN01(t *testing.T) {
 	if _, err := tls.Dial("tcp", s.TLSAddr(), &tls.Config{ServerName: "b.test", NextProtos: []string{acme.ALPNProto}, InsecureSkipVerify: true}); err == nil {
 		t.Fatal("an acme-tls/1 handshake with no challenge under way succeeded")
 	}
-	if _, err := handshakeACME(s, "other.test", c.roots); err == nil {
+	if _, err := handshakeACME(s, "other.test", c.Roots); err == nil {
 		t.Fatal("a handshake for a name with no certificate succeeded")
 	}
 }
@@ -149,16 +150,16 @@ func alpnChallengesServed(t *testing.T) int {
 // order, and the new certificate served on new handshakes, while the
 // previous one served until then.
 func TestACMERenews(t *testing.T) {
-	c := startTestCA(t, testCAOptions{validity: 12 * time.Second})
+	c := acmetest.Start(t, acmetest.Options{Validity: 12 * time.Second})
 	s := startACMEEdge(t, c, "services: {web: {static: [127.0.0.1:1]}}\n"+
 		acmeYAML(c, []string{"r.test"}, "storage: dir", "renewal_window: 0.5"), true)
-	first := waitServed(t, s, "r.test", c.roots, nil, 30*time.Second).PeerCertificates[0]
+	first := waitServed(t, s, "r.test", c.Roots, nil, 30*time.Second).PeerCertificates[0]
 	renewed := metricValue(t, s, "edgelb_acme_certificates_renewed_total")
-	second := waitServed(t, s, "r.test", c.roots, first.SerialNumber, 30*time.Second).PeerCertificates[0]
+	second := waitServed(t, s, "r.test", c.Roots, first.SerialNumber, 30*time.Second).PeerCertificates[0]
 	if !second.NotAfter.After(first.NotAfter) {
 		t.Fatalf("renewed certificate expires %v, not after the first's %v", second.NotAfter, first.NotAfter)
 	}
-	if n := c.orders.Load(); n < 2 {
+	if n := c.Orders.Load(); n < 2 {
 		t.Fatalf("%d orders at the CA, want a second for the renewal", n)
 	}
 	if got := metricValue(t, s, "edgelb_acme_certificates_renewed_total"); got <= renewed {
@@ -171,16 +172,16 @@ func TestACMERenews(t *testing.T) {
 func TestACMEFilesWin(t *testing.T) {
 	pki := newTestPKI(t)
 	cert, key := pki.issue("files", "files.test", "both.test")
-	c := startTestCA(t, testCAOptions{})
+	c := acmetest.Start(t, acmetest.Options{})
 	cfg := "services: {web: {static: [127.0.0.1:1]}}\n" + acmeYAML(c, []string{"acme.test", "both.test"}, "storage: dir") +
 		"  certs: [{cert: " + cert + ", key: " + key + "}]\n"
 	s := startACMEEdge(t, c, cfg, true)
-	waitServed(t, s, "acme.test", c.roots, nil, 30*time.Second)
-	waitFor(t, "both ACME certificates", func() bool { return c.orders.Load() == 2 && len(acmeCerts(s)) == 2 })
+	waitServed(t, s, "acme.test", c.Roots, nil, 30*time.Second)
+	waitFor(t, "both ACME certificates", func() bool { return c.Orders.Load() == 2 && len(acmeCerts(s)) == 2 })
 	for _, tc := range []struct {
 		sni   string
 		roots *x509.CertPool
-	}{{"files.test", pki.ca.Pool()}, {"both.test", pki.ca.Pool()}, {"", pki.ca.Pool()}, {"acme.test", c.roots}} {
+	}{{"files.test", pki.ca.Pool()}, {"both.test", pki.ca.Pool()}, {"", pki.ca.Pool()}, {"acme.test", c.Roots}} {
 		st, err := handshakeACME(s, tc.sni, tc.roots)
 		if err != nil && tc.sni != "" {
 			t.Fatalf("SNI %q: %v", tc.sni, err)
@@ -216,19 +217,19 @@ func acmeCerts(s *Server) []CertStatus {
 // domain, lists that domain as pending, and serves the rest as usual.
 func TestACMECADown(t *testing.T) {
 	stateDir := t.TempDir()
-	c := startTestCA(t, testCAOptions{})
+	c := acmetest.Start(t, acmetest.Options{})
 	yaml := "state_dir: " + stateDir + "\nservices: {web: {static: [127.0.0.1:1]}}\n"
 	first := startACMEEdge(t, c, yaml+acmeYAML(c, []string{"d.test"}, "storage: dir"), true)
-	waitServed(t, first, "d.test", c.roots, nil, 30*time.Second)
+	waitServed(t, first, "d.test", c.Roots, nil, 30*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	first.Shutdown(ctx)
 	cancel()
-	c.stop()
+	c.Stop()
 
 	failures := metricValue(t, startEdge(t, "services: {web: {static: [127.0.0.1:1]}}\nroutes: [{path: /, service: web}]\n"), `edgelb_acme_failures_total{op="obtain"}`)
 	s := startACMEEdge(t, c, yaml+acmeYAML(c, []string{"d.test", "n.test"}, "storage: dir"), false)
 	// Served at once from storage, without the CA.
-	if _, err := handshakeACME(s, "d.test", c.roots); err != nil {
+	if _, err := handshakeACME(s, "d.test", c.Roots); err != nil {
 		t.Fatalf("stored certificate of d.test not served with the CA down: %v", err)
 	}
 	waitFor(t, "the failed order counted", func() bool {
@@ -243,7 +244,7 @@ func TestACMECADown(t *testing.T) {
 	if len(pending) != 1 || pending[0] != "n.test" {
 		t.Fatalf("/status pending domains %v, want [n.test]", pending)
 	}
-	if _, err := handshakeACME(s, "n.test", c.roots); err == nil {
+	if _, err := handshakeACME(s, "n.test", c.Roots); err == nil {
 		t.Fatal("a handshake for n.test verified, with no certificate for it")
 	}
 }
@@ -253,17 +254,17 @@ func TestACMECADown(t *testing.T) {
 // order of its own.
 func TestACMESharedConsul(t *testing.T) {
 	agent := consultest.Start(t)
-	c := startTestCA(t, testCAOptions{})
+	c := acmetest.Start(t, acmetest.Options{})
 	issued := issuedCount(t)
 	yaml := "consul: {address: " + agent.Addr() + "}\nservices: {web: {static: [127.0.0.1:1]}}\n" + acmeYAML(c, []string{"shared.test"})
 	a := startACMEEdge(t, c, yaml, true)
-	first := waitServed(t, a, "shared.test", c.roots, nil, 30*time.Second).PeerCertificates[0]
+	first := waitServed(t, a, "shared.test", c.Roots, nil, 30*time.Second).PeerCertificates[0]
 	if keys, _, err := agent.Client.KV().Keys(acme.DefaultConsulPrefix+"certificates/", "", nil); err != nil || len(keys) == 0 {
 		t.Fatalf("no certificate under %scertificates/ in Consul: %v %v", acme.DefaultConsulPrefix, keys, err)
 	}
 
 	b := startACMEEdge(t, c, yaml, false)
-	st, err := handshakeACME(b, "shared.test", c.roots)
+	st, err := handshakeACME(b, "shared.test", c.Roots)
 	if err != nil {
 		t.Fatalf("second instance: %v", err)
 	}
@@ -272,7 +273,7 @@ func TestACMESharedConsul(t *testing.T) {
 	}
 	// Give the second instance's management time to go wrong.
 	time.Sleep(time.Second)
-	if n := c.orders.Load(); n != 1 {
+	if n := c.Orders.Load(); n != 1 {
 		t.Fatalf("%d orders at the CA, want 1", n)
 	}
 	if n := issuedCount(t) - issued; n != 1 {
@@ -287,7 +288,7 @@ func TestACMESharedConsul(t *testing.T) {
 // the Consul lock lets one order the certificate, and both serve it.
 func TestACMEConsulLockIssuesOnce(t *testing.T) {
 	agent := consultest.Start(t)
-	c := startTestCA(t, testCAOptions{})
+	c := acmetest.Start(t, acmetest.Options{})
 	issued := issuedCount(t)
 	yaml := "consul: {address: " + agent.Addr() + "}\nservices: {web: {static: [127.0.0.1:1]}}\n" + acmeYAML(c, []string{"once.test"})
 	servers := make([]*Server, 2)
@@ -304,15 +305,15 @@ func TestACMEConsulLockIssuesOnce(t *testing.T) {
 		t.FailNow()
 	}
 	// Both are managing the name by now, each waiting on the CA.
-	c.validate(servers[0].Addr(), servers[0].TLSAddr())
+	c.Validate(servers[0].Addr(), servers[0].TLSAddr())
 	var serials []*big.Int
 	for _, s := range servers {
-		serials = append(serials, waitServed(t, s, "once.test", c.roots, nil, 60*time.Second).PeerCertificates[0].SerialNumber)
+		serials = append(serials, waitServed(t, s, "once.test", c.Roots, nil, 60*time.Second).PeerCertificates[0].SerialNumber)
 	}
 	if serials[0].Cmp(serials[1]) != 0 {
 		t.Fatalf("the instances serve serials %v and %v, want one certificate", serials[0], serials[1])
 	}
-	if n := c.orders.Load(); n != 1 {
+	if n := c.Orders.Load(); n != 1 {
 		t.Fatalf("%d orders at the CA, want 1", n)
 	}
 	if n := issuedCount(t) - issued; n != 1 {
@@ -332,11 +333,11 @@ func issuedCount(t *testing.T) int {
 // tls.acme unchanged keeps the manager; one that drops it stops serving
 // the ACME certificates.
 func TestACMEReload(t *testing.T) {
-	c := startTestCA(t, testCAOptions{})
+	c := acmetest.Start(t, acmetest.Options{})
 	stateDir := t.TempDir()
 	svc := "services: {web: {static: [127.0.0.1:1]}}\n"
 	s := startACMEEdge(t, c, "state_dir: "+stateDir+"\n"+svc+acmeYAML(c, []string{"one.test"}), true)
-	waitServed(t, s, "one.test", c.roots, nil, 30*time.Second)
+	waitServed(t, s, "one.test", c.Roots, nil, 30*time.Second)
 	running := s.tls.acme.Load()
 
 	same := mustConfig(t, reloadYAML(s, svc+acmeYAML(c, []string{"one.test"})))
@@ -353,11 +354,11 @@ func TestACMEReload(t *testing.T) {
 	if err := s.Reload(cfg); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := handshakeACME(s, "one.test", c.roots); err != nil {
+	if _, err := handshakeACME(s, "one.test", c.Roots); err != nil {
 		t.Fatalf("one.test right after the reload: %v", err)
 	}
-	waitServed(t, s, "two.test", c.roots, nil, 30*time.Second)
-	if n := c.orders.Load(); n != 2 {
+	waitServed(t, s, "two.test", c.Roots, nil, 30*time.Second)
+	if n := c.Orders.Load(); n != 2 {
 		t.Fatalf("%d orders at the CA, want 2 (one per domain)", n)
 	}
 
@@ -366,7 +367,7 @@ func TestACMEReload(t *testing.T) {
 	if err := s.Reload(mustConfig(t, reloadYAML(s, svc+tlsYAML("", cert, key)))); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := handshakeACME(s, "one.test", c.roots); err == nil {
+	if _, err := handshakeACME(s, "one.test", c.Roots); err == nil {
 		t.Fatal("one.test still served from ACME after tls.acme was dropped")
 	}
 	if cs := s.Certificates(); len(cs) != 1 || cs[0].Source != "file" {
