@@ -262,6 +262,7 @@ func (a *adminServer) refuse(w http.ResponseWriter, r *http.Request, c *metrics.
 func (a *adminServer) metrics(w http.ResponseWriter, _ *http.Request) {
 	var buf bytes.Buffer
 	metrics.WritePrometheus(&buf, true)
+	a.s.writeCertMetrics(&buf, time.Now())
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	writeExposition(w, buf.Bytes())
 }
@@ -370,7 +371,7 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},
 	"edgelb_panic_mode":                       {help: "1 while the service is in panic mode (too few backends available, so all get traffic), else 0."},
 	"edgelb_panic_mode_entries_total":         {help: "Times the service entered panic mode."},
-	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers, by component: balancer (request handling in both engines, background tasks), admin (admin API handlers), discovery (Consul watches), health (active probes, outlier detection), stale (saving and loading the stale store)."},
+	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers, by component: balancer (request handling in both engines, background tasks), admin (admin API handlers), discovery (Consul watches), health (active probes, outlier detection), stale (saving and loading the stale store), acme (getting and renewing certificates)."},
 	"edgelb_request_duration_seconds":         {typ: "histogram", help: "Duration of client requests, retries included."},
 	"edgelb_requests_total":                   {help: "Client requests routed to the service."},
 	"edgelb_retries_total":                    {help: "Retries on another backend."},
@@ -383,7 +384,13 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_stale_served_total":               {help: "Stored copies served instead of an error."},
 	"edgelb_stale_stored_total":               {help: "Responses written to the stale store."},
 	"edgelb_tls_handshakes_total":             {help: "TLS handshakes completed on tls.listen, by version (1.2, 1.3) and whether a session ticket resumed them."},
-	"edgelb_tls_handshake_errors_total":       {help: "TLS handshakes failed on tls.listen, by reason: timeout (not done within server.header_timeout), closed (the client went away), not_tls (not a TLS client, such as plain HTTP), version (only TLS 1.1 or older, or below tls.min_version), cipher (no shared cipher suite or key exchange), alpn (no shared application protocol), cert_rejected (the client refused the certificate), client_alert (the client aborted otherwise), other."},
+	"edgelb_tls_handshake_errors_total":       {help: "TLS handshakes failed on tls.listen, by reason: timeout (not done within server.header_timeout), closed (the client went away), not_tls (not a TLS client, such as plain HTTP), version (only TLS 1.1 or older, or below tls.min_version), cipher (no shared cipher suite or key exchange), alpn (no shared application protocol), no_certificate (no certificate to serve: the ACME one not got yet, and none from files), cert_rejected (the client refused the certificate), client_alert (the client aborted otherwise), other."},
+	"edgelb_tls_certificates":                 {typ: "gauge", help: "Certificates the TLS listener serves, by source: file (tls.certs) or acme (tls.acme, those got so far)."},
+	"edgelb_tls_certificate_expiry_seconds":   {typ: "gauge", help: "Seconds until a served certificate expires (negative once expired), by source, first DNS name and, for files, certificate file."},
+	"edgelb_acme_certificates_issued_total":   {help: "Certificates this instance got from the ACME CA for a domain that had none (an instance sharing the storage counts those it got)."},
+	"edgelb_acme_certificates_renewed_total":  {help: "Certificates this instance renewed at the ACME CA."},
+	"edgelb_acme_failures_total":              {help: "Failed attempts to get (op=obtain) or renew (op=renew) a certificate from the ACME CA; they are retried with backoff."},
+	"edgelb_acme_challenges_total":            {help: "ACME challenges answered, by type: http-01 (on listen) and tls-alpn-01 (on tls.listen)."},
 	"edgelb_https_redirects_total":            {help: "Plain HTTP requests answered with 308 to HTTPS on routes with https_redirect."},
 	"edgelb_tunnels_open":                     {help: "Open tunnels (WebSocket and other upgraded connections) to the service's backends."},
 	"edgelb_tunnels_total":                    {help: "Upgrade requests by result: opened (a backend switched protocols), declined (it answered otherwise), failed (no backend answered), overloaded (websocket.max_tunnels open, or shutting down: 503)."},
@@ -505,6 +512,8 @@ type Status struct {
 	Discovery []discovery.Status        `json:"discovery,omitempty"`
 	// Samples are the times of the History series, with ?rates=1 only.
 	Samples *Samples `json:"samples,omitempty"`
+	// Certificates are those of the TLS listener, from files and ACME.
+	Certificates []CertStatus `json:"certificates,omitempty"`
 }
 
 // ServiceStatus is one service in /status.
@@ -654,5 +663,6 @@ func (s *Server) status(live bool, since int64) *Status {
 		}
 		s.live.mu.Unlock()
 	}
+	st.Certificates = s.Certificates()
 	return st
 }

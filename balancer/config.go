@@ -663,6 +663,9 @@ func (c *Config) applyDefaults() {
 	c.Server.applyDefaults()
 	if c.TLS != nil {
 		c.TLS.applyDefaults()
+		if c.TLS.ACME != nil {
+			c.TLS.ACME.applyDefaults(c.Consul != nil, c.StateDir)
+		}
 	}
 	c.DNS.ApplyDefaults()
 	for _, sc := range c.Services {
@@ -699,7 +702,7 @@ func (c *Config) validate() []error {
 	}
 	errs = append(errs, c.Server.validate("server")...)
 	if t := c.TLS; t != nil {
-		errs = append(errs, t.validate("tls")...)
+		errs = append(errs, t.validate("tls", c.Consul != nil)...)
 		for _, other := range []struct{ key, addr string }{{"listen", c.Listen}, {"admin", c.Admin}} {
 			if t.Listen == other.addr && !strings.HasSuffix(t.Listen, ":0") {
 				bad("tls.listen", "must differ from %s (%s)", other.key, other.addr)

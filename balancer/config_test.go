@@ -315,7 +315,7 @@ func TestParseConfigTLS(t *testing.T) {
 	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], session_tickets: {rotate: 10s, keys: 0}}\n"+svc,
 		"tls.session_tickets.rotate: must be at least 1m0s (got 10s)")
 	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], session_tickets: {keys: 100}}\n"+svc, "tls.session_tickets.keys: must be from 1 to 64 (got 100)")
-	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], acme: {email: x}}\n"+svc, "tls.acme: unknown key")
+	bad("tls: {certs: [{cert: "+cert+", key: "+key+"}], acme: {email: x}}\n"+svc, `tls.acme.email: "x" is not an email address`, "tls.acme.domains: missing")
 	bad(svc+"routes: [{service: web, https_redirect: true, hsts: {}}]\n",
 		"routes[0].https_redirect: needs the tls block", "routes[0].hsts: needs the tls block")
 	bad(tlsBlock+svc+"routes: [{service: web, hsts: {max_age: 100}}]\n", "routes[0].hsts.max_age: duration 100 needs a unit (s, m, h, d, y), e.g. 100d")

@@ -12,18 +12,25 @@ import (
 )
 
 // TLSConfig is the TLS listener: HTTPS (HTTP/1.1) served by the fasthttp
-// server with certificates from files, beside the plain listener.
+// server with certificates from files, from an ACME CA, or both, beside
+// the plain listener.
 type TLSConfig struct {
 	// Listen is the address of the TLS listener. DefaultTLSListen is used
 	// if not set.
 	Listen string `yaml:"listen"`
 
-	// Certs are the certificates served, at least one. A handshake gets
-	// the certificate whose DNS names (subjectAltName) hold the name the
-	// client asked for (SNI): an exact name before a wildcard
-	// (*.example.com, one label); the first listed when the client sent
-	// no name or one that none holds.
+	// Certs are the certificates served from files; at least one unless
+	// ACME is set. A handshake gets the certificate whose DNS names
+	// (subjectAltName) hold the name the client asked for (SNI): an exact
+	// name before a wildcard (*.example.com, one label); else the ACME
+	// certificate of that name; else the first listed, or without files
+	// the ACME certificate of the first domain, when the client sent no
+	// name or one that none holds.
 	Certs []CertConfig `yaml:"certs"`
+
+	// ACME gets certificates from an ACME CA such as Let's Encrypt and
+	// renews them. Off if not set.
+	ACME *ACMEConfig `yaml:"acme"`
 
 	// MinVersion is the oldest TLS version accepted: "1.2" or "1.3".
 	// DefaultTLSMinVersion is used if not set; TLS 1.0 and 1.1 are never
@@ -112,8 +119,9 @@ func (t *TLSConfig) applyDefaults() {
 
 // validate checks t after applyDefaults and loads its certificates, so
 // that a bad certificate or key refuses the config at start, in -check and
-// on reload; it returns every problem, each key under path.
-func (t *TLSConfig) validate(path string) []error {
+// on reload; haveConsul tells whether the top-level consul block is set.
+// It returns every problem, each key under path.
+func (t *TLSConfig) validate(path string, haveConsul bool) []error {
 	var errs []error
 	bad := func(k, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
@@ -132,8 +140,14 @@ func (t *TLSConfig) validate(path string) []error {
 	if k := t.SessionTickets.Keys; k < 1 || k > maxTicketKeys {
 		bad(".session_tickets.keys", "must be from 1 to %d (got %d)", maxTicketKeys, k)
 	}
+	if t.ACME != nil {
+		errs = append(errs, t.ACME.validate(path+".acme", haveConsul)...)
+	}
 	if len(t.Certs) == 0 {
-		bad(".certs", "missing: %s.listen needs at least one certificate ({cert: FILE, key: FILE})", path)
+		if t.ACME == nil {
+			bad(".certs", "missing: %s.listen needs at least one certificate ({cert: FILE, key: FILE}) or %s.acme", path, path)
+		}
+		t.certs = nil
 		return errs
 	}
 	loaded := make([]*tls.Certificate, 0, len(t.Certs))
@@ -221,4 +235,4 @@ func parseLongDuration(s string) (time.Duration, error) {
 }
 
 // errTLSNeeded words what a route's https_redirect and hsts need.
-var errTLSNeeded = errors.New("needs the tls block: edgelb serves no HTTPS without tls.listen and tls.certs")
+var errTLSNeeded = errors.New("needs the tls block: edgelb serves no HTTPS without tls.listen and tls.certs or tls.acme")

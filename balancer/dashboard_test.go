@@ -169,13 +169,16 @@ func TestDashboardMetricsExist(t *testing.T) {
 // TestDashboardLabelsExist: every label the dashboard groups by, matches
 // on, or shows in a legend is one that the metrics it queries carry, as
 // /metrics of a running edgelb shows them (with Consul discovery, hedging,
-// a backend given by host name, a backup set and every per-service family
-// present).
+// a backend given by host name, a backup set, a TLS listener and every
+// per-service family present).
 func TestDashboardLabelsExist(t *testing.T) {
 	o := startOrigin(t, "o", nil)
 	// A Consul address where nothing listens: the watch is made, and
 	// counts its errors.
-	s := startEdge(t, "consul: {address: "+deadAddr(t)+", tag_routes: false}\nservices:\n"+
+	pki := newTestPKI(t)
+	cert, key := pki.issue("shop", "shop.example")
+	s := startEdge(t, "consul: {address: "+deadAddr(t)+", tag_routes: false}\n"+
+		"tls: {listen: 127.0.0.1:0, certs: [{cert: "+cert+", key: "+key+"}]}\nservices:\n"+
 		"  web: {static: "+staticList(o)+", hedge: {after: 50ms}}\n"+
 		"  api: {consul: {name: api}}\n"+
 		"  named: {static: [localhost:1], backup: [127.0.0.1:2]}\n"+

@@ -291,6 +291,12 @@ func (l *loop) serve(c *loopClient) {
 		l.handOff(c)
 		return
 	}
+	if l.s.tls != nil && bytes.HasPrefix(r.Path, acmeChallengePath) && l.s.tls.acme.Load() != nil {
+		// Maybe the ACME CA checking a domain (HTTP-01): the fasthttp
+		// path answers it.
+		l.handOff(c)
+		return
+	}
 	rt := l.s.routes.Load().match(host, r.Path)
 	if rt != nil && rt.httpsRedirect && !(c.trusted && bytes.EqualFold(bytes.TrimSpace(r.XFP), strHTTPS)) {
 		// To HTTPS, unless a trusted proxy in front says the client

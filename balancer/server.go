@@ -3,6 +3,7 @@
 package balancer
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -181,6 +182,9 @@ func (s *Server) Start() error {
 	s.applyLocked(s.cfg)
 	err = s.startConsulLocked(s.cfg)
 	s.mu.Unlock()
+	if err == nil {
+		err = s.startACME(s.cfg)
+	}
 	if err != nil {
 		s.closeListeners()
 		s.admin.close()
@@ -277,6 +281,9 @@ func (s *Server) Reload(cfg *Config) error {
 	// now.
 	if stopped != nil {
 		stopped.Stop()
+	}
+	if aerr := s.reloadACME(old, cfg); aerr != nil && err == nil {
+		err = aerr
 	}
 	if err != nil {
 		reloadErrors.Inc()
@@ -642,6 +649,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		c.Stop()
 	}
 	s.dns.Stop()
+	s.stopACME()
 	s.stopOnce.Do(func() { close(s.stop) })
 	if s.admin != nil {
 		s.admin.close()
@@ -759,6 +767,13 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 	if why != refuseNone {
 		refuse(ctx, why)
 		return
+	}
+	if s.tls != nil && bytes.HasPrefix(ctx.Path(), acmeChallengePath) {
+		// Slow path: maybe the ACME CA checking a domain (HTTP-01),
+		// answered before routing and any https_redirect.
+		if m := s.tls.acme.Load(); m != nil && m.ServeHTTPChallenge(ctx) {
+			return
+		}
 	}
 	r := s.routes.Load().match(host, ctx.Path())
 	if r == nil || r.pool == nil {

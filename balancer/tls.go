@@ -15,6 +15,7 @@ import (
 
 	"github.com/VictoriaMetrics/metrics"
 
+	"github.com/edgelb/edgelb/balancer/acme"
 	"github.com/edgelb/edgelb/balancer/certs"
 )
 
@@ -25,11 +26,17 @@ import (
 // the same vetting, forwarding core and stale store, as plain ones; the
 // fasthttp server's ctx.IsTLS tells them apart (scheme).
 
-// alpnProtocols returns the application protocols offered in ALPN, in order
-// of preference. This is the one place they are listed: HTTP/2 ("h2")
-// joins here once a server for it is wired in beside the fasthttp one.
-func alpnProtocols() []string {
-	return []string{"http/1.1"}
+// alpnProtocols returns the application protocols offered in ALPN under tc,
+// in order of preference. This is the one place they are listed: HTTP/2
+// ("h2") joins here once a server for it is wired in beside the fasthttp
+// one. acme-tls/1 is offered for TLS-ALPN-01 challenges; only the CA's
+// validation asks for it, and such a handshake serves no request.
+func alpnProtocols(tc *TLSConfig) []string {
+	protos := []string{"http/1.1"}
+	if a := tc.ACME; a != nil && contains(a.Challenges, acme.TLSALPN01) {
+		protos = append(protos, acme.ALPNProto)
+	}
+	return protos
 }
 
 // tls12CipherSuites are the TLS 1.2 suites offered: ECDHE key exchange
@@ -53,7 +60,7 @@ func handshakeConfig(tc *TLSConfig, src certs.Source) *tls.Config {
 		MinVersion:             tc.minVersion,
 		MaxVersion:             tls.VersionTLS13,
 		CipherSuites:           tls12CipherSuites,
-		NextProtos:             alpnProtocols(),
+		NextProtos:             alpnProtocols(tc),
 		SessionTicketsDisabled: tc.SessionTickets.Disabled,
 	}
 }
@@ -70,6 +77,8 @@ type tlsState struct {
 	base *tls.Config
 	// certs holds the certificates from tls.certs.
 	certs certs.Store
+	// acme gets and serves the certificates of tls.acme; nil without.
+	acme atomic.Pointer[acme.Manager]
 	// conf is the handshake config of the running TLS config.
 	conf atomic.Pointer[tls.Config]
 
@@ -100,10 +109,44 @@ func newTLSState(ln net.Listener) *tlsState {
 // ticket settings, which take effect at the next rotation.
 func (t *tlsState) apply(tc *TLSConfig) {
 	t.certs.Set(tc.certs)
-	t.conf.Store(handshakeConfig(tc, &t.certs))
+	t.conf.Store(handshakeConfig(tc, t))
 	t.mu.Lock()
 	t.rotate, t.keep = tc.SessionTickets.Rotate, tc.SessionTickets.Keys
 	t.mu.Unlock()
+}
+
+// GetCertificate implements certs.Source: a TLS-ALPN-01 challenge gets its
+// challenge certificate; any other handshake the certificate from files
+// that holds its name, else the ACME certificate of the name, else the
+// default from files, else the ACME certificate of the first domain.
+func (t *tlsState) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	m := t.acme.Load()
+	if m != nil && m.IsChallenge(hello) {
+		return m.GetCertificate(hello)
+	}
+	set := t.certs.Load()
+	if set != nil {
+		if c := set.Match(hello); c != nil {
+			// Fast path: a certificate from files holds the name.
+			return c, nil
+		}
+	}
+	if m != nil && m.Manages(hello.ServerName) {
+		if c, err := m.GetCertificate(hello); err == nil {
+			return c, nil
+		}
+	}
+	if set != nil {
+		return set.Default(), nil
+	}
+	if m != nil {
+		c, err := m.Default(hello)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", certs.ErrNoCertificate, err)
+		}
+		return c, nil
+	}
+	return nil, certs.ErrNoCertificate
 }
 
 // rotateTickets makes a new session ticket key, keeping the newest keep
@@ -176,6 +219,10 @@ type tlsConn struct {
 	got   bool
 }
 
+// errChallengeDone ends the connection of a TLS-ALPN-01 challenge: its
+// handshake was all the CA wanted (RFC 8737).
+var errChallengeDone = errors.New("tls-alpn-01 challenge answered")
+
 // Handshake runs the TLS handshake, if not done yet, and counts it.
 func (c *tlsConn) Handshake() error {
 	if c.shook {
@@ -184,6 +231,9 @@ func (c *tlsConn) Handshake() error {
 	c.shook = true
 	err := c.Conn.Handshake()
 	countHandshake(c.Conn, err)
+	if err == nil && c.Conn.ConnectionState().NegotiatedProtocol == acme.ALPNProto {
+		return errChallengeDone
+	}
 	return err
 }
 
@@ -233,7 +283,7 @@ var (
 )
 
 // handshakeErrorReasons are the reasons of edgelb_tls_handshake_errors_total.
-var handshakeErrorReasons = []string{"timeout", "closed", "not_tls", "version", "cipher", "alpn", "cert_rejected", "client_alert", "other"}
+var handshakeErrorReasons = []string{"timeout", "closed", "not_tls", "version", "cipher", "alpn", "no_certificate", "cert_rejected", "client_alert", "other"}
 
 // countHandshake counts a finished handshake of c, or one that failed with
 // err.
@@ -264,6 +314,8 @@ func handshakeErrorReason(err error) string {
 	switch {
 	case errors.As(err, &ne) && ne.Timeout():
 		return "timeout"
+	case errors.Is(err, certs.ErrNoCertificate):
+		return "no_certificate"
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET),
 		errors.Is(err, syscall.EPIPE), errors.Is(err, net.ErrClosed):
 		return "closed"
@@ -311,9 +363,12 @@ func (s *Server) serveTLS() {
 	s.goSafe("tls-tickets", func() { s.every(ticketTick, s.rotateTicketsDue) })
 }
 
-// logCertificates logs the certificates of tc and warns of those that a
-// client would refuse today for their dates.
+// logCertificates logs the certificates of tc from files and warns of those
+// that a client would refuse today for their dates.
 func (s *Server) logCertificates(tc *TLSConfig, now time.Time) {
+	if tc.certs == nil {
+		return
+	}
 	for i, c := range tc.certs.Certificates() {
 		leaf, file := c.Leaf, tc.Certs[i].Cert
 		names := strings.Join(certs.Names(c), ",")

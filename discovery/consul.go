@@ -135,6 +135,21 @@ type watch struct {
 	published bool
 }
 
+// NewClient returns a Consul API client for cfg: the one discovery uses,
+// and other users of the same Consul (such as ACME storage) share its
+// address, scheme, token and datacenter.
+func (cfg ConsulConfig) NewClient() (*api.Client, error) {
+	addr := cfg.Address
+	if addr == "" {
+		addr = DefaultConsulAddress
+	}
+	client, err := api.NewClient(&api.Config{Address: addr, Scheme: cfg.Scheme, Token: cfg.Token, Datacenter: cfg.Datacenter})
+	if err != nil {
+		return nil, fmt.Errorf("cannot create Consul client for %s: %w", addr, err)
+	}
+	return client, nil
+}
+
 // NewConsul returns a Consul source for the services (keyed by edgelb
 // service name). Sets are published to pub. stateDir, if not empty, keeps
 // the last-known-good sets across restarts.
@@ -145,9 +160,9 @@ func NewConsul(cfg ConsulConfig, services map[string]ConsulService, stateDir str
 	if log == nil {
 		log = slog.Default()
 	}
-	client, err := api.NewClient(&api.Config{Address: cfg.Address, Scheme: cfg.Scheme, Token: cfg.Token, Datacenter: cfg.Datacenter})
+	client, err := cfg.NewClient()
 	if err != nil {
-		return nil, fmt.Errorf("cannot create Consul client for %s: %w", cfg.Address, err)
+		return nil, err
 	}
 	c := &Consul{
 		cfg:        cfg,

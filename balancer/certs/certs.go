@@ -173,11 +173,22 @@ func appendOnce(cs []*tls.Certificate, c *tls.Certificate) []*tls.Certificate {
 func (s *Set) Certificates() []*tls.Certificate { return s.all }
 
 // Choose returns the certificate for a handshake whose client asked for
-// hello.ServerName (empty without SNI). It never returns nil.
+// hello.ServerName (empty without SNI): Match's, else the default. It
+// never returns nil.
 func (s *Set) Choose(hello *tls.ClientHelloInfo) *tls.Certificate {
+	if c := s.Match(hello); c != nil {
+		return c
+	}
+	return s.def
+}
+
+// Match returns the certificate of the exact name hello.ServerName, else
+// of the wildcard one label up, or nil when none holds the name or the
+// client sent none.
+func (s *Set) Match(hello *tls.ClientHelloInfo) *tls.Certificate {
 	name := hello.ServerName
 	if name == "" {
-		return s.def
+		return nil
 	}
 	name = normalize(name)
 	if cs, ok := s.exact[name]; ok {
@@ -188,8 +199,12 @@ func (s *Set) Choose(hello *tls.ClientHelloInfo) *tls.Certificate {
 			return pick(cs, hello)
 		}
 	}
-	return s.def
+	return nil
 }
+
+// Default returns the certificate of handshakes that no name chooses: the
+// first.
+func (s *Set) Default() *tls.Certificate { return s.def }
 
 // pick returns the first of cs that the client supports, or the first.
 func pick(cs []*tls.Certificate, hello *tls.ClientHelloInfo) *tls.Certificate {

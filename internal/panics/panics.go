@@ -37,6 +37,8 @@ var (
 	Health = newComponent("health")
 	// Stale is the stale store's saving to and loading from state_dir.
 	Stale = newComponent("stale")
+	// ACME is the getting and renewing of certificates from an ACME CA.
+	ACME = newComponent("acme")
 )
 
 func newComponent(name string) *Component {
