@@ -37,10 +37,12 @@ curl:
 	}
 
 # Chromium and NSS's certutil for the browser tests (balancer/browser_test.go,
-# the status page's): a headless Chromium, trusting the test's CA through an
-# NSS database where it needs to.
+# balancer/ui_browser_test.go; their client is balancer/cdp_test.go, which
+# looks for the same binaries): a headless Chromium, trusting the test's CA
+# through an NSS database where it needs to.
 chromium:
-	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	@missing=""; command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		missing="$$missing chromium"; \
 	command -v certutil >/dev/null 2>&1 || missing="$$missing libnss3-tools"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \

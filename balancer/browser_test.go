@@ -57,7 +57,7 @@ func browserLog(p *tab) []string {
 // It runs once: TLS connections are served by the fasthttp server whatever
 // server.event_loop says (the event loops serve plain HTTP only).
 func TestBrowserHTTPSAndWebSocket(t *testing.T) {
-	chromiumBinaries(t)
+	chromiumBinaries(t, true)
 	pki := newTestPKI(t)
 	cert, key := pki.issue("shop", "shop.example")
 	untrusted := newTestPKI(t)
@@ -81,12 +81,12 @@ func TestBrowserHTTPSAndWebSocket(t *testing.T) {
 
 	// Every name the test uses is edgelb on loopback; any other fails to
 	// resolve, so that the browser's background requests go nowhere.
-	b := startBrowser(t, pki.ca.PEM, "MAP shop.example 127.0.0.1, MAP other.example 127.0.0.1, MAP rogue.example 127.0.0.1, MAP * ~NOTFOUND")
-	p := b.newTab()
+	b := startBrowser(t, browserOptions{
+		CA:        pki.ca.PEM,
+		HostRules: "MAP shop.example 127.0.0.1, MAP other.example 127.0.0.1, MAP rogue.example 127.0.0.1, MAP * ~NOTFOUND",
+	})
 	site := "https://shop.example:" + port
-	if e := p.navigate(site + "/"); e != "" {
-		b.fatalf("loading %s/: %s", site, e)
-	}
+	p := b.open(site + "/")
 	waitFor(t, "the page loaded", func() bool {
 		var state string
 		return p.tryEval(`document.readyState + ' ' + location.href`, &state) == nil && state == "complete "+site+"/"

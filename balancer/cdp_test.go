@@ -17,25 +17,40 @@ import (
 
 // A headless Chromium driven through the Chrome DevTools Protocol (CDP):
 // JSON messages over the WebSocket Chromium serves with
-// --remote-debugging-port. The few commands the tests need do not warrant
-// a client library.
+// --remote-debugging-port. The few commands the browser tests need (the
+// HTTPS and WebSocket test, the status page's) do not warrant a client
+// library.
 
-// chromiumBinaries returns the paths of chromium and of NSS's certutil,
-// which makes the database of CAs it trusts. Without them the test fails
-// when $CI is set, so that CI never skips it silently; `make chromium`
-// installs both.
-func chromiumBinaries(t *testing.T) (chromium, certutil string) {
+// chromiumBinaries returns the path of Chromium and, when withCertutil,
+// of NSS's certutil, which makes the database of CAs Chromium trusts.
+// Without them the test is skipped, or fails when $CI is set, so that CI
+// never skips it silently; `make chromium` installs both.
+func chromiumBinaries(t *testing.T, withCertutil bool) (chromium, certutil string) {
 	t.Helper()
-	chromium, err := exec.LookPath("chromium")
-	if err == nil {
-		certutil, err = exec.LookPath("certutil")
-	}
-	if err != nil {
-		msg := "no chromium or certutil binary: run `make chromium`"
+	missing := func(what string) {
+		t.Helper()
+		msg := what + " is not installed: run `make chromium`"
 		if os.Getenv("CI") != "" {
 			t.Fatal(msg)
 		}
 		t.Skip(msg)
+	}
+	// Debian's package installs chromium, Ubuntu's chromium-browser.
+	for _, name := range []string{"chromium", "chromium-browser"} {
+		if p, err := exec.LookPath(name); err == nil {
+			chromium = p
+			break
+		}
+	}
+	if chromium == "" {
+		missing("chromium (Debian package chromium)")
+	}
+	if withCertutil {
+		p, err := exec.LookPath("certutil")
+		if err != nil {
+			missing("certutil (Debian package libnss3-tools)")
+		}
+		certutil = p
 	}
 	return chromium, certutil
 }
@@ -60,15 +75,16 @@ type cdpMessage struct {
 	} `json:"error,omitempty"`
 }
 
-// browser is a headless Chromium of one test, with a profile and an NSS
-// database of its own, and the connection to its DevTools endpoint.
+// browser is a headless Chromium of one test, with a home and a profile
+// of its own, and the connection to its DevTools endpoint.
 type browser struct {
 	t      *testing.T
 	cmd    *exec.Cmd
 	exited chan struct{}
 	log    string // Chromium's stdout and stderr
 	ws     *websocket.Conn
-	wmu    sync.Mutex // one writer at a time on ws
+	wmu    sync.Mutex    // one writer at a time on ws
+	read   chan struct{} // closed when readLoop returns
 
 	mu      sync.Mutex
 	nextID  int64
@@ -77,52 +93,56 @@ type browser struct {
 	readErr error        // why the connection ended; calls fail once it is set
 }
 
-// startBrowser starts Chromium trusting caPEM as a CA, with hostRules as
-// its --host-resolver-rules, and connects to it. It stops when the test
-// ends.
-func startBrowser(t *testing.T, caPEM []byte, hostRules string) *browser {
+// browserOptions is how a test's Chromium resolves names and which CA it
+// trusts. The zero value is a browser for plain pages on loopback.
+type browserOptions struct {
+	// CA is a CA certificate, in PEM, that the browser trusts as one
+	// installed on the machine; none besides its root store when nil.
+	CA []byte
+	// HostRules is Chromium's --host-resolver-rules ("MAP name 127.0.0.1,
+	// ..."); the system's resolver when empty.
+	HostRules string
+}
+
+// startBrowser starts Chromium as opts says and connects to it. It stops
+// when the test ends.
+func startBrowser(t *testing.T, opts browserOptions) *browser {
 	t.Helper()
-	chromium, certutil := chromiumBinaries(t)
+	chromium, certutil := chromiumBinaries(t, opts.CA != nil)
 	dir := t.TempDir()
-	// Chromium on Linux trusts the CAs of $HOME/.pki/nssdb besides its
-	// root store, and verifies certificates from them fully, names
-	// included; --ignore-certificate-errors-spki-list would instead accept
-	// the listed keys for any name.
+	// A home of its own, so that nothing of the user's (NSS database,
+	// config, cache) changes what the test sees.
 	home := filepath.Join(dir, "home")
-	nssdb := "sql:" + filepath.Join(home, ".pki", "nssdb")
-	if err := os.MkdirAll(filepath.Join(home, ".pki", "nssdb"), 0o700); err != nil {
+	if err := os.MkdirAll(home, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	caFile := filepath.Join(dir, "ca.pem")
-	if err := os.WriteFile(caFile, caPEM, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	for _, args := range [][]string{
-		{"-N", "-d", nssdb, "--empty-password"},
-		{"-A", "-d", nssdb, "-n", "edgelb test CA", "-t", "C,,", "-i", caFile},
-	} {
-		if out, err := exec.Command(certutil, args...).CombinedOutput(); err != nil {
-			t.Fatalf("certutil %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
+	if opts.CA != nil {
+		trustCA(t, certutil, home, opts.CA)
 	}
 	profile := filepath.Join(dir, "profile")
-	b := &browser{t: t, exited: make(chan struct{}), log: filepath.Join(dir, "chromium.log"), calls: make(map[int64]chan cdpMessage)}
+	b := &browser{t: t, exited: make(chan struct{}), read: make(chan struct{}), log: filepath.Join(dir, "chromium.log"),
+		calls: make(map[int64]chan cdpMessage)}
 	logFile, err := os.Create(b.log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer logFile.Close()
-	b.cmd = exec.Command(chromium,
+	args := []string{
 		"--headless",
-		"--no-sandbox", // its sandbox cannot run as root, as tests in containers do
+		"--no-sandbox",            // its sandbox cannot run as root, as tests in containers do
+		"--disable-dev-shm-usage", // containers' /dev/shm is often too small for it
 		"--disable-gpu",
-		"--user-data-dir="+profile,
-		"--remote-debugging-port=0", // a free port, written to the profile's DevToolsActivePort
-		"--host-resolver-rules="+hostRules,
+		"--user-data-dir=" + profile,
+		// A free port on loopback, written to the profile's DevToolsActivePort.
+		"--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
 		"--no-first-run", "--no-default-browser-check", "--password-store=basic",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync",
 		"--disable-extensions", "--disable-default-apps",
-		"about:blank")
+	}
+	if opts.HostRules != "" {
+		args = append(args, "--host-resolver-rules="+opts.HostRules)
+	}
+	b.cmd = exec.Command(chromium, append(args, "about:blank")...)
 	b.cmd.Env = append(os.Environ(), "HOME="+home, "XDG_CONFIG_HOME="+filepath.Join(home, ".config"),
 		"XDG_CACHE_HOME="+filepath.Join(home, ".cache"))
 	b.cmd.Stdout, b.cmd.Stderr = logFile, logFile
@@ -130,7 +150,7 @@ func startBrowser(t *testing.T, caPEM []byte, hostRules string) *browser {
 	// network service...) are stopped with it.
 	b.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := b.cmd.Start(); err != nil {
-		t.Fatalf("start chromium: %v", err)
+		t.Fatalf("start %s: %v", chromium, err)
 	}
 	go func() {
 		b.cmd.Wait()
@@ -146,8 +166,34 @@ func startBrowser(t *testing.T, caPEM []byte, hostRules string) *browser {
 	}
 	ws.SetReadLimit(64 << 20)
 	b.ws = ws
-	go b.read()
+	go b.readLoop()
 	return b
+}
+
+// trustCA makes the NSS database of home trust caPEM. Chromium on Linux
+// trusts the CAs of $HOME/.pki/nssdb besides its root store, and verifies
+// certificates from them fully, names included;
+// --ignore-certificate-errors-spki-list would instead accept the listed
+// keys for any name.
+func trustCA(t *testing.T, certutil, home string, caPEM []byte) {
+	t.Helper()
+	dir := filepath.Join(home, ".pki", "nssdb")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	caFile := filepath.Join(home, "ca.pem")
+	if err := os.WriteFile(caFile, caPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	nssdb := "sql:" + dir
+	for _, args := range [][]string{
+		{"-N", "-d", nssdb, "--empty-password"},
+		{"-A", "-d", nssdb, "-n", "edgelb test CA", "-t", "C,,", "-i", caFile},
+	} {
+		if out, err := exec.Command(certutil, args...).CombinedOutput(); err != nil {
+			t.Fatalf("certutil %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
 }
 
 // devToolsURL waits for Chromium to write the port and path of its
@@ -200,12 +246,14 @@ func (b *browser) stop() {
 	}
 	if b.ws != nil {
 		b.ws.Close()
+		<-b.read
 	}
 }
 
-// read dispatches what Chromium sends: answers to their calls, events to
-// the list that events reads.
-func (b *browser) read() {
+// readLoop dispatches what Chromium sends: answers to their calls, events
+// to the list that events reads.
+func (b *browser) readLoop() {
+	defer close(b.read)
 	for {
 		_, data, err := b.ws.ReadMessage()
 		if err != nil {
@@ -328,6 +376,14 @@ func (b *browser) newTab() *tab {
 	return p
 }
 
+// open opens a new tab on url; the test fails if it does not load.
+func (b *browser) open(url string) *tab {
+	b.t.Helper()
+	p := b.newTab()
+	p.load(url)
+	return p
+}
+
 // navigate loads url and returns the network error that kept it from
 // loading ("net::ERR_..."), or "" once its document came.
 func (p *tab) navigate(url string) string {
@@ -341,8 +397,16 @@ func (p *tab) navigate(url string) string {
 	return r.ErrorText
 }
 
-// eval evaluates a JavaScript expression in the page and decodes its
-// value into v.
+// load is navigate that fails the test when url does not load.
+func (p *tab) load(url string) {
+	p.b.t.Helper()
+	if e := p.navigate(url); e != "" {
+		p.b.fatalf("loading %s: %s", url, e)
+	}
+}
+
+// eval evaluates a JavaScript expression in the page, waiting for it if
+// it is a promise, and decodes its value into v unless v is nil.
 func (p *tab) eval(expr string, v any) {
 	p.b.t.Helper()
 	if err := p.tryEval(expr, v); err != nil {
@@ -364,11 +428,16 @@ func (p *tab) tryEval(expr string, v any) error {
 			} `json:"exception"`
 		} `json:"exceptionDetails"`
 	}
-	if err := p.b.call(p.session, "Runtime.evaluate", map[string]any{"expression": expr, "returnByValue": true}, &r); err != nil {
+	if err := p.b.call(p.session, "Runtime.evaluate", map[string]any{
+		"expression": expr, "returnByValue": true, "awaitPromise": true,
+	}, &r); err != nil {
 		return err
 	}
 	if e := r.ExceptionDetails; e != nil {
 		return fmt.Errorf("%s: %s %s", expr, e.Text, e.Exception.Description)
+	}
+	if v == nil {
+		return nil
 	}
 	if err := json.Unmarshal(r.Result.Value, v); err != nil {
 		return fmt.Errorf("%s: %v (%s)", expr, err, r.Result.Value)
@@ -384,8 +453,31 @@ func (p *tab) str(expr string) string {
 	return s
 }
 
-// events returns the params of the events named method the page got so
-// far, decoded into a new T each.
+// waitFor polls a JavaScript expression until it is true, and fails the
+// test after timeout with what, the last error and what the expression
+// describe says then.
+func (p *tab) waitFor(what, expr, describe string, timeout time.Duration) {
+	p.b.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		var ok bool
+		err := p.tryEval("!!("+expr+")", &ok)
+		if err == nil && ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			var now string
+			if derr := p.tryEval(describe, &now); derr != nil {
+				now = derr.Error()
+			}
+			p.b.t.Fatalf("%s: not within %s (last error: %v); the page shows: %s", what, timeout, err, now)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// tabEvents returns the params of the events named method the page got
+// so far, decoded into a new T each.
 func tabEvents[T any](p *tab, method string) []T {
 	p.b.t.Helper()
 	var out []T
@@ -395,6 +487,25 @@ func tabEvents[T any](p *tab, method string) []T {
 			p.b.t.Fatalf("%s: %v\n%s", method, err, raw)
 		}
 		out = append(out, v)
+	}
+	return out
+}
+
+// pageRequest is a request a page sent, from Network.requestWillBeSent.
+type pageRequest struct {
+	URL     string            `json:"url"`
+	Method  string            `json:"method"`
+	Headers map[string]string `json:"headers"`
+}
+
+// requests returns the requests the page has sent so far, in order.
+func (p *tab) requests() []pageRequest {
+	p.b.t.Helper()
+	var out []pageRequest
+	for _, e := range tabEvents[struct {
+		Request pageRequest `json:"request"`
+	}](p, "Network.requestWillBeSent") {
+		out = append(out, e.Request)
 	}
 	return out
 }

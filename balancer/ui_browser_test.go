@@ -3,6 +3,7 @@ package balancer
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,7 +13,7 @@ import (
 )
 
 // The status page in a real browser (headless Chromium, see
-// ui_cdp_test.go), read through its DOM.
+// cdp_test.go), read through its DOM.
 
 // pageBackendState is a JavaScript expression: the state the page shows
 // for a backend, or null while it shows no row for it.
@@ -55,7 +56,7 @@ func reviveOrigin(t *testing.T, o *origin, name string) {
 // again once it is back. Every request the page makes goes to the admin
 // API's own origin.
 func TestStatusPageShowsBackendLeavingAndReturning(t *testing.T) {
-	br := startStatusBrowser(t)
+	br := startBrowser(t, browserOptions{})
 	o1, o2 := startOrigin(t, "o1", nil), startOrigin(t, "o2", nil)
 	s := startEdge(t, "services:\n  web:\n    static: "+staticList(o1, o2)+
 		"\n    health: {active: {path: /, interval: 200ms}}\nroutes: [{service: web}]\n")
@@ -80,41 +81,46 @@ func TestStatusPageShowsBackendLeavingAndReturning(t *testing.T) {
 	}()
 	t.Cleanup(func() { close(stop); <-done })
 	origin := "http://" + s.AdminAddr()
-	tab := br.open(t, origin+"/")
+	tab := br.open(origin + "/")
 
-	tab.waitFor(t, "both backends shown healthy",
+	tab.waitFor("both backends shown healthy",
 		fmt.Sprintf(`%s?.startsWith('healthy / healthy') && %s?.startsWith('healthy / healthy')`, pageBackendState(o1.addr), pageBackendState(o2.addr)),
 		pageShows, 30*time.Second)
-	tab.waitFor(t, "a request rate shown",
+	tab.waitFor("a request rate shown",
 		`(() => { const b = document.querySelector('section[data-service="web"] .kpi b'); return b && b.textContent !== '0' && b.textContent !== '–'; })()`,
 		`document.querySelector('section[data-service="web"] .kpis').textContent`, 30*time.Second)
 
 	o2.stop()
 	start := time.Now()
-	tab.waitFor(t, "o2 shown out of rotation",
+	tab.waitFor("o2 shown out of rotation",
 		fmt.Sprintf(`/^(unhealthy|ejected) \/ (unhealthy|ejected) \/ .*(refused|active check|gateway failures)/.test(%s)`, pageBackendState(o2.addr)),
 		pageShows, 20*time.Second)
 	t.Logf("the page showed o2 out of rotation %s after it stopped", time.Since(start).Round(100*time.Millisecond))
-	tab.waitFor(t, "o2's timeline marked",
+	tab.waitFor("o2's timeline marked",
 		fmt.Sprintf(`document.querySelector('tr[data-backend=%q] svg.timeline rect.u, tr[data-backend=%q] svg.timeline rect.e') !== null`, o2.addr, o2.addr),
 		pageShows, 10*time.Second)
-	tab.waitFor(t, "the change listed",
+	tab.waitFor("the change listed",
 		fmt.Sprintf(`[...document.querySelectorAll('#events li')].some(li => li.textContent.includes(%q) && /→ (unhealthy|ejected)/.test(li.textContent))`, o2.addr),
 		`document.getElementById('events').textContent`, 10*time.Second)
 	availableKPI := `[...document.querySelectorAll('section[data-service="web"] .kpi')].find(k => k.textContent.endsWith('available')).querySelector('b').textContent`
-	tab.waitFor(t, "1 of 2 backends shown available", availableKPI+` === '1 of 2'`, availableKPI, 10*time.Second)
+	tab.waitFor("1 of 2 backends shown available", availableKPI+` === '1 of 2'`, availableKPI, 10*time.Second)
 
 	reviveOrigin(t, o2, "o2")
 	start = time.Now()
-	tab.waitFor(t, "o2 shown healthy again",
+	tab.waitFor("o2 shown healthy again",
 		fmt.Sprintf(`%s?.startsWith('healthy / healthy')`, pageBackendState(o2.addr)),
 		pageShows, 20*time.Second)
 	t.Logf("the page showed o2 healthy %s after it came back", time.Since(start).Round(100*time.Millisecond))
-	tab.waitFor(t, "o2's timeline healthy at its end",
+	tab.waitFor("o2's timeline healthy at its end",
 		fmt.Sprintf(`(() => { const r = [...document.querySelectorAll('tr[data-backend=%q] svg.timeline rect')].pop(); return r && r.getAttribute('class') === 'h'; })()`, o2.addr),
 		pageShows, 10*time.Second)
 
-	for _, r := range tab.requests() {
+	reqs := tab.requests()
+	// The page polls /status: none recorded would make the checks below vacuous.
+	if !slices.ContainsFunc(reqs, func(r pageRequest) bool { return strings.Contains(r.URL, "/status") }) {
+		t.Fatalf("no request for /status among the page's requests: %+v", reqs)
+	}
+	for _, r := range reqs {
 		if !strings.HasPrefix(r.URL, origin+"/") {
 			t.Errorf("the page requested %s, outside its origin %s", r.URL, origin)
 		}
@@ -128,28 +134,33 @@ func TestStatusPageShowsBackendLeavingAndReturning(t *testing.T) {
 // API by another name) does not get it.
 func TestStatusPageWithToken(t *testing.T) {
 	const token = "0123456789abcdef-page-token"
-	br := startStatusBrowser(t)
+	br := startBrowser(t, browserOptions{})
 	o := startOrigin(t, "o", nil)
 	s := startEdge(t, "admin_token: "+token+"\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
 	origin := "http://" + s.AdminAddr()
 	row := fmt.Sprintf(`%s?.startsWith('healthy')`, pageBackendState(o.addr))
 
-	tab := br.open(t, origin+"/ui")
-	tab.waitFor(t, "the token asked for", `!document.getElementById('login').hidden && document.getElementById('main').hidden`, pageShows, 30*time.Second)
-	tab.mustEval(t, `document.getElementById('token').value = 'wrong-0123456789abcdef'; document.getElementById('login-form').requestSubmit()`, nil)
-	tab.waitFor(t, "a wrong token refused", `document.getElementById('login-why').textContent.includes('refused the token (wrong token)')`, pageShows, 30*time.Second)
-	tab.mustEval(t, fmt.Sprintf(`document.getElementById('token').value = %q; document.getElementById('login-form').requestSubmit()`, token), nil)
-	tab.waitFor(t, "the status shown with the token", row, pageShows, 30*time.Second)
+	tab := br.open(origin + "/ui")
+	tab.waitFor("the token asked for", `!document.getElementById('login').hidden && document.getElementById('main').hidden`, pageShows, 30*time.Second)
+	tab.eval(`document.getElementById('token').value = 'wrong-0123456789abcdef'; document.getElementById('login-form').requestSubmit()`, nil)
+	tab.waitFor("a wrong token refused", `document.getElementById('login-why').textContent.includes('refused the token (wrong token)')`, pageShows, 30*time.Second)
+	tab.eval(fmt.Sprintf(`document.getElementById('token').value = %q; document.getElementById('login-form').requestSubmit()`, token), nil)
+	tab.waitFor("the status shown with the token", row, pageShows, 30*time.Second)
 
 	// The token in the fragment: used, then gone from the address.
-	tab2 := br.open(t, origin+"/#token="+token)
-	tab2.waitFor(t, "the status shown with the token from the fragment", row, pageShows, 30*time.Second)
+	tab2 := br.open(origin + "/#token=" + token)
+	tab2.waitFor("the status shown with the token from the fragment", row, pageShows, 30*time.Second)
 	var href string
-	tab2.mustEval(t, `location.href`, &href)
+	tab2.eval(`location.href`, &href)
 	if strings.Contains(href, token) || strings.Contains(href, "#") {
 		t.Errorf("the token stays in the address: %s", href)
 	}
-	for _, r := range tab2.requests() {
+	reqs := tab2.requests()
+	// The page polls /status: none recorded would make the checks below vacuous.
+	if !slices.ContainsFunc(reqs, func(r pageRequest) bool { return strings.Contains(r.URL, "/status") }) {
+		t.Fatalf("no request for /status among the page's requests: %+v", reqs)
+	}
+	for _, r := range reqs {
 		if !strings.HasPrefix(r.URL, origin+"/") {
 			t.Errorf("the page requested %s, outside its origin %s", r.URL, origin)
 		}
@@ -171,6 +182,6 @@ func TestStatusPageWithToken(t *testing.T) {
 	if _, err := strconv.Atoi(port); err != nil {
 		t.Fatal(err)
 	}
-	tab2.navigate(t, "http://localhost:"+port+"/")
-	tab2.waitFor(t, "the token asked for again on another origin", `!document.getElementById('login').hidden`, pageShows, 30*time.Second)
+	tab2.load("http://localhost:" + port + "/")
+	tab2.waitFor("the token asked for again on another origin", `!document.getElementById('login').hidden`, pageShows, 30*time.Second)
 }
