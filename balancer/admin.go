@@ -350,6 +350,8 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_backend_state_changes_total":      {help: "Backend health state changes, by the state entered."},
 	"edgelb_config_reloads_total":             {help: "Config reloads, by result."},
 	"edgelb_discovery_errors_total":           {help: "Failed discovery queries, by source and service."},
+	"edgelb_discovery_failovers_total":        {help: "Switches of a Consul service from one datacenter to another (consul.failover or a prepared query), by service and the datacenters it left (from) and went to (to); going back to the service's own datacenter counts too."},
+	"edgelb_discovery_datacenter_serving":     {help: "1 for the Consul datacenter that a service with failover datacenters or a prepared query is served from, 0 for its other datacenters; local is the agent's own when its name is not known."},
 	"edgelb_discovery_updates_total":          {help: "Discovery answers that changed a service's instances, by source and service."},
 	"edgelb_ejections_refused_total":          {help: "Ejections not made because max_ejection_percent of the service's backends were held out already."},
 	"edgelb_event_loop_accept_errors_total":   {help: "Errors accepting client connections in the event loops."},
@@ -481,6 +483,9 @@ type ServiceStatus struct {
 	// Tunnels counts the open WebSocket and other upgraded connections,
 	// those of backends no longer listed included.
 	Tunnels int64 `json:"tunnels"`
+	// Failover says which Consul datacenter serves, since when and why;
+	// only for services with failover datacenters or a prepared query.
+	Failover *discovery.Failover `json:"failover,omitempty"`
 }
 
 // BackendStatus is one backend in /status.
@@ -507,6 +512,9 @@ func (s *Server) Status() *Status {
 	now := time.Now()
 	st := &Status{Services: make(map[string]*ServiceStatus)}
 	st.Ready, _ = s.Ready()
+	s.mu.Lock()
+	consul := s.consul
+	s.mu.Unlock()
 	for _, p := range s.poolsSorted() {
 		ss := &ServiceStatus{Backends: []BackendStatus{}}
 		if set := p.source.Load(); set != nil {
@@ -514,6 +522,9 @@ func (s *Server) Status() *Status {
 			ss.UpdatedAt = set.UpdatedAt
 		}
 		ss.Panic, ss.PanicSince = p.ej.Panic(), p.ej.PanicSince()
+		if consul != nil {
+			ss.Failover = consul.Failover(p.name)
+		}
 		ss.Tunnels = p.m.tunnelsOpen.Load()
 		for _, b := range p.set.Load().list {
 			bs := BackendStatus{TargetStatus: b.target.Status(now), Weight: b.weight, Tunnels: b.m.tunnels.Load()}

@@ -634,7 +634,7 @@ func (c *Config) validate() []error {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
 	}
 	for _, name := range sortedNames(c.Services) {
-		errs = append(errs, c.Services[name].validate("services."+name, c.Consul != nil)...)
+		errs = append(errs, c.Services[name].validate("services."+name, c.Consul)...)
 	}
 	seen := make(map[string]int)
 	for i := range c.Routes {
@@ -827,9 +827,10 @@ func (sc *ServiceConfig) applyDefaults() {
 	setDefault(&sc.WebSocket.MaxTunnels, DefaultMaxTunnels)
 }
 
-// validate checks sc after applyDefaults; it returns every problem, each
-// key under path. Retries -1 (none) becomes 0, the count the proxy uses.
-func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
+// validate checks sc after applyDefaults against the top-level consul
+// block (nil without one); it returns every problem, each key under path.
+// Retries -1 (none) becomes 0, the count the proxy uses.
+func (sc *ServiceConfig) validate(path string, consul *discovery.ConsulConfig) []error {
 	var errs []error
 	bad := func(k, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
@@ -842,10 +843,10 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool) []error {
 		bad("", "set either consul or static, not both")
 	case sc.Consul == nil && len(sc.Static) == 0:
 		bad("", "no backends: set consul: {name: ...} or static: [host:port, ...]")
-	case sc.Consul != nil && !haveConsul:
+	case sc.Consul != nil && consul == nil:
 		bad(".consul", "needs the top-level consul block")
-	case sc.Consul != nil && sc.Consul.Name == "":
-		bad(".consul.name", "missing")
+	case sc.Consul != nil:
+		errs = append(errs, sc.Consul.Validate(path+".consul", consul.Datacenter)...)
 	}
 	for i, b := range sc.Static {
 		k := fmt.Sprintf(".static[%d]", i)
