@@ -28,10 +28,11 @@ const (
 	ConsulStop = "consul-stop"
 	Churn      = "churn"
 	Hedge      = "hedge"
+	DCFailover = "dc-failover"
 )
 
 // Names lists every scenario in the order "all" runs them.
-var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge}
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, DCFailover}
 
 // Compared are the scenarios that comparison mode also runs through nginx
 // and HAProxy.
@@ -55,13 +56,18 @@ var about = map[string][2]string{
 	Hedge: {"Hung backend, hedged", "As hang (SIGSTOP of o2 from one third to two thirds), with hedge: {after: p95} on edgelb: a try that has not " +
 		"answered after the service's recent p95 goes to a second backend as well, and the first answer wins. The notes compare the " +
 		"worst latency while o2 hangs with the p99 before it (target: at most 3x), and the hedges sent with the requests (budget 10%)."},
+	DCFailover: {"Consul datacenter failover", "Two Consul dev agents, dc1 and dc2, joined over the WAN; service web has origins dc1-1 and dc1-2 in dc1 and " +
+		"dc2-1 and dc2-2 in dc2, and edgelb discovers it in dc1 with consul: {failover: [dc2], failover_hold: 3s}. At a quarter of the load " +
+		"the dc1 instances are deregistered; at half they are registered again. The notes give the time until answers come from dc2 " +
+		"(target: within 1s, with no error) and back from dc1 (after the 3s hold)."},
 }
 
 // Options describe a bench-suite run. Zero values select the defaults.
 type Options struct {
 	// Bin holds the edgelb and demo-origin binaries. Required.
 	Bin string
-	// Consul is the consul binary, needed by consul-stop and churn.
+	// Consul is the consul binary, needed by consul-stop, churn and
+	// dc-failover.
 	Consul string
 	// Dir holds every process's config, state and log. Required.
 	Dir string
@@ -177,6 +183,10 @@ type session struct {
 	mu     sync.Mutex
 	events []event
 	prop   *report.Propagation
+	// consul2 is dc2's agent in dc-failover.
+	consul2 *Consul
+	// took holds what the script timed, for its judge.
+	took map[string]time.Duration
 }
 
 type event struct {
@@ -212,9 +222,12 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 		return run, nil, err
 	}
 	s := &session{o: o, g: g, ctx: ctx, name: name, proxy: proxy, extra: map[string]*Proc{}}
-	if name == ConsulStop || name == Churn {
+	switch name {
+	case ConsulStop, Churn:
 		err = s.setupConsul(name == Churn)
-	} else {
+	case DCFailover:
+		err = s.setupFailover()
+	default:
 		err = s.setupStatic()
 	}
 	if err != nil {
@@ -383,12 +396,14 @@ var scripts = map[string]func(*session) error{
 	ConsulStop: consulStopScript,
 	Churn:      churnScript,
 	Hedge:      hangScript,
+	DCFailover: failoverScript,
 }
 
 // judges, after a scenario's load, write what it shows against its
 // targets.
 var judges = map[string]func(*session, *report.Run) []string{
-	Hedge: hedgeJudge,
+	Hedge:      hedgeJudge,
+	DCFailover: failoverJudge,
 }
 
 // hedgeJudge compares the worst latency while o2 hung with the p99 before
