@@ -242,7 +242,7 @@ func choose(dcs []*dcState, cur int, hold time.Duration, now time.Time) choice {
 		}
 		r := fmt.Sprintf("%s has %d passing %s", name, d.passing(), plural(d.passing(), "instance", "instances"))
 		if st := d.status; st.LastError != "" && st.LastErrorAt.After(st.LastUpdate) {
-			r += fmt.Sprintf(" in its last answer, at %s; it fails since: %s", st.LastUpdate.Format(time.RFC3339), st.LastError)
+			r += fmt.Sprintf(" in its last answer, at %s; later queries fail: %s", st.LastUpdate.Format(time.RFC3339), st.LastError)
 		}
 		why = append(why, r)
 		return choice{next: i, wake: wake, reason: strings.Join(why, "; ")}

@@ -75,6 +75,13 @@ func TestChooseDatacenter(t *testing.T) {
 	// One that never answered.
 	f(-1, "dc1:0 dc9:x dc2:1", 2, 0, "dc1 has no passing instance; dc9 has not answered (Consul at 127.0.0.1:8500: No path to datacenter); dc2 has 1")
 	f(-1, "dc1:x dc2:1", 1, 0, "dc1 has not answered")
+	// The one serving fails now: its last answer stands, and the reason
+	// says so.
+	dcs := testDCs("dc1:0", "dc2:1")
+	dcs[1].status = Status{LastUpdate: testTime.Add(-time.Minute), LastError: "Consul at 127.0.0.1:8500: boom", LastErrorAt: testTime}
+	if ch := choose(dcs, 1, hold, testTime); ch.next != 1 || ch.reason != "dc1 has no passing instance; dc2 has 1 passing instance in its last answer, at 2024-05-01T11:59:00Z; later queries fail: Consul at 127.0.0.1:8500: boom" {
+		t.Errorf("dc2 failing: %+v", ch)
+	}
 	// An ignored datacenter is skipped.
 	f(-1, "dc1:0 dc1:! dc2:1", 2, 0, "dc1 has no passing instance; dc2 has 1")
 	// The agent's datacenter before its name is known.
