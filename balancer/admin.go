@@ -358,6 +358,8 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_backend_state_changes_total":      {help: "Backend health state changes, by the state entered."},
 	"edgelb_config_reloads_total":             {help: "Config reloads, by result."},
 	"edgelb_discovery_errors_total":           {help: "Failed discovery queries, by source and service."},
+	"edgelb_discovery_failovers_total":        {help: "Switches of a Consul service from one datacenter to another (consul.failover or a prepared query), by service and the datacenters it left (from) and went to (to); going back to the service's own datacenter counts too."},
+	"edgelb_discovery_datacenter_serving":     {help: "1 for the Consul datacenter that a service with failover datacenters or a prepared query is served from, 0 for its other datacenters; local is the agent's own when its name is not known."},
 	"edgelb_discovery_updates_total":          {help: "Discovery answers that changed a service's instances, by source and service."},
 	"edgelb_dns_resolutions_total":            {help: "Resolutions of the host names of static backends, by name and result: ok (a DNS server answered), hosts (the hosts file did), nxdomain, nodata (no A or AAAA record), servfail, refused, timeout, unreachable (nothing listens at the server's address), error."},
 	"edgelb_ejections_refused_total":          {help: "Ejections not made because max_ejection_percent of the service's backends were held out already."},
@@ -543,6 +545,9 @@ type ServiceStatus struct {
 	// Rates and History, with ?rates=1 only.
 	Rates   *ServiceRates   `json:"rates,omitempty"`
 	History *ServiceHistory `json:"history,omitempty"`
+	// Failover says which Consul datacenter serves, since when and why;
+	// only for services with failover datacenters or a prepared query.
+	Failover *discovery.Failover `json:"failover,omitempty"`
 }
 
 // BackendStatus is one backend in /status.
@@ -593,6 +598,9 @@ func (s *Server) status(live bool, since int64) *Status {
 	}
 	var liveServices []liveService
 	var liveBackends []liveBackend
+	s.mu.Lock()
+	consul := s.consul
+	s.mu.Unlock()
 	for _, p := range s.poolsSorted() {
 		ss := &ServiceStatus{Backends: []BackendStatus{}}
 		liveServices = append(liveServices, liveService{ss, p.m})
@@ -605,6 +613,9 @@ func (s *Server) status(live bool, since int64) *Status {
 			ss.BackupUpdatedAt = set.UpdatedAt
 		}
 		ss.Panic, ss.PanicSince = p.ej.Panic(), p.ej.PanicSince()
+		if consul != nil {
+			ss.Failover = consul.Failover(p.name)
+		}
 		ss.Tunnels = p.m.tunnelsOpen.Load()
 		ss.Serving = p.serving(now.UnixNano())
 		primary, backup := p.set.Load().list, p.backup.Load().list

@@ -715,7 +715,7 @@ func (c *Config) validate() []error {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
 	}
 	for _, name := range sortedNames(c.Services) {
-		errs = append(errs, c.Services[name].validate("services."+name, c.Consul != nil, c.DNS)...)
+		errs = append(errs, c.Services[name].validate("services."+name, c.Consul, c.DNS)...)
 		if base, ok := strings.CutSuffix(name, backupSuffix); ok {
 			if sc := c.Services[base]; sc != nil && sc.Backup != nil && sc.Backup.Consul != nil {
 				bad("services."+name, "the name is taken: the Consul backup set of services.%s reports under it; rename the service", base)
@@ -913,10 +913,11 @@ func (sc *ServiceConfig) applyDefaults() {
 	setDefault(&sc.WebSocket.MaxTunnels, DefaultMaxTunnels)
 }
 
-// validate checks sc after applyDefaults; it returns every problem, each
-// key under path. Retries -1 (none) becomes 0, the count the proxy uses.
-// dns is the top-level dns block, which sc.DNS overrides.
-func (sc *ServiceConfig) validate(path string, haveConsul bool, dns discovery.DNSConfig) []error {
+// validate checks sc after applyDefaults against the top-level consul
+// block (nil without one); it returns every problem, each key under path.
+// Retries -1 (none) becomes 0, the count the proxy uses. dns is the
+// top-level dns block, which sc.DNS overrides.
+func (sc *ServiceConfig) validate(path string, consul *discovery.ConsulConfig, dns discovery.DNSConfig) []error {
 	var errs []error
 	bad := func(k, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{path + k}, args...)...))
@@ -929,10 +930,10 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool, dns discovery.DN
 		bad("", "set either consul or static, not both")
 	case sc.Consul == nil && len(sc.Static) == 0:
 		bad("", "no backends: set consul: {name: ...} or static: [host:port, ...]")
-	case sc.Consul != nil && !haveConsul:
+	case sc.Consul != nil && consul == nil:
 		bad(".consul", "needs the top-level consul block")
-	case sc.Consul != nil && sc.Consul.Name == "":
-		bad(".consul.name", "missing")
+	case sc.Consul != nil:
+		errs = append(errs, sc.Consul.Validate(path+".consul", consul.Datacenter)...)
 	}
 	for i, b := range sc.Static {
 		k := fmt.Sprintf(".static[%d]", i)
@@ -948,7 +949,7 @@ func (sc *ServiceConfig) validate(path string, haveConsul bool, dns discovery.DN
 		}
 	}
 	if sc.Backup != nil {
-		errs = append(errs, sc.validateBackup(path, haveConsul)...)
+		errs = append(errs, sc.validateBackup(path, consul != nil)...)
 	}
 	if sc.DNS != nil {
 		if !sc.usesDNS() {

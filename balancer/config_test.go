@@ -69,6 +69,44 @@ func TestParseConfigErrors(t *testing.T) {
 	f("bogus: 1\nservices:\n  web: {static: [x]}\nroutes: [{service: y}]\n", "bogus: unknown key", "services.web.static[0]", "routes[0].service")
 }
 
+func TestParseConfigFailoverErrors(t *testing.T) {
+	f := func(consul, service string, wants ...string) {
+		t.Helper()
+		yaml := "consul: {" + consul + "}\nservices:\n  web:\n    consul: {" + service + "}\n"
+		_, err := ParseConfig([]byte(yaml))
+		if err == nil {
+			t.Fatalf("config accepted:\n%s", yaml)
+		}
+		for _, w := range wants {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error lacks %q:\n%v", w, err)
+			}
+		}
+		if n := strings.Count("\n"+err.Error(), "\nservices.web.consul"); n != len(wants) {
+			t.Errorf("%d errors about services.web.consul, want %d:\n%v", n, len(wants), err)
+		}
+	}
+	f("", "name: web, failover: [dc2], failover_hld: 5s", "services.web.consul.failover_hld: unknown key (known keys: datacenter, failover, failover_hold, name, query, tags)")
+	f("", "name: web, failover: [{dc: dc2}]", "services.web.consul.failover: cannot unmarshal !!map into string")
+	f("", "name: web, failover: dc2", "services.web.consul.failover: cannot unmarshal")
+	f("", "name: web, failover: ['', dc2, dc2]", "services.web.consul.failover[0]: empty datacenter name", `services.web.consul.failover[2]: "dc2" is listed twice (also failover[1])`)
+	f("datacenter: dc1", "name: web, failover: [dc2, dc1]", `services.web.consul.failover[1]: "dc1" is the service's own datacenter (consul.datacenter); list only the other datacenters to fail over to`)
+	f("", "name: web, datacenter: dc3, failover: [dc3]", `services.web.consul.failover[0]: "dc3" is the service's own datacenter (services.web.consul.datacenter)`)
+	f("", "name: '', failover: [dc2]", "services.web.consul.name: missing; set name (a Consul service) or query (a Consul prepared query)")
+	f("", "query: web-q, failover: [dc2], failover_hold: -1s",
+		"services.web.consul.failover: does not go with query", "services.web.consul.failover_hold: must not be negative")
+	f("", "name: web, failover_hold: 1m", "services.web.consul.failover_hold: has no effect without failover or query")
+	f("", "name: web, failover: [dc2], failover_hold: 10", "services.web.consul.failover_hold: duration 10 needs a unit", "services.web.consul.failover_hold: cannot unmarshal")
+
+	cfg, err := ParseConfig([]byte("consul: {}\nservices:\n  web: {consul: {name: web, failover: [dc2, dc3]}}\n  q: {consul: {query: web-q}}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := cfg.Services["web"].Consul; strings.Join(c.Failover, ",") != "dc2,dc3" || c.FailoverHold != 0 {
+		t.Fatalf("failover: %+v", c)
+	}
+}
+
 func TestParseConfigDefaults(t *testing.T) {
 	cfg, err := ParseConfig([]byte(`
 consul: {tag_routes: true}

@@ -51,8 +51,26 @@ type ConsulService struct {
 	// Tags keep only instances carrying all of them.
 	Tags []string `yaml:"tags"`
 
-	// Datacenter overrides ConsulConfig.Datacenter for this service.
+	// Datacenter overrides ConsulConfig.Datacenter for this service: it
+	// is the service's own datacenter.
 	Datacenter string `yaml:"datacenter"`
+
+	// Failover lists other Consul datacenters holding the same service,
+	// in order of preference. The service is served from the first
+	// datacenter, its own first, that has a passing instance; each is
+	// watched with a blocking query of its own.
+	Failover []string `yaml:"failover"`
+
+	// FailoverHold is how long a datacenter earlier in the order must
+	// keep passing instances before the service goes back to it, so that
+	// the traffic does not flap. DefaultFailoverHold is used if not set.
+	FailoverHold time.Duration `yaml:"failover_hold"`
+
+	// Query names a Consul prepared query that finds the instances,
+	// instead of Name: the query's own failover picks the datacenter.
+	// Consul cannot block on a prepared query, so it is executed every
+	// second.
+	Query string `yaml:"query"`
 }
 
 // Defaults of the Consul source.
@@ -99,8 +117,11 @@ type Consul struct {
 
 	// hold is emptyHold; tests shorten it.
 	hold time.Duration
-	// restarts tells every watch when one saw signs of a Consul restart.
-	restarts restartSignal
+	// restarts tells every watch of a datacenter when one saw signs of a
+	// Consul restart there; keyed by the datacenter queried ("" for the
+	// agent's own).
+	restartsMu sync.Mutex
+	restarts   map[string]*restartSignal
 
 	// routesKnown is set once the routes that Consul gives are known, from
 	// Consul or from state_dir; see RoutesKnown.
@@ -116,23 +137,45 @@ type Consul struct {
 	diskLoaded      bool
 }
 
-// watch follows one Consul service.
+// watch follows one Consul service, in its own datacenter and in those
+// it fails over to, and publishes the instances of the datacenter chosen.
 type watch struct {
 	name    string // edgelb service name
 	svc     ConsulService
 	tagged  bool // started for its tag routes, not from the config
+	ctx     context.Context
 	cancel  context.CancelFunc
 	updates *metrics.Counter
 	errors  *metrics.Counter
+	// hold is the service's failover_hold.
+	hold time.Duration
 
-	// problems is the malformed data last logged; only its
-	// serviceFollower uses it, so that each problem is logged once, not on every answer.
-	problems []string
+	// pubMu serializes choosing and publishing, so that sets reach the
+	// publisher in the order they were chosen.
+	pubMu sync.Mutex
 
-	mu        sync.Mutex
-	status    Status
+	mu sync.Mutex
+	// dcs are the datacenters in order of preference, the service's own
+	// first. With a prepared query they are those its answers came from,
+	// by the number of failovers that found them.
+	dcs []*dcState
+	// serving is the index in dcs of the datacenter published, -1 before
+	// the first choice; servingDC is its name then.
+	serving   int
+	servingDC string
+	since     time.Time
+	reason    string
+	// wake is when a datacenter's failover_hold ends; its watches ask
+	// Consul again then, even if nothing changes.
+	wake      time.Time
 	last      *Set
 	published bool
+	// fromDisk is set while last came from state_dir.
+	fromDisk bool
+
+	// stopped and gauged belong to servingGauges.
+	stopped bool
+	gauged  []string
 }
 
 // NewClient returns a Consul API client for cfg: the one discovery uses,
@@ -173,6 +216,7 @@ func NewConsul(cfg ConsulConfig, services map[string]ConsulService, stateDir str
 		watches:    make(map[string]*watch),
 		catalog:    Status{Source: "consul", Service: "(catalog)"},
 		hold:       emptyHold,
+		restarts:   make(map[string]*restartSignal),
 	}
 	if stateDir != "" {
 		c.state = newStateFile(stateDir, c.log)
@@ -216,6 +260,11 @@ func (c *Consul) Stop() {
 	}
 	c.cancel()
 	c.wg.Wait()
+	c.mu.Lock()
+	for _, w := range c.watches {
+		stopServing(w)
+	}
+	c.mu.Unlock()
 }
 
 // RoutesKnown reports whether the routes that Consul's tags give are
@@ -259,7 +308,7 @@ func (c *Consul) SetServices(services map[string]ConsulService) {
 		if (ok && reflect.DeepEqual(svc, w.svc)) || (!ok && w.tagged) {
 			continue
 		}
-		w.cancel()
+		w.stop()
 		delete(c.watches, name)
 	}
 	for name, svc := range services {
@@ -283,21 +332,74 @@ func (c *Consul) Status() []Status {
 	c.mu.Unlock()
 	for _, w := range ws {
 		w.mu.Lock()
-		out = append(out, w.status)
+		out = append(out, w.statusLocked())
 		w.mu.Unlock()
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Service < out[j].Service })
 	return out
 }
 
+// statusLocked returns the freshness of the datacenter that serves, or
+// before the first choice, of the service's own. The caller holds w.mu.
+func (w *watch) statusLocked() Status {
+	d := w.dcs[max(w.serving, 0)]
+	st := d.status
+	st.Problems = slices.Clone(st.Problems)
+	st.Service = w.name
+	if w.fromDisk {
+		st.FromDisk, st.Stale = true, true
+	}
+	return st
+}
+
+// Failover returns which datacenter serves service, since when and why;
+// nil for a service without failover datacenters or prepared query.
+func (c *Consul) Failover(service string) *Failover {
+	c.mu.Lock()
+	w := c.watches[service]
+	c.mu.Unlock()
+	if w == nil || !w.svc.hasFailover() {
+		return nil
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	f := &Failover{Since: w.since, Reason: w.reason, Hold: w.hold.String(), Datacenters: make([]DatacenterStatus, 0, len(w.dcs))}
+	if w.serving >= 0 {
+		f.Datacenter = dcLabel(w.dcs[w.serving].name)
+	}
+	for _, d := range w.dcs {
+		ds := DatacenterStatus{Name: d.name, Passing: d.passing(), LastUpdate: d.status.LastUpdate,
+			LastError: d.status.LastError, LastErrorAt: d.status.LastErrorAt, Ignored: d.ignored}
+		if ds.Passing > 0 {
+			ds.PassingSince = d.upSince
+		}
+		f.Datacenters = append(f.Datacenters, ds)
+	}
+	return f
+}
+
+// stop ends the watch.
+func (w *watch) stop() {
+	w.cancel()
+	stopServing(w)
+}
+
 func (c *Consul) startWatchLocked(name string, svc ConsulService, tagged bool, disk *Set) {
 	ctx, cancel := context.WithCancel(c.ctx)
 	l := fmt.Sprintf(`source="consul",service=%q`, name)
 	w := &watch{
-		name: name, svc: svc, tagged: tagged, cancel: cancel,
+		name: name, svc: svc, tagged: tagged, ctx: ctx, cancel: cancel,
 		updates: metrics.GetOrCreateCounter(`edgelb_discovery_updates_total{` + l + `}`),
 		errors:  metrics.GetOrCreateCounter(`edgelb_discovery_errors_total{` + l + `}`),
-		status:  Status{Source: "consul", Service: name, Stale: true},
+		hold:    svc.failoverHold(),
+		serving: -1,
+	}
+	dc := svc.Datacenter
+	if dc == "" {
+		dc = c.cfg.Datacenter
+	}
+	for _, name := range append([]string{dc}, svc.Failover...) {
+		w.dcs = append(w.dcs, &dcState{name: name, status: Status{Source: "consul", Service: w.name, Stale: true}})
 	}
 	c.watches[name] = w
 	if disk != nil {
@@ -309,32 +411,49 @@ func (c *Consul) startWatchLocked(name string, svc ConsulService, tagged bool, d
 			}
 		})
 	}
-	dc := svc.Datacenter
-	if dc == "" {
-		dc = c.cfg.Datacenter
+	if svc.Query != "" {
+		c.goSafe(ctx, "query "+name, func() { c.follow(ctx, dc, &queryFollower{c: c, w: w, disk: disk}) })
+		return
 	}
-	c.goSafe(ctx, "watch "+name, func() { c.follow(ctx, dc, &serviceFollower{c: c, w: w, disk: disk}) })
+	for i, d := range w.dcs {
+		dctx, dcancel := context.WithCancel(ctx)
+		d.cancel = dcancel
+		task := "watch " + name
+		if i > 0 {
+			task += " in " + d.name
+		}
+		c.goSafe(dctx, task, func() { c.follow(dctx, d.name, &serviceFollower{c: c, w: w, i: i, disk: disk}) })
+	}
 }
 
 // publishFromDisk publishes a persisted set unless Consul answered first.
 func (c *Consul) publishFromDisk(w *watch, disk *Set) {
+	if c.publishDisk(w, disk) {
+		c.noteDelivered()
+	}
+}
+
+func (c *Consul) publishDisk(w *watch, disk *Set) bool {
+	w.pubMu.Lock()
+	defer w.pubMu.Unlock()
 	w.mu.Lock()
 	if w.published {
 		w.mu.Unlock()
-		return
+		return false
 	}
 	w.published = true
 	w.last = disk
-	w.status.FromDisk, w.status.Stale = true, true
+	w.fromDisk = true
 	w.mu.Unlock()
 	c.log.Warn("Consul has not answered; serving the last known instances from state_dir",
-		"service", w.name, "instances", len(disk.Instances), "saved_at", disk.UpdatedAt)
+		"service", w.name, "instances", len(disk.Instances), "datacenter", disk.Datacenter, "saved_at", disk.UpdatedAt)
 	c.pub.Publish(disk)
-	c.noteDelivered()
+	return true
 }
 
 // follower is what one blocking-query loop follows: the instances of a
-// service (serviceFollower) or the tag-routed services of the catalog
+// service in one datacenter (serviceFollower), the answers of a prepared
+// query (queryFollower) or the tag-routed services of the catalog
 // (catalogFollower). Only the loop's goroutine calls its methods.
 type follower interface {
 	// query makes one call and keeps its answer; it returns the answer's
@@ -349,9 +468,13 @@ type follower interface {
 	// anything. With holdUntil set, it keeps what was published instead
 	// and says so until then.
 	apply(now, holdUntil time.Time) (changed bool)
+	// wake returns when the follower wants an answer even if nothing
+	// changes (a failover_hold ending), or zero.
+	wake() time.Time
 }
 
-// follow runs the blocking-query loop of f until ctx ends.
+// follow runs the blocking-query loop of f, on datacenter dc ("" for the
+// agent's own), until ctx ends.
 //
 // A Consul that restarted (a dev agent, a rebuilt cluster) has a lower
 // index and, until its agents register again, no instances. A blocking
@@ -359,9 +482,9 @@ type follower interface {
 // so a watch asks without blocking (index 0) after its own failed call,
 // after an answer whose index went backwards, after an answer that broke
 // off the wait with nothing new (an agent shutting down), and when another
-// watch of the source saw one of these (restarts). An answer that loses
-// everything after that is held for the hold time, counted from the first
-// such answer.
+// watch of the same datacenter saw one of these (restarts). An answer that
+// loses everything after that is held for the hold time, counted from the
+// first such answer.
 func (c *Consul) follow(ctx context.Context, dc string, f follower) {
 	var (
 		index    uint64 // the next call's wait index
@@ -376,6 +499,7 @@ func (c *Consul) follow(ctx context.Context, dc string, f follower) {
 		// lossSince is when the held answers that lose everything began.
 		lossSince time.Time
 	)
+	restarts := c.restartSignal(dc)
 	for {
 		if !limit.wait(ctx) {
 			return
@@ -385,7 +509,10 @@ func (c *Consul) follow(ctx context.Context, dc string, f follower) {
 			// Wake up when the hold ends even if nothing changes.
 			wait = min(wait, max(time.Until(lossSince.Add(c.hold)), time.Millisecond))
 		}
-		restarted, n := c.restarts.current()
+		if at := f.wake(); !at.IsZero() {
+			wait = min(wait, max(time.Until(at), time.Millisecond))
+		}
+		restarted, n := restarts.current()
 		if n != epoch {
 			// Another watch saw Consul restart.
 			epoch, index, suspect = n, 0, true
@@ -416,7 +543,7 @@ func (c *Consul) follow(ctx context.Context, dc string, f follower) {
 			failures++
 			index, suspect = 0, true
 			if failures == 1 {
-				c.restarts.raise()
+				restarts.raise()
 			}
 			f.failed(err, failures)
 			if !sleepCtx(ctx, backoff(failures)) {
@@ -428,7 +555,7 @@ func (c *Consul) follow(ctx context.Context, dc string, f follower) {
 		switch {
 		case last < seen || last == 0:
 			index, suspect = 0, true
-			c.restarts.raise()
+			restarts.raise()
 		case last == index && time.Since(start) < wait-wait/10:
 			// The wait was broken off with nothing new: the agent may be
 			// shutting down, and the next call reach its successor.
@@ -456,7 +583,21 @@ func (c *Consul) follow(ctx context.Context, dc string, f follower) {
 	}
 }
 
-// restartSignal tells the watches of a source that Consul may have
+// restartSignal returns the restart signal of the watches of datacenter
+// dc: each datacenter's servers have an index of their own, and one
+// unreachable says nothing of the others.
+func (c *Consul) restartSignal(dc string) *restartSignal {
+	c.restartsMu.Lock()
+	defer c.restartsMu.Unlock()
+	r := c.restarts[dc]
+	if r == nil {
+		r = &restartSignal{}
+		c.restarts[dc] = r
+	}
+	return r
+}
+
+// restartSignal tells the watches of a datacenter that Consul may have
 // restarted, so that each asks again without blocking.
 type restartSignal struct {
 	mu sync.Mutex
@@ -486,91 +627,366 @@ func (r *restartSignal) raise() {
 	r.n++
 }
 
-// serviceFollower follows the passing instances of one service.
+// serviceFollower follows the passing instances of one service in one
+// datacenter.
 type serviceFollower struct {
 	c    *Consul
 	w    *watch
+	i    int  // the datacenter's index in w.dcs
 	disk *Set // the set persisted in state_dir, if any
+	self bool // the agent's datacenter name is asked for no more
 
 	set *Set // the last answer
 	bad []string
 }
 
 func (f *serviceFollower) query(q *api.QueryOptions) (uint64, error) {
-	entries, meta, err := f.c.client.Health().ServiceMultipleTags(f.w.svc.Name, f.w.svc.Tags, true, q)
+	w, d := f.w, f.w.dcs[f.i]
+	if f.i == 0 && len(w.dcs) > 1 && !f.self {
+		f.learnDatacenter(q)
+	}
+	entries, meta, err := f.c.client.Health().ServiceMultipleTags(w.svc.Name, w.svc.Tags, true, q)
 	if err != nil {
 		return 0, err
 	}
-	f.set, f.bad = f.c.setFromEntries(f.w.name, entries, time.Now())
+	f.set, f.bad = f.c.setFromEntries(w.name, entries, time.Now())
+	w.mu.Lock()
+	f.set.Datacenter = d.name
+	w.mu.Unlock()
 	return meta.LastIndex, nil
 }
 
+// learnDatacenter asks the agent for the name of its datacenter, the
+// service's own when none is configured: the metrics and /status name it,
+// and a failover list that names it is a mistake.
+func (f *serviceFollower) learnDatacenter(q *api.QueryOptions) {
+	w := f.w
+	w.mu.Lock()
+	known := w.dcs[0].name != ""
+	w.mu.Unlock()
+	if known {
+		f.self = true
+		return
+	}
+	var self struct{ Config struct{ Datacenter string } }
+	if _, err := f.c.client.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(q.Context())); err != nil {
+		// Without agent:read the name stays unknown ("local"); other
+		// errors fail the query that follows as well.
+		if strings.Contains(err.Error(), "403") || strings.Contains(err.Error(), "Permission denied") {
+			f.self = true
+			f.c.log.Warn("cannot learn the agent's datacenter (no agent:read); calling it local", "service", w.name, "err", err)
+		}
+		return
+	}
+	f.self = true
+	name := self.Config.Datacenter
+	if name == "" {
+		return
+	}
+	w.mu.Lock()
+	w.dcs[0].name = name
+	var cancels []func()
+	for _, d := range w.dcs[1:] {
+		if d.name == name && d.ignored == "" {
+			d.ignored = "is the service's own datacenter (the agent's): consul.failover should list only other datacenters"
+			d.known = false
+			cancels = append(cancels, d.cancel)
+		}
+	}
+	w.mu.Unlock()
+	for _, cancel := range cancels {
+		f.c.log.Error("consul.failover lists the service's own datacenter; ignoring that entry", "service", w.name, "datacenter", name)
+		cancel()
+	}
+}
+
 func (f *serviceFollower) failed(err error, failures int) {
-	f.c.watchFailed(f.w, err, failures, f.disk)
+	f.c.watchFailed(f.w, f.i, err, failures, f.disk)
 }
 
 func (f *serviceFollower) loses() bool {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	return f.w.losesLocked(f.i, f.set)
+}
+
+// losesLocked reports whether set drops every instance that the
+// datacenter at index i had, or, before its first answer, that the set
+// published from state_dir had. The caller holds w.mu.
+func (w *watch) losesLocked(i int, set *Set) bool {
+	prev := w.dcs[i].set
+	if prev == nil && w.fromDisk && (i == 0 || w.last.Datacenter == w.dcs[i].name) {
+		prev = w.last
+	}
+	return len(set.Instances) == 0 && prev != nil && len(prev.Instances) > 0
+}
+
+func (f *serviceFollower) apply(now, holdUntil time.Time) bool {
+	c, w := f.c, f.w
+	w.mu.Lock()
+	d := w.dcs[f.i]
+	if d.ignored != "" {
+		w.mu.Unlock()
+		return false
+	}
+	if !slices.Equal(f.bad, d.problems) {
+		for _, b := range f.bad {
+			c.log.Warn("ignoring malformed Consul data", "service", w.name, "datacenter", d.name, "problem", b)
+		}
+		d.problems = f.bad
+	}
+	if !holdUntil.IsZero() {
+		prev := d.set
+		if prev == nil {
+			prev = w.last
+		}
+		d.status.LastError = fmt.Sprintf("Consul at %s returned no instances%s right after an outage or index reset; keeping the last %d instances until %s",
+			c.cfg.Address, inDatacenter(d.name, f.i), len(prev.Instances), holdUntil.Format(time.RFC3339))
+		d.status.LastErrorAt = now
+		d.status.Stale = true
+		w.mu.Unlock()
+		return false
+	}
+	changed := d.take(f.set, now)
+	d.status = Status{Source: "consul", Service: w.name, LastUpdate: now, Problems: f.bad}
+	w.mu.Unlock()
+	c.decide(w, now)
+	return changed
+}
+
+func (f *serviceFollower) wake() time.Time {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	return f.w.wake
+}
+
+// inDatacenter words where a failover datacenter's answer came from; ""
+// for the service's own.
+func inDatacenter(name string, i int) string {
+	if i == 0 {
+		return ""
+	}
+	return " in " + name
+}
+
+// queryFollower follows the answers of a prepared query. Consul runs the
+// query's failover: an answer comes from the first datacenter, in the
+// query's order, that has instances, and says how many it tried before.
+type queryFollower struct {
+	c    *Consul
+	w    *watch
+	disk *Set
+	// last is when the last call started.
+	last time.Time
+
+	set *Set // the last answer
+	bad []string
+	// dc is the answer's datacenter and rank the datacenters Consul tried
+	// before it (Failovers).
+	dc   string
+	rank int
+}
+
+func (f *queryFollower) query(q *api.QueryOptions) (uint64, error) {
+	if !f.last.IsZero() {
+		// Consul cannot block on a prepared query: poll.
+		if !sleepCtx(q.Context(), time.Until(f.last.Add(queryPollInterval))) {
+			return 0, q.Context().Err()
+		}
+	}
+	f.last = time.Now()
+	nq := (&api.QueryOptions{Datacenter: q.Datacenter}).WithContext(q.Context())
+	resp, meta, err := f.c.client.PreparedQuery().Execute(f.w.svc.Query, nq)
+	if err != nil {
+		return 0, err
+	}
+	entries := make([]*api.ServiceEntry, len(resp.Nodes))
+	for i := range resp.Nodes {
+		entries[i] = &resp.Nodes[i]
+	}
+	f.set, f.bad = f.c.setFromEntries(f.w.name, entries, time.Now())
+	f.set.Datacenter = resp.Datacenter
+	f.dc, f.rank = resp.Datacenter, resp.Failovers
+	if len(f.set.Instances) == 0 {
+		// The answer comes from the query's own datacenter after every
+		// failover found nothing either.
+		f.rank = 0
+	}
+	// The index of an execution is not a raft index that can be waited
+	// on; Consul sets it to 1 at least.
+	return max(meta.LastIndex, 1), nil
+}
+
+func (f *queryFollower) failed(err error, failures int) {
+	f.c.watchFailed(f.w, 0, err, failures, f.disk)
+}
+
+func (f *queryFollower) loses() bool {
 	f.w.mu.Lock()
 	defer f.w.mu.Unlock()
 	prev := f.w.last
 	return len(f.set.Instances) == 0 && prev != nil && len(prev.Instances) > 0
 }
 
-func (f *serviceFollower) apply(now, holdUntil time.Time) bool {
-	c, w, set := f.c, f.w, f.set
-	if !slices.Equal(f.bad, w.problems) {
-		for _, b := range f.bad {
-			c.log.Warn("ignoring malformed Consul data", "service", w.name, "problem", b)
-		}
-		w.problems = f.bad
-	}
+func (f *queryFollower) apply(now, holdUntil time.Time) bool {
+	c, w := f.c, f.w
 	w.mu.Lock()
-	prev := w.last
+	for len(w.dcs) <= f.rank {
+		w.dcs = append(w.dcs, &dcState{status: Status{Source: "consul", Service: w.name, Stale: true}})
+	}
+	d := w.dcs[f.rank]
+	if !slices.Equal(f.bad, d.problems) {
+		for _, b := range f.bad {
+			c.log.Warn("ignoring malformed Consul data", "service", w.name, "query", w.svc.Query, "problem", b)
+		}
+		d.problems = f.bad
+	}
 	if !holdUntil.IsZero() {
-		w.status.LastError = fmt.Sprintf("Consul at %s returned no instances right after an outage or index reset; keeping the last %d instances until %s",
-			c.cfg.Address, len(prev.Instances), holdUntil.Format(time.RFC3339))
-		w.status.LastErrorAt = now
-		w.status.Stale = true
+		w.dcs[0].status.LastError = fmt.Sprintf("Consul at %s returned no instances for prepared query %q right after an outage or index reset; keeping the last %d instances until %s",
+			c.cfg.Address, w.svc.Query, len(w.last.Instances), holdUntil.Format(time.RFC3339))
+		w.dcs[0].status.LastErrorAt = now
+		w.dcs[0].status.Stale = true
 		w.mu.Unlock()
 		return false
 	}
-	if len(set.Instances) == 0 && prev != nil {
-		// Routes come from the tags of passing instances: keep them while
-		// none passes, so that the route answers 503 instead of falling
-		// through to a shorter prefix.
-		set.Routes = prev.Routes
+	// The datacenters Consul tried before the answer's had nothing; with
+	// no instance at all, it tried every one.
+	tried := w.dcs[:f.rank]
+	if len(f.set.Instances) == 0 {
+		tried = w.dcs[1:]
 	}
-	changed := prev == nil || !sameSet(prev, set)
-	if changed {
-		w.last = set
+	changed := false
+	for _, o := range tried {
+		empty := NewSet(w.name, "consul", nil, now)
+		empty.Datacenter = o.name
+		changed = o.take(empty, now) || changed
+		o.status = Status{Source: "consul", Service: w.name, LastUpdate: now}
 	}
-	w.published = true
-	w.status = Status{Source: "consul", Service: w.name, LastUpdate: now, Problems: f.bad}
+	d.name = f.dc
+	changed = d.take(f.set, now) || changed
+	d.status = Status{Source: "consul", Service: w.name, LastUpdate: now, Problems: f.bad}
 	w.mu.Unlock()
-	c.noteDelivered()
-	if changed {
-		w.updates.Inc()
-		c.log.Info("instances updated", "service", w.name, "instances", len(set.Instances), "routes", len(set.Routes))
-		c.pub.Publish(set)
-		c.persist()
-	}
+	c.decide(w, now)
 	return changed
 }
 
-func (c *Consul) watchFailed(w *watch, err error, failures int, disk *Set) {
-	w.errors.Inc()
-	msg := describeConsulErr(c.cfg.Address, err)
+func (f *queryFollower) wake() time.Time { return time.Time{} }
+
+// decide chooses the datacenter w serves from and publishes its
+// instances if they differ from those published.
+func (c *Consul) decide(w *watch, now time.Time) {
+	decided, changed := c.choosePublish(w, now)
+	if decided {
+		c.noteDelivered()
+	}
+	if changed {
+		c.persist()
+	}
+}
+
+// choosePublish is decide's part under w.pubMu; it reports whether a
+// datacenter was chosen, and whether what was published changed.
+func (c *Consul) choosePublish(w *watch, now time.Time) (decided, changed bool) {
+	w.pubMu.Lock()
+	// Deferred: a publisher that panics must not leave the watch, which
+	// starts again, locked out.
+	defer w.pubMu.Unlock()
 	w.mu.Lock()
-	w.status.LastError = msg
-	w.status.LastErrorAt = time.Now()
-	w.status.Stale = true
-	first := !w.published
+	if w.ctx.Err() != nil {
+		w.mu.Unlock()
+		return false, false
+	}
+	ch := choose(w.dcs, w.serving, w.hold, now)
+	w.wake = ch.wake
+	if ch.next < 0 {
+		w.reason = ch.reason
+		w.mu.Unlock()
+		return false, false
+	}
+	d := w.dcs[ch.next]
+	set := d.set
+	prev := w.last
+	if len(set.Instances) == 0 && prev != nil && len(prev.Routes) > 0 && !slices.Equal(set.Routes, prev.Routes) {
+		// Routes come from the tags of passing instances: keep them while
+		// none passes, so that the route answers 503 instead of falling
+		// through to a shorter prefix.
+		s := *set
+		s.Routes = prev.Routes
+		set = &s
+	}
+	// With a prepared query, the datacenter at an index may change.
+	from, fromDC := w.serving, w.servingDC
+	switched := from != ch.next || (w.svc.Query != "" && fromDC != d.name)
+	if switched {
+		w.since = now
+	}
+	w.serving, w.servingDC = ch.next, d.name
+	w.reason = ch.reason
+	changed = prev == nil || !sameSet(prev, set)
+	if changed {
+		w.last = set
+	}
+	w.published, w.fromDisk = true, false
+	var names []string
+	if w.svc.hasFailover() {
+		for _, o := range w.dcs {
+			names = append(names, o.name)
+		}
+	}
+	w.mu.Unlock()
+	if names != nil {
+		setServing(w, names, d.name)
+		if switched && from >= 0 {
+			failovers(w.name, fromDC, d.name).Inc()
+			msg := "failing over to another datacenter"
+			if ch.next < from {
+				msg = "going back to a preferred datacenter"
+			}
+			c.log.Warn(msg, "service", w.name, "from", dcLabel(fromDC), "to", dcLabel(d.name), "reason", ch.reason)
+		}
+	}
+	if changed {
+		w.updates.Inc()
+		c.log.Info("instances updated", "service", w.name, "datacenter", d.name, "instances", len(set.Instances), "routes", len(set.Routes))
+		c.pub.Publish(set)
+	}
+	return true, changed
+}
+
+// failovers returns the counter of switches of service from one
+// datacenter to another.
+func failovers(service, from, to string) *metrics.Counter {
+	return metrics.GetOrCreateCounter(fmt.Sprintf(`edgelb_discovery_failovers_total{service=%q,from=%q,to=%q}`, service, dcLabel(from), dcLabel(to)))
+}
+
+func (c *Consul) watchFailed(w *watch, i int, err error, failures int, disk *Set) {
+	w.errors.Inc()
+	w.mu.Lock()
+	d := w.dcs[i]
+	name := d.name
+	msg := describeConsulErr(c.cfg.Address, err)
+	if i > 0 && strings.Contains(err.Error(), "Unexpected response code: 5") {
+		// The agent answered; what failed lies beyond it.
+		msg = fmt.Sprintf("Consul at %s cannot query datacenter %s: %v", c.cfg.Address, name, err)
+	}
+	d.status.LastError = msg
+	d.status.LastErrorAt = time.Now()
+	d.status.Stale = true
+	// A datacenter that fails before its first answer has, as far as
+	// anyone knows, no instance: the others need not wait for it.
+	first := !d.known
+	d.known = d.known || d.ignored == ""
+	published := w.published
 	w.mu.Unlock()
 	if failures == 1 || failures%30 == 0 {
-		c.log.Error("Consul watch failed; keeping the last known instances", "service", w.name, "err", msg, "failures", failures)
+		c.log.Error("Consul watch failed; keeping the last known instances", "service", w.name, "datacenter", name, "err", msg, "failures", failures)
 	}
-	if first && disk != nil {
+	if !published && disk != nil {
 		c.publishFromDisk(w, disk)
+	}
+	if first || failures == 1 {
+		// The reason shown in /status names the failure.
+		c.decide(w, time.Now())
 	}
 }
 
@@ -705,6 +1121,8 @@ func (f *catalogFollower) loses() bool {
 	return len(f.goneLocked(tagged)) > 0
 }
 
+func (f *catalogFollower) wake() time.Time { return time.Time{} }
+
 func (f *catalogFollower) apply(now, holdUntil time.Time) bool {
 	c := f.c
 	tagged := f.tagged()
@@ -720,8 +1138,7 @@ func (f *catalogFollower) apply(now, holdUntil time.Time) bool {
 	}
 	c.catalogAnswered = true
 	for _, name := range gone {
-		w := c.watches[name]
-		w.cancel()
+		c.watches[name].stop()
 		delete(c.watches, name)
 		c.log.Info("tag-routed service left Consul; removing its routes", "service", name)
 	}
@@ -863,7 +1280,8 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// sameSet reports whether two sets route the same way.
+// sameSet reports whether two sets route the same way, from the same
+// datacenter.
 func sameSet(a, b *Set) bool {
-	return reflect.DeepEqual(a.Instances, b.Instances) && reflect.DeepEqual(a.Routes, b.Routes)
+	return reflect.DeepEqual(a.Instances, b.Instances) && reflect.DeepEqual(a.Routes, b.Routes) && a.Datacenter == b.Datacenter
 }

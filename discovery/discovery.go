@@ -48,6 +48,13 @@ type Set struct {
 	// Source names where the set came from: "static", "consul" or "dns".
 	Source string `json:"source"`
 
+	// Datacenter is the Consul datacenter the instances are in: the one
+	// configured for the service or, for a service with failover
+	// datacenters or a prepared query, the one chosen. "" for static
+	// services and for the agent's own datacenter when its name is not
+	// known.
+	Datacenter string `json:"datacenter,omitempty"`
+
 	// UpdatedAt is when the source last confirmed the set.
 	UpdatedAt time.Time `json:"updated_at"`
 }

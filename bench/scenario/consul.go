@@ -41,6 +41,7 @@ type Consul struct {
 
 	g       *Procs
 	bin     string
+	dc      string // "" for Consul's default, dc1
 	dataDir string
 	ports   [5]int // http, dns, serf lan, serf wan, server
 	proc    *Proc
@@ -49,14 +50,20 @@ type Consul struct {
 // StartConsul starts a Consul dev agent and waits for it to elect itself
 // leader.
 func (g *Procs) StartConsul(bin string) (*Consul, error) {
+	return g.StartConsulDC(bin, "")
+}
+
+// StartConsulDC starts a Consul dev agent that is the server of datacenter
+// dc ("" for Consul's default) and waits for it to elect itself leader.
+func (g *Procs) StartConsulDC(bin, dc string) (*Consul, error) {
 	if bin == "" {
 		return nil, fmt.Errorf("no consul binary: run `make consul` (or set EDGELB_CONSUL)")
 	}
-	dataDir, err := os.MkdirTemp(g.Dir, "consul-")
+	dataDir, err := os.MkdirTemp(g.Dir, "consul-"+dc)
 	if err != nil {
 		return nil, err
 	}
-	c := &Consul{g: g, bin: bin, dataDir: dataDir}
+	c := &Consul{g: g, bin: bin, dc: dc, dataDir: dataDir}
 	// A port found free may be taken before Consul binds it: try others.
 	for try := 0; try < 3; try++ {
 		if c.ports, err = freePorts(); err != nil {
@@ -78,11 +85,17 @@ func (c *Consul) Addr() string { return fmt.Sprintf("127.0.0.1:%d", c.ports[0]) 
 // Start starts the agent (again, after Stop) on its ports. A dev agent
 // keeps no data: services must be registered again.
 func (c *Consul) Start() error {
-	p, err := c.g.Start("consul", c.g.OtherCPUs, nil, c.bin, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+	args := []string{"agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
 		"-data-dir", c.dataDir, "-node", "edgelb-bench",
 		"-http-port", fmt.Sprint(c.ports[0]), "-dns-port", fmt.Sprint(c.ports[1]),
 		"-serf-lan-port", fmt.Sprint(c.ports[2]), "-serf-wan-port", fmt.Sprint(c.ports[3]),
-		"-server-port", fmt.Sprint(c.ports[4]), "-grpc-port", "-1")
+		"-server-port", fmt.Sprint(c.ports[4]), "-grpc-port", "-1"}
+	name := "consul"
+	if c.dc != "" {
+		args = append(args, "-datacenter", c.dc)
+		name += "-" + c.dc
+	}
+	p, err := c.g.Start(name, c.g.OtherCPUs, nil, c.bin, args...)
 	if err != nil {
 		return err
 	}
@@ -99,6 +112,32 @@ func (c *Consul) Start() error {
 	}
 	p.Kill9()
 	return fmt.Errorf("consul did not elect a leader in 60s:\n%s", p.Output())
+}
+
+// Datacenter returns the agent's datacenter.
+func (c *Consul) Datacenter() string {
+	if c.dc == "" {
+		return "dc1"
+	}
+	return c.dc
+}
+
+// JoinWAN joins the agent to other's datacenter over the WAN and waits
+// until each answers queries for the other's datacenter.
+func (c *Consul) JoinWAN(other *Consul) error {
+	if err := c.Client.Agent().Join(fmt.Sprintf("127.0.0.1:%d", other.ports[3]), true); err != nil {
+		return fmt.Errorf("cannot join %s to %s over the WAN: %w", c.Datacenter(), other.Datacenter(), err)
+	}
+	knows := func(a *Consul, dc string) bool {
+		_, _, err := a.Client.Catalog().Services(&api.QueryOptions{Datacenter: dc})
+		return err == nil
+	}
+	for deadline := time.Now().Add(30 * time.Second); !knows(c, other.Datacenter()) || !knows(other, c.Datacenter()); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s and %s do not know each other 30s after the WAN join", c.Datacenter(), other.Datacenter())
+		}
+	}
+	return nil
 }
 
 // Stop stops the agent.

@@ -31,10 +31,11 @@ const (
 	Hedge      = "hedge"
 	Backup     = "backup"
 	DNS        = "dns"
+	DCFailover = "dc-failover"
 )
 
 // Names lists every scenario in the order "all" runs them.
-var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup, DNS}
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup, DNS, DCFailover}
 
 // Compared are the scenarios that comparison mode also runs through nginx
 // and HAProxy.
@@ -68,13 +69,18 @@ var about = map[string][2]string{
 	DNS: {"DNS outage", "edgelb finds the origins (o1, o2, o3 on 127.0.0.1, .2 and .3, one port) by the name " + dnsName +
 		", from a DNS server the bench runs (TTL 1s, dns.interval 2s). At 5s (or a third of a shorter load) the DNS server stops for good; " +
 		"edgelb keeps the last addresses it resolved and tries again and again. Errors should stay at 0 for the whole load: -duration sets how long the outage lasts."},
+	DCFailover: {"Consul datacenter failover", "Two Consul dev agents, dc1 and dc2, joined over the WAN; service web has origins dc1-1 and dc1-2 in dc1 and " +
+		"dc2-1 and dc2-2 in dc2, and edgelb discovers it in dc1 with consul: {failover: [dc2], failover_hold: 3s}. At a quarter of the load " +
+		"the dc1 instances are deregistered; at half they are registered again. The notes give the time until answers come from dc2 " +
+		"(target: within 1s, with no error) and back from dc1 (after the 3s hold)."},
 }
 
 // Options describe a bench-suite run. Zero values select the defaults.
 type Options struct {
 	// Bin holds the edgelb and demo-origin binaries. Required.
 	Bin string
-	// Consul is the consul binary, needed by consul-stop and churn.
+	// Consul is the consul binary, needed by consul-stop, churn and
+	// dc-failover.
 	Consul string
 	// Dir holds every process's config, state and log. Required.
 	Dir string
@@ -200,6 +206,10 @@ type session struct {
 	killAt    time.Time
 	killedAt  time.Time
 	restartAt time.Time
+	// consul2 is dc2's agent in dc-failover.
+	consul2 *Consul
+	// took holds what the script timed, for its judge.
+	took map[string]time.Duration
 }
 
 type event struct {
@@ -248,6 +258,8 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 		err = s.setupStatic(backupOrigin)
 	case DNS:
 		err = s.setupDNS()
+	case DCFailover:
+		err = s.setupFailover()
 	default:
 		err = s.setupStatic()
 	}
@@ -439,12 +451,14 @@ var scripts = map[string]func(*session) error{
 	Hedge:      hangScript,
 	Backup:     backupScript,
 	DNS:        dnsScript,
+	DCFailover: failoverScript,
 }
 
 // judges, after a scenario's load, write what it shows against its
 // targets.
 var judges = map[string]func(*session, *report.Run) []string{
-	Hedge: hedgeJudge,
+	Hedge:      hedgeJudge,
+	DCFailover: failoverJudge,
 }
 
 // hedgeJudge compares the worst latency while o2 hung with the p99 before

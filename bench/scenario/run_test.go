@@ -175,3 +175,40 @@ func consulDirs() []string {
 	wd, _ := os.Getwd()
 	return []string{filepath.Join(wd, "..", "..", "bin")}
 }
+
+// TestRunnerDCFailover runs dc-failover briefly against two real Consul
+// agents: clients see no error, and the answers come from dc2 after the
+// dc1 instances go, and from dc1 again after failover_hold.
+func TestRunnerDCFailover(t *testing.T) {
+	bin := ConsulBinary(consulDirs()...)
+	if bin == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("no consul binary: run `make consul`")
+		}
+		t.Skip("no consul binary: run `make consul`")
+	}
+	// Deregistration at 2s, registration at 4s, back after the 3s hold.
+	rep := Run(context.Background(), Options{
+		Bin: Binaries(t), Consul: bin, Dir: t.TempDir(), Duration: 8 * time.Second, Concurrency: 4, Logf: t.Logf,
+	}, []string{DCFailover})
+	s := rep.Scenarios[0]
+	if s.Error != "" || len(s.Runs) != 1 || s.Runs[0].Error != "" || s.Runs[0].Result == nil {
+		t.Fatalf("%s: %+v", s.Name, s)
+	}
+	run := s.Runs[0]
+	t.Logf("%d requests, %d errors, events %v", run.Result.Requests, run.Result.Errors, run.Events)
+	for _, n := range run.Notes {
+		t.Log(n)
+	}
+	var names []string
+	for _, e := range run.Events {
+		names = append(names, e.Name)
+	}
+	if got := strings.Join(names, ", "); got != "dc1 instances deregistered, answers from dc2, dc1 instances registered again, answers from dc1 again" {
+		t.Fatalf("events: %s", got)
+	}
+	if run.Result.Errors != 0 || len(run.Notes) != 4 || !strings.HasSuffix(run.Notes[0], ": met") || !strings.HasSuffix(run.Notes[2], ": met") ||
+		!strings.Contains(run.Notes[3], "dc1 to dc2 1, dc2 to dc1 1; serving at the end: dc1 1, dc2 0") {
+		t.Fatalf("%d errors; notes:\n%s", run.Result.Errors, strings.Join(run.Notes, "\n"))
+	}
+}

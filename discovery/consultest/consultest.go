@@ -28,6 +28,7 @@ type Agent struct {
 	dataDir string
 	ports   [5]int // http, dns, serf lan, serf wan, server
 	token   string // ACL management token; "" for an agent without ACLs
+	dc      string // datacenter; "" for Consul's default, dc1
 	Client  *api.Client
 
 	mu  sync.Mutex
@@ -56,17 +57,25 @@ func (b *syncBuffer) String() string {
 // Start starts an agent and stops it when the test ends.
 func Start(t testing.TB) *Agent {
 	t.Helper()
-	return start(t, "")
+	return start(t, "", "")
 }
 
 // StartWithACL starts an agent whose ACLs deny everything to any token but
 // managementToken, which its Client uses. It stops when the test ends.
 func StartWithACL(t testing.TB, managementToken string) *Agent {
 	t.Helper()
-	return start(t, managementToken)
+	return start(t, managementToken, "")
 }
 
-func start(t testing.TB, token string) *Agent {
+// StartDatacenter starts an agent that is the only server of datacenter
+// dc. Join agents of different datacenters with JoinWAN. It stops when the
+// test ends.
+func StartDatacenter(t testing.TB, dc string) *Agent {
+	t.Helper()
+	return start(t, "", dc)
+}
+
+func start(t testing.TB, token, dc string) *Agent {
 	t.Helper()
 	bin := Binary()
 	if bin == "" {
@@ -76,7 +85,7 @@ func start(t testing.TB, token string) *Agent {
 		}
 		t.Skip(msg)
 	}
-	a := &Agent{t: t, bin: bin, dataDir: t.TempDir(), token: token}
+	a := &Agent{t: t, bin: bin, dataDir: t.TempDir(), token: token, dc: dc}
 	t.Cleanup(a.Stop)
 	// A port found free may be taken before Consul binds it: try again on
 	// other ports.
@@ -134,6 +143,9 @@ func (a *Agent) start() error {
 		"-http-port", fmt.Sprint(a.ports[0]), "-dns-port", fmt.Sprint(a.ports[1]),
 		"-serf-lan-port", fmt.Sprint(a.ports[2]), "-serf-wan-port", fmt.Sprint(a.ports[3]),
 		"-server-port", fmt.Sprint(a.ports[4]), "-grpc-port", "-1",
+	}
+	if a.dc != "" {
+		args = append(args, "-datacenter", a.dc)
 	}
 	if a.token != "" {
 		hcl := fmt.Sprintf("acl {\n  enabled = true\n  default_policy = \"deny\"\n  tokens {\n    initial_management = %q\n  }\n}\n", a.token)
@@ -211,6 +223,36 @@ func (a *Agent) Restart() {
 	a.dataDir = a.t.TempDir()
 	if err := a.start(); err != nil {
 		a.t.Fatal(err)
+	}
+}
+
+// Datacenter returns the agent's datacenter.
+func (a *Agent) Datacenter() string {
+	if a.dc == "" {
+		return "dc1"
+	}
+	return a.dc
+}
+
+// JoinWAN joins the agent to other's datacenter over the WAN (each agent
+// has its own serf WAN port on loopback) and waits until both know both
+// datacenters.
+func (a *Agent) JoinWAN(other *Agent) {
+	a.t.Helper()
+	addr := fmt.Sprintf("127.0.0.1:%d", other.ports[3])
+	if err := a.Client.Agent().Join(addr, true); err != nil {
+		a.t.Fatalf("join %s to %s over the WAN: %v", a.Datacenter(), other.Datacenter(), err)
+	}
+	knows := func(c *api.Client, dc string) bool {
+		_, _, err := c.Catalog().Services(&api.QueryOptions{Datacenter: dc})
+		return err == nil
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !knows(a.Client, other.Datacenter()) || !knows(other.Client, a.Datacenter()) {
+		if time.Now().After(deadline) {
+			a.t.Fatalf("%s and %s do not know each other 30s after the WAN join", a.Datacenter(), other.Datacenter())
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
