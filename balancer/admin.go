@@ -360,6 +360,12 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_tls_handshakes_total":             {help: "TLS handshakes completed on tls.listen, by version (1.2, 1.3) and whether a session ticket resumed them."},
 	"edgelb_tls_handshake_errors_total":       {help: "TLS handshakes failed on tls.listen, by reason: timeout (not done within server.header_timeout), closed (the client went away), not_tls (not a TLS client, such as plain HTTP), version (only TLS 1.1 or older, or below tls.min_version), cipher (no shared cipher suite or key exchange), alpn (no shared application protocol), cert_rejected (the client refused the certificate), client_alert (the client aborted otherwise), other."},
 	"edgelb_https_redirects_total":            {help: "Plain HTTP requests answered with 308 to HTTPS on routes with https_redirect."},
+	"edgelb_http2_connections_total":          {help: "HTTP/2 client connections served, by transport: tls (ALPN h2 on tls.listen) or h2c (prior knowledge on listen, with server.h2c)."},
+	"edgelb_http2_connections_open":           {help: "HTTP/2 client connections open."},
+	"edgelb_http2_streams_total":              {help: "HTTP/2 streams whose request edgelb served (each also counts as a request of its service), by transport."},
+	"edgelb_http2_streams_reset_total":        {help: "HTTP/2 streams that ended before their answer was sent: reset by the client, or for its errors, or with their connection."},
+	"edgelb_http2_conns_closed_total":         {help: "HTTP/2 connections edgelb closed with GOAWAY ENHANCE_YOUR_CALM for going over a limit, by reason: resets (server.http2.max_resets_per_second, rapid reset), control_frames (server.http2.max_control_frames_per_second: SETTINGS, PING, PRIORITY, RST_STREAM and empty frames), header_block (a header block in too many CONTINUATION frames)."},
+	"edgelb_http2_errors_total":               {help: "HTTP/2 protocol errors of clients that Go's HTTP/2 server answered, by scope (conn: GOAWAY, the connection closes; stream: RST_STREAM) and error code."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {

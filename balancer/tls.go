@@ -26,11 +26,17 @@ import (
 // fasthttp server's ctx.IsTLS tells them apart (scheme).
 
 // alpnProtocols returns the application protocols offered in ALPN, in order
-// of preference. This is the one place they are listed: HTTP/2 ("h2")
-// joins here once a server for it is wired in beside the fasthttp one.
-func alpnProtocols() []string {
+// of preference: HTTP/2 first unless server.http2.disabled. This is the one
+// place they are listed.
+func alpnProtocols(http2 bool) []string {
+	if http2 {
+		return []string{alpnH2, "http/1.1"}
+	}
 	return []string{"http/1.1"}
 }
+
+// alpnH2 is HTTP/2 over TLS in ALPN.
+const alpnH2 = "h2"
 
 // tls12CipherSuites are the TLS 1.2 suites offered: ECDHE key exchange
 // (forward secrecy) with an AEAD cipher only. TLS 1.3 suites are all of
@@ -47,13 +53,13 @@ var tls12CipherSuites = []uint16{
 // handshakeConfig returns the tls.Config of the handshakes under tc, with
 // certificates from src. It holds no session ticket keys: the listener's
 // base config holds them (see tlsState), and they survive reloads.
-func handshakeConfig(tc *TLSConfig, src certs.Source) *tls.Config {
+func handshakeConfig(tc *TLSConfig, src certs.Source, http2 bool) *tls.Config {
 	return &tls.Config{
 		GetCertificate:         src.GetCertificate,
 		MinVersion:             tc.minVersion,
 		MaxVersion:             tls.VersionTLS13,
 		CipherSuites:           tls12CipherSuites,
-		NextProtos:             alpnProtocols(),
+		NextProtos:             alpnProtocols(http2),
 		SessionTicketsDisabled: tc.SessionTickets.Disabled,
 	}
 }
@@ -72,6 +78,8 @@ type tlsState struct {
 	certs certs.Store
 	// conf is the handshake config of the running TLS config.
 	conf atomic.Pointer[tls.Config]
+	// http2 offers HTTP/2 in ALPN.
+	http2 bool
 
 	// mu guards the session ticket keys and settings.
 	mu sync.Mutex
@@ -84,8 +92,8 @@ type tlsState struct {
 	keep   int
 }
 
-func newTLSState(ln net.Listener) *tlsState {
-	t := &tlsState{ln: ln}
+func newTLSState(ln net.Listener, http2 bool) *tlsState {
+	t := &tlsState{ln: ln, http2: http2}
 	if _, port, err := net.SplitHostPort(ln.Addr().String()); err == nil && port != "443" {
 		t.port = []byte(":" + port)
 	}
@@ -100,7 +108,7 @@ func newTLSState(ln net.Listener) *tlsState {
 // ticket settings, which take effect at the next rotation.
 func (t *tlsState) apply(tc *TLSConfig) {
 	t.certs.Set(tc.certs)
-	t.conf.Store(handshakeConfig(tc, &t.certs))
+	t.conf.Store(handshakeConfig(tc, &t.certs, t.http2))
 	t.mu.Lock()
 	t.rotate, t.keep = tc.SessionTickets.Rotate, tc.SessionTickets.Keys
 	t.mu.Unlock()
@@ -302,7 +310,7 @@ func (s *Server) listenTLS(tc *TLSConfig) error {
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s (tls.listen): %w", tc.Listen, err)
 	}
-	s.tls = newTLSState(ln)
+	s.tls = newTLSState(ln, s.h2 != nil)
 	s.tls.apply(tc)
 	s.tls.rotateTickets(time.Now())
 	return nil
