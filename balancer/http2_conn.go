@@ -66,7 +66,10 @@ type h2Conn struct {
 	h *h2Server
 	// reqConn is the connection a stream's RequestCtx reports: the
 	// *tlsConn over TLS, so that the stream is served as HTTPS.
-	reqConn   net.Conn
+	reqConn net.Conn
+	// deadlines is the connection under the wrappers that keep state
+	// of their own, whose read deadline any goroutine may set.
+	deadlines net.Conn
 	transport int
 
 	// The reader's state: bytes of the client preface still to come, the
@@ -92,7 +95,7 @@ type h2Conn struct {
 // still to come.
 func (h *h2Server) newConn(c, reqConn net.Conn, transport, preface int) *h2Conn {
 	return &h2Conn{
-		Conn: c, h: h, reqConn: reqConn, transport: transport, preface: preface,
+		Conn: c, h: h, reqConn: reqConn, deadlines: bareConn(c), transport: transport, preface: preface,
 		control: newRateBudget(h.cfg.MaxControlFramesPerSecond),
 		resets:  newRateBudget(h.cfg.MaxResetsPerSecond),
 	}
@@ -124,7 +127,29 @@ func (c *h2Conn) SetReadDeadline(t time.Time) error {
 	if c.calm.Load() != 0 {
 		return nil
 	}
-	return c.Conn.SetReadDeadline(t)
+	return c.deadlines.SetReadDeadline(t)
+}
+
+// bareConn returns the connection under c's wrappers that hold the head's
+// deadline (tlsConn, prefixConn), which only the goroutine reading may
+// call: x/net sets read deadlines from another goroutine, and a stream
+// wakes the reader from its own. Their head is over once HTTP/2 frames
+// come.
+func bareConn(c net.Conn) net.Conn {
+	for {
+		switch w := c.(type) {
+		case *replayConn:
+			c = w.Conn
+		case *tlsConn:
+			return w.Conn
+		case *prefixConn:
+			return w.Conn
+		case *clientConn:
+			return w.Conn
+		default:
+			return c
+		}
+	}
 }
 
 // scan follows the frames in b, the next bytes the client sent, and
@@ -233,7 +258,7 @@ func (c *h2Conn) streamReset() {
 	c.goCalm(calmResets)
 	// Wake the reader, which may be waiting for the client: its next
 	// Read ends the connection.
-	c.Conn.SetReadDeadline(time.Unix(1, 0))
+	c.deadlines.SetReadDeadline(time.Unix(1, 0))
 }
 
 // h2TLSConn is an h2Conn over TLS: x/net checks its TLS state.
