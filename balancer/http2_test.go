@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -458,6 +459,111 @@ func TestHTTP2AnswersAsHTTP1(t *testing.T) {
 	a = same("stale GET", "GET", "/x?y=1", nil, 200)
 	if a.body != "path /x" || !strings.HasPrefix(a.hdr.Get("Cache-Status"), "edgelb; hit; ttl=-") || a.hdr.Get("Age") == "" {
 		t.Errorf("stale over HTTP/2: %q Cache-Status %q Age %q", a.body, a.hdr.Get("Cache-Status"), a.hdr.Get("Age"))
+	}
+	assertAllHealthy(t, e.Server)
+}
+
+// TestHTTP2ShutdownDrains: on shutdown a request in flight on an HTTP/2
+// connection, over TLS and h2c, is answered, its connection gets GOAWAY
+// and closes, and Shutdown returns within the drain.
+func TestHTTP2ShutdownDrains(t *testing.T) {
+	o := startOrigin(t, "slow", func(ctx *fasthttp.RequestCtx) {
+		time.Sleep(500 * time.Millisecond)
+		ctx.WriteString("slow")
+	})
+	e := startH2Edge(t, "  h2c: true\n", "services:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n")
+	type result struct {
+		status int
+		err    error
+	}
+	results := make(chan result, 2)
+	for _, u := range []struct {
+		c   *http.Client
+		url string
+	}{{e.client(t), "https://" + e.TLSAddr() + "/"}, {h2cClient(t), "http://" + e.Addr() + "/"}} {
+		go func() {
+			resp, err := u.c.Get(u.url)
+			if err != nil {
+				results <- result{0, err}
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			results <- result{resp.StatusCode, nil}
+		}()
+	}
+	waitFor(t, "both requests at the origin", func() bool { return o.hits.Load() == 2 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := e.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Shutdown took %v", d)
+	}
+	for range 2 {
+		if r := <-results; r.err != nil || r.status != 200 {
+			t.Errorf("a request in flight at shutdown: %d %v", r.status, r.err)
+		}
+	}
+	if n := h2Open.Load(); n != 0 {
+		t.Errorf("%d HTTP/2 connections open after shutdown", n)
+	}
+}
+
+// TestHTTP2Timeouts: a TLS client that negotiated h2 but sends no preface
+// is closed at server.header_timeout; a connection with no stream gets
+// GOAWAY at server.http2.idle_timeout; a body that does not come within
+// server.idle_timeout gets 408; a client that takes none of a response
+// (its flow-control window shut) loses the stream after idle_timeout.
+func TestHTTP2Timeouts(t *testing.T) {
+	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
+		ctx.Write(bytes.Repeat([]byte("x"), 100<<10))
+	})
+	e := startH2Edge(t, "  header_timeout: 300ms\n  idle_timeout: 500ms\n  http2: {idle_timeout: 400ms}\n",
+		"services:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n")
+
+	conf := e.pki.client("shop.example")
+	conf.NextProtos = []string{"h2"}
+	tc, err := tls.Dial("tcp", e.TLSAddr(), conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tc.Close()
+	start := time.Now()
+	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	io.Copy(io.Discard, tc) // the server's SETTINGS, then the close
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("no preface: closed after %v, want about header_timeout (300ms)", d)
+	}
+
+	a := dialRawH2(t, e, "tls")
+	start = time.Now()
+	end := a.readToEnd(true)
+	if end.goAway == nil || end.goAway.ErrCode != http2.ErrCodeNo || time.Since(start) > 5*time.Second {
+		t.Errorf("idle connection: GOAWAY %v after %v", end.goAway, time.Since(start))
+	}
+
+	a = dialRawH2(t, e, "tls")
+	a.write(func(fr *http2.Framer) error {
+		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: a.block("POST", "/", "content-length", "10"), EndHeaders: true})
+	})
+	end = a.readUntil(true, func(e *h2End) bool { return e.streams[1] != nil && e.streams[1].body != "" })
+	if s := end.streams[1]; s.status != 408 || s.body != "edgelb: request timeout\n" {
+		t.Errorf("a body that never came: %+v", s)
+	}
+
+	// A window of 0: the response cannot move.
+	a = dialRawH2(t, e, "tls")
+	a.write(func(fr *http2.Framer) error {
+		return fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0})
+	})
+	a.get(1, "/big")
+	start = time.Now()
+	end = a.readUntil(true, func(e *h2End) bool { return e.streams[1] != nil && e.streams[1].wasRST })
+	if s := end.streams[1]; s.status != 200 || time.Since(start) > 5*time.Second {
+		t.Errorf("a response the client never takes: %+v after %v", s, time.Since(start))
 	}
 	assertAllHealthy(t, e.Server)
 }
