@@ -454,6 +454,10 @@ func (h *h2Server) writeResponse(w http.ResponseWriter, r *http.Request, resp *f
 	if head || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
 		return nil
 	}
+	if h.idle <= 0 {
+		_, err := w.Write(body)
+		return err
+	}
 	rc := http.NewResponseController(w)
 	for len(body) > 0 {
 		n := min(len(body), h2WriteChunk)

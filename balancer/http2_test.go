@@ -567,3 +567,25 @@ func TestHTTP2Timeouts(t *testing.T) {
 	}
 	assertAllHealthy(t, e.Server)
 }
+
+// TestHTTP2Hedges: an HTTP/2 request whose try is slow is hedged to
+// another backend, as over HTTP/1.1: the fast answer wins.
+func TestHTTP2Hedges(t *testing.T) {
+	slow := startOrigin(t, "slow", func(ctx *fasthttp.RequestCtx) {
+		time.Sleep(2 * time.Second)
+		ctx.WriteString("slow")
+	})
+	fast := startOrigin(t, "fast", func(ctx *fasthttp.RequestCtx) { ctx.WriteString("fast") })
+	e := startH2Edge(t, "", "services:\n  web: {static: "+staticList(slow, fast)+", balance: round_robin, hedge: {after: 50ms, budget: 100}}\nroutes: [{service: web}]\n")
+	c := e.client(t)
+	for i := range 4 {
+		start := time.Now()
+		resp, body := h2Do(t, c, "GET", "https://"+e.TLSAddr()+"/h", nil)
+		if d := time.Since(start); resp.StatusCode != 200 || body != "fast" || d > time.Second {
+			t.Errorf("request %d: %d %q after %v", i, resp.StatusCode, body, d)
+		}
+	}
+	if slow.hits.Load() == 0 {
+		t.Error("no request went to the slow backend first: nothing was hedged")
+	}
+}
