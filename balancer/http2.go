@@ -47,10 +47,9 @@ type h2Server struct {
 	cfg  HTTP2Config
 	// maxBody is server.max_request_body; idle is server.idle_timeout,
 	// which bounds a request body's arrival and each stretch of a
-	// response's sending; headerTimeout is server.header_timeout.
-	maxBody       int
-	idle          time.Duration
-	headerTimeout time.Duration
+	// response's sending.
+	maxBody int
+	idle    time.Duration
 	// maxBlockFrames bounds the frames of one header block.
 	maxBlockFrames int
 	// calmLog holds back repeats of the log line of a connection closed
@@ -73,11 +72,10 @@ const h2HeadSlack = 4 << 10
 func newH2Server(s *Server, sc *ServerConfig) *h2Server {
 	c := sc.HTTP2
 	h := &h2Server{
-		s:             s,
-		cfg:           c,
-		maxBody:       sc.MaxRequestBody,
-		idle:          sc.IdleTimeout,
-		headerTimeout: sc.HeaderTimeout,
+		s:       s,
+		cfg:     c,
+		maxBody: sc.MaxRequestBody,
+		idle:    sc.IdleTimeout,
 		// A client splits a header block at the frame size, 16 KiB at
 		// least: this leaves room for a block of twice the list size
 		// in fragments a quarter of that.
