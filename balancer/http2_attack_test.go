@@ -583,3 +583,63 @@ func TestHTTP2TooManyStreams(t *testing.T) {
 	}
 	assertAllHealthy(t, e.Server)
 }
+
+// TestHTTP2MalformedRequests: requests that HTTP/2's framing lets through
+// but edgelb refuses over HTTP/1.1 get the same refusal on their stream,
+// and those x/net refuses get RST_STREAM; none reaches the backend, and
+// the connection goes on.
+func TestHTTP2MalformedRequests(t *testing.T) {
+	o := startCountingOrigin(t, 0)
+	e := attackEdge(t, o.origin, "")
+	a := dialRawH2(t, e, "tls")
+	a.handshake()
+	raw := func(id uint32, fields ...string) {
+		var b bytes.Buffer
+		enc := hpack.NewEncoder(&b)
+		for i := 0; i+1 < len(fields); i += 2 {
+			enc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
+		}
+		if err := a.write(func(fr *http2.Framer) error {
+			return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b.Bytes(), EndHeaders: true, EndStream: true})
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	raw(1, ":method", "CONNECT", ":authority", "shop.example:443")
+	raw(3, ":method", "GET", ":scheme", "https", ":authority", "shop.example", ":path", "/a b")
+	raw(5, ":method", "get", ":scheme", "https", ":authority", "shop.example", ":path", "/")
+	raw(7, ":method", "GET", ":scheme", "https", ":authority", "bad host", ":path", "/")
+	raw(9, ":method", "GET", ":scheme", "https", ":authority", "shop.example", ":path", "/", "host", "other.example")
+	raw(11, ":method", "GET", ":scheme", "https", ":authority", "shop.example", ":path", "/", "Upper", "1")
+	raw(13, ":method", "GET", ":scheme", "https", ":authority", "shop.example", ":path", "/ok")
+	end := a.readUntil(true, func(e *h2End) bool {
+		n := 0
+		for _, s := range e.streams {
+			if s.body != "" || s.wasRST {
+				n++
+			}
+		}
+		return n == 7
+	})
+	f := func(id uint32, status int, body string) {
+		t.Helper()
+		if s := end.streams[id]; s.status != status || s.body != body {
+			t.Errorf("stream %d: %+v, want %d %q", id, s, status, body)
+		}
+	}
+	f(1, 405, "edgelb: method not allowed\n")
+	f(3, 400, "edgelb: malformed request target\n")
+	f(5, 400, "edgelb: malformed request method\n")
+	// A :authority that is not host[:port], a host field that differs
+	// from it, an upper-case field name: x/net refuses them first.
+	for _, id := range []uint32{7, 9, 11} {
+		if s := end.streams[id]; !s.wasRST || s.reset != http2.ErrCodeProtocol {
+			t.Errorf("stream %d: %+v, want RST_STREAM PROTOCOL_ERROR", id, s)
+		}
+	}
+	f(13, 200, "ok")
+	if n := o.attacks.Load(); n != 1 {
+		t.Errorf("the backend got %d requests, want 1 (/ok)", n)
+	}
+	assertAllHealthy(t, e.Server)
+}
