@@ -30,7 +30,7 @@ type h2Edge struct {
 
 // startH2Edge starts an edge whose config is tls (on a free port, with a
 // certificate for shop.example) and server keys, plus rest.
-func startH2Edge(t *testing.T, server, rest string) *h2Edge {
+func startH2Edge(t testing.TB, server, rest string) *h2Edge {
 	t.Helper()
 	pki := newTestPKI(t)
 	cert, key := pki.issue("shop", "shop.example", "127.0.0.1")
@@ -43,7 +43,7 @@ func startH2Edge(t *testing.T, server, rest string) *h2Edge {
 
 // client returns a Go HTTP/2 client of the TLS listener: one connection,
 // whatever the concurrency, as ALPN "h2" gives.
-func (e *h2Edge) client(t *testing.T) *http.Client {
+func (e *h2Edge) client(t testing.TB) *http.Client {
 	t.Helper()
 	tr := &http2.Transport{TLSClientConfig: e.pki.client("shop.example")}
 	tr.TLSClientConfig.NextProtos = []string{"h2"}
