@@ -140,6 +140,9 @@ type acceptListener struct {
 	s *Server
 	// engine names the listener in logs: "fasthttp" or "tls".
 	engine string
+	// h2c, when set, serves the connections that open with HTTP/2's
+	// preface (server.h2c).
+	h2c    *h2Server
 	closed chan struct{}
 	once   sync.Once
 }
@@ -176,6 +179,9 @@ func (a *acceptListener) Accept() (net.Conn, error) {
 				continue
 			}
 			cc.ipc, cc.ip = ipc, ip
+		}
+		if a.h2c != nil {
+			return &sniffConn{Conn: cc, h: a.h2c}, nil
 		}
 		return cc, nil
 	}

@@ -398,6 +398,12 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_tunnels_total":                    {help: "Upgrade requests by result: opened (a backend switched protocols), declined (it answered otherwise), failed (no backend answered), overloaded (websocket.max_tunnels open, or shutting down: 503)."},
 	"edgelb_tunnels_closed_total":             {help: "Tunnels closed, by reason: client or backend (the side that closed or failed first), idle_timeout (websocket.idle_timeout), shutdown."},
 	"edgelb_tunnel_bytes_total":               {help: "Bytes relayed through tunnels, by direction (to_backend, to_client)."},
+	"edgelb_http2_connections_total":          {help: "HTTP/2 client connections served, by transport: tls (ALPN h2 on tls.listen) or h2c (prior knowledge on listen, with server.h2c)."},
+	"edgelb_http2_connections_open":           {help: "HTTP/2 client connections open."},
+	"edgelb_http2_streams_total":              {help: "HTTP/2 streams whose request edgelb served (each also counts as a request of its service), by transport."},
+	"edgelb_http2_streams_reset_total":        {help: "HTTP/2 streams that ended before their answer was sent: reset by the client, or for its errors, or with their connection."},
+	"edgelb_http2_conns_closed_total":         {help: "HTTP/2 connections edgelb closed with GOAWAY ENHANCE_YOUR_CALM for going over a limit, by reason: resets (server.http2.max_resets_per_second, rapid reset), control_frames (server.http2.max_control_frames_per_second: SETTINGS, PING, PRIORITY, RST_STREAM and empty frames), header_block (a header block in too many CONTINUATION frames)."},
+	"edgelb_http2_errors_total":               {help: "HTTP/2 protocol errors of clients that Go's HTTP/2 server answered, by scope (conn: GOAWAY, the connection closes; stream: RST_STREAM) and error code."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {

@@ -158,6 +158,15 @@ type ServerConfig struct {
 	// a connection over it is closed as soon as it is accepted. Off if
 	// not set.
 	MaxConnsPerIP int `yaml:"max_conns_per_ip"`
+
+	// H2C serves HTTP/2 with prior knowledge on the plain listener: a
+	// connection that opens with HTTP/2's preface ("PRI * HTTP/2.0") is
+	// served as HTTP/2, any other as HTTP/1. Off by default: the preface
+	// then gets 400, as any malformed request.
+	H2C bool `yaml:"h2c"`
+
+	// HTTP2 tunes HTTP/2, on the TLS listener and with h2c.
+	HTTP2 HTTP2Config `yaml:"http2"`
 }
 
 // parsePrefix parses a CIDR network or a single IP address.
@@ -743,6 +752,7 @@ func (s *ServerConfig) applyDefaults() {
 	setDefault(&s.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&s.DrainTimeout, DefaultDrainTimeout)
 	setDefault(&s.HeaderTimeout, DefaultHeaderTimeout)
+	s.HTTP2.applyDefaults(s)
 }
 
 // validate checks s after applyDefaults and parses trusted_proxies; it
@@ -766,6 +776,10 @@ func (s *ServerConfig) validate(path string) []error {
 	}
 	if s.MaxHeaderBytes < 1024 {
 		bad(".max_header_bytes", "must be at least 1024")
+	}
+	errs = append(errs, s.HTTP2.validate(path+".http2")...)
+	if s.H2C && s.HTTP2.Disabled {
+		bad(".h2c", "needs HTTP/2, which %s.http2.disabled turns off", path)
 	}
 	s.trusted = s.trusted[:0]
 	for i, t := range s.TrustedProxies {

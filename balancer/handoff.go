@@ -43,7 +43,12 @@ type prefixConn struct {
 // takeAttempt returns the tries the loop made for the request the server
 // is about to serve on ctx's connection, if any, once.
 func takeAttempt(ctx *fasthttp.RequestCtx) *attempt {
-	pc, ok := ctx.Conn().(*prefixConn)
+	c := ctx.Conn()
+	if sc, ok := c.(*sniffConn); ok {
+		// Slow path: server.h2c is on.
+		c = sc.Conn
+	}
+	pc, ok := c.(*prefixConn)
 	if !ok {
 		return nil
 	}
@@ -103,7 +108,10 @@ func (c *prefixConn) SetReadDeadline(t time.Time) error {
 // handoffListener is the fasthttp server's listener when event loops
 // accept: it yields the connections the loops hand over.
 type handoffListener struct {
-	addr   net.Addr
+	addr net.Addr
+	// h2c, when set, serves the connections that open with HTTP/2's
+	// preface (server.h2c).
+	h2c    *h2Server
 	conns  chan net.Conn
 	mu     sync.Mutex
 	closed chan struct{}
@@ -135,6 +143,9 @@ func (h *handoffListener) push(c net.Conn) {
 func (h *handoffListener) Accept() (net.Conn, error) {
 	select {
 	case c := <-h.conns:
+		if h.h2c != nil {
+			return &sniffConn{Conn: c, h: h.h2c}, nil
+		}
 		return c, nil
 	case <-h.closed:
 		return nil, net.ErrClosed

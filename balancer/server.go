@@ -71,6 +71,8 @@ type Server struct {
 	tunnels *tunnelSet
 	// dns resolves the static backends given by host name.
 	dns *discovery.DNS
+	// h2 serves HTTP/2 connections; nil with server.http2.disabled.
+	h2 *h2Server
 	// unrouted decides what a request matching no route gets while
 	// Consul's tag routes are not known yet; nil without tag routes.
 	unrouted atomic.Pointer[unroutedPolicy]
@@ -148,6 +150,10 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		CloseOnShutdown:               true,
 		Logger:                        fasthttpLogger{logger},
 	}
+	if !cfg.Server.HTTP2.Disabled {
+		s.h2 = newH2Server(s, &cfg.Server)
+		s.srv.NextProto(alpnH2, s.h2.serveTLS)
+	}
 	return s
 }
 
@@ -196,9 +202,16 @@ func (s *Server) Start() error {
 	s.dns.Configure(s.cfg.StateDir, dnsServices(s.cfg))
 	s.ready.Store(true)
 
-	var serveLn net.Listener = newAcceptListener(s, ln, "fasthttp")
+	al := newAcceptListener(s, ln, "fasthttp")
+	var serveLn net.Listener = al
+	if s.cfg.Server.H2C {
+		al.h2c = s.h2
+	}
 	if eventLoopSupported && s.cfg.Server.eventLoop() {
 		s.handoff = newHandoffListener(ln.Addr())
+		if s.cfg.Server.H2C {
+			s.handoff.h2c = s.h2
+		}
 		if err := s.startLoops(ln, runtime.GOMAXPROCS(0)); err != nil {
 			s.log.Warn("event loops not started; the fasthttp server takes every connection", "err", err)
 			s.stopLoops(context.Background())
@@ -628,7 +641,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if s.handoff != nil {
 		s.handoff.waitTaken(ctx)
 	}
-	err := s.srv.ShutdownWithContext(ctx)
+	var err error
+	if s.h2 != nil {
+		// HTTP/2 connections get GOAWAY and drain with the rest.
+		err = s.h2.shutdown(ctx, s.srv)
+	} else {
+		err = s.srv.ShutdownWithContext(ctx)
+	}
 	if s.handoff != nil {
 		// fasthttp closes its own listener only when it accepted on one.
 		s.handoff.Close()

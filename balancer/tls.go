@@ -26,18 +26,24 @@ import (
 // the same vetting, forwarding core and stale store, as plain ones; the
 // fasthttp server's ctx.IsTLS tells them apart (scheme).
 
-// alpnProtocols returns the application protocols offered in ALPN under tc,
-// in order of preference. This is the one place they are listed: HTTP/2
-// ("h2") joins here once a server for it is wired in beside the fasthttp
-// one. acme-tls/1 is offered for TLS-ALPN-01 challenges; only the CA's
-// validation asks for it, and such a handshake serves no request.
-func alpnProtocols(tc *TLSConfig) []string {
+// alpnProtocols returns the application protocols offered in ALPN under
+// tc, in order of preference: HTTP/2 first unless server.http2.disabled.
+// This is the one place they are listed. acme-tls/1 is offered for
+// TLS-ALPN-01 challenges; only the CA's validation asks for it, and such a
+// handshake serves no request.
+func alpnProtocols(tc *TLSConfig, http2 bool) []string {
 	protos := []string{"http/1.1"}
+	if http2 {
+		protos = []string{alpnH2, "http/1.1"}
+	}
 	if a := tc.ACME; a != nil && contains(a.Challenges, acme.TLSALPN01) {
 		protos = append(protos, acme.ALPNProto)
 	}
 	return protos
 }
+
+// alpnH2 is HTTP/2 over TLS in ALPN.
+const alpnH2 = "h2"
 
 // tls12CipherSuites are the TLS 1.2 suites offered: ECDHE key exchange
 // (forward secrecy) with an AEAD cipher only. TLS 1.3 suites are all of
@@ -54,13 +60,13 @@ var tls12CipherSuites = []uint16{
 // handshakeConfig returns the tls.Config of the handshakes under tc, with
 // certificates from src. It holds no session ticket keys: the listener's
 // base config holds them (see tlsState), and they survive reloads.
-func handshakeConfig(tc *TLSConfig, src certs.Source) *tls.Config {
+func handshakeConfig(tc *TLSConfig, src certs.Source, http2 bool) *tls.Config {
 	return &tls.Config{
 		GetCertificate:         src.GetCertificate,
 		MinVersion:             tc.minVersion,
 		MaxVersion:             tls.VersionTLS13,
 		CipherSuites:           tls12CipherSuites,
-		NextProtos:             alpnProtocols(tc),
+		NextProtos:             alpnProtocols(tc, http2),
 		SessionTicketsDisabled: tc.SessionTickets.Disabled,
 	}
 }
@@ -81,6 +87,8 @@ type tlsState struct {
 	acme atomic.Pointer[acme.Manager]
 	// conf is the handshake config of the running TLS config.
 	conf atomic.Pointer[tls.Config]
+	// http2 offers HTTP/2 in ALPN.
+	http2 bool
 
 	// mu guards the session ticket keys and settings.
 	mu sync.Mutex
@@ -93,8 +101,8 @@ type tlsState struct {
 	keep   int
 }
 
-func newTLSState(ln net.Listener) *tlsState {
-	t := &tlsState{ln: ln}
+func newTLSState(ln net.Listener, http2 bool) *tlsState {
+	t := &tlsState{ln: ln, http2: http2}
 	if _, port, err := net.SplitHostPort(ln.Addr().String()); err == nil && port != "443" {
 		t.port = []byte(":" + port)
 	}
@@ -109,7 +117,7 @@ func newTLSState(ln net.Listener) *tlsState {
 // ticket settings, which take effect at the next rotation.
 func (t *tlsState) apply(tc *TLSConfig) {
 	t.certs.Set(tc.certs)
-	t.conf.Store(handshakeConfig(tc, t))
+	t.conf.Store(handshakeConfig(tc, t, t.http2))
 	t.mu.Lock()
 	t.rotate, t.keep = tc.SessionTickets.Rotate, tc.SessionTickets.Keys
 	t.mu.Unlock()
@@ -345,7 +353,7 @@ func (s *Server) listenTLS(tc *TLSConfig) error {
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s (tls.listen): %w", tc.Listen, err)
 	}
-	s.tls = newTLSState(ln)
+	s.tls = newTLSState(ln, s.h2 != nil)
 	s.tls.apply(tc)
 	s.tls.rotateTickets(time.Now())
 	return nil

@@ -65,7 +65,7 @@ func TestTLSWithCurl(t *testing.T) {
 		return out, nil
 	}
 	for _, v := range []struct{ flag, want string }{{"--tlsv1.2", "TLSv1.2"}, {"--tlsv1.3", "TLSv1.3"}} {
-		args := []string{v.flag, "--resolve", "shop.example:" + tlsPort + ":127.0.0.1",
+		args := []string{v.flag, "--http1.1", "--resolve", "shop.example:" + tlsPort + ":127.0.0.1",
 			"--include", "--write-out", "\nverify=%{ssl_verify_result}", "https://shop.example:" + tlsPort + "/p"}
 		if v.flag == "--tlsv1.2" {
 			args = append([]string{"--tls-max", "1.2"}, args...)

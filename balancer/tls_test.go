@@ -232,14 +232,22 @@ func TestTLSVersions(t *testing.T) {
 			t.Errorf("edgelb_tls_handshakes_total{version=\"1.3\",resumed=\"false\"} did not count the handshake")
 		}
 	}
-	// ALPN: http/1.1 is offered and chosen.
-	alpn := conf(tls.VersionTLS12, tls.VersionTLS13)
-	alpn.NextProtos = []string{"h2", "http/1.1"}
-	if c := mustDialTLS(t, s, alpn); c.ConnectionState().NegotiatedProtocol != "http/1.1" {
-		t.Errorf("ALPN h2,http/1.1: negotiated %q, want http/1.1", c.ConnectionState().NegotiatedProtocol)
+	// ALPN: h2 is preferred, http/1.1 for a client that offers only that;
+	// with server.http2.disabled only http/1.1 is offered.
+	sOff := startEdge(t, "server: {http2: {disabled: true}}\n"+tlsYAML("", cert, key)+svc)
+	for _, a := range []struct {
+		s      *Server
+		offer  []string
+		chosen string
+	}{{s, []string{"http/1.1", "h2"}, "h2"}, {s, []string{"http/1.1"}, "http/1.1"}, {sOff, []string{"h2", "http/1.1"}, "http/1.1"}} {
+		alpn := conf(tls.VersionTLS12, tls.VersionTLS13)
+		alpn.NextProtos = a.offer
+		if c := mustDialTLS(t, a.s, alpn); c.ConnectionState().NegotiatedProtocol != a.chosen {
+			t.Errorf("ALPN %v (http2 disabled: %v): negotiated %q, want %s", a.offer, a.s == sOff, c.ConnectionState().NegotiatedProtocol, a.chosen)
+		}
 	}
 
-	refused := func(what string, c *tls.Config, reason string) {
+	refusedBy := func(what string, s *Server, c *tls.Config, reason string) {
 		t.Helper()
 		before := tlsHandshakeErrors[reason].Get()
 		if _, err := dialTLS(t, s, c); err == nil {
@@ -247,13 +255,17 @@ func TestTLSVersions(t *testing.T) {
 		}
 		waitFor(t, what+" counted as "+reason, func() bool { return tlsHandshakeErrors[reason].Get() == before+1 })
 	}
+	refused := func(what string, c *tls.Config, reason string) {
+		t.Helper()
+		refusedBy(what, s, c, reason)
+	}
 	refused("TLS 1.1", conf(tls.VersionTLS10, tls.VersionTLS11), "version")
 	cbc := conf(tls.VersionTLS12, tls.VersionTLS12)
 	cbc.CipherSuites = []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA, tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA, tls.TLS_RSA_WITH_AES_128_GCM_SHA256}
 	refused("TLS 1.2 with CBC and RSA key exchange only", cbc, "cipher")
 	h2only := conf(tls.VersionTLS12, tls.VersionTLS13)
 	h2only.NextProtos = []string{"h2"}
-	refused("ALPN h2 only", h2only, "alpn")
+	refusedBy("ALPN h2 only with server.http2.disabled", sOff, h2only, "alpn")
 	refused("a client that does not trust the CA", &tls.Config{ServerName: "shop.example"}, "cert_rejected")
 
 	// Plain HTTP on the TLS port.
@@ -569,7 +581,7 @@ func TestTLSListenerPausesOnResourceErrors(t *testing.T) {
 	defer c2.Close()
 	stub := &stubListener{errs: []error{emfile, emfile}, conns: []net.Conn{c1}, closed: make(chan struct{})}
 	defer close(stub.closed)
-	l := &tlsListener{acceptListener: newAcceptListener(s, stub, "tls"), t: newTLSState(stub)}
+	l := &tlsListener{acceptListener: newAcceptListener(s, stub, "tls"), t: newTLSState(stub, false)}
 	e0 := acceptErrEMFILE.Get()
 	start := time.Now()
 	c, err := l.Accept()

@@ -339,6 +339,10 @@ Try:
   # HTTPS, with a certificate from the demo's own CA, which --cacert trusts:
   curl -i --cacert %[1]s/tls/ca.pem https://127.0.0.1:8443/
   curl -i --tlsv1.2 --cacert %[1]s/tls/ca.pem --resolve edgelb.localhost:8443:127.0.0.1 https://edgelb.localhost:8443/
+
+  # HTTP/2: over TLS (ALPN h2), and h2c with prior knowledge on the plain port:
+  curl -i --http2 --cacert %[1]s/tls/ca.pem https://127.0.0.1:8443/
+  curl -i --http2-prior-knowledge http://127.0.0.1:8080/
   curl -s http://127.0.0.1:9901/status           # backends, states, reasons, discovery freshness
   curl -s http://127.0.0.1:9901/metrics | grep edgelb_
 
