@@ -4,6 +4,8 @@
 //	demo-origin -listen 127.0.0.1:9001 -name web-1 [-body-size 64] [-fault MODE]
 //	curl -X POST 'http://127.0.0.1:9001/_fault?mode=hang'
 //
+// GET /ws is a WebSocket echo: a text message comes back as "NAME: message".
+//
 // Modes: none, hang (accept, never answer), slow (answer after delay),
 // error500 (every path, /health included, answers 500), error500-app
 // (500 except /health), overload (503 with Retry-After), garbage (invalid

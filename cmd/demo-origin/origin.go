@@ -152,6 +152,8 @@ func (o *origin) handle(ctx *fasthttp.RequestCtx) {
 		return
 	}
 	switch path {
+	case "/ws":
+		o.handleWS(ctx)
 	case "/health":
 		ctx.SetContentType("text/plain")
 		ctx.WriteString("ok\n")

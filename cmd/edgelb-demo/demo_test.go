@@ -66,6 +66,7 @@ func TestDemoHints(t *testing.T) {
 		"curl -i --cacert " + d.dir + "/tls/ca.pem https://127.0.0.1:8443/\n",
 		"curl -i --http2 --cacert " + d.dir + "/tls/ca.pem https://127.0.0.1:8443/\n",
 		"curl -i --http2-prior-knowledge http://127.0.0.1:8080/\n",
+		"echo hello | " + d.bin + "/edgelb-load -ws wss://127.0.0.1:8443/ws -cacert " + d.dir + "/tls/ca.pem\n",
 		"/v1/agent/service/register",
 		fmt.Sprintf("kill -9 %d ", pid("web-2")),
 		fmt.Sprintf("kill %d\n", pid("consul")),

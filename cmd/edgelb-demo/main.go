@@ -343,6 +343,11 @@ Try:
   # HTTP/2: over TLS (ALPN h2), and h2c with prior knowledge on the plain port:
   curl -i --http2 --cacert %[1]s/tls/ca.pem https://127.0.0.1:8443/
   curl -i --http2-prior-knowledge http://127.0.0.1:8080/
+
+  # WebSocket: the origins echo on /ws ("web-2: hello"), through a tunnel of edgelb's:
+  echo hello | %[10]s/edgelb-load -ws ws://127.0.0.1:8080/ws
+  echo hello | %[10]s/edgelb-load -ws wss://127.0.0.1:8443/ws -cacert %[1]s/tls/ca.pem
+
   curl -s http://127.0.0.1:9901/status           # backends, states, reasons, discovery freshness
   curl -s http://127.0.0.1:9901/metrics | grep edgelb_
 

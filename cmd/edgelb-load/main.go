@@ -4,6 +4,12 @@
 //
 //	edgelb-load -url http://127.0.0.1:8080/ -c 32 -d 10s
 //	edgelb-load -url http://127.0.0.1:8080/ -rate 5000 -d 30s -json out.json
+//
+// With -ws it is a WebSocket client instead: each line of standard input
+// goes as a text message, and every message that comes back is printed.
+//
+//	echo hello | edgelb-load -ws ws://127.0.0.1:8080/ws
+//	edgelb-load -ws wss://127.0.0.1:8443/ws -cacert .demo/tls/ca.pem
 package main
 
 import (
@@ -45,7 +51,16 @@ func main() {
 	jsonOut := flag.String("json", "", "write the result as JSON to this file")
 	quiet := flag.Bool("quiet", false, "no progress bar or per-second lines")
 	perSecond := flag.Bool("per-second", false, "print a line for every second")
+	ws := flag.String("ws", "", "be a WebSocket client of this ws:// or wss:// URL: send each line of standard input, print what comes back")
+	cacert := flag.String("cacert", "", "with -ws and wss://, also trust this CA (PEM)")
 	flag.Parse()
+	if *ws != "" {
+		if err := chat(*ws, *cacert, os.Stdin, os.Stdout); err != nil {
+			fmt.Fprintf(os.Stderr, "edgelb-load: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	o.Headers = hs
 	if bodySize > 0 {
 		o.Body = []byte(strings.Repeat("b", bodySize))
