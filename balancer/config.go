@@ -282,6 +282,13 @@ type WebSocketConfig struct {
 	// for this long. DefaultTunnelIdleTimeout is used if not set.
 	IdleTimeout time.Duration `yaml:"idle_timeout"`
 
+	// HalfClosedTimeout closes a tunnel one side of which half-closed
+	// (sent its end of stream) once no byte went the other way for this
+	// long, so that a peer that never closes its side cannot hold a
+	// tunnel open for the whole idle timeout (HAProxy's timeout
+	// client-fin). DefaultTunnelHalfClosedTimeout is used if not set.
+	HalfClosedTimeout time.Duration `yaml:"half_closed_timeout"`
+
 	// MaxTunnels caps the tunnels open at once to the service's backends,
 	// counting the upgrades under way; an upgrade request over it gets
 	// 503 overloaded. DefaultMaxTunnels is used if not set.
@@ -294,7 +301,10 @@ const (
 	// every minute or less, as WebSocket libraries do by default, and short
 	// enough to let go of peers that vanished without a word.
 	DefaultTunnelIdleTimeout = time.Hour
-	DefaultMaxTunnels        = 10000
+	// DefaultTunnelHalfClosedTimeout leaves a side that half-closed
+	// time to receive the rest of what the other sends.
+	DefaultTunnelHalfClosedTimeout = 30 * time.Second
+	DefaultMaxTunnels              = 10000
 )
 
 // UnmarshalYAML accepts a bool, short for {enabled: BOOL}, as well as the
@@ -924,6 +934,7 @@ func (sc *ServiceConfig) applyDefaults() {
 	sc.Stale.applyDefaults()
 	sc.Hedge.applyDefaults()
 	setDefault(&sc.WebSocket.IdleTimeout, DefaultTunnelIdleTimeout)
+	setDefault(&sc.WebSocket.HalfClosedTimeout, DefaultTunnelHalfClosedTimeout)
 	setDefault(&sc.WebSocket.MaxTunnels, DefaultMaxTunnels)
 }
 
@@ -1003,6 +1014,9 @@ func (sc *ServiceConfig) validate(path string, consul *discovery.ConsulConfig, d
 	}
 	if sc.WebSocket.IdleTimeout < 0 {
 		bad(".websocket.idle_timeout", "must not be negative")
+	}
+	if sc.WebSocket.HalfClosedTimeout < 0 {
+		bad(".websocket.half_closed_timeout", "must not be negative")
 	}
 	if sc.WebSocket.MaxTunnels < 0 {
 		bad(".websocket.max_tunnels", "must not be negative (got %d); unset for the default, %d", sc.WebSocket.MaxTunnels, DefaultMaxTunnels)

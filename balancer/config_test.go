@@ -403,7 +403,7 @@ func TestWebSocketConfig(t *testing.T) {
 	bad("services:\n  web: {static: [127.0.0.1:1], websocket: {idle_timeout: -1s, max_tunnels: -5}}\n",
 		"services.web.websocket.idle_timeout: must not be negative", "services.web.websocket.max_tunnels: must not be negative (got -5)")
 	bad("services:\n  web: {static: [127.0.0.1:1], websocket: {idle_timeout: 30}}\n", "services.web.websocket.idle_timeout: duration 30 needs a unit")
-	bad("services:\n  web: {static: [127.0.0.1:1], websocket: {idle: 1m}}\n", "services.web.websocket.idle: unknown key (known keys: enabled, idle_timeout, max_tunnels)")
+	bad("services:\n  web: {static: [127.0.0.1:1], websocket: {idle: 1m}}\n", "services.web.websocket.idle: unknown key (known keys: enabled, half_closed_timeout, idle_timeout, max_tunnels)")
 	bad("services:\n  web: {static: [127.0.0.1:1], websocket: maybe}\n", "services.web.websocket: cannot unmarshal")
 	bad("services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web, websocket: sometimes}]\n", "routes[0].websocket: cannot unmarshal")
 	bad("services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web, websockets: true}]\n", "routes[0].websockets: unknown key")

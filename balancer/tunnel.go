@@ -77,9 +77,11 @@ type tunnel struct {
 	head []byte // the 101 for the client
 	// ws is set when the protocol is WebSocket, whose frames shutting
 	// down follows to send close frames between them.
-	ws      bool
-	idle    time.Duration
-	backend net.Conn
+	ws bool
+	// idle is the idle timeout, which becomes halfClosed once a side
+	// half-closed (guarded by mu once the tunnel runs).
+	idle, halfClosed time.Duration
+	backend          net.Conn
 	// br holds what the backend sent with its 101, until run starts.
 	br *bufio.Reader
 
@@ -117,7 +119,7 @@ type tunnel struct {
 // the client, to which head (a 101) is due first.
 func newTunnel(p *Pool, u *upgrade, head []byte, ws bool) *tunnel {
 	t := &tunnel{set: u.tunnels, m: p.m, bm: u.b.m, head: head, ws: ws, idle: p.cfg.WebSocket.IdleTimeout,
-		backend: u.conn, br: u.br}
+		halfClosed: p.cfg.WebSocket.HalfClosedTimeout, backend: u.conn, br: u.br}
 	t.firstEOF.Store(-1)
 	t.ways[toBackend].bytes = p.m.tunnelBytes[toBackend]
 	t.ways[toClient].bytes = p.m.tunnelBytes[toClient]
@@ -177,6 +179,14 @@ func (t *tunnel) run(c net.Conn) {
 		t.pump(toBackend)
 	}()
 	<-done
+	// fasthttp takes c back once run returns: nothing may write to it
+	// after, a close frame of a shutdown included.
+	for i := range t.ways {
+		w := &t.ways[i]
+		w.mu.Lock()
+		w.closed, w.dst = true, nil
+		w.mu.Unlock()
+	}
 }
 
 // recover, deferred by a tunnel's goroutines, reports a panic and ends the
@@ -242,10 +252,13 @@ func (t *tunnel) pump(way int) {
 			t.shut(src)
 			return
 		}
-		// A half-close: the other way goes on.
+		// A half-close: the other way goes on, for as long as bytes
+		// keep going within the half-closed timeout.
 		if t.eofs.Add(1) == 2 {
 			t.shut(int(t.firstEOF.Load()))
+			return
 		}
+		t.halfClose()
 		return
 	}
 }
@@ -262,6 +275,19 @@ func (t *tunnel) peer(side int) net.Conn {
 
 func (t *tunnel) touch() { t.last.Store(time.Now().UnixNano()) }
 
+// halfClose shortens the tunnel's idle timeout to its half-closed one.
+func (t *tunnel) halfClose() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.finished || t.halfClosed <= 0 || t.halfClosed >= t.idle {
+		return
+	}
+	t.idle = t.halfClosed
+	if t.idler != nil {
+		t.idler.Reset(t.idle)
+	}
+}
+
 // checkIdle ends the tunnel if nothing went either way for its idle
 // timeout, or looks again when it would be.
 func (t *tunnel) checkIdle() {
@@ -272,6 +298,12 @@ func (t *tunnel) checkIdle() {
 	}
 	quiet := time.Duration(time.Now().UnixNano() - t.last.Load())
 	if quiet >= t.idle {
+		if first := t.firstEOF.Load(); first >= 0 {
+			// Half-closed, and the other side never closed: counted
+			// for the side that closed first.
+			t.shut(int(first))
+			return
+		}
 		t.shut(endIdle)
 		return
 	}

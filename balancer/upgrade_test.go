@@ -706,3 +706,32 @@ func TestTunnelOutlivesItsBackendsRemoval(t *testing.T) {
 		t.Fatal(got)
 	}
 }
+
+// A client that closed its side of a tunnel whose backend never closes
+// its own does not hold the tunnel open for the idle timeout (an hour by
+// default): once nothing more comes for websocket.half_closed_timeout, the
+// tunnel ends, counted as closed by the client.
+func TestTunnelHalfClosedTimeout(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		o := startRecOrigin(t, func(c net.Conn, head string) {
+			io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: chat\r\n\r\n")
+			// Reads to the end, then keeps its side open and quiet.
+			io.Copy(io.Discard, c)
+			time.Sleep(10 * time.Second)
+		})
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+o.addr+"], websocket: {half_closed_timeout: 300ms}}\nroutes: [{service: web}]\n")
+		resp, _, c := rawUpgrade(t, s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: chat\r\n\r\n")
+		if resp.StatusCode() != 101 {
+			t.Fatalf("%d", resp.StatusCode())
+		}
+		start := time.Now()
+		c.Close()
+		waitFor(t, "closed", func() bool { return metricValue(t, s, `edgelb_tunnels_open{service="web"}`) == 0 })
+		if took := time.Since(start); took > 3*time.Second {
+			t.Fatalf("the tunnel ended %v after the client closed; half_closed_timeout is 300ms", took)
+		}
+		if n := metricValue(t, s, `edgelb_tunnels_closed_total{service="web",reason="client"}`); n != 1 {
+			t.Fatalf("closes by the client: %d", n)
+		}
+	})
+}

@@ -38,7 +38,11 @@ func (o *origin) handleWS(ctx *fasthttp.RequestCtx) {
 	ctx.Response.Header.Set("Upgrade", "websocket")
 	ctx.Response.Header.Set("Connection", "Upgrade")
 	ctx.Response.Header.Set("Sec-WebSocket-Accept", base64.StdEncoding.EncodeToString(sum[:]))
-	ctx.Hijack(func(c net.Conn) { o.echoWS(c) })
+	// The server keeps hijacked connections (KeepHijackedConns): close it.
+	ctx.Hijack(func(c net.Conn) {
+		defer c.Close()
+		o.echoWS(c)
+	})
 }
 
 // echoWS echoes the frames a client sends on c until it closes.
