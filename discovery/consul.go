@@ -135,6 +135,23 @@ type watch struct {
 	published bool
 }
 
+// NewClient returns a Consul API client for c: its address (or
+// DefaultConsulAddress), scheme, ACL token and datacenter.
+func (c ConsulConfig) NewClient() (*api.Client, error) {
+	if c.Address == "" {
+		c.Address = DefaultConsulAddress
+	}
+	client, err := api.NewClient(&api.Config{Address: c.Address, Scheme: c.Scheme, Token: c.Token, Datacenter: c.Datacenter})
+	if err != nil {
+		return nil, fmt.Errorf("cannot create Consul client for %s: %w", c.Address, err)
+	}
+	return client, nil
+}
+
+// DescribeConsulErr words a Consul client error for logs and /status:
+// refused tokens, timeouts and an unreachable agent are named as such.
+func DescribeConsulErr(addr string, err error) string { return describeConsulErr(addr, err) }
+
 // NewConsul returns a Consul source for the services (keyed by edgelb
 // service name). Sets are published to pub. stateDir, if not empty, keeps
 // the last-known-good sets across restarts.
@@ -145,9 +162,9 @@ func NewConsul(cfg ConsulConfig, services map[string]ConsulService, stateDir str
 	if log == nil {
 		log = slog.Default()
 	}
-	client, err := api.NewClient(&api.Config{Address: cfg.Address, Scheme: cfg.Scheme, Token: cfg.Token, Datacenter: cfg.Datacenter})
+	client, err := cfg.NewClient()
 	if err != nil {
-		return nil, fmt.Errorf("cannot create Consul client for %s: %w", cfg.Address, err)
+		return nil, err
 	}
 	c := &Consul{
 		cfg:        cfg,

@@ -37,6 +37,9 @@ var (
 	Health = newComponent("health")
 	// Stale is the stale store's saving to and loading from state_dir.
 	Stale = newComponent("stale")
+	// Fleet is what makes instances act as one through Consul: the
+	// registration, the purge log, the config key and the peer list.
+	Fleet = newComponent("fleet")
 )
 
 func newComponent(name string) *Component {
