@@ -353,6 +353,9 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_backend_responses_total":          {help: "Responses from a backend, by status class."},
 	"edgelb_backend_state_changes_total":      {help: "Backend health state changes, by the state entered."},
 	"edgelb_config_reloads_total":             {help: "Config reloads, by result."},
+	"edgelb_consul_registered":                {help: "1 while the Consul agent holds the instance's registration (consul.register), else 0."},
+	"edgelb_consul_registrations_total":       {help: "Registrations of the instance in Consul: the first, and each after the agent forgot it (a restarted agent)."},
+	"edgelb_consul_registration_errors_total": {help: "Failed calls keeping the instance registered in Consul (agent unreachable, token refused)."},
 	"edgelb_discovery_errors_total":           {help: "Failed discovery queries, by source and service."},
 	"edgelb_discovery_updates_total":          {help: "Discovery answers that changed a service's instances, by source and service."},
 	"edgelb_dns_resolutions_total":            {help: "Resolutions of the host names of static backends, by name and result: ok (a DNS server answered), hosts (the hosts file did), nxdomain, nodata (no A or AAAA record), servfail, refused, timeout, unreachable (nothing listens at the server's address), error."},
@@ -367,7 +370,7 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},
 	"edgelb_panic_mode":                       {help: "1 while the service is in panic mode (too few backends available, so all get traffic), else 0."},
 	"edgelb_panic_mode_entries_total":         {help: "Times the service entered panic mode."},
-	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers, by component: balancer (request handling in both engines, background tasks), admin (admin API handlers), discovery (Consul watches), health (active probes, outlier detection), stale (saving and loading the stale store)."},
+	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers, by component: balancer (request handling in both engines, background tasks), admin (admin API handlers), discovery (Consul watches), health (active probes, outlier detection), stale (saving and loading the stale store), fleet (the Consul registration, the purge log, the config key, the peer list)."},
 	"edgelb_request_duration_seconds":         {typ: "histogram", help: "Duration of client requests, retries included."},
 	"edgelb_requests_total":                   {help: "Client requests routed to the service."},
 	"edgelb_retries_total":                    {help: "Retries on another backend."},
@@ -461,7 +464,11 @@ func (s *Server) Ready() (bool, string) {
 	if !s.ready.Load() {
 		return false, "starting or shutting down"
 	}
-	if why := s.acceptTrouble.describe(time.Now()); why != "" {
+	now := time.Now()
+	if why := s.leavingReason(now); why != "" {
+		return false, why
+	}
+	if why := s.acceptTrouble.describe(now); why != "" {
 		return false, why
 	}
 	rt := s.routes.Load()
@@ -478,6 +485,9 @@ type Status struct {
 	Routes    []RouteStatus             `json:"routes"`
 	Conflicts []string                  `json:"conflicts,omitempty"`
 	Discovery []discovery.Status        `json:"discovery,omitempty"`
+	// Fleet is the instance's part in its fleet; absent without the
+	// consul block.
+	Fleet *FleetStatus `json:"fleet,omitempty"`
 }
 
 // ServiceStatus is one service in /status.
@@ -586,5 +596,6 @@ func (s *Server) Status() *Status {
 	st.Conflicts = append([]string(nil), s.conflicts...)
 	s.mu.Unlock()
 	st.Discovery = s.DiscoveryStatus()
+	st.Fleet = s.fleetStatus()
 	return st
 }

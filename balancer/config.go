@@ -16,6 +16,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/edgelb/edgelb/balancer/fleet"
 	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
@@ -52,9 +53,10 @@ type Config struct {
 	// store across restarts. DefaultStateDir is used if not set.
 	StateDir string `yaml:"state_dir"`
 
-	// Consul enables discovery from Consul. Omit it to run on static
+	// Consul enables discovery from Consul, and with it the fleet: the
+	// instance's own registration in Consul. Omit it to run on static
 	// services only.
-	Consul *discovery.ConsulConfig `yaml:"consul"`
+	Consul *ConsulConfig `yaml:"consul"`
 
 	// DNS says how static backends given by host name are resolved:
 	// servers, interval, timeout, hosts file. Every field has a default.
@@ -76,6 +78,19 @@ type Config struct {
 	// Routes map hosts and path prefixes to services. The longest matching
 	// prefix wins; host "*" matches any host.
 	Routes []RouteConfig `yaml:"routes"`
+}
+
+// ConsulConfig is the consul block: where Consul is and what edgelb uses
+// it for.
+type ConsulConfig struct {
+	// ConsulConfig is where Consul is (address, scheme, token,
+	// datacenter) and whether tag routes are followed.
+	discovery.ConsulConfig `yaml:",inline"`
+
+	// Register registers the instance in Consul, with a check on its
+	// admin /readyz, and deregisters it first when it stops. Off if not
+	// set.
+	Register *fleet.RegisterConfig `yaml:"register"`
 }
 
 // Defaults of Config and its parts.
@@ -595,8 +610,14 @@ func yamlFields(t reflect.Type) map[string]reflect.Type {
 	m := make(map[string]reflect.Type, t.NumField())
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
-		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		name, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
 		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if opts == "inline" {
+			for k, ft := range yamlFields(f.Type) {
+				m[k] = ft
+			}
 			continue
 		}
 		if name == "" {
@@ -659,6 +680,9 @@ func (c *Config) applyDefaults() {
 	if c.Consul != nil {
 		setDefault(&c.Consul.Address, discovery.DefaultConsulAddress)
 		setDefault(&c.Consul.Scheme, "http")
+		if c.Consul.Register != nil {
+			c.Consul.Register.ApplyDefaults()
+		}
 	}
 	c.Server.applyDefaults()
 	if c.TLS != nil {
@@ -695,6 +719,9 @@ func (c *Config) validate() []error {
 		}
 		if err := checkAddr(c.Consul.Address); err != nil {
 			bad("consul.address", "%v", err)
+		}
+		if r := c.Consul.Register; r != nil {
+			errs = append(errs, r.Validate("consul.register")...)
 		}
 	}
 	errs = append(errs, c.Server.validate("server")...)

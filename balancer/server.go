@@ -20,6 +20,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/edgelb/edgelb/balancer/fleet"
 	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
@@ -68,6 +69,13 @@ type Server struct {
 	// unrouted decides what a request matching no route gets while
 	// Consul's tag routes are not known yet; nil without tag routes.
 	unrouted atomic.Pointer[unroutedPolicy]
+
+	// instance is the stable ID of the instance in its fleet; registrar
+	// keeps it registered in Consul (nil without consul.register), and
+	// leaving is set once it deregistered to stop.
+	instance  string
+	registrar *fleet.Registrar
+	leaving   atomic.Pointer[LeavingStatus]
 
 	// perIP counts client connections by address for
 	// server.max_conns_per_ip; nil when there is no cap.
@@ -161,6 +169,13 @@ func (s *Server) Start() error {
 			return err
 		}
 	}
+	if s.cfg.Consul != nil {
+		id, err := fleet.InstanceID(s.cfg.StateDir, s.Addr())
+		if err != nil {
+			s.log.Warn("instance ID", "err", err, "instance", id)
+		}
+		s.instance = id
+	}
 	if err := s.store.LoadFrom(s.cfg.StateDir); err != nil {
 		s.log.Error("stale store", "err", err)
 	} else {
@@ -207,6 +222,13 @@ func (s *Server) Start() error {
 	}
 	s.goSafe("reaper", s.reapLoop)
 	s.goSafe("stale-persist", s.persistLoop)
+	// Registered once serving, so that the first check can pass.
+	s.mu.Lock()
+	err = s.startFleetLocked(s.cfg)
+	s.mu.Unlock()
+	if err != nil {
+		s.log.Error("cannot register in Consul", "err", err)
+	}
 	s.log.Info("edgelb started", "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
 	return nil
 }
@@ -258,13 +280,16 @@ func (s *Server) Reload(cfg *Config) error {
 	}
 	var stopped *discovery.Consul
 	var err error
-	if !reflect.DeepEqual(old.Consul, cfg.Consul) || old.StateDir != cfg.StateDir {
+	if !reflect.DeepEqual(consulWatching(old), consulWatching(cfg)) || old.StateDir != cfg.StateDir {
 		stopped, s.consul = s.consul, nil
 		err = s.startConsulLocked(cfg)
 	} else if s.consul != nil {
 		s.consul.SetServices(consulServices(cfg))
 	}
 	s.setUnroutedLocked(cfg)
+	if ferr := s.reloadFleetLocked(old, cfg); ferr != nil && err == nil {
+		err = ferr
+	}
 	s.mu.Unlock()
 	// The old watches may be waiting for s.mu to publish: stop them only
 	// now.
@@ -379,7 +404,7 @@ func (s *Server) startConsulLocked(cfg *Config) error {
 	if cfg.Consul == nil {
 		return nil
 	}
-	c, err := discovery.NewConsul(*cfg.Consul, consulServices(cfg), cfg.StateDir, s, s.log)
+	c, err := discovery.NewConsul(cfg.Consul.ConsulConfig, consulServices(cfg), cfg.StateDir, s, s.log)
 	if err != nil {
 		return err
 	}
@@ -389,6 +414,15 @@ func (s *Server) startConsulLocked(cfg *Config) error {
 	// goroutines, taking s.mu when the caller has released it.
 	c.Start()
 	return nil
+}
+
+// consulWatching returns what the discovery of cfg asks of Consul; nil
+// without the consul block.
+func consulWatching(cfg *Config) *discovery.ConsulConfig {
+	if cfg.Consul == nil {
+		return nil
+	}
+	return &cfg.Consul.ConsulConfig
 }
 
 // unroutedPolicy is what a request that matches no route gets while the
@@ -601,6 +635,7 @@ func contains(ss []string, s string) bool {
 // away (WebSocket close frames) and closed when ctx is done, if not before.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
+	s.stopFleet()
 	s.tunnels.drain()
 	if s.handoff != nil {
 		// The loops accept on a duplicate of ln, which stopLoops closes

@@ -3,8 +3,9 @@
 //	edgelb -config FILE          run
 //	edgelb -config FILE -check   validate the config and exit
 //
-// SIGHUP reloads the config; SIGTERM and SIGINT drain in-flight requests
-// and exit.
+// SIGHUP reloads the config; SIGTERM and SIGINT deregister the instance
+// from Consul (with consul.register), keep serving for its drain_delay,
+// then drain in-flight requests and exit.
 package main
 
 import (
@@ -68,6 +69,19 @@ func run() int {
 			cfg = next
 			continue
 		}
+		// Out of the fleet first (deregistered from Consul), serving on
+		// for the drain delay; a second signal ends that delay early.
+		leaveCtx, stopLeaving := context.WithCancel(context.Background())
+		go func() {
+			select {
+			case <-sigs:
+				logger.Info("second signal: draining now")
+				stopLeaving()
+			case <-leaveCtx.Done():
+			}
+		}()
+		srv.Leave(leaveCtx)
+		stopLeaving()
 		logger.Info("draining", "signal", sig.String(), "timeout", cfg.Server.DrainTimeout)
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.Server.DrainTimeout)
 		err := srv.Shutdown(ctx)
