@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
@@ -371,6 +372,10 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_panic_mode":                       {help: "1 while the service is in panic mode (too few backends available, so all get traffic), else 0."},
 	"edgelb_panic_mode_entries_total":         {help: "Times the service entered panic mode."},
 	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers, by component: balancer (request handling in both engines, background tasks), admin (admin API handlers), discovery (Consul watches), health (active probes, outlier detection), stale (saving and loading the stale store), fleet (the Consul registration, the purge log, the config key, the peer list)."},
+	"edgelb_purges_published_total":           {help: "Purges of the stale store this instance published to the fleet's purge log in Consul (consul.purge)."},
+	"edgelb_purges_applied_total":             {help: "Purges of the fleet's purge log this instance applied to its stale store, its own included, and whole-store purges for purges it may have missed."},
+	"edgelb_purges_collected_total":           {help: "Records older than consul.purge.retention this instance removed from the purge log."},
+	"edgelb_purge_log_errors_total":           {help: "Failed calls to the purge log in Consul, by op: publish (the purge is kept and published later), watch, gc."},
 	"edgelb_request_duration_seconds":         {typ: "histogram", help: "Duration of client requests, retries included."},
 	"edgelb_requests_total":                   {help: "Client requests routed to the service."},
 	"edgelb_retries_total":                    {help: "Retries on another backend."},
@@ -434,21 +439,41 @@ func describeFreshness(st discovery.Status, now time.Time) string {
 	return b.String()
 }
 
+// purge purges the stale store of this instance at once and, with the
+// purge log, publishes the purge for every instance of the fleet: 200 once
+// Consul took it, 202 when it is kept to be published when Consul answers.
 func (a *adminServer) purge(w http.ResponseWriter, r *http.Request) {
 	u := r.URL.Query().Get("url")
+	what := "all"
 	if u == "" {
 		a.s.store.PurgeAll()
 		a.s.log.Info("stale store purged")
-		fmt.Fprintln(w, "purged all")
+	} else {
+		if err := a.s.store.Purge(u); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		what = u
+		a.s.log.Info("stale store purged", "url", u)
+	}
+	p := a.s.purges.Load()
+	if p == nil {
+		fmt.Fprintln(w, "purged", what)
 		return
 	}
-	if err := a.s.store.Purge(u); err != nil {
-		http.Error(w, err.Error(), http.StatusBadRequest)
+	ctx, cancel := context.WithTimeout(r.Context(), purgePublishTimeout)
+	defer cancel()
+	rec, err := p.Publish(ctx, u)
+	if err != nil {
+		w.WriteHeader(http.StatusAccepted)
+		fmt.Fprintf(w, "purged %s on this instance; not yet published to the fleet (%s): kept, and published when Consul answers\n", what, err)
 		return
 	}
-	a.s.log.Info("stale store purged", "url", u)
-	fmt.Fprintln(w, "purged", u)
+	fmt.Fprintf(w, "purged %s on this instance and published to the fleet: %s (index %d)\n", what, rec.Key, rec.Index)
 }
+
+// purgePublishTimeout bounds how long POST /cache/purge waits for Consul.
+const purgePublishTimeout = 3 * time.Second
 
 func (a *adminServer) status(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "application/json")

@@ -54,8 +54,8 @@ type Config struct {
 	StateDir string `yaml:"state_dir"`
 
 	// Consul enables discovery from Consul, and with it the fleet: the
-	// instance's own registration in Consul. Omit it to run on static
-	// services only.
+	// instance's own registration, and purges that reach every instance.
+	// Omit it to run on static services only.
 	Consul *ConsulConfig `yaml:"consul"`
 
 	// DNS says how static backends given by host name are resolved:
@@ -91,6 +91,11 @@ type ConsulConfig struct {
 	// admin /readyz, and deregisters it first when it stops. Off if not
 	// set.
 	Register *fleet.RegisterConfig `yaml:"register"`
+
+	// Purge is where POST /cache/purge publishes purges for every
+	// instance that shares the Consul and the prefix, and how long they
+	// are kept there.
+	Purge fleet.PurgeConfig `yaml:"purge"`
 }
 
 // Defaults of Config and its parts.
@@ -683,6 +688,7 @@ func (c *Config) applyDefaults() {
 		if c.Consul.Register != nil {
 			c.Consul.Register.ApplyDefaults()
 		}
+		c.Consul.Purge.ApplyDefaults()
 	}
 	c.Server.applyDefaults()
 	if c.TLS != nil {
@@ -723,6 +729,7 @@ func (c *Config) validate() []error {
 		if r := c.Consul.Register; r != nil {
 			errs = append(errs, r.Validate("consul.register")...)
 		}
+		errs = append(errs, c.Consul.Purge.Validate("consul.purge")...)
 	}
 	errs = append(errs, c.Server.validate("server")...)
 	if t := c.TLS; t != nil {

@@ -26,6 +26,9 @@ type FleetStatus struct {
 	// Leaving is set once the instance deregistered to stop, while it
 	// still serves for drain_delay.
 	Leaving *LeavingStatus `json:"leaving,omitempty"`
+	// Purge is the purge log as this instance applies it, the last purge
+	// applied included; absent with consul.purge.disabled.
+	Purge *fleet.PurgeStatus `json:"purge,omitempty"`
 }
 
 // LeavingStatus says since when an instance leaves the fleet, and when it
@@ -33,6 +36,64 @@ type FleetStatus struct {
 type LeavingStatus struct {
 	Since         time.Time `json:"since"`
 	StopAccepting time.Time `json:"stop_accepting"`
+}
+
+// purgeCatchUpWait bounds how long a starting instance waits for Consul
+// to learn the purges its stale store missed before it serves.
+const purgeCatchUpWait = 2 * time.Second
+
+// ensureInstance sets the instance's stable ID once the config asks for
+// the fleet.
+func (s *Server) ensureInstance(cfg *Config) {
+	if s.instance != "" || cfg.Consul == nil {
+		return
+	}
+	id, err := fleet.InstanceID(cfg.StateDir, s.Addr())
+	if err != nil {
+		s.log.Warn("instance ID", "err", err, "instance", id)
+	}
+	s.instance = id
+}
+
+// startPurges starts the purge log of cfg, having applied what it holds
+// that the stale store loaded from state_dir missed.
+func (s *Server) startPurges(cfg *Config) error {
+	if cfg.Consul == nil || cfg.Consul.Purge.Disabled {
+		return nil
+	}
+	client, err := cfg.Consul.NewClient()
+	if err != nil {
+		return err
+	}
+	p := fleet.NewPurges(client, cfg.Consul.Address, cfg.Consul.Purge, cfg.StateDir, s.instance, s.applyPurge, s.log)
+	p.CatchUp(purgeCatchUpWait)
+	p.Start()
+	s.purges.Store(p)
+	return nil
+}
+
+// reloadPurges restarts the purge log when cfg changes where it is.
+func (s *Server) reloadPurges(old, cfg *Config) error {
+	same := old.StateDir == cfg.StateDir && reflect.DeepEqual(consulWatching(old), consulWatching(cfg)) &&
+		(old.Consul == nil) == (cfg.Consul == nil) && (cfg.Consul == nil || old.Consul.Purge == cfg.Consul.Purge)
+	if same {
+		return nil
+	}
+	if p := s.purges.Swap(nil); p != nil {
+		p.Stop()
+	}
+	return s.startPurges(cfg)
+}
+
+// applyPurge purges the stale store as a record of the purge log says.
+func (s *Server) applyPurge(r fleet.Record) {
+	if r.URL == "" {
+		s.store.PurgeAll()
+		return
+	}
+	if err := s.store.Purge(r.URL); err != nil {
+		s.log.Warn("ignoring a purge of the fleet", "key", r.Key, "err", err)
+	}
 }
 
 // startFleetLocked starts what cfg asks of the fleet: the instance's
@@ -217,6 +278,10 @@ func (s *Server) fleetStatus() *FleetStatus {
 	if r != nil {
 		rs := r.Status()
 		st.Registration = &rs
+	}
+	if p := s.purges.Load(); p != nil {
+		ps := p.Status()
+		st.Purge = &ps
 	}
 	return st
 }

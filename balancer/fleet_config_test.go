@@ -22,7 +22,7 @@ func TestFleetConfigErrors(t *testing.T) {
 			}
 		}
 	}
-	f("{registr: {}}", "consul.registr: unknown key (known keys: address, datacenter, register, scheme, tag_routes, token)")
+	f("{registr: {}}", "consul.registr: unknown key (known keys: address, datacenter, purge, register, scheme, tag_routes, token)")
 	f("{register: {nam: x}}", "consul.register.nam: unknown key")
 	f("{register: {name: 'edge lb'}}", `consul.register.name: "edge lb" is not a Consul service name`)
 	f("{register: {id: 'a/b'}}", `consul.register.id: "a/b" is not a Consul service ID`)
@@ -36,6 +36,10 @@ func TestFleetConfigErrors(t *testing.T) {
 	f("{register: {deregister_after: 30s}}", "consul.register.deregister_after: must be at least 1m0s")
 	f("{register: {drain_delay: -1s}}", "consul.register.drain_delay: must be between 0 (none) and 10m0s (got -1s)")
 	f("{register: {drain_delay: 5}}", "consul.register.drain_delay: duration 5 needs a unit")
+	f("{purge: {prefix: edgelb/purge}}", `consul.purge.prefix: "edgelb/purge": must end with /`)
+	f("{purge: {prefix: /edgelb/purge/}}", `consul.purge.prefix: "/edgelb/purge/": a Consul key does not start with /`)
+	f("{purge: {prefix: 'a b/', retention: 30s}}", "consul.purge.prefix: \"a b/\": white space", "consul.purge.retention: must be at least 1m0s (got 30s)")
+	f("{purge: {retain: 1h}}", "consul.purge.retain: unknown key (known keys: disabled, prefix, retention)")
 }
 
 func TestFleetConfigDefaults(t *testing.T) {
@@ -49,7 +53,11 @@ func TestFleetConfigDefaults(t *testing.T) {
 	if r := cfg.Consul.Register; r.Drain() != 0 || r.CheckTimeout != time.Second {
 		t.Errorf("drain_delay 0s: %v, check_timeout %v", r.Drain(), r.CheckTimeout)
 	}
-	if cfg := mustConfig(t, "consul: {}\nservices:\n  web: {static: [127.0.0.1:1]}\n"); cfg.Consul.Register != nil {
+	cfg = mustConfig(t, "consul: {}\nservices:\n  web: {static: [127.0.0.1:1]}\n")
+	if cfg.Consul.Register != nil {
 		t.Error("consul.register set without being asked for")
+	}
+	if p := cfg.Consul.Purge; p.Disabled || p.Prefix != "edgelb/purge/" || p.Retention != time.Hour {
+		t.Errorf("consul.purge defaults: %+v", p)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/valyala/fasthttp"
 
 	"github.com/edgelb/edgelb/balancer/fleet"
 	"github.com/edgelb/edgelb/discovery/consultest"
@@ -254,6 +256,19 @@ routes: [{service: web}]
 	if resp := do(t, bad, "GET", "x", "/"); resp.StatusCode() != 200 {
 		t.Fatalf("an instance Consul refused: GET / %d", resp.StatusCode())
 	}
+
+	// The purge log takes the token too: with the management token a
+	// purge is published; with the refused one it is kept, and said so.
+	if code, body := postPurge(t, good, ""); code != 200 || !strings.Contains(body, "published to the fleet") {
+		t.Fatalf("purge with the management token: %d %q", code, body)
+	}
+	code, body := postPurge(t, bad, "")
+	if code != 202 || !strings.Contains(body, "not yet published to the fleet") || !strings.Contains(body, "refused the token") {
+		t.Fatalf("purge with a refused token: %d %q", code, body)
+	}
+	if st := bad.Status().Fleet.Purge; st.Pending != 1 || !strings.Contains(st.LastError, "refused the token") {
+		t.Fatalf("/status fleet.purge with a refused token: %+v", st)
+	}
 }
 
 // TestFleetReloadRegistration changes the tags on reload (the
@@ -344,4 +359,171 @@ func statusJSON(t testing.TB, s *Server) map[string]any {
 		t.Fatal(err)
 	}
 	return m
+}
+
+// fleetEdge starts an instance with state_dir dir on Consul a; extra
+// goes into its consul block, rest after it.
+func fleetEdge(t testing.TB, a *consultest.Agent, dir, extra, rest string) *Server {
+	t.Helper()
+	return startEdge(t, fmt.Sprintf("state_dir: %s\nconsul: {address: %s%s}\n%s", dir, a.Addr(), extra, rest))
+}
+
+// postPurge sends POST /cache/purge with query q to s and returns the
+// status and body.
+func postPurge(t testing.TB, s *Server, q string) (int, string) {
+	t.Helper()
+	resp, err := http.Post("http://"+s.AdminAddr()+"/cache/purge"+q, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// staleState says how s answers GET path during the origin outage:
+// "stale" for a stored copy, else the status and Edgelb-Error.
+func staleState(t testing.TB, s *Server, path string) string {
+	t.Helper()
+	resp := do(t, s, "GET", "shop.example", path)
+	if resp.StatusCode() == 200 && len(resp.Header.Peek("Cache-Status")) > 0 {
+		return "stale"
+	}
+	return fmt.Sprintf("%d %s", resp.StatusCode(), resp.Header.Peek(HeaderError))
+}
+
+// TestFleetPurge purges one URL on instance A of three sharing a Consul,
+// during an origin outage in which all of them serve stored copies: A and
+// B stop serving it within a second, and C, down during the purge,
+// never serves it after it comes back from its state_dir. A purge of
+// everything on B then reaches all three. Each reports in /status the
+// last purge it applied.
+func TestFleetPurge(t *testing.T) {
+	a := consultest.Start(t)
+	o := startOrigin(t, "o", func(ctx *fasthttp.RequestCtx) {
+		ctx.Response.Header.Set("Cache-Control", "public, max-age=1")
+		fmt.Fprintf(ctx, "copy of %s", ctx.Path())
+	})
+	rest := fmt.Sprintf("services:\n  web: {static: [%s], health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n", o.addr)
+	dirs := []string{t.TempDir(), t.TempDir(), t.TempDir()}
+	A, B, C := fleetEdge(t, a, dirs[0], "", rest), fleetEdge(t, a, dirs[1], "", rest), fleetEdge(t, a, dirs[2], "", rest)
+	paths := []string{"/a", "/b"}
+	for _, s := range []*Server{A, B, C} {
+		for _, p := range paths {
+			if resp := do(t, s, "GET", "shop.example", p); resp.StatusCode() != 200 {
+				t.Fatalf("priming %s: %d", p, resp.StatusCode())
+			}
+		}
+	}
+	o.stop()
+	for i, s := range []*Server{A, B, C} {
+		for _, p := range paths {
+			if got := staleState(t, s, p); got != "stale" {
+				t.Fatalf("instance %d, GET %s during the outage: %s", i, p, got)
+			}
+		}
+	}
+
+	// C goes away, its stale store saved in its state_dir.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := C.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	start := time.Now()
+	code, body := postPurge(t, A, "?url=http://shop.example/a")
+	if code != 200 || !strings.Contains(body, "published to the fleet: edgelb/purge/log/") {
+		t.Fatalf("purge on A: %d %q", code, body)
+	}
+	for i, s := range []*Server{A, B} {
+		eventually(t, 10*time.Second, fmt.Sprintf("instance %d stops serving /a stale", i), func() string {
+			if got := staleState(t, s, "/a"); got != "503 no_healthy_backend" {
+				return got
+			}
+			return ""
+		})
+		if total := time.Since(start); total > time.Second {
+			t.Errorf("instance %d served /a stale until %s after the purge on A, want within 1s", i, total)
+		}
+		if got := staleState(t, s, "/b"); got != "stale" {
+			t.Errorf("instance %d lost /b to a purge of /a: %s", i, got)
+		}
+	}
+	t.Logf("purge of /a on A applied by A and B %s after the POST", time.Since(start))
+
+	// C back from its state_dir: the purge it missed applies before it
+	// serves.
+	C = fleetEdge(t, a, dirs[2], "", rest)
+	if got := staleState(t, C, "/a"); got != "503 no_healthy_backend" {
+		t.Fatalf("C back after the purge, first GET /a: %s, want no stale copy", got)
+	}
+	if got := staleState(t, C, "/b"); got != "stale" {
+		t.Fatalf("C back after the purge, GET /b: %s", got)
+	}
+
+	// Each reports the purge it applied, with the same index.
+	var index uint64
+	for i, s := range []*Server{A, B, C} {
+		st := s.Status().Fleet.Purge
+		if st == nil || st.LastApplied == nil || st.LastApplied.URL != "http://shop.example/a" || st.LastApplied.AppliedAt.IsZero() ||
+			st.LastApplied.By != A.instance || st.LastApplied.Index == 0 || (index != 0 && st.LastApplied.Index != index) {
+			t.Fatalf("instance %d /status fleet.purge: %+v %+v", i, st, st.LastApplied)
+		}
+		index = st.LastApplied.Index
+	}
+	if m := statusJSON(t, B); !strings.Contains(fmt.Sprint(m["fleet"]), "last_applied") {
+		t.Fatalf("/status JSON lacks fleet.purge.last_applied: %v", m["fleet"])
+	}
+
+	// Everything, from B.
+	start = time.Now()
+	if code, body := postPurge(t, B, ""); code != 200 || !strings.HasPrefix(body, "purged all on this instance and published") {
+		t.Fatalf("purge of everything on B: %d %q", code, body)
+	}
+	for i, s := range []*Server{A, B, C} {
+		eventually(t, 10*time.Second, fmt.Sprintf("instance %d stops serving /b stale", i), func() string {
+			if got := staleState(t, s, "/b"); got != "503 no_healthy_backend" {
+				return got
+			}
+			return ""
+		})
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the purge of everything took %s to reach all three, want within 1s", d)
+	}
+	for i, s := range []*Server{A, B, C} {
+		if st := s.Status().Fleet.Purge.LastApplied; !st.All || st.Index <= index {
+			t.Fatalf("instance %d last purge applied: %+v", i, st)
+		}
+	}
+}
+
+// TestFleetPurgeDisabled keeps purges local with consul.purge.disabled.
+func TestFleetPurgeDisabled(t *testing.T) {
+	a := consultest.Start(t)
+	o := startOrigin(t, "o", func(ctx *fasthttp.RequestCtx) {
+		ctx.Response.Header.Set("Cache-Control", "public, max-age=1")
+		fmt.Fprintf(ctx, "copy of %s", ctx.Path())
+	})
+	rest := fmt.Sprintf("services:\n  web: {static: [%s], health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n", o.addr)
+	A := fleetEdge(t, a, t.TempDir(), ", purge: {disabled: true}", rest)
+	B := fleetEdge(t, a, t.TempDir(), ", purge: {disabled: true}", rest)
+	for _, s := range []*Server{A, B} {
+		do(t, s, "GET", "shop.example", "/a")
+	}
+	o.stop()
+	if code, body := postPurge(t, A, ""); code != 200 || body != "purged all\n" {
+		t.Fatalf("purge: %d %q", code, body)
+	}
+	if got := staleState(t, A, "/a"); got != "503 no_healthy_backend" {
+		t.Fatalf("A after its purge: %s", got)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if got := staleState(t, B, "/a"); got != "stale" {
+		t.Fatalf("B after a purge on A with the purge log off: %s", got)
+	}
+	if st := B.Status().Fleet; st.Purge != nil {
+		t.Fatalf("/status fleet.purge with the purge log off: %+v", st.Purge)
+	}
 }

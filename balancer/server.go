@@ -72,10 +72,12 @@ type Server struct {
 
 	// instance is the stable ID of the instance in its fleet; registrar
 	// keeps it registered in Consul (nil without consul.register), and
-	// leaving is set once it deregistered to stop.
+	// leaving is set once it deregistered to stop. purges is the purge
+	// log shared with the fleet; nil keeps purges local.
 	instance  string
 	registrar *fleet.Registrar
 	leaving   atomic.Pointer[LeavingStatus]
+	purges    atomic.Pointer[fleet.Purges]
 
 	// perIP counts client connections by address for
 	// server.max_conns_per_ip; nil when there is no cap.
@@ -169,17 +171,17 @@ func (s *Server) Start() error {
 			return err
 		}
 	}
-	if s.cfg.Consul != nil {
-		id, err := fleet.InstanceID(s.cfg.StateDir, s.Addr())
-		if err != nil {
-			s.log.Warn("instance ID", "err", err, "instance", id)
-		}
-		s.instance = id
-	}
+	s.ensureInstance(s.cfg)
 	if err := s.store.LoadFrom(s.cfg.StateDir); err != nil {
 		s.log.Error("stale store", "err", err)
 	} else {
 		s.log.Info("stale store loaded", "state_dir", s.cfg.StateDir)
+	}
+	// Purges published while the instance was away apply before it
+	// serves what it loaded.
+	if err := s.startPurges(s.cfg); err != nil {
+		s.closeListeners()
+		return err
 	}
 	s.admin = newAdminServer(s)
 	if err := s.admin.start(s.cfg.Admin); err != nil {
@@ -270,6 +272,7 @@ func (s *Server) Reload(cfg *Config) error {
 	s.dns.Configure(cfg.StateDir, dnsServices(cfg))
 	s.mu.Lock()
 	old := s.cfg
+	s.ensureInstance(cfg)
 	s.applyLocked(cfg)
 	if s.tls != nil {
 		s.tls.apply(cfg.TLS)
@@ -295,6 +298,9 @@ func (s *Server) Reload(cfg *Config) error {
 	// now.
 	if stopped != nil {
 		stopped.Stop()
+	}
+	if perr := s.reloadPurges(old, cfg); perr != nil && err == nil {
+		err = perr
 	}
 	if err != nil {
 		reloadErrors.Inc()
@@ -670,6 +676,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		c.Stop()
 	}
 	s.dns.Stop()
+	if p := s.purges.Load(); p != nil {
+		p.Stop()
+	}
 	s.stopOnce.Do(func() { close(s.stop) })
 	if s.admin != nil {
 		s.admin.close()
@@ -772,7 +781,16 @@ func (s *Server) saveStore() {
 	s.mu.Lock()
 	dir := s.cfg.StateDir
 	s.mu.Unlock()
-	s.store.Persist(dir)
+	// The copy holds every purge of the log up to the cursor read before
+	// it: a restart applies the log again from there.
+	p := s.purges.Load()
+	var cursor uint64
+	if p != nil {
+		cursor = p.Cursor()
+	}
+	if err := s.store.Persist(dir); err == nil && p != nil {
+		p.StoreSaved(cursor)
+	}
 }
 
 // goSafe runs f in a goroutine; a panic in f is counted and logged, and
