@@ -96,6 +96,83 @@ type ConsulConfig struct {
 	// instance that shares the Consul and the prefix, and how long they
 	// are kept there.
 	Purge fleet.PurgeConfig `yaml:"purge"`
+
+	// ConfigKey, when set, is a Consul KV key holding services and routes
+	// in the YAML of this file. Once its value is known it replaces the
+	// file's services and routes, and every change to it applies as a
+	// reload does; a value that is not valid is refused and the running
+	// config stays. The file's own services and routes serve only until
+	// then.
+	ConfigKey string `yaml:"config_key"`
+}
+
+// configKey returns consul.config_key of cfg, or "".
+func configKey(cfg *Config) string {
+	if cfg.Consul == nil {
+		return ""
+	}
+	return cfg.Consul.ConfigKey
+}
+
+// routingDoc is what consul.config_key holds: the services and routes of
+// a config file.
+type routingDoc struct {
+	Services map[string]*ServiceConfig `yaml:"services"`
+	Routes   []RouteConfig             `yaml:"routes"`
+}
+
+// withRouting returns file with the services and routes of data, the
+// value of consul.config_key, in place of its own, checked by the rules
+// ParseConfig applies to a file: unknown keys are errors, and every
+// problem is listed with its key. file must come from ParseConfig and is
+// not changed.
+func withRouting(file *Config, data []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, fmt.Errorf("cannot parse YAML: %w", err)
+	}
+	if len(root.Content) == 0 {
+		return nil, errors.New("empty: want services and routes")
+	}
+	var doc routingDoc
+	var errs []error
+	lines := make(map[int]string)
+	top := root.Content[0]
+	if top.Kind == yaml.MappingNode {
+		fileKeys := yamlFields(reflect.TypeOf(Config{}))
+		for i := 0; i+1 < len(top.Content); i += 2 {
+			k := top.Content[i].Value
+			if _, ok := fileKeys[k]; ok && k != "services" && k != "routes" {
+				errs = append(errs, fmt.Errorf("%s: belongs in the config file; the key holds services and routes only", k))
+			}
+		}
+	}
+	var unknown []error
+	checkKeys(top, reflect.TypeOf(doc), "", lines, &unknown)
+	for _, e := range unknown {
+		if k, _, _ := strings.Cut(e.Error(), ":"); !strings.Contains(k, ".") {
+			if _, ok := yamlFields(reflect.TypeOf(Config{}))[k]; ok {
+				continue // said above
+			}
+		}
+		errs = append(errs, e)
+	}
+	if err := top.Decode(&doc); err != nil {
+		errs = append(errs, decodeErrors(err, lines)...)
+	}
+	cfg := *file
+	cfg.Services, cfg.Routes = doc.Services, doc.Routes
+	for _, sc := range cfg.Services {
+		sc.applyDefaults()
+	}
+	for i := range cfg.Routes {
+		cfg.Routes[i].applyDefaults()
+	}
+	errs = append(errs, cfg.validateRouting()...)
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return &cfg, nil
 }
 
 // Defaults of Config and its parts.
@@ -742,6 +819,29 @@ func (c *Config) validate() []error {
 	}
 	errs = append(errs, c.StaleStore.Validate("stale_store")...)
 	errs = append(errs, c.DNS.Validate("dns")...)
+	if k := configKey(c); k != "" {
+		if err := fleet.CheckKey(k); err != nil {
+			bad("consul.config_key", "%v", err)
+		}
+		if strings.HasPrefix(k, c.Consul.Purge.Prefix) {
+			bad("consul.config_key", "%q is under consul.purge.prefix (%s), which holds the purge log", k, c.Consul.Purge.Prefix)
+		}
+		// The key's services and routes come later; the file's, if any,
+		// serve until then.
+		if len(c.Services) == 0 && len(c.Routes) == 0 {
+			return errs
+		}
+	}
+	return append(errs, c.validateRouting()...)
+}
+
+// validateRouting checks the services and routes of c, after
+// applyDefaults; it returns every problem.
+func (c *Config) validateRouting() []error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key}, args...)...))
+	}
 	if len(c.Services) == 0 && (c.Consul == nil || !c.Consul.TagRoutes) {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
 	}

@@ -29,6 +29,9 @@ type FleetStatus struct {
 	// Purge is the purge log as this instance applies it, the last purge
 	// applied included; absent with consul.purge.disabled.
 	Purge *fleet.PurgeStatus `json:"purge,omitempty"`
+	// Config is consul.config_key: where the services and routes come
+	// from and why a value was refused; absent without the key.
+	Config *ConfigKeyStatus `json:"config,omitempty"`
 }
 
 // LeavingStatus says since when an instance leaves the fleet, and when it
@@ -283,5 +286,6 @@ func (s *Server) fleetStatus() *FleetStatus {
 		ps := p.Status()
 		st.Purge = &ps
 	}
+	st.Config = s.configKeyStatus()
 	return st
 }

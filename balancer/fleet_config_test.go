@@ -22,7 +22,7 @@ func TestFleetConfigErrors(t *testing.T) {
 			}
 		}
 	}
-	f("{registr: {}}", "consul.registr: unknown key (known keys: address, datacenter, purge, register, scheme, tag_routes, token)")
+	f("{registr: {}}", "consul.registr: unknown key (known keys: address, config_key, datacenter, purge, register, scheme, tag_routes, token)")
 	f("{register: {nam: x}}", "consul.register.nam: unknown key")
 	f("{register: {name: 'edge lb'}}", `consul.register.name: "edge lb" is not a Consul service name`)
 	f("{register: {id: 'a/b'}}", `consul.register.id: "a/b" is not a Consul service ID`)
@@ -40,6 +40,56 @@ func TestFleetConfigErrors(t *testing.T) {
 	f("{purge: {prefix: /edgelb/purge/}}", `consul.purge.prefix: "/edgelb/purge/": a Consul key does not start with /`)
 	f("{purge: {prefix: 'a b/', retention: 30s}}", "consul.purge.prefix: \"a b/\": white space", "consul.purge.retention: must be at least 1m0s (got 30s)")
 	f("{purge: {retain: 1h}}", "consul.purge.retain: unknown key (known keys: disabled, prefix, retention)")
+	f("{config_key: edgelb/config/}", `consul.config_key: "edgelb/config/": a key, not a folder`)
+	f("{config_key: edgelb/purge/config}", `consul.config_key: "edgelb/purge/config" is under consul.purge.prefix (edgelb/purge/)`)
+
+	// With config_key the file may leave services and routes to the key;
+	// what it has is checked all the same.
+	if _, err := ParseConfig([]byte("consul: {config_key: edgelb/config}\n")); err != nil {
+		t.Errorf("config_key without services: %v", err)
+	}
+	if _, err := ParseConfig([]byte("consul: {config_key: edgelb/config}\nroutes: [{service: web}]\n")); err == nil ||
+		!strings.Contains(err.Error(), `routes[0].service: unknown service "web"`) {
+		t.Errorf("config_key with a route to nothing: %v", err)
+	}
+	if _, err := ParseConfig([]byte("consul: {}\n")); err == nil || !strings.Contains(err.Error(), "services: no service defined") {
+		t.Errorf("consul without config_key nor services: %v", err)
+	}
+}
+
+// TestFleetConfigKeyValue holds a key's value to the rules of the file.
+func TestFleetConfigKeyValue(t *testing.T) {
+	file := mustConfig(t, "consul: {config_key: edgelb/config}\n")
+	f := func(value string, wants ...string) {
+		t.Helper()
+		_, err := withRouting(file, []byte(value))
+		if err == nil {
+			t.Fatalf("value accepted:\n%s", value)
+		}
+		for _, w := range wants {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error lacks %q:\n%v", w, err)
+			}
+		}
+	}
+	f("", "empty: want services and routes")
+	f("- a\n", "cannot unmarshal")
+	f("tls: {listen: 127.0.0.1:8443}\nbogus: 1\nservices:\n  web: {static: [127.0.0.1:1]}\n",
+		"tls: belongs in the config file", "bogus: unknown key (known keys: routes, services)")
+	f("services:\n  web: {static: [127.0.0.1:1], retries: 1.5}\nroutes: [{service: web, https_redirect: true}]\n",
+		"services.web.retries: must be a whole number", "routes[0].https_redirect: ")
+	f("services:\n  web: {static: [127.0.0.1:1], try_timeout: soon}\n", "services.web.try_timeout: cannot unmarshal !!str `soon` into time.Duration (line 2)")
+
+	cfg, err := withRouting(file, []byte("services:\n  web: {static: [127.0.0.1:1], retries: -1}\nroutes: [{host: Shop.Example, service: web}]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sc := cfg.Services["web"]; sc.Retries != 0 || sc.Balance != "p2c" || cfg.Routes[0].Host != "shop.example" || cfg.Routes[0].Path != "/" {
+		t.Errorf("defaults and canonical forms: %+v %+v", sc, cfg.Routes[0])
+	}
+	if file.Services != nil || file.Routes != nil || cfg.Listen != file.Listen {
+		t.Errorf("the file's config changed: %+v", file)
+	}
 }
 
 func TestFleetConfigDefaults(t *testing.T) {

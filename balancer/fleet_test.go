@@ -527,3 +527,219 @@ func TestFleetPurgeDisabled(t *testing.T) {
 		t.Fatalf("/status fleet.purge with the purge log off: %+v", st.Purge)
 	}
 }
+
+// putKey writes value under key in Consul.
+func putKey(t testing.TB, a *consultest.Agent, key, value string) {
+	t.Helper()
+	if _, err := a.Client.KV().Put(&api.KVPair{Key: key, Value: []byte(value)}, nil); err != nil {
+		t.Fatalf("put %s: %v", key, err)
+	}
+}
+
+// answeredBy returns the body of GET path on s, or its status and
+// Edgelb-Error.
+func answeredBy(t testing.TB, s *Server, path string) string {
+	t.Helper()
+	resp := do(t, s, "GET", "shop.example", path)
+	if resp.StatusCode() == 200 {
+		return string(resp.Body())
+	}
+	return fmt.Sprintf("%d %s", resp.StatusCode(), resp.Header.Peek(HeaderError))
+}
+
+// TestFleetConfigKey keeps the services and routes of three instances in
+// one Consul key: each starts with them, a new route reaches all three
+// within a second, values that are not valid are refused and reported
+// while the running config keeps serving, and a deleted key changes
+// nothing.
+func TestFleetConfigKey(t *testing.T) {
+	a := consultest.Start(t)
+	web, apiO := startOrigin(t, "web", nil), startOrigin(t, "api", nil)
+	one := fmt.Sprintf("services:\n  web: {static: [%s]}\nroutes: [{service: web}]\n", web.addr)
+	two := fmt.Sprintf("services:\n  web: {static: [%s]}\n  api: {static: [%s]}\nroutes: [{service: web}, {path: /api, service: api}]\n", web.addr, apiO.addr)
+	putKey(t, a, "edgelb/config", one)
+	dirs := []string{t.TempDir(), t.TempDir(), t.TempDir()}
+	var edges []*Server
+	for _, d := range dirs {
+		edges = append(edges, fleetEdge(t, a, d, ", config_key: edgelb/config", ""))
+	}
+	for i, s := range edges {
+		if got := answeredBy(t, s, "/api"); got != "hello from web" {
+			t.Fatalf("instance %d at start: GET /api %q", i, got)
+		}
+		if st := s.Status().Fleet.Config; st == nil || st.Source != "consul" || st.Index == 0 || st.Error != "" {
+			t.Fatalf("instance %d /status fleet.config: %+v", i, st)
+		}
+	}
+
+	// A new route.
+	start := time.Now()
+	putKey(t, a, "edgelb/config", two)
+	for i, s := range edges {
+		eventually(t, 10*time.Second, fmt.Sprintf("instance %d routes /api", i), func() string {
+			if got := answeredBy(t, s, "/api"); got != "hello from api" {
+				return got
+			}
+			return ""
+		})
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the new route took %s to reach all three, want within 1s", d)
+	}
+	t.Logf("new route served by all three %s after the write", time.Since(start))
+	good := edges[0].Status().Fleet.Config.Index
+
+	// Values that are not valid: refused, reported, nothing changes.
+	refused := configKeyRejected.Get()
+	f := func(value string, wants ...string) {
+		t.Helper()
+		putKey(t, a, "edgelb/config", value)
+		for i, s := range edges {
+			var st *ConfigKeyStatus
+			eventually(t, 10*time.Second, fmt.Sprintf("instance %d reports the refused value", i), func() string {
+				st = s.Status().Fleet.Config
+				for _, w := range wants {
+					if !strings.Contains(st.Error, w) {
+						return fmt.Sprintf("error %q, want %q", st.Error, w)
+					}
+				}
+				return ""
+			})
+			if st.Index != good || st.ErrorIndex <= good || st.ErrorSince.IsZero() {
+				t.Errorf("instance %d /status fleet.config: %+v", i, st)
+			}
+			for path, want := range map[string]string{"/": "hello from web", "/api": "hello from api"} {
+				if got := answeredBy(t, s, path); got != want {
+					t.Errorf("instance %d after a refused value: GET %s %q", i, path, got)
+				}
+			}
+		}
+	}
+	f(strings.Replace(two, "api: {static", "api: {helth: {}, static", 1), "services.api.helth: unknown key")
+	f("listen: 0.0.0.0:80\n"+two, "listen: belongs in the config file")
+	f(two+"routes: [{service: nope}]\n", `mapping key "routes" already defined`)
+	f("services: [\n", "cannot parse YAML")
+	f(strings.Replace(two, "path: /api, service: api", "path: /api, service: apx", 1), `routes[1].service: unknown service "apx"`)
+	f("services: {}\n", "services: no service defined")
+	if n := configKeyRejected.Get() - refused; n < 18 {
+		t.Errorf("edgelb_config_key_updates_total{result=\"rejected\"} grew by %d for 6 refused values on 3 instances", n)
+	}
+	since := edges[0].Status().Fleet.Config.ErrorSince
+
+	// Deleted: the last good config stays.
+	if _, err := a.Client.KV().Delete("edgelb/config", nil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the deletion reported", func() string {
+		st := edges[0].Status().Fleet.Config
+		if !strings.Contains(st.Error, "no longer exists") || !st.ErrorSince.Equal(since) {
+			return fmt.Sprintf("%+v", st)
+		}
+		return ""
+	})
+	if got := answeredBy(t, edges[0], "/api"); got != "hello from api" {
+		t.Fatalf("after the key was deleted: GET /api %q", got)
+	}
+
+	// The good value back: the error goes, nothing reloads.
+	reloads := reloadsTotal.Get()
+	putKey(t, a, "edgelb/config", two)
+	for i, s := range edges {
+		eventually(t, 10*time.Second, fmt.Sprintf("instance %d clears the error", i), func() string {
+			if st := s.Status().Fleet.Config; st.Error != "" || st.Index <= good || st.Source != "consul" {
+				return fmt.Sprintf("%+v", st)
+			}
+			return ""
+		})
+	}
+	if n := reloadsTotal.Get() - reloads; n != 0 {
+		t.Errorf("the running value written again made %d reloads", n)
+	}
+
+	// An instance that starts while Consul is down serves the last good
+	// value from its state_dir.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	edges[2].Shutdown(ctx)
+	a.Stop()
+	c := fleetEdge(t, a, dirs[2], ", config_key: edgelb/config", "")
+	if got := answeredBy(t, c, "/api"); got != "hello from api" {
+		t.Fatalf("started with Consul down: GET /api %q", got)
+	}
+	if st := c.Status().Fleet.Config; st.Source != "state_dir" {
+		t.Fatalf("started with Consul down: /status fleet.config %+v", st)
+	}
+}
+
+// TestFleetConfigKeyFallback starts with no value in the key: the file's
+// own services and routes serve until the key has one, which then
+// replaces them. A reload of the file keeps the key's.
+func TestFleetConfigKeyFallback(t *testing.T) {
+	a := consultest.Start(t)
+	web, apiO := startOrigin(t, "web", nil), startOrigin(t, "api", nil)
+	file := fmt.Sprintf("services:\n  web: {static: [%s]}\nroutes: [{service: web}]\n", web.addr)
+	s := fleetEdge(t, a, t.TempDir(), ", config_key: edgelb/config", file)
+	if got := answeredBy(t, s, "/x"); got != "hello from web" {
+		t.Fatalf("file's route: %q", got)
+	}
+	if st := s.Status().Fleet.Config; st.Source != "file" || !strings.Contains(st.Error, "does not exist") {
+		t.Fatalf("/status fleet.config without a value: %+v", st)
+	}
+	putKey(t, a, "edgelb/config", fmt.Sprintf("services:\n  api: {static: [%s]}\nroutes: [{path: /api, service: api}]\n", apiO.addr))
+	eventually(t, 10*time.Second, "the key's routes", func() string {
+		if got := answeredBy(t, s, "/api"); got != "hello from api" {
+			return got
+		}
+		return ""
+	})
+	if got := answeredBy(t, s, "/x"); got != "404 no_route" {
+		t.Fatalf("the file's route after the key had a value: %q", got)
+	}
+
+	// SIGHUP with a changed file: the key's services and routes stay.
+	cfg := mustConfig(t, sameAddrs(s, fmt.Sprintf("consul: {address: %s, config_key: edgelb/config}\nserver: {trusted_proxies: [10.0.0.0/8]}\n", a.Addr())+file))
+	if err := s.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := answeredBy(t, s, "/api"); got != "hello from api" {
+		t.Fatalf("after a reload of the file: GET /api %q", got)
+	}
+	// Without config_key, the file's own again.
+	if err := s.Reload(mustConfig(t, sameAddrs(s, fmt.Sprintf("consul: {address: %s}\n", a.Addr())+file))); err != nil {
+		t.Fatal(err)
+	}
+	if got := answeredBy(t, s, "/x"); got != "hello from web" {
+		t.Fatalf("after config_key was removed: GET /x %q", got)
+	}
+	if st := s.Status().Fleet.Config; st != nil {
+		t.Fatalf("/status fleet.config without the key: %+v", st)
+	}
+}
+
+// TestFleetConfigKeyUnknownAtStart starts an instance whose file has no
+// routes while Consul is down and state_dir holds no value: requests get
+// 503 no_healthy_backend (not a 404 caches would keep) and /readyz 503,
+// until Consul answers with the key.
+func TestFleetConfigKeyUnknownAtStart(t *testing.T) {
+	a := consultest.Start(t)
+	web := startOrigin(t, "web", nil)
+	a.Stop()
+	s := fleetEdge(t, a, t.TempDir(), ", config_key: edgelb/config", "")
+	if got := answeredBy(t, s, "/"); got != "503 no_healthy_backend" {
+		t.Fatalf("routes not known yet: %q", got)
+	}
+	if code, _ := adminGet(t, s, "/readyz"); code != 503 {
+		t.Fatalf("/readyz with no routes: %d", code)
+	}
+	a.Restart()
+	putKey(t, a, "edgelb/config", fmt.Sprintf("services:\n  web: {static: [%s]}\nroutes: [{service: web}]\n", web.addr))
+	eventually(t, 20*time.Second, "the key's routes once Consul answers", func() string {
+		if got := answeredBy(t, s, "/"); got != "hello from web" {
+			return got
+		}
+		return ""
+	})
+	if code, body := adminGet(t, s, "/readyz"); code != 200 {
+		t.Fatalf("/readyz: %d %s", code, body)
+	}
+}

@@ -90,6 +90,18 @@ type Server struct {
 	// reloadMu serialises Start and Reload: the DNS source is configured
 	// outside mu, as it waits for publications that take mu.
 	reloadMu sync.Mutex
+	// fileCfg is the config as its file gave it; cfg is the same with
+	// the services and routes of consul.config_key once known. keyGood
+	// is the key's value running (nil while the file's own services and
+	// routes run). Guarded by reloadMu. keyWatch follows the key; it is
+	// replaced under reloadMu.
+	fileCfg  *Config
+	keyGood  *fleet.KeyValue
+	keyWatch atomic.Pointer[fleet.KeyWatch]
+	// keyStatus is the config key in /status; keyPending is set while the
+	// key's value is not known and the file has no routes of its own.
+	keyStatus  atomic.Pointer[ConfigKeyStatus]
+	keyPending atomic.Bool
 
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
@@ -183,6 +195,10 @@ func (s *Server) Start() error {
 		s.closeListeners()
 		return err
 	}
+	// The services and routes of consul.config_key, when Consul or
+	// state_dir has them, before anything is built.
+	s.fileCfg = s.cfg
+	s.cfg = s.startConfigKeyLocked(s.cfg)
 	s.admin = newAdminServer(s)
 	if err := s.admin.start(s.cfg.Admin); err != nil {
 		s.closeListeners()
@@ -254,9 +270,34 @@ func (s *Server) AdminAddr() string { return s.admin.addr() }
 // their backends. New TLS handshakes get the certificates of cfg, which
 // LoadConfig read anew; open connections keep theirs. Listener addresses
 // cannot change without a restart, nor can the TLS listener come or go.
+//
+// With consul.config_key, cfg is the file's config: the services and
+// routes of the key's value, once known, take the place of its own, and
+// a reload whose file does not fit them (a route needing a tls block the
+// file no longer has) is refused.
 func (s *Server) Reload(cfg *Config) error {
 	s.reloadMu.Lock()
-	defer s.reloadMu.Unlock()
+	eff, err := s.withConfigKeyLocked(cfg)
+	if err == nil {
+		err = s.reloadLocked(eff)
+	}
+	var stopped *fleet.KeyWatch
+	if err == nil {
+		s.fileCfg = cfg
+		stopped = s.switchConfigKeyLocked(cfg)
+	}
+	s.reloadMu.Unlock()
+	// The old watch may be waiting for reloadMu to apply a value.
+	if stopped != nil {
+		stopped.Stop()
+	}
+	return err
+}
+
+// reloadLocked makes cfg, the file's config with the services and routes
+// of consul.config_key if any, the running config. The caller holds
+// reloadMu.
+func (s *Server) reloadLocked(cfg *Config) error {
 	s.mu.Lock()
 	if cfg.Listen != s.cfg.Listen || cfg.Admin != s.cfg.Admin || tlsListen(cfg) != tlsListen(s.cfg) {
 		reloadErrors.Inc()
@@ -642,6 +683,7 @@ func contains(ss []string, s string) bool {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
 	s.stopFleet()
+	s.stopConfigKey()
 	s.tunnels.drain()
 	if s.handoff != nil {
 		// The loops accept on a duplicate of ln, which stopLoops closes
@@ -837,8 +879,9 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 }
 
 // serveUnrouted answers a request that matches no route: 404 no_route,
-// unless Consul's tag routes are not known yet (Consul unreachable and no
-// usable state in state_dir). Then the request may well be for one of
+// unless Consul's tag routes, or the services and routes of
+// consul.config_key, are not known yet (Consul unreachable and no usable
+// state in state_dir). Then the request may well be for one of
 // them: it gets a stored copy if there is one, else 503
 // no_healthy_backend, which clients retry and caches do not keep.
 func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
@@ -848,8 +891,12 @@ func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
 		writeError(&ctx.Response, errNoRoute, clientClose)
 		return
 	}
-	u := s.unrouted.Load()
-	if s.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, u.stale, errCodeValues[errNoHealthyBackend]) {
+	// Without tag routes, the config key's services are not known yet.
+	pol := stale.Policy{MaxStale: DefaultMaxStale}
+	if u := s.unrouted.Load(); u != nil {
+		pol = u.stale
+	}
+	if s.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, pol, errCodeValues[errNoHealthyBackend]) {
 		unroutedStaleTotal.Inc()
 		if clientClose {
 			ctx.Response.SetConnectionClose()
@@ -861,8 +908,12 @@ func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
 }
 
 // routesKnown reports whether a request that matches no route is known to
-// have none: unless Consul's tag routes are not known yet.
+// have none: unless Consul's tag routes, or the config key's routes, are
+// not known yet.
 func (s *Server) routesKnown() bool {
+	if s.keyPending.Load() {
+		return false
+	}
 	u := s.unrouted.Load()
 	return u == nil || u.consul.RoutesKnown()
 }
