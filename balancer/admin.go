@@ -368,6 +368,8 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_event_loop_fallbacks_total":       {help: "Backend tries an event loop left to the fasthttp server."},
 	"edgelb_event_loop_handoff_drops_total":   {help: "Connections an event loop handed over that the fasthttp server did not take."},
 	"edgelb_event_loop_handoffs_total":        {help: "Client connections an event loop handed to the fasthttp server."},
+	"edgelb_fleet_peers":                      {help: "Other instances of the fleet registered in Consul under consul.register.name, by state: ready (every check passing) or not_ready."},
+	"edgelb_fleet_peers_watch_errors_total":   {help: "Failed calls following the fleet's instances in Consul's health API."},
 	"edgelb_generated_errors_total":           {help: "Responses edgelb generated because no backend answered, by Edgelb-Error code."},
 	"edgelb_hedges_total":                     {help: "Hedged tries sent (sent), and hedges due that waited because the hedge budget was spent (over_budget)."},
 	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},

@@ -32,6 +32,9 @@ type FleetStatus struct {
 	// Config is consul.config_key: where the services and routes come
 	// from and why a value was refused; absent without the key.
 	Config *ConfigKeyStatus `json:"config,omitempty"`
+	// Peers are the other instances registered under the fleet's service
+	// name, ready or not; absent without consul.register.
+	Peers *fleet.PeersStatus `json:"peers,omitempty"`
 }
 
 // LeavingStatus says since when an instance leaves the fleet, and when it
@@ -109,8 +112,11 @@ func (s *Server) startFleetLocked(cfg *Config) error {
 	if err != nil {
 		return err
 	}
-	s.registrar = fleet.NewRegistrar(client, cfg.Consul.Address, s.registration(cfg), s.log)
+	reg := s.registration(cfg)
+	s.registrar = fleet.NewRegistrar(client, cfg.Consul.Address, reg, s.log)
 	s.registrar.Start()
+	s.peers = fleet.NewPeers(client, cfg.Consul.Address, reg.Name, reg.ID, s.log)
+	s.peers.Start()
 	return nil
 }
 
@@ -132,6 +138,8 @@ func (s *Server) reloadFleetLocked(old, cfg *Config) error {
 			}
 			cancel()
 			s.registrar = nil
+			s.peers.Stop()
+			s.peers = nil
 		case !reflect.DeepEqual(old.Consul.Register, cfg.Consul.Register) || old.AdminToken != cfg.AdminToken:
 			r.Update(next)
 			return nil
@@ -246,8 +254,11 @@ func (s *Server) Leave(ctx context.Context) error {
 // fleet's background work.
 func (s *Server) stopFleet() {
 	s.mu.Lock()
-	r := s.registrar
+	r, p := s.registrar, s.peers
 	s.mu.Unlock()
+	if p != nil {
+		p.Stop()
+	}
 	if r != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		if err := r.Leave(ctx); err != nil {
@@ -271,13 +282,17 @@ func (s *Server) leavingReason(now time.Time) string {
 // block.
 func (s *Server) fleetStatus() *FleetStatus {
 	s.mu.Lock()
-	r := s.registrar
+	r, peers := s.registrar, s.peers
 	haveConsul := s.cfg.Consul != nil
 	s.mu.Unlock()
 	if !haveConsul {
 		return nil
 	}
 	st := &FleetStatus{Instance: s.instance, Version: fleet.Version(), Leaving: s.leaving.Load()}
+	if peers != nil {
+		ps := peers.Status()
+		st.Peers = &ps
+	}
 	if r != nil {
 		rs := r.Status()
 		st.Registration = &rs
@@ -288,4 +303,17 @@ func (s *Server) fleetStatus() *FleetStatus {
 	}
 	st.Config = s.configKeyStatus()
 	return st
+}
+
+// Peers returns the other instances of the fleet that Consul lists under
+// consul.register.name, ready or not, by service ID; nil without
+// consul.register. The caller must not change the list.
+func (s *Server) Peers() []fleet.Peer {
+	s.mu.Lock()
+	p := s.peers
+	s.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	return p.List()
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -742,4 +743,77 @@ func TestFleetConfigKeyUnknownAtStart(t *testing.T) {
 	if code, body := adminGet(t, s, "/readyz"); code != 200 {
 		t.Fatalf("/readyz: %d %s", code, body)
 	}
+}
+
+// TestFleetPeers registers three instances, one of them not ready (its
+// routes are to come from a key that has no value): each lists the two
+// others in /status with their readiness, and /metrics counts them.
+func TestFleetPeers(t *testing.T) {
+	a := consultest.Start(t)
+	o := startOrigin(t, "web", nil)
+	rest := fmt.Sprintf("services:\n  web: {static: [%s]}\nroutes: [{service: web}]\n", o.addr)
+	reg := ", register: {check_interval: 1s, drain_delay: 0s}"
+	A := fleetEdge(t, a, t.TempDir(), reg, rest)
+	B := fleetEdge(t, a, t.TempDir(), reg, rest)
+	C := fleetEdge(t, a, t.TempDir(), reg+", config_key: edgelb/nothing-here", "")
+	ids := map[*Server]string{A: registrationOf(t, A), B: registrationOf(t, B), C: registrationOf(t, C)}
+	for _, s := range []*Server{A, B, C} {
+		eventually(t, 20*time.Second, "peers of "+ids[s], func() string {
+			st := s.Status().Fleet.Peers
+			var got []string
+			for _, p := range st.Peers {
+				got = append(got, fmt.Sprintf("%s %s %v", p.ID, p.Status, p.Ready))
+			}
+			var want []string
+			for _, other := range []*Server{A, B, C} {
+				if other == s {
+					continue
+				}
+				if other == C {
+					want = append(want, ids[other]+" critical false")
+				} else {
+					want = append(want, ids[other]+" passing true")
+				}
+			}
+			slices.Sort(want)
+			if strings.Join(got, ", ") != strings.Join(want, ", ") {
+				return fmt.Sprintf("%q, want %q", got, want)
+			}
+			return ""
+		})
+	}
+	for _, p := range A.Peers() {
+		switch p.ID {
+		case ids[B]:
+			if p.Addr != B.Addr() || p.Instance != B.instance || p.Version == "" || p.Why != "" {
+				t.Errorf("A's peer B: %+v (B listens on %s)", p, B.Addr())
+			}
+		}
+	}
+	for _, p := range A.Peers() {
+		if p.ID == ids[C] && !strings.HasPrefix(p.Why, "edgelb ready: critical") {
+			t.Errorf("why A's peer C is not ready: %q", p.Why)
+		}
+	}
+	if st := A.Status().Fleet.Peers; st.Service != "edgelb" || st.Ready != 1 || st.UpdatedAt.IsZero() {
+		t.Errorf("A's peers: %+v", st)
+	}
+	// Process-wide: A and B see one ready peer and C, C sees two ready.
+	_, m := adminGet(t, A, "/metrics")
+	for _, want := range []string{`edgelb_fleet_peers{state="ready"} 4`, `edgelb_fleet_peers{state="not_ready"} 2`} {
+		if !strings.Contains(m, want+"\n") {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+
+	// B leaves: the others drop it.
+	B.Leave(context.Background())
+	eventually(t, 10*time.Second, "B gone from A's peers", func() string {
+		for _, p := range A.Peers() {
+			if p.ID == ids[B] {
+				return "still listed"
+			}
+		}
+		return ""
+	})
 }

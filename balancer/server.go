@@ -70,12 +70,14 @@ type Server struct {
 	// Consul's tag routes are not known yet; nil without tag routes.
 	unrouted atomic.Pointer[unroutedPolicy]
 
-	// instance is the stable ID of the instance in its fleet; registrar
-	// keeps it registered in Consul (nil without consul.register), and
-	// leaving is set once it deregistered to stop. purges is the purge
-	// log shared with the fleet; nil keeps purges local.
+	// instance is the stable ID of the instance in its fleet. registrar
+	// keeps it registered in Consul and peers follows the others (nil
+	// without consul.register; guarded by mu); leaving is set once it
+	// deregistered to stop. purges is the purge log shared with the
+	// fleet; nil keeps purges local.
 	instance  string
 	registrar *fleet.Registrar
+	peers     *fleet.Peers
 	leaving   atomic.Pointer[LeavingStatus]
 	purges    atomic.Pointer[fleet.Purges]
 
