@@ -422,11 +422,15 @@ func (s *session) fleetRestart(i int) error {
 }
 
 // waitTarget waits until the load's targets hold addr (or no longer), and
-// returns how long after t0; -1 if not within DefaultWaitTimeout.
+// returns how long after t0; -1 if not within DefaultWaitTimeout, -2 if
+// the load ended first.
 func (s *session) waitTarget(addr string, in bool, t0 time.Time) time.Duration {
-	for time.Since(t0) < DefaultWaitTimeout && s.ctx.Err() == nil {
+	for time.Since(t0) < DefaultWaitTimeout {
 		if slices.Contains(s.fleet.addrs(), addr) == in {
 			return time.Since(t0)
+		}
+		if s.ctx.Err() != nil {
+			return -2
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -434,7 +438,10 @@ func (s *session) waitTarget(addr string, in bool, t0 time.Time) time.Duration {
 }
 
 func fmtWait(d time.Duration) string {
-	if d < 0 {
+	switch {
+	case d == -2:
+		return "(not seen: the load ended first; the scenario wants -duration 14s or more)"
+	case d < 0:
 		return "never"
 	}
 	return fmt.Sprintf("%.0fms", ms(d))
