@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -109,5 +110,25 @@ func TestFleetConfigDefaults(t *testing.T) {
 	}
 	if p := cfg.Consul.Purge; p.Disabled || p.Prefix != "edgelb/purge/" || p.Retention != time.Hour {
 		t.Errorf("consul.purge defaults: %+v", p)
+	}
+}
+
+// TestFleetConfigExamples checks configs/fleet.yaml and the key value of
+// configs/fleet-routing.yaml joined to it.
+func TestFleetConfigExamples(t *testing.T) {
+	file, err := LoadConfig("../configs/fleet.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	value, err := os.ReadFile("../configs/fleet-routing.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := withRouting(file, value)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if file.Consul.Register == nil || file.Consul.ConfigKey != "edgelb/config" || cfg.Services["web"] == nil || len(cfg.Routes) != 1 {
+		t.Fatalf("file %+v, joined %+v", file.Consul, cfg)
 	}
 }
