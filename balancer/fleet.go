@@ -48,12 +48,9 @@ type LeavingStatus struct {
 // to learn the purges its stale store missed before it serves.
 const purgeCatchUpWait = 2 * time.Second
 
-// ensureInstance sets the instance's stable ID once the config asks for
-// the fleet.
-func (s *Server) ensureInstance(cfg *Config) {
-	if s.instance != "" || cfg.Consul == nil {
-		return
-	}
+// setInstance sets the instance's stable ID, kept in the state_dir of
+// cfg, for the life of the process (a reload may add the consul block).
+func (s *Server) setInstance(cfg *Config) {
 	id, err := fleet.InstanceID(cfg.StateDir, s.Addr())
 	if err != nil {
 		s.log.Warn("instance ID", "err", err, "instance", id)

@@ -185,7 +185,7 @@ func (s *Server) Start() error {
 			return err
 		}
 	}
-	s.ensureInstance(s.cfg)
+	s.setInstance(s.cfg)
 	if err := s.store.LoadFrom(s.cfg.StateDir); err != nil {
 		s.log.Error("stale store", "err", err)
 	} else {
@@ -315,7 +315,6 @@ func (s *Server) reloadLocked(cfg *Config) error {
 	s.dns.Configure(cfg.StateDir, dnsServices(cfg))
 	s.mu.Lock()
 	old := s.cfg
-	s.ensureInstance(cfg)
 	s.applyLocked(cfg)
 	if s.tls != nil {
 		s.tls.apply(cfg.TLS)
