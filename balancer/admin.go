@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
@@ -356,7 +357,12 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_backend_requests_total":           {help: "Tries sent to a backend, retries included."},
 	"edgelb_backend_responses_total":          {help: "Responses from a backend, by status class."},
 	"edgelb_backend_state_changes_total":      {help: "Backend health state changes, by the state entered."},
-	"edgelb_config_reloads_total":             {help: "Config reloads, by result."},
+	"edgelb_config_reloads_total":             {help: "Config reloads, by result: from SIGHUP, and from changes of consul.config_key."},
+	"edgelb_config_key_updates_total":         {help: "Values of consul.config_key applied, and refused (invalid, not fitting the file, or the key deleted) while the running services and routes stayed."},
+	"edgelb_config_key_watch_errors_total":    {help: "Failed calls watching consul.config_key in Consul."},
+	"edgelb_consul_registered":                {help: "1 while the Consul agent holds the instance's registration (consul.register), else 0."},
+	"edgelb_consul_registrations_total":       {help: "Registrations of the instance in Consul: the first, and each after the agent forgot it (a restarted agent)."},
+	"edgelb_consul_registration_errors_total": {help: "Failed calls keeping the instance registered in Consul (agent unreachable, token refused)."},
 	"edgelb_discovery_errors_total":           {help: "Failed discovery queries, by source and service."},
 	"edgelb_discovery_failovers_total":        {help: "Switches of a Consul service from one datacenter to another (consul.failover or a prepared query), by service and the datacenters it left (from) and went to (to); going back to the service's own datacenter counts too."},
 	"edgelb_discovery_datacenter_serving":     {help: "1 for the Consul datacenter that a service with failover datacenters or a prepared query is served from, 0 for its other datacenters; local is the agent's own when its name is not known."},
@@ -368,12 +374,18 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_event_loop_fallbacks_total":       {help: "Backend tries an event loop left to the fasthttp server."},
 	"edgelb_event_loop_handoff_drops_total":   {help: "Connections an event loop handed over that the fasthttp server did not take."},
 	"edgelb_event_loop_handoffs_total":        {help: "Client connections an event loop handed to the fasthttp server."},
+	"edgelb_fleet_peers":                      {help: "Other instances of the fleet registered in Consul under consul.register.name, by state: ready (every check passing) or not_ready."},
+	"edgelb_fleet_peers_watch_errors_total":   {help: "Failed calls following the fleet's instances in Consul's health API."},
 	"edgelb_generated_errors_total":           {help: "Responses edgelb generated because no backend answered, by Edgelb-Error code."},
 	"edgelb_hedges_total":                     {help: "Hedged tries sent (sent), and hedges due that waited because the hedge budget was spent (over_budget)."},
 	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},
 	"edgelb_panic_mode":                       {help: "1 while the service is in panic mode (too few backends available, so all get traffic), else 0."},
 	"edgelb_panic_mode_entries_total":         {help: "Times the service entered panic mode."},
-	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers, by component: balancer (request handling in both engines, background tasks), admin (admin API handlers), discovery (Consul watches), health (active probes, outlier detection), stale (saving and loading the stale store), acme (getting and renewing certificates)."},
+	"edgelb_panics_total":                     {help: "Panics recovered in edgelb's goroutines and handlers, by component: balancer (request handling in both engines, background tasks), admin (admin API handlers), discovery (Consul watches), health (active probes, outlier detection), stale (saving and loading the stale store), acme (getting and renewing certificates), fleet (the Consul registration, the purge log, the config key, the peer list)."},
+	"edgelb_purges_published_total":           {help: "Purges of the stale store this instance published to the fleet's purge log in Consul (consul.purge)."},
+	"edgelb_purges_applied_total":             {help: "Purges of the fleet's purge log this instance applied to its stale store, its own included, and whole-store purges for purges it may have missed."},
+	"edgelb_purges_collected_total":           {help: "Records older than consul.purge.retention this instance removed from the purge log."},
+	"edgelb_purge_log_errors_total":           {help: "Failed calls to the purge log in Consul, by op: publish (the purge is kept and published later), watch, gc."},
 	"edgelb_request_duration_seconds":         {typ: "histogram", help: "Duration of client requests, retries included."},
 	"edgelb_requests_total":                   {help: "Client requests routed to the service."},
 	"edgelb_retries_total":                    {help: "Retries on another backend."},
@@ -449,21 +461,41 @@ func describeFreshness(st discovery.Status, now time.Time) string {
 	return b.String()
 }
 
+// purge purges the stale store of this instance at once and, with the
+// purge log, publishes the purge for every instance of the fleet: 200 once
+// Consul took it, 202 when it is kept to be published when Consul answers.
 func (a *adminServer) purge(w http.ResponseWriter, r *http.Request) {
 	u := r.URL.Query().Get("url")
+	what := "all"
 	if u == "" {
 		a.s.store.PurgeAll()
 		a.s.log.Info("stale store purged")
-		fmt.Fprintln(w, "purged all")
+	} else {
+		if err := a.s.store.Purge(u); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		what = u
+		a.s.log.Info("stale store purged", "url", u)
+	}
+	p := a.s.purges.Load()
+	if p == nil {
+		fmt.Fprintln(w, "purged", what)
 		return
 	}
-	if err := a.s.store.Purge(u); err != nil {
-		http.Error(w, err.Error(), http.StatusBadRequest)
+	ctx, cancel := context.WithTimeout(r.Context(), purgePublishTimeout)
+	defer cancel()
+	rec, err := p.Publish(ctx, u)
+	if err != nil {
+		w.WriteHeader(http.StatusAccepted)
+		fmt.Fprintf(w, "purged %s on this instance; not yet published to the fleet (%s): kept, and published when Consul answers\n", what, err)
 		return
 	}
-	a.s.log.Info("stale store purged", "url", u)
-	fmt.Fprintln(w, "purged", u)
+	fmt.Fprintf(w, "purged %s on this instance and published to the fleet: %s (index %d)\n", what, rec.Key, rec.Index)
 }
+
+// purgePublishTimeout bounds how long POST /cache/purge waits for Consul.
+const purgePublishTimeout = 3 * time.Second
 
 // status serves /status, and with ?rates=1 the live view the status page
 // polls (compact, as it comes every second); since=UNIX_MS limits its
@@ -498,7 +530,11 @@ func (s *Server) Ready() (bool, string) {
 	if !s.ready.Load() {
 		return false, "starting or shutting down"
 	}
-	if why := s.acceptTrouble.describe(time.Now()); why != "" {
+	now := time.Now()
+	if why := s.leavingReason(now); why != "" {
+		return false, why
+	}
+	if why := s.acceptTrouble.describe(now); why != "" {
 		return false, why
 	}
 	rt := s.routes.Load()
@@ -522,6 +558,9 @@ type Status struct {
 	Samples *Samples `json:"samples,omitempty"`
 	// Certificates are those of the TLS listener, from files and ACME.
 	Certificates []CertStatus `json:"certificates,omitempty"`
+	// Fleet is the instance's part in its fleet; absent without the
+	// consul block.
+	Fleet *FleetStatus `json:"fleet,omitempty"`
 }
 
 // ServiceStatus is one service in /status.
@@ -681,5 +720,6 @@ func (s *Server) status(live bool, since int64) *Status {
 		s.live.mu.Unlock()
 	}
 	st.Certificates = s.Certificates()
+	st.Fleet = s.fleetStatus()
 	return st
 }

@@ -16,6 +16,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/edgelb/edgelb/balancer/fleet"
 	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
@@ -52,9 +53,10 @@ type Config struct {
 	// store across restarts. DefaultStateDir is used if not set.
 	StateDir string `yaml:"state_dir"`
 
-	// Consul enables discovery from Consul. Omit it to run on static
-	// services only.
-	Consul *discovery.ConsulConfig `yaml:"consul"`
+	// Consul enables discovery from Consul, and with it the fleet: the
+	// instance's own registration, and purges that reach every instance.
+	// Omit it to run on static services only.
+	Consul *ConsulConfig `yaml:"consul"`
 
 	// DNS says how static backends given by host name are resolved:
 	// servers, interval, timeout, hosts file. Every field has a default.
@@ -76,6 +78,101 @@ type Config struct {
 	// Routes map hosts and path prefixes to services. The longest matching
 	// prefix wins; host "*" matches any host.
 	Routes []RouteConfig `yaml:"routes"`
+}
+
+// ConsulConfig is the consul block: where Consul is and what edgelb uses
+// it for.
+type ConsulConfig struct {
+	// ConsulConfig is where Consul is (address, scheme, token,
+	// datacenter) and whether tag routes are followed.
+	discovery.ConsulConfig `yaml:",inline"`
+
+	// Register registers the instance in Consul, with a check on its
+	// admin /readyz, and deregisters it first when it stops. Off if not
+	// set.
+	Register *fleet.RegisterConfig `yaml:"register"`
+
+	// Purge is where POST /cache/purge publishes purges for every
+	// instance that shares the Consul and the prefix, and how long they
+	// are kept there.
+	Purge fleet.PurgeConfig `yaml:"purge"`
+
+	// ConfigKey, when set, is a Consul KV key holding services and routes
+	// in the YAML of this file. Once its value is known it replaces the
+	// file's services and routes, and every change to it applies as a
+	// reload does; a value that is not valid is refused and the running
+	// config stays. The file's own services and routes serve only until
+	// then.
+	ConfigKey string `yaml:"config_key"`
+}
+
+// configKey returns consul.config_key of cfg, or "".
+func configKey(cfg *Config) string {
+	if cfg.Consul == nil {
+		return ""
+	}
+	return cfg.Consul.ConfigKey
+}
+
+// routingDoc is what consul.config_key holds: the services and routes of
+// a config file.
+type routingDoc struct {
+	Services map[string]*ServiceConfig `yaml:"services"`
+	Routes   []RouteConfig             `yaml:"routes"`
+}
+
+// withRouting returns file with the services and routes of data, the
+// value of consul.config_key, in place of its own, checked by the rules
+// ParseConfig applies to a file: unknown keys are errors, and every
+// problem is listed with its key. file must come from ParseConfig and is
+// not changed.
+func withRouting(file *Config, data []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, fmt.Errorf("cannot parse YAML: %w", err)
+	}
+	if len(root.Content) == 0 {
+		return nil, errors.New("empty: want services and routes")
+	}
+	var doc routingDoc
+	var errs []error
+	lines := make(map[int]string)
+	top := root.Content[0]
+	if top.Kind == yaml.MappingNode {
+		fileKeys := yamlFields(reflect.TypeOf(Config{}))
+		for i := 0; i+1 < len(top.Content); i += 2 {
+			k := top.Content[i].Value
+			if _, ok := fileKeys[k]; ok && k != "services" && k != "routes" {
+				errs = append(errs, fmt.Errorf("%s: belongs in the config file; the key holds services and routes only", k))
+			}
+		}
+	}
+	var unknown []error
+	checkKeys(top, reflect.TypeOf(doc), "", lines, &unknown)
+	for _, e := range unknown {
+		if k, _, _ := strings.Cut(e.Error(), ":"); !strings.Contains(k, ".") {
+			if _, ok := yamlFields(reflect.TypeOf(Config{}))[k]; ok {
+				continue // said above
+			}
+		}
+		errs = append(errs, e)
+	}
+	if err := top.Decode(&doc); err != nil {
+		errs = append(errs, decodeErrors(err, lines)...)
+	}
+	cfg := *file
+	cfg.Services, cfg.Routes = doc.Services, doc.Routes
+	for _, sc := range cfg.Services {
+		sc.applyDefaults()
+	}
+	for i := range cfg.Routes {
+		cfg.Routes[i].applyDefaults()
+	}
+	errs = append(errs, cfg.validateRouting()...)
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return &cfg, nil
 }
 
 // Defaults of Config and its parts.
@@ -614,8 +711,14 @@ func yamlFields(t reflect.Type) map[string]reflect.Type {
 	m := make(map[string]reflect.Type, t.NumField())
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
-		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		name, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
 		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if opts == "inline" {
+			for k, ft := range yamlFields(f.Type) {
+				m[k] = ft
+			}
 			continue
 		}
 		if name == "" {
@@ -678,6 +781,10 @@ func (c *Config) applyDefaults() {
 	if c.Consul != nil {
 		setDefault(&c.Consul.Address, discovery.DefaultConsulAddress)
 		setDefault(&c.Consul.Scheme, "http")
+		if c.Consul.Register != nil {
+			c.Consul.Register.ApplyDefaults()
+		}
+		c.Consul.Purge.ApplyDefaults()
 	}
 	c.Server.applyDefaults()
 	if c.TLS != nil {
@@ -718,6 +825,10 @@ func (c *Config) validate() []error {
 		if err := checkAddr(c.Consul.Address); err != nil {
 			bad("consul.address", "%v", err)
 		}
+		if r := c.Consul.Register; r != nil {
+			errs = append(errs, r.Validate("consul.register")...)
+		}
+		errs = append(errs, c.Consul.Purge.Validate("consul.purge")...)
 	}
 	errs = append(errs, c.Server.validate("server")...)
 	if t := c.TLS; t != nil {
@@ -730,11 +841,38 @@ func (c *Config) validate() []error {
 	}
 	errs = append(errs, c.StaleStore.Validate("stale_store")...)
 	errs = append(errs, c.DNS.Validate("dns")...)
+	if k := configKey(c); k != "" {
+		if err := fleet.CheckKey(k); err != nil {
+			bad("consul.config_key", "%v", err)
+		}
+		if strings.HasPrefix(k, c.Consul.Purge.Prefix) {
+			bad("consul.config_key", "%q is under consul.purge.prefix (%s), which holds the purge log", k, c.Consul.Purge.Prefix)
+		}
+		// The key's services and routes come later; the file's, if any,
+		// serve until then.
+		if len(c.Services) == 0 && len(c.Routes) == 0 {
+			return errs
+		}
+	}
+	return append(errs, c.validateRouting()...)
+}
+
+// validateRouting checks the services and routes of c, after
+// applyDefaults; it returns every problem.
+func (c *Config) validateRouting() []error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key}, args...)...))
+	}
 	if len(c.Services) == 0 && (c.Consul == nil || !c.Consul.TagRoutes) {
 		bad("services", "no service defined (and consul.tag_routes is off): nothing to route to")
 	}
+	var consul *discovery.ConsulConfig
+	if c.Consul != nil {
+		consul = &c.Consul.ConsulConfig
+	}
 	for _, name := range sortedNames(c.Services) {
-		errs = append(errs, c.Services[name].validate("services."+name, c.Consul, c.DNS)...)
+		errs = append(errs, c.Services[name].validate("services."+name, consul, c.DNS)...)
 		if base, ok := strings.CutSuffix(name, backupSuffix); ok {
 			if sc := c.Services[base]; sc != nil && sc.Backup != nil && sc.Backup.Consul != nil {
 				bad("services."+name, "the name is taken: the Consul backup set of services.%s reports under it; rename the service", base)

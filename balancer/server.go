@@ -21,6 +21,7 @@ import (
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/edgelb/edgelb/balancer/fleet"
 	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/balancer/stale"
 	"github.com/edgelb/edgelb/discovery"
@@ -77,6 +78,17 @@ type Server struct {
 	// Consul's tag routes are not known yet; nil without tag routes.
 	unrouted atomic.Pointer[unroutedPolicy]
 
+	// instance is the stable ID of the instance in its fleet. registrar
+	// keeps it registered in Consul and peers follows the others (nil
+	// without consul.register; guarded by mu); leaving is set once it
+	// deregistered to stop. purges is the purge log shared with the
+	// fleet; nil keeps purges local.
+	instance  string
+	registrar *fleet.Registrar
+	peers     *fleet.Peers
+	leaving   atomic.Pointer[LeavingStatus]
+	purges    atomic.Pointer[fleet.Purges]
+
 	// perIP counts client connections by address for
 	// server.max_conns_per_ip; nil when there is no cap.
 	perIP *ipConns
@@ -88,6 +100,18 @@ type Server struct {
 	// reloadMu serialises Start and Reload: the DNS source is configured
 	// outside mu, as it waits for publications that take mu.
 	reloadMu sync.Mutex
+	// fileCfg is the config as its file gave it; cfg is the same with
+	// the services and routes of consul.config_key once known. keyGood
+	// is the key's value running (nil while the file's own services and
+	// routes run). Guarded by reloadMu. keyWatch follows the key; it is
+	// replaced under reloadMu.
+	fileCfg  *Config
+	keyGood  *fleet.KeyValue
+	keyWatch atomic.Pointer[fleet.KeyWatch]
+	// keyStatus is the config key in /status; keyPending is set while the
+	// key's value is not known and the file has no routes of its own.
+	keyStatus  atomic.Pointer[ConfigKeyStatus]
+	keyPending atomic.Bool
 
 	// mu guards the control plane below (slow path only).
 	mu        sync.Mutex
@@ -174,11 +198,22 @@ func (s *Server) Start() error {
 			return err
 		}
 	}
+	s.setInstance(s.cfg)
 	if err := s.store.LoadFrom(s.cfg.StateDir); err != nil {
 		s.log.Error("stale store", "err", err)
 	} else {
 		s.log.Info("stale store loaded", "state_dir", s.cfg.StateDir)
 	}
+	// Purges published while the instance was away apply before it
+	// serves what it loaded.
+	if err := s.startPurges(s.cfg); err != nil {
+		s.closeListeners()
+		return err
+	}
+	// The services and routes of consul.config_key, when Consul or
+	// state_dir has them, before anything is built.
+	s.fileCfg = s.cfg
+	s.cfg = s.startConfigKeyLocked(s.cfg)
 	s.admin = newAdminServer(s)
 	if err := s.admin.start(s.cfg.Admin); err != nil {
 		s.closeListeners()
@@ -231,6 +266,13 @@ func (s *Server) Start() error {
 	s.goSafe("reaper", func() { s.every(time.Second, s.reap) })
 	s.goSafe("stale-persist", func() { s.every(StaleSaveInterval, func(time.Time) { s.saveStore() }) })
 	s.goSafe("live", s.liveLoop)
+	// Registered once serving, so that the first check can pass.
+	s.mu.Lock()
+	err = s.startFleetLocked(s.cfg)
+	s.mu.Unlock()
+	if err != nil {
+		s.log.Error("cannot register in Consul", "err", err)
+	}
 	s.log.Info("edgelb started", "version", version.Version(), "listen", ln.Addr().String(), "tls_listen", s.TLSAddr(), "admin", s.admin.addr())
 	return nil
 }
@@ -254,9 +296,34 @@ func (s *Server) AdminAddr() string { return s.admin.addr() }
 // their backends. New TLS handshakes get the certificates of cfg, which
 // LoadConfig read anew; open connections keep theirs. Listener addresses
 // cannot change without a restart, nor can the TLS listener come or go.
+//
+// With consul.config_key, cfg is the file's config: the services and
+// routes of the key's value, once known, take the place of its own, and
+// a reload whose file does not fit them (a route needing a tls block the
+// file no longer has) is refused.
 func (s *Server) Reload(cfg *Config) error {
 	s.reloadMu.Lock()
-	defer s.reloadMu.Unlock()
+	eff, err := s.withConfigKeyLocked(cfg)
+	if err == nil {
+		err = s.reloadLocked(eff)
+	}
+	var stopped *fleet.KeyWatch
+	if err == nil {
+		s.fileCfg = cfg
+		stopped = s.switchConfigKeyLocked(cfg)
+	}
+	s.reloadMu.Unlock()
+	// The old watch may be waiting for reloadMu to apply a value.
+	if stopped != nil {
+		stopped.Stop()
+	}
+	return err
+}
+
+// reloadLocked makes cfg, the file's config with the services and routes
+// of consul.config_key if any, the running config. The caller holds
+// reloadMu.
+func (s *Server) reloadLocked(cfg *Config) error {
 	s.mu.Lock()
 	if cfg.Listen != s.cfg.Listen || cfg.Admin != s.cfg.Admin || tlsListen(cfg) != tlsListen(s.cfg) {
 		reloadErrors.Inc()
@@ -282,13 +349,16 @@ func (s *Server) Reload(cfg *Config) error {
 	}
 	var stopped *discovery.Consul
 	var err error
-	if !reflect.DeepEqual(old.Consul, cfg.Consul) || old.StateDir != cfg.StateDir {
+	if !reflect.DeepEqual(consulWatching(old), consulWatching(cfg)) || old.StateDir != cfg.StateDir {
 		stopped, s.consul = s.consul, nil
 		err = s.startConsulLocked(cfg)
 	} else if s.consul != nil {
 		s.consul.SetServices(consulServices(cfg))
 	}
 	s.setUnroutedLocked(cfg)
+	if ferr := s.reloadFleetLocked(old, cfg); ferr != nil && err == nil {
+		err = ferr
+	}
 	s.mu.Unlock()
 	// The old watches may be waiting for s.mu to publish: stop them only
 	// now.
@@ -297,6 +367,9 @@ func (s *Server) Reload(cfg *Config) error {
 	}
 	if aerr := s.reloadACME(old, cfg); aerr != nil && err == nil {
 		err = aerr
+	}
+	if perr := s.reloadPurges(old, cfg); perr != nil && err == nil {
+		err = perr
 	}
 	if err != nil {
 		reloadErrors.Inc()
@@ -406,7 +479,7 @@ func (s *Server) startConsulLocked(cfg *Config) error {
 	if cfg.Consul == nil {
 		return nil
 	}
-	c, err := discovery.NewConsul(*cfg.Consul, consulServices(cfg), cfg.StateDir, s, s.log)
+	c, err := discovery.NewConsul(cfg.Consul.ConsulConfig, consulServices(cfg), cfg.StateDir, s, s.log)
 	if err != nil {
 		return err
 	}
@@ -416,6 +489,15 @@ func (s *Server) startConsulLocked(cfg *Config) error {
 	// goroutines, taking s.mu when the caller has released it.
 	c.Start()
 	return nil
+}
+
+// consulWatching returns what the discovery of cfg asks of Consul; nil
+// without the consul block.
+func consulWatching(cfg *Config) *discovery.ConsulConfig {
+	if cfg.Consul == nil {
+		return nil
+	}
+	return &cfg.Consul.ConsulConfig
 }
 
 // unroutedPolicy is what a request that matches no route gets while the
@@ -628,6 +710,8 @@ func contains(ss []string, s string) bool {
 // away (WebSocket close frames) and closed when ctx is done, if not before.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
+	s.stopFleet()
+	s.stopConfigKey()
 	s.tunnels.drain()
 	if s.handoff != nil {
 		// The loops accept on a duplicate of ln, which stopLoops closes
@@ -669,6 +753,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.dns.Stop()
 	s.stopACME()
+	if p := s.purges.Load(); p != nil {
+		p.Stop()
+	}
 	s.stopOnce.Do(func() { close(s.stop) })
 	if s.admin != nil {
 		s.admin.close()
@@ -764,7 +851,16 @@ func (s *Server) saveStore() {
 	s.mu.Lock()
 	dir := s.cfg.StateDir
 	s.mu.Unlock()
-	s.store.Persist(dir)
+	// The copy holds every purge of the log up to the cursor read before
+	// it: a restart applies the log again from there.
+	p := s.purges.Load()
+	var cursor uint64
+	if p != nil {
+		cursor = p.Cursor()
+	}
+	if err := s.store.Persist(dir); err == nil && p != nil {
+		p.StoreSaved(cursor)
+	}
 }
 
 // goSafe runs f in a goroutine; a panic in f is counted and logged, and
@@ -818,8 +914,9 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 }
 
 // serveUnrouted answers a request that matches no route: 404 no_route,
-// unless Consul's tag routes are not known yet (Consul unreachable and no
-// usable state in state_dir). Then the request may well be for one of
+// unless Consul's tag routes, or the services and routes of
+// consul.config_key, are not known yet (Consul unreachable and no usable
+// state in state_dir). Then the request may well be for one of
 // them: it gets a stored copy if there is one, else 503
 // no_healthy_backend, which clients retry and caches do not keep.
 func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
@@ -829,8 +926,12 @@ func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
 		writeError(&ctx.Response, errNoRoute, clientClose)
 		return
 	}
-	u := s.unrouted.Load()
-	if s.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, u.stale, errCodeValues[errNoHealthyBackend]) {
+	// Without tag routes, the config key's services are not known yet.
+	pol := stale.Policy{MaxStale: DefaultMaxStale}
+	if u := s.unrouted.Load(); u != nil {
+		pol = u.stale
+	}
+	if s.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, pol, errCodeValues[errNoHealthyBackend]) {
 		unroutedStaleTotal.Inc()
 		if clientClose {
 			ctx.Response.SetConnectionClose()
@@ -842,8 +943,12 @@ func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
 }
 
 // routesKnown reports whether a request that matches no route is known to
-// have none: unless Consul's tag routes are not known yet.
+// have none: unless Consul's tag routes, or the config key's routes, are
+// not known yet.
 func (s *Server) routesKnown() bool {
+	if s.keyPending.Load() {
+		return false
+	}
 	u := s.unrouted.Load()
 	return u == nil || u.consul.RoutesKnown()
 }

@@ -193,6 +193,10 @@ func (cfg ConsulConfig) NewClient() (*api.Client, error) {
 	return client, nil
 }
 
+// DescribeConsulErr words a Consul client error for logs and /status:
+// refused tokens, timeouts and an unreachable agent are named as such.
+func DescribeConsulErr(addr string, err error) string { return describeConsulErr(addr, err) }
+
 // NewConsul returns a Consul source for the services (keyed by edgelb
 // service name). Sets are published to pub. stateDir, if not empty, keeps
 // the last-known-good sets across restarts.

@@ -293,11 +293,15 @@ func (s *Store) RunPersist(ctx context.Context, dir string, interval time.Durati
 // Persist saves the store under dir as SaveTo does, for saves that nobody
 // waits on: an error is logged to Config.Logger, and a panic is recovered,
 // counted in edgelb_panics_total{component="stale"} and logged, so that
-// the next save still runs.
-func (s *Store) Persist(dir string) {
+// the next save still runs. It returns the error, or one for the panic,
+// to callers that track what the saved copy holds.
+func (s *Store) Persist(dir string) error {
 	var err error
-	panics.Stale.Run(func() { err = s.SaveTo(dir) }, s.log, "stale store: panic while saving", "dir", dir)
+	if r := panics.Stale.Run(func() { err = s.SaveTo(dir) }, s.log, "stale store: panic while saving", "dir", dir); r != nil {
+		return fmt.Errorf("stale store: panic while saving: %v", r)
+	}
 	if err != nil {
 		s.log.Error("stale store", "err", err)
 	}
+	return err
 }

@@ -11,9 +11,11 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -50,6 +52,16 @@ type Options struct {
 	Timeout time.Duration
 	// OnSecond, if set, is called with every completed second.
 	OnSecond func(Second)
+	// Addrs, if set, spreads the load over several servers, as an L4
+	// load balancer in front of them would: it is asked before every
+	// request for the addresses (host:port) that take new requests, and
+	// each request goes to the next of them in turn, in place of the
+	// URL's host and port (the URL still gives the Host header, scheme
+	// and path). A request whose connection is refused goes to the next
+	// address, up to one try on each; an address that leaves the list has
+	// its idle connections closed. The URL's address is used while the
+	// list is empty.
+	Addrs func() []string
 	// OnResponse, if set, is called after every request that the end of
 	// the run did not cut, from the worker that sent it and concurrently
 	// with the others: when it was sent and ended, and the response, or
@@ -83,6 +95,9 @@ type Counts struct {
 	// ByTransport counts requests that got no response, by kind: timeout,
 	// refused, reset, closed, other.
 	ByTransport map[string]int64 `json:"by_transport,omitempty"`
+	// Refused counts connections refused that a request survived by
+	// going to another address (Options.Addrs); not errors.
+	Refused int64 `json:"refused_tried_elsewhere,omitempty"`
 }
 
 // Second is one second of a run.
@@ -125,6 +140,7 @@ func (t *tally) merge(o *tally) {
 	t.OK += o.OK
 	t.Errors += o.Errors
 	t.Stale += o.Stale
+	t.Refused += o.Refused
 	for k, v := range o.ByStatus {
 		t.ByStatus[k] += v
 	}
@@ -173,11 +189,24 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if u.Port() == "" {
 		addr = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
 	}
-	client := &fasthttp.HostClient{
-		Addr: addr, IsTLS: u.Scheme == "https", MaxConns: o.Concurrency,
-		MaxIdemponentCallAttempts: 1, NoDefaultUserAgentHeader: true,
-		ReadTimeout: o.Timeout, WriteTimeout: o.Timeout, MaxConnWaitTimeout: o.Timeout,
+	clients := newClients(func(addr string) *fasthttp.HostClient {
+		return &fasthttp.HostClient{
+			Addr: addr, IsTLS: u.Scheme == "https", MaxConns: o.Concurrency,
+			MaxIdemponentCallAttempts: 1, NoDefaultUserAgentHeader: true,
+			ReadTimeout: o.Timeout, WriteTimeout: o.Timeout, MaxConnWaitTimeout: o.Timeout,
+		}
+	})
+	// With one server, one client, reached without a lock.
+	single := clients.get(addr)
+	only := []string{addr}
+	targets := func() []string {
+		if as := o.Addrs(); len(as) > 0 {
+			clients.keep(as)
+			return as
+		}
+		return only
 	}
+	var turn atomic.Uint64
 	if o.Duration > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, o.Duration)
@@ -261,7 +290,22 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 				if due.IsZero() {
 					due = sendAt
 				}
-				err := client.DoTimeout(req, resp, o.Timeout)
+				var err error
+				if o.Addrs == nil {
+					err = single.DoTimeout(req, resp, o.Timeout)
+				} else {
+					as := targets()
+					first := int(turn.Add(1) % uint64(len(as)))
+					for i := range as {
+						err = clients.get(as[(first+i)%len(as)]).DoTimeout(req, resp, o.Timeout)
+						if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || i == len(as)-1 {
+							break
+						}
+						// Nothing reached that server: as an L4 balancer
+						// does, try the next one.
+						cur.Refused++
+					}
+				}
 				end := time.Now()
 				if ctx.Err() != nil && err != nil {
 					return // cut by the end of the run, not a server failure
@@ -354,6 +398,48 @@ loop:
 		res.RPS = float64(total.Requests) / secs
 	}
 	return res, nil
+}
+
+// clients holds a HostClient per server address.
+type clients struct {
+	newClient func(addr string) *fasthttp.HostClient
+	mu        sync.Mutex
+	by        map[string]*fasthttp.HostClient
+	// last is the address list last kept, to notice what left it.
+	last []string
+}
+
+func newClients(newClient func(addr string) *fasthttp.HostClient) *clients {
+	return &clients{newClient: newClient, by: map[string]*fasthttp.HostClient{}}
+}
+
+// get returns the client of addr.
+func (c *clients) get(addr string) *fasthttp.HostClient {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	hc := c.by[addr]
+	if hc == nil {
+		hc = c.newClient(addr)
+		c.by[addr] = hc
+	}
+	return hc
+}
+
+// keep drops the clients of addresses that left the list, closing their
+// idle connections: a server that left may close them while they wait.
+func (c *clients) keep(addrs []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if slices.Equal(addrs, c.last) {
+		return
+	}
+	c.last = slices.Clone(addrs)
+	for a, hc := range c.by {
+		if !slices.Contains(addrs, a) {
+			hc.CloseIdleConnections()
+			delete(c.by, a)
+		}
+	}
 }
 
 // transportKind names why a request got no response.

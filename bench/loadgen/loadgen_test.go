@@ -78,3 +78,35 @@ func TestRunRateAndTransportErrors(t *testing.T) {
 		t.Fatal("invalid URL accepted")
 	}
 }
+
+// TestRunSpreadsOverAddrs sends the load to three servers in turn, one of
+// which refuses connections: its share goes to the others, without an
+// error; Host stays the URL's.
+func TestRunSpreadsOverAddrs(t *testing.T) {
+	var hits [2]atomic.Int64
+	var hosts atomic.Int64
+	a := startServer(t, func(ctx *fasthttp.RequestCtx) {
+		hits[0].Add(1)
+		if string(ctx.Host()) == "edge.example" {
+			hosts.Add(1)
+		}
+	})
+	b := startServer(t, func(ctx *fasthttp.RequestCtx) { hits[1].Add(1) })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String()
+	ln.Close()
+	res, err := Run(context.Background(), Options{URL: "http://edge.example/", Concurrency: 4, Requests: 300,
+		Addrs: func() []string { return []string{a, dead, b} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Errors != 0 || res.OK != 300 || res.Refused < 50 {
+		t.Fatalf("counts: %+v", res.Counts)
+	}
+	if hits[0].Load() < 100 || hits[1].Load() < 100 || hits[0].Load()+hits[1].Load() != 300 || hosts.Load() != hits[0].Load() {
+		t.Fatalf("hits %d %d, Host edge.example %d", hits[0].Load(), hits[1].Load(), hosts.Load())
+	}
+}

@@ -185,6 +185,8 @@ func (g *Procs) StartOriginAt(name, addr string, args ...string) (*Proc, error) 
 type Edge struct {
 	*Proc
 	Admin string
+	// Config is its config file.
+	Config string
 }
 
 // StartEdge starts edgelb with the given config body (listen, admin and
@@ -192,6 +194,11 @@ type Edge struct {
 // config has routes of its own. When ProxyCPUs is set it runs with
 // GOMAXPROCS set to the number of those CPUs.
 func (g *Procs) StartEdge(config, stateDir string) (*Edge, error) {
+	return g.StartEdgeAs("edgelb", config, stateDir)
+}
+
+// StartEdgeAs is StartEdge for an edgelb named name in the logs.
+func (g *Procs) StartEdgeAs(name, config, stateDir string) (*Edge, error) {
 	admin, err := FreeAddr()
 	if err != nil {
 		return nil, err
@@ -211,25 +218,45 @@ func (g *Procs) StartEdge(config, stateDir string) (*Edge, error) {
 	if err := f.Close(); err != nil {
 		return nil, err
 	}
+	e, err := g.RunEdge(&Edge{Proc: &Proc{Name: name, Addr: addr}, Admin: admin, Config: f.Name()})
+	if err != nil {
+		return nil, err
+	}
+	if strings.HasPrefix(config, "routes:") || strings.Contains(config, "\nroutes:") {
+		if err := WaitHTTP("http://"+admin+"/readyz", DefaultWaitTimeout); err != nil {
+			return nil, fmt.Errorf("%w\n%s", err, e.Output())
+		}
+	}
+	return e, nil
+}
+
+// RunEdge starts edgelb as e says (its name, config file and addresses),
+// again after it stopped, and waits until it is alive.
+func (g *Procs) RunEdge(e *Edge) (*Edge, error) {
 	var env []string
 	if g.ProxyCPUs != "" {
 		env = append(env, fmt.Sprintf("GOMAXPROCS=%d", cpuCount(g.ProxyCPUs)))
 	}
-	p, err := g.Start("edgelb", g.ProxyCPUs, env, filepath.Join(g.Bin, "edgelb"), "-config", f.Name(), "-log-level", "warn")
+	p, err := g.Start(e.Name, g.ProxyCPUs, env, filepath.Join(g.Bin, "edgelb"), "-config", e.Config, "-log-level", "warn")
 	if err != nil {
 		return nil, err
 	}
-	p.Addr = addr
-	e := &Edge{Proc: p, Admin: admin}
-	if err := WaitHTTP("http://"+admin+"/healthz", DefaultWaitTimeout); err != nil {
+	p.Addr = e.Addr
+	n := &Edge{Proc: p, Admin: e.Admin, Config: e.Config}
+	if err := WaitHTTP("http://"+n.Admin+"/healthz", DefaultWaitTimeout); err != nil {
 		return nil, fmt.Errorf("%w\n%s", err, p.Output())
 	}
-	if strings.HasPrefix(config, "routes:") || strings.Contains(config, "\nroutes:") {
-		if err := WaitHTTP("http://"+admin+"/readyz", DefaultWaitTimeout); err != nil {
-			return nil, fmt.Errorf("%w\n%s", err, p.Output())
-		}
+	return n, nil
+}
+
+// Wait waits up to d for the process to exit and reports whether it did.
+func (p *Proc) Wait(d time.Duration) bool {
+	select {
+	case <-p.done:
+		return true
+	case <-time.After(d):
+		return false
 	}
-	return e, nil
 }
 
 // cpuCount counts the CPUs of a taskset list such as "0", "0,1" or "0-3".

@@ -32,10 +32,11 @@ const (
 	Backup     = "backup"
 	DNS        = "dns"
 	DCFailover = "dc-failover"
+	Fleet      = "fleet"
 )
 
 // Names lists every scenario in the order "all" runs them.
-var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup, DNS, DCFailover}
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup, DNS, DCFailover, Fleet}
 
 // Compared are the scenarios that comparison mode also runs through nginx
 // and HAProxy.
@@ -73,6 +74,13 @@ var about = map[string][2]string{
 		"dc2-1 and dc2-2 in dc2, and edgelb discovers it in dc1 with consul: {failover: [dc2], failover_hold: 3s}. At a quarter of the load " +
 		"the dc1 instances are deregistered; at half they are registered again. The notes give the time until answers come from dc2 " +
 		"(target: within 1s, with no error) and back from dc1 (after the 3s hold)."},
+	Fleet: {"A fleet on Consul", "Three edgelb instances register in one Consul agent and take their services and routes from the key " + fleetKey +
+		" (service web on o1, o2, o3; service archive on a fourth origin). The load goes round-robin to the instances Consul lists as passing, " +
+		"followed with blocking queries, as an L4 balancer synchronised from Consul would, and a refused connection is tried on the next instance. " +
+		"At 10% of the load a copy of " + fleetPurgePath + " is served stale by all three (its origin killed) and purged on one: the time until no " +
+		"instance serves it stale; at 25% a route /new is added to the key: the time until all three route it; at 35% a broken value is written " +
+		"(an unknown key): all three must refuse it, report it in /status and keep routing; from 45% on, a rolling restart of all three " +
+		"(SIGTERM, exit, start, passing in Consul, next). Errors should stay at 0 for the whole load; targets: 1s for the purge and the route."},
 }
 
 // Options describe a bench-suite run. Zero values select the defaults.
@@ -198,6 +206,9 @@ type session struct {
 	events []event
 	prop   *report.Propagation
 
+	// fleet is the fleet scenario's state.
+	fleet *fleetRun
+
 	// answers records who answered each request, for the backup
 	// scenario; killAt and killedAt are when the kill of its primaries
 	// began and ended, restartAt when they answered again after their
@@ -260,6 +271,13 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 		err = s.setupDNS()
 	case DCFailover:
 		err = s.setupFailover()
+	case Fleet:
+		err = s.setupFleet()
+		defer func() {
+			if s.fleet != nil && s.fleet.stop != nil {
+				s.fleet.stop()
+			}
+		}()
 	default:
 		err = s.setupStatic()
 	}
@@ -381,6 +399,9 @@ func port(addr string) int {
 func (s *session) drive(script func(*session) error) (report.Run, error) {
 	run := report.Run{Proxy: s.proxy}
 	lo := loadgen.Options{URL: s.url, Concurrency: s.o.Concurrency, Rate: s.o.Rate, Timeout: s.o.Timeout}
+	if s.fleet != nil {
+		lo.Addrs = s.fleet.addrs
+	}
 	w := lo
 	w.Duration = warmup
 	if _, err := loadgen.Run(s.ctx, w); err != nil {
@@ -390,12 +411,21 @@ func (s *session) drive(script func(*session) error) (report.Run, error) {
 	if s.answers != nil {
 		lo.OnResponse = s.answers.observe
 	}
+	if s.fleet != nil {
+		lo.Addrs = s.fleet.addrs
+		lo.OnResponse = s.fleet.observe
+	}
 	if s.o.OnSecond != nil {
 		lo.OnSecond = func(sec loadgen.Second) { s.o.OnSecond(s.name, s.proxy, sec) }
 	}
-	cpu0, err := CPUTime(s.pid)
-	if err != nil {
-		return run, err
+	// A fleet's processes change as they restart: its CPU time is not
+	// measured (pid 0).
+	var cpu0 time.Duration
+	var err error
+	if s.pid != 0 {
+		if cpu0, err = CPUTime(s.pid); err != nil {
+			return run, err
+		}
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
 	defer cancel()
@@ -411,7 +441,10 @@ func (s *session) drive(script func(*session) error) (report.Run, error) {
 		scriptDone <- script(s)
 	}()
 	res, err := loadgen.Run(s.ctx, lo)
-	cpu1, cpuErr := CPUTime(s.pid)
+	cpu1, cpuErr := time.Duration(0), error(nil)
+	if s.pid != 0 {
+		cpu1, cpuErr = CPUTime(s.pid)
+	}
 	cancel()
 	scriptErr := <-scriptDone
 	if err != nil {
@@ -424,7 +457,7 @@ func (s *session) drive(script func(*session) error) (report.Run, error) {
 	}
 	run.Result = res
 	run.Events = []report.Event{}
-	if cpuErr == nil && res.Requests > 0 {
+	if s.pid != 0 && cpuErr == nil && res.Requests > 0 {
 		run.CPUSeconds = (cpu1 - cpu0).Seconds()
 		run.CPUPerRequestUS = run.CPUSeconds * 1e6 / float64(res.Requests)
 	}
@@ -452,6 +485,7 @@ var scripts = map[string]func(*session) error{
 	Backup:     backupScript,
 	DNS:        dnsScript,
 	DCFailover: failoverScript,
+	Fleet:      fleetScript,
 }
 
 // judges, after a scenario's load, write what it shows against its
@@ -459,6 +493,7 @@ var scripts = map[string]func(*session) error{
 var judges = map[string]func(*session, *report.Run) []string{
 	Hedge:      hedgeJudge,
 	DCFailover: failoverJudge,
+	Fleet:      fleetJudge,
 }
 
 // hedgeJudge compares the worst latency while o2 hung with the p99 before

@@ -4,8 +4,9 @@
 //	edgelb -config FILE -check   validate the config and exit
 //	edgelb -version              print the version and exit
 //
-// SIGHUP reloads the config; SIGTERM and SIGINT drain in-flight requests
-// and exit.
+// SIGHUP reloads the config; SIGTERM and SIGINT deregister the instance
+// from Consul (with consul.register), keep serving for its drain_delay,
+// then drain in-flight requests and exit.
 package main
 
 import (
@@ -75,6 +76,19 @@ func run() int {
 			cfg = next
 			continue
 		}
+		// Out of the fleet first (deregistered from Consul), serving on
+		// for the drain delay; a second signal ends that delay early.
+		leaveCtx, stopLeaving := context.WithCancel(context.Background())
+		go func() {
+			select {
+			case <-sigs:
+				logger.Info("second signal: draining now")
+				stopLeaving()
+			case <-leaveCtx.Done():
+			}
+		}()
+		srv.Leave(leaveCtx)
+		stopLeaving()
 		logger.Info("draining", "signal", sig.String(), "timeout", cfg.Server.DrainTimeout)
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.Server.DrainTimeout)
 		err := srv.Shutdown(ctx)

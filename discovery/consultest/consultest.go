@@ -163,8 +163,9 @@ func (a *Agent) start() error {
 		return fmt.Errorf("cannot start consul: %v", err)
 	}
 	exited := make(chan struct{})
+	var state *os.ProcessState
 	go func(cmd *exec.Cmd) {
-		cmd.Process.Wait()
+		state, _ = cmd.Process.Wait()
 		close(exited)
 	}(a.cmd)
 	deadline := time.Now().Add(60 * time.Second)
@@ -175,7 +176,7 @@ func (a *Agent) start() error {
 		select {
 		case <-exited:
 			a.cmd = nil
-			return fmt.Errorf("consul exited:\n%s", a.out.String())
+			return fmt.Errorf("consul exited (%v):\n%s", state, a.out.String())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}

@@ -39,6 +39,9 @@ var (
 	Stale = newComponent("stale")
 	// ACME is the getting and renewing of certificates from an ACME CA.
 	ACME = newComponent("acme")
+	// Fleet is what makes instances act as one through Consul: the
+	// registration, the purge log, the config key and the peer list.
+	Fleet = newComponent("fleet")
 )
 
 func newComponent(name string) *Component {

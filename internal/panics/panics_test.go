@@ -92,7 +92,7 @@ func TestRecoveredBoundsWhatItLogs(t *testing.T) {
 func TestEveryComponentIsExported(t *testing.T) {
 	var b bytes.Buffer
 	metrics.WritePrometheus(&b, false)
-	for _, name := range []string{"balancer", "admin", "discovery", "health", "stale"} {
+	for _, name := range []string{"balancer", "admin", "discovery", "health", "stale", "fleet"} {
 		if want := `edgelb_panics_total{component="` + name + `"} `; !strings.Contains(b.String(), want) {
 			t.Errorf("metrics lack %q", want)
 		}
