@@ -39,7 +39,7 @@ func (l *loop) settle(c *loopClient) {
 // a stored copy that its status gives way to.
 func (l *loop) answerKept(c *loopClient) {
 	raw, r := c.kept, &l.kresp
-	if h1.ParseResponse(raw, c.req.Head, r) != h1.Forward {
+	if h1.ParseResponse(raw, c.req.Head, nil, r) != h1.Forward {
 		panic("BUG: a kept answer no longer parses")
 	}
 	if c.pool.staleOnAnswer(r.Status) && l.serveStale(c, upstreamStatusDetail[r.Status-500]) {

@@ -437,7 +437,7 @@ func (l *loop) onResponseBytes(bc *loopBackend) {
 		return
 	}
 	if !bc.parsed {
-		switch h1.ParseResponse(bc.in, c.req.Head, &bc.resp) {
+		switch h1.ParseResponse(bc.in, c.req.Head, nil, &bc.resp) {
 		case h1.Incomplete:
 			if len(bc.in) >= fasthttpHeadLimit {
 				l.carry(bc)

@@ -266,7 +266,7 @@ func (l *loop) onClient(c *loopClient) {
 
 // serve forwards the request at the start of c.in, or hands c over.
 func (l *loop) serve(c *loopClient) {
-	switch h1.ParseRequest(c.in, &c.req) {
+	switch h1.ParseRequest(c.in, nil, &c.req) {
 	case h1.Incomplete:
 		switch {
 		case len(c.in) >= l.maxHead:
