@@ -381,6 +381,9 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_tunnels_total":                    {help: "Upgrade requests by result: opened (a backend switched protocols), declined (it answered otherwise), failed (no backend answered), overloaded (websocket.max_tunnels open, or shutting down: 503)."},
 	"edgelb_tunnels_closed_total":             {help: "Tunnels closed, by reason: client or backend (the side that closed or failed first), idle_timeout (websocket.idle_timeout), shutdown."},
 	"edgelb_tunnel_bytes_total":               {help: "Bytes relayed through tunnels, by direction (to_backend, to_client)."},
+	"edgelb_access_log_lines_total":           {help: "Access log lines written to the file."},
+	"edgelb_access_log_dropped_total":         {help: "Access log lines dropped: a producer's buffer was full because the writer fell behind, or writing failed."},
+	"edgelb_access_log_write_errors_total":    {help: "Failed writes to the access log file; their lines count as dropped."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {

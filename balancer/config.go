@@ -72,6 +72,14 @@ type Config struct {
 	// Routes map hosts and path prefixes to services. The longest matching
 	// prefix wins; host "*" matches any host.
 	Routes []RouteConfig `yaml:"routes"`
+
+	// AccessLog writes a line per request. Off if not set.
+	AccessLog *AccessLogConfig `yaml:"access_log"`
+
+	// RequestID gives every request an ID, in a header both ways and in
+	// the logs. "request_id: false" is short for "request_id: {enabled:
+	// false}".
+	RequestID RequestIDConfig `yaml:"request_id"`
 }
 
 // Defaults of Config and its parts.
@@ -594,6 +602,8 @@ func (c *Config) applyDefaults() {
 	for i := range c.Routes {
 		c.Routes[i].applyDefaults()
 	}
+	c.AccessLog.applyDefaults()
+	c.RequestID.applyDefaults()
 }
 
 // validate checks c after applyDefaults; it returns every problem.
@@ -647,6 +657,8 @@ func (c *Config) validate() []error {
 		}
 		seen[id] = i
 	}
+	errs = append(errs, c.AccessLog.validate("access_log")...)
+	errs = append(errs, c.RequestID.validate("request_id", c.AccessLog != nil)...)
 	return errs
 }
 
