@@ -3,8 +3,9 @@
 //	edgelb -config FILE          run
 //	edgelb -config FILE -check   validate the config and exit
 //
-// SIGHUP reloads the config; SIGTERM and SIGINT drain in-flight requests
-// and exit.
+// SIGHUP reloads the config; SIGUSR1 reopens the access log (after
+// logrotate renamed it); SIGTERM and SIGINT drain in-flight requests and
+// exit.
 package main
 
 import (
@@ -57,8 +58,14 @@ func run() int {
 	}
 
 	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
 	for sig := range sigs {
+		if sig == syscall.SIGUSR1 {
+			if err := srv.ReopenAccessLog(); err != nil {
+				logger.Error("access log not reopened; writing on to the open file", "err", err)
+			}
+			continue
+		}
 		if sig == syscall.SIGHUP {
 			next, err := srv.ReloadFile(*configPath)
 			if err != nil {
