@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -500,10 +501,19 @@ func (a *accessLog) add(sh *alogShard, set *alogSettings, e *logEntry) {
 		return
 	}
 	sh.buf = append(sh.buf, sh.line...)
-	half := n+len(sh.line) > cap(sh.buf)/2
+	m, c := len(sh.buf), cap(sh.buf)
 	sh.mu.Unlock()
-	if half {
-		a.wake()
+	if m <= c/2 {
+		return
+	}
+	// Slow path: the shard is filling up.
+	a.wake()
+	if n <= c/2 || n <= c*3/4 && m > c*3/4 {
+		// A busy producer may hold its P for long: an event loop under
+		// load never parks. Once at the half and once at three
+		// quarters, it lets the writer it woke run. That waits for
+		// nothing: a writer stuck on its file is not runnable.
+		runtime.Gosched()
 	}
 }
 
