@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -432,15 +433,9 @@ func (a *accessLog) write(b []byte) {
 	accessLogLines.AddInt64(int64(lines))
 }
 
-func countLines(b []byte) int {
-	n := 0
-	for _, c := range b {
-		if c == '\n' {
-			n++
-		}
-	}
-	return n
-}
+func countLines(b []byte) int { return bytes.Count(b, strNewline) }
+
+var strNewline = []byte("\n")
 
 func (a *accessLog) closeFile() {
 	a.fmu.Lock()
