@@ -6,9 +6,9 @@
 # time per request of the proxy process (from /proc/PID/stat).
 #
 # The three proxies run side by side on their own ports and wrk visits them
-# in turn, ROUNDS times: on a shared or virtual machine the noise drifts
-# over seconds, and alternating short runs lets each round compare the
-# proxies under the same conditions. The summary gives each proxy's median
+# in turn, ROUNDS times, each round starting with the next proxy: on a
+# shared or virtual machine the noise drifts over seconds, and alternating
+# short runs lets each round compare the proxies under the same conditions. The summary gives each proxy's median
 # over the rounds and the median of the per-round ratios.
 #
 #   bench/hotpath-peers.sh [DURATION_SECONDS] [CONNECTIONS] [ROUNDS]
@@ -157,8 +157,12 @@ run() { # round name
 	echo "$r $name $rps $p99 $us" >> "$work/summary"
 }
 
+# Each round starts with the next proxy, so that none always runs first
+# (or right after the same one).
 for r in $(seq 1 "$ROUNDS"); do
-	for name in "${NAMES[@]}"; do run "$r" "$name"; done
+	for i in $(seq 0 $((${#NAMES[@]} - 1))); do
+		run "$r" "${NAMES[$(((r - 1 + i) % ${#NAMES[@]}))]}"
+	done
 done
 
 awk -v names="${NAMES[*]}" '
