@@ -754,3 +754,34 @@ func TestAccessLogEscaping(t *testing.T) {
 		}
 	}
 }
+
+// A file that cannot be opened stops the start, naming the key; at reload
+// it fails the reload and the running log goes on.
+func TestAccessLogCannotOpen(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "logs")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	base := "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: " + t.TempDir() + "\nservices:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}]\n"
+	cfg := mustConfig(t, base+"access_log: {path: "+filepath.Join(dir, "a.log")+"}\n")
+	os.Remove(dir)
+	s := NewServer(cfg, quietLogger())
+	if err := s.Start(); err == nil || !strings.Contains(err.Error(), "access_log.path: cannot open") {
+		s.Shutdown(t.Context())
+		t.Fatalf("start with a log in a removed directory: %v", err)
+	}
+
+	good := filepath.Join(t.TempDir(), "a.log")
+	s = startEdge(t, strings.SplitN(base, "\n", 3)[2]+"access_log: {path: "+good+", flush_interval: 10ms}\n")
+	os.Mkdir(dir, 0o755)
+	cfg = mustConfig(t, base+"access_log: {path: "+filepath.Join(dir, "b.log")+"}\n")
+	os.Remove(dir)
+	if err := s.Reload(cfg); err == nil || !strings.Contains(err.Error(), "access_log.path: cannot open") {
+		t.Fatalf("reload to a log in a removed directory: %v", err)
+	}
+	resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, good, idOf(t, resp))
+}

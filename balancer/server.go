@@ -169,6 +169,7 @@ func (s *Server) Start() error {
 	s.admin = newAdminServer(s)
 	if err := s.admin.start(s.cfg.Admin); err != nil {
 		s.closeListeners()
+		s.alog.close(time.Now().Add(time.Second))
 		return fmt.Errorf("cannot listen on %s (admin): %w", s.cfg.Admin, err)
 	}
 	s.mu.Lock()
@@ -178,6 +179,7 @@ func (s *Server) Start() error {
 	if err != nil {
 		s.closeListeners()
 		s.admin.close()
+		s.alog.close(time.Now().Add(time.Second))
 		return err
 	}
 	s.ready.Store(true)
