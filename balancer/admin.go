@@ -416,6 +416,9 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_http2_streams_reset_total":        {help: "HTTP/2 streams that ended before their answer was sent: reset by the client, or for its errors, or with their connection."},
 	"edgelb_http2_conns_closed_total":         {help: "HTTP/2 connections edgelb closed with GOAWAY ENHANCE_YOUR_CALM for going over a limit, by reason: resets (server.http2.max_resets_per_second, rapid reset), control_frames (server.http2.max_control_frames_per_second: SETTINGS, PING, PRIORITY, RST_STREAM and empty frames), header_block (a header block in too many CONTINUATION frames)."},
 	"edgelb_http2_errors_total":               {help: "HTTP/2 protocol errors of clients that Go's HTTP/2 server answered, by scope (conn: GOAWAY, the connection closes; stream: RST_STREAM) and error code."},
+	"edgelb_access_log_lines_total":           {help: "Access log lines written to the file."},
+	"edgelb_access_log_dropped_total":         {help: "Access log lines dropped: a producer's buffer was full because the writer fell behind, or writing failed."},
+	"edgelb_access_log_write_errors_total":    {help: "Failed writes to the access log file; their lines count as dropped."},
 }
 
 func (a *adminServer) healthz(w http.ResponseWriter, _ *http.Request) {

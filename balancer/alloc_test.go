@@ -4,6 +4,9 @@ package balancer
 
 import (
 	"bytes"
+	"fmt"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -11,9 +14,24 @@ import (
 )
 
 func TestProxiedGetAllocatesNothing(t *testing.T) {
+	t.Run("plain", func(t *testing.T) { testProxiedGetAllocs(t, "") })
+	// Every request logged, in either format; request IDs are on by
+	// default.
+	t.Run("json log", func(t *testing.T) { testProxiedGetAllocs(t, accessLogYAML(t, "json", 1)) })
+	t.Run("combined log", func(t *testing.T) { testProxiedGetAllocs(t, accessLogYAML(t, "combined", 1)) })
+	t.Run("sampled log", func(t *testing.T) { testProxiedGetAllocs(t, accessLogYAML(t, "json", 0.5)) })
+	t.Run("no request ids", func(t *testing.T) { testProxiedGetAllocs(t, "request_id: false\n") })
+}
+
+// accessLogYAML is an access_log block writing to a file of the test's.
+func accessLogYAML(t testing.TB, format string, sample float64) string {
+	return fmt.Sprintf("access_log: {path: %q, format: %s, sample: %v}\n", filepath.Join(t.TempDir(), "access.log"), format, sample)
+}
+
+func testProxiedGetAllocs(t *testing.T, extra string) {
 	body := bytes.Repeat([]byte("x"), 64)
 	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.SetBody(body) })
-	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n"+extra)
 	h := s.Handler()
 
 	var req fasthttp.Request
@@ -33,8 +51,12 @@ func TestProxiedGetAllocatesNothing(t *testing.T) {
 	for i := 0; i < 100; i++ {
 		serve() // warm up pools and buffers
 	}
+	lines := accessLogLines.Get()
 	if n := testing.AllocsPerRun(1000, serve); n != 0 {
 		t.Fatalf("proxied GET allocates %.2f times per request, want 0", n)
+	}
+	if strings.Contains(extra, "access_log") {
+		waitFor(t, "the requests' lines written", func() bool { return accessLogLines.Get() >= lines+100 })
 	}
 }
 

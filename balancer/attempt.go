@@ -43,6 +43,10 @@ type attempt struct {
 	pre      []byte
 	backend  *Backend
 	tryStart time.Time
+
+	// rl is the request's record: its ID, which backends have seen, and
+	// its tries so far, which the fasthttp path goes on with.
+	rl reqLog
 }
 
 // readCarried reads the carried try's answer into resp, by deadline and

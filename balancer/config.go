@@ -78,6 +78,14 @@ type Config struct {
 	// Routes map hosts and path prefixes to services. The longest matching
 	// prefix wins; host "*" matches any host.
 	Routes []RouteConfig `yaml:"routes"`
+
+	// AccessLog writes a line per request. Off if not set.
+	AccessLog *AccessLogConfig `yaml:"access_log"`
+
+	// RequestID gives every request an ID, in a header both ways and in
+	// the logs. "request_id: false" is short for "request_id: {enabled:
+	// false}".
+	RequestID RequestIDConfig `yaml:"request_id"`
 }
 
 // ConsulConfig is the consul block: where Consul is and what edgelb uses
@@ -800,6 +808,8 @@ func (c *Config) applyDefaults() {
 	for i := range c.Routes {
 		c.Routes[i].applyDefaults()
 	}
+	c.AccessLog.applyDefaults()
+	c.RequestID.applyDefaults()
 }
 
 // validate checks c after applyDefaults; it returns every problem.
@@ -890,6 +900,8 @@ func (c *Config) validateRouting() []error {
 		}
 		seen[id] = i
 	}
+	errs = append(errs, c.AccessLog.validate("access_log")...)
+	errs = append(errs, c.RequestID.validate("request_id", c.AccessLog != nil)...)
 	return errs
 }
 

@@ -15,8 +15,10 @@ import (
 // health, and in b's metrics, with the status a backend answered (0 when
 // it did not) or the code of the failure (errNone when it answered), and
 // for a backup that answered, in its service's backup answers.
-// Every try of every engine is counted here, once.
-func endTry(b *Backend, now int64, lat time.Duration, o health.Outcome, status int, code errCode) {
+// Every try of every engine is counted here, once, and recorded in rl,
+// its request's record for the access log (nil when it has none).
+func endTry(rl *reqLog, b *Backend, now int64, lat time.Duration, o health.Outcome, status int, code errCode) {
+	rl.addTry(b, now, lat, tryOutcomeOf(o, status, code), status)
 	b.target.Done(now, o, lat)
 	b.m.requests.Inc()
 	b.m.latency.Update(lat)

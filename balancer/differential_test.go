@@ -5,11 +5,14 @@ package balancer
 import (
 	"bufio"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http/httputil"
+	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
@@ -25,8 +28,8 @@ import (
 // The differential test: one table of scenarios, each served once with the
 // event loop on and once with it off, on fresh origins and a fresh edge.
 // What the client gets (status line, headers but Date, body), what each
-// origin was asked, backend health and metric deltas must be the same both
-// ways. Where they are not, diffKnown names every difference and why; the
+// origin was asked, backend health, metric deltas and the access log's
+// lines must be the same both ways. Where they are not, diffKnown names every difference and why; the
 // test fails when a named difference goes away as well as when a new one
 // appears, so that the table says what is true today.
 
@@ -214,6 +217,9 @@ type diffResult struct {
 	heads   map[string][]string // origin name: request heads received
 	health  map[string]string   // origin name: state and reason
 	metrics map[string]int      // series, backends by origin name: delta
+	// log holds the access log's lines, by answer, with what differs by
+	// run (times, ports, IDs) masked.
+	log []string
 }
 
 // diffAnswer is what the client got for one request.
@@ -223,6 +229,8 @@ type diffAnswer struct {
 	body    string
 	closed  string
 	err     string
+	// id is the request ID the answer carried.
+	id string
 }
 
 func TestDifferentialEngines(t *testing.T) {
@@ -402,7 +410,9 @@ func runDiffCase(t *testing.T, c diffCase, loop bool) *diffResult {
 	if routes == "" {
 		routes = "[{service: diff}]"
 	}
-	s := startEdge(t, fmt.Sprintf("server: {event_loop: %v}\n%sservices:\n  diff: %s}\nroutes: %s\n", loop, c.top, svc, routes))
+	logPath := filepath.Join(t.TempDir(), "access.log")
+	s := startEdge(t, fmt.Sprintf("server: {event_loop: %v}\n%sservices:\n  diff: %s}\nroutes: %s\naccess_log: {path: %q, flush_interval: 10ms}\n",
+		loop, c.top, svc, routes, logPath))
 
 	before := diffSeries(t, s, names)
 	r := &diffResult{heads: make(map[string][]string), health: make(map[string]string)}
@@ -419,11 +429,21 @@ func runDiffCase(t *testing.T, c diffCase, loop bool) *diffResult {
 			r.metrics[k] = d
 		}
 	}
+	// Every try of a request carries the ID its answer does.
+	step := make(map[string]string)
+	for i, a := range r.answers {
+		step[a.id] = fmt.Sprintf("(answer %d)", i+1)
+	}
 	for name, o := range origins {
 		for _, h := range o.got() {
-			r.heads[name] = append(r.heads[name], normHead(h))
+			id := headerValue(h, "X-Request-Id")
+			if step[id] == "" {
+				t.Errorf("origin %s got request ID %q, which no answer carries", name, id)
+			}
+			r.heads[name] = append(r.heads[name], strings.Replace(normHead(h), "X-Request-Id: "+id, "X-Request-Id: "+step[id], 1))
 		}
 	}
+	r.log = diffLog(t, logPath, step, names, len(c.steps))
 	for _, b := range s.Status().Services["diff"].Backends {
 		r.health[names[b.Addr]] = b.State + " (" + durationRe.ReplaceAllString(b.Reason, "*") + ")"
 	}
@@ -502,6 +522,11 @@ func diffAsk(t *testing.T, s *Server, st diffStep) diffAnswer {
 		switch k {
 		case "date":
 			continue
+		case "x-request-id":
+			if !generatedID(v) {
+				a.err = "request ID " + strconv.Quote(v) + " is not one edgelb makes"
+			}
+			a.id, v = v, "*"
 		case "age":
 			v = "*" // seconds since the copy was stored: timing
 		case "cache-status":
@@ -601,7 +626,57 @@ func diffResults(l, f *diffResult) []string {
 			add("%s: +%d vs +%d", k, l.metrics[k], f.metrics[k])
 		}
 	}
+	for i := 0; i < max(len(l.log), len(f.log)); i++ {
+		var ll, fl string
+		if i < len(l.log) {
+			ll = l.log[i]
+		}
+		if i < len(f.log) {
+			fl = f.log[i]
+		}
+		if ll != fl {
+			add("log line %d: %s vs %s", i+1, ll, fl)
+		}
+	}
 	sort.Strings(out)
+	return out
+}
+
+// diffLog waits for the n lines of the access log at path and returns
+// them in the order of their answers, as JSON with what differs by run
+// masked: times, the client's port, the request ID (named by its answer,
+// step) and backend addresses (by origin name, names).
+func diffLog(t *testing.T, path string, step, names map[string]string, n int) []string {
+	t.Helper()
+	var lines []string
+	waitFor(t, fmt.Sprintf("%d access log lines", n), func() bool {
+		b, _ := os.ReadFile(path)
+		lines = strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+		return len(b) > 0 && len(lines) >= n
+	})
+	out := make([]string, 0, len(lines))
+	for _, l := range lines {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("access log line %q: %v", l, err)
+		}
+		m["time"], m["duration_ms"] = "*", "*"
+		m["request_id"] = step[m["request_id"].(string)]
+		if c, ok := m["client"].(string); ok {
+			m["client"], _, _ = strings.Cut(c, ":")
+		}
+		if cs, ok := m["cache_status"].(string); ok {
+			m["cache_status"] = ttlRe.ReplaceAllString(cs, "ttl=*")
+		}
+		for _, try := range m["tries"].([]any) {
+			tr := try.(map[string]any)
+			tr["start_ms"], tr["duration_ms"] = "*", "*"
+			tr["backend"] = names[tr["backend"].(string)]
+		}
+		b, _ := json.Marshal(m)
+		out = append(out, string(b))
+	}
+	sort.Strings(out) // "request_id":"(answer N)" sorts them by answer
 	return out
 }
 

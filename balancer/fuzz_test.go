@@ -442,6 +442,13 @@ func provenance(r originReq, in []byte, peer string) string {
 			continue
 		case "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded":
 			continue // checked below, against the Host
+		case "x-request-id":
+			// edgelb's own, whatever the client sent: the peer is not
+			// trusted.
+			if !generatedID(value) {
+				return "request ID " + strconv.Quote(value) + " is not one edgelb made"
+			}
+			continue
 		case "connection", "upgrade":
 			// An upgrade edgelb forwards: its own Connection: Upgrade,
 			// beside an Upgrade the client sent, checked below.
@@ -472,6 +479,9 @@ func provenance(r originReq, in []byte, peer string) string {
 	}
 	if seen["host"] != 1 {
 		return strconv.Itoa(seen["host"]) + " Host headers"
+	}
+	if seen["x-request-id"] != 1 {
+		return strconv.Itoa(seen["x-request-id"]) + " X-Request-Id headers"
 	}
 	if seen["connection"] > 0 || seen["upgrade"] > 0 {
 		if why := upgradeProvenance(r.head, client, seen); why != "" {

@@ -40,6 +40,17 @@ type prefixConn struct {
 	att atomic.Pointer[attempt]
 }
 
+// peekAttempt returns the tries the loop made for the request the server
+// is about to serve on ctx's connection, if any, leaving them for
+// takeAttempt.
+func peekAttempt(ctx *fasthttp.RequestCtx) *attempt {
+	pc, ok := ctx.Conn().(*prefixConn)
+	if !ok {
+		return nil
+	}
+	return pc.att.Load()
+}
+
 // takeAttempt returns the tries the loop made for the request the server
 // is about to serve on ctx's connection, if any, once.
 func takeAttempt(ctx *fasthttp.RequestCtx) *attempt {

@@ -274,6 +274,8 @@ type hedgeTry struct {
 	start time.Time
 	end   time.Time
 	err   error
+	// returned is set once the try's result came back to hedgedTry.
+	returned bool
 }
 
 // hedgedTry makes the try of req on b and, while no answer has come after
@@ -285,8 +287,9 @@ type hedgeTry struct {
 // the caller counts and goes on from, as from one try: the winner's
 // backend with a nil error, or when no try answered well, the best of what
 // came (an answer to retry beats a failure). Every other try is counted
-// here. t gets every backend tried.
-func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Response, t *tried, hedges *int, now, deadline time.Time) (*Backend, error, time.Time) {
+// here, and recorded in rl with the tries that lost. t gets every backend
+// tried.
+func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Response, t *tried, hedges *int, now, deadline time.Time, rl *reqLog) (*Backend, error, time.Time) {
 	h := p.hedge
 	delay := h.delay(now.UnixNano())
 	if delay == 0 || *hedges >= h.max {
@@ -317,6 +320,7 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 		select {
 		case ht := <-results:
 			running--
+			ht.returned = true
 			better := best == nil || best.err != nil && ht.err == nil
 			if ht.err == nil {
 				if _, retryable := classifyResponse(ht.resp); !retryable {
@@ -325,11 +329,11 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 				}
 			}
 			if !better {
-				p.countHedgeTry(ht)
+				p.countHedgeTry(ht, rl)
 				continue
 			}
 			if best != nil {
-				p.countHedgeTry(best)
+				p.countHedgeTry(best, rl)
 			}
 			best = ht
 		case <-timer.C:
@@ -362,6 +366,12 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 		}
 	}
 	if running > 0 {
+		lost := time.Now()
+		for _, ht := range tries[:n] {
+			if !ht.returned {
+				rl.addTry(ht.b, lost.UnixNano(), lost.Sub(ht.start), tryHedgeLost, 0)
+			}
+		}
 		// The others lost: abandoned, they go on until their answer,
 		// thrown away, or their deadline, and end uncounted. Until then
 		// they hold their place in their backends' in-flight counts, so
@@ -390,15 +400,15 @@ func (p *Pool) tryDeadline(at, deadline time.Time) time.Time {
 }
 
 // countHedgeTry counts a try of a hedged request that is not the one
-// hedgedTry returns, and releases it.
-func (p *Pool) countHedgeTry(ht *hedgeTry) {
+// hedgedTry returns, and releases it; rl is its request's record.
+func (p *Pool) countHedgeTry(ht *hedgeTry, rl *reqLog) {
 	lat := ht.end.Sub(ht.start)
 	if ht.err == nil {
 		o, _ := classifyResponse(ht.resp)
-		endTry(ht.b, ht.end.UnixNano(), lat, o, ht.resp.StatusCode(), errNone)
+		endTry(rl, ht.b, ht.end.UnixNano(), lat, o, ht.resp.StatusCode(), errNone)
 	} else {
 		o, c := classifyErr(ht.err)
-		endTry(ht.b, ht.end.UnixNano(), lat, o, 0, c)
+		endTry(rl, ht.b, ht.end.UnixNano(), lat, o, 0, c)
 	}
 	releaseHedgeTry(ht)
 }

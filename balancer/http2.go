@@ -292,7 +292,7 @@ func (h *h2Server) serveStream(ctx *fasthttp.RequestCtx, r *http.Request) bool {
 		return true
 	}
 	var hb [h1.MaxHostLen]byte
-	if _, _, why := vetRequest(req, hb[:0]); why != refuseNone && why != answerOptionsStar {
+	if _, _, why := vetRequest(req, hb[:0], nil); why != refuseNone && why != answerOptionsStar {
 		refuse(ctx, why)
 		return true
 	}

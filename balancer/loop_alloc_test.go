@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -19,12 +20,16 @@ import (
 // client's loop nor the origin allocates in steady state, so what is
 // counted is the edge's.
 func TestEventLoopGetAllocatesNothing(t *testing.T) {
-	t.Run("plain", func(t *testing.T) { testEventLoopAllocs(t, false) })
+	t.Run("plain", func(t *testing.T) { testEventLoopAllocs(t, false, "") })
 	// A Vary answer has the stale store check the request's variant.
-	t.Run("vary", func(t *testing.T) { testEventLoopAllocs(t, true) })
+	t.Run("vary", func(t *testing.T) { testEventLoopAllocs(t, true, "") })
+	t.Run("json log", func(t *testing.T) { testEventLoopAllocs(t, false, accessLogYAML(t, "json", 1)) })
+	t.Run("combined log", func(t *testing.T) { testEventLoopAllocs(t, false, accessLogYAML(t, "combined", 1)) })
+	t.Run("sampled log", func(t *testing.T) { testEventLoopAllocs(t, false, accessLogYAML(t, "json", 0.5)) })
+	t.Run("no request ids", func(t *testing.T) { testEventLoopAllocs(t, false, "request_id: false\n") })
 }
 
-func testEventLoopAllocs(t *testing.T, vary bool) {
+func testEventLoopAllocs(t *testing.T, vary bool, extra string) {
 	body := bytes.Repeat([]byte("x"), 64)
 	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
 		if vary {
@@ -32,7 +37,7 @@ func testEventLoopAllocs(t *testing.T, vary bool) {
 		}
 		ctx.SetBody(body)
 	})
-	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n"+extra)
 	c, err := net.Dial("tcp", s.Addr())
 	if err != nil {
 		t.Fatal(err)
@@ -61,8 +66,12 @@ func testEventLoopAllocs(t *testing.T, vary bool) {
 	for i := 0; i < 100; i++ {
 		serve()
 	}
+	lines := accessLogLines.Get()
 	if n := testing.AllocsPerRun(2000, serve); n != 0 {
 		t.Fatalf("a GET through the event loop allocates %.2f times per request, want 0", n)
+	}
+	if strings.Contains(extra, "access_log") {
+		waitFor(t, "the requests' lines written", func() bool { return accessLogLines.Get() >= lines+100 })
 	}
 	if loopHandoffs.Get() != h0 {
 		t.Fatal("requests left the event loop")
@@ -76,7 +85,7 @@ func testEventLoopAllocs(t *testing.T, vary bool) {
 func TestEventLoopCloseAllocatesNothing(t *testing.T) {
 	body := bytes.Repeat([]byte("x"), 64)
 	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.SetBody(body) })
-	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n"+accessLogYAML(t, "json", 1))
 	ap := netip.MustParseAddrPort(s.Addr())
 	sa := &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 	req := []byte("GET /static/app.js?v=1 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
@@ -125,7 +134,8 @@ func TestEventLoopCloseAllocatesNothing(t *testing.T) {
 
 // TestEventLoopOutageAllocatesNothing is TestEventLoopGetAllocatesNothing
 // during an outage, when every request is answered by the loop itself:
-// with a stored copy, or with the error edgelb makes up.
+// with a stored copy, or with the error edgelb makes up. Every such answer
+// is logged.
 func TestEventLoopOutageAllocatesNothing(t *testing.T) {
 	for _, tc := range []struct {
 		name, stale string
@@ -137,7 +147,7 @@ func TestEventLoopOutageAllocatesNothing(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			o := startDiffOrigin(t, "127.0.0.1", cacheable)
 			s := startEdge(t, "services:\n  web: {static: ["+o.addr+"]"+tc.stale+
-				", health: {panic_threshold: -1, passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n")
+				", health: {panic_threshold: -1, passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n"+accessLogYAML(t, "json", 0))
 			c := dialEdge(t, s)
 			defer c.Close()
 			req := []byte("GET /static/app.js?v=1 HTTP/1.1\r\nHost: www.example.com\r\nAccept-Encoding: gzip\r\n\r\n")

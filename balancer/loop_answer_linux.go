@@ -8,6 +8,8 @@
 package balancer
 
 import (
+	"bytes"
+
 	"github.com/valyala/fasthttp"
 
 	"github.com/edgelb/edgelb/balancer/h1"
@@ -32,6 +34,7 @@ func (l *loop) settle(c *loopClient) {
 	resp.Reset()
 	writeError(resp, code, false)
 	l.settled(c)
+	c.rl.source, c.rl.code = srcError, code
 	l.writeAnswer(c, resp)
 }
 
@@ -39,7 +42,7 @@ func (l *loop) settle(c *loopClient) {
 // a stored copy that its status gives way to.
 func (l *loop) answerKept(c *loopClient) {
 	raw, r := c.kept, &l.kresp
-	if h1.ParseResponse(raw, c.req.Head, r) != h1.Forward {
+	if h1.ParseResponse(raw, c.req.Head, c.rl.idName(), r) != h1.Forward {
 		panic("BUG: a kept answer no longer parses")
 	}
 	if c.pool.staleOnAnswer(r.Status) && l.serveStale(c, upstreamStatusDetail[r.Status-500]) {
@@ -51,6 +54,7 @@ func (l *loop) answerKept(c *loopClient) {
 		l.body = h1.AppendDechunked(l.body[:0], raw[r.HeadLen:r.HeadLen+n])
 		body, withLength = l.body, true
 	}
+	c.rl.source = srcBackend
 	l.answer(c, raw, r, body, withLength, nil)
 }
 
@@ -65,6 +69,7 @@ func (l *loop) serveStale(c *loopClient, detail []byte) bool {
 	}
 	p.m.staleServed.Inc()
 	l.settled(c)
+	c.rl.source = srcStale
 	l.writeAnswer(c, resp)
 	return true
 }
@@ -103,6 +108,53 @@ func (l *loop) writeAnswer(c *loopClient, resp *fasthttp.Response) {
 	if !send {
 		body = nil
 	}
+	if ids := c.rl.ids; ids != nil {
+		setResponseID(h, ids, c.rl.id.bytes())
+	}
+	l.logAnswer(c, st, len(body), resp)
 	out := h.AppendBytes(l.out[:0])
 	l.write(c, out, body, nil)
 }
+
+// logAnswer writes the access log line of c's request, answered with
+// status and a body of out bytes; resp is the answer when the loop made
+// it, nil for a backend's.
+func (l *loop) logAnswer(c *loopClient, status, out int, resp *fasthttp.Response) {
+	set := l.s.alog.set.Load()
+	if set == nil {
+		return
+	}
+	rl := &c.rl
+	rl.hedges = uint8(c.hedges)
+	e := logEntry{rl: rl, status: status, out: out, service: rl.service, client: c.remote}
+	if !set.keep(e.forced()) {
+		return
+	}
+	r := &c.req
+	e.end, e.host, e.uri, e.method, e.proto = l.nowNs, r.Host, r.URI, strGET, strHTTP11
+	if r.Head {
+		e.method = strHEAD
+	}
+	if r.HTTP10 {
+		e.proto = strHTTP10
+	}
+	if resp != nil && rl.source == srcStale {
+		e.cacheStatus = peekFold(&resp.Header, strCacheStatus)
+	}
+	if !set.json {
+		for k, v := range h1.EachHeader(c.in[:r.HeadLen]) {
+			switch {
+			case len(k) == len(strReferer) && bytes.EqualFold(k, strReferer):
+				e.referer = v
+			case len(k) == len(strUserAgent) && bytes.EqualFold(k, strUserAgent):
+				e.ua = v
+			}
+		}
+	}
+	l.s.alog.add(l.s.alog.loopShard(l.idx), set, &e)
+}
+
+var (
+	strReferer   = []byte(fasthttp.HeaderReferer)
+	strUserAgent = []byte(fasthttp.HeaderUserAgent)
+)

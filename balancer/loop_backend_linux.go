@@ -90,6 +90,7 @@ func (l *loop) abandonTries(c *loopClient) {
 		bc := c.peers[0]
 		l.detach(c, bc)
 		bc.orphan = true
+		c.rl.addTry(bc.backend, l.nowNs, l.now.Sub(bc.tryStart), tryHedgeLost, 0)
 	}
 	c.hedgeAt = 0
 }
@@ -141,7 +142,7 @@ func (l *loop) hedge(c *loopClient) {
 			c.tried.add(b)
 			c.hedges++
 			b.target.Begin()
-			endTry(b, l.nowNs, 0, health.OutcomeConnectFailed, 0, errConnectFailed)
+			endTry(&c.rl, b, l.nowNs, 0, health.OutcomeConnectFailed, 0, errConnectFailed)
 		}
 		l.rearm(c)
 		return
@@ -207,7 +208,7 @@ func (l *loop) nextTry(c *loopClient) int {
 		}
 		c.tried.add(b)
 		b.target.Begin()
-		endTry(b, l.nowNs, 0, health.OutcomeConnectFailed, 0, errConnectFailed)
+		endTry(&c.rl, b, l.nowNs, 0, health.OutcomeConnectFailed, 0, errConnectFailed)
 		c.code = errConnectFailed
 		if !retryFailure(errConnectFailed, true, true, l.now, l.due(c)) {
 			return tryNone
@@ -437,7 +438,7 @@ func (l *loop) onResponseBytes(bc *loopBackend) {
 		return
 	}
 	if !bc.parsed {
-		switch h1.ParseResponse(bc.in, c.req.Head, &bc.resp) {
+		switch h1.ParseResponse(bc.in, c.req.Head, c.rl.idName(), &bc.resp) {
 		case h1.Incomplete:
 			if len(bc.in) >= fasthttpHeadLimit {
 				l.carry(bc)
@@ -513,7 +514,7 @@ func (l *loop) onResponseBytes(bc *loopBackend) {
 
 // countAnswer counts the try on bc, whose whole answer is in.
 func (l *loop) countAnswer(bc *loopBackend) {
-	endTry(bc.backend, l.nowNs, l.now.Sub(bc.tryStart), bc.outcome, bc.resp.Status, errNone)
+	endTry(&bc.client.rl, bc.backend, l.nowNs, l.now.Sub(bc.tryStart), bc.outcome, bc.resp.Status, errNone)
 }
 
 // replaced goes on with a whole answer, raw, that another backend or a
@@ -591,6 +592,7 @@ func (l *loop) dropIdle(bc *loopBackend) {
 func (l *loop) cancelTry(bc *loopBackend) {
 	if c := bc.client; c != nil {
 		l.detach(c, bc)
+		c.rl.addTry(bc.backend, l.nowNs, l.now.Sub(bc.tryStart), tryCanceled, 0)
 	}
 	bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 	l.closeBackend(bc)
@@ -601,11 +603,13 @@ func (l *loop) cancelTry(bc *loopBackend) {
 func (l *loop) backendFailed(bc *loopBackend, o health.Outcome, code errCode) {
 	c := bc.client
 	lat := time.Duration(0)
+	var rl *reqLog
 	if c != nil {
 		lat = l.now.Sub(bc.tryStart)
 		l.detach(c, bc)
+		rl = &c.rl
 	}
-	endTry(bc.backend, l.nowNs, lat, o, 0, code)
+	endTry(rl, bc.backend, l.nowNs, lat, o, 0, code)
 	l.closeBackend(bc)
 	switch {
 	case c == nil:
@@ -632,8 +636,9 @@ func (l *loop) tryFailed(c *loopClient, code errCode) {
 // attemptOf makes the attempt a hand-over of c carries after its tries:
 // the answer kept, if any, or the last try's failure.
 func (l *loop) attemptOf(c *loopClient) *attempt {
+	c.rl.hedges = uint8(c.hedges)
 	a := &attempt{start: c.start, deadline: l.due(c), tried: c.tried, tries: c.tried.n - c.hedges, code: c.code,
-		head: c.req.Head}
+		head: c.req.Head, rl: c.rl}
 	if len(c.kept) > 0 {
 		a.code = errNone
 		a.resp = append([]byte(nil), c.kept...)
@@ -672,8 +677,10 @@ func (l *loop) redial(bc *loopBackend) {
 	nb, refused := l.dial(b, l.slot(b))
 	if nb == nil {
 		if refused {
-			endTry(b, l.nowNs, l.now.Sub(bc.tryStart), health.OutcomeConnectFailed, 0, errConnectFailed)
+			endTry(&c.rl, b, l.nowNs, l.now.Sub(bc.tryStart), health.OutcomeConnectFailed, 0, errConnectFailed)
 		} else {
+			// The fasthttp path makes the try again.
+			c.rl.addTry(b, l.nowNs, l.now.Sub(bc.tryStart), tryCanceled, 0)
 			b.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 		}
 		switch {

@@ -170,11 +170,15 @@ const epollET = 1 << 31
 func (l *loop) dispatch(s loopSock, ev uint32) {
 	defer func() {
 		if r := recover(); r != nil {
-			panics.Balancer.Recovered(l.s.log, r, "panic in event loop; its connection is closed", "loop", l.idx)
 			c, bc := s.c, s.bc
 			if bc != nil && bc.client != nil {
 				c = bc.client
 			}
+			id := ""
+			if c != nil && c.state == lcWaiting {
+				id = c.rl.id.String()
+			}
+			panics.Balancer.Recovered(l.s.log, r, "panic in event loop; its connection is closed", "loop", l.idx, "request_id", id)
 			if c != nil {
 				l.cancelTries(c)
 			}
@@ -266,7 +270,12 @@ func (l *loop) onClient(c *loopClient) {
 
 // serve forwards the request at the start of c.in, or hands c over.
 func (l *loop) serve(c *loopClient) {
-	switch h1.ParseRequest(c.in, &c.req) {
+	ids := l.s.ids.Load()
+	var idName []byte
+	if ids != nil {
+		idName = ids.lower
+	}
+	switch h1.ParseRequest(c.in, idName, &c.req) {
 	case h1.Incomplete:
 		switch {
 		case len(c.in) >= l.maxHead:
@@ -297,6 +306,17 @@ func (l *loop) serve(c *loopClient) {
 		l.handOff(c)
 		return
 	}
+	rl := &c.rl
+	rl.begin(l.nowNs, ids)
+	c.hedges = 0
+	rl.bytesIn, rl.http10 = int64(r.HeadLen), r.HTTP10
+	if ids != nil {
+		if c.trusted && !r.DupID && validRequestID(r.ID) {
+			rl.id.set(r.ID)
+		} else {
+			l.ids.next(&rl.id)
+		}
+	}
 	rt := l.s.routes.Load().match(host, r.Path)
 	if rt != nil && rt.httpsRedirect && !(c.trusted && bytes.EqualFold(bytes.TrimSpace(r.XFP), strHTTPS)) {
 		// To HTTPS, unless a trusted proxy in front says the client
@@ -304,6 +324,7 @@ func (l *loop) serve(c *loopClient) {
 		resp := &l.aresp
 		resp.Reset()
 		l.s.fillRedirect(resp, host, r.URI, false)
+		rl.source, rl.reason = srcEdgelb, reasonHTTPSRedirect
 		l.writeAnswer(c, resp)
 		return
 	}
@@ -318,10 +339,12 @@ func (l *loop) serve(c *loopClient) {
 		resp := &l.aresp
 		resp.Reset()
 		writeError(resp, errNoRoute, false)
+		rl.source, rl.code = srcError, errNoRoute
 		l.writeAnswer(c, resp)
 		return
 	}
 	c.pool, c.start = rt.pool, l.now
+	rl.service = rt.pool.name
 	c.tried, c.code = tried{}, errNoHealthyBackend
 	c.hedges, c.hedgeAt = 0, 0
 	switch l.nextTry(c) {
@@ -356,7 +379,18 @@ func (l *loop) appendUpstreamRequest(dst []byte, c *loopClient) []byte {
 		dst[start+bytes.IndexByte(head, '\r')-1] = '1'
 	}
 	dst = appendForwarding(dst, c.ip, r.Host, strHTTP, c.trusted, r.XFF, r.XFP, r.XFH, r.Fwd)
+	if ids := c.rl.ids; ids != nil {
+		dst = append(dst, strCRLF...)
+		dst = appendIDLine(dst, ids, c.rl.id.bytes())
+	}
 	return append(dst, strCRLFCRLF...)
+}
+
+// appendIDLine appends the request-ID header line, without its CRLF.
+func appendIDLine(dst []byte, ids *requestIDs, id []byte) []byte {
+	dst = append(dst, ids.name...)
+	dst = append(dst, ':', ' ')
+	return append(dst, id...)
 }
 
 var (
@@ -371,6 +405,7 @@ func (l *loop) respond(c *loopClient, bc *loopBackend, body []byte, withLength b
 	l.detach(c, bc)
 	l.abandonTries(c)
 	l.unwait(c)
+	c.rl.source = srcBackend
 	l.answer(c, bc.in, &bc.resp, body, withLength, bc)
 }
 
@@ -388,6 +423,10 @@ func (l *loop) answer(c *loopClient, raw []byte, r *h1.Response, body []byte, wi
 	if !r.HasDate {
 		out = append(out, strHeadDate...)
 		out = append(out, l.httpDate()...)
+		out = append(out, strCRLF...)
+	}
+	if ids := c.rl.ids; ids != nil {
+		out = appendIDLine(out, ids, c.rl.id.bytes())
 		out = append(out, strCRLF...)
 	}
 	if withLength {
@@ -410,6 +449,7 @@ func (l *loop) answer(c *loopClient, raw []byte, r *h1.Response, body []byte, wi
 	if p.store != nil && !c.req.Head && l.storeWants(p, c, raw, r) {
 		l.save(p, c, out, body)
 	}
+	l.logAnswer(c, r.Status, len(body), nil)
 	l.write(c, out, body, bc)
 }
 

@@ -145,6 +145,9 @@ type loopClient struct {
 	// rdhup is set once epoll said the client shut its sending side,
 	// before the end of file is read.
 	rdhup bool
+	// rl is the record of the request being served: its ID, its tries
+	// and where its answer came from.
+	rl reqLog
 }
 
 // loopBackend is one of the loop's connections to a backend, and the
@@ -210,6 +213,8 @@ type loop struct {
 	date       []byte
 	dateSec    int64
 	hb         [128]byte
+	// ids makes the request IDs of the loop's requests.
+	ids idSource
 
 	maxHead     int
 	idleTimeout int64
@@ -309,6 +314,7 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		batchSleep:  syscall.NsecToTimespec(int64(s.cfg.Server.batchWait())),
 		deaf:        make(chan struct{}),
 		done:        make(chan struct{}),
+		ids:         newIDSource(),
 	}
 	l.headerTimeout = int64(s.cfg.Server.HeaderTimeout)
 	// Heads are checked a few times per header_timeout, so that a slow
@@ -625,6 +631,7 @@ func (l *loop) closeBackend(bc *loopBackend) {
 		// Not expected: every path frees the client first. Do not leave
 		// it waiting.
 		l.detach(cl, bc)
+		cl.rl.addTry(bc.backend, l.nowNs, l.now.Sub(bc.tryStart), tryCanceled, 0)
 		bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 		if cl.live == 0 {
 			l.unwait(cl)

@@ -80,11 +80,12 @@ func TestEventLoopForwardsLikeTheFullPath(t *testing.T) {
 		t.Fatalf("origin got %d requests", len(hs))
 	}
 	// The peer is not a trusted proxy: its forwarding headers are
-	// replaced, not extended.
+	// replaced, not extended. The request ID goes up as the client gets it.
+	id := string(resp.Header.Peek("X-Request-Id"))
 	want := "GET /a?b=1 HTTP/1.1\r\nHost: www.example.com\r\nAccept: */*\r\n" +
 		"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: www.example.com\r\n" +
-		"Forwarded: for=127.0.0.1;host=\"www.example.com\";proto=http\r\n\r\n"
-	if hs[0] != want {
+		"Forwarded: for=127.0.0.1;host=\"www.example.com\";proto=http\r\nX-Request-Id: " + id + "\r\n\r\n"
+	if len(id) != requestIDLen || hs[0] != want {
 		t.Fatalf("upstream request:\n%q\nwant\n%q", hs[0], want)
 	}
 }

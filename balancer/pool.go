@@ -51,6 +51,9 @@ type Backend struct {
 	// backupAnswers then counts the answers it gives for the service.
 	backup        bool
 	backupAnswers *metrics.Counter
+	// dc is the Consul datacenter it was found in; "" for one not from
+	// Consul.
+	dc string
 }
 
 // backendSlots is a backend's slots, one per event loop, made when a loop
@@ -208,10 +211,10 @@ func (p *Pool) rebuildLocked(now time.Time) {
 	keep := make(map[string]bool)
 	var primary, backup []*Backend
 	if s := p.source.Load(); s != nil {
-		primary = p.collectLocked(s.Instances, false, hadBackends, now, keep)
+		primary = p.collectLocked(s.Instances, s.Datacenter, false, hadBackends, now, keep)
 	}
 	if s := p.backupSource.Load(); s != nil && p.bej != nil {
-		backup = p.collectLocked(s.Instances, true, hadBackups, now, keep)
+		backup = p.collectLocked(s.Instances, s.Datacenter, true, hadBackups, now, keep)
 	}
 	for addr, b := range p.byAddr {
 		if !keep[addr] {
@@ -232,8 +235,9 @@ func (p *Pool) rebuildLocked(now time.Time) {
 
 // collectLocked returns the backends of the instances not already in keep
 // and adds them to it, making the ones that are new (in slow start if
-// slow is set) and giving the others the weight and role asked for.
-func (p *Pool) collectLocked(ins []discovery.Instance, backup, slow bool, now time.Time, keep map[string]bool) []*Backend {
+// slow is set, in Consul datacenter dc) and giving the others the weight
+// and role asked for.
+func (p *Pool) collectLocked(ins []discovery.Instance, dc string, backup, slow bool, now time.Time, keep map[string]bool) []*Backend {
 	list := make([]*Backend, 0, len(ins))
 	for _, in := range ins {
 		if keep[in.Addr] {
@@ -243,6 +247,7 @@ func (p *Pool) collectLocked(ins []discovery.Instance, backup, slow bool, now ti
 		b := p.byAddr[in.Addr]
 		if b == nil {
 			b = p.newBackend(in.Addr)
+			b.dc = dc
 			if slow {
 				b.slowFrom = now.UnixNano()
 			}

@@ -41,6 +41,9 @@ var (
 	strCRLFCRLF        = []byte("\r\n\r\n")
 	strHeadDate        = []byte(h1.HeaderDate + ": ")
 	strHeadContentLen  = []byte(h1.HeaderContentLength + ": ")
+	strCacheStatus     = []byte("Cache-Status")
+	strGET             = []byte(fasthttp.MethodGet)
+	strHEAD            = []byte(fasthttp.MethodHead)
 )
 
 // serve forwards the request in ctx to a backend of the pool, retrying
@@ -55,11 +58,15 @@ var (
 // up, when set, is the protocol switch the request asks for: each try
 // goes to a backend connection of its own, and a backend's 101 opens a
 // tunnel (see upgrade.go).
-func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted bool, att *attempt, up *upgrade) {
+//
+// rl is the request's record: its ID, which goes upstream, and where its
+// tries and answer are written down for the access log.
+func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted bool, att *attempt, up *upgrade, rl *reqLog) {
 	p.m.requests.Inc()
 	req := &ctx.Request
 	clientClose := req.Header.ConnectionClose()
-	prepareRequest(ctx, req, flags, trusted)
+	prepareRequest(ctx, req, flags, trusted, rl)
+	rl.service = p.name
 	store := p.store
 	if up != nil {
 		// Slow path: a stored copy never stands in for a protocol switch,
@@ -68,6 +75,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 			p.m.tunnelResults[upgradeOverloaded].Inc()
 			p.m.generated[errOverloaded].Inc()
 			writeError(&ctx.Response, errOverloaded, clientClose)
+			rl.source, rl.code = srcError, errOverloaded
 			return
 		}
 		up.prepare(req)
@@ -150,7 +158,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 			case up != nil:
 				err = up.try(b, req, &ctx.Response, tryDeadline, p.cfg)
 			case p.hedge != nil && idempotent:
-				b, err, tryStart = p.hedgedTry(b, req, &ctx.Response, &t, &hedges, now, deadline)
+				b, err, tryStart = p.hedgedTry(b, req, &ctx.Response, &t, &hedges, now, deadline, rl)
 			default:
 				err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
 			}
@@ -161,7 +169,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 
 		if err == nil {
 			outcome, retryable := classifyResponse(&ctx.Response)
-			endTry(b, now.UnixNano(), lat, outcome, ctx.Response.StatusCode(), errNone)
+			endTry(rl, b, now.UnixNano(), lat, outcome, ctx.Response.StatusCode(), errNone)
 			answered = true
 			if !retryAnswer(retryable, idempotent, now, deadline) {
 				break
@@ -171,13 +179,14 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 		}
 
 		outcome, c := classifyErr(err)
-		endTry(b, now.UnixNano(), lat, outcome, 0, c)
+		endTry(rl, b, now.UnixNano(), lat, outcome, 0, c)
 		code, answered = c, false
 		if !retryFailure(c, idempotent, isDialErr(err) || err == fasthttp.ErrNoFreeConns, now, deadline) {
 			break
 		}
 	}
 	p.m.latency.Update(now.Sub(start))
+	rl.hedges += uint8(hedges)
 	if kept != nil {
 		// Slow path: the last retry failed, so the answer kept from an
 		// earlier one goes to the client.
@@ -192,7 +201,8 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 	}
 	if up != nil && up.conn != nil {
 		// Slow path: a backend switched protocols.
-		p.openTunnel(ctx, up)
+		rl.source = srcBackend
+		p.openTunnel(ctx, up, rl)
 		return
 	}
 	if answered {
@@ -200,8 +210,10 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 		sc := ctx.Response.StatusCode()
 		if sc >= 500 && sc <= 504 && store != nil && p.staleOnStatus[sc-500] &&
 			p.serveStale(ctx, now, clientClose, upstreamStatusDetail[sc-500]) {
+			rl.source = srcStale
 			return
 		}
+		rl.source = srcBackend
 		prepareResponse(&ctx.Response, clientClose)
 		if store != nil {
 			store.Save(now, scheme(ctx), req, &ctx.Response)
@@ -212,11 +224,13 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 		return
 	}
 	if store != nil && p.staleOn[code] && p.serveStale(ctx, now, clientClose, errCodeValues[code]) {
+		rl.source = srcStale
 		return
 	}
 	ctx.Response.Reset()
 	p.m.generated[code].Inc()
 	writeError(&ctx.Response, code, clientClose)
+	rl.source, rl.code = srcError, code
 	if up != nil {
 		p.endUpgrade(upgradeFailed)
 	}
@@ -322,8 +336,8 @@ func isIdempotent(method []byte) bool {
 // prepareRequest turns the client's request into the upstream one in
 // place: hop-by-hop headers and Expect (edgelb answered it) go first, then
 // the forwarding headers are set, so that a client cannot smuggle them away
-// through Connection (golang/go#50580).
-func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request, flags int, trusted bool) {
+// through Connection (golang/go#50580), and the request ID of rl.
+func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request, flags int, trusted bool, rl *reqLog) {
 	h := &req.Header
 	// Fast path: the head as received names no header to remove, which
 	// vetRequest's one scan of it tells.
@@ -344,6 +358,9 @@ func prepareRequest(ctx *fasthttp.RequestCtx, req *fasthttp.Request, flags int, 
 	// client library's default.
 	h.SetNoDefaultContentType(true)
 	setForwarding(ctx, h, flags, trusted)
+	if rl.ids != nil {
+		setRequestID(h, rl.ids, rl.id.bytes(), flags&sawRequestID != 0)
+	}
 	// Keep the client's Host (or the authority of an absolute-form
 	// target, which vetRequest made the Host): it goes upstream as sent.
 	req.UseHostHeader = true

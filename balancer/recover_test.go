@@ -38,8 +38,13 @@ func TestPanicWhileServingAnswers500AndCloses(t *testing.T) {
 	if n := panicCount(t, s, "balancer") - before; n != 1 {
 		t.Fatalf(`edgelb_panics_total{component="balancer"} went up by %d, want 1`, n)
 	}
+	// The log line names the request by the ID its answer carries.
+	id := string(ctx.Response.Header.Peek("X-Request-Id"))
+	if len(id) != requestIDLen {
+		t.Fatalf("the 500 has request ID %q", id)
+	}
 	out := logs.String()
-	for _, want := range []string{`level=ERROR msg="panic while serving request" component=balancer uri=/boom panic="test panic in pick" stack=`, "recover_test.go"} {
+	for _, want := range []string{`level=ERROR msg="panic while serving request" component=balancer uri=/boom request_id=` + id + ` panic="test panic in pick" stack=`, "recover_test.go"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %q:\n%s", want, out)
 		}

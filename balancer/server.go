@@ -52,6 +52,12 @@ type Server struct {
 	// trusted is server.trusted_proxies; nil when empty.
 	trusted atomic.Pointer[[]netip.Prefix]
 	ready   atomic.Bool
+	// ids is request_id; nil when off. fastIDs makes the fasthttp path's
+	// request IDs.
+	ids     atomic.Pointer[requestIDs]
+	fastIDs sharedIDSource
+	// alog is the access log.
+	alog *accessLog
 
 	srv *fasthttp.Server
 	ln  net.Listener
@@ -151,6 +157,9 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
 	s.dns = discovery.NewDNS(s, logger)
+	s.fastIDs.prefix = randomIDPrefix()
+	n := runtime.GOMAXPROCS(0)
+	s.alog = newAccessLog(logger, n, n)
 	s.routes.Store(newRouteTable(nil))
 	s.tunnels = newTunnelSet(func(r any, msg string, attrs ...any) { panics.Balancer.Recovered(s.log, r, msg, attrs...) })
 	// ReadTimeout bounds the head: fasthttp arms it when a connection
@@ -199,6 +208,10 @@ func (s *Server) Start() error {
 		}
 	}
 	s.setInstance(s.cfg)
+	if err := s.alog.start(s.cfg.AccessLog); err != nil {
+		s.closeListeners()
+		return err
+	}
 	if err := s.store.LoadFrom(s.cfg.StateDir); err != nil {
 		s.log.Error("stale store", "err", err)
 	} else {
@@ -217,6 +230,7 @@ func (s *Server) Start() error {
 	s.admin = newAdminServer(s)
 	if err := s.admin.start(s.cfg.Admin); err != nil {
 		s.closeListeners()
+		s.alog.close(time.Now().Add(time.Second))
 		return fmt.Errorf("cannot listen on %s (admin): %w", s.cfg.Admin, err)
 	}
 	s.mu.Lock()
@@ -229,6 +243,7 @@ func (s *Server) Start() error {
 	if err != nil {
 		s.closeListeners()
 		s.admin.close()
+		s.alog.close(time.Now().Add(time.Second))
 		return err
 	}
 	// Host names are resolved before the first request is served, so
@@ -332,6 +347,11 @@ func (s *Server) reloadLocked(cfg *Config) error {
 		s.mu.Unlock()
 		return err
 	}
+	if err := s.alog.apply(cfg.AccessLog); err != nil {
+		reloadErrors.Inc()
+		s.mu.Unlock()
+		return fmt.Errorf("cannot reload: %w", err)
+	}
 	s.mu.Unlock()
 	// Before the pools are rebuilt, so that a service turned from names
 	// to addresses gets no late publication of its names, and a service
@@ -380,6 +400,13 @@ func (s *Server) reloadLocked(cfg *Config) error {
 	return nil
 }
 
+// ReopenAccessLog has the access log write out the lines it holds to its
+// file and then open the file anew, by its path: after logrotate renamed
+// the file, the lines before go to the renamed file and those after to a
+// new one. It does nothing when the access log is off or goes to the
+// standard output.
+func (s *Server) ReopenAccessLog() error { return s.alog.reopen() }
+
 // ReloadFile loads the config at path and reloads it (see Reload). A config
 // that cannot be read or is invalid is refused and counted as a failed
 // reload, as one that Reload refuses. It returns the config now running.
@@ -399,6 +426,7 @@ func (s *Server) ReloadFile(path string) (*Config, error) {
 // changed services, retires the others and rebuilds the route table.
 func (s *Server) applyLocked(cfg *Config) {
 	s.cfg = cfg
+	s.ids.Store(newRequestIDs(&cfg.RequestID))
 	if len(cfg.Server.trusted) > 0 {
 		ps := cfg.Server.trusted
 		s.trusted.Store(&ps)
@@ -745,6 +773,12 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if cut := s.tunnels.wait(ctx); cut > 0 {
 		s.log.Info("tunnels still open at the end of the drain were closed", "tunnels", cut)
 	}
+	// Every request is answered: the last lines go out.
+	deadline, ok := ctx.Deadline()
+	if !ok || time.Until(deadline) < time.Second {
+		deadline = time.Now().Add(time.Second)
+	}
+	s.alog.close(deadline)
 	s.mu.Lock()
 	c := s.consul
 	s.mu.Unlock()
@@ -875,12 +909,41 @@ func (s *Server) goSafe(name string, f func()) {
 
 // handle is the root request handler.
 func (s *Server) handle(ctx *fasthttp.RequestCtx) {
-	defer s.recoverRequest(ctx)
+	var rl reqLog
+	defer s.endRequest(ctx, &rl)
+	s.route(ctx, &rl)
+}
+
+// route serves the request in ctx; rl gets its record.
+func (s *Server) route(ctx *fasthttp.RequestCtx, rl *reqLog) {
 	now := ctx.Time()
+	ids := s.ids.Load()
+	var idName []byte
+	if ids != nil {
+		idName = ids.lower
+	}
+	in := requestSize(&ctx.Request)
 	var hb [h1.MaxHostLen]byte
-	host, flags, why := vetRequest(&ctx.Request, hb[:0])
+	host, flags, why := vetRequest(&ctx.Request, hb[:0], idName)
+	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
+	trusted := s.trustedPeer(ip)
+	if att := peekAttempt(ctx); att != nil {
+		// Slow path: the event loop began the request, and gave it its
+		// ID, which backends have seen already.
+		*rl = att.rl
+	} else {
+		rl.begin(now.UnixNano(), ids)
+		if ids != nil {
+			s.takeRequestID(&ctx.Request, ids, flags, trusted, &rl.id)
+		}
+	}
+	rl.bytesIn, rl.http10 = in, !ctx.Request.Header.IsHTTP11()
 	if why != refuseNone {
 		refuse(ctx, why)
+		rl.source = srcEdgelb
+		if why != answerOptionsStar {
+			rl.reason = refusalNames[why]
+		}
 		return
 	}
 	if s.tls != nil && bytes.HasPrefix(ctx.Path(), acmeChallengePath) {
@@ -892,7 +955,7 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 	}
 	r := s.routes.Load().match(host, ctx.Path())
 	if r == nil || r.pool == nil {
-		s.serveUnrouted(ctx, now)
+		s.serveUnrouted(ctx, now, rl)
 		return
 	}
 	var up *upgrade
@@ -900,17 +963,123 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 		// Slow path: the client may ask to switch protocols.
 		up = s.upgradeOf(&ctx.Request, r)
 	}
-	ip, _ := netip.AddrFromSlice(ctx.RemoteIP())
-	trusted := s.trustedPeer(ip)
 	if r.httpsRedirect && !ctx.IsTLS() && !(trusted && forwardedHTTPS(&ctx.Request.Header)) {
 		// Slow path: a route served over HTTPS only.
 		s.redirectHTTPS(ctx, host)
+		rl.source, rl.reason = srcEdgelb, reasonHTTPSRedirect
 		return
 	}
-	r.pool.serve(ctx, now, flags, trusted, takeAttempt(ctx), up)
+	r.pool.serve(ctx, now, flags, trusted, takeAttempt(ctx), up, rl)
 	if r.hsts != nil && ctx.IsTLS() {
 		setHSTS(&ctx.Response.Header, r.hsts)
 	}
+}
+
+// Why edgelb answered a request itself, besides refusals.
+const (
+	reasonHTTPSRedirect = "https_redirect"
+	reasonPanic         = "panic"
+)
+
+// takeRequestID gives a request its ID: a trusted peer's, when it sent one
+// well-formed, else a new one.
+func (s *Server) takeRequestID(req *fasthttp.Request, ids *requestIDs, flags int, trusted bool, id *reqID) {
+	if trusted && flags&sawRequestID != 0 {
+		if v, dup := peekRequestID(&req.Header, ids); !dup && validRequestID(v) {
+			id.set(v)
+			return
+		}
+	}
+	s.fastIDs.next(id)
+}
+
+// requestSize is the size of a request as received, head and body; 0 for
+// one built in memory.
+func requestSize(req *fasthttp.Request) int64 {
+	h := &req.Header
+	raw := h.RawHeaders()
+	if len(raw) == 0 {
+		return 0
+	}
+	// The request line, which fasthttp does not keep: "METHOD URI PROTO\r\n".
+	return int64(len(h.Method()) + len(h.RequestURI()) + len(h.Protocol()) + 4 + len(raw) + len(req.Body()))
+}
+
+// endRequest, deferred by the root handler, answers a request whose
+// handling panicked with 500 and closes its connection, whose state is
+// unknown; then it gives the answer the request's ID and logs it.
+func (s *Server) endRequest(ctx *fasthttp.RequestCtx, rl *reqLog) {
+	if r := recover(); r != nil {
+		if rl.start == 0 {
+			rl.begin(time.Now().UnixNano(), nil)
+		}
+		panics.Balancer.Recovered(s.log, r, "panic while serving request", "uri", string(ctx.RequestURI()), "request_id", rl.id.String())
+		ctx.Response.Reset()
+		ctx.Error("edgelb: internal error\n", fasthttp.StatusInternalServerError)
+		ctx.SetConnectionClose()
+		rl.source, rl.code, rl.reason = srcEdgelb, errNone, reasonPanic
+	}
+	if rl.ids != nil {
+		setResponseID(&ctx.Response.Header, rl.ids, rl.id.bytes())
+	}
+	s.logRequest(ctx, rl, true)
+}
+
+// answeredEarly gives an ID to, and logs, a request that the fasthttp
+// server answers without the root handler, for reason; head tells whether
+// its head was read.
+func (s *Server) answeredEarly(ctx *fasthttp.RequestCtx, reason string, head bool) {
+	var rl reqLog
+	rl.begin(time.Now().UnixNano(), s.ids.Load())
+	rl.source, rl.reason = srcEdgelb, reason
+	if head {
+		rl.bytesIn, rl.http10 = requestSize(&ctx.Request), !ctx.Request.Header.IsHTTP11()
+	}
+	if rl.ids != nil {
+		s.fastIDs.next(&rl.id)
+		setResponseID(&ctx.Response.Header, rl.ids, rl.id.bytes())
+	}
+	s.logRequest(ctx, &rl, head)
+}
+
+// logRequest writes the access log line of the request in ctx, whose
+// record is rl; head tells whether its head was read.
+func (s *Server) logRequest(ctx *fasthttp.RequestCtx, rl *reqLog, head bool) {
+	set := s.alog.set.Load()
+	if set == nil {
+		return
+	}
+	resp := &ctx.Response
+	e := logEntry{rl: rl, status: resp.StatusCode(), service: rl.service, tls: ctx.IsTLS()}
+	if ctx.Hijacked() {
+		e.status = fasthttp.StatusSwitchingProtocols
+	}
+	if !set.keep(e.forced()) {
+		return
+	}
+	e.end = time.Now().UnixNano()
+	if a, ok := ctx.RemoteAddr().(*net.TCPAddr); ok {
+		e.client = a.AddrPort()
+	}
+	if head {
+		h := &ctx.Request.Header
+		e.method, e.host, e.uri, e.proto = h.Method(), h.Host(), h.RequestURI(), h.Protocol()
+		if rl.http10 {
+			e.proto = strHTTP10
+		}
+		if !h.IsHead() && !ctx.Hijacked() {
+			e.out = len(resp.Body())
+		}
+		if !set.json {
+			e.referer, e.ua = h.Referer(), h.UserAgent()
+		}
+	} else {
+		e.out = len(resp.Body())
+	}
+	if rl.source == srcStale {
+		e.cacheStatus = peekFold(&resp.Header, strCacheStatus)
+	}
+	s.alog.add(s.alog.fastShard(ctx.ConnID()), set, &e)
 }
 
 // serveUnrouted answers a request that matches no route: 404 no_route,
@@ -919,11 +1088,12 @@ func (s *Server) handle(ctx *fasthttp.RequestCtx) {
 // state in state_dir). Then the request may well be for one of
 // them: it gets a stored copy if there is one, else 503
 // no_healthy_backend, which clients retry and caches do not keep.
-func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
+func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time, rl *reqLog) {
 	clientClose := ctx.Request.Header.ConnectionClose()
 	if s.routesKnown() {
 		noRouteTotal.Inc()
 		writeError(&ctx.Response, errNoRoute, clientClose)
+		rl.source, rl.code = srcError, errNoRoute
 		return
 	}
 	// Without tag routes, the config key's services are not known yet.
@@ -936,10 +1106,12 @@ func (s *Server) serveUnrouted(ctx *fasthttp.RequestCtx, now time.Time) {
 		if clientClose {
 			ctx.Response.SetConnectionClose()
 		}
+		rl.source = srcStale
 		return
 	}
 	unroutedUnknownTotal.Inc()
 	writeError(&ctx.Response, errNoHealthyBackend, clientClose)
+	rl.source, rl.code = srcError, errNoHealthyBackend
 }
 
 // routesKnown reports whether a request that matches no route is known to
@@ -953,38 +1125,32 @@ func (s *Server) routesKnown() bool {
 	return u == nil || u.consul.RoutesKnown()
 }
 
-// recoverRequest, deferred by the root handler, answers a request whose
-// handling panicked with 500 and closes its connection, whose state is
-// unknown.
-func (s *Server) recoverRequest(ctx *fasthttp.RequestCtx) {
-	if r := recover(); r != nil {
-		panics.Balancer.Recovered(s.log, r, "panic while serving request", "uri", string(ctx.RequestURI()))
-		ctx.Response.Reset()
-		ctx.Error("edgelb: internal error\n", fasthttp.StatusInternalServerError)
-		ctx.SetConnectionClose()
-	}
-}
-
 // handleParseError answers requests that fasthttp could not parse.
 func (s *Server) handleParseError(ctx *fasthttp.RequestCtx, err error) {
 	var small *fasthttp.ErrSmallBuffer
 	var ne net.Error
+	reason, head := "malformed", false
 	switch {
 	case errors.As(err, &small):
 		ctx.Error("edgelb: request header too large\n", fasthttp.StatusRequestHeaderFieldsTooLarge)
+		reason = "header_too_large"
 	case errors.Is(err, fasthttp.ErrBodyTooLarge):
 		ctx.Error("edgelb: request body too large\n", fasthttp.StatusRequestEntityTooLarge)
+		reason, head = refusalNames[refuseBodyTooLarge], true
 	case errors.As(err, &ne) && ne.Timeout():
 		if headTimedOut(ctx, err) {
 			clientHeadTimeouts.Inc()
+			reason = "head_timeout"
 		} else {
 			clientBodyTimeouts.Inc()
+			reason, head = "body_timeout", true
 		}
 		ctx.Error("edgelb: request timeout\n", fasthttp.StatusRequestTimeout)
 	default:
 		ctx.Error("edgelb: malformed request\n", fasthttp.StatusBadRequest)
 	}
 	ctx.SetConnectionClose()
+	s.answeredEarly(ctx, reason, head)
 }
 
 // fasthttpLogger sends fasthttp's own messages to slog.

@@ -78,6 +78,9 @@ type tunnel struct {
 	// ws is set when the protocol is WebSocket, whose frames shutting
 	// down follows to send close frames between them.
 	ws bool
+	// id is the ID of the request that opened the tunnel, for the log
+	// lines about it.
+	id string
 	// idle is the idle timeout, which becomes halfClosed once a side
 	// half-closed (guarded by mu once the tunnel runs).
 	idle, halfClosed time.Duration
@@ -116,10 +119,11 @@ type tunnel struct {
 }
 
 // newTunnel registers the tunnel that u's backend connection opens for
-// the client, to which head (a 101) is due first.
-func newTunnel(p *Pool, u *upgrade, head []byte, ws bool) *tunnel {
+// the client, to which head (a 101) is due first; id is the ID of the
+// request that asked for it.
+func newTunnel(p *Pool, u *upgrade, head []byte, ws bool, id string) *tunnel {
 	t := &tunnel{set: u.tunnels, m: p.m, bm: u.b.m, head: head, ws: ws, idle: p.cfg.WebSocket.IdleTimeout,
-		halfClosed: p.cfg.WebSocket.HalfClosedTimeout, backend: u.conn, br: u.br}
+		halfClosed: p.cfg.WebSocket.HalfClosedTimeout, backend: u.conn, br: u.br, id: id}
 	t.firstEOF.Store(-1)
 	t.ways[toBackend].bytes = p.m.tunnelBytes[toBackend]
 	t.ways[toClient].bytes = p.m.tunnelBytes[toClient]
@@ -193,7 +197,7 @@ func (t *tunnel) run(c net.Conn) {
 // tunnel, whose other way would wait for ever.
 func (t *tunnel) recover() {
 	if r := recover(); r != nil {
-		t.set.panicked(r, "panic in a tunnel")
+		t.set.panicked(r, "panic in a tunnel", "request_id", t.id)
 		t.shut(endShutdown)
 	}
 }

@@ -205,14 +205,18 @@ func (p *Pool) endUpgrade(result int) {
 // goes to the client, as the backend sent it but for its hop-by-hop
 // headers, and the connections are relayed from then on (see tunnel). Bytes
 // the client sent after its request are read only then, so none reaches
-// the backend before the 101 reaches the client.
-func (p *Pool) openTunnel(ctx *fasthttp.RequestCtx, u *upgrade) {
+// the backend before the 101 reaches the client. rl is the request's
+// record, whose ID the 101 and the tunnel's log lines carry.
+func (p *Pool) openTunnel(ctx *fasthttp.RequestCtx, u *upgrade, rl *reqLog) {
 	h := &ctx.Response.Header
 	protos := bytes.Clone(peekFold(h, strUpgrade))
 	removeHopHeaders(h)
 	h.SetBytesKV(strConnection, strUpgradeValue)
 	h.SetBytesKV(strUpgrade, protos)
-	t := newTunnel(p, u, h.AppendBytes(nil), bytes.EqualFold(bytes.TrimSpace(protos), strWebSocket))
+	if rl.ids != nil {
+		setResponseID(h, rl.ids, rl.id.bytes())
+	}
+	t := newTunnel(p, u, h.AppendBytes(nil), bytes.EqualFold(bytes.TrimSpace(protos), strWebSocket), rl.id.String())
 	p.m.tunnelResults[upgradeOpened].Inc()
 	// The tunnel writes the 101 itself: fasthttp would skip the hijack
 	// handler, and leave the backend connection open, on some answers.

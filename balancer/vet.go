@@ -92,6 +92,8 @@ const (
 	// sawUpgrade: an Upgrade header, which may ask for a tunnel (see
 	// upgradeOf).
 	sawUpgrade
+	// sawRequestID: the request-ID header, which prepareRequest replaces.
+	sawRequestID
 )
 
 var strAllowAll = []byte("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")
@@ -100,10 +102,11 @@ var strAllowAll = []byte("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")
 // not forward, and makes an absolute-form request's authority its Host
 // (RFC 9112 section 3.2.2), so that routing, the upstream Host,
 // X-Forwarded-Host and the stale store all use one authority. It appends
-// the routing key of the Host to dst. flags says what the header scan saw.
+// the routing key of the Host to dst. flags says what the header scan saw;
+// id is the request-ID header's name in lower case, nil when IDs are off.
 //
 // It allocates nothing for a request it accepts.
-func vetRequest(req *fasthttp.Request, dst []byte) (key []byte, flags int, r refusal) {
+func vetRequest(req *fasthttp.Request, dst, id []byte) (key []byte, flags int, r refusal) {
 	h := &req.Header
 	m := h.Method()
 	if len(m) == 0 || len(m) > 32 {
@@ -122,14 +125,14 @@ func vetRequest(req *fasthttp.Request, dst []byte) (key []byte, flags int, r ref
 		return dst, 0, refuseVersion
 	}
 	raw := h.RawHeaders()
-	flags, r = scanHeaderLines(raw)
+	flags, r = scanHeaderLines(raw, id)
 	if r != refuseNone {
 		return dst, flags, r
 	}
 	if len(raw) == 0 {
 		// A request built in memory, not parsed: nothing says it is
 		// clean.
-		flags |= sawRewrite
+		flags |= sawRewrite | sawRequestID
 	}
 
 	uri := h.RequestURI()
@@ -184,8 +187,9 @@ var (
 // every name must be a token (RFC 9110 section 5.1), with no space before
 // the colon and no line folding, and Content-Length and Transfer-Encoding
 // must not both be present (RFC 9112 section 6.1). It reports in flags
-// what prepareRequest needs to know.
-func scanHeaderLines(raw []byte) (flags int, r refusal) {
+// what prepareRequest needs to know; id is the request-ID header's name in
+// lower case, or nil.
+func scanHeaderLines(raw, id []byte) (flags int, r refusal) {
 	for len(raw) > 0 {
 		line := raw
 		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
@@ -208,6 +212,10 @@ func scanHeaderLines(raw []byte) (flags int, r refusal) {
 		}
 		name := line[:colon]
 		switch h1.RequestKindOf(name) {
+		case h1.KindOther:
+			if len(name) == len(id) && h1.EqualFoldToken(name, id) {
+				flags |= sawRequestID
+			}
 		case h1.KindContentLength:
 			flags |= sawContentLength
 		case h1.KindTransferEncoding:
@@ -256,15 +264,22 @@ var strAllow = []byte("Allow")
 // expectStatus is the fasthttp server's ExpectHandler: it decides before
 // "100 Continue" is sent, so that a request that will be refused, or whose
 // body is too large, is answered at once and its body never read.
+//
+// A request refused here is logged here: the handler never sees it.
 func (s *Server) expectStatus(ctx *fasthttp.RequestCtx) int {
 	var hb [128]byte
-	if _, _, r := vetRequest(&ctx.Request, hb[:0]); r != refuseNone && r != answerOptionsStar {
-		refusalsTotal[r].Inc()
-		return refusalStatus[r]
+	r := refuseNone
+	if _, _, why := vetRequest(&ctx.Request, hb[:0], nil); why != refuseNone && why != answerOptionsStar {
+		r = why
+	} else if n := ctx.Request.Header.ContentLength(); n > s.srv.MaxRequestBodySize {
+		r = refuseBodyTooLarge
 	}
-	if n := ctx.Request.Header.ContentLength(); n > s.srv.MaxRequestBodySize {
-		refusalsTotal[refuseBodyTooLarge].Inc()
-		return fasthttp.StatusRequestEntityTooLarge
+	if r == refuseNone {
+		return fasthttp.StatusContinue
 	}
-	return fasthttp.StatusContinue
+	refusalsTotal[r].Inc()
+	// Slow path: the answer is the status alone, which fasthttp writes.
+	ctx.SetStatusCode(refusalStatus[r])
+	s.answeredEarly(ctx, refusalNames[r], true)
+	return refusalStatus[r]
 }

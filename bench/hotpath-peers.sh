@@ -6,15 +6,25 @@
 # time per request of the proxy process (from /proc/PID/stat).
 #
 # The three proxies run side by side on their own ports and wrk visits them
-# in turn, ROUNDS times: on a shared or virtual machine the noise drifts
-# over seconds, and alternating short runs lets each round compare the
-# proxies under the same conditions. The summary gives each proxy's median
+# in turn, ROUNDS times, each round starting with the next proxy: on a
+# shared or virtual machine the noise drifts over seconds, and alternating
+# short runs lets each round compare the proxies under the same conditions. The summary gives each proxy's median
 # over the rounds and the median of the per-round ratios.
 #
 #   bench/hotpath-peers.sh [DURATION_SECONDS] [CONNECTIONS] [ROUNDS]
 #
 # WRK_HEADER, when set, is a header line wrk sends with every request:
 # WRK_HEADER='Connection: close' measures one request per connection.
+#
+# ACCESS_LOG=1 measures what an access log costs: edgelb and nginx each run
+# twice, without a log and with one written to a file (edgelb's JSON log;
+# nginx's buffered like edgelb's, in a JSON format of the same fields), and
+# HAProxy is left out. The summary then gives each one's CPU per request
+# with the log over without it.
+#
+# REQUEST_ID=compare measures what request IDs cost: edgelb runs twice,
+# with them (the default) and with request_id: false (edgelb-noid), beside
+# nginx. REQUEST_ID=0 turns them off for every edgelb of the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
@@ -29,8 +39,15 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 ORIGIN=127.0.0.1:18901
-declare -A ADDR=([edgelb]=127.0.0.1:18900 [nginx]=127.0.0.1:18902 [haproxy]=127.0.0.1:18903)
+declare -A ADDR=([edgelb]=127.0.0.1:18900 [nginx]=127.0.0.1:18902 [haproxy]=127.0.0.1:18903
+	[edgelb-log]=127.0.0.1:18904 [nginx-log]=127.0.0.1:18905 [edgelb-noid]=127.0.0.1:18906)
 declare -A PID
+NAMES=(edgelb nginx haproxy)
+if [ "${ACCESS_LOG:-0}" = 1 ]; then NAMES=(edgelb edgelb-log nginx nginx-log); fi
+if [ "${REQUEST_ID:-1}" = compare ]; then NAMES=(edgelb edgelb-noid nginx); fi
+has() { local n; for n in "${NAMES[@]}"; do [ "$n" = "$1" ] && return 0; done; return 1; }
+REQID=""
+if [ "${REQUEST_ID:-1}" = 0 ]; then REQID="request_id: false"; fi
 BODY=$(head -c 64 /dev/zero | tr '\0' 'x')
 
 # Origin: nginx answering a fixed 64-byte body, on CPU 1.
@@ -42,30 +59,50 @@ http { access_log off; keepalive_requests 1000000;
 CONF
 taskset -c 1 nginx -c "$work/origin.conf" -e stderr & pids+=($!)
 
-# edgelb: the config any user starts from, one core.
-cat > "$work/edgelb.yaml" <<CONF
-listen: ${ADDR[edgelb]}
-admin: 127.0.0.1:18999
-state_dir: $work/state
+# edgelb: the config any user starts from, one core; edgelb-log adds the
+# access log.
+start_edgelb() { # name admin-port extra-yaml
+	cat > "$work/$1.yaml" <<CONF
+listen: ${ADDR[$1]}
+admin: 127.0.0.1:$2
+state_dir: $work/state-$1
 services:
   web: {static: [$ORIGIN]}
 routes: [{service: web}]
+$REQID
+$3
 CONF
-GOMAXPROCS=1 taskset -c 0 ./bin/edgelb -config "$work/edgelb.yaml" -log-level warn & PID[edgelb]=$!; pids+=($!)
+	GOMAXPROCS=1 taskset -c 0 ./bin/edgelb -config "$work/$1.yaml" -log-level warn & PID[$1]=$!; pids+=($!)
+}
+start_edgelb edgelb 18999 ""
+if has edgelb-log; then start_edgelb edgelb-log 18998 "access_log: {path: $work/edgelb-access.log, format: json}"; fi
+if has edgelb-noid; then start_edgelb edgelb-noid 18997 "request_id: false"; fi
 
-# nginx: one worker, upstream keepalive.
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $work/nginx.pid; error_log stderr error;
+# nginx: one worker, upstream keepalive; nginx-log adds an access log
+# buffered as edgelb's is (256 KiB, written every 100ms), with the fields
+# of edgelb's JSON line that nginx has.
+nginx_conf() { # name access-log-directive
+	cat > "$work/$1.conf" <<CONF
+worker_processes 1; daemon off; pid $work/$1.pid; error_log stderr error;
 events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
+http { keepalive_requests 1000000;
+  log_format edge escape=json '{"time":"\$time_iso8601","request_id":"\$request_id","client":"\$remote_addr:\$remote_port",'
+    '"method":"\$request_method","host":"\$host","uri":"\$request_uri","proto":"\$server_protocol","status":\$status,'
+    '"bytes_in":\$request_length,"bytes_out":\$body_bytes_sent,"duration_s":\$request_time,'
+    '"upstream":"\$upstream_addr","upstream_status":"\$upstream_status","upstream_s":"\$upstream_response_time"}';
+  $2
   upstream origin { server $ORIGIN; keepalive 128; }
-  server { listen ${ADDR[nginx]}; location / { proxy_pass http://origin; proxy_http_version 1.1;
+  server { listen ${ADDR[$1]}; location / { proxy_pass http://origin; proxy_http_version 1.1;
     proxy_set_header Connection ""; proxy_set_header Host \$host;
     proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
 CONF
-taskset -c 0 nginx -c "$work/nginx.conf" -e stderr & PID[nginx]=$!; pids+=($!)
+	taskset -c 0 nginx -c "$work/$1.conf" -e stderr & PID[$1]=$!; pids+=($!)
+}
+nginx_conf nginx "access_log off;"
+if has nginx-log; then nginx_conf nginx-log "access_log $work/nginx-access.log edge buffer=256k flush=100ms;"; fi
 
 # HAProxy: one thread, server-side keep-alive.
+if has haproxy; then
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
@@ -85,6 +122,7 @@ backend be
   server o1 $ORIGIN
 CONF
 taskset -c 0 haproxy -f "$work/haproxy.cfg" -db & PID[haproxy]=$!; pids+=($!)
+fi
 sleep 1
 
 clk=$(getconf CLK_TCK)
@@ -98,7 +136,7 @@ tree_cpu() { # pid field(user|both)
 	echo "$total"
 }
 
-for name in edgelb nginx haproxy; do # warm up
+for name in "${NAMES[@]}"; do # warm up
 	wrk -t1 -c"$CONNS" -d2s "${hdr[@]}" "http://${ADDR[$name]}/" >/dev/null
 done
 
@@ -119,11 +157,15 @@ run() { # round name
 	echo "$r $name $rps $p99 $us" >> "$work/summary"
 }
 
+# Each round starts with the next proxy, so that none always runs first
+# (or right after the same one).
 for r in $(seq 1 "$ROUNDS"); do
-	for name in edgelb nginx haproxy; do run "$r" "$name"; done
+	for i in $(seq 0 $((${#NAMES[@]} - 1))); do
+		run "$r" "${NAMES[$(((r - 1 + i) % ${#NAMES[@]}))]}"
+	done
 done
 
-awk '
+awk -v names="${NAMES[*]}" '
 function median(a, n,   i, j, t) {
 	for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
 	return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
@@ -131,15 +173,31 @@ function median(a, n,   i, j, t) {
 { rps[$2, $1] = $3; p99[$2, $1] = $4; cpu[$2, $1] = $5; if ($1 > rounds) rounds = $1 }
 END {
 	printf "\nmedians over %d round(s):\n", rounds
-	split("edgelb nginx haproxy", names, " ")
-	for (k = 1; k <= 3; k++) {
-		nm = names[k]
+	n = split(names, nms, " ")
+	for (k = 1; k <= n; k++) {
+		nm = nms[k]
 		for (r = 1; r <= rounds; r++) { a[r] = cpu[nm, r]; b[r] = rps[nm, r]; c[r] = p99[nm, r] }
-		printf "%-8s cpu/req %6.2f us  %9.0f req/s  p99 %6.0f us\n", nm, median(a, rounds), median(b, rounds), median(c, rounds)
+		printf "%-10s cpu/req %6.2f us  %9.0f req/s  p99 %6.0f us\n", nm, median(a, rounds), median(b, rounds), median(c, rounds)
 	}
-	for (k = 2; k <= 3; k++) {
-		nm = names[k]
-		for (r = 1; r <= rounds; r++) { a[r] = cpu["edgelb", r] / cpu[nm, r]; b[r] = p99["edgelb", r] / p99[nm, r] }
-		printf "edgelb / %-7s cpu per request %.2fx, p99 %.2fx (medians of the per-round ratios)\n", nm, median(a, rounds), median(b, rounds)
+	# Ratios of the per-round figures: edgelb to each peer, and with an
+	# access log to without.
+	for (k = 1; k <= n; k++) {
+		nm = nms[k]; base = ""
+		if (nm == "edgelb") continue
+		if (nm ~ /-log$/) { base = nm; sub(/-log$/, "", base) }
+		if (nm == "edgelb-noid") base = nm
+		if (nm == "edgelb-noid") { x = "edgelb"; y = nm } else if (base != "") { x = nm; y = base } else { x = "edgelb"; y = nm }
+		for (r = 1; r <= rounds; r++) { a[r] = cpu[x, r] / cpu[y, r]; b[r] = p99[x, r] / p99[y, r] }
+		printf "%-10s / %-8s cpu per request %.2fx, p99 %.2fx (medians of the per-round ratios)\n", x, y, median(a, rounds), median(b, rounds)
+	}
+	if (names ~ /edgelb-log/ && names ~ /nginx-log/) {
+		for (r = 1; r <= rounds; r++) { a[r] = cpu["edgelb-log", r] / cpu["nginx-log", r]; b[r] = p99["edgelb-log", r] / p99["nginx-log", r] }
+		printf "%-10s / %-8s cpu per request %.2fx, p99 %.2fx (medians of the per-round ratios)\n", "edgelb-log", "nginx-log", median(a, rounds), median(b, rounds)
 	}
 }' "$work/summary"
+if [ "${ACCESS_LOG:-0}" = 1 ]; then
+	dropped=$(curl -s http://127.0.0.1:18998/metrics | awk '/^edgelb_access_log_dropped_total / {print $2}')
+	printf '\naccess log lines: edgelb %s (%s dropped), nginx %s (last lines follow)\n' \
+		"$(wc -l < "$work/edgelb-access.log")" "${dropped:-?}" "$(wc -l < "$work/nginx-access.log")"
+	tail -n 1 "$work/edgelb-access.log" "$work/nginx-access.log"
+fi

@@ -57,7 +57,7 @@ func FuzzParseRequest(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var r Request
-		if ParseRequest(data, &r) != Forward {
+		if ParseRequest(data, fuzzIDName, &r) != Forward {
 			return
 		}
 		var h fasthttp.RequestHeader
@@ -97,7 +97,28 @@ func FuzzParseRequest(f *testing.F) {
 		if !slices.Equal(ours, theirs) {
 			t.Fatalf("headers\n%q\nfasthttp's\n%q\n%q", ours, theirs, data)
 		}
+		// The request ID read is the first that fasthttp reads.
+		if id, n := firstFold(h.All(), fuzzIDName); string(r.ID) != id || r.DupID != (n > 1) {
+			t.Fatalf("request ID %q (repeated %v), fasthttp's %q (%d)\n%q", r.ID, r.DupID, id, n, data)
+		}
 	})
+}
+
+// fuzzIDName is the request-ID header the fuzz targets parse with.
+var fuzzIDName = []byte("x-request-id")
+
+// firstFold returns the value of the first header called name, whatever
+// its case, and how many there are.
+func firstFold(all func(yield func(k, v []byte) bool), name []byte) (first string, n int) {
+	for k, v := range all {
+		if bytes.EqualFold(k, name) {
+			if n == 0 {
+				first = string(v)
+			}
+			n++
+		}
+	}
+	return first, n
 }
 
 // readResponseHeader reads a response head the way the event loop's
@@ -120,7 +141,7 @@ func FuzzParseResponse(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, data []byte, head bool) {
 		var r Response
-		if ParseResponse(data, head, &r) != Forward {
+		if ParseResponse(data, head, fuzzIDName, &r) != Forward {
 			return
 		}
 		var h fasthttp.ResponseHeader
@@ -156,6 +177,14 @@ func FuzzParseResponse(f *testing.F) {
 		theirs := sortedHeaders(h.All(), skip...)
 		if !slices.Equal(ours, theirs) {
 			t.Fatalf("headers\n%q\nfasthttp's\n%q\n%q", ours, theirs, data)
+		}
+		// No request-ID line is kept.
+		var kept []byte
+		for _, k := range r.Keep[:r.NKeep] {
+			kept = append(kept, data[k[0]:k[1]]...)
+		}
+		if _, n := firstFold(EachHeader(append(kept, "\r\n"...)), fuzzIDName); n > 0 {
+			t.Fatalf("kept the request-ID line\n%q", data)
 		}
 	})
 }
@@ -207,6 +236,7 @@ var requestSeeds = []string{
 	"HEAD / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
 	"GET /static/app.js?v=1 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: bench\r\nAccept: */*\r\nCookie: a=b; c=d\r\n\r\n",
 	"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1\r\nX-Forwarded-For: 2\r\nX_Forwarded_For: 3\r\nX-Real-IP: 4\r\n\r\n",
+	"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-1\r\nx-request-ID:  2 \r\nX-Request-Idx: 3\r\n\r\n",
 	"GET / HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nDate: x\r\nVary: y\r\nRetry-After: 1\r\n\r\nGET / HTTP/1.1\r\nHost: b\r\n\r\n",
 	// CL.TE and TE.CL, both framings at once.
 	"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
@@ -252,6 +282,7 @@ var responseSeeds = []string{
 	"HTTP/1.1 204 No Content\r\nDate: x\r\n\r\n",
 	"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
 	"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+	"HTTP/1.1 200 OK\r\nX-Request-Id: a\r\nContent-Length: 0\r\nx-request-id: b\r\n\r\n",
 	"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 12:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 64\r\nConnection: keep-alive\r\n\r\n",
 	"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nVary: Accept\r\nSet-Cookie: a=b\r\nContent-Length: 0\r\n\r\n",
 	"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX: 1\r\n\r\n5\r\nhello\r\n0\r\n\r\n",

@@ -11,7 +11,7 @@ func TestParseRequest(t *testing.T) {
 	f := func(head string, want Verdict) {
 		t.Helper()
 		var r Request
-		if got := ParseRequest([]byte(head), &r); got != want {
+		if got := ParseRequest([]byte(head), nil, &r); got != want {
 			t.Fatalf("%q: verdict %d, want %d", head, got, want)
 		}
 	}
@@ -93,7 +93,7 @@ func TestRequestConnection(t *testing.T) {
 		{"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive,\tclose\r\n\r\n", true, true},
 	} {
 		var r Request
-		if ParseRequest([]byte(tc.head), &r) != Forward {
+		if ParseRequest([]byte(tc.head), nil, &r) != Forward {
 			t.Fatalf("%q: not forwarded", tc.head)
 		}
 		if r.HTTP10 != tc.http10 || r.Close != tc.close {
@@ -113,7 +113,7 @@ func TestRequestConnection(t *testing.T) {
 func TestRequestFields(t *testing.T) {
 	head := "GET /p/q?x=1 HTTP/1.1\r\nHost: Example.com:80\r\nConnection: keep-alive\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nA: b\r\n\r\n"
 	var r Request
-	if ParseRequest([]byte(head), &r) != Forward {
+	if ParseRequest([]byte(head), nil, &r) != Forward {
 		t.Fatal("not forwarded")
 	}
 	if string(r.Path) != "/p/q" || string(r.URI) != "/p/q?x=1" || string(r.Host) != "Example.com:80" || string(r.XFF) != "1.2.3.4" {
@@ -131,11 +131,46 @@ func TestRequestFields(t *testing.T) {
 	}
 }
 
+func TestRequestID(t *testing.T) {
+	f := func(head, wantID string, dup bool, wantKept string) {
+		t.Helper()
+		var r Request
+		if ParseRequest([]byte(head), []byte("x-request-id"), &r) != Forward {
+			t.Fatalf("%q: not forwarded", head)
+		}
+		kept := head
+		for i := r.NDrop - 1; i >= 0; i-- {
+			kept = kept[:r.Drop[i][0]] + kept[r.Drop[i][1]:]
+		}
+		if string(r.ID) != wantID || (r.ID == nil) != (wantID == "") || r.DupID != dup || kept != wantKept {
+			t.Fatalf("%q: id %q dup %v kept %q; want %q %v %q", head, r.ID, r.DupID, kept, wantID, dup, wantKept)
+		}
+	}
+	f("GET / HTTP/1.1\r\nHost: a\r\n\r\n", "", false, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc\r\nA: b\r\n\r\n", "abc", false, "GET / HTTP/1.1\r\nHost: a\r\nA: b\r\n\r\n")
+	f("GET / HTTP/1.1\r\nx-request-ID:\tabc \r\nHost: a\r\n\r\n", "abc", false, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+	f("GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: 1\r\nX-Request-Id: 2\r\nX-Request-Idx: 3\r\n\r\n", "1", true,
+		"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Idx: 3\r\n\r\n")
+
+	var r Response
+	head := "HTTP/1.1 200 OK\r\nX-Request-Id: a\r\nContent-Length: 0\r\nx-request-id: b\r\nX: 1\r\n\r\n"
+	if ParseResponse([]byte(head), false, []byte("x-request-id"), &r) != Forward {
+		t.Fatal("response not forwarded")
+	}
+	var kept strings.Builder
+	for _, k := range r.Keep[:r.NKeep] {
+		kept.WriteString(head[k[0]:k[1]])
+	}
+	if want := "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX: 1\r\n"; kept.String() != want {
+		t.Fatalf("response kept %q, want %q", kept.String(), want)
+	}
+}
+
 func TestParseResponse(t *testing.T) {
 	f := func(head string, isHead bool, want Verdict, wantKept string, bodyLen int, keepAlive bool) {
 		t.Helper()
 		var r Response
-		got := ParseResponse([]byte(head), isHead, &r)
+		got := ParseResponse([]byte(head), isHead, nil, &r)
 		if got != want {
 			t.Fatalf("%q: verdict %d, want %d", head, got, want)
 		}

@@ -12,7 +12,7 @@ func BenchmarkParse(b *testing.B) {
 		var r Request
 		b.ReportAllocs()
 		for b.Loop() {
-			if ParseRequest(req, &r) != Forward {
+			if ParseRequest(req, nil, &r) != Forward {
 				b.Fatal("not forwarded")
 			}
 		}
@@ -21,7 +21,7 @@ func BenchmarkParse(b *testing.B) {
 		var r Response
 		b.ReportAllocs()
 		for b.Loop() {
-			if ParseResponse(resp, false, &r) != Forward {
+			if ParseResponse(resp, false, nil, &r) != Forward {
 				b.Fatal("not forwarded")
 			}
 		}

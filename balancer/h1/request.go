@@ -23,9 +23,14 @@ type Request struct {
 	// OtherForwarded is set when another X-Forwarded-* or X-Real-IP
 	// came.
 	OtherForwarded bool
+	// ID is the value of the request-ID header named by ParseRequest's
+	// id, nil when absent; DupID is set when it came more than once.
+	ID    []byte
+	DupID bool
 	// Drop holds the [start, end) ranges of the header lines that do not
-	// go upstream: Connection, X-Forwarded-*, Forwarded and their
-	// look-alikes.
+	// go upstream: Connection, X-Forwarded-*, Forwarded, their
+	// look-alikes, and the request-ID header, which the loop writes
+	// itself.
 	Drop  [8][2]int
 	NDrop int
 }
@@ -35,7 +40,11 @@ type Request struct {
 // plain path (one that fasthttp's path normalization leaves as it is),
 // well-formed header lines and no hop-by-hop header but a Connection that
 // lists only close and keep-alive.
-func ParseRequest(buf []byte, r *Request) Verdict {
+//
+// id, when set, is the name of the request-ID header in lower case
+// (letters, digits and '-'): its lines are dropped and the value of the
+// first is kept in r.ID.
+func ParseRequest(buf []byte, id []byte, r *Request) Verdict {
 	if len(buf) > 0 && buf[0] == '\r' {
 		return HandOff
 	}
@@ -90,6 +99,18 @@ func ParseRequest(buf []byte, r *Request) Verdict {
 			break
 		}
 		kind := RequestKindOf(name)
+		if kind == KindOther && len(name) == len(id) && EqualFoldToken(name, id) {
+			if r.NDrop == len(r.Drop) {
+				return HandOff
+			}
+			r.Drop[r.NDrop] = [2]int{start, off}
+			r.NDrop++
+			r.DupID = r.ID != nil
+			if !r.DupID {
+				r.ID = value
+			}
+			continue
+		}
 		switch kind {
 		case KindOther, KindHost, KindDate, KindVary, KindRetryAfter:
 			if n != len(name)+len(value)+4 || buf[start+len(name)+1] != ' ' {

@@ -18,7 +18,8 @@ type Response struct {
 	// and the loop decodes it, to answer with a Content-Length.
 	Chunked bool
 	// Keep holds the [start, end) ranges of the head that go to the
-	// client: all of it but the hop-by-hop header lines.
+	// client: all of it but the hop-by-hop header lines and the
+	// request-ID header, which the loop writes itself.
 	Keep  [8][2]int
 	NKeep int
 }
@@ -36,8 +37,10 @@ func HasStatusLinePrefix(b []byte) bool {
 // chunked alone (or no body by status or method), and hop-by-hop headers
 // it can drop: Connection with only close or keep-alive, Keep-Alive, and
 // the other fixed ones. Other transfer codings, both framings at once, a
-// close-delimited body or anything unclear returns HandOff.
-func ParseResponse(buf []byte, head bool, r *Response) Verdict {
+// close-delimited body or anything unclear returns HandOff. id, when set,
+// is the name of the request-ID header in lower case, whose lines are
+// dropped too.
+func ParseResponse(buf []byte, head bool, id []byte, r *Response) Verdict {
 	eol := bytes.IndexByte(buf, '\n')
 	if eol < 0 {
 		return Incomplete
@@ -78,7 +81,11 @@ func ParseResponse(buf []byte, head bool, r *Response) Verdict {
 			break
 		}
 		switch KindOf(name) {
-		case KindOther, KindHost, KindXForwardedFor, KindXForwardedProto, KindXForwardedHost, KindExpect:
+		case KindOther:
+			if len(name) != len(id) || !EqualFoldToken(name, id) {
+				continue
+			}
+		case KindHost, KindXForwardedFor, KindXForwardedProto, KindXForwardedHost, KindExpect:
 			continue
 		case KindContentLength:
 			n, ok := parseContentLength(value)

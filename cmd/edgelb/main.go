@@ -4,9 +4,10 @@
 //	edgelb -config FILE -check   validate the config and exit
 //	edgelb -version              print the version and exit
 //
-// SIGHUP reloads the config; SIGTERM and SIGINT deregister the instance
-// from Consul (with consul.register), keep serving for its drain_delay,
-// then drain in-flight requests and exit.
+// SIGHUP reloads the config; SIGUSR1 reopens the access log (after
+// logrotate renamed it); SIGTERM and SIGINT deregister the instance from
+// Consul (with consul.register), keep serving for its drain_delay, then
+// drain in-flight requests and exit.
 package main
 
 import (
@@ -65,8 +66,14 @@ func run() int {
 	}
 
 	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
 	for sig := range sigs {
+		if sig == syscall.SIGUSR1 {
+			if err := srv.ReopenAccessLog(); err != nil {
+				logger.Error("access log not reopened; writing on to the open file", "err", err)
+			}
+			continue
+		}
 		if sig == syscall.SIGHUP {
 			next, err := srv.ReloadFile(*configPath)
 			if err != nil {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -71,6 +72,99 @@ func TestCheck(t *testing.T) {
 	f("lisen: 127.0.0.1:8080\nservices:\n  web: {static: [127.0.0.1:99999], retries: -5}\nroutes: [{service: nope}]\n", 1,
 		"lisen", "services.web.static[0]", "services.web.retries", "routes[0].service")
 	f("services: [not, a, map]\n", 1, "services")
+	f("services:\n  web: {static: [127.0.0.1:9001]}\nroutes: [{service: web}]\naccess_log: {path: /nonexistent/access.log, format: xml, sample: 2}\n", 1,
+		"access_log.path", "access_log.format", "access_log.sample")
+}
+
+// TestAccessLogRotation rotates the access log as logrotate does, renaming
+// the file and sending SIGUSR1, three times while clients send requests;
+// then SIGTERM. Every request has its line, in one of the four files.
+func TestAccessLogRotation(t *testing.T) {
+	origin := startOrigin(t)
+	dir := t.TempDir()
+	listen, admin := freeAddr(t), freeAddr(t)
+	path := filepath.Join(dir, "edgelb.yaml")
+	logPath := filepath.Join(dir, "access.log")
+	writeConfig(t, path, fmt.Sprintf("listen: %s\nadmin: %s\nstate_dir: %s\nservices:\n  web: {static: [%s]}\nroutes: [{service: web}]\n"+
+		"access_log: {path: %s}\n", listen, admin, filepath.Join(dir, "state"), origin, logPath))
+	cmd := exec.Command(edgelbBin, "-config", path)
+	startLogged(t, dir, cmd)
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	waitFor(t, "edgelb ready", func() bool { code, _ := get("http://" + admin + "/readyz"); return code == 200 })
+
+	// The clients go on until the rotations are over.
+	const clients = 4
+	var sent atomic.Int64
+	stop := make(chan struct{})
+	done := make(chan error, clients)
+	for range clients {
+		go func() {
+			c := &http.Client{Timeout: 10 * time.Second}
+			for {
+				select {
+				case <-stop:
+					done <- nil
+					return
+				default:
+				}
+				resp, err := c.Get("http://" + listen + "/r")
+				if err != nil {
+					done <- err
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					done <- fmt.Errorf("status %d", resp.StatusCode)
+					return
+				}
+				sent.Add(1)
+			}
+		}()
+	}
+	for r := 1; r <= 3; r++ {
+		time.Sleep(100 * time.Millisecond)
+		if err := os.Rename(logPath, fmt.Sprintf("%s.%d", logPath, r)); err != nil {
+			t.Fatal(err)
+		}
+		cmd.Process.Signal(syscall.SIGUSR1)
+		waitFor(t, "the new file", func() bool { _, err := os.Stat(logPath); return err == nil })
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	for range clients {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("edgelb did not exit after SIGTERM")
+	}
+	lines, files := 0, 0
+	for _, f := range []string{logPath + ".1", logPath + ".2", logPath + ".3", logPath} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(string(b), "\n"); n > 0 {
+			lines += n
+			files++
+		}
+	}
+	if n := sent.Load(); int64(lines) != n {
+		t.Errorf("%d lines in the rotated files for %d requests", lines, n)
+	}
+	if files < 2 {
+		t.Errorf("the lines are in %d file(s): SIGUSR1 did not reopen the log", files)
+	}
 }
 
 // freeAddr returns a loopback address that was free a moment ago.
