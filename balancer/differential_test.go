@@ -52,6 +52,7 @@ var diffHandsOver = map[string]string{
 	"503 Retry-After, then 2 MiB body":           "as for 2 MiB body, with the 503 kept in the attempt",
 	"503 Retry-After, then 2 MiB body cut short": "as for 2 MiB body; the kept 503 goes to the client",
 	"https redirect":                             "its POST step: the loop serves GET and HEAD only",
+	"two User-Agent lines":                       "a header fasthttp keeps one of, repeated: the fasthttp path forwards the last",
 	"Host with a trailing tab":                   "a forwarded line with white space around its value is not one the loop forwards as it came: the fasthttp path writes it as Name: value",
 }
 
@@ -306,6 +307,13 @@ func TestDifferentialEngines(t *testing.T) {
 			routes: "[{service: diff, hsts: {max_age: 1y, include_subdomains: true}}]", steps: []diffStep{get("/h")}},
 		{name: "header name case", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /h HTTP/1.1\r\nhost: shop.example\r\nx-lower: 1\r\nX-MIXED-case: 2\r\n\r\n"}}},
+		{name: "two User-Agent lines", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
+			steps: []diffStep{{raw: "GET /ua HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: one\r\nUser-Agent: two\r\n\r\n"}}},
+		{name: "cookies", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
+			steps: []diffStep{{raw: "GET /c1 HTTP/1.1\r\nHost: shop.example\r\nCookie: a=1; b=2\r\n\r\n"},
+				{raw: "GET /c2 HTTP/1.1\r\nHost: shop.example\r\nCookie: a=1;b=2\r\n\r\n"},
+				{raw: "GET /c3 HTTP/1.1\r\nHost: shop.example\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n"},
+				{raw: "GET /c4 HTTP/1.1\r\nHost: shop.example\r\nCookie: flag; a=\"q\"\r\n\r\n"}}},
 		{name: "Host with a trailing tab", status: 200, origins: []diffOriginSpec{{"a", echoReply}},
 			steps: []diffStep{{raw: "GET /t HTTP/1.1\r\nHost: shop.example\t\r\n\r\n"}}},
 	}

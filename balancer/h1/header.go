@@ -32,6 +32,10 @@ const (
 	// backend only from a trusted proxy.
 	KindForwardedOther
 	KindHop // another hop-by-hop header
+	// KindSingle is a header that fasthttp keeps one of (User-Agent,
+	// Content-Type): a request that repeats it goes to the fasthttp path,
+	// which forwards the last, as the loop would forward every line.
+	KindSingle
 )
 
 // KindOf classifies a header name that NextHeader accepted (a
@@ -49,10 +53,20 @@ func KindOf(name []byte) HeaderKind {
 	return KindOther
 }
 
+// Lower-case names RequestKindOf compares with EqualFoldToken.
+var (
+	lowerUserAgent   = []byte("user-agent")
+	lowerContentType = []byte("content-type")
+)
+
 // RequestKindOf is KindOf for a request header, which also tells
-// the X-Forwarded-* family apart.
+// the X-Forwarded-* family and the headers fasthttp keeps one of apart.
 func RequestKindOf(name []byte) HeaderKind {
 	k := KindOf(name)
+	if k == KindOther && (len(name) == len(lowerUserAgent) && EqualFoldToken(name, lowerUserAgent) ||
+		len(name) == len(lowerContentType) && EqualFoldToken(name, lowerContentType)) {
+		return KindSingle
+	}
 	if k == KindOther && len(name) > len(strXForwardedPrefix) && name[0]|0x20 == 'x' &&
 		(name[1] == '-' || name[1] == '_') && EqualFoldToken(name[2:len(strXForwardedPrefix)], strXForwardedPrefix[2:]) {
 		return KindForwardedOther

@@ -34,6 +34,10 @@ func TestParseRequest(t *testing.T) {
 	f("GET / HTTP/1.1\r\nHost:a\r\n\r\n", HandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nX-A:  b\r\n\r\n", HandOff)
 	f("GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\n\r\n", HandOff)
+	// Headers fasthttp keeps one of, repeated.
+	f("GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: x\r\nuser-agent: y\r\n\r\n", HandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nContent-Type: x\r\nContent-Type: y\r\n\r\n", HandOff)
+	f("GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: x\r\nContent-Type: y\r\n\r\n", Forward)
 	f("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", HandOff)
 	f("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx", HandOff)
 	f("GET / HTTP/0.9\r\nHost: a\r\n\r\n", HandOff)

@@ -78,6 +78,7 @@ func ParseRequest(buf []byte, id []byte, r *Request) Verdict {
 		return HandOff
 	}
 	keepAlive := false
+	var singles uint8 // the KindSingle headers seen
 	r.URI = line[:sp]
 	path, ok := PlainPath(r.URI)
 	if !ok {
@@ -112,7 +113,7 @@ func ParseRequest(buf []byte, id []byte, r *Request) Verdict {
 			continue
 		}
 		switch kind {
-		case KindOther, KindHost, KindDate, KindVary, KindRetryAfter:
+		case KindOther, KindHost, KindDate, KindVary, KindRetryAfter, KindSingle:
 			if n != len(name)+len(value)+4 || buf[start+len(name)+1] != ' ' {
 				// A line forwarded as it came, but not "Name: value":
 				// the fasthttp path would drop the white space around
@@ -122,6 +123,16 @@ func ParseRequest(buf []byte, id []byte, r *Request) Verdict {
 		}
 		switch kind {
 		case KindOther:
+		case KindSingle:
+			// User-Agent and Content-Type, told apart by length.
+			bit := uint8(1)
+			if len(name) != len("user-agent") {
+				bit = 2
+			}
+			if singles&bit != 0 {
+				return HandOff
+			}
+			singles |= bit
 		case KindHost:
 			if r.Host != nil || len(value) == 0 {
 				return HandOff
