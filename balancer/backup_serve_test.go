@@ -119,7 +119,11 @@ func TestBackupAnswersWhenEveryPrimaryRefuses(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
 		dead := []string{deadAddr(t), deadAddr(t), deadAddr(t)}
 		backup := startOrigin(t, "backup", nil)
-		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web:\n    static: ["+strings.Join(dead, ", ")+"]\n    backup: "+staticList(backup)+"\nroutes: [{service: web}]\n")
+		// Ejections long enough that none ends during the test, however
+		// slow the machine: the /status and metric checks below read the
+		// serving set twice.
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web:\n    static: ["+strings.Join(dead, ", ")+"]\n    backup: "+staticList(backup)+
+			"\n    health: {passive: {base_ejection_time: 1m, max_ejection_time: 1m}}\nroutes: [{service: web}]\n")
 
 		// Three primaries refuse and a request has three tries: the
 		// last one goes to the backup, from the first request on.
