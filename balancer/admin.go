@@ -167,6 +167,11 @@ func bearerToken(r *http.Request) (string, bool) {
 // before serving it.
 func (a *adminServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer a.recoverHandler(r)
+	if r.URL.Path == peerCopyPath {
+		// Peers authenticate with the fleet's secret (see peerCopy).
+		a.peerCopy(w, r)
+		return
+	}
 	acc := a.access.Load()
 	if !acc.hostAllowed(r.Host) {
 		a.refuse(w, r, adminRefusedHost, http.StatusMisdirectedRequest,

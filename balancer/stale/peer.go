@@ -35,6 +35,14 @@ func (s *Store) Copy(dst []byte, now time.Time, scheme []byte, req *fasthttp.Req
 	return append(dst, b.val...), max(time.Duration(now.UnixNano()-e.storedAt), 0), true
 }
 
+// maxCopyHead bounds what a copy holds besides its body: Vary names and
+// headers.
+const maxCopyHead = 1 << 20
+
+// MaxCopyBytes is the size of the largest copy Import may store: a body of
+// Config.MaxEntryBytes and its head.
+func (s *Store) MaxCopyBytes() int { return s.cfg.MaxEntryBytes + maxCopyHead }
+
 // Import stores val, an entry that another store's Copy gave for req, as
 // the answer to req, stored elapsed before now. The entry is checked as
 // this store's own are, and against this store's config: a damaged entry,
