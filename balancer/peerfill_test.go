@@ -95,15 +95,23 @@ func fills(s *Server) string {
 func TestFleetPeerFill(t *testing.T) {
 	a := consultest.Start(t)
 	o := peerFillOrigin(t)
-	rest := fmt.Sprintf("services:\n  web: {static: [%s], health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n", o.addr)
+	// e answers, and then fails with 500 to every instance.
+	e := peerFillOrigin(t)
+	rest := fmt.Sprintf("services:\n  web: {static: [%s], health: {passive: {consecutive_gateway_failures: 1}}}\n  err: {static: [%s], health: {passive: {consecutive_5xx: 100}}}\n"+
+		"routes: [{service: web}, {path: /e, service: err}]\n", o.addr, e.addr)
 	extra := peerFillExtra(peerSecret, 5*time.Second)
 	A := fleetEdge(t, a, t.TempDir(), extra, rest)
-	for _, p := range []struct{ path, lang string }{{"/a", ""}, {"/b", ""}, {"/v", "fr"}, {"/v", "de"}} {
+	for _, p := range []struct{ path, lang string }{{"/a", ""}, {"/b", ""}, {"/v", "fr"}, {"/v", "de"}, {"/e/1", ""}} {
 		if resp := do(t, A, "GET", "shop.example", p.path, "Accept-Language", p.lang); resp.StatusCode() != 200 {
 			t.Fatalf("priming %s on A: %d", p.path, resp.StatusCode())
 		}
 	}
 	o.stop()
+	broken := func(ctx *fasthttp.RequestCtx) {
+		ctx.SetStatusCode(500)
+		ctx.WriteString("broken")
+	}
+	e.reply.Store(&broken)
 	if got := staleState(t, A, "/a"); got != "stale" {
 		t.Fatalf("A during the outage: %s", got)
 	}
@@ -164,22 +172,32 @@ func TestFleetPeerFill(t *testing.T) {
 		if resp = get("GET", "/never"); resp.StatusCode() != 503 {
 			t.Fatalf("D, GET /never: %d", resp.StatusCode())
 		}
-		if got := fills(D); got != "fills hit=4 miss=2; requests " {
+		// A backend's 500, which the service serves stale on: a peer's
+		// copy if there is one, else the 500 as the backend sent it.
+		resp = get("GET", "/e/1")
+		if cs := string(resp.Header.Peek("Cache-Status")); resp.StatusCode() != 200 || string(resp.Body()) != "copy of /e/1" ||
+			!strings.Contains(cs, "detail=peer/upstream_status_500") {
+			t.Fatalf("D, GET /e/1 answered 500 by its backend: %d %q Cache-Status %q", resp.StatusCode(), resp.Body(), cs)
+		}
+		if resp = get("GET", "/e/2"); resp.StatusCode() != 500 || string(resp.Body()) != "broken" {
+			t.Fatalf("D, GET /e/2 (no copy anywhere) answered 500 by its backend: %d %q", resp.StatusCode(), resp.Body())
+		}
+		if got := fills(D); got != "fills hit=5 miss=3; requests " {
 			t.Errorf("D: %s", got)
 		}
 		// The event loop handed each request that needed a fill to the
 		// fasthttp path, and served the others itself.
 		want := uint64(0)
 		if engine == "event_loop: true" {
-			want = 6
+			want = 8
 		}
 		if got := loopHandoffs.Get() - handoffs; got != want {
 			t.Errorf("%s: %d connections handed over, want %d", engine, got, want)
 		}
-		// A answered D six times (four copies, two misses) and asked
+		// A answered D eight times (five copies, three misses) and asked
 		// nobody: a fill is one hop.
 		aAfter := A.fill.status()
-		if aAfter.Requests["hit"]-aBefore.Requests["hit"] != 4 || aAfter.Requests["miss"]-aBefore.Requests["miss"] != 2 {
+		if aAfter.Requests["hit"]-aBefore.Requests["hit"] != 5 || aAfter.Requests["miss"]-aBefore.Requests["miss"] != 3 {
 			t.Errorf("A answered D: before %v, after %v", aBefore.Requests, aAfter.Requests)
 		}
 		for _, n := range fillResultNames {
