@@ -2,6 +2,7 @@ package scenario
 
 import (
 	"context"
+	crand "crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -46,6 +47,9 @@ type fleetRun struct {
 	targets atomic.Pointer[[]string]
 	stop    context.CancelFunc
 
+	// config is the instances' config, less listen, admin and state_dir.
+	config string
+
 	mu    sync.Mutex
 	edges []*Edge
 	// byAddr counts the answers of each instance, by its address.
@@ -53,6 +57,8 @@ type fleetRun struct {
 	notes  []string
 	// failed is set when a check missed its target.
 	failed bool
+	// fill is what the fleet-fill scenario measured.
+	fill *fillRun
 }
 
 // addrs returns the instances the load goes to.
@@ -129,7 +135,7 @@ func fleetRouting(origins []*Proc, archive *Proc, newRoute, broken bool) string 
 // writes the services and routes to fleetKey, and starts three edgelb
 // instances that register themselves and take their routing from the key;
 // the load follows Consul's list of passing instances.
-func (s *session) setupFleet() error {
+func (s *session) setupFleet(peerFill bool) error {
 	c, err := s.g.StartConsul(s.o.Consul)
 	if err != nil {
 		return err
@@ -154,6 +160,12 @@ func (s *session) setupFleet() error {
 	s.fleet = f
 	config := fmt.Sprintf("consul:\n  address: %s\n  config_key: %s\n  register: {name: %s, check_interval: 1s, drain_delay: 1s}\nserver: {drain_timeout: 5s}\n",
 		c.Addr(), fleetKey, fleetService)
+	if peerFill {
+		var secret [16]byte
+		crand.Read(secret[:])
+		config = strings.Replace(config, "\nserver:", fmt.Sprintf("\n  peer_fill: {secret: %x}\nserver:", secret), 1)
+	}
+	f.config = config
 	for i := 1; i <= fleetSize; i++ {
 		e, err := s.g.StartEdgeAs(fmt.Sprintf("edgelb-%d", i), config, filepath.Join(s.g.Dir, fmt.Sprintf("state-%d", i)))
 		if err != nil {
