@@ -29,8 +29,8 @@ type fillRun struct {
 	why                     map[string]int
 	// took holds how long each of those first answers took.
 	took []time.Duration
-	// fills are the new instance's peer fills by result, from /status.
-	fills map[string]float64
+	// edge is the new instance.
+	edge *Edge
 	// started is when the new instance was started after the kill.
 	started time.Duration
 }
@@ -98,16 +98,7 @@ func fleetFillScript(s *session) error {
 		}
 	}
 	s.mark("edgelb-4 asked for the %d URLs", fillURLs)
-	if st, err := d.Status(); err == nil {
-		b, _ := json.Marshal(st["fleet"])
-		var fl struct {
-			PeerFill struct {
-				Fills map[string]float64 `json:"fills"`
-			} `json:"peer_fill"`
-		}
-		json.Unmarshal(b, &fl)
-		run.fills = fl.PeerFill.Fills
-	}
+	run.edge = d
 	f.mu.Lock()
 	f.fill = run
 	f.mu.Unlock()
@@ -195,12 +186,12 @@ func fleetFillJudge(s *session, run *report.Run) []string {
 		notes = append(notes, fmt.Sprintf("time of those first answers (each a peer fill, asked one after the other): p50 %.2fms, p99 %.2fms, max %.2fms",
 			ms(took[n/2]), ms(took[n*99/100]), ms(took[n-1])))
 	}
-	if fr.fills != nil {
+	if fills := peerFills(fr.edge); fills != nil {
 		var parts []string
 		for _, r := range []string{"hit", "miss", "timeout", "error", "refused"} {
-			parts = append(parts, fmt.Sprintf("%s %.0f", r, fr.fills[r]))
+			parts = append(parts, fmt.Sprintf("%s %.0f", r, fills[r]))
 		}
-		notes = append(notes, "edgelb-4's peer fills by result, the load's requests to it included: "+strings.Join(parts, ", "))
+		notes = append(notes, "edgelb-4's peer fills by result at the end, the load's requests to it included: "+strings.Join(parts, ", "))
 	}
 	var spread []string
 	for i, e := range f.edges {
@@ -209,4 +200,20 @@ func fleetFillJudge(s *session, run *report.Run) []string {
 	notes = append(notes, fmt.Sprintf("load: round-robin over the instances Consul lists as passing; answers by instance: %s; errors %d of %d requests",
 		strings.Join(spread, ", "), run.Result.Errors, run.Result.Requests))
 	return notes
+}
+
+// peerFills returns the instance's peer fills by result, from /status.
+func peerFills(e *Edge) map[string]float64 {
+	st, err := e.Status()
+	if err != nil {
+		return nil
+	}
+	b, _ := json.Marshal(st["fleet"])
+	var fl struct {
+		PeerFill struct {
+			Fills map[string]float64 `json:"fills"`
+		} `json:"peer_fill"`
+	}
+	json.Unmarshal(b, &fl)
+	return fl.PeerFill.Fills
 }
