@@ -5,12 +5,14 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/edgelb/edgelb/balancer/fleet"
 )
 
 // PeerFillConfig is consul.peer_fill: when an instance would answer with a
 // stored copy but has none, it asks the other instances of its fleet for
 // theirs. The zero value of every field selects its default. It is on with
-// consul.register once it has a secret.
+// consul.register.
 type PeerFillConfig struct {
 	// Disabled turns peer fill off: the instance neither asks its peers
 	// nor answers them.
@@ -27,9 +29,15 @@ type PeerFillConfig struct {
 	// Secret is shared by the instances of the fleet: a peer's request
 	// must carry it. SecretFile, when set, names a file holding it
 	// instead; LoadConfig and ParseConfig fill Secret from it. Without
-	// either, peer fill is off.
+	// either, the secret is kept in Consul under SecretKey.
 	Secret     string `yaml:"secret"`
 	SecretFile string `yaml:"secret_file"`
+
+	// SecretKey is the Consul KV key that keeps the secret when neither
+	// Secret nor SecretFile is set: the first instance that finds it
+	// empty writes a random one, and every instance follows it.
+	// fleet.DefaultSecretKey is used if not set.
+	SecretKey string `yaml:"secret_key"`
 
 	// Address is the host advertised to peers for the admin listener,
 	// where they ask for copies. The admin listener's host is used if not
@@ -51,6 +59,7 @@ const (
 func (c *PeerFillConfig) applyDefaults() {
 	setDefault(&c.Timeout, DefaultPeerFillTimeout)
 	setDefault(&c.MaxPeers, DefaultPeerFillMaxPeers)
+	setDefault(&c.SecretKey, fleet.DefaultSecretKey)
 }
 
 // validate checks c after applyDefaults, reading secret_file; register
@@ -84,6 +93,9 @@ func (c *PeerFillConfig) validate(path string, register bool) []error {
 			bad(key, "%v", strings.Replace(err.Error(), "token", "secret", -1))
 		}
 	}
+	if err := fleet.CheckKey(c.SecretKey); err != nil {
+		bad(".secret_key", "%v", err)
+	}
 	if strings.ContainsAny(c.Address, "/ []") || strings.Count(c.Address, ":") == 1 {
 		bad(".address", "%q: want a host name or IP address, without a port (the port is the admin listener's)", c.Address)
 	}
@@ -95,5 +107,5 @@ func (c *PeerFillConfig) validate(path string, register bool) []error {
 
 // on reports whether peer fill runs under c, given consul.register.
 func (c *PeerFillConfig) on(register bool) bool {
-	return register && !c.Disabled && c.Secret != ""
+	return register && !c.Disabled
 }

@@ -121,12 +121,28 @@ func (s *Server) startFleetLocked(cfg *Config) error {
 	return nil
 }
 
-// setFillLocked makes peer fill run as cfg says, registered as reg.
+// setFillLocked makes peer fill run as cfg says, registered as reg: with
+// the secret of the config, or else the one kept in Consul, followed.
 func (s *Server) setFillLocked(cfg *Config, reg fleet.Registration) {
 	adv := reg.Meta[fleet.MetaPeerFill]
 	s.fill.set(cfg, s.peers, s.instance, adv)
+	if w := s.secretWatch; w != nil {
+		w.Stop()
+		s.secretWatch = nil
+	}
 	if adv == "" {
+		s.fill.setSecret("", "")
 		return
+	}
+	pf := &cfg.Consul.PeerFill
+	if pf.Secret != "" {
+		s.fill.setSecret(pf.Secret, "config")
+	} else if client, err := cfg.Consul.NewClient(); err != nil {
+		s.log.Error("peer fill: cannot follow the secret in Consul", "err", err)
+	} else {
+		from := "consul " + pf.SecretKey
+		s.secretWatch = fleet.NewSecret(client, cfg.Consul.Address, pf.SecretKey, func(v string) { s.fill.setSecret(v, from) }, s.log)
+		s.secretWatch.Start()
 	}
 	if ah, _ := splitHostPort(s.AdminAddr()); isLoopback(ah) && !isLoopback(reg.Address) {
 		s.log.Warn("peer fill: the admin listener is on loopback, so peers on other hosts cannot ask this instance for stored copies; "+
@@ -163,7 +179,7 @@ func (s *Server) reloadFleetLocked(old, cfg *Config) error {
 			s.registrar = nil
 			s.peers.Stop()
 			s.peers = nil
-			s.fill.set(cfg, nil, "", "")
+			s.setFillLocked(cfg, fleet.Registration{})
 		case !reflect.DeepEqual(old.Consul.Register, cfg.Consul.Register) || old.AdminToken != cfg.AdminToken ||
 			!reflect.DeepEqual(old.Consul.PeerFill, cfg.Consul.PeerFill):
 			r.Update(next)
@@ -301,10 +317,14 @@ func (s *Server) Leave(ctx context.Context) error {
 // fleet's background work.
 func (s *Server) stopFleet() {
 	s.mu.Lock()
-	r, p := s.registrar, s.peers
+	r, p, w := s.registrar, s.peers, s.secretWatch
+	s.secretWatch = nil
 	s.mu.Unlock()
 	if p != nil {
 		p.Stop()
+	}
+	if w != nil {
+		w.Stop()
 	}
 	if r != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -117,6 +117,7 @@ type peerFill struct {
 	store  *stale.Store
 	log    *slog.Logger
 	state  atomic.Pointer[fillState]
+	secret atomic.Pointer[fillSecret]
 	client *http.Client
 
 	// This instance's counts, for /status.
@@ -126,17 +127,31 @@ type peerFill struct {
 
 // fillState is what peer fill runs on: nil when it is off.
 type fillState struct {
-	cfg PeerFillConfig
-	// auth is the Authorization header of requests to peers;
-	// secretHash the SHA-256 of the secret, which their requests are
-	// compared with in constant time.
-	auth       string
-	secretHash [sha256.Size]byte
-	peers      *fleet.Peers
+	cfg   PeerFillConfig
+	peers *fleet.Peers
 	// instance is this instance's ID, sent as HeaderPeerFill;
 	// advertised is where it answers peers.
 	instance   string
 	advertised string
+}
+
+// fillSecret is the fleet's secret: auth is the Authorization header of
+// requests to peers, hash the SHA-256 of the secret, which their requests
+// are compared with in constant time; from says where it comes from.
+type fillSecret struct {
+	auth string
+	hash [sha256.Size]byte
+	from string
+}
+
+// setSecret makes v, from where from says, the fleet's secret; an empty v
+// leaves none, and peer fill waits for one.
+func (f *peerFill) setSecret(v, from string) {
+	if v == "" {
+		f.secret.Store(nil)
+		return
+	}
+	f.secret.Store(&fillSecret{auth: "Bearer " + v, hash: sha256.Sum256([]byte(v)), from: from})
 }
 
 func newPeerFill(store *stale.Store, log *slog.Logger) *peerFill {
@@ -157,8 +172,7 @@ func (f *peerFill) set(cfg *Config, peers *fleet.Peers, instance, advertised str
 		return
 	}
 	pf := cfg.Consul.PeerFill
-	f.state.Store(&fillState{cfg: pf, auth: "Bearer " + pf.Secret, secretHash: sha256.Sum256([]byte(pf.Secret)),
-		peers: peers, instance: instance, advertised: advertised})
+	f.state.Store(&fillState{cfg: pf, peers: peers, instance: instance, advertised: advertised})
 }
 
 // wanted reports whether a fill may find a copy: peer fill is on and a
@@ -166,7 +180,7 @@ func (f *peerFill) set(cfg *Config, peers *fleet.Peers, instance, advertised str
 // request over for a fill.
 func (f *peerFill) wanted() bool {
 	st := f.state.Load()
-	if st == nil {
+	if st == nil || f.secret.Load() == nil {
 		return false
 	}
 	for _, p := range st.peers.List() {
@@ -211,8 +225,8 @@ type peerAnswer struct {
 // it stored one. scheme is the client's. A request that a peer sent (it
 // carries HeaderPeerFill) is never filled: a fill is one hop.
 func (f *peerFill) fill(scheme []byte, req *fasthttp.Request) bool {
-	st := f.state.Load()
-	if st == nil || len(req.Header.Peek(HeaderPeerFill)) > 0 {
+	st, sec := f.state.Load(), f.secret.Load()
+	if st == nil || sec == nil || len(req.Header.Peek(HeaderPeerFill)) > 0 {
 		return false
 	}
 	addrs := st.pick()
@@ -228,7 +242,7 @@ func (f *peerFill) fill(scheme []byte, req *fasthttp.Request) bool {
 		go func() {
 			a := peerAnswer{result: fillError, why: "panic"}
 			defer func() { answers <- a }()
-			panics.Balancer.Run(func() { a = f.ask(ctx, st, addr, sch, head) }, f.log, "panic asking a peer for a stored copy", "peer", addr)
+			panics.Balancer.Run(func() { a = f.ask(ctx, st, sec, addr, sch, head) }, f.log, "panic asking a peer for a stored copy", "peer", addr)
 		}()
 	}
 	result := fillMiss
@@ -258,12 +272,12 @@ func (f *peerFill) count(r fillResult) {
 
 // ask asks the peer at addr for its stored copy of the answer to the
 // request whose head is head.
-func (f *peerFill) ask(ctx context.Context, st *fillState, addr, scheme string, head []byte) peerAnswer {
+func (f *peerFill) ask(ctx context.Context, st *fillState, sec *fillSecret, addr, scheme string, head []byte) peerAnswer {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+peerCopyPath+"?scheme="+scheme, bytes.NewReader(head))
 	if err != nil {
 		return peerAnswer{result: fillError, why: err.Error()}
 	}
-	req.Header.Set("Authorization", st.auth)
+	req.Header.Set("Authorization", sec.auth)
 	req.Header.Set(HeaderPeerFill, st.instance)
 	req.Header.Set("Content-Type", "message/http")
 	resp, err := f.client.Do(req)
@@ -323,8 +337,13 @@ func (a *adminServer) peerCopy(w http.ResponseWriter, r *http.Request) {
 		a.s.log.Warn("peer request refused", "remote", r.RemoteAddr, "peer", r.Header.Get(HeaderPeerFill), "status", code, "why", why)
 		http.Error(w, "edgelb peer fill: "+why, code)
 	}
-	if st == nil {
+	sec := f.secret.Load()
+	switch {
+	case st == nil:
 		refuse(http.StatusForbidden, "peer fill is off on this instance")
+		return
+	case sec == nil:
+		refuse(http.StatusForbidden, "this instance has no peer fill secret yet (from Consul)")
 		return
 	}
 	if r.Method != http.MethodPost {
@@ -338,7 +357,7 @@ func (a *adminServer) peerCopy(w http.ResponseWriter, r *http.Request) {
 		refuse(http.StatusUnauthorized, "missing secret: send Authorization: Bearer <consul.peer_fill secret>")
 		return
 	}
-	if h := sha256.Sum256([]byte(token)); subtle.ConstantTimeCompare(h[:], st.secretHash[:]) != 1 {
+	if h := sha256.Sum256([]byte(token)); subtle.ConstantTimeCompare(h[:], sec.hash[:]) != 1 {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="edgelb peer fill", error="invalid_token"`)
 		refuse(http.StatusUnauthorized, "wrong secret")
 		return
@@ -385,6 +404,9 @@ type PeerFillStatus struct {
 	Enabled bool `json:"enabled"`
 	// Advertised is where it answers them (its admin listener).
 	Advertised string `json:"advertised,omitempty"`
+	// Secret says where the fleet's secret comes from: "config", or
+	// "consul KEY"; empty while the one kept in Consul is not known yet.
+	Secret string `json:"secret,omitempty"`
 	// Fills counts this instance's fills by result; Requests the
 	// requests of peers it answered, by result.
 	Fills    map[string]uint64 `json:"fills"`
@@ -395,6 +417,9 @@ func (f *peerFill) status() *PeerFillStatus {
 	st := &PeerFillStatus{Fills: map[string]uint64{}, Requests: map[string]uint64{}}
 	if s := f.state.Load(); s != nil {
 		st.Enabled, st.Advertised = true, s.advertised
+		if sec := f.secret.Load(); sec != nil {
+			st.Secret = sec.from
+		}
 	}
 	for i, n := range fillResultNames {
 		st.Fills[n] = f.fills[i].Load()

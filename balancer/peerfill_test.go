@@ -44,6 +44,9 @@ func peerFillOrigin(t *testing.T) *origin {
 // peerFillExtra is the consul block's registration and peer fill with
 // secret and timeout.
 func peerFillExtra(secret string, timeout time.Duration) string {
+	if secret == "" {
+		return fmt.Sprintf(", register: {check_interval: 1s, drain_delay: 0s}, peer_fill: {timeout: %s}", timeout)
+	}
 	return fmt.Sprintf(", register: {check_interval: 1s, drain_delay: 0s}, peer_fill: {secret: %s, timeout: %s}", secret, timeout)
 }
 
@@ -325,8 +328,11 @@ func TestPeerFillConfig(t *testing.T) {
 	if pf.Timeout != DefaultPeerFillTimeout || pf.MaxPeers != DefaultPeerFillMaxPeers || !pf.on(true) {
 		t.Errorf("defaults: %+v", pf)
 	}
-	if cfg := mustConfig(t, "consul: {register: {}}\n"+base); cfg.Consul.PeerFill.on(true) {
-		t.Error("peer fill on without a secret")
+	if cfg := mustConfig(t, "consul: {register: {}}\n"+base); !cfg.Consul.PeerFill.on(true) || cfg.Consul.PeerFill.SecretKey != fleet.DefaultSecretKey {
+		t.Errorf("peer fill with consul.register and no peer_fill block: %+v, want on, its secret in Consul", cfg.Consul.PeerFill)
+	}
+	if cfg := mustConfig(t, "consul: {register: {}, peer_fill: {disabled: true}}\n"+base); cfg.Consul.PeerFill.on(true) {
+		t.Error("peer fill on with disabled: true")
 	}
 	f := func(consul, want string) {
 		t.Helper()
@@ -343,4 +349,52 @@ func TestPeerFillConfig(t *testing.T) {
 	f("register: {}, peer_fill: {secret: "+peerSecret+", address: 10.0.0.1:9901}", "consul.peer_fill.address")
 	f("peer_fill: {secret: "+peerSecret+"}", "consul.peer_fill: needs consul.register")
 	f("register: {meta: {peer_fill: x}}", "consul.register.meta.peer_fill: set by edgelb itself")
+	f("register: {}, peer_fill: {secret_key: /x}", "consul.peer_fill.secret_key")
+}
+
+// TestFleetPeerFillSecretFromConsul: with no secret in the config, the
+// first instance writes one to Consul and every instance takes it from
+// there; a changed one reaches them all.
+func TestFleetPeerFillSecretFromConsul(t *testing.T) {
+	a := consultest.Start(t)
+	o := peerFillOrigin(t)
+	rest := fmt.Sprintf("services:\n  web: {static: [%s], health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n", o.addr)
+	extra := peerFillExtra("", 5*time.Second)
+	A := fleetEdge(t, a, t.TempDir(), extra, rest)
+	do(t, A, "GET", "shop.example", "/a")
+	do(t, A, "GET", "shop.example", "/b")
+	o.stop()
+	D := fleetEdge(t, a, t.TempDir(), extra, rest)
+	waitPeerFill(t, D, A.AdminAddr())
+	eventually(t, 10*time.Second, "both instances have the secret", func() string {
+		for _, s := range []*Server{A, D} {
+			if st := s.fill.status(); st.Secret != "consul "+fleet.DefaultSecretKey {
+				return fmt.Sprintf("%+v", st)
+			}
+		}
+		return ""
+	})
+	pair, _, err := a.Client.KV().Get(fleet.DefaultSecretKey, nil)
+	if err != nil || pair == nil || len(pair.Value) != 64 {
+		t.Fatalf("the secret in Consul: %+v %v", pair, err)
+	}
+	if resp := do(t, D, "GET", "shop.example", "/a"); resp.StatusCode() != 200 || !strings.Contains(string(resp.Header.Peek("Cache-Status")), "detail=peer/") {
+		t.Fatalf("D, GET /a: %d %q", resp.StatusCode(), resp.Header.Peek("Cache-Status"))
+	}
+	// A rotation: both take the new secret, and fills go on.
+	putKey(t, a, fleet.DefaultSecretKey, strings.Repeat("r", 32))
+	eventually(t, 10*time.Second, "both instances take the new secret", func() string {
+		for _, s := range []*Server{A, D} {
+			if sec := s.fill.secret.Load(); sec == nil || sec.auth != "Bearer "+strings.Repeat("r", 32) {
+				return "old secret"
+			}
+		}
+		return ""
+	})
+	if resp := do(t, D, "GET", "shop.example", "/b"); resp.StatusCode() != 200 || !strings.Contains(string(resp.Header.Peek("Cache-Status")), "detail=peer/") {
+		t.Fatalf("D, GET /b after the rotation: %d %q", resp.StatusCode(), resp.Header.Peek("Cache-Status"))
+	}
+	if got := fills(D); got != "fills hit=2; requests " {
+		t.Errorf("D: %s", got)
+	}
 }

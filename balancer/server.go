@@ -89,8 +89,10 @@ type Server struct {
 	leaving   atomic.Pointer[LeavingStatus]
 	purges    atomic.Pointer[fleet.Purges]
 	// fill asks the peers for stored copies the store lacks, and answers
-	// theirs (consul.peer_fill).
-	fill *peerFill
+	// theirs (consul.peer_fill). secretWatch follows its secret in Consul
+	// when the config gives none (guarded by mu).
+	fill        *peerFill
+	secretWatch *fleet.Secret
 
 	// perIP counts client connections by address for
 	// server.max_conns_per_ip; nil when there is no cap.
