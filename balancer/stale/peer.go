@@ -4,8 +4,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/valyala/fasthttp"
 )
 
@@ -82,14 +84,65 @@ func (s *Store) Import(now time.Time, scheme []byte, req *fasthttp.Request, val 
 	if len(b.key) > maxKeyLen {
 		return fmt.Errorf("%w: key of %d bytes, over %d", ErrImport, len(b.key), maxKeyLen)
 	}
+	storedAt := now.Add(-max(elapsed, 0))
+	if p := s.purged.since(xxhash.Sum64(b.key[:primaryLen])); p != 0 && storedAt.UnixNano() <= p {
+		// A peer that has not applied the purge yet must not undo it.
+		return fmt.Errorf("%w: stored %s before this instance purged it", ErrImport, time.Duration(p-storedAt.UnixNano()).Round(time.Millisecond))
+	}
 	c := s.cache.Load()
 	if len(b.vary) > 0 {
 		gen := s.varyIndex(c, b, primaryLen)
 		putGen(b.key[primaryLen:], gen)
 	}
 	b.val = append(b.val[:0], val...)
-	binary.LittleEndian.PutUint64(b.val[2:], uint64(now.UnixNano()-int64(max(elapsed, 0))))
+	binary.LittleEndian.PutUint64(b.val[2:], uint64(storedAt.UnixNano()))
 	set(c, b.key, b.val)
 	storedTotal.Inc()
 	return nil
+}
+
+// maxPurgesRemembered bounds the URLs whose purge is remembered; past it,
+// they are remembered as a purge of everything at the time of the last.
+const maxPurgesRemembered = 1 << 16
+
+// purgeLog remembers when the store was purged: of everything, and of
+// each URL (by its primary key's hash) since. A copy stored before the
+// purge of its URL predates it for good, so nothing is forgotten by time.
+// It is safe for concurrent use; only purges and imports take its lock.
+type purgeLog struct {
+	mu sync.Mutex
+	// all and url hold unix nanoseconds.
+	all int64
+	url map[uint64]int64
+}
+
+func (l *purgeLog) add(h uint64, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.url) >= maxPurgesRemembered {
+		// Slow path: a flood of purges. Forgetting them as one purge of
+		// everything refuses more copies, never one that was purged.
+		for _, t := range l.url {
+			l.all = max(l.all, t)
+		}
+		l.url = nil
+	}
+	if l.url == nil {
+		l.url = make(map[uint64]int64)
+	}
+	l.url[h] = now.UnixNano()
+}
+
+func (l *purgeLog) addAll(now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.all, l.url = now.UnixNano(), nil
+}
+
+// since returns the last purge of the URL whose primary key hashes to h,
+// of everything included, in unix nanoseconds; 0 if there was none.
+func (l *purgeLog) since(h uint64) int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return max(l.url[h], l.all)
 }

@@ -92,3 +92,48 @@ func TestCopyImport(t *testing.T) {
 	binary.LittleEndian.PutUint32(withCookie[39:], binary.LittleEndian.Uint32(withCookie[39:])-2)
 	bad("Set-Cookie", withCookie, b)
 }
+
+// TestImportAfterPurge: a copy stored before this store purged its URL,
+// or everything, is refused, as a peer that has not applied the purge yet
+// must not undo it; one stored after is taken.
+func TestImportAfterPurge(t *testing.T) {
+	a := New(Config{MaxBytes: 1 << 20})
+	now := time.Now()
+	req := newReq("GET", "shop.example", "/p")
+	a.Save(now.Add(-time.Minute), schemeHTTP, req, newResp(200, "old", "Cache-Control", "max-age=600"))
+	old, oldElapsed, _ := a.Copy(nil, now, schemeHTTP, req)
+
+	b := New(Config{MaxBytes: 1 << 20})
+	if err := b.Purge("http://shop.example/p"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Import(time.Now(), schemeHTTP, req, old, oldElapsed); !errors.Is(err, ErrImport) {
+		t.Fatalf("a copy from before the purge: %v, want refused", err)
+	} else {
+		t.Log(err)
+	}
+	// Another URL is not concerned.
+	other := newReq("GET", "shop.example", "/q")
+	a.Save(now.Add(-time.Minute), schemeHTTP, other, newResp(200, "q", "Cache-Control", "max-age=600"))
+	q, qElapsed, _ := a.Copy(nil, now, schemeHTTP, other)
+	if err := b.Import(time.Now(), schemeHTTP, other, q, qElapsed); err != nil {
+		t.Fatalf("another URL: %v", err)
+	}
+	// A copy stored after the purge is taken.
+	if err := b.Import(time.Now(), schemeHTTP, req, old, 0); err != nil {
+		t.Fatalf("a copy stored after the purge: %v", err)
+	}
+	b.PurgeAll()
+	if err := b.Import(time.Now(), schemeHTTP, other, q, qElapsed); !errors.Is(err, ErrImport) {
+		t.Fatalf("a copy from before a purge of everything: %v, want refused", err)
+	}
+	// A flood of purges is remembered as one purge of everything.
+	var l purgeLog
+	t0 := time.Now()
+	for i := range maxPurgesRemembered + 1 {
+		l.add(uint64(i), t0.Add(time.Duration(i)))
+	}
+	if got := l.since(1 << 40); got != t0.Add(maxPurgesRemembered-1).UnixNano() {
+		t.Errorf("after a flood, a URL never purged: %d, want the last forgotten purge", got)
+	}
+}

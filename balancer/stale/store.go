@@ -136,6 +136,10 @@ type Store struct {
 	// does not repeat numbers of a store saved before a restart.
 	gen atomic.Uint64
 
+	// purged remembers the recent purges, so that Import never brings
+	// back a copy stored before one (see peer.go).
+	purged purgeLog
+
 	persistMu sync.Mutex
 	// saveHook, if set, runs at the start of each SaveTo: tests make a
 	// save panic with it.
@@ -577,6 +581,7 @@ func (s *Store) Purge(rawURL string) error {
 		return err
 	}
 	c := s.cache.Load()
+	s.purged.add(xxhash.Sum64(key), time.Now())
 	// Without their index, variants are unreachable; an index made again
 	// later has a new generation, so they stay so.
 	c.Del(key)
@@ -589,6 +594,7 @@ func (s *Store) Purge(rawURL string) error {
 
 // PurgeAll removes every stored answer.
 func (s *Store) PurgeAll() {
+	s.purged.addAll(time.Now())
 	s.cache.Load().Reset()
 	s.resetSlots()
 }
