@@ -2,7 +2,6 @@ package scenario
 
 import (
 	"context"
-	crand "crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -135,7 +134,7 @@ func fleetRouting(origins []*Proc, archive *Proc, newRoute, broken bool) string 
 // writes the services and routes to fleetKey, and starts three edgelb
 // instances that register themselves and take their routing from the key;
 // the load follows Consul's list of passing instances.
-func (s *session) setupFleet(peerFill bool) error {
+func (s *session) setupFleet() error {
 	c, err := s.g.StartConsul(s.o.Consul)
 	if err != nil {
 		return err
@@ -160,11 +159,6 @@ func (s *session) setupFleet(peerFill bool) error {
 	s.fleet = f
 	config := fmt.Sprintf("consul:\n  address: %s\n  config_key: %s\n  register: {name: %s, check_interval: 1s, drain_delay: 1s}\nserver: {drain_timeout: 5s}\n",
 		c.Addr(), fleetKey, fleetService)
-	if peerFill {
-		var secret [16]byte
-		crand.Read(secret[:])
-		config = strings.Replace(config, "\nserver:", fmt.Sprintf("\n  peer_fill: {secret: %x}\nserver:", secret), 1)
-	}
 	f.config = config
 	for i := 1; i <= fleetSize; i++ {
 		e, err := s.g.StartEdgeAs(fmt.Sprintf("edgelb-%d", i), config, filepath.Join(s.g.Dir, fmt.Sprintf("state-%d", i)))

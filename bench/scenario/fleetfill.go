@@ -105,8 +105,8 @@ func fleetFillScript(s *session) error {
 	return nil
 }
 
-// waitFillPeers waits until the instance lists n ready peers that answer
-// peer fills.
+// waitFillPeers waits until the instance has the fleet's secret and lists
+// n ready peers that answer peer fills.
 func waitFillPeers(e *Edge, n int) error {
 	deadline := time.Now().Add(DefaultWaitTimeout)
 	for {
@@ -120,9 +120,15 @@ func waitFillPeers(e *Edge, n int) error {
 						PeerFill string `json:"peer_fill"`
 					} `json:"peers"`
 				} `json:"peers"`
+				PeerFill struct {
+					Secret string `json:"secret"`
+				} `json:"peer_fill"`
 			}
 			json.Unmarshal(b, &fl)
 			ready := 0
+			if fl.PeerFill.Secret == "" {
+				ready = -n // the secret, from Consul, is not known yet
+			}
 			for _, p := range fl.Peers.Peers {
 				if p.Ready && p.PeerFill != "" {
 					ready++
