@@ -167,6 +167,11 @@ func bearerToken(r *http.Request) (string, bool) {
 // before serving it.
 func (a *adminServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer a.recoverHandler(r)
+	if r.URL.Path == peerCopyPath {
+		// Peers authenticate with the fleet's secret (see peerCopy).
+		a.peerCopy(w, r)
+		return
+	}
 	acc := a.access.Load()
 	if !acc.hostAllowed(r.Host) {
 		a.refuse(w, r, adminRefusedHost, http.StatusMisdirectedRequest,
@@ -376,6 +381,8 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_event_loop_handoffs_total":        {help: "Client connections an event loop handed to the fasthttp server."},
 	"edgelb_fleet_peers":                      {help: "Other instances of the fleet registered in Consul under consul.register.name, by state: ready (every check passing) or not_ready."},
 	"edgelb_fleet_peers_watch_errors_total":   {help: "Failed calls following the fleet's instances in Consul's health API."},
+	"edgelb_peer_fills_total":                 {help: "Requests this instance had no stored copy for and asked its fleet's peers about (consul.peer_fill), by result: hit (a peer's copy was stored and served), miss (no peer asked had one), timeout (consul.peer_fill.timeout came first), error (a peer could not be asked, or sent what could not be stored), refused (a peer refused: another secret, or peer fill off there)."},
+	"edgelb_peer_fill_requests_total":         {help: "Requests of peers for a stored copy that this instance answered from its stale store, by result: hit (a copy sent), miss (none stored), refused (no secret or another one, or peer fill off here)."},
 	"edgelb_generated_errors_total":           {help: "Responses edgelb generated because no backend answered, by Edgelb-Error code."},
 	"edgelb_hedges_total":                     {help: "Hedged tries sent (sent), and hedges due that waited because the hedge budget was spent (over_budget)."},
 	"edgelb_outlier_ejections_total":          {help: "Backends ejected by outlier detection, by rule."},

@@ -32,6 +32,10 @@ type attempt struct {
 	// is set when it answers a HEAD request.
 	resp []byte
 	head bool
+	// settled is set when no try is left: the loop handed the request
+	// over only to be answered, with a stored copy a peer may give (see
+	// peerfill.go).
+	settled bool
 
 	// conn, when set, is the backend connection of the last try, which
 	// the loop began on backend at tryStart and whose answer is still

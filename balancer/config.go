@@ -112,6 +112,10 @@ type ConsulConfig struct {
 	// config stays. The file's own services and routes serve only until
 	// then.
 	ConfigKey string `yaml:"config_key"`
+
+	// PeerFill asks the other instances of the fleet for their stored
+	// copy when this one has none to serve.
+	PeerFill PeerFillConfig `yaml:"peer_fill"`
 }
 
 // configKey returns consul.config_key of cfg, or "".
@@ -793,6 +797,7 @@ func (c *Config) applyDefaults() {
 			c.Consul.Register.ApplyDefaults()
 		}
 		c.Consul.Purge.ApplyDefaults()
+		c.Consul.PeerFill.applyDefaults()
 	}
 	c.Server.applyDefaults()
 	if c.TLS != nil {
@@ -839,6 +844,7 @@ func (c *Config) validate() []error {
 			errs = append(errs, r.Validate("consul.register")...)
 		}
 		errs = append(errs, c.Consul.Purge.Validate("consul.purge")...)
+		errs = append(errs, c.Consul.PeerFill.validate("consul.peer_fill", c.Consul.Register != nil)...)
 	}
 	errs = append(errs, c.Server.validate("server")...)
 	if t := c.TLS; t != nil {

@@ -35,6 +35,9 @@ type FleetStatus struct {
 	// Peers are the other instances registered under the fleet's service
 	// name, ready or not; absent without consul.register.
 	Peers *fleet.PeersStatus `json:"peers,omitempty"`
+	// PeerFill is consul.peer_fill: whether the instance asks and answers
+	// its peers for stored copies, and how that went.
+	PeerFill *PeerFillStatus `json:"peer_fill,omitempty"`
 }
 
 // LeavingStatus says since when an instance leaves the fleet, and when it
@@ -114,7 +117,46 @@ func (s *Server) startFleetLocked(cfg *Config) error {
 	s.registrar.Start()
 	s.peers = fleet.NewPeers(client, cfg.Consul.Address, reg.Name, reg.ID, s.log)
 	s.peers.Start()
+	s.setFillLocked(cfg, reg)
 	return nil
+}
+
+// setFillLocked makes peer fill run as cfg says, registered as reg: with
+// the secret of the config, or else the one kept in Consul, followed.
+func (s *Server) setFillLocked(cfg *Config, reg fleet.Registration) {
+	adv := reg.Meta[fleet.MetaPeerFill]
+	s.fill.set(cfg, s.peers, s.instance, adv)
+	if w := s.secretWatch; w != nil {
+		w.Stop()
+		s.secretWatch = nil
+	}
+	if adv == "" {
+		s.fill.setSecret("", "")
+		return
+	}
+	pf := &cfg.Consul.PeerFill
+	if pf.Secret != "" {
+		s.fill.setSecret(pf.Secret, "config")
+	} else if client, err := cfg.Consul.NewClient(); err != nil {
+		s.log.Error("peer fill: cannot follow the secret in Consul", "err", err)
+	} else {
+		from := "consul " + pf.SecretKey
+		s.secretWatch = fleet.NewSecret(client, cfg.Consul.Address, pf.SecretKey, func(v string) { s.fill.setSecret(v, from) }, s.log)
+		s.secretWatch.Start()
+	}
+	if ah, _ := splitHostPort(s.AdminAddr()); isLoopback(ah) && !isLoopback(reg.Address) {
+		s.log.Warn("peer fill: the admin listener is on loopback, so peers on other hosts cannot ask this instance for stored copies; "+
+			"set admin to an address they reach (with admin_token), and consul.peer_fill.address if needed", "admin", s.AdminAddr())
+	}
+}
+
+// isLoopback reports whether host is a loopback address or localhost.
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsLoopback()
 }
 
 // reloadFleetLocked applies the fleet part of cfg, old being the config it
@@ -137,8 +179,11 @@ func (s *Server) reloadFleetLocked(old, cfg *Config) error {
 			s.registrar = nil
 			s.peers.Stop()
 			s.peers = nil
-		case !reflect.DeepEqual(old.Consul.Register, cfg.Consul.Register) || old.AdminToken != cfg.AdminToken:
+			s.setFillLocked(cfg, fleet.Registration{})
+		case !reflect.DeepEqual(old.Consul.Register, cfg.Consul.Register) || old.AdminToken != cfg.AdminToken ||
+			!reflect.DeepEqual(old.Consul.PeerFill, cfg.Consul.PeerFill):
 			r.Update(next)
+			s.setFillLocked(cfg, next)
 			return nil
 		default:
 			return nil
@@ -190,10 +235,31 @@ func (s *Server) registration(cfg *Config) fleet.Registration {
 		ah = "127.0.0.1"
 	}
 	reg.CheckURL = "http://" + net.JoinHostPort(ah, strconv.Itoa(ap)) + "/readyz"
+	if cfg.Consul.PeerFill.on(true) {
+		meta[fleet.MetaPeerFill] = peerFillAddr(&cfg.Consul.PeerFill, s.AdminAddr(), advertised)
+	}
 	if cfg.AdminToken != "" {
 		reg.CheckHeader = map[string][]string{"Authorization": {"Bearer " + cfg.AdminToken}}
 	}
 	return reg
+}
+
+// peerFillAddr returns where peers reach the admin listener at admin for
+// peer fill: peer_fill.address, else the admin listener's host, else,
+// when it listens on every address, the host advertised for listen. An
+// empty host (":port") stands for the address the instance is registered
+// at.
+func peerFillAddr(pf *PeerFillConfig, admin, advertised string) string {
+	ah, ap := splitHostPort(admin)
+	host := pf.Address
+	switch {
+	case host != "":
+	case !unspecified(ah):
+		host = ah
+	default:
+		host = advertised
+	}
+	return net.JoinHostPort(host, strconv.Itoa(ap))
 }
 
 // splitHostPort splits a listener address.
@@ -251,10 +317,14 @@ func (s *Server) Leave(ctx context.Context) error {
 // fleet's background work.
 func (s *Server) stopFleet() {
 	s.mu.Lock()
-	r, p := s.registrar, s.peers
+	r, p, w := s.registrar, s.peers, s.secretWatch
+	s.secretWatch = nil
 	s.mu.Unlock()
 	if p != nil {
 		p.Stop()
+	}
+	if w != nil {
+		w.Stop()
 	}
 	if r != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -299,6 +369,7 @@ func (s *Server) fleetStatus() *FleetStatus {
 		st.Purge = &ps
 	}
 	st.Config = s.configKeyStatus()
+	st.PeerFill = s.fill.status()
 	return st
 }
 

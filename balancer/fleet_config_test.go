@@ -23,7 +23,7 @@ func TestFleetConfigErrors(t *testing.T) {
 			}
 		}
 	}
-	f("{registr: {}}", "consul.registr: unknown key (known keys: address, config_key, datacenter, purge, register, scheme, tag_routes, token)")
+	f("{registr: {}}", "consul.registr: unknown key (known keys: address, config_key, datacenter, peer_fill, purge, register, scheme, tag_routes, token)")
 	f("{register: {nam: x}}", "consul.register.nam: unknown key")
 	f("{register: {name: 'edge lb'}}", `consul.register.name: "edge lb" is not a Consul service name`)
 	f("{register: {id: 'a/b'}}", `consul.register.id: "a/b" is not a Consul service ID`)

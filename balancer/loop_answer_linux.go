@@ -26,7 +26,7 @@ func (l *loop) settle(c *loopClient) {
 	}
 	p := c.pool
 	code := p.failureCode(c.code, &c.tried, true, l.nowNs)
-	if p.store != nil && p.staleOn[code] && l.serveStale(c, errCodeValues[code]) {
+	if p.store != nil && p.staleOn[code] && (l.serveStale(c, errCodeValues[code]) || l.handFill(c)) {
 		return
 	}
 	p.m.generated[code].Inc()
@@ -45,7 +45,7 @@ func (l *loop) answerKept(c *loopClient) {
 	if h1.ParseResponse(raw, c.req.Head, c.rl.idName(), r) != h1.Forward {
 		panic("BUG: a kept answer no longer parses")
 	}
-	if c.pool.staleOnAnswer(r.Status) && l.serveStale(c, upstreamStatusDetail[r.Status-500]) {
+	if c.pool.staleOnAnswer(r.Status) && (l.serveStale(c, upstreamStatusDetail[r.Status-500]) || l.handFill(c)) {
 		return
 	}
 	body, withLength := raw[r.HeadLen:r.HeadLen+r.BodyLen], false
@@ -72,6 +72,31 @@ func (l *loop) serveStale(c *loopClient, detail []byte) bool {
 	c.rl.source = srcStale
 	l.writeAnswer(c, resp)
 	return true
+}
+
+// handFill hands c's request, whose tries are over and which the store
+// has no copy for, to the fasthttp path when a peer may have one: that
+// path asks the peers, which the loop does not wait on (see peerfill.go).
+// The attempt carries the answer kept, if any, to send if no peer has a
+// copy. It reports false when no peer fill would run.
+func (l *loop) handFill(c *loopClient) bool {
+	if !l.s.fill.wanted() {
+		return false
+	}
+	l.handOverForFill(c)
+	return true
+}
+
+// handOverForFill hands c's request over for a peer fill (see handFill).
+func (l *loop) handOverForFill(c *loopClient) {
+	a := l.attemptOf(c)
+	a.settled = true
+	if cap(c.kept) > loopKeepBuf {
+		c.kept = nil
+	}
+	c.kept = c.kept[:0]
+	c.state = lcIdle
+	l.handOffWith(c, a)
 }
 
 // storeRequest returns c's request head as the stale store reads

@@ -547,6 +547,14 @@ func (l *loop) replaced(bc *loopBackend, raw []byte) bool {
 		l.releaseBackend(bc)
 		return true
 	}
+	if l.s.fill.wanted() {
+		// Slow path: the answer goes with the request, for the
+		// fasthttp path to send if no peer has a copy.
+		c.kept = append(c.kept[:0], raw...)
+		l.releaseBackend(bc)
+		l.handOverForFill(c)
+		return true
+	}
 	l.attach(c, bc)
 	return false
 }

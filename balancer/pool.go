@@ -110,6 +110,9 @@ type Pool struct {
 	staleOn     [numErrCodes]bool
 	// staleOnStatus is indexed by status-500 for 500..504.
 	staleOnStatus [5]bool
+	// fill asks the fleet's other instances for a copy the store lacks;
+	// nil in pools built without a Server.
+	fill *peerFill
 
 	// hedge is the service's hedging; nil when off.
 	hedge *hedger

@@ -117,6 +117,10 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 				kept = keepAnswer(kept, &ctx.Response)
 			}
 		}
+		if att.settled {
+			// The loop made every try there was: answer.
+			first = p.cfg.Retries + 1
+		}
 	}
 	// carried is a try the loop began whose answer is still on its
 	// backend connection: it is read here, as this path's next try, and
@@ -251,10 +255,15 @@ func (p *Pool) atCapacity(now int64) bool {
 	return countAvailable(p.set.Load(), now)+countAvailable(p.backup.Load(), now) > 0
 }
 
-// serveStale answers from the stale store if it holds a usable copy.
+// serveStale answers from the stale store if it holds a usable copy, or
+// else, with peer fill, once a peer gave it one.
 func (p *Pool) serveStale(ctx *fasthttp.RequestCtx, now time.Time, clientClose bool, detail []byte) bool {
 	if !p.store.Serve(now, scheme(ctx), &ctx.Request, &ctx.Response, p.stalePolicy, detail) {
-		return false
+		// Slow path: ask the fleet.
+		if p.fill == nil || !p.fill.fill(scheme(ctx), &ctx.Request) ||
+			!p.store.Serve(time.Now(), scheme(ctx), &ctx.Request, &ctx.Response, p.stalePolicy, fromPeer(detail)) {
+			return false
+		}
 	}
 	p.m.staleServed.Inc()
 	if clientClose {

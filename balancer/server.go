@@ -94,6 +94,11 @@ type Server struct {
 	peers     *fleet.Peers
 	leaving   atomic.Pointer[LeavingStatus]
 	purges    atomic.Pointer[fleet.Purges]
+	// fill asks the peers for stored copies the store lacks, and answers
+	// theirs (consul.peer_fill). secretWatch follows its secret in Consul
+	// when the config gives none (guarded by mu).
+	fill        *peerFill
+	secretWatch *fleet.Secret
 
 	// perIP counts client connections by address for
 	// server.max_conns_per_ip; nil when there is no cap.
@@ -156,6 +161,7 @@ func NewServer(cfg *Config, logger *slog.Logger) *Server {
 		stop:    make(chan struct{}),
 		perIP:   newIPConns(cfg.Server.MaxConnsPerIP),
 	}
+	s.fill = newPeerFill(s.store, logger)
 	s.dns = discovery.NewDNS(s, logger)
 	s.fastIDs.prefix = randomIDPrefix()
 	n := runtime.GOMAXPROCS(0)
@@ -447,6 +453,7 @@ func (s *Server) applyLocked(cfg *Config) {
 			continue
 		}
 		p := newPool(name, sc, s.reg, s.checker, s.store, s.series)
+		p.fill = s.fill
 		s.pools[name] = p
 		switch {
 		case len(sc.Static) > 0 && !sc.usesDNS():
@@ -644,6 +651,7 @@ func (s *Server) Publish(set *discovery.Set) {
 	p := s.pools[set.Service]
 	if p == nil && len(set.Routes) > 0 {
 		p = newPool(set.Service, tagServiceConfig(), s.reg, s.checker, s.store, s.series)
+		p.fill = s.fill
 		p.tagRouted = true
 		s.pools[set.Service] = p
 	}

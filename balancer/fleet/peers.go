@@ -24,9 +24,12 @@ type Peer struct {
 	Node     string `json:"node"`
 	// Addr is its client-facing address (listen); HTTPS its TLS
 	// listener's, if it has one.
-	Addr    string `json:"addr"`
-	HTTPS   string `json:"https,omitempty"`
-	Version string `json:"version,omitempty"`
+	Addr  string `json:"addr"`
+	HTTPS string `json:"https,omitempty"`
+	// PeerFill is where it answers requests for stored copies (its
+	// admin listener); empty when it does not.
+	PeerFill string `json:"peer_fill,omitempty"`
+	Version  string `json:"version,omitempty"`
 	// Status is the worst of its checks (passing, warning, critical) and
 	// of its node's; Ready is set when it is passing. Why says, for a peer
 	// that is not, what its failing checks said.
@@ -157,6 +160,14 @@ func (p *Peers) set(entries []*api.ServiceEntry) {
 			pr.HTTPS = net.JoinHostPort(h.Address, strconv.Itoa(h.Port))
 		} else if port := e.Service.Meta[MetaHTTPSPort]; port != "" {
 			pr.HTTPS = net.JoinHostPort(host, port)
+		}
+		if pf := e.Service.Meta[MetaPeerFill]; pf != "" {
+			if h, port, err := net.SplitHostPort(pf); err == nil && port != "" {
+				if h == "" {
+					h = host
+				}
+				pr.PeerFill = net.JoinHostPort(h, port)
+			}
 		}
 		pr.Ready = pr.Status == api.HealthPassing
 		if pr.Ready {

@@ -85,6 +85,10 @@ const (
 	MetaInstance = "instance"
 	// MetaHTTPSPort is the port of tls.listen, when there is one.
 	MetaHTTPSPort = "https_port"
+	// MetaPeerFill is where the instance answers its peers' requests for
+	// stored copies (consul.peer_fill): host:port of its admin listener,
+	// or :port for the host the instance is registered at.
+	MetaPeerFill = "peer_fill"
 	// TaggedHTTPS is the tagged address of tls.listen.
 	TaggedHTTPS = "https"
 )
@@ -153,8 +157,8 @@ func (c *RegisterConfig) Validate(path string) []error {
 			bad(fmt.Sprintf(".tags[%d]", i), "%q would make edgelb instances with consul.tag_routes route to edgelb itself", t)
 		}
 	}
-	if len(c.Meta) > 64-3 {
-		bad(".meta", "%d keys; Consul takes at most 64, 3 of them edgelb's own", len(c.Meta))
+	if len(c.Meta) > 64-4 {
+		bad(".meta", "%d keys; Consul takes at most 64, 4 of them edgelb's own", len(c.Meta))
 	}
 	for _, k := range sortedKeys(c.Meta) {
 		switch v := c.Meta[k]; {
@@ -162,8 +166,8 @@ func (c *RegisterConfig) Validate(path string) []error {
 			bad(".meta", "key %q: Consul takes letters, digits, '-' and '_', at most 128", k)
 		case strings.HasPrefix(k, "consul-"):
 			bad(".meta."+k, "the prefix consul- is Consul's own")
-		case k == MetaVersion || k == MetaInstance || k == MetaHTTPSPort:
-			bad(".meta."+k, "set by edgelb itself (%s, %s, %s)", MetaVersion, MetaInstance, MetaHTTPSPort)
+		case k == MetaVersion || k == MetaInstance || k == MetaHTTPSPort || k == MetaPeerFill:
+			bad(".meta."+k, "set by edgelb itself (%s, %s, %s, %s)", MetaVersion, MetaInstance, MetaHTTPSPort, MetaPeerFill)
 		case len(v) > 512:
 			bad(".meta."+k, "value of %d bytes; Consul takes at most 512", len(v))
 		}

@@ -136,6 +136,10 @@ type Store struct {
 	// does not repeat numbers of a store saved before a restart.
 	gen atomic.Uint64
 
+	// purged remembers the recent purges, so that Import never brings
+	// back a copy stored before one (see peer.go).
+	purged purgeLog
+
 	persistMu sync.Mutex
 	// saveHook, if set, runs at the start of each SaveTo: tests make a
 	// save panic with it.
@@ -452,17 +456,8 @@ func (s *Store) Serve(now time.Time, scheme []byte, req *fasthttp.Request, resp 
 	}
 	b := getBuf()
 	defer putBuf(b)
-	c := s.cache.Load()
-	b.key = appendKey(b.key[:0], scheme, req)
-	b.val = get(c, b.val, b.key)
-	b.vary = b.vary[:0]
-	if gen, names, ok := decodeVaryIndex(b.val); ok {
-		b.vary = append(b.vary, names...)
-		b.appendVariant(gen, req)
-		b.val = get(c, b.val, b.key)
-	}
-	e, ok := decodeEntry(b.val)
-	if !ok || !bytes.Equal(e.vary, b.vary) || !s.statuses[statusIndex(e.status)] {
+	e, ok := s.lookup(b, scheme, req)
+	if !ok {
 		missAbsent.Inc()
 		return false
 	}
@@ -508,6 +503,26 @@ func (s *Store) Serve(now time.Time, scheme []byte, req *fasthttp.Request, resp 
 	b.key = cs
 	servedTotal.Inc()
 	return true
+}
+
+// lookup finds the entry stored for req, following the URL's Vary index,
+// into b.val; the entry's slices point into it. It reports false when
+// there is none, or none the store may serve.
+func (s *Store) lookup(b *buf, scheme []byte, req *fasthttp.Request) (entry, bool) {
+	c := s.cache.Load()
+	b.key = appendKey(b.key[:0], scheme, req)
+	b.val = get(c, b.val, b.key)
+	b.vary = b.vary[:0]
+	if gen, names, ok := decodeVaryIndex(b.val); ok {
+		b.vary = append(b.vary, names...)
+		b.appendVariant(gen, req)
+		b.val = get(c, b.val, b.key)
+	}
+	e, ok := decodeEntry(b.val)
+	if !ok || !bytes.Equal(e.vary, b.vary) || !s.statuses[statusIndex(e.status)] {
+		return e, false
+	}
+	return e, true
 }
 
 // refused reports whether the entry's directives forbid serving it
@@ -566,6 +581,7 @@ func (s *Store) Purge(rawURL string) error {
 		return err
 	}
 	c := s.cache.Load()
+	s.purged.add(xxhash.Sum64(key), time.Now())
 	// Without their index, variants are unreachable; an index made again
 	// later has a new generation, so they stay so.
 	c.Del(key)
@@ -578,6 +594,7 @@ func (s *Store) Purge(rawURL string) error {
 
 // PurgeAll removes every stored answer.
 func (s *Store) PurgeAll() {
+	s.purged.addAll(time.Now())
 	s.cache.Load().Reset()
 	s.resetSlots()
 }

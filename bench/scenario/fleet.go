@@ -46,6 +46,9 @@ type fleetRun struct {
 	targets atomic.Pointer[[]string]
 	stop    context.CancelFunc
 
+	// config is the instances' config, less listen, admin and state_dir.
+	config string
+
 	mu    sync.Mutex
 	edges []*Edge
 	// byAddr counts the answers of each instance, by its address.
@@ -53,6 +56,8 @@ type fleetRun struct {
 	notes  []string
 	// failed is set when a check missed its target.
 	failed bool
+	// fill is what the fleet-fill scenario measured.
+	fill *fillRun
 }
 
 // addrs returns the instances the load goes to.
@@ -154,6 +159,7 @@ func (s *session) setupFleet() error {
 	s.fleet = f
 	config := fmt.Sprintf("consul:\n  address: %s\n  config_key: %s\n  register: {name: %s, check_interval: 1s, drain_delay: 1s}\nserver: {drain_timeout: 5s}\n",
 		c.Addr(), fleetKey, fleetService)
+	f.config = config
 	for i := 1; i <= fleetSize; i++ {
 		e, err := s.g.StartEdgeAs(fmt.Sprintf("edgelb-%d", i), config, filepath.Join(s.g.Dir, fmt.Sprintf("state-%d", i)))
 		if err != nil {

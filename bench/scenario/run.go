@@ -33,10 +33,11 @@ const (
 	DNS        = "dns"
 	DCFailover = "dc-failover"
 	Fleet      = "fleet"
+	FleetFill  = "fleet-fill"
 )
 
 // Names lists every scenario in the order "all" runs them.
-var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup, DNS, DCFailover, Fleet}
+var Names = []string{Steady, Kill, Hang, Slow, Outage, ConsulStop, Churn, Hedge, Backup, DNS, DCFailover, Fleet, FleetFill}
 
 // Compared are the scenarios that comparison mode also runs through nginx
 // and HAProxy.
@@ -81,6 +82,11 @@ var about = map[string][2]string{
 		"instance serves it stale; at 25% a route /new is added to the key: the time until all three route it; at 35% a broken value is written " +
 		"(an unknown key): all three must refuse it, report it in /status and keep routing; from 45% on, a rolling restart of all three " +
 		"(SIGTERM, exit, start, passing in Consul, next). Errors should stay at 0 for the whole load; targets: 1s for the purge and the route."},
+	FleetFill: {"A new instance during an outage (peer fill)", "The fleet of " + Fleet + " with consul.peer_fill as it is by default (its secret kept in Consul, " +
+		"a 50ms timeout, 3 peers asked at once). At 10% of the load, " + strconv.Itoa(fillURLs) + " URLs are stored, each on one of the three instances only; at 20% every origin " +
+		"is killed with SIGKILL; then a fourth edgelb starts with an empty state_dir, joins the load once Consul lists it passing, and is asked " +
+		"for each of those URLs once. Target: it serves at least 99% of them, from its peers (Cache-Status detail=peer/...); the notes give the share, " +
+		"the time of those first answers, its fills by result, and the errors of the load."},
 }
 
 // Options describe a bench-suite run. Zero values select the defaults.
@@ -271,7 +277,7 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 		err = s.setupDNS()
 	case DCFailover:
 		err = s.setupFailover()
-	case Fleet:
+	case Fleet, FleetFill:
 		err = s.setupFleet()
 		defer func() {
 			if s.fleet != nil && s.fleet.stop != nil {
@@ -486,6 +492,7 @@ var scripts = map[string]func(*session) error{
 	DNS:        dnsScript,
 	DCFailover: failoverScript,
 	Fleet:      fleetScript,
+	FleetFill:  fleetFillScript,
 }
 
 // judges, after a scenario's load, write what it shows against its
@@ -494,6 +501,7 @@ var judges = map[string]func(*session, *report.Run) []string{
 	Hedge:      hedgeJudge,
 	DCFailover: failoverJudge,
 	Fleet:      fleetJudge,
+	FleetFill:  fleetFillJudge,
 }
 
 // hedgeJudge compares the worst latency while o2 hung with the p99 before
