@@ -159,8 +159,9 @@ type hedger struct {
 const (
 	hedgeToken = 1000
 	// hedgeBurst is how many hedges the bucket holds at most: a burst
-	// of slow answers may hedge that many at once.
-	hedgeBurst = 10 * hedgeToken
+	// of slow answers may hedge that many at once, such as every request
+	// in flight to a backend that just stopped answering.
+	hedgeBurst = 50 * hedgeToken
 	// hedgeBuckets latency buckets, four per doubling from 16µs: the
 	// last holds everything over 8s.
 	hedgeBuckets   = 80
