@@ -59,18 +59,25 @@ func forwardedHTTPS(h *fasthttp.RequestHeader) bool {
 // setHSTS sets Strict-Transport-Security to v, replacing whatever the
 // backend sent under that name in any case, so that exactly one goes out.
 func setHSTS(h *fasthttp.ResponseHeader, v []byte) {
+	delFold(h, strHSTS)
+	h.SetBytesKV(strHSTS, v)
+}
+
+// delFold deletes from a response every header called name, whatever the
+// case of either, each by the name it has, as the header's normalization
+// setting needs.
+func delFold(h *fasthttp.ResponseHeader, name []byte) {
 	for range maxHeaderDeletes {
 		var del []byte
 		for k := range h.All() {
-			if bytes.EqualFold(k, strHSTS) {
+			if len(k) == len(name) && bytes.EqualFold(k, name) {
 				del = k
 				break
 			}
 		}
 		if del == nil {
-			break
+			return
 		}
 		h.DelBytes(del)
 	}
-	h.SetBytesKV(strHSTS, v)
 }

@@ -248,18 +248,6 @@ func setRequestID(h *fasthttp.RequestHeader, ids *requestIDs, id []byte, saw boo
 // setResponseID sets the request-ID header of a response to id, in place
 // of any the backend sent under that name in any case.
 func setResponseID(h *fasthttp.ResponseHeader, ids *requestIDs, id []byte) {
-	for range maxHeaderDeletes {
-		var del []byte
-		for k := range h.All() {
-			if len(k) == len(ids.name) && bytes.EqualFold(k, ids.name) {
-				del = k
-				break
-			}
-		}
-		if del == nil {
-			break
-		}
-		h.DelBytes(del)
-	}
+	delFold(h, ids.name)
 	h.SetBytesKV(ids.name, id)
 }

@@ -550,7 +550,7 @@ func (c *Consul) follow(ctx context.Context, dc string, f follower) {
 				restarts.raise()
 			}
 			f.failed(err, failures)
-			if !sleepCtx(ctx, backoff(failures)) {
+			if !SleepCtx(ctx, backoff(failures)) {
 				return
 			}
 			continue
@@ -794,7 +794,7 @@ type queryFollower struct {
 func (f *queryFollower) query(q *api.QueryOptions) (uint64, error) {
 	if !f.last.IsZero() {
 		// Consul cannot block on a prepared query: poll.
-		if !sleepCtx(q.Context(), time.Until(f.last.Add(queryPollInterval))) {
+		if !SleepCtx(q.Context(), time.Until(f.last.Add(queryPollInterval))) {
 			return 0, q.Context().Err()
 		}
 	}
@@ -1216,7 +1216,7 @@ func (c *Consul) goSafe(ctx context.Context, name string, f func()) {
 				// first panic.
 				n = 1
 			}
-			if !sleepCtx(ctx, backoff(n)) {
+			if !SleepCtx(ctx, backoff(n)) {
 				return
 			}
 		}
@@ -1255,7 +1255,7 @@ func (l *callLimiter) waitAt(ctx context.Context, now time.Time) bool {
 	l.last = now
 	if l.tokens < 1 {
 		d := time.Duration((1 - l.tokens) * float64(minCallInterval))
-		if !sleepCtx(ctx, d) {
+		if !SleepCtx(ctx, d) {
 			return false
 		}
 		l.tokens, l.last = 1, now.Add(d)
@@ -1269,8 +1269,8 @@ func (l *callLimiter) refund() {
 	l.tokens = min(callBurst, l.tokens+1)
 }
 
-// sleepCtx sleeps for d and reports whether ctx is still alive.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
+// SleepCtx sleeps for d and reports whether ctx is still alive.
+func SleepCtx(ctx context.Context, d time.Duration) bool {
 	if d <= 0 {
 		return ctx.Err() == nil
 	}

@@ -488,7 +488,7 @@ func (s *dnsService) follow(w *nameWatch) {
 			s.publish()
 			s.d.persist()
 		}
-		if !sleepCtx(s.ctx, wait) {
+		if !SleepCtx(s.ctx, wait) {
 			return
 		}
 	}

@@ -51,7 +51,7 @@ func follow(ctx context.Context, call func(q *api.QueryOptions) (uint64, error),
 	failures := 0
 	var last time.Time
 	for ctx.Err() == nil {
-		if d := minCallSpacing - time.Since(last); d > 0 && !sleepCtx(ctx, d) {
+		if d := minCallSpacing - time.Since(last); d > 0 && !discovery.SleepCtx(ctx, d) {
 			return
 		}
 		last = time.Now()
@@ -63,7 +63,7 @@ func follow(ctx context.Context, call func(q *api.QueryOptions) (uint64, error),
 			failures++
 			index = 0
 			failed(err, failures)
-			if !sleepCtx(ctx, backoff(failures)) {
+			if !discovery.SleepCtx(ctx, backoff(failures)) {
 				return
 			}
 			continue
@@ -82,18 +82,6 @@ func follow(ctx context.Context, call func(q *api.QueryOptions) (uint64, error),
 func backoff(n int) time.Duration {
 	d := min(250*time.Millisecond<<min(n-1, 6), maxBackoff)
 	return d/2 + time.Duration(rand.Int64N(int64(d)))
-}
-
-// sleepCtx sleeps for d and reports whether ctx is still alive.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }
 
 // notFound reports whether err is Consul's 404.

@@ -13,6 +13,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/hashicorp/consul/api"
 
+	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/internal/panics"
 )
 
@@ -131,7 +132,7 @@ func (w *KeyWatch) Start() {
 			if panics.Fleet.Run(w.run, w.log, "panic in the config key watch; starting it again", "task", "config key") == nil {
 				return
 			}
-			if !sleepCtx(w.ctx, backoff(n)) {
+			if !discovery.SleepCtx(w.ctx, backoff(n)) {
 				return
 			}
 		}

@@ -13,6 +13,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/hashicorp/consul/api"
 
+	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/internal/panics"
 )
 
@@ -112,7 +113,7 @@ func (p *Peers) Start() {
 			if panics.Fleet.Run(p.run, p.log, "panic in the peer list; starting it again", "task", "peers") == nil {
 				return
 			}
-			if !sleepCtx(p.ctx, backoff(n)) {
+			if !discovery.SleepCtx(p.ctx, backoff(n)) {
 				return
 			}
 		}

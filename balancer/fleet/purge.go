@@ -19,6 +19,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/hashicorp/consul/api"
 
+	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/internal/panics"
 )
 
@@ -329,7 +330,7 @@ func (p *Purges) goSafe(name string, f func()) {
 			if panics.Fleet.Run(f, p.log, "panic in the purge log; starting it again", "task", name) == nil {
 				return
 			}
-			if !sleepCtx(p.ctx, backoff(n)) {
+			if !discovery.SleepCtx(p.ctx, backoff(n)) {
 				return
 			}
 		}
@@ -543,7 +544,7 @@ func (p *Purges) Status() PurgeStatus {
 func (p *Purges) collectLoop() {
 	for {
 		d := p.gcEvery/2 + time.Duration(rand.Int64N(int64(p.gcEvery)))
-		if !sleepCtx(p.ctx, d) {
+		if !discovery.SleepCtx(p.ctx, d) {
 			return
 		}
 		if err := p.collect(time.Now()); err != nil {

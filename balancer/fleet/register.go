@@ -13,6 +13,7 @@ import (
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/hashicorp/consul/api"
 
+	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/internal/panics"
 )
 
@@ -297,7 +298,7 @@ func (r *Registrar) Start() {
 			if panics.Fleet.Run(r.run, r.log, "panic in Consul registration; starting it again", "task", "register") == nil {
 				return
 			}
-			if !sleepCtx(r.ctx, backoff(n)) {
+			if !discovery.SleepCtx(r.ctx, backoff(n)) {
 				return
 			}
 		}
@@ -333,7 +334,7 @@ func (r *Registrar) run() {
 	failures := 0
 	var last time.Time
 	for r.ctx.Err() == nil {
-		if d := minCallSpacing - time.Since(last); d > 0 && !sleepCtx(r.ctx, d) {
+		if d := minCallSpacing - time.Since(last); d > 0 && !discovery.SleepCtx(r.ctx, d) {
 			return
 		}
 		last = time.Now()

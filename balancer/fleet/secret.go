@@ -10,6 +10,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/edgelb/edgelb/discovery"
 	"github.com/edgelb/edgelb/internal/panics"
 )
 
@@ -63,7 +64,7 @@ func (s *Secret) Start() {
 			if panics.Fleet.Run(s.run, s.log, "panic following the peer fill secret; starting again", "task", "secret") == nil {
 				return
 			}
-			if !sleepCtx(s.ctx, backoff(n)) {
+			if !discovery.SleepCtx(s.ctx, backoff(n)) {
 				return
 			}
 		}
