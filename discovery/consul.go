@@ -441,7 +441,7 @@ func (c *Consul) publishDisk(w *watch, disk *Set) bool {
 	w.pubMu.Lock()
 	defer w.pubMu.Unlock()
 	w.mu.Lock()
-	if w.published {
+	if w.published || w.ctx.Err() != nil {
 		w.mu.Unlock()
 		return false
 	}
@@ -1141,8 +1141,11 @@ func (f *catalogFollower) apply(now, holdUntil time.Time) bool {
 		c.catalog.LastErrorAt, c.catalog.Stale = now, true
 	}
 	c.catalogAnswered = true
+	stopped := make([]*watch, 0, len(gone))
 	for _, name := range gone {
-		c.watches[name].stop()
+		w := c.watches[name]
+		w.stop()
+		stopped = append(stopped, w)
 		delete(c.watches, name)
 		c.log.Info("tag-routed service left Consul; removing its routes", "service", name)
 	}
@@ -1156,8 +1159,14 @@ func (f *catalogFollower) apply(now, holdUntil time.Time) bool {
 		found = true
 	}
 	c.mu.Unlock()
-	for _, name := range gone {
+	for i, name := range gone {
+		// Under the watch's publishing lock: a publication that began
+		// before the watch stopped ends before the removal, and none
+		// begins after it (choosePublish checks the watch's context).
+		w := stopped[i]
+		w.pubMu.Lock()
 		c.pub.Remove(name)
+		w.pubMu.Unlock()
 	}
 	if len(gone) > 0 {
 		c.persist()
