@@ -415,3 +415,51 @@ func (b *lockedBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.b.String()
 }
+
+// blockingPublisher holds the first Publish of one service until released.
+type blockingPublisher struct {
+	*recorder
+	service string
+	armed   atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (p *blockingPublisher) Publish(s *Set) {
+	if s.Service == p.service && p.armed.CompareAndSwap(true, false) {
+		close(p.entered)
+		<-p.release
+	}
+	p.recorder.Publish(s)
+}
+
+// A tag-routed service that leaves Consul while its watch is publishing it
+// stays removed: the removal waits for that publication, so that it cannot
+// come after the removal and bring the service's routes back.
+func TestTagRoutedServiceRemovedDuringItsPublication(t *testing.T) {
+	a := consultest.Start(t)
+	pub := &blockingPublisher{recorder: newRecorder(), service: "api", entered: make(chan struct{}), release: make(chan struct{})}
+	pub.armed.Store(true)
+	c, err := NewConsul(ConsulConfig{Address: a.Addr(), TagRoutes: true}, nil, "", pub, testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	t.Cleanup(c.Stop)
+	a.Register("a1", "api", 9101, []string{"edge.route=*/api"}, 0)
+	select {
+	case <-pub.entered:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the api watch never published")
+	}
+	a.Deregister("a1")
+	// The catalog sees api leave within a blocking query's answer; its
+	// removal must wait for the publication held here.
+	time.Sleep(2 * time.Second)
+	close(pub.release)
+	eventually(t, "api removed", func() bool { return pub.wasRemoved("api") })
+	time.Sleep(500 * time.Millisecond)
+	if s := pub.set("api"); s != nil || !pub.wasRemoved("api") {
+		t.Fatalf("api published after it left Consul: %+v", s)
+	}
+}
