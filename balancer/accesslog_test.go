@@ -26,15 +26,7 @@ func TestAccessLogConfig(t *testing.T) {
 	base := "services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}]\n"
 	bad := func(yaml string, wants ...string) {
 		t.Helper()
-		_, err := ParseConfig([]byte(base + yaml))
-		if err == nil {
-			t.Fatalf("%s: accepted", yaml)
-		}
-		for _, w := range wants {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("%s: error lacks %q:\n%v", yaml, w, err)
-			}
-		}
+		configRefused(t, base+yaml, wants...)
 	}
 	bad("access_log: {}", "access_log.path: missing: a file name, or - for the standard output")
 	bad("access_log: {path: /nonexistent-dir/a.log}", `access_log.path: "/nonexistent-dir/a.log": directory "/nonexistent-dir" does not exist`)

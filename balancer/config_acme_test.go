@@ -18,15 +18,7 @@ func TestACMEConfigErrors(t *testing.T) {
 	const svc = "services: {web: {static: [127.0.0.1:1]}}\n"
 	f := func(acmeBlock string, wants ...string) {
 		t.Helper()
-		_, err := ParseConfig([]byte(svc + "tls:\n  acme: " + acmeBlock + "\n"))
-		if err == nil {
-			t.Fatalf("config accepted: tls.acme: %s", acmeBlock)
-		}
-		for _, w := range wants {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("error lacks %q:\n%v", w, err)
-			}
-		}
+		configRefused(t, svc+"tls:\n  acme: "+acmeBlock+"\n", wants...)
 	}
 	f("{domains: [a.example.com]}", "tls.acme.email: missing: the CA's account needs a contact address")
 	f("{email: ops, domains: [a.example.com]}", `tls.acme.email: "ops" is not an email address`)

@@ -9,18 +9,26 @@ import (
 	"time"
 )
 
+// configRefused parses yaml, which must be refused with an error holding
+// each of wants, and returns that error.
+func configRefused(t testing.TB, yaml string, wants ...string) error {
+	t.Helper()
+	_, err := ParseConfig([]byte(yaml))
+	if err == nil {
+		t.Fatalf("config accepted:\n%s", yaml)
+	}
+	for _, w := range wants {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q:\n%v", w, err)
+		}
+	}
+	return err
+}
+
 func TestParseConfigErrors(t *testing.T) {
 	f := func(yaml string, wants ...string) {
 		t.Helper()
-		_, err := ParseConfig([]byte(yaml))
-		if err == nil {
-			t.Fatalf("config accepted:\n%s", yaml)
-		}
-		for _, w := range wants {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("error lacks %q:\n%v", w, err)
-			}
-		}
+		configRefused(t, yaml, wants...)
 	}
 	f("", "config is empty")
 	f("listen: [", "cannot parse YAML")
@@ -72,16 +80,7 @@ func TestParseConfigErrors(t *testing.T) {
 func TestParseConfigFailoverErrors(t *testing.T) {
 	f := func(consul, service string, wants ...string) {
 		t.Helper()
-		yaml := "consul: {" + consul + "}\nservices:\n  web:\n    consul: {" + service + "}\n"
-		_, err := ParseConfig([]byte(yaml))
-		if err == nil {
-			t.Fatalf("config accepted:\n%s", yaml)
-		}
-		for _, w := range wants {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("error lacks %q:\n%v", w, err)
-			}
-		}
+		err := configRefused(t, "consul: {"+consul+"}\nservices:\n  web:\n    consul: {"+service+"}\n", wants...)
 		if n := strings.Count("\n"+err.Error(), "\nservices.web.consul"); n != len(wants) {
 			t.Errorf("%d errors about services.web.consul, want %d:\n%v", n, len(wants), err)
 		}
@@ -204,15 +203,7 @@ func TestParseBackupConfig(t *testing.T) {
 func TestParseBackupConfigErrors(t *testing.T) {
 	f := func(yaml string, wants ...string) {
 		t.Helper()
-		_, err := ParseConfig([]byte(yaml))
-		if err == nil {
-			t.Fatalf("config accepted:\n%s", yaml)
-		}
-		for _, w := range wants {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("error lacks %q:\n%v", w, err)
-			}
-		}
+		configRefused(t, yaml, wants...)
 	}
 	svc := func(body string) string { return "services:\n  web:\n    static: [127.0.0.1:1, 127.0.0.1:2]\n" + body }
 	f(svc("    backup: [127.0.0.1:3, nope, 127.0.0.1:2]\n"),
@@ -271,15 +262,7 @@ func TestParseConfigAdminAccess(t *testing.T) {
 	const svc = "services:\n  web: {static: [127.0.0.1:1]}\n"
 	bad := func(yaml string, wants ...string) {
 		t.Helper()
-		_, err := ParseConfig([]byte(yaml + svc))
-		if err == nil {
-			t.Fatalf("config accepted:\n%s", yaml)
-		}
-		for _, w := range wants {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("error lacks %q:\n%v", w, err)
-			}
-		}
+		err := configRefused(t, yaml+svc, wants...)
 		if strings.Contains(err.Error(), "short-secret") || strings.Contains(err.Error(), "0123456789 abcdef") {
 			t.Errorf("the error shows the token:\n%v", err)
 		}
@@ -328,15 +311,7 @@ func TestParseConfigTLS(t *testing.T) {
 	tlsBlock := "tls: {certs: [{cert: " + cert + ", key: " + key + "}]}\n"
 	bad := func(yaml string, wants ...string) {
 		t.Helper()
-		_, err := ParseConfig([]byte(yaml))
-		if err == nil {
-			t.Fatalf("config accepted:\n%s", yaml)
-		}
-		for _, w := range wants {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("error lacks %q:\n%v", w, err)
-			}
-		}
+		configRefused(t, yaml, wants...)
 	}
 	bad("tls: {listen: 127.0.0.1:8443}\n"+svc, "tls.certs: missing: tls.listen needs at least one certificate ({cert: FILE, key: FILE})")
 	bad("tls: {}\n"+svc, "tls.certs: missing")
@@ -390,15 +365,7 @@ func TestParseConfigTLS(t *testing.T) {
 func TestWebSocketConfig(t *testing.T) {
 	bad := func(yaml string, wants ...string) {
 		t.Helper()
-		_, err := ParseConfig([]byte(yaml))
-		if err == nil {
-			t.Fatalf("config accepted:\n%s", yaml)
-		}
-		for _, w := range wants {
-			if !strings.Contains(err.Error(), w) {
-				t.Errorf("error lacks %q:\n%v", w, err)
-			}
-		}
+		configRefused(t, yaml, wants...)
 	}
 	bad("services:\n  web: {static: [127.0.0.1:1], websocket: {idle_timeout: -1s, max_tunnels: -5}}\n",
 		"services.web.websocket.idle_timeout: must not be negative", "services.web.websocket.max_tunnels: must not be negative (got -5)")

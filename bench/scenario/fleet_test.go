@@ -1,8 +1,6 @@
 package scenario
 
 import (
-	"context"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -13,20 +11,7 @@ import (
 // in the config key, and a rolling restart of all three under load, with
 // no error.
 func TestRunnerFleet(t *testing.T) {
-	bin := ConsulBinary(consulDirs()...)
-	if bin == "" {
-		if os.Getenv("CI") != "" {
-			t.Fatal("no consul binary: run `make consul`")
-		}
-		t.Skip("no consul binary: run `make consul`")
-	}
-	rep := Run(context.Background(), Options{
-		Bin: Binaries(t), Consul: bin, Dir: t.TempDir(), Duration: 14 * time.Second, Concurrency: 4, Logf: t.Logf,
-	}, []string{Fleet})
-	s := rep.Scenarios[0]
-	if s.Error != "" || len(s.Runs) != 1 || s.Runs[0].Error != "" || s.Runs[0].Result == nil {
-		t.Fatalf("%+v", s)
-	}
+	s := runWithConsul(t, 14*time.Second, Fleet)[0]
 	run := s.Runs[0]
 	for _, n := range run.Notes {
 		t.Log(n)

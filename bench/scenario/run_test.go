@@ -143,6 +143,26 @@ func TestRunnerBackup(t *testing.T) {
 // TestRunnerConsulScenarios runs consul-stop and churn briefly against a
 // real Consul agent.
 func TestRunnerConsulScenarios(t *testing.T) {
+	scenarios := runWithConsul(t, 4*time.Second, ConsulStop, Churn)
+	for _, s := range scenarios {
+		run := s.Runs[0]
+		t.Logf("%s: %d requests, %d errors, events %v", s.Name, run.Result.Requests, run.Result.Errors, run.Events)
+		if run.Result.Requests == 0 || len(run.Events) < 2 {
+			t.Fatalf("%s: %d requests, events %v", s.Name, run.Result.Requests, run.Events)
+		}
+	}
+	p := scenarios[1].Propagation
+	if p == nil || len(p.RegisterMS) == 0 || len(p.DeregisterMS) == 0 {
+		t.Fatalf("churn measured no propagation: %+v", p)
+	}
+	t.Logf("churn: register %v ms, deregister %v ms, missed %d", p.RegisterMS, p.DeregisterMS, p.Missed)
+}
+
+// runWithConsul runs the named scenarios for d each, as edgelb-bench does,
+// with the consul binary of `make consul` (failing under CI without one,
+// skipping otherwise); every run must have finished with a result.
+func runWithConsul(t *testing.T, d time.Duration, names ...string) []report.Scenario {
+	t.Helper()
 	bin := ConsulBinary(consulDirs()...)
 	if bin == "" {
 		if os.Getenv("CI") != "" {
@@ -151,23 +171,14 @@ func TestRunnerConsulScenarios(t *testing.T) {
 		t.Skip("no consul binary: run `make consul`")
 	}
 	rep := Run(context.Background(), Options{
-		Bin: Binaries(t), Consul: bin, Dir: t.TempDir(), Duration: 4 * time.Second, Concurrency: 4, Logf: t.Logf,
-	}, []string{ConsulStop, Churn})
+		Bin: Binaries(t), Consul: bin, Dir: t.TempDir(), Duration: d, Concurrency: 4, Logf: t.Logf,
+	}, names)
 	for _, s := range rep.Scenarios {
 		if s.Error != "" || len(s.Runs) != 1 || s.Runs[0].Error != "" || s.Runs[0].Result == nil {
 			t.Fatalf("%s: %+v", s.Name, s)
 		}
-		run := s.Runs[0]
-		t.Logf("%s: %d requests, %d errors, events %v", s.Name, run.Result.Requests, run.Result.Errors, run.Events)
-		if run.Result.Requests == 0 || len(run.Events) < 2 {
-			t.Fatalf("%s: %d requests, events %v", s.Name, run.Result.Requests, run.Events)
-		}
 	}
-	p := rep.Scenarios[1].Propagation
-	if p == nil || len(p.RegisterMS) == 0 || len(p.DeregisterMS) == 0 {
-		t.Fatalf("churn measured no propagation: %+v", p)
-	}
-	t.Logf("churn: register %v ms, deregister %v ms, missed %d", p.RegisterMS, p.DeregisterMS, p.Missed)
+	return rep.Scenarios
 }
 
 // consulDirs are where `make consul` puts the binary: <repo>/bin.
@@ -180,21 +191,8 @@ func consulDirs() []string {
 // agents: clients see no error, and the answers come from dc2 after the
 // dc1 instances go, and from dc1 again after failover_hold.
 func TestRunnerDCFailover(t *testing.T) {
-	bin := ConsulBinary(consulDirs()...)
-	if bin == "" {
-		if os.Getenv("CI") != "" {
-			t.Fatal("no consul binary: run `make consul`")
-		}
-		t.Skip("no consul binary: run `make consul`")
-	}
 	// Deregistration at 2s, registration at 4s, back after the 3s hold.
-	rep := Run(context.Background(), Options{
-		Bin: Binaries(t), Consul: bin, Dir: t.TempDir(), Duration: 8 * time.Second, Concurrency: 4, Logf: t.Logf,
-	}, []string{DCFailover})
-	s := rep.Scenarios[0]
-	if s.Error != "" || len(s.Runs) != 1 || s.Runs[0].Error != "" || s.Runs[0].Result == nil {
-		t.Fatalf("%s: %+v", s.Name, s)
-	}
+	s := runWithConsul(t, 8*time.Second, DCFailover)[0]
 	run := s.Runs[0]
 	t.Logf("%d requests, %d errors, events %v", run.Result.Requests, run.Result.Errors, run.Events)
 	for _, n := range run.Notes {
