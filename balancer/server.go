@@ -202,7 +202,7 @@ func (s *Server) Start() error {
 	s.reloadMu.Lock()
 	defer s.reloadMu.Unlock()
 	s.started = time.Now()
-	ln, err := net.Listen("tcp", s.cfg.Listen)
+	ln, err := listenTCP(s.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s (listen): %w", s.cfg.Listen, err)
 	}
@@ -1183,3 +1183,13 @@ func (s *Server) poolsSorted() []*Pool {
 // Handler returns the client-facing request handler, for serving edgelb on
 // a listener of one's own or driving it in benchmarks.
 func (s *Server) Handler() fasthttp.RequestHandler { return s.handle }
+
+// listenTCP listens on addr with plain TCP. Go listens with Multipath TCP
+// by default where the kernel has it, and an MPTCP listener costs every
+// accepted connection a detour through the MPTCP layer even when the client
+// speaks plain TCP, as nearly all HTTP clients do.
+func listenTCP(addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), "tcp", addr)
+}

@@ -40,11 +40,12 @@ trap cleanup EXIT
 
 ORIGIN=127.0.0.1:18901
 declare -A ADDR=([edgelb]=127.0.0.1:18900 [nginx]=127.0.0.1:18902 [haproxy]=127.0.0.1:18903
-	[edgelb-log]=127.0.0.1:18904 [nginx-log]=127.0.0.1:18905 [edgelb-noid]=127.0.0.1:18906)
+	[edgelb-log]=127.0.0.1:18904 [nginx-log]=127.0.0.1:18905 [edgelb-noid]=127.0.0.1:18906 [edgelb-b]=127.0.0.1:18907)
 declare -A PID
 NAMES=(edgelb nginx haproxy)
 if [ "${ACCESS_LOG:-0}" = 1 ]; then NAMES=(edgelb edgelb-log nginx nginx-log); fi
 if [ "${REQUEST_ID:-1}" = compare ]; then NAMES=(edgelb edgelb-noid nginx); fi
+if [ -n "${EDGELB_B:-}" ]; then NAMES=(edgelb edgelb-b nginx); fi
 has() { local n; for n in "${NAMES[@]}"; do [ "$n" = "$1" ] && return 0; done; return 1; }
 REQID=""
 if [ "${REQUEST_ID:-1}" = 0 ]; then REQID="request_id: false"; fi
@@ -77,6 +78,7 @@ CONF
 start_edgelb edgelb 18999 ""
 if has edgelb-log; then start_edgelb edgelb-log 18998 "access_log: {path: $work/edgelb-access.log, format: json}"; fi
 if has edgelb-noid; then start_edgelb edgelb-noid 18997 "request_id: false"; fi
+if has edgelb-b; then start_edgelb edgelb-b 18996 "$EDGELB_B"; fi
 
 # nginx: one worker, upstream keepalive; nginx-log adds an access log
 # buffered as edgelb's is (256 KiB, written every 100ms), with the fields
@@ -185,10 +187,14 @@ END {
 		nm = nms[k]; base = ""
 		if (nm == "edgelb") continue
 		if (nm ~ /-log$/) { base = nm; sub(/-log$/, "", base) }
-		if (nm == "edgelb-noid") base = nm
-		if (nm == "edgelb-noid") { x = "edgelb"; y = nm } else if (base != "") { x = nm; y = base } else { x = "edgelb"; y = nm }
+		if (nm == "edgelb-noid" || nm == "edgelb-b") base = nm
+		if (nm == "edgelb-noid") { x = "edgelb"; y = nm } else if (nm == "edgelb-b") { x = nm; y = "edgelb" } else if (base != "") { x = nm; y = base } else { x = "edgelb"; y = nm }
 		for (r = 1; r <= rounds; r++) { a[r] = cpu[x, r] / cpu[y, r]; b[r] = p99[x, r] / p99[y, r] }
 		printf "%-10s / %-8s cpu per request %.2fx, p99 %.2fx (medians of the per-round ratios)\n", x, y, median(a, rounds), median(b, rounds)
+	}
+	if (names ~ /edgelb-b/) {
+		for (r = 1; r <= rounds; r++) { a[r] = cpu["edgelb-b", r] / cpu["nginx", r]; b[r] = p99["edgelb-b", r] / p99["nginx", r] }
+		printf "%-10s / %-8s cpu per request %.2fx, p99 %.2fx (medians of the per-round ratios)\n", "edgelb-b", "nginx", median(a, rounds), median(b, rounds)
 	}
 	if (names ~ /edgelb-log/ && names ~ /nginx-log/) {
 		for (r = 1; r <= rounds; r++) { a[r] = cpu["edgelb-log", r] / cpu["nginx-log", r]; b[r] = p99["edgelb-log", r] / p99["nginx-log", r] }
