@@ -261,16 +261,7 @@ func (p *Proc) Wait(d time.Duration) bool {
 
 // cpuCount counts the CPUs of a taskset list such as "0", "0,1" or "0-3".
 func cpuCount(list string) int {
-	n := 0
-	for _, part := range strings.Split(list, ",") {
-		var lo, hi int
-		if c, _ := fmt.Sscanf(part, "%d-%d", &lo, &hi); c == 2 && hi >= lo {
-			n += hi - lo + 1
-		} else {
-			n++
-		}
-	}
-	return max(n, 1)
+	return max(len(cpuList(list)), 1)
 }
 
 // Status returns edgelb's /status document.

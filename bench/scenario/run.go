@@ -63,7 +63,8 @@ var about = map[string][2]string{
 		"until GET /api shows the change; the load shows whether churn costs clients anything."},
 	Hedge: {"Hung backend, hedged", "As hang (SIGSTOP of o2 from one third to two thirds), with hedge: {after: p95} on edgelb: a try that has not " +
 		"answered after the service's recent p95 goes to a second backend as well, and the first answer wins. The notes compare the " +
-		"worst latency while o2 hangs with the p99 before it (target: at most 3x), and the hedges sent with the requests (budget 10%)."},
+		"worst latency while o2 hangs with the p99 before it (target: at most 3x) and with the worst latency before it, give the hedges sent " +
+		"with the requests (budget 10%), and the longest time the machine itself paused a busy thread on each CPU, measured after the load."},
 	Backup: {"Backup server", "Origins o1, o2 and o3 serve; origin backup is the service's backup server (edgelb backup:, nginx and HAProxy " +
 		"backup). At one third every primary is killed with SIGKILL; at two thirds they are started again. The failover table gives, " +
 		"from the origin that answered each request (X-Origin), the time from the kill to the backup's first answer and until every " +
@@ -505,7 +506,8 @@ var judges = map[string]func(*session, *report.Run) []string{
 }
 
 // hedgeJudge compares the worst latency while o2 hung with the p99 before
-// it, and the hedges sent with the requests.
+// it, and with the worst latency before it, and reports the hedges sent
+// with the requests and how long the machine itself stalled a busy thread.
 func hedgeJudge(s *session, run *report.Run) []string {
 	var stop, cont float64 = -1, -1
 	for _, e := range run.Events {
@@ -519,26 +521,7 @@ func hedgeJudge(s *session, run *report.Run) []string {
 	if stop < 0 || cont < 0 {
 		return []string{"o2 was not stopped and continued during the load"}
 	}
-	var healthyP99, hungMax float64
-	for _, sec := range run.Result.Seconds {
-		t := float64(sec.T)
-		switch {
-		case t+1 <= stop:
-			healthyP99 = max(healthyP99, sec.Latency.P99)
-		case t >= stop-1 && t <= cont:
-			hungMax = max(hungMax, sec.Latency.Max)
-		}
-	}
-	var notes []string
-	if healthyP99 > 0 {
-		r := hungMax / healthyP99
-		verdict := "met"
-		if r > 3 {
-			verdict = "NOT met"
-		}
-		notes = append(notes, fmt.Sprintf("healthy p99 %.2fms (worst second before SIGSTOP); worst latency while o2 hung %.2fms: %.1fx, target at most 3x: %s",
-			healthyP99, hungMax, r, verdict))
-	}
+	notes := hedgeLatencyNotes(run.Result.Seconds, stop, cont)
 	if m, err := s.edge.Metrics(); err == nil {
 		sent, denied, reqs := m[`edgelb_hedges_total{service="web",result="sent"}`], m[`edgelb_hedges_total{service="web",result="over_budget"}`],
 			m[`edgelb_requests_total{service="web"}`]
@@ -546,7 +529,53 @@ func hedgeJudge(s *session, run *report.Run) []string {
 			notes = append(notes, fmt.Sprintf("hedges sent %.0f (%.1f%% of %.0f requests, budget 10%%), %.0f refused over budget", sent, 100*sent/reqs, reqs, denied))
 		}
 	}
+	if stalls, err := MachineStalls(s.o.ProxyCPUs+commaIf(s.o.ProxyCPUs != "" && s.o.OtherCPUs != "")+s.o.OtherCPUs, stallProbe); err == nil {
+		notes = append(notes, stallNote(stalls, stallProbe))
+	}
 	return notes
+}
+
+// stallProbe is how long MachineStalls watches each CPU after a hedge run.
+const stallProbe = 2 * time.Second
+
+func commaIf(b bool) string {
+	if b {
+		return ","
+	}
+	return ""
+}
+
+// hedgeLatencyNotes judges the latency of a hedge run from its seconds: the
+// worst latency of those from one before SIGSTOP to SIGCONT against the
+// worst p99 of the seconds wholly before SIGSTOP (target: at most 3x), and
+// against those seconds' own worst latency, which shows what the machine
+// gives without any hung backend.
+func hedgeLatencyNotes(seconds []loadgen.Second, stop, cont float64) []string {
+	var healthyP99, healthyMax, hungMax float64
+	for _, sec := range seconds {
+		t := float64(sec.T)
+		switch {
+		case t+1 <= stop:
+			healthyP99 = max(healthyP99, sec.Latency.P99)
+			healthyMax = max(healthyMax, sec.Latency.Max)
+		case t >= stop-1 && t <= cont:
+			hungMax = max(hungMax, sec.Latency.Max)
+		}
+	}
+	if healthyP99 <= 0 {
+		return []string{"no second of load before SIGSTOP to compare with"}
+	}
+	r := hungMax / healthyP99
+	verdict := "met"
+	if r > 3 {
+		verdict = "NOT met"
+	}
+	return []string{
+		fmt.Sprintf("healthy p99 %.2fms (worst second before SIGSTOP); worst latency while o2 hung %.2fms: %.1fx, target at most 3x: %s",
+			healthyP99, hungMax, r, verdict),
+		fmt.Sprintf("worst latency before SIGSTOP, with every origin answering: %.2fms (%.1fx the healthy p99); while o2 hung: %.2fms (%.2fx that)",
+			healthyMax, healthyMax/healthyP99, hungMax, hungMax/healthyMax),
+	}
 }
 
 func killScript(s *session) error {
