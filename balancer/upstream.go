@@ -33,9 +33,9 @@ const maxStaleConns = 16
 
 // forwardOnce sends req to the backend of hc and reads the response into
 // resp by deadline; when firstByte is set, the response's first byte must
-// come within firstByte of the request's sending. It does what HostClient.DoDeadline does, with two
-// rules the client lacks, so that one backend's misbehaviour cannot reach
-// another client:
+// come within firstByte of the request's sending. It does what
+// HostClient.DoDeadline does, with two rules the client lacks, so that one
+// backend's misbehaviour cannot reach another client:
 //   - a kept-alive connection is checked before it is reused: one that the
 //     backend closed, or that holds bytes nobody asked for (a body sent
 //     after a HEAD answer, bytes past Content-Length), is closed, never
