@@ -14,13 +14,15 @@ import (
 )
 
 func TestProxiedGetAllocatesNothing(t *testing.T) {
-	t.Run("plain", func(t *testing.T) { testProxiedGetAllocs(t, "") })
+	t.Run("plain", func(t *testing.T) { testProxiedGetAllocs(t, "", "") })
 	// Every request logged, in either format; request IDs are on by
 	// default.
-	t.Run("json log", func(t *testing.T) { testProxiedGetAllocs(t, accessLogYAML(t, "json", 1)) })
-	t.Run("combined log", func(t *testing.T) { testProxiedGetAllocs(t, accessLogYAML(t, "combined", 1)) })
-	t.Run("sampled log", func(t *testing.T) { testProxiedGetAllocs(t, accessLogYAML(t, "json", 0.5)) })
-	t.Run("no request ids", func(t *testing.T) { testProxiedGetAllocs(t, "request_id: false\n") })
+	t.Run("json log", func(t *testing.T) { testProxiedGetAllocs(t, "", accessLogYAML(t, "json", 1)) })
+	t.Run("combined log", func(t *testing.T) { testProxiedGetAllocs(t, "", accessLogYAML(t, "combined", 1)) })
+	t.Run("sampled log", func(t *testing.T) { testProxiedGetAllocs(t, "", accessLogYAML(t, "json", 0.5)) })
+	t.Run("no request ids", func(t *testing.T) { testProxiedGetAllocs(t, "", "request_id: false\n") })
+	// The first byte's deadline is set and lifted on every try.
+	t.Run("first byte timeout", func(t *testing.T) { testProxiedGetAllocs(t, ", first_byte_timeout: 1s", "") })
 }
 
 // accessLogYAML is an access_log block writing to a file of the test's.
@@ -28,10 +30,12 @@ func accessLogYAML(t testing.TB, format string, sample float64) string {
 	return fmt.Sprintf("access_log: {path: %q, format: %s, sample: %v}\n", filepath.Join(t.TempDir(), "access.log"), format, sample)
 }
 
-func testProxiedGetAllocs(t *testing.T, extra string) {
+// testProxiedGetAllocs serves GETs with the service's keys svc (each after
+// a comma) and the top-level keys extra.
+func testProxiedGetAllocs(t *testing.T, svc, extra string) {
 	body := bytes.Repeat([]byte("x"), 64)
 	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.SetBody(body) })
-	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n"+extra)
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+svc+"}\nroutes: [{service: web}]\n"+extra)
 	h := s.Handler()
 
 	var req fasthttp.Request

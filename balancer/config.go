@@ -338,6 +338,13 @@ type ServiceConfig struct {
 	// used if not set.
 	TryTimeout time.Duration `yaml:"try_timeout"`
 
+	// FirstByteTimeout bounds how long a try waits, once its request
+	// went, for the first byte of the backend's answer: a try that gets
+	// none in time fails as one past TryTimeout does. The rest of the
+	// answer has until TryTimeout. It must be below TryTimeout; off
+	// (only TryTimeout applies) if not set.
+	FirstByteTimeout time.Duration `yaml:"first_byte_timeout"`
+
 	// Timeout bounds the whole request, retries included.
 	// DefaultRequestTimeout is used if not set.
 	Timeout time.Duration `yaml:"timeout"`
@@ -1157,13 +1164,17 @@ func (sc *ServiceConfig) validate(path string, consul *discovery.ConsulConfig, d
 	for _, d := range []struct {
 		k string
 		v time.Duration
-	}{{".connect_timeout", sc.ConnectTimeout}, {".try_timeout", sc.TryTimeout}, {".timeout", sc.Timeout}, {".max_idle_conn_time", sc.MaxIdleConnTime}} {
+	}{{".connect_timeout", sc.ConnectTimeout}, {".try_timeout", sc.TryTimeout}, {".first_byte_timeout", sc.FirstByteTimeout},
+		{".timeout", sc.Timeout}, {".max_idle_conn_time", sc.MaxIdleConnTime}} {
 		if d.v < 0 {
 			bad(d.k, "must not be negative")
 		}
 	}
 	if sc.TryTimeout > sc.Timeout {
 		bad(".try_timeout", "must not exceed timeout (%s)", sc.Timeout)
+	}
+	if sc.FirstByteTimeout > 0 && sc.FirstByteTimeout >= sc.TryTimeout {
+		bad(".first_byte_timeout", "must be below try_timeout (%s), which would end the try first: it would never fire", sc.TryTimeout)
 	}
 	if sc.MaxConns < 0 {
 		bad(".max_conns", "must not be negative")

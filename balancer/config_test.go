@@ -42,6 +42,13 @@ func TestParseConfigErrors(t *testing.T) {
 	f("services:\n  web: {consul: {name: web}}\n", "services.web.consul: needs the top-level consul block")
 	f("services:\n  web: {static: [127.0.0.1:1], balance: fastest}\n", `services.web.balance: unknown policy "fastest"`)
 	f("services:\n  web: {static: [127.0.0.1:1], try_timeout: 20s, timeout: 10s}\n", "services.web.try_timeout: must not exceed timeout")
+	f("services:\n  web: {static: [127.0.0.1:1], first_byte_timeout: -1s}\n", "services.web.first_byte_timeout: must not be negative")
+	f("services:\n  web: {static: [127.0.0.1:1], first_byte_timeout: 2s, try_timeout: 2s}\n",
+		"services.web.first_byte_timeout: must be below try_timeout (2s), which would end the try first: it would never fire")
+	// Against try_timeout's default, 5s.
+	f("services:\n  web: {static: [127.0.0.1:1], first_byte_timeout: 10s}\n", "services.web.first_byte_timeout: must be below try_timeout (5s)")
+	f("services:\n  web: {static: [127.0.0.1:1], first_byte_timeout: 100}\n", "services.web.first_byte_timeout: duration 100 needs a unit")
+	f("services:\n  web: {static: [127.0.0.1:1], first_bytes_timeout: 1s}\n", "services.web.first_bytes_timeout: unknown key")
 	f("services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{path: api, service: web}, {service: nope}]\n",
 		"routes[0].path: must start with /", `routes[1].service: unknown service "nope"`)
 	f("services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}, {host: '*', path: /, service: web}]\n", "routes[1]: host \"*\" path \"/\" already routed by routes[0]")
@@ -130,7 +137,7 @@ routes:
 		t.Errorf("consul address default: %q", cfg.Consul.Address)
 	}
 	web := cfg.Services["web"]
-	if web.Balance != "p2c" || web.TryTimeout != DefaultTryTimeout || web.Retries != DefaultRetries || web.Stale.MaxStale != 24*time.Hour {
+	if web.Balance != "p2c" || web.TryTimeout != DefaultTryTimeout || web.FirstByteTimeout != 0 || web.Retries != DefaultRetries || web.Stale.MaxStale != 24*time.Hour {
 		t.Errorf("service defaults: %+v", web)
 	}
 	if web.Static[1].Addr != "127.0.0.1:9002" || web.Static[1].Weight != 3 {
@@ -151,6 +158,13 @@ routes:
 	}
 	if sc := cfg.Server; sc.HeaderTimeout != 3*time.Second || sc.MaxConnsPerIP != 50 {
 		t.Errorf("server.header_timeout, max_conns_per_ip: %v %d", sc.HeaderTimeout, sc.MaxConnsPerIP)
+	}
+	cfg, err = ParseConfig([]byte("services:\n  web: {static: [127.0.0.1:1], first_byte_timeout: 100ms, try_timeout: 2s}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if web := cfg.Services["web"]; web.FirstByteTimeout != 100*time.Millisecond || web.TryTimeout != 2*time.Second {
+		t.Errorf("first_byte_timeout, try_timeout: %v %v", web.FirstByteTimeout, web.TryTimeout)
 	}
 	cfg, err = ParseConfig([]byte("stale_store: {statuses: [200, 404], refresh_interval: 2s}\nservices:\n  web: {static: [127.0.0.1:1]}\n"))
 	if err != nil {

@@ -269,6 +269,17 @@ func TestDifferentialEngines(t *testing.T) {
 		}}}, steps: []diffStep{get("/")}},
 		{name: "timeout", status: 504, origins: []diffOriginSpec{{"a", slow}},
 			service: "try_timeout: 200ms, timeout: 1s", steps: []diffStep{get("/")}},
+		{name: "first byte timeout", status: 504, origins: []diffOriginSpec{{"a", slow}},
+			service: "first_byte_timeout: 100ms, try_timeout: 2s", steps: []diffStep{get("/")}},
+		{name: "first byte timeout, then another backend", status: 200, origins: []diffOriginSpec{{"a", slow}, {"b", echoReply}},
+			service: "first_byte_timeout: 100ms, try_timeout: 2s", steps: []diffStep{get("/")}},
+		{name: "slow body after the first byte", status: 200, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\n")
+			for _, b := range "slow!" {
+				time.Sleep(50 * time.Millisecond)
+				io.WriteString(c, string(b))
+			}
+		}}}, service: "first_byte_timeout: 100ms, try_timeout: 2s", steps: []diffStep{get("/")}},
 		{name: "garbage", status: 502, origins: []diffOriginSpec{{"a", func(_ int, c net.Conn, _ string) {
 			io.WriteString(c, "this is not HTTP\r\n\r\n")
 			c.Close()

@@ -294,7 +294,7 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 	h := p.hedge
 	delay := h.delay(now.UnixNano())
 	if delay == 0 || *hedges >= h.max {
-		return b, forwardOnce(b.client, req, resp, p.tryDeadline(now, deadline), p.cfg.MaxResponseBody), now
+		return b, forwardOnce(b.client, req, resp, p.tryDeadline(now, deadline), p.cfg.FirstByteTimeout, p.cfg.MaxResponseBody), now
 	}
 	results := make(chan *hedgeTry, 1+h.max)
 	var tries [1 + maxHedges]*hedgeTry
@@ -307,7 +307,7 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 		running++
 		d := p.tryDeadline(at, deadline)
 		go func() {
-			ht.err = forwardOnce(ht.b.client, ht.req, ht.resp, d, p.cfg.MaxResponseBody)
+			ht.err = forwardOnce(ht.b.client, ht.req, ht.resp, d, p.cfg.FirstByteTimeout, p.cfg.MaxResponseBody)
 			ht.end = time.Now()
 			results <- ht
 		}()

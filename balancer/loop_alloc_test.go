@@ -20,16 +20,20 @@ import (
 // client's loop nor the origin allocates in steady state, so what is
 // counted is the edge's.
 func TestEventLoopGetAllocatesNothing(t *testing.T) {
-	t.Run("plain", func(t *testing.T) { testEventLoopAllocs(t, false, "") })
+	t.Run("plain", func(t *testing.T) { testEventLoopAllocs(t, false, "", "") })
 	// A Vary answer has the stale store check the request's variant.
-	t.Run("vary", func(t *testing.T) { testEventLoopAllocs(t, true, "") })
-	t.Run("json log", func(t *testing.T) { testEventLoopAllocs(t, false, accessLogYAML(t, "json", 1)) })
-	t.Run("combined log", func(t *testing.T) { testEventLoopAllocs(t, false, accessLogYAML(t, "combined", 1)) })
-	t.Run("sampled log", func(t *testing.T) { testEventLoopAllocs(t, false, accessLogYAML(t, "json", 0.5)) })
-	t.Run("no request ids", func(t *testing.T) { testEventLoopAllocs(t, false, "request_id: false\n") })
+	t.Run("vary", func(t *testing.T) { testEventLoopAllocs(t, true, "", "") })
+	t.Run("json log", func(t *testing.T) { testEventLoopAllocs(t, false, "", accessLogYAML(t, "json", 1)) })
+	t.Run("combined log", func(t *testing.T) { testEventLoopAllocs(t, false, "", accessLogYAML(t, "combined", 1)) })
+	t.Run("sampled log", func(t *testing.T) { testEventLoopAllocs(t, false, "", accessLogYAML(t, "json", 0.5)) })
+	t.Run("no request ids", func(t *testing.T) { testEventLoopAllocs(t, false, "", "request_id: false\n") })
+	// Every try waits for its first byte by a deadline of its own.
+	t.Run("first byte timeout", func(t *testing.T) { testEventLoopAllocs(t, false, ", first_byte_timeout: 1s", "") })
 }
 
-func testEventLoopAllocs(t *testing.T, vary bool, extra string) {
+// testEventLoopAllocs serves GETs with the service's keys svc (each after a
+// comma) and the top-level keys extra.
+func testEventLoopAllocs(t *testing.T, vary bool, svc, extra string) {
 	body := bytes.Repeat([]byte("x"), 64)
 	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) {
 		if vary {
@@ -37,7 +41,7 @@ func testEventLoopAllocs(t *testing.T, vary bool, extra string) {
 		}
 		ctx.SetBody(body)
 	})
-	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n"+extra)
+	s := startEdge(t, "services:\n  web: {static: "+staticList(o)+svc+"}\nroutes: [{service: web}]\n"+extra)
 	c, err := net.Dial("tcp", s.Addr())
 	if err != nil {
 		t.Fatal(err)

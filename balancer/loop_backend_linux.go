@@ -251,6 +251,9 @@ func (l *loop) send(bc *loopBackend, out []byte) {
 	n, _ := rawWrite(bc.fd, out)
 	bc.out = out[:0]
 	if n == len(out) {
+		if fb := bc.client.pool.cfg.FirstByteTimeout; fb > 0 {
+			l.awaitFirstByte(bc, fb)
+		}
 		return
 	}
 	// A backend socket that cannot take a small request at once is
@@ -261,6 +264,16 @@ func (l *loop) send(bc *loopBackend, out []byte) {
 		return
 	}
 	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
+}
+
+// awaitFirstByte gives the answer to the request just sent on bc until
+// first_byte_timeout (fb) from now to begin, if that comes before the
+// try's deadline; onResponseBytes gives the rest the try's deadline.
+func (l *loop) awaitFirstByte(bc *loopBackend, fb time.Duration) {
+	if d := l.nowNs + int64(fb); d < bc.due {
+		bc.due, bc.awaiting = d, true
+		l.rearm(bc.client)
+	}
 }
 
 // loopSlot is one loop's share of a backend: its idle connections to it
@@ -436,6 +449,13 @@ func (l *loop) onResponseBytes(bc *loopBackend) {
 		// Bytes from an idle connection: nothing may come there.
 		l.dropIdle(bc)
 		return
+	}
+	if bc.awaiting {
+		// The answer began: first_byte_timeout is met, and the rest
+		// has until the try's deadline.
+		bc.awaiting = false
+		bc.due = l.tryDeadline(c, bc)
+		l.rearm(c)
 	}
 	if !bc.parsed {
 		switch h1.ParseResponse(bc.in, c.req.Head, c.rl.idName(), &bc.resp) {

@@ -161,6 +161,10 @@ type loopBackend struct {
 	// (unix nano).
 	tryStart time.Time
 	due      int64
+	// awaiting is set while due is the first byte's: the request went,
+	// no byte of the answer came yet, and the service sets
+	// first_byte_timeout.
+	awaiting bool
 	reused   bool
 	resp     h1.Response
 	parsed   bool

@@ -164,7 +164,7 @@ func (p *Pool) serve(ctx *fasthttp.RequestCtx, now time.Time, flags int, trusted
 			case p.hedge != nil && idempotent:
 				b, err, tryStart = p.hedgedTry(b, req, &ctx.Response, &t, &hedges, now, deadline, rl)
 			default:
-				err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.MaxResponseBody)
+				err = forwardOnce(b.client, req, &ctx.Response, tryDeadline, p.cfg.FirstByteTimeout, p.cfg.MaxResponseBody)
 			}
 			end := time.Now()
 			lat = end.Sub(tryStart)

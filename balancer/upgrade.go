@@ -109,7 +109,8 @@ func (u *upgrade) prepare(req *fasthttp.Request) {
 }
 
 // try sends req to b on a new connection, dialled within the service's
-// connect_timeout, and reads the answer into resp by deadline. A 101 to a
+// connect_timeout, and reads the answer into resp by deadline, its first
+// byte within first_byte_timeout if set. A 101 to a
 // protocol the client offered leaves the connection in u for the tunnel;
 // any other answer is read whole and the connection closed. It fails as
 // forwardOnce does, so that the try counts the same.
@@ -141,7 +142,11 @@ func (u *upgrade) try(b *Backend, req *fasthttp.Request, resp *fasthttp.Response
 		return timeoutErr(err)
 	}
 	br := bufio.NewReaderSize(conn, DefaultMaxHeaderBytes)
-	if err := resp.ReadLimitBody(br, cfg.MaxResponseBody); err != nil {
+	err = awaitFirstByte(conn, br, cfg.FirstByteTimeout, deadline)
+	if err == nil {
+		err = resp.ReadLimitBody(br, cfg.MaxResponseBody)
+	}
+	if err != nil {
 		conn.Close()
 		if err == io.EOF {
 			return fasthttp.ErrConnectionClosed

@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"bufio"
 	"errors"
 	"io"
 	"net"
@@ -31,9 +32,10 @@ var errTooManyStaleConns = errors.New("edgelb: backend connections keep closing 
 const maxStaleConns = 16
 
 // forwardOnce sends req to the backend of hc and reads the response into
-// resp by deadline. It does what HostClient.DoDeadline does, with two
-// rules the client lacks, so that one backend's misbehaviour cannot reach
-// another client:
+// resp by deadline; when firstByte is set, the response's first byte must
+// come within firstByte of the request's sending. It does what
+// HostClient.DoDeadline does, with two rules the client lacks, so that one
+// backend's misbehaviour cannot reach another client:
 //   - a kept-alive connection is checked before it is reused: one that the
 //     backend closed, or that holds bytes nobody asked for (a body sent
 //     after a HEAD answer, bytes past Content-Length), is closed, never
@@ -42,7 +44,7 @@ const maxStaleConns = 16
 //     returned to the pool.
 //
 // The balancer owns retries, so exchange never retries a request.
-func forwardOnce(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response, deadline time.Time, maxBody int) error {
+func forwardOnce(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.Response, deadline time.Time, firstByte time.Duration, maxBody int) error {
 	resp.Reset()
 	resp.Header.SetNoDefaultContentType(true)
 	resp.Header.DisableNormalizing()
@@ -78,7 +80,10 @@ func forwardOnce(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.
 			return timeoutErr(err)
 		}
 		br := hc.AcquireReader(conn)
-		err = resp.ReadLimitBody(br, maxBody)
+		err = awaitFirstByte(conn, br, firstByte, deadline)
+		if err == nil {
+			err = resp.ReadLimitBody(br, maxBody)
+		}
 		surplus := br.Buffered() > 0
 		hc.ReleaseReader(br)
 		switch {
@@ -102,6 +107,35 @@ func forwardOnce(hc *fasthttp.HostClient, req *fasthttp.Request, resp *fasthttp.
 		return nil
 	}
 	return errTooManyStaleConns
+}
+
+// awaitFirstByte waits, on a connection whose request just went, up to
+// firstByte for the first byte of the answer to come into br, then leaves
+// the rest of the answer until deadline. It does nothing when firstByte is
+// 0 or would end at or after deadline. It fails as reading the response
+// head would have: fasthttp.ErrTimeout on a timeout, io.EOF on any other
+// error.
+func awaitFirstByte(conn net.Conn, br *bufio.Reader, firstByte time.Duration, deadline time.Time) error {
+	if firstByte <= 0 {
+		return nil
+	}
+	// The wait starts when the request went, not when the try began: a
+	// clock read of its own, made only when first_byte_timeout is set.
+	fb := time.Now().Add(firstByte)
+	if !fb.Before(deadline) {
+		return nil
+	}
+	if err := conn.SetReadDeadline(fb); err != nil {
+		return err
+	}
+	if _, err := br.Peek(1); err != nil {
+		if err = timeoutErr(err); err != fasthttp.ErrTimeout {
+			// As fasthttp takes any error on a response's first byte.
+			err = io.EOF
+		}
+		return err
+	}
+	return conn.SetReadDeadline(deadline)
 }
 
 // timeoutErr maps any timeout to fasthttp.ErrTimeout, as the client does.
