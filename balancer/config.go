@@ -203,7 +203,7 @@ const (
 	DefaultMaxHeaderBytes     = 16 << 10
 	DefaultIdleTimeout        = 60 * time.Second
 	DefaultDrainTimeout       = 20 * time.Second
-	DefaultBatchWait          = 25 * time.Microsecond
+	DefaultBatchWait          = 0
 	DefaultHeaderTimeout      = 10 * time.Second
 	// minHeaderTimeout bounds server.header_timeout from below: less
 	// would cut off clients on a slow network.
@@ -253,7 +253,7 @@ type ServerConfig struct {
 	// wake-ups per request. A loop waits only while it handles at least
 	// one event per BatchWait, its waits gather a full batch of events
 	// (8) on average, and no connection is on the fasthttp server.
-	// DefaultBatchWait is used if not set; 0 turns it off.
+	// DefaultBatchWait (0: off) is used if not set.
 	BatchWait *time.Duration `yaml:"batch_wait"`
 
 	// HeaderTimeout bounds how long a client may take to send the whole
