@@ -374,13 +374,15 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 			}
 		}
 		// The others lost: abandoned, they go on until their answer,
-		// thrown away, or their deadline, and end uncounted. Until then
-		// they hold their place in their backends' in-flight counts, so
-		// that a backend that stopped answering stops being picked.
+		// thrown away, or their deadline, and end counted only if they
+		// timed out (see endLostTry). Until then they hold their place in
+		// their backends' in-flight counts, so that a backend that
+		// stopped answering stops being picked.
 		go func(running int) {
 			for ; running > 0; running-- {
 				ht := <-results
-				ht.b.target.Done(ht.end.UnixNano(), health.OutcomeCanceled, 0)
+				o, _ := classifyErr(ht.err)
+				endLostTry(ht.b, ht.end.UnixNano(), ht.end.Sub(ht.start), ht.err != nil && o == health.OutcomeTimeout)
 				releaseHedgeTry(ht)
 			}
 		}(running)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -234,6 +235,44 @@ func TestHedgedTriesAllEnd(t *testing.T) {
 				t.Fatalf("%d tries still in flight 5s after the last request", busy)
 			}
 			time.Sleep(20 * time.Millisecond)
+		}
+	})
+}
+
+// A backend that stopped answering, behind hedging: every client still gets
+// the other backend's answer within a second, and the hung one's abandoned
+// tries, once past try_timeout, count as the timeouts they are, so passive
+// checks eject it (no active checks here) instead of hedges masking it.
+func TestHedgedHungBackendEjected(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		hung := silentOrigin(t)
+		fast := slowOrigin(t, "fast", 0)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+hung.addr+", "+fast.addr+"], balance: round_robin, try_timeout: 300ms,"+
+			" hedge: {after: 20ms}, health: {passive: {consecutive_gateway_failures: 2}}}\nroutes: [{service: web}]\n")
+		for i := 0; i < 4; i++ {
+			start := time.Now()
+			resp, err := rawRequest(t, s, "GET /h HTTP/1.1\r\nHost: x\r\n\r\n")
+			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
+				t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
+			}
+			if took := time.Since(start); took > time.Second {
+				t.Fatalf("request %d took %v: not hedged", i, took)
+			}
+		}
+		if len(hung.got()) < 2 {
+			t.Fatalf("the hung backend got %d tries, want 2 or more", len(hung.got()))
+		}
+		var b BackendStatus
+		for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			if b = webBackend(t, s, hung.addr); b.State == "ejected" {
+				break
+			}
+		}
+		if b.State != "ejected" || !strings.Contains(b.Reason, "timeout") {
+			t.Fatalf("the hung backend: %+v, want ejected for timeouts", b)
+		}
+		if e := backendErrors(t, s, fast.addr); len(e) != 0 {
+			t.Errorf("the answering backend's errors: %v", e)
 		}
 	})
 }

@@ -81,7 +81,8 @@ func (l *loop) cancelTries(c *loopClient) {
 
 // abandonTries leaves the tries of c's request still in flight, which lost
 // to another's answer: each goes on, orphaned, until its answer comes,
-// which is thrown away, or its deadline; then it ends uncounted. Until
+// which is thrown away, or its deadline, and then ends, counted only if it
+// timed out (see endLostTry). Until
 // then it holds its place in its backend's in-flight count, so that a
 // backend that stopped answering, whose tries hedges keep beating, stops
 // being picked.
@@ -95,11 +96,17 @@ func (l *loop) abandonTries(c *loopClient) {
 	c.hedgeAt = 0
 }
 
-// endOrphan ends an abandoned try, uncounted, and closes its connection:
-// an answer may be coming on it still.
-func (l *loop) endOrphan(bc *loopBackend) {
+// endOrphan ends an abandoned try (see endLostTry: counted only when it
+// timed out) and closes its connection: an answer may be coming on it
+// still.
+func (l *loop) endOrphan(bc *loopBackend, timedOut bool) {
 	bc.orphan = false
-	bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
+	lat := l.now.Sub(bc.tryStart)
+	if timedOut {
+		// Found by the idle sweep, up to a second after it was due.
+		lat = time.Duration(bc.due - bc.tryStart.UnixNano())
+	}
+	endLostTry(bc.backend, l.nowNs, lat, timedOut)
 	l.closeBackend(bc)
 }
 
@@ -354,7 +361,7 @@ func (l *loop) dial(b *Backend, sl *loopSlot) (*loopBackend, bool) {
 func (l *loop) onConnected(bc *loopBackend) {
 	if bc.orphan {
 		// Abandoned before its request went.
-		l.endOrphan(bc)
+		l.endOrphan(bc, false)
 		return
 	}
 	if errno, err := syscall.GetsockoptInt(bc.fd, syscall.SOL_SOCKET, syscall.SO_ERROR); err != nil || errno != 0 {
@@ -419,7 +426,7 @@ func (l *loop) backendClosed(bc *loopBackend) {
 	c := bc.client
 	switch {
 	case bc.orphan:
-		l.endOrphan(bc)
+		l.endOrphan(bc, false)
 	case c == nil:
 		l.dropIdle(bc)
 	case bc.reused && len(bc.in) == 0:
@@ -443,7 +450,7 @@ func (l *loop) onResponseBytes(bc *loopBackend) {
 	if c == nil {
 		if bc.orphan {
 			// The answer to an abandoned try: thrown away.
-			l.endOrphan(bc)
+			l.endOrphan(bc, false)
 			return
 		}
 		// Bytes from an idle connection: nothing may come there.
