@@ -153,6 +153,17 @@ func (t *tally) merge(o *tally) {
 	t.hist.Merge(o.hist)
 }
 
+// reset empties t for reuse: a worker's tally is reused every second, not
+// allocated again, so that the load tool itself makes no garbage at each
+// second to collect while it measures.
+func (t *tally) reset() {
+	t.Counts = Counts{ByStatus: t.ByStatus, ByEdgelbError: t.ByEdgelbError, ByTransport: t.ByTransport}
+	clear(t.ByStatus)
+	clear(t.ByEdgelbError)
+	clear(t.ByTransport)
+	t.hist.Reset()
+}
+
 func (t *tally) percentiles() Percentiles {
 	ms := func(us int64) float64 { return float64(us) / 1000 }
 	return Percentiles{
@@ -321,7 +332,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 				if sec != curSec {
 					if curSec >= 0 {
 						flush(curSec, cur)
-						cur = newTally()
+						cur.reset()
 					}
 					curSec = sec
 				}

@@ -15,6 +15,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	StallProbeMain()
 	code := m.Run()
 	if binDir != "" {
 		os.RemoveAll(binDir)

@@ -220,7 +220,10 @@ type session struct {
 	// scenario; killAt and killedAt are when the kill of its primaries
 	// began and ended, restartAt when they answered again after their
 	// restart (guarded by mu).
-	answers   *answerLog
+	answers *answerLog
+	// stalls is the machine's own pauses, measured before a hedge
+	// run's processes start (see MachineStalls).
+	stalls    map[int]time.Duration
 	killAt    time.Time
 	killedAt  time.Time
 	restartAt time.Time
@@ -268,6 +271,11 @@ func runOne(ctx context.Context, o Options, name, proxy string) (run report.Run,
 			s.dns.Stop()
 		}
 	}()
+	if name == Hedge {
+		// Measured before any process of the run starts, so that only
+		// the machine (and whatever else runs on it) is measured.
+		s.stalls, _ = MachineStalls(joinCPUs(o.ProxyCPUs, o.OtherCPUs), stallProbe)
+	}
 	switch name {
 	case ConsulStop, Churn:
 		err = s.setupConsul(name == Churn)
@@ -529,20 +537,24 @@ func hedgeJudge(s *session, run *report.Run) []string {
 			notes = append(notes, fmt.Sprintf("hedges sent %.0f (%.1f%% of %.0f requests, budget 10%%), %.0f refused over budget", sent, 100*sent/reqs, reqs, denied))
 		}
 	}
-	if stalls, err := MachineStalls(s.o.ProxyCPUs+commaIf(s.o.ProxyCPUs != "" && s.o.OtherCPUs != "")+s.o.OtherCPUs, stallProbe); err == nil {
-		notes = append(notes, stallNote(stalls, stallProbe))
+	if s.stalls != nil {
+		notes = append(notes, stallNote(s.stalls, stallProbe))
 	}
 	return notes
 }
 
-// stallProbe is how long MachineStalls watches each CPU after a hedge run.
+// stallProbe is how long MachineStalls watches each CPU before a hedge run.
 const stallProbe = 2 * time.Second
 
-func commaIf(b bool) string {
-	if b {
-		return ","
+// joinCPUs joins taskset lists, leaving out empty ones.
+func joinCPUs(lists ...string) string {
+	var out []string
+	for _, l := range lists {
+		if l != "" {
+			out = append(out, l)
+		}
 	}
-	return ""
+	return strings.Join(out, ",")
 }
 
 // hedgeLatencyNotes judges the latency of a hedge run from its seconds: the

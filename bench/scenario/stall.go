@@ -2,53 +2,91 @@ package scenario
 
 import (
 	"fmt"
+	"os"
+	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
-	"sync"
 	"time"
 )
 
 // MachineStalls measures what the machine itself takes from a process: on
 // each CPU listed (a taskset list such as "0" or "1-3"; "" for every CPU) a
-// thread pinned there that never blocks reads the clock for d, and the
-// longest time it went without running is that CPU's stall. On a virtual
-// machine the hypervisor deschedules a virtual CPU now and then; with
-// interrupts and other processes this is a floor under any worst latency
-// measured on the machine, whichever proxy answers.
+// process pinned there, with one thread that never blocks, reads the clock
+// for d, and the longest time it went without running is that CPU's stall.
+// On a virtual machine the hypervisor deschedules a virtual CPU now and
+// then; with interrupts and other processes this is a floor under any
+// worst latency measured on the machine, whichever proxy answers.
+//
+// The probes are this executable run again (see StallProbeMain), so that
+// nothing of the calling process (its other threads, its garbage
+// collector) competes with them.
 func MachineStalls(cpus string, d time.Duration) (map[int]time.Duration, error) {
-	list := cpuList(cpus)
-	stalls := make(map[int]time.Duration, len(list))
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	var firstErr error
-	for _, cpu := range list {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			// The pinned thread ends with this goroutine: it is never
-			// unlocked, so its affinity cannot leak to other goroutines.
-			runtime.LockOSThread()
-			if err := pinThread(cpu); err != nil {
-				mu.Lock()
-				firstErr = cmpErr(firstErr, fmt.Errorf("cannot pin a thread to CPU %d: %w", cpu, err))
-				mu.Unlock()
-				return
-			}
-			worst := time.Duration(0)
-			start := time.Now()
-			last := start
-			for last.Sub(start) < d {
-				now := time.Now()
-				worst = max(worst, now.Sub(last))
-				last = now
-			}
-			mu.Lock()
-			stalls[cpu] = worst
-			mu.Unlock()
-		}()
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
 	}
-	wg.Wait()
+	if _, err := exec.LookPath("taskset"); err != nil {
+		return nil, fmt.Errorf("no taskset to pin the probes: %w", err)
+	}
+	list := cpuList(cpus)
+	cmds := make([]*exec.Cmd, len(list))
+	outs := make([]strings.Builder, len(list))
+	for i, cpu := range list {
+		c := exec.Command("taskset", "-c", strconv.Itoa(cpu), exe)
+		c.Env = append(os.Environ(), stallProbeEnv+"="+d.String(), "GOMAXPROCS=1")
+		c.Stdout = &outs[i]
+		c.SysProcAttr = childAttr()
+		if err := c.Start(); err != nil {
+			return nil, fmt.Errorf("cannot start the stall probe on CPU %d: %w", cpu, err)
+		}
+		cmds[i] = c
+	}
+	stalls := make(map[int]time.Duration, len(list))
+	var firstErr error
+	for i, c := range cmds {
+		err := c.Wait()
+		ns, perr := strconv.ParseInt(strings.TrimSpace(outs[i].String()), 10, 64)
+		switch {
+		case err != nil:
+			firstErr = cmpErr(firstErr, fmt.Errorf("stall probe on CPU %d: %w", list[i], err))
+		case perr != nil:
+			firstErr = cmpErr(firstErr, fmt.Errorf("stall probe on CPU %d printed %q", list[i], outs[i].String()))
+		default:
+			stalls[list[i]] = time.Duration(ns)
+		}
+	}
 	return stalls, firstErr
+}
+
+// stallProbeEnv, set to a duration, makes StallProbeMain probe.
+const stallProbeEnv = "EDGELB_STALL_PROBE"
+
+// StallProbeMain is the probe of MachineStalls: a program that can be
+// started as one (edgelb-bench, the tests of this package) calls it first
+// thing. With EDGELB_STALL_PROBE set to a duration it reads the clock in a
+// loop for that long, prints the longest gap between two reads in
+// nanoseconds and exits; otherwise it returns at once.
+func StallProbeMain() {
+	v := os.Getenv(stallProbeEnv)
+	if v == "" {
+		return
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s=%q: %v\n", stallProbeEnv, v, err)
+		os.Exit(2)
+	}
+	worst := time.Duration(0)
+	start := time.Now()
+	last := start
+	for last.Sub(start) < d {
+		now := time.Now()
+		worst = max(worst, now.Sub(last))
+		last = now
+	}
+	fmt.Println(int64(worst))
+	os.Exit(0)
 }
 
 func cmpErr(a, b error) error {
@@ -86,6 +124,6 @@ func stallNote(stalls map[int]time.Duration, d time.Duration) string {
 			parts = append(parts, fmt.Sprintf("CPU %d %.2fms", cpu, float64(s)/1e6))
 		}
 	}
-	return fmt.Sprintf("machine stalls: a busy thread pinned to each CPU for %v after the load went without running for up to %s "+
+	return fmt.Sprintf("machine stalls: a busy process pinned to each CPU for %v before the run went without running for up to %s "+
 		"(the virtual machine's own pauses: a floor under any worst latency here)", d, strings.Join(parts, ", "))
 }

@@ -11,12 +11,6 @@ import (
 
 func TestMachineStalls(t *testing.T) {
 	stalls, err := MachineStalls("", 50*time.Millisecond)
-	if runtime.GOOS != "linux" {
-		if err == nil {
-			t.Fatal("no error where threads cannot be pinned")
-		}
-		return
-	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,6 +29,7 @@ import (
 )
 
 func main() {
+	scenario.StallProbeMain()
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "edgelb-bench: %v\n", err)
 		os.Exit(1)
