@@ -804,6 +804,11 @@ func (f *queryFollower) query(q *api.QueryOptions) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
+	if len(resp.Nodes) == 0 && f.rank > 0 && f.dc != "" {
+		if err := f.reachable(q, resp.Service); err != nil {
+			return 0, err
+		}
+	}
 	entries := make([]*api.ServiceEntry, len(resp.Nodes))
 	for i := range resp.Nodes {
 		entries[i] = &resp.Nodes[i]
@@ -812,17 +817,53 @@ func (f *queryFollower) query(q *api.QueryOptions) (uint64, error) {
 	f.set.Datacenter = resp.Datacenter
 	f.dc, f.rank = resp.Datacenter, resp.Failovers
 	if len(f.set.Instances) == 0 {
-		// The answer comes from the query's own datacenter after every
-		// failover found nothing either.
-		f.rank = 0
+		// Found nothing anywhere: counted as the query's own
+		// datacenter's answer, whose name Consul does not reliably give
+		// then (it may name another datacenter it tried).
+		f.dc, f.rank = "", 0
 	}
 	// The index of an execution is not a raft index that can be waited
 	// on; Consul sets it to 1 at least.
 	return max(meta.LastIndex, 1), nil
 }
 
+// reachable checks, when a query that served from a failover datacenter
+// (f.dc) finds no instance at all, that the datacenter can still be
+// reached. Consul answers a query whose failover datacenters it cannot
+// reach as if they had no instance; asked directly for the service, the
+// datacenter's servers answer, or Consul says they cannot be reached. An
+// error here is a failed query, which keeps the last instances, as a
+// Consul outage does: a WAN link cut between Consul servers says nothing
+// of the instances themselves, which health checks judge.
+func (f *queryFollower) reachable(q *api.QueryOptions, service string) error {
+	if service == "" {
+		return nil
+	}
+	dq := (&api.QueryOptions{Datacenter: f.dc}).WithContext(q.Context())
+	if _, _, err := f.c.client.Health().Service(service, "", true, dq); err != nil {
+		return &unreachableDC{rank: f.rank, err: err}
+	}
+	return nil
+}
+
+// unreachableDC is a failover datacenter of a prepared query that cannot
+// be asked, rank the datacenters the query tries before it.
+type unreachableDC struct {
+	rank int
+	err  error
+}
+
+func (e *unreachableDC) Error() string { return e.err.Error() }
+func (e *unreachableDC) Unwrap() error { return e.err }
+
 func (f *queryFollower) failed(err error, failures int) {
-	f.c.watchFailed(f.w, 0, err, failures, f.disk)
+	// A failover datacenter out of reach is that datacenter's failure;
+	// anything else is the query's.
+	i := 0
+	if ue, ok := errors.AsType[*unreachableDC](err); ok {
+		i = ue.rank
+	}
+	f.c.watchFailed(f.w, i, err, failures, f.disk)
 }
 
 func (f *queryFollower) loses() bool {
@@ -866,7 +907,9 @@ func (f *queryFollower) apply(now, holdUntil time.Time) bool {
 		changed = o.take(empty, now) || changed
 		o.status = Status{Source: "consul", Service: w.name, LastUpdate: now}
 	}
-	d.name = f.dc
+	if f.dc != "" {
+		d.name = f.dc
+	}
 	changed = d.take(f.set, now) || changed
 	d.status = Status{Source: "consul", Service: w.name, LastUpdate: now, Problems: f.bad}
 	w.mu.Unlock()

@@ -202,6 +202,52 @@ func TestConsulPreparedQueryFailover(t *testing.T) {
 	}
 }
 
+// TestConsulPreparedQueryKeepsUnreachableDatacenter: Consul answers a
+// prepared query whose failover datacenter it cannot reach with no
+// instance, as if that datacenter had none. While the service serves from
+// that datacenter, edgelb tells the two apart: instances that left dc2
+// leave the service, but dc2 going out of reach keeps the instances it
+// last gave, as a Consul outage does, and /status says why.
+func TestConsulPreparedQueryKeepsUnreachableDatacenter(t *testing.T) {
+	dc1, dc2 := startTwoDatacenters(t)
+	dc2.Register("b1", "web", 9101, nil, 0)
+	_, _, err := dc1.Client.PreparedQuery().Create(&api.PreparedQueryDefinition{
+		Name:    "web-q",
+		Service: api.ServiceQuery{Service: "web", OnlyPassing: true, Failover: api.QueryFailoverOptions{Datacenters: []string{"dc2"}}},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, rec := startFailoverSource(t, dc1, map[string]ConsulService{"fo-q": {Query: "web-q"}})
+	eventually(t, "the dc2 instance", func() bool { return rec.addrs("fo-q") == "127.0.0.1:9101*1" })
+
+	// Gone from a reachable dc2: gone from the service.
+	dc2.Deregister("b1")
+	eventually(t, "no instance once dc2 has none", func() bool { return rec.addrs("fo-q") == "" })
+	dc2.Register("b1", "web", 9101, nil, 0)
+	eventually(t, "the dc2 instance again", func() bool { return rec.addrs("fo-q") == "127.0.0.1:9101*1" })
+
+	// dc2 out of reach: its last instances stay.
+	dc2.Stop()
+	var f *Failover
+	eventually(t, "an error saying dc2 cannot be reached", func() bool {
+		if f = c.Failover("fo-q"); f == nil {
+			return false
+		}
+		for _, d := range f.Datacenters {
+			if d.Name == "dc2" && strings.Contains(d.LastError, "cannot query datacenter dc2") {
+				return true
+			}
+		}
+		return false
+	})
+	time.Sleep(3 * queryPollInterval)
+	if got := rec.addrs("fo-q"); got != "127.0.0.1:9101*1" {
+		t.Fatalf("with dc2 out of reach the service has %q, want the last dc2 instance kept", got)
+	}
+	t.Logf("failover status with dc2 out of reach: %+v", f)
+}
+
 // The serving gauges of a watch that stops go to 0, unless a new watch
 // of the service took over.
 func TestServingGaugesOfStoppedWatch(t *testing.T) {
