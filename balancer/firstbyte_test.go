@@ -17,27 +17,27 @@ func silentOrigin(t *testing.T) *recOrigin {
 	return startRecOrigin(t, func(c net.Conn, head string) { io.Copy(io.Discard, c) })
 }
 
+// silentAndFast starts a silent origin and one answering "fast" at once,
+// and an edge on engine whose service web has both, in that order, with
+// round_robin and the service keys in svc (a YAML flow-map's inside).
+func silentAndFast(t *testing.T, engine, svc string) (silent, fast *recOrigin, s *Server) {
+	t.Helper()
+	silent, fast = silentOrigin(t), slowOrigin(t, "fast", 0)
+	s = startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+silent.addr+", "+fast.addr+"], balance: round_robin, "+svc+
+		"}\nroutes: [{service: web}]\n")
+	return silent, fast, s
+}
+
 // Next to a silent backend, every GET is answered by the other well before
 // try_timeout, and each try the silent one got is counted once, as a
 // timeout, and retried.
 func TestFirstByteTimeoutRetries(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
-		silent := silentOrigin(t)
-		fast := slowOrigin(t, "fast", 0)
-		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+silent.addr+", "+fast.addr+"], balance: round_robin,"+
-			" first_byte_timeout: 100ms, try_timeout: 2s, health: {passive: {consecutive_gateway_failures: 1000}}}\nroutes: [{service: web}]\n")
+		silent, fast, s := silentAndFast(t, engine, " first_byte_timeout: 100ms, try_timeout: 2s, health: {passive: {consecutive_gateway_failures: 1000}}")
+		// Answered within a second: the silent tries are cut at
+		// first_byte_timeout (100ms), not try_timeout.
 		const n = 4
-		for i := 0; i < n; i++ {
-			start := time.Now()
-			resp, err := rawRequest(t, s, "GET /r"+strconv.Itoa(i)+" HTTP/1.1\r\nHost: x\r\n\r\n")
-			took := time.Since(start)
-			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
-				t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
-			}
-			if took > time.Second {
-				t.Fatalf("request %d answered after %v: the silent try was not cut at first_byte_timeout (100ms)", i, took)
-			}
-		}
+		fastWithin(t, s, "/r", n, time.Second)
 		tries := len(silent.got())
 		if tries == 0 || tries > n {
 			t.Fatalf("the silent backend was asked %d times for %d requests", tries, n)
@@ -124,18 +124,10 @@ func TestFirstByteTimeoutWithHedge(t *testing.T) {
 	const sentSeries = `edgelb_hedges_total{service="web",result="sent"}`
 	t.Run("hedge first", func(t *testing.T) {
 		bothEngines(t, func(t *testing.T, engine string) {
-			silent := silentOrigin(t)
-			fast := slowOrigin(t, "fast", 0)
-			s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+silent.addr+", "+fast.addr+"], balance: round_robin,"+
-				" first_byte_timeout: 500ms, try_timeout: 2s, hedge: {after: 30ms},"+
-				" health: {passive: {consecutive_gateway_failures: 1000}}}\nroutes: [{service: web}]\n")
+			silent, _, s := silentAndFast(t, engine, " first_byte_timeout: 500ms, try_timeout: 2s, hedge: {after: 30ms},"+
+				" health: {passive: {consecutive_gateway_failures: 1000}}")
 			sent0 := metricValue(t, s, sentSeries)
-			for i := 0; i < 4; i++ {
-				resp, err := rawRequest(t, s, "GET /h HTTP/1.1\r\nHost: x\r\n\r\n")
-				if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
-					t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
-				}
-			}
+			fastWithin(t, s, "/h", 4, 2*time.Second)
 			// A hedge to the silent one has reached it by the time its
 			// abandoned tries end, at their first_byte_timeout.
 			time.Sleep(700 * time.Millisecond)
@@ -162,23 +154,12 @@ func TestFirstByteTimeoutWithHedge(t *testing.T) {
 	})
 	t.Run("timeout first", func(t *testing.T) {
 		bothEngines(t, func(t *testing.T, engine string) {
-			silent := silentOrigin(t)
-			fast := slowOrigin(t, "fast", 0)
-			s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+silent.addr+", "+fast.addr+"], balance: round_robin,"+
-				" first_byte_timeout: 100ms, try_timeout: 2s, hedge: {after: 1s},"+
-				" health: {passive: {consecutive_gateway_failures: 1000}}}\nroutes: [{service: web}]\n")
+			silent, _, s := silentAndFast(t, engine, " first_byte_timeout: 100ms, try_timeout: 2s, hedge: {after: 1s},"+
+				" health: {passive: {consecutive_gateway_failures: 1000}}")
 			sent0 := metricValue(t, s, sentSeries)
-			for i := 0; i < 4; i++ {
-				start := time.Now()
-				resp, err := rawRequest(t, s, "GET /h HTTP/1.1\r\nHost: x\r\n\r\n")
-				took := time.Since(start)
-				if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
-					t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
-				}
-				if took > time.Second {
-					t.Fatalf("request %d answered after %v: the silent try was not cut at first_byte_timeout (100ms)", i, took)
-				}
-			}
+			// Within a second: each silent try is cut at
+			// first_byte_timeout (100ms), before hedge.after.
+			fastWithin(t, s, "/h", 4, time.Second)
 			tries := len(silent.got())
 			if tries == 0 {
 				t.Fatal("the silent backend was never tried")

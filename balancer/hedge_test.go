@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -87,17 +88,7 @@ func TestHedgedRequests(t *testing.T) {
 		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+slow.addr+", "+fast.addr+"], balance: round_robin, try_timeout: 5s,"+
 			" hedge: {after: 30ms}, health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n")
 		sent0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`)
-		for i := 0; i < 6; i++ {
-			start := time.Now()
-			resp, err := rawRequest(t, s, "GET /h HTTP/1.1\r\nHost: x\r\n\r\n")
-			took := time.Since(start)
-			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
-				t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
-			}
-			if took > time.Second {
-				t.Fatalf("request %d took %v: not hedged", i, took)
-			}
-		}
+		fastWithin(t, s, "/h", 6, time.Second)
 		// Every try the slow one got was a first try, hedged; a first
 		// try to the fast one answers before any hedge.
 		n := len(slow.got())
@@ -109,6 +100,23 @@ func TestHedgedRequests(t *testing.T) {
 			t.Errorf("the slow backend has errors for tries that were cancelled: %v", e)
 		}
 	})
+}
+
+// fastWithin sends n GETs (path, then path0, path1...: one URL each) and
+// fails unless each is answered 200 "fast" within limit.
+func fastWithin(t *testing.T, s *Server, path string, n int, limit time.Duration) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		start := time.Now()
+		resp, err := rawRequest(t, s, "GET "+path+strconv.Itoa(i)+" HTTP/1.1\r\nHost: x\r\n\r\n")
+		took := time.Since(start)
+		if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
+			t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
+		}
+		if took > limit {
+			t.Fatalf("request %d answered after %v, over %v", i, took, limit)
+		}
+	}
 }
 
 // The budget bounds hedges: with budget 1%, a burst of slow tries hedges
@@ -245,20 +253,8 @@ func TestHedgedTriesAllEnd(t *testing.T) {
 // checks eject it (no active checks here) instead of hedges masking it.
 func TestHedgedHungBackendEjected(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
-		hung := silentOrigin(t)
-		fast := slowOrigin(t, "fast", 0)
-		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+hung.addr+", "+fast.addr+"], balance: round_robin, try_timeout: 300ms,"+
-			" hedge: {after: 20ms}, health: {passive: {consecutive_gateway_failures: 2}}}\nroutes: [{service: web}]\n")
-		for i := 0; i < 4; i++ {
-			start := time.Now()
-			resp, err := rawRequest(t, s, "GET /h HTTP/1.1\r\nHost: x\r\n\r\n")
-			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
-				t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
-			}
-			if took := time.Since(start); took > time.Second {
-				t.Fatalf("request %d took %v: not hedged", i, took)
-			}
-		}
+		hung, fast, s := silentAndFast(t, engine, "try_timeout: 300ms, hedge: {after: 20ms}, health: {passive: {consecutive_gateway_failures: 2}}")
+		fastWithin(t, s, "/h", 4, time.Second)
 		if len(hung.got()) < 2 {
 			t.Fatalf("the hung backend got %d tries, want 2 or more", len(hung.got()))
 		}

@@ -32,6 +32,19 @@ func startFailoverSource(t *testing.T, a *consultest.Agent, services map[string]
 	return c, rec
 }
 
+// createWebQuery creates in a's datacenter the prepared query web-q: the
+// passing instances of service web, with failover to dc2.
+func createWebQuery(t *testing.T, a *consultest.Agent) {
+	t.Helper()
+	_, _, err := a.Client.PreparedQuery().Create(&api.PreparedQueryDefinition{
+		Name:    "web-q",
+		Service: api.ServiceQuery{Service: "web", OnlyPassing: true, Failover: api.QueryFailoverOptions{Datacenters: []string{"dc2"}}},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 func failoverCount(service, from, to string) uint64 { return failovers(service, from, to).Get() }
 
 func servingValue(service, dc string) float64 { return servingGauge(service, dc).Get() }
@@ -165,13 +178,7 @@ func TestConsulPreparedQueryFailover(t *testing.T) {
 	dc1, dc2 := startTwoDatacenters(t)
 	dc1.Register("a1", "web", 9001, nil, 0)
 	dc2.Register("b1", "web", 9101, nil, 0)
-	_, _, err := dc1.Client.PreparedQuery().Create(&api.PreparedQueryDefinition{
-		Name:    "web-q",
-		Service: api.ServiceQuery{Service: "web", OnlyPassing: true, Failover: api.QueryFailoverOptions{Datacenters: []string{"dc2"}}},
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	createWebQuery(t, dc1)
 	const hold = 2 * time.Second
 	c, rec := startFailoverSource(t, dc1, map[string]ConsulService{"fo-q": {Query: "web-q", FailoverHold: hold}})
 	eventually(t, "the dc1 instance", func() bool { return rec.addrs("fo-q") == "127.0.0.1:9001*1" })
@@ -211,13 +218,7 @@ func TestConsulPreparedQueryFailover(t *testing.T) {
 func TestConsulPreparedQueryKeepsUnreachableDatacenter(t *testing.T) {
 	dc1, dc2 := startTwoDatacenters(t)
 	dc2.Register("b1", "web", 9101, nil, 0)
-	_, _, err := dc1.Client.PreparedQuery().Create(&api.PreparedQueryDefinition{
-		Name:    "web-q",
-		Service: api.ServiceQuery{Service: "web", OnlyPassing: true, Failover: api.QueryFailoverOptions{Datacenters: []string{"dc2"}}},
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	createWebQuery(t, dc1)
 	c, rec := startFailoverSource(t, dc1, map[string]ConsulService{"fo-q": {Query: "web-q"}})
 	eventually(t, "the dc2 instance", func() bool { return rec.addrs("fo-q") == "127.0.0.1:9101*1" })
 
