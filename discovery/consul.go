@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"reflect"
 	"slices"
 	"sort"
@@ -840,7 +841,14 @@ func (f *queryFollower) reachable(q *api.QueryOptions, service string) error {
 		return nil
 	}
 	dq := (&api.QueryOptions{Datacenter: f.dc}).WithContext(q.Context())
-	if _, _, err := f.c.client.Health().Service(service, "", true, dq); err != nil {
+	_, _, err := f.c.client.Health().Service(service, "", true, dq)
+	if se, ok := errors.AsType[api.StatusError](err); ok && se.Code == http.StatusForbidden {
+		// The datacenter answered, refusing a token that may execute
+		// the query but not read the service: in reach, and the empty
+		// answer stands.
+		return nil
+	}
+	if err != nil {
 		return &unreachableDC{rank: f.rank, err: err}
 	}
 	return nil
