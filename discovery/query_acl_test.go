@@ -47,3 +47,35 @@ func TestPreparedQueryEmptyFailoverRefusedTokenIsReachable(t *testing.T) {
 	took := eventually(t, "no instance once dc2, which answers, has none", func() bool { return rec.addrs("fo-q") == "" })
 	t.Logf("emptied after %v", took.Round(time.Millisecond))
 }
+
+// A failover datacenter found out of reach before any answer from it was
+// applied (the answer that named it was dropped for a Consul restart seen
+// meanwhile) is recorded as that datacenter's failure, not a panic.
+func TestPreparedQueryUnreachableDatacenterNotYetApplied(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Consul-Index", "7")
+		if r.URL.Path == "/v1/query/web-q/execute" {
+			fmt.Fprint(w, `{"Service":"web","Nodes":[],"Datacenter":"dc1","Failovers":0}`)
+			return
+		}
+		http.NotFound(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	c, err := NewConsul(ConsulConfig{Address: strings.TrimPrefix(srv.URL, "http://")}, map[string]ConsulService{"fo-q": {Query: "web-q"}}, "", newRecorder(), testLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	t.Cleanup(c.Stop)
+	c.mu.Lock()
+	w := c.watches["fo-q"]
+	c.mu.Unlock()
+	f := &queryFollower{c: c, w: w, dc: "dc3", rank: 2}
+	f.failed(&unreachableDC{dc: "dc3", rank: 2, err: fmt.Errorf("Unexpected response code: 500 (No path to datacenter)")}, 1)
+	for _, d := range c.Failover("fo-q").Datacenters {
+		if d.Name == "dc3" && strings.Contains(d.LastError, "No path to datacenter") {
+			return
+		}
+	}
+	t.Fatalf("dc3's failure is not in the status: %+v", c.Failover("fo-q"))
+}
