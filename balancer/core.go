@@ -40,19 +40,23 @@ func endTry(rl *reqLog, b *Backend, now int64, lat time.Duration, o health.Outco
 }
 
 // endLostTry ends a try that lost to another try of its request and was
-// left to go on (see hedging). One that reached its deadline unanswered is
-// counted as a timeout, as any try's is: its backend did not answer in
-// time, whether or not the answer was still wanted, and a backend that
-// stopped answering must not stay healthy on passive checks because hedges
-// keep beating it. Any other end is uncounted: an answer that came, or a
-// failure after the request had its answer, says nothing the winner's
-// backend did not.
-func endLostTry(b *Backend, now int64, lat time.Duration, timedOut bool) {
-	if timedOut {
+// left to go on (see hedging); code is how it ended. One that reached its
+// deadline unanswered is counted as any try's is: as a timeout, or as a
+// connect failure when it was still connecting at connect_timeout. Its
+// backend did not answer in time, whether or not the answer was still
+// wanted, and a backend that stopped answering (or accepting) must not stay
+// healthy on passive checks because hedges keep beating it. Any other end
+// (errNone) is uncounted: an answer that came, or a failure after the
+// request had its answer, says nothing the winner's backend did not.
+func endLostTry(b *Backend, now int64, lat time.Duration, code errCode) {
+	switch code {
+	case errTimeout:
 		endTry(nil, b, now, lat, health.OutcomeTimeout, 0, errTimeout)
-		return
+	case errConnectFailed:
+		endTry(nil, b, now, lat, health.OutcomeConnectFailed, 0, errConnectFailed)
+	default:
+		b.target.Done(now, health.OutcomeCanceled, 0)
 	}
-	b.target.Done(now, health.OutcomeCanceled, 0)
 }
 
 // retryAnswer reports whether a request whose try got an answer classified

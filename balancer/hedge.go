@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/bits"
@@ -381,8 +382,7 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 		go func(running int) {
 			for ; running > 0; running-- {
 				ht := <-results
-				o, _ := classifyErr(ht.err)
-				endLostTry(ht.b, ht.end.UnixNano(), ht.end.Sub(ht.start), ht.err != nil && o == health.OutcomeTimeout)
+				endLostTry(ht.b, ht.end.UnixNano(), ht.end.Sub(ht.start), lostTryCode(ht.err))
 				releaseHedgeTry(ht)
 			}
 		}(running)
@@ -391,6 +391,21 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 	b, err, at := best.b, best.err, best.start
 	releaseHedgeTry(best)
 	return b, err, at
+}
+
+// lostTryCode is how a lost try that ended with err counts (see
+// endLostTry): a timeout, a connect that timed out, else nothing.
+func lostTryCode(err error) errCode {
+	if err == nil {
+		return errNone
+	}
+	switch o, _ := classifyErr(err); {
+	case o == health.OutcomeTimeout:
+		return errTimeout
+	case isDialErr(err) && (errors.Is(err, fasthttp.ErrDialTimeout) || timeoutErr(err) == fasthttp.ErrTimeout):
+		return errConnectFailed
+	}
+	return errNone
 }
 
 // tryDeadline is when a try that starts at is due: try_timeout later, at

@@ -96,17 +96,22 @@ func (l *loop) abandonTries(c *loopClient) {
 	c.hedgeAt = 0
 }
 
-// endOrphan ends an abandoned try (see endLostTry: counted only when it
-// timed out) and closes its connection: an answer may be coming on it
-// still.
-func (l *loop) endOrphan(bc *loopBackend, timedOut bool) {
+// endOrphan ends an abandoned try (see endLostTry) and closes its
+// connection: an answer may be coming on it still. A try past its
+// deadline timed out, whether the sweep found it or its answer, or a
+// close, came later: the fasthttp path's try would have ended at the
+// deadline.
+func (l *loop) endOrphan(bc *loopBackend) {
 	bc.orphan = false
-	lat := l.now.Sub(bc.tryStart)
-	if timedOut {
-		// Found by the idle sweep, up to a second after it was due.
-		lat = time.Duration(bc.due - bc.tryStart.UnixNano())
+	lat, code := l.now.Sub(bc.tryStart), errNone
+	if l.nowNs >= bc.due {
+		// Found up to a second after it was due.
+		lat, code = time.Duration(bc.due-bc.tryStart.UnixNano()), errTimeout
+		if bc.state == lcConnecting {
+			code = errConnectFailed
+		}
 	}
-	endLostTry(bc.backend, l.nowNs, lat, timedOut)
+	endLostTry(bc.backend, l.nowNs, lat, code)
 	l.closeBackend(bc)
 }
 
@@ -361,7 +366,7 @@ func (l *loop) dial(b *Backend, sl *loopSlot) (*loopBackend, bool) {
 func (l *loop) onConnected(bc *loopBackend) {
 	if bc.orphan {
 		// Abandoned before its request went.
-		l.endOrphan(bc, false)
+		l.endOrphan(bc)
 		return
 	}
 	if errno, err := syscall.GetsockoptInt(bc.fd, syscall.SOL_SOCKET, syscall.SO_ERROR); err != nil || errno != 0 {
@@ -426,7 +431,7 @@ func (l *loop) backendClosed(bc *loopBackend) {
 	c := bc.client
 	switch {
 	case bc.orphan:
-		l.endOrphan(bc, false)
+		l.endOrphan(bc)
 	case c == nil:
 		l.dropIdle(bc)
 	case bc.reused && len(bc.in) == 0:
@@ -450,7 +455,7 @@ func (l *loop) onResponseBytes(bc *loopBackend) {
 	if c == nil {
 		if bc.orphan {
 			// The answer to an abandoned try: thrown away.
-			l.endOrphan(bc, false)
+			l.endOrphan(bc)
 			return
 		}
 		// Bytes from an idle connection: nothing may come there.

@@ -580,7 +580,7 @@ func (l *loop) sweepIdle() {
 			switch {
 			case bc.orphan:
 				if l.nowNs >= bc.due {
-					l.endOrphan(bc, true)
+					l.endOrphan(bc)
 				}
 			case bc.state == lcBackend && bc.client == nil && l.nowNs-bc.lastActive > int64(bc.backend.idleFor):
 				l.dropIdle(bc)

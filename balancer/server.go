@@ -1184,10 +1184,11 @@ func (s *Server) poolsSorted() []*Pool {
 // a listener of one's own or driving it in benchmarks.
 func (s *Server) Handler() fasthttp.RequestHandler { return s.handle }
 
-// listenTCP listens on addr with plain TCP. Go listens with Multipath TCP
-// by default where the kernel has it, and an MPTCP listener costs every
-// accepted connection a detour through the MPTCP layer even when the client
-// speaks plain TCP, as nearly all HTTP clients do.
+// listenTCP listens on addr with plain TCP, for listen and tls.listen. Go
+// listens with Multipath TCP by default where the kernel has it, and an
+// MPTCP listener costs every accepted connection a detour through the
+// MPTCP layer even when the client speaks plain TCP, as nearly all HTTP
+// clients do.
 func listenTCP(addr string) (net.Listener, error) {
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)

@@ -349,7 +349,7 @@ func handshakeErrorReason(err error) string {
 
 // listenTLS binds tls.listen.
 func (s *Server) listenTLS(tc *TLSConfig) error {
-	ln, err := net.Listen("tcp", tc.Listen)
+	ln, err := listenTCP(tc.Listen)
 	if err != nil {
 		return fmt.Errorf("cannot listen on %s (tls.listen): %w", tc.Listen, err)
 	}

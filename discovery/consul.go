@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"reflect"
 	"slices"
 	"sort"
@@ -840,15 +841,23 @@ func (f *queryFollower) reachable(q *api.QueryOptions, service string) error {
 		return nil
 	}
 	dq := (&api.QueryOptions{Datacenter: f.dc}).WithContext(q.Context())
-	if _, _, err := f.c.client.Health().Service(service, "", true, dq); err != nil {
-		return &unreachableDC{rank: f.rank, err: err}
+	_, _, err := f.c.client.Health().Service(service, "", true, dq)
+	if se, ok := errors.AsType[api.StatusError](err); ok && se.Code == http.StatusForbidden {
+		// The datacenter answered, refusing a token that may execute
+		// the query but not read the service: in reach, and the empty
+		// answer stands.
+		return nil
+	}
+	if err != nil {
+		return &unreachableDC{dc: f.dc, rank: f.rank, err: err}
 	}
 	return nil
 }
 
-// unreachableDC is a failover datacenter of a prepared query that cannot
-// be asked, rank the datacenters the query tries before it.
+// unreachableDC is a failover datacenter of a prepared query, dc, that
+// cannot be asked, rank the datacenters the query tries before it.
 type unreachableDC struct {
+	dc   string
 	rank int
 	err  error
 }
@@ -861,9 +870,26 @@ func (f *queryFollower) failed(err error, failures int) {
 	// anything else is the query's.
 	i := 0
 	if ue, ok := errors.AsType[*unreachableDC](err); ok {
+		// The answer that named it may not have been applied (one
+		// dropped for a Consul restart seen meanwhile).
 		i = ue.rank
+		f.w.mu.Lock()
+		if d := f.dcAt(i); d.name == "" {
+			d.name = ue.dc
+		}
+		f.w.mu.Unlock()
 	}
 	f.c.watchFailed(f.w, i, err, failures, f.disk)
+}
+
+// dcAt returns the state of the datacenter the query tries after rank
+// others, made if no answer came from that far yet. w.mu is held.
+func (f *queryFollower) dcAt(rank int) *dcState {
+	w := f.w
+	for len(w.dcs) <= rank {
+		w.dcs = append(w.dcs, &dcState{status: Status{Source: "consul", Service: w.name, Stale: true}})
+	}
+	return w.dcs[rank]
 }
 
 func (f *queryFollower) loses() bool {
@@ -876,10 +902,7 @@ func (f *queryFollower) loses() bool {
 func (f *queryFollower) apply(now, holdUntil time.Time) bool {
 	c, w := f.c, f.w
 	w.mu.Lock()
-	for len(w.dcs) <= f.rank {
-		w.dcs = append(w.dcs, &dcState{status: Status{Source: "consul", Service: w.name, Stale: true}})
-	}
-	d := w.dcs[f.rank]
+	d := f.dcAt(f.rank)
 	if !slices.Equal(f.bad, d.problems) {
 		for _, b := range f.bad {
 			c.log.Warn("ignoring malformed Consul data", "service", w.name, "query", w.svc.Query, "problem", b)
