@@ -22,10 +22,35 @@ func silentOrigin(t *testing.T) *recOrigin {
 // round_robin and the service keys in svc (a YAML flow-map's inside).
 func silentAndFast(t *testing.T, engine, svc string) (silent, fast *recOrigin, s *Server) {
 	t.Helper()
-	silent, fast = silentOrigin(t), slowOrigin(t, "fast", 0)
-	s = startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+silent.addr+", "+fast.addr+"], balance: round_robin, "+svc+
-		"}\nroutes: [{service: web}]\n")
+	silent = silentOrigin(t)
+	fast, s = besideFast(t, engine, silent, svc)
 	return silent, fast, s
+}
+
+// besideFast starts an origin answering "fast" at once, and an edge on
+// engine whose service web has other and it, in that order, with
+// round_robin and the service keys in svc (a YAML flow-map's inside).
+func besideFast(t *testing.T, engine string, other *recOrigin, svc string) (fast *recOrigin, s *Server) {
+	t.Helper()
+	fast = slowOrigin(t, "fast", 0)
+	s = startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+other.addr+", "+fast.addr+"], balance: round_robin, "+svc+
+		"}\nroutes: [{service: web}]\n")
+	return fast, s
+}
+
+// waitTimeouts waits up to 3s (the event loop counts a lost try in its
+// once-a-second sweep) for addr's errors to be exactly want timeouts.
+func waitTimeouts(t *testing.T, s *Server, addr string, want int) {
+	t.Helper()
+	var e map[string]int
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if e = backendErrors(t, s, addr); e["upstream_timeout"] >= want {
+			break
+		}
+	}
+	if len(e) != 1 || e["upstream_timeout"] != want {
+		t.Errorf("%s's errors: %v, want %d upstream_timeout, one per try that timed out", addr, e, want)
+	}
 }
 
 // Next to a silent backend, every GET is answered by the other well before
@@ -139,17 +164,8 @@ func TestFirstByteTimeoutWithHedge(t *testing.T) {
 			if sent := metricValue(t, s, sentSeries) - sent0; sent != tries {
 				t.Errorf("%d hedges sent for %d tries of the silent backend", sent, tries)
 			}
-			// Each abandoned try is counted once, as a timeout: the event
-			// loop finds them in its idle sweep, once a second.
-			var e map[string]int
-			for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-				if e = backendErrors(t, s, silent.addr); e["upstream_timeout"] >= tries {
-					break
-				}
-			}
-			if len(e) != 1 || e["upstream_timeout"] != tries {
-				t.Errorf("the silent backend's errors: %v, want %d upstream_timeout, one per abandoned try", e, tries)
-			}
+			// Each abandoned try is counted once, as a timeout.
+			waitTimeouts(t, s, silent.addr, tries)
 		})
 	})
 	t.Run("timeout first", func(t *testing.T) {

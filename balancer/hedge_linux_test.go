@@ -20,21 +20,8 @@ func TestHedgedBlackholedBackendEjected(t *testing.T) {
 		fast := slowOrigin(t, "fast", 0)
 		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+hung+", "+fast.addr+"], balance: round_robin, connect_timeout: 200ms,"+
 			" try_timeout: 1s, hedge: {after: 20ms}, health: {passive: {consecutive_gateway_failures: 2}}}\nroutes: [{service: web}]\n")
-		for i := 0; i < 4; i++ {
-			resp, err := rawRequest(t, s, "GET /h HTTP/1.1\r\nHost: x\r\n\r\n")
-			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
-				t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
-			}
-		}
-		var b BackendStatus
-		for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-			if b = webBackend(t, s, hung); b.State == "ejected" {
-				break
-			}
-		}
-		if b.State != "ejected" {
-			t.Fatalf("the black-holed backend: %+v, want ejected", b)
-		}
+		fastWithin(t, s, "/h", 4, 2*time.Second)
+		waitEjected(t, s, hung, "")
 		if e := backendErrors(t, s, hung); len(e) != 1 || e["upstream_connect_failed"] < 2 {
 			t.Errorf("the black-holed backend's errors: %v, want upstream_connect_failed only", e)
 		}
@@ -50,27 +37,12 @@ func TestHedgedBlackholedBackendEjected(t *testing.T) {
 func TestHedgedLateAnswerCountsAsTimeout(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
 		late := slowOrigin(t, "late", 400*time.Millisecond)
-		fast := slowOrigin(t, "fast", 0)
-		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+late.addr+", "+fast.addr+"], balance: round_robin,"+
-			" try_timeout: 250ms, hedge: {after: 20ms}, health: {passive: {consecutive_gateway_failures: 1000}}}\nroutes: [{service: web}]\n")
-		for i := 0; i < 4; i++ {
-			resp, err := rawRequest(t, s, "GET /h HTTP/1.1\r\nHost: x\r\n\r\n")
-			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
-				t.Fatalf("request %d: %v %d %q", i, err, statusOf(resp), bodyOf(resp))
-			}
-		}
+		_, s := besideFast(t, engine, late, "try_timeout: 250ms, hedge: {after: 20ms}, health: {passive: {consecutive_gateway_failures: 1000}}")
+		fastWithin(t, s, "/h", 4, 2*time.Second)
 		tries := len(late.got())
 		if tries == 0 {
 			t.Fatal("the late backend got no try")
 		}
-		var e map[string]int
-		for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-			if e = backendErrors(t, s, late.addr); e["upstream_timeout"] >= tries {
-				break
-			}
-		}
-		if len(e) != 1 || e["upstream_timeout"] != tries {
-			t.Errorf("the late backend's errors: %v, want %d upstream_timeout, one per lost try", e, tries)
-		}
+		waitTimeouts(t, s, late.addr, tries)
 	})
 }

@@ -84,9 +84,7 @@ func slowOrigin(t *testing.T, name string, delay time.Duration) *recOrigin {
 func TestHedgedRequests(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
 		slow := slowOrigin(t, "slow", 2*time.Second)
-		fast := slowOrigin(t, "fast", 0)
-		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+slow.addr+", "+fast.addr+"], balance: round_robin, try_timeout: 5s,"+
-			" hedge: {after: 30ms}, health: {passive: {consecutive_gateway_failures: 1}}}\nroutes: [{service: web}]\n")
+		_, s := besideFast(t, engine, slow, "try_timeout: 5s, hedge: {after: 30ms}, health: {passive: {consecutive_gateway_failures: 1}}")
 		sent0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`)
 		fastWithin(t, s, "/h", 6, time.Second)
 		// Every try the slow one got was a first try, hedged; a first
@@ -116,6 +114,21 @@ func fastWithin(t *testing.T, s *Server, path string, n int, limit time.Duration
 		if took > limit {
 			t.Fatalf("request %d answered after %v, over %v", i, took, limit)
 		}
+	}
+}
+
+// waitEjected waits up to 3s for the web backend at addr to be ejected,
+// for a reason that mentions why.
+func waitEjected(t *testing.T, s *Server, addr, why string) {
+	t.Helper()
+	var b BackendStatus
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if b = webBackend(t, s, addr); b.State == "ejected" {
+			break
+		}
+	}
+	if b.State != "ejected" || !strings.Contains(b.Reason, why) {
+		t.Fatalf("backend %s: %+v, want ejected (%s)", addr, b, why)
 	}
 }
 
@@ -258,15 +271,7 @@ func TestHedgedHungBackendEjected(t *testing.T) {
 		if len(hung.got()) < 2 {
 			t.Fatalf("the hung backend got %d tries, want 2 or more", len(hung.got()))
 		}
-		var b BackendStatus
-		for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-			if b = webBackend(t, s, hung.addr); b.State == "ejected" {
-				break
-			}
-		}
-		if b.State != "ejected" || !strings.Contains(b.Reason, "timeout") {
-			t.Fatalf("the hung backend: %+v, want ejected for timeouts", b)
-		}
+		waitEjected(t, s, hung.addr, "timeout")
 		if e := backendErrors(t, s, fast.addr); len(e) != 0 {
 			t.Errorf("the answering backend's errors: %v", e)
 		}
