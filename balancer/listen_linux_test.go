@@ -9,8 +9,9 @@ import (
 )
 
 // Both client-facing listeners, plain and TLS, are plain TCP sockets, not
-// the Multipath TCP ones Go makes by default where the kernel has MPTCP.
-func TestListenersArePlainTCP(t *testing.T) {
+// the Multipath TCP ones Go makes by default where the kernel has MPTCP,
+// and accept a connection once its first bytes have come.
+func TestListenersArePlainDeferredTCP(t *testing.T) {
 	pki := newTestPKI(t)
 	cert, key := pki.issue("www", "www.example")
 	s := startEdge(t, tlsYAML("", cert, key)+"services:\n  web: {static: [127.0.0.1:1]}\nroutes: [{service: web}]\n")
@@ -28,6 +29,15 @@ func TestListenersArePlainTCP(t *testing.T) {
 		}
 		if proto != syscall.IPPROTO_TCP {
 			t.Errorf("the %s listener's protocol is %d, want %d (TCP)", name, proto, syscall.IPPROTO_TCP)
+		}
+		deferred := 0
+		if err := rc.Control(func(fd uintptr) {
+			deferred, serr = syscall.GetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_DEFER_ACCEPT)
+		}); err != nil || serr != nil {
+			t.Fatal(err, serr)
+		}
+		if deferred <= 0 {
+			t.Errorf("the %s listener's TCP_DEFER_ACCEPT is %d: it accepts connections before their first bytes", name, deferred)
 		}
 	}
 	f("plain", s.ln)

@@ -1188,9 +1188,10 @@ func (s *Server) Handler() fasthttp.RequestHandler { return s.handle }
 // listens with Multipath TCP by default where the kernel has it, and an
 // MPTCP listener costs every accepted connection a detour through the
 // MPTCP layer even when the client speaks plain TCP, as nearly all HTTP
-// clients do.
+// clients do. Where the system has it, a connection is accepted once its
+// first bytes have come (see deferAccept).
 func listenTCP(addr string) (net.Listener, error) {
-	var lc net.ListenConfig
+	lc := net.ListenConfig{Control: deferAccept}
 	lc.SetMultipathTCP(false)
 	return lc.Listen(context.Background(), "tcp", addr)
 }
