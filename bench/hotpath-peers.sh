@@ -25,6 +25,14 @@
 # REQUEST_ID=compare measures what request IDs cost: edgelb runs twice,
 # with them (the default) and with request_id: false (edgelb-noid), beside
 # nginx. REQUEST_ID=0 turns them off for every edgelb of the run.
+#
+# EDGELB_B='yaml' measures a configuration change: a second edgelb
+# (edgelb-b) runs with these lines added to its configuration, beside
+# edgelb and nginx, e.g. EDGELB_B='server: {batch_wait: 25us}'.
+#
+# PEERS_DEFERRED=1 has nginx and HAProxy accept a connection once its first
+# bytes have come too (nginx `listen ... deferred`, HAProxy `defer-accept`),
+# as edgelb does on Linux; by default they run as configured out of the box.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
@@ -50,6 +58,8 @@ has() { local n; for n in "${NAMES[@]}"; do [ "$n" = "$1" ] && return 0; done; r
 REQID=""
 if [ "${REQUEST_ID:-1}" = 0 ]; then REQID="request_id: false"; fi
 BODY=$(head -c 64 /dev/zero | tr '\0' 'x')
+NGINX_DEFER="" HAPROXY_DEFER=""
+if [ "${PEERS_DEFERRED:-0}" = 1 ]; then NGINX_DEFER=" deferred" HAPROXY_DEFER=" defer-accept"; fi
 
 # Origin: nginx answering a fixed 64-byte body, on CPU 1.
 cat > "$work/origin.conf" <<CONF
@@ -94,7 +104,7 @@ http { keepalive_requests 1000000;
     '"upstream":"\$upstream_addr","upstream_status":"\$upstream_status","upstream_s":"\$upstream_response_time"}';
   $2
   upstream origin { server $ORIGIN; keepalive 128; }
-  server { listen ${ADDR[$1]}; location / { proxy_pass http://origin; proxy_http_version 1.1;
+  server { listen ${ADDR[$1]}${NGINX_DEFER}; location / { proxy_pass http://origin; proxy_http_version 1.1;
     proxy_set_header Connection ""; proxy_set_header Host \$host;
     proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
 CONF
@@ -117,7 +127,7 @@ defaults
   option http-keep-alive
   option forwardfor
 frontend fe
-  bind ${ADDR[haproxy]}
+  bind ${ADDR[haproxy]}${HAPROXY_DEFER}
   default_backend be
 backend be
   http-reuse always
