@@ -152,8 +152,9 @@ type hedger struct {
 	lat      [hedgeBuckets]atomic.Uint32
 	computed atomic.Int64
 
-	// sent counts hedges sent, denied the times a hedge was due but the
-	// budget was spent (it is tried again after another delay).
+	// sent counts hedges sent, denied the hedges that came due while the
+	// budget was spent (each waits, checking again every retry, and is
+	// counted once).
 	sent, denied *metrics.Counter
 }
 
@@ -172,6 +173,8 @@ const (
 	// hedgeEvery is how often a percentile is computed again; the counts
 	// then halve, so that it follows the last few seconds.
 	hedgeEvery = time.Second
+	// hedgeRetryMin bounds retry from below.
+	hedgeRetryMin = 100 * time.Microsecond
 )
 
 func newHedger(service string, h *HedgeConfig) *hedger {
@@ -201,15 +204,29 @@ func (h *hedger) delay(now int64) int64 {
 	return h.after.Load()
 }
 
-// take spends a hedge from the budget; false when it is spent.
-func (h *hedger) take() bool {
+// take spends a hedge from the budget; false when it is spent. waited
+// says the hedge was refused before: a hedge that waits for the budget is
+// counted once as over_budget, however often it checks.
+func (h *hedger) take(waited bool) bool {
 	if h.tokens.Add(-hedgeToken) < 0 {
 		h.tokens.Add(hedgeToken)
-		h.denied.Inc()
+		if !waited {
+			h.denied.Inc()
+		}
 		return false
 	}
 	h.sent.Inc()
 	return true
+}
+
+// retry is how long a hedge refused for want of budget waits before it
+// checks again (ns): a quarter of the hedge delay, at least
+// hedgeRetryMin. Every request adds to the budget, so that under load a
+// token comes within a fraction of the delay; a whole delay more would
+// add it to the answer of every request that was due a hedge when a burst
+// of slow answers had just spent the bucket.
+func (h *hedger) retry() int64 {
+	return max(h.after.Load()/4, int64(hedgeRetryMin))
 }
 
 // answered records the latency of an answered try.
@@ -318,6 +335,7 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 	defer timer.Stop()
 	var best *hedgeTry // the best result so far, not counted yet
 	var won *hedgeTry
+	waited := false // the hedge due has waited for budget
 	for running > 0 && won == nil {
 		select {
 		case ht := <-results:
@@ -346,14 +364,14 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 			if !at.Before(deadline) {
 				continue
 			}
-			if !h.take() {
-				// Over budget: try again after another delay, by
-				// when the budget may allow it.
-				if a := h.after.Load(); a > 0 {
-					timer.Reset(time.Duration(a))
-				}
+			if !h.take(waited) {
+				// Over budget: check again soon, as requests add
+				// to it.
+				waited = true
+				timer.Reset(time.Duration(h.retry()))
 				continue
 			}
+			waited = false
 			hb := p.pick(at.UnixNano(), t)
 			if hb == nil {
 				continue

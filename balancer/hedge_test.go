@@ -133,8 +133,8 @@ func waitEjected(t *testing.T, s *Server, addr, why string) {
 }
 
 // The budget bounds hedges: with budget 1%, a burst of slow tries hedges
-// as many as the bucket holds; the others wait for budget, each time their
-// hedge is due.
+// as many as the bucket holds; the others wait for budget, each counted
+// once.
 func TestHedgeBudget(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
 		a := slowOrigin(t, "a", 60*time.Millisecond)
@@ -159,13 +159,55 @@ func TestHedgeBudget(t *testing.T) {
 		denied := metricValue(t, s, `edgelb_hedges_total{service="web",result="over_budget"}`) - denied0
 		// Each request adds a hundredth of a hedge: the n requests add
 		// less than one.
-		if sent != hedgeBurst/hedgeToken || denied < n-sent {
-			t.Errorf("%d hedges sent and %d refused for %d slow requests, want %d sent and the rest refused", sent, denied, n, hedgeBurst/hedgeToken)
+		// Each hedge that waited for budget counts once, however often
+		// it checked again.
+		if sent != hedgeBurst/hedgeToken || denied != n-sent {
+			t.Errorf("%d hedges sent and %d refused for %d slow requests, want %d sent and each of the rest refused once", sent, denied, n, hedgeBurst/hedgeToken)
 		}
 		if got := len(a.got()) + len(b.got()); got != n+sent {
 			t.Errorf("origins asked %d times for %d requests and %d hedges", got, n, sent)
 		}
 		assertAllHealthy(t, s)
+	})
+}
+
+// A hedge refused for want of budget goes out soon after other requests
+// add to it, not a whole hedge delay later: with the bucket spent, a
+// request on a hung backend is due its hedge at 400ms and refused; at
+// 450ms the bucket gets a hedge's worth, as other requests would add, and
+// the waiting hedge goes at its next check, a quarter of the delay later,
+// where it used to wait until 800ms.
+func TestRefusedHedgeGoesOnceBudgetReturns(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		hung := silentOrigin(t)
+		fast := slowOrigin(t, "fast", 0)
+		// The hung backend's weight makes it the first try's.
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: [{addr: "+hung.addr+", weight: 100}, "+fast.addr+"],"+
+			" balance: round_robin, try_timeout: 5s, hedge: {after: 400ms, budget: 1}}\nroutes: [{service: web}]\n")
+		h := s.pools["web"].hedge
+		h.tokens.Store(0)
+		denied0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="over_budget"}`)
+		done := make(chan time.Duration, 1)
+		go func() {
+			start := time.Now()
+			resp, err := rawRequest(t, s, "GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+			if err != nil || resp.StatusCode() != 200 || string(resp.Body()) != "fast" {
+				t.Errorf("the hedged request: %v %d %q", err, statusOf(resp), bodyOf(resp))
+			}
+			done <- time.Since(start)
+		}()
+		waitFor(t, "the first try on the hung backend", func() bool { return len(hung.got()) == 1 })
+		time.Sleep(450 * time.Millisecond)
+		if n := metricValue(t, s, `edgelb_hedges_total{service="web",result="over_budget"}`) - denied0; n != 1 {
+			t.Fatalf("over_budget went up by %d, want 1: the hedge was not refused", n)
+		}
+		h.tokens.Add(hedgeToken)
+		if took := <-done; took > 750*time.Millisecond {
+			t.Errorf("the hedged request took %v: its hedge waited a whole delay (400ms) after the budget came back", took)
+		}
+		if n := metricValue(t, s, `edgelb_hedges_total{service="web",result="over_budget"}`) - denied0; n != 1 {
+			t.Errorf("over_budget went up by %d, want 1: a hedge that waits counts once", n)
+		}
 	})
 }
 

@@ -137,12 +137,13 @@ func (l *loop) hedge(c *loopClient) {
 		l.rearm(c)
 		return
 	}
-	if !h.take() {
-		// Over budget: try again after another delay, by when the
-		// budget may allow it.
-		l.hedgeLater(c)
+	if !h.take(c.hedgeWaited) {
+		// Over budget: check again soon, as requests add to it.
+		c.hedgeWaited = true
+		l.hedgeIn(c, h.retry())
 		return
 	}
+	c.hedgeWaited = false
 	b := p.pick(l.nowNs, &c.tried)
 	if b == nil || !b.ap.IsValid() {
 		l.rearm(c)
@@ -168,7 +169,13 @@ func (l *loop) hedge(c *loopClient) {
 
 // hedgeLater has c's request hedge its tries after another hedge delay.
 func (l *loop) hedgeLater(c *loopClient) {
-	if d := c.pool.hedge.after.Load(); d > 0 {
+	l.hedgeIn(c, c.pool.hedge.after.Load())
+}
+
+// hedgeIn has c's request hedge its tries d from now (ns), never when d
+// is 0.
+func (l *loop) hedgeIn(c *loopClient, d int64) {
+	if d > 0 {
 		c.hedgeAt = l.nowNs + d
 		if l.hedgeNext == 0 || c.hedgeAt < l.hedgeNext {
 			l.hedgeNext = c.hedgeAt

@@ -346,7 +346,7 @@ func (l *loop) serve(c *loopClient) {
 	c.pool, c.start = rt.pool, l.now
 	rl.service = rt.pool.name
 	c.tried, c.code = tried{}, errNoHealthyBackend
-	c.hedges, c.hedgeAt = 0, 0
+	c.hedges, c.hedgeAt, c.hedgeWaited = 0, 0, false
 	switch l.nextTry(c) {
 	case tryNone:
 		l.settle(c)

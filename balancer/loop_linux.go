@@ -123,9 +123,11 @@ type loopClient struct {
 	// next hedge goes, whichever is sooner (unix nano).
 	expires int64
 	// hedgeAt is when the request hedges its tries in flight (unix
-	// nano), 0 for never; hedges counts the hedges it sent.
-	hedgeAt int64
-	hedges  int
+	// nano), 0 for never; hedges counts the hedges it sent, and
+	// hedgeWaited says the one due now has waited for budget.
+	hedgeAt     int64
+	hedges      int
+	hedgeWaited bool
 	pending []byte
 	waitIdx int // index in loop.waiting, -1 if none
 	// dueURL is the host and URI, NUL-separated, of the last request
