@@ -128,8 +128,8 @@ type loopClient struct {
 	hedgeAt     int64
 	hedges      int
 	hedgeWaited bool
-	pending []byte
-	waitIdx int // index in loop.waiting, -1 if none
+	pending     []byte
+	waitIdx     int // index in loop.waiting, -1 if none
 	// dueURL is the host and URI, NUL-separated, of the last request
 	// the stale store was asked about, dueKey and dueOK what
 	// stale.URLKey said of it.
