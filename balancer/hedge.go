@@ -219,6 +219,18 @@ func (h *hedger) take(waited bool) bool {
 	return true
 }
 
+// helps reports whether a hedge to b may help at now (unix nano): not
+// while b has requests in flight and has answered none for the hedge delay
+// (health.Target.Stalled), as slow as the try the hedge would rescue. Such
+// a hedge waits, checking again every retry, without spending budget: when
+// everything slows at once (a pause of the machine, a shared dependency),
+// the requests that pass the delay together do not spend the budget on
+// hedges that cannot help, and it is still there for the requests of a
+// backend that hangs alone.
+func (h *hedger) helps(b *Backend, now int64) bool {
+	return !b.target.Stalled(now, h.after.Load())
+}
+
 // retry is how long a hedge refused for want of budget waits before it
 // checks again (ns): a quarter of the hedge delay, at least
 // hedgeRetryMin. Every request adds to the budget, so that under load a
@@ -364,6 +376,14 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 			if !at.Before(deadline) {
 				continue
 			}
+			hb := p.pick(at.UnixNano(), t)
+			if hb == nil {
+				continue
+			}
+			if !h.helps(hb, at.UnixNano()) {
+				timer.Reset(time.Duration(h.retry()))
+				continue
+			}
 			if !h.take(waited) {
 				// Over budget: check again soon, as requests add
 				// to it.
@@ -372,10 +392,6 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 				continue
 			}
 			waited = false
-			hb := p.pick(at.UnixNano(), t)
-			if hb == nil {
-				continue
-			}
 			t.add(hb)
 			*hedges++
 			hb.target.Begin()

@@ -134,12 +134,14 @@ func waitEjected(t *testing.T, s *Server, addr, why string) {
 
 // The budget bounds hedges: with budget 1%, a burst of slow tries hedges
 // as many as the bucket holds; the others wait for budget, each counted
-// once.
+// once. The slow backend's weight gives it the first tries; the hedges go
+// to the other, which answers at once.
 func TestHedgeBudget(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
 		a := slowOrigin(t, "a", 60*time.Millisecond)
-		b := slowOrigin(t, "b", 60*time.Millisecond)
-		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+a.addr+", "+b.addr+"], hedge: {after: 5ms, budget: 1}}\nroutes: [{service: web}]\n")
+		b := slowOrigin(t, "b", 0)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: [{addr: "+a.addr+", weight: 1000}, "+b.addr+"], balance: round_robin,"+
+			" hedge: {after: 20ms, budget: 1}}\nroutes: [{service: web}]\n")
 		sent0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`)
 		denied0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="over_budget"}`)
 		var wg sync.WaitGroup
@@ -168,6 +170,38 @@ func TestHedgeBudget(t *testing.T) {
 			t.Errorf("origins asked %d times for %d requests and %d hedges", got, n, sent)
 		}
 		assertAllHealthy(t, s)
+	})
+}
+
+// A hedge waits, without spending budget, while the backend it would go
+// to is as slow (requests in flight, no answer for the hedge delay): two
+// hung backends, a request on each, and neither hedges to the other.
+func TestHedgeWaitsWhileTargetStalled(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		x, y := silentOrigin(t), silentOrigin(t)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+x.addr+", "+y.addr+"], balance: round_robin,"+
+			" try_timeout: 600ms, retries: 0, hedge: {after: 50ms}}\nroutes: [{service: web}]\n")
+		sent0 := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`)
+		tokens0 := s.pools["web"].hedge.tokens.Load()
+		var wg sync.WaitGroup
+		for i := 0; i < 2; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil || resp.StatusCode() != 504 {
+					t.Errorf("%v %d, want 504 at try_timeout", err, statusOf(resp))
+				}
+			}()
+		}
+		waitFor(t, "a try on each backend", func() bool { return len(x.got()) == 1 && len(y.got()) == 1 })
+		time.Sleep(300 * time.Millisecond)
+		if n := metricValue(t, s, `edgelb_hedges_total{service="web",result="sent"}`) - sent0; n != 0 {
+			t.Errorf("%d hedges sent to a backend as hung as the first", n)
+		}
+		if got := s.pools["web"].hedge.tokens.Load(); got < tokens0 {
+			t.Errorf("the hedge budget went from %d to %d: spent on hedges that could not help", tokens0, got)
+		}
+		wg.Wait()
 	})
 }
 

@@ -137,6 +137,15 @@ func (l *loop) hedge(c *loopClient) {
 		l.rearm(c)
 		return
 	}
+	b := p.pick(l.nowNs, &c.tried)
+	if b == nil || !b.ap.IsValid() {
+		l.rearm(c)
+		return
+	}
+	if !h.helps(b, l.nowNs) {
+		l.hedgeIn(c, h.retry())
+		return
+	}
 	if !h.take(c.hedgeWaited) {
 		// Over budget: check again soon, as requests add to it.
 		c.hedgeWaited = true
@@ -144,11 +153,6 @@ func (l *loop) hedge(c *loopClient) {
 		return
 	}
 	c.hedgeWaited = false
-	b := p.pick(l.nowNs, &c.tried)
-	if b == nil || !b.ap.IsValid() {
-		l.rearm(c)
-		return
-	}
 	bc, refused := l.connTo(b)
 	if bc == nil {
 		if refused {

@@ -154,6 +154,10 @@ type Target struct {
 	consecutiveGatewayFailures atomic.Int32
 	consecutive5xx             atomic.Int32
 
+	// lastAnswer is when the backend last answered with HTTP (unix
+	// nano); it starts at the target's creation.
+	lastAnswer atomic.Int64
+
 	// Totals since the target was created, read by the Ejectors of its
 	// pools to compare it with its peers over a recent window. A success
 	// costs two atomic adds.
@@ -196,7 +200,9 @@ type change struct {
 
 func newTarget(addr string, passive PassiveConfig, log *slog.Logger) *Target {
 	t := &Target{addr: addr, passive: passive, log: log}
-	t.change.Store(&change{reason: "discovered", since: time.Now()})
+	now := time.Now()
+	t.change.Store(&change{reason: "discovered", since: now})
+	t.lastAnswer.Store(now.UnixNano())
 	return t
 }
 
@@ -250,6 +256,13 @@ func (t *Target) Inflight() int32 { return t.inflight.Load() }
 // followed by exactly one Done.
 func (t *Target) Begin() { t.inflight.Add(1) }
 
+// Stalled reports whether the backend has requests in flight and has
+// answered none of them, or any other, for d up to now (unix nano): it is
+// as slow as a request that waited d on another backend.
+func (t *Target) Stalled(now, d int64) bool {
+	return t.inflight.Load() > 0 && now-t.lastAnswer.Load() >= d
+}
+
 // Done records how a request that Begin started ended.
 //
 // Fast path: a few atomic adds; ejecting is the slow path.
@@ -262,6 +275,7 @@ func (t *Target) Done(now int64, o Outcome, latency time.Duration) {
 	}
 	if !o.IsGatewayFailure() {
 		t.answered.Add(1)
+		t.lastAnswer.Store(now)
 		if latency > 0 {
 			t.latencyNs.Add(uint64(latency))
 		}
