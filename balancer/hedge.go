@@ -233,12 +233,25 @@ func (h *hedger) helps(b *Backend, now int64) bool {
 
 // retry is how long a hedge refused for want of budget waits before it
 // checks again (ns): a quarter of the hedge delay, at least
-// hedgeRetryMin. Every request adds to the budget, so that under load a
-// token comes within a fraction of the delay; a whole delay more would
-// add it to the answer of every request that was due a hedge when a burst
-// of slow answers had just spent the bucket.
+// hedgeRetryMin; 0, no more checks, while the delay is 0 (a percentile
+// without enough answers to go on). Every request adds to the budget, so
+// that under load a token comes within a fraction of the delay; a whole
+// delay more would add it to the answer of every request that was due a
+// hedge when a burst of slow answers had just spent the bucket.
 func (h *hedger) retry() int64 {
-	return max(h.after.Load()/4, int64(hedgeRetryMin))
+	a := h.after.Load()
+	if a <= 0 {
+		return 0
+	}
+	return max(a/4, int64(hedgeRetryMin))
+}
+
+// again sets timer for the next check of a hedge that waits (see retry),
+// and leaves it stopped when there is none.
+func (h *hedger) again(timer *time.Timer) {
+	if r := h.retry(); r > 0 {
+		timer.Reset(time.Duration(r))
+	}
 }
 
 // answered records the latency of an answered try.
@@ -381,14 +394,14 @@ func (p *Pool) hedgedTry(b *Backend, req *fasthttp.Request, resp *fasthttp.Respo
 				continue
 			}
 			if !h.helps(hb, at.UnixNano()) {
-				timer.Reset(time.Duration(h.retry()))
+				h.again(timer)
 				continue
 			}
 			if !h.take(waited) {
 				// Over budget: check again soon, as requests add
 				// to it.
 				waited = true
-				timer.Reset(time.Duration(h.retry()))
+				h.again(timer)
 				continue
 			}
 			waited = false

@@ -353,3 +353,15 @@ func TestHedgedHungBackendEjected(t *testing.T) {
 		}
 	})
 }
+
+// A hedge that waits checks again every quarter of the delay, at least
+// every hedgeRetryMin, and no more while the delay is 0 (never hedge).
+func TestHedgeRetry(t *testing.T) {
+	h := &hedger{}
+	for after, want := range map[time.Duration]time.Duration{0: 0, 400 * time.Millisecond: 100 * time.Millisecond, 200 * time.Microsecond: hedgeRetryMin} {
+		h.after.Store(int64(after))
+		if got := time.Duration(h.retry()); got != want {
+			t.Errorf("after %v: retry %v, want %v", after, got, want)
+		}
+	}
+}
