@@ -365,3 +365,29 @@ func TestHedgeRetry(t *testing.T) {
 		}
 	}
 }
+
+// A client that leaves while its request has a try and a hedge out costs
+// neither backend anything: its own error is never a backend's.
+func TestHedgedClientLeavesBlamesNobody(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		a := slowOrigin(t, "a", 200*time.Millisecond)
+		b := slowOrigin(t, "b", 200*time.Millisecond)
+		s := startEdge(t, "server: {"+engine+"}\nservices:\n  web: {static: ["+a.addr+", "+b.addr+"], balance: round_robin,"+
+			" hedge: {after: 20ms}, health: {passive: {consecutive_gateway_failures: 1, consecutive_5xx: 1}}}\nroutes: [{service: web}]\n")
+		for i := 0; i < 3; i++ {
+			c := dialEdge(t, s)
+			io.WriteString(c, "GET /gone"+strconv.Itoa(i)+" HTTP/1.1\r\nHost: x\r\n\r\n")
+			waitFor(t, "a try and a hedge", func() bool { return len(a.got())+len(b.got()) == 2*(i+1) })
+			c.Close()
+			// Until both tries are over: an idle backend takes the
+			// next request's hedge.
+			time.Sleep(300 * time.Millisecond)
+		}
+		for _, o := range []*recOrigin{a, b} {
+			if e := backendErrors(t, s, o.addr); len(e) != 0 {
+				t.Errorf("backend %s blamed for clients that left: %v", o.addr, e)
+			}
+		}
+		assertAllHealthy(t, s)
+	})
+}
