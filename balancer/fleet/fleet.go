@@ -16,6 +16,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -28,6 +29,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/edgelb/edgelb/discovery"
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // Pacing of the blocking-query loops.
@@ -208,4 +210,18 @@ func writeFileAtomic(path string, data []byte) error {
 		return err
 	}
 	return os.Rename(f.Name(), path)
+}
+
+// runAgain runs f until it returns, or ctx ends: a panic in it is counted
+// and logged (msg, with the task's name) and f starts again after a
+// backoff that grows with each panic.
+func runAgain(ctx context.Context, log *slog.Logger, msg, task string, f func()) {
+	for n := 1; ctx.Err() == nil; n++ {
+		if panics.Fleet.Run(f, log, msg, "task", task) == nil {
+			return
+		}
+		if !discovery.SleepCtx(ctx, backoff(n)) {
+			return
+		}
+	}
 }

@@ -12,9 +12,6 @@ import (
 
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/hashicorp/consul/api"
-
-	"github.com/edgelb/edgelb/discovery"
-	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // CheckKey checks a Consul KV key (consul.config_key).
@@ -128,14 +125,7 @@ func (w *KeyWatch) Start() {
 	w.wg.Add(1)
 	go func() {
 		defer w.wg.Done()
-		for n := 1; w.ctx.Err() == nil; n++ {
-			if panics.Fleet.Run(w.run, w.log, "panic in the config key watch; starting it again", "task", "config key") == nil {
-				return
-			}
-			if !discovery.SleepCtx(w.ctx, backoff(n)) {
-				return
-			}
-		}
+		runAgain(w.ctx, w.log, "panic in the config key watch; starting it again", "config key", w.run)
 	}()
 }
 

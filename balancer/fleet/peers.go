@@ -12,9 +12,6 @@ import (
 
 	"github.com/VictoriaMetrics/metrics"
 	"github.com/hashicorp/consul/api"
-
-	"github.com/edgelb/edgelb/discovery"
-	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // Peer is another instance of the fleet, as Consul's health API lists it.
@@ -109,14 +106,7 @@ func (p *Peers) Start() {
 	peerSets.Store(p, struct{}{})
 	go func() {
 		defer close(p.done)
-		for n := 1; p.ctx.Err() == nil; n++ {
-			if panics.Fleet.Run(p.run, p.log, "panic in the peer list; starting it again", "task", "peers") == nil {
-				return
-			}
-			if !discovery.SleepCtx(p.ctx, backoff(n)) {
-				return
-			}
-		}
+		runAgain(p.ctx, p.log, "panic in the peer list; starting it again", "peers", p.run)
 	}()
 }
 

@@ -20,7 +20,6 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/edgelb/edgelb/discovery"
-	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // PurgeConfig is consul.purge: where purges of the stale store are
@@ -326,14 +325,7 @@ func (p *Purges) goSafe(name string, f func()) {
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
-		for n := 1; p.ctx.Err() == nil; n++ {
-			if panics.Fleet.Run(f, p.log, "panic in the purge log; starting it again", "task", name) == nil {
-				return
-			}
-			if !discovery.SleepCtx(p.ctx, backoff(n)) {
-				return
-			}
-		}
+		runAgain(p.ctx, p.log, "panic in the purge log; starting it again", name, f)
 	}()
 }
 

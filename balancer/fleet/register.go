@@ -14,7 +14,6 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/edgelb/edgelb/discovery"
-	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // RegisterConfig is consul.register: how an edgelb instance registers
@@ -294,14 +293,7 @@ func NewRegistrar(client *api.Client, addr string, reg Registration, log *slog.L
 func (r *Registrar) Start() {
 	go func() {
 		defer close(r.done)
-		for n := 1; r.ctx.Err() == nil; n++ {
-			if panics.Fleet.Run(r.run, r.log, "panic in Consul registration; starting it again", "task", "register") == nil {
-				return
-			}
-			if !discovery.SleepCtx(r.ctx, backoff(n)) {
-				return
-			}
-		}
+		runAgain(r.ctx, r.log, "panic in Consul registration; starting it again", "register", r.run)
 	}()
 }
 

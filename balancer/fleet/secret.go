@@ -9,9 +9,6 @@ import (
 	"sync"
 
 	"github.com/hashicorp/consul/api"
-
-	"github.com/edgelb/edgelb/discovery"
-	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // DefaultSecretKey is the Consul KV key that keeps the fleet's peer fill
@@ -60,14 +57,7 @@ func (s *Secret) Key() string { return s.key }
 func (s *Secret) Start() {
 	go func() {
 		defer close(s.done)
-		for n := 1; s.ctx.Err() == nil; n++ {
-			if panics.Fleet.Run(s.run, s.log, "panic following the peer fill secret; starting again", "task", "secret") == nil {
-				return
-			}
-			if !discovery.SleepCtx(s.ctx, backoff(n)) {
-				return
-			}
-		}
+		runAgain(s.ctx, s.log, "panic following the peer fill secret; starting again", "secret", s.run)
 	}()
 }
 
