@@ -1,7 +1,9 @@
 package scenario
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -64,7 +66,9 @@ var about = map[string][2]string{
 	Hedge: {"Hung backend, hedged", "As hang (SIGSTOP of o2 from one third to two thirds), with hedge: {after: p95} on edgelb: a try that has not " +
 		"answered after the service's recent p95 goes to a second backend as well, and the first answer wins. The notes compare the " +
 		"worst latency while o2 hangs with the p99 before it (target: at most 3x) and with the worst latency before it, give the hedges sent " +
-		"with the requests (budget 10%), and the longest time the machine itself paused a busy thread on each CPU, measured after the load."},
+		"with the requests (budget 10%), the worst latency of the requests that met the hung o2 (from edgelb's access log, which in this " +
+		"scenario logs the requests that tried more than one backend), and the longest time the machine itself paused a busy thread on each CPU, " +
+		"measured before the load."},
 	Backup: {"Backup server", "Origins o1, o2 and o3 serve; origin backup is the service's backup server (edgelb backup:, nginx and HAProxy " +
 		"backup). At one third every primary is killed with SIGKILL; at two thirds they are started again. The failover table gives, " +
 		"from the origin that answered each request (X-Origin), the time from the kill to the backup's first answer and until every " +
@@ -223,7 +227,10 @@ type session struct {
 	answers *answerLog
 	// stalls is the machine's own pauses, measured before a hedge
 	// run's processes start (see MachineStalls).
-	stalls    map[int]time.Duration
+	stalls map[int]time.Duration
+	// hedgeLog is edgelb's access log in a hedge run: the requests that
+	// tried more than one backend.
+	hedgeLog  string
 	killAt    time.Time
 	killedAt  time.Time
 	restartAt time.Time
@@ -337,7 +344,11 @@ func (s *session) setupStatic(backups ...string) error {
 	if s.proxy == report.Edgelb {
 		cfg := EdgeConfig(addrs, backupAddrs...)
 		if s.name == Hedge {
-			cfg = EdgeConfigWith(addrs, "hedge: {after: p95}")
+			// sample 0 logs only the requests that tried more than one
+			// backend (and errors): every one that met the hung o2.
+			s.hedgeLog = filepath.Join(s.g.Dir, "hedged.log")
+			cfg = EdgeConfigWith(addrs, "hedge: {after: p95}") +
+				fmt.Sprintf("access_log: {path: %s, sample: 0, flush_interval: 20ms}\n", s.hedgeLog)
 		}
 		e, err := s.g.StartEdge(cfg, filepath.Join(s.g.Dir, "state"))
 		if err != nil {
@@ -530,6 +541,14 @@ func hedgeJudge(s *session, run *report.Run) []string {
 		return []string{"o2 was not stopped and continued during the load"}
 	}
 	notes := hedgeLatencyNotes(run.Result.Seconds, stop, cont)
+	if s.hedgeLog != "" && len(s.origins) > 1 {
+		// Past edgelb's flush interval, every line of the load is out.
+		time.Sleep(100 * time.Millisecond)
+		start := run.Result.Start
+		at := func(t float64) time.Time { return start.Add(time.Duration(t * float64(time.Second))) }
+		notes = append(notes, hungTryNote(s.hedgeLog, s.origins[1].Addr, at(stop), at(cont), healthyP99(run.Result.Seconds, stop)))
+		os.Remove(s.hedgeLog)
+	}
 	if m, err := s.edge.Metrics(); err == nil {
 		sent, denied, reqs := m[`edgelb_hedges_total{service="web",result="sent"}`], m[`edgelb_hedges_total{service="web",result="over_budget"}`],
 			m[`edgelb_requests_total{service="web"}`]
@@ -562,6 +581,78 @@ func joinCPUs(lists ...string) string {
 // worst p99 of the seconds wholly before SIGSTOP (target: at most 3x), and
 // against those seconds' own worst latency, which shows what the machine
 // gives without any hung backend.
+// healthyP99 is the worst p99 of the seconds wholly before stop.
+func healthyP99(seconds []loadgen.Second, stop float64) float64 {
+	var p99 float64
+	for _, sec := range seconds {
+		if float64(sec.T)+1 <= stop {
+			p99 = max(p99, sec.Latency.P99)
+		}
+	}
+	return p99
+}
+
+// hungTryNote reads edgelb's access log of a hedge run (the requests that
+// tried more than one backend) and gives the worst latency of the
+// requests that met the hung origin at addr: those with a try on it that
+// was still out at stop or began before cont. Set against the healthy p99,
+// it shows what the hang itself cost, apart from the machine's own pauses
+// that the worst latency of every request also holds.
+func hungTryNote(path, addr string, stop, cont time.Time, p99 float64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return "requests that met the hung o2: no access log: " + err.Error()
+	}
+	defer f.Close()
+	type try struct {
+		Backend    string  `json:"backend"`
+		StartMS    float64 `json:"start_ms"`
+		DurationMS float64 `json:"duration_ms"`
+	}
+	var line struct {
+		Time       string  `json:"time"`
+		DurationMS float64 `json:"duration_ms"`
+		Tries      []try   `json:"tries"`
+	}
+	n, bad := 0, 0
+	var worst float64
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line.Tries = line.Tries[:0]
+		if json.Unmarshal(sc.Bytes(), &line) != nil {
+			bad++
+			continue
+		}
+		t0, err := time.Parse("2006-01-02T15:04:05.000Z", line.Time)
+		if err != nil {
+			bad++
+			continue
+		}
+		for _, tr := range line.Tries {
+			// The log's times have a millisecond's precision.
+			from := t0.Add(time.Duration(tr.StartMS * float64(time.Millisecond)))
+			to := from.Add(time.Duration((tr.DurationMS + 1) * float64(time.Millisecond)))
+			if tr.Backend == addr && to.After(stop) && from.Before(cont) {
+				n++
+				worst = max(worst, line.DurationMS)
+				break
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return "requests that met the hung o2: reading the access log: " + err.Error()
+	}
+	note := fmt.Sprintf("requests that met the hung o2 (from edgelb's access log): %d, worst %.2fms", n, worst)
+	if n > 0 && p99 > 0 {
+		note += fmt.Sprintf(" (%.1fx the healthy p99)", worst/p99)
+	}
+	if bad > 0 {
+		note += fmt.Sprintf("; %d lines unreadable", bad)
+	}
+	return note
+}
+
 func hedgeLatencyNotes(seconds []loadgen.Second, stop, cont float64) []string {
 	var healthyP99, healthyMax, hungMax float64
 	for _, sec := range seconds {

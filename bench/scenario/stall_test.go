@@ -1,6 +1,9 @@
 package scenario
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -71,5 +74,35 @@ func TestHedgeLatencyNotes(t *testing.T) {
 	}
 	if n := hedgeLatencyNotes(seconds[5:], 2.5, 6.0); len(n) != 1 || !strings.HasPrefix(n[0], "no second") {
 		t.Errorf("no healthy second: %v", n)
+	}
+}
+
+func TestHungTryNote(t *testing.T) {
+	stop := time.Date(2026, 12, 2, 9, 0, 5, 0, time.UTC)
+	cont := stop.Add(5 * time.Second)
+	line := func(at time.Time, dur float64, tries string) string {
+		return fmt.Sprintf(`{"time":"%s","status":200,"duration_ms":%.3f,"hedges":1,"tries":[%s]}`, at.Format("2006-01-02T15:04:05.000Z"), dur, tries) + "\n"
+	}
+	try := func(b string, start, dur float64) string {
+		return fmt.Sprintf(`{"backend":"%s","outcome":"ok","start_ms":%.3f,"duration_ms":%.3f}`, b, start, dur)
+	}
+	o2, o1 := "127.0.0.1:2", "127.0.0.1:1"
+	log := line(stop.Add(-time.Second), 9, try(o2, 0, 9)+","+try(o1, 1, 8)) + // over before the stop
+		line(stop.Add(-3*time.Millisecond), 4.5, try(o2, 0, 4.5)+","+try(o1, 2, 2.5)) + // in flight at the stop
+		line(stop.Add(2*time.Second), 3, try(o1, 0, 3)+","+try(o2, 1, 2)) + // a hedge to o2
+		line(stop.Add(2*time.Second), 50, try(o1, 0, 50)+","+try("127.0.0.1:3", 1, 49)) + // o2 not tried
+		line(cont.Add(time.Second), 20, try(o2, 0, 20)+","+try(o1, 1, 19)) + // after
+		"not json\n"
+	path := filepath.Join(t.TempDir(), "hedged.log")
+	if err := os.WriteFile(path, []byte(log), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got := hungTryNote(path, o2, stop, cont, 1.5)
+	want := "requests that met the hung o2 (from edgelb's access log): 2, worst 4.50ms (3.0x the healthy p99); 1 lines unreadable"
+	if got != want {
+		t.Errorf("note:\n%s\nwant:\n%s", got, want)
+	}
+	if got := hungTryNote(filepath.Join(t.TempDir(), "none"), o2, stop, cont, 1.5); !strings.Contains(got, "no access log") {
+		t.Errorf("missing log: %s", got)
 	}
 }
