@@ -547,7 +547,6 @@ func hedgeJudge(s *session, run *report.Run) []string {
 		start := run.Result.Start
 		at := func(t float64) time.Time { return start.Add(time.Duration(t * float64(time.Second))) }
 		notes = append(notes, hungTryNote(s.hedgeLog, s.origins[1].Addr, at(stop), at(cont), healthyP99(run.Result.Seconds, stop)))
-		os.Remove(s.hedgeLog)
 	}
 	if m, err := s.edge.Metrics(); err == nil {
 		sent, denied, reqs := m[`edgelb_hedges_total{service="web",result="sent"}`], m[`edgelb_hedges_total{service="web",result="over_budget"}`],
