@@ -291,9 +291,11 @@ func (l *loop) send(bc *loopBackend, out []byte) {
 
 // awaitFirstByte gives the answer to the request just sent on bc until
 // first_byte_timeout (fb) from now to begin, if that comes before the
-// try's deadline; onResponseBytes gives the rest the try's deadline.
+// try's deadline; onResponseBytes gives the rest the try's deadline. Now
+// is read again rather than taken from the batch's start, which a long
+// batch leaves behind.
 func (l *loop) awaitFirstByte(bc *loopBackend, fb time.Duration) {
-	if d := l.nowNs + int64(fb); d < bc.due {
+	if d := time.Now().UnixNano() + int64(fb); d < bc.due {
 		bc.due, bc.awaiting = d, true
 		l.rearm(bc.client)
 	}
