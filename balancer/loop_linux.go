@@ -399,25 +399,52 @@ func (l *loop) run() {
 			l.lfd = -1
 			close(l.deaf)
 		}
-		if l.nowNs-l.lastSweep >= int64(loopSweep) {
-			l.decideBatching(l.nowNs - l.lastSweep)
-			l.lastSweep = l.nowNs
-			l.sweepTimeouts()
-			if l.nowNs-l.lastIdle >= l.idleEvery {
-				l.lastIdle = l.nowNs
-				l.sweepIdle()
-			}
-		}
-		if l.hedgeNext != 0 && l.nowNs >= l.hedgeNext {
-			l.sweepHedges()
-		}
-		if l.acceptPaused && l.nowNs >= l.acceptResume && !l.stopping {
-			l.resumeAccept()
-		}
+		l.sweep()
 		if l.stopping && len(l.waiting) == 0 && l.busy() == 0 {
 			return
 		}
 	}
+}
+
+// sweep runs the sweeps due at l.nowNs: the tries' deadlines and the
+// batching's judgement every loopSweep, the idle connections and slow
+// heads every idleEvery, the hedges due, and the accepts paused for want
+// of descriptors. Each runs once it is due, whatever woke the loop: wait
+// makes the next one due its poll's deadline, and a deadline left in the
+// past would end every wait at once, before it polls, until that sweep
+// ran.
+func (l *loop) sweep() {
+	if l.nowNs-l.lastSweep >= int64(loopSweep) {
+		l.decideBatching(l.nowNs - l.lastSweep)
+		l.lastSweep = l.nowNs
+		l.sweepTimeouts()
+	}
+	if l.nowNs-l.lastIdle >= l.idleEvery {
+		l.lastIdle = l.nowNs
+		l.sweepIdle()
+	}
+	if l.hedgeNext != 0 && l.nowNs >= l.hedgeNext {
+		l.sweepHedges()
+	}
+	if l.acceptPaused && l.nowNs >= l.acceptResume && !l.stopping {
+		l.resumeAccept()
+	}
+}
+
+// nextDue returns when the next sweep is due (unix nano): after sweep,
+// always later than l.nowNs.
+func (l *loop) nextDue() int64 {
+	next := l.lastIdle + l.idleEvery
+	if len(l.waiting) > 0 {
+		next = min(next, l.lastSweep+int64(loopSweep))
+	}
+	if l.acceptPaused && !l.stopping {
+		next = min(next, l.acceptResume)
+	}
+	if l.hedgeNext != 0 {
+		next = min(next, l.hedgeNext)
+	}
+	return next
 }
 
 // wait returns the number of events in l.events, waiting for some or for
@@ -428,17 +455,7 @@ func (l *loop) run() {
 // would have the runtime take the thread's P away and hand it back at
 // every idle moment.
 func (l *loop) wait() (int, error) {
-	next := l.lastSweep + int64(loopSweep)
-	if len(l.waiting) == 0 {
-		next = l.lastIdle + l.idleEvery
-	}
-	if l.acceptPaused && l.acceptResume < next {
-		next = l.acceptResume
-	}
-	if l.hedgeNext != 0 && l.hedgeNext < next {
-		next = l.hedgeNext
-	}
-	if next != l.deadline {
+	if next := l.nextDue(); next != l.deadline {
 		l.deadline = next
 		l.ep.SetReadDeadline(time.Unix(0, next))
 	}
