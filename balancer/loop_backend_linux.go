@@ -769,7 +769,9 @@ func (l *loop) sweepTimeouts() {
 			i++
 			continue
 		}
+		l.sweeping = c
 		l.expire(c)
+		l.sweeping = nil
 		if i < len(l.waiting) && l.waiting[i] == c {
 			i++
 		}
@@ -807,7 +809,9 @@ func (l *loop) sweepHedges() {
 	for i := 0; i < len(l.waiting); i++ {
 		c := l.waiting[i]
 		if c.hedgeAt != 0 && l.nowNs >= c.hedgeAt {
+			l.sweeping = c
 			l.hedge(c)
+			l.sweeping = nil
 			if i >= len(l.waiting) || l.waiting[i] != c {
 				// c left the list, and another took its place.
 				i--

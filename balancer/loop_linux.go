@@ -17,6 +17,7 @@ import (
 
 	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/health"
+	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // An event loop serves the common request, a GET or HEAD answered with a
@@ -260,6 +261,9 @@ type loop struct {
 	batchRetry   int64
 	batchBackoff int64
 	batchPaid    bool
+	// sweeping is the client whose request a sweep is handling, for a
+	// panic there to cost that connection only.
+	sweeping *loopClient
 	// Scratch for the stale store, which takes fasthttp types.
 	sreq  fasthttp.Request
 	sresp fasthttp.Response
@@ -413,7 +417,12 @@ func (l *loop) run() {
 // makes the next one due its poll's deadline, and a deadline left in the
 // past would end every wait at once, before it polls, until that sweep
 // ran.
+//
+// A panic in a sweep is counted and logged, and costs the connection
+// whose request was being swept, if any, as one in dispatch does: the
+// loop goes on.
 func (l *loop) sweep() {
+	defer l.recoverSweep()
 	if l.nowNs-l.lastSweep >= int64(loopSweep) {
 		l.decideBatching(l.nowNs - l.lastSweep)
 		l.lastSweep = l.nowNs
@@ -428,6 +437,27 @@ func (l *loop) sweep() {
 	}
 	if l.acceptPaused && l.nowNs >= l.acceptResume && !l.stopping {
 		l.resumeAccept()
+	}
+}
+
+// recoverSweep is sweep's deferred recover.
+func (l *loop) recoverSweep() {
+	r := recover()
+	c := l.sweeping
+	l.sweeping = nil
+	if r == nil {
+		return
+	}
+	id := ""
+	if c != nil && c.state == lcWaiting {
+		id = c.rl.id.String()
+	}
+	panics.Balancer.Recovered(l.s.log, r, "panic in event loop sweep; the connection swept is closed", "loop", l.idx, "request_id", id)
+	if c != nil {
+		l.cancelTries(c)
+		if c.fd >= 0 {
+			l.close(c)
+		}
 	}
 }
 
