@@ -644,7 +644,11 @@ func hungTryNote(path, addr string, stop, cont time.Time, p99 float64) string {
 	}
 	note := fmt.Sprintf("requests that met the hung o2 (from edgelb's access log): %d, worst %.2fms", n, worst)
 	if n > 0 && p99 > 0 {
-		note += fmt.Sprintf(" (%.1fx the healthy p99)", worst/p99)
+		verdict := "met"
+		if worst/p99 > 3 {
+			verdict = "NOT met"
+		}
+		note += fmt.Sprintf(" (%.1fx the healthy p99, target at most 3x: %s)", worst/p99, verdict)
 	}
 	if bad > 0 {
 		note += fmt.Sprintf("; %d lines unreadable", bad)

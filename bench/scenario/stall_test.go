@@ -98,7 +98,7 @@ func TestHungTryNote(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := hungTryNote(path, o2, stop, cont, 1.5)
-	want := "requests that met the hung o2 (from edgelb's access log): 2, worst 4.50ms (3.0x the healthy p99); 1 lines unreadable"
+	want := "requests that met the hung o2 (from edgelb's access log): 2, worst 4.50ms (3.0x the healthy p99, target at most 3x: met); 1 lines unreadable"
 	if got != want {
 		t.Errorf("note:\n%s\nwant:\n%s", got, want)
 	}
