@@ -38,8 +38,8 @@ func besideFast(t *testing.T, engine string, other *recOrigin, svc string) (fast
 	return fast, s
 }
 
-// waitTimeouts waits up to 3s (the event loop counts a lost try in its
-// once-a-second sweep) for addr's errors to be exactly want timeouts.
+// waitTimeouts waits up to 3s for addr's errors to be exactly want
+// timeouts.
 func waitTimeouts(t *testing.T, s *Server, addr string, want int) {
 	t.Helper()
 	var e map[string]int

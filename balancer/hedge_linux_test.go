@@ -31,9 +31,9 @@ func TestHedgedBlackholedBackendEjected(t *testing.T) {
 	})
 }
 
-// A lost try whose answer comes after its try_timeout, but before the
-// event loop's once-a-second sweep looks at it, timed out all the same:
-// counted once as a timeout on both engines.
+// A lost try whose answer comes after its try_timeout, however soon
+// after, timed out all the same: counted once as a timeout on both
+// engines.
 func TestHedgedLateAnswerCountsAsTimeout(t *testing.T) {
 	bothEngines(t, func(t *testing.T, engine string) {
 		late := slowOrigin(t, "late", 400*time.Millisecond)
@@ -44,5 +44,29 @@ func TestHedgedLateAnswerCountsAsTimeout(t *testing.T) {
 			t.Fatal("the late backend got no try")
 		}
 		waitTimeouts(t, s, late.addr, tries)
+	})
+}
+
+// A lost try that never answers is counted at its try_timeout, not up to a
+// second later: the event loop ends abandoned tries in the sweep it makes
+// every 10ms, as the fasthttp path does at the deadline itself.
+func TestHedgedLostTryCountedAtItsDeadline(t *testing.T) {
+	bothEngines(t, func(t *testing.T, engine string) {
+		silent := silentOrigin(t)
+		_, s := besideFast(t, engine, silent, "try_timeout: 200ms, hedge: {after: 20ms}, health: {passive: {consecutive_gateway_failures: 1000}}")
+		start := time.Now()
+		// Round robin: the silent backend gets a first try of one of the
+		// two requests at least.
+		fastWithin(t, s, "/h", 2, time.Second)
+		tries := len(silent.got())
+		if tries == 0 {
+			t.Fatal("the silent backend got no try")
+		}
+		waitTimeouts(t, s, silent.addr, tries)
+		// 200ms after the try began, with a wide margin for a busy
+		// machine; the once-a-second sweep took up to 1.2s.
+		if d := time.Since(start); d > 700*time.Millisecond {
+			t.Errorf("the lost try was counted %v after it began, want about its try_timeout (200ms)", d)
+		}
 	})
 }

@@ -90,7 +90,7 @@ func (l *loop) abandonTries(c *loopClient) {
 	for c.live > 0 {
 		bc := c.peers[0]
 		l.detach(c, bc)
-		bc.orphan = true
+		l.addOrphan(bc)
 		c.rl.addTry(bc.backend, l.nowNs, l.now.Sub(bc.tryStart), tryHedgeLost, 0)
 	}
 	c.hedgeAt = 0
@@ -102,7 +102,7 @@ func (l *loop) abandonTries(c *loopClient) {
 // close, came later: the fasthttp path's try would have ended at the
 // deadline.
 func (l *loop) endOrphan(bc *loopBackend) {
-	bc.orphan = false
+	l.dropOrphan(bc)
 	lat, code := l.now.Sub(bc.tryStart), errNone
 	if l.nowNs >= bc.due {
 		// Found up to a second after it was due.
@@ -113,6 +113,22 @@ func (l *loop) endOrphan(bc *loopBackend) {
 	}
 	endLostTry(bc.backend, l.nowNs, lat, code)
 	l.closeBackend(bc)
+}
+
+// addOrphan marks bc's try abandoned and puts it in l.orphans.
+func (l *loop) addOrphan(bc *loopBackend) {
+	bc.orphan, bc.orphanIdx = true, len(l.orphans)
+	l.orphans = append(l.orphans, bc)
+}
+
+// dropOrphan takes bc out of l.orphans; the last takes its place.
+func (l *loop) dropOrphan(bc *loopBackend) {
+	bc.orphan = false
+	i, last := bc.orphanIdx, len(l.orphans)-1
+	l.orphans[i] = l.orphans[last]
+	l.orphans[i].orphanIdx = i
+	l.orphans[last] = nil
+	l.orphans = l.orphans[:last]
 }
 
 // rearm sets when c's request next needs the sweep: its first try due, or
@@ -761,7 +777,7 @@ func (l *loop) redial(bc *loopBackend) {
 }
 
 // sweepTimeouts fails the tries past their deadline and sends the hedges
-// that are due.
+// that are due, and ends the abandoned tries past theirs (endOrphan).
 func (l *loop) sweepTimeouts() {
 	for i := 0; i < len(l.waiting); {
 		c := l.waiting[i]
@@ -776,6 +792,14 @@ func (l *loop) sweepTimeouts() {
 			i++
 		}
 		// Otherwise c left the list, and another took its place.
+	}
+	for i := 0; i < len(l.orphans); {
+		if bc := l.orphans[i]; l.nowNs >= bc.due {
+			// Out of the list: the last takes place i.
+			l.endOrphan(bc)
+			continue
+		}
+		i++
 	}
 }
 

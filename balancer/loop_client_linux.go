@@ -577,12 +577,9 @@ func (l *loop) sweepIdle() {
 	slowHead := min(int64(loopSlowHead), l.headerTimeout)
 	for _, s := range l.conns {
 		if bc := s.bc; bc != nil {
-			switch {
-			case bc.orphan:
-				if l.nowNs >= bc.due {
-					l.endOrphan(bc)
-				}
-			case bc.state == lcBackend && bc.client == nil && l.nowNs-bc.lastActive > int64(bc.backend.idleFor):
+			// An abandoned try, with no client either, is not idle:
+			// sweepTimeouts ends it at its deadline.
+			if bc.state == lcBackend && bc.client == nil && !bc.orphan && l.nowNs-bc.lastActive > int64(bc.backend.idleFor) {
 				l.dropIdle(bc)
 			}
 			continue

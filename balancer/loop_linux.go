@@ -179,8 +179,9 @@ type loopBackend struct {
 	retryable bool
 	outcome   health.Outcome // how resp counts for the backend's health
 	// orphan is set on a try abandoned when another answered first (see
-	// abandonTries).
-	orphan bool
+	// abandonTries); orphanIdx is then its place in the loop's orphans.
+	orphan    bool
+	orphanIdx int
 }
 
 // loop is one event loop.
@@ -261,6 +262,9 @@ type loop struct {
 	batchRetry   int64
 	batchBackoff int64
 	batchPaid    bool
+	// orphans are the tries abandoned and still out, which
+	// sweepTimeouts ends at their deadline.
+	orphans []*loopBackend
 	// sweeping is the client whose request a sweep is handling, for a
 	// panic there to cost that connection only.
 	sweeping *loopClient
@@ -465,7 +469,7 @@ func (l *loop) recoverSweep() {
 // always later than l.nowNs.
 func (l *loop) nextDue() int64 {
 	next := l.lastIdle + l.idleEvery
-	if len(l.waiting) > 0 {
+	if len(l.waiting) > 0 || len(l.orphans) > 0 {
 		next = min(next, l.lastSweep+int64(loopSweep))
 	}
 	if l.acceptPaused && !l.stopping {
@@ -693,7 +697,7 @@ func (l *loop) closeBackend(bc *loopBackend) {
 		}
 	}
 	if bc.orphan {
-		bc.orphan = false
+		l.dropOrphan(bc)
 		bc.backend.target.Done(l.nowNs, health.OutcomeCanceled, 0)
 	}
 	l.slot(bc.backend).open--
