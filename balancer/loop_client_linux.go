@@ -174,19 +174,9 @@ func (l *loop) dispatch(s loopSock, ev uint32) {
 			if bc != nil && bc.client != nil {
 				c = bc.client
 			}
-			id := ""
-			if c != nil && c.state == lcWaiting {
-				id = c.rl.id.String()
-			}
-			panics.Balancer.Recovered(l.s.log, r, "panic in event loop; its connection is closed", "loop", l.idx, "request_id", id)
-			if c != nil {
-				l.cancelTries(c)
-			}
+			l.recovered(r, "panic in event loop; its connection is closed", c)
 			if bc != nil && bc.fd >= 0 {
 				l.closeBackend(bc)
-			}
-			if c != nil && c.fd >= 0 {
-				l.close(c)
 			}
 		}
 	}()
@@ -195,6 +185,22 @@ func (l *loop) dispatch(s loopSock, ev uint32) {
 		l.onEvent(s.c, ev)
 	case s.bc != nil:
 		l.onBackendEvent(s.bc, ev)
+	}
+}
+
+// recovered counts and logs r, a panic recovered in the loop, and closes
+// c, if any, with its tries: the client connection it happened for.
+func (l *loop) recovered(r any, msg string, c *loopClient) {
+	id := ""
+	if c != nil && c.state == lcWaiting {
+		id = c.rl.id.String()
+	}
+	panics.Balancer.Recovered(l.s.log, r, msg, "loop", l.idx, "request_id", id)
+	if c != nil {
+		l.cancelTries(c)
+		if c.fd >= 0 {
+			l.close(c)
+		}
 	}
 }
 

@@ -17,7 +17,6 @@ import (
 
 	"github.com/edgelb/edgelb/balancer/h1"
 	"github.com/edgelb/edgelb/health"
-	"github.com/edgelb/edgelb/internal/panics"
 )
 
 // An event loop serves the common request, a GET or HEAD answered with a
@@ -449,19 +448,8 @@ func (l *loop) recoverSweep() {
 	r := recover()
 	c := l.sweeping
 	l.sweeping = nil
-	if r == nil {
-		return
-	}
-	id := ""
-	if c != nil && c.state == lcWaiting {
-		id = c.rl.id.String()
-	}
-	panics.Balancer.Recovered(l.s.log, r, "panic in event loop sweep; the connection swept is closed", "loop", l.idx, "request_id", id)
-	if c != nil {
-		l.cancelTries(c)
-		if c.fd >= 0 {
-			l.close(c)
-		}
+	if r != nil {
+		l.recovered(r, "panic in event loop sweep; the connection swept is closed", c)
 	}
 }
 

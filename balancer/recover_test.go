@@ -77,17 +77,46 @@ func TestPanicInBackgroundTaskIsLogged(t *testing.T) {
 // only: the loop goes on serving the others.
 func TestPanicInEventLoopCostsOneConnection(t *testing.T) {
 	o := startOrigin(t, "a", nil)
+	// The first pick panics.
+	loopPanicCostsOneConnection(t, "services:\n  web: {static: ["+o.addr+"]}\n", 1, o.addr,
+		`msg="panic in event loop; its connection is closed" component=balancer loop=`)
+}
+
+// A panic while the event loop sweeps its requests in flight (a hedge
+// due, here) costs the connection whose request it swept only: the loop
+// goes on serving, and the backend the abandoned try was on is not left
+// with it in flight.
+func TestPanicInEventLoopSweepCostsOneConnection(t *testing.T) {
+	var first atomic.Bool
+	slow := startOrigin(t, "slow", func(ctx *fasthttp.RequestCtx) {
+		if first.CompareAndSwap(false, true) {
+			time.Sleep(300 * time.Millisecond)
+		}
+		ctx.SetBodyString("slow")
+	})
+	// The second pick, the hedge's, which the loop makes in its sweep,
+	// panics.
+	loopPanicCostsOneConnection(t, "services:\n  web: {static: ["+slow.addr+"], hedge: {after: 20ms}}\n", 2, slow.addr,
+		`msg="panic in event loop sweep; the connection swept is closed" component=balancer loop=`)
+}
+
+// loopPanicCostsOneConnection starts an edge on the event loop with the
+// services in yaml and a route to web, has web's panicAt-th pick panic,
+// and checks that the first request's connection is closed unanswered,
+// the panic counted once and logged with logged, and that the loops go on
+// answering with nothing left in flight on addr.
+func loopPanicCostsOneConnection(t *testing.T, yaml string, panicAt int32, addr, logged string) {
+	t.Helper()
 	var logs syncBuffer
-	s := startEdgeLogging(t, "server: {event_loop: true}\nservices:\n  web: {static: ["+o.addr+"]}\nroutes: [{service: web}]\n",
-		slog.New(slog.NewTextHandler(&logs, nil)))
+	s := startEdgeLogging(t, "server: {event_loop: true}\n"+yaml+"routes: [{service: web}]\n", slog.New(slog.NewTextHandler(&logs, nil)))
 	s.mu.Lock()
 	p := s.pools["web"]
 	s.mu.Unlock()
-	// Set before any request, never changed: the first pick panics.
+	// Set before any request, never changed.
 	orig := p.sel
 	var calls atomic.Int32
 	p.sel = func(p *Pool, bs *backendSet) (*Backend, *Backend) {
-		if calls.Add(1) == 1 {
+		if calls.Add(1) == panicAt {
 			panic("test panic in the event loop")
 		}
 		return orig(p, bs)
@@ -115,64 +144,10 @@ func TestPanicInEventLoopCostsOneConnection(t *testing.T) {
 		default:
 		}
 	}
-	if !strings.Contains(logs.String(), `msg="panic in event loop; its connection is closed" component=balancer loop=`) {
-		t.Fatalf("log:\n%s", logs.String())
-	}
-}
-
-// A panic while the event loop sweeps its requests in flight (a hedge
-// due, here) costs the connection whose request it swept only: the loop
-// goes on serving, and the backend the abandoned try was on is not left
-// with it in flight.
-func TestPanicInEventLoopSweepCostsOneConnection(t *testing.T) {
-	var first atomic.Bool
-	slow := startOrigin(t, "slow", func(ctx *fasthttp.RequestCtx) {
-		if first.CompareAndSwap(false, true) {
-			time.Sleep(300 * time.Millisecond)
-		}
-		ctx.SetBodyString("slow")
-	})
-	var logs syncBuffer
-	s := startEdgeLogging(t, "server: {event_loop: true}\nservices:\n  web: {static: ["+slow.addr+"], hedge: {after: 20ms}}\nroutes: [{service: web}]\n",
-		slog.New(slog.NewTextHandler(&logs, nil)))
-	s.mu.Lock()
-	p := s.pools["web"]
-	s.mu.Unlock()
-	// Set before any request, never changed: the second pick, the
-	// hedge's, which the loop makes in its sweep, panics.
-	orig := p.sel
-	var calls atomic.Int32
-	p.sel = func(p *Pool, bs *backendSet) (*Backend, *Backend) {
-		if calls.Add(1) == 2 {
-			panic("test panic in the event loop's sweep")
-		}
-		return orig(p, bs)
-	}
-	s.routes.Store(s.routes.Load())
-	before := panicCount(t, s, "balancer")
-	if resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err == nil {
-		t.Fatalf("the connection whose request panicked got an answer: %d", resp.StatusCode())
-	}
-	if n := panicCount(t, s, "balancer") - before; n != 1 {
-		t.Fatalf(`edgelb_panics_total{component="balancer"} went up by %d, want 1`, n)
-	}
-	for i := 0; i < 20; i++ {
-		resp, err := rawRequest(t, s, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-		if err != nil || resp.StatusCode() != 200 {
-			t.Fatalf("request %d after the panic: %v %d", i, err, statusOf(resp))
-		}
-	}
-	for i, l := range s.loops {
-		select {
-		case <-l.done:
-			t.Fatalf("event loop %d stopped after the panic", i)
-		default:
-		}
-	}
-	if n := inflightOf(p, slow.addr); n != 0 {
+	if n := inflightOf(p, addr); n != 0 {
 		t.Errorf("the backend has %d tries in flight after the requests, want 0", n)
 	}
-	if !strings.Contains(logs.String(), `msg="panic in event loop sweep; the connection swept is closed" component=balancer loop=`) {
+	if !strings.Contains(logs.String(), logged) {
 		t.Fatalf("log:\n%s", logs.String())
 	}
 }
