@@ -492,6 +492,10 @@ func (l *loop) wait() (int, error) {
 		l.waits++
 		l.slept = true
 	}
+	// A deadline already past, as when a batch outlasts the time to the
+	// next sweep, ends Read before it calls poll: no events then, rather
+	// than the last poll's again.
+	l.polled, l.pollErr = 0, 0
 	err := l.rc.Read(l.pollFn)
 	n, errno := l.polled, l.pollErr
 	switch {

@@ -4,6 +4,8 @@ package balancer
 
 import (
 	"math/rand/v2"
+	"os"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -47,5 +49,48 @@ func TestLoopNextSweepIsAhead(t *testing.T) {
 			l.acceptPaused, l.acceptResume, l.stopping = true, now+1+r.Int64N(int64(time.Second)), r.IntN(2) == 0
 		}
 		check("random state", l)
+	}
+}
+
+// TestLoopWaitPastDeadlineHasNoOldEvents checks that a wait whose poll
+// deadline has passed already, as after a batch that outlasted the next
+// sweep's time, returns no events: Read then ends before it polls, and the
+// events of the poll before, handled already, must not be handled again
+// on sockets that may have been closed, or their descriptors reused, since.
+func TestLoopWaitPastDeadlineHasNoOldEvents(t *testing.T) {
+	epfd, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.SetNonblock(epfd, true); err != nil {
+		t.Fatal(err)
+	}
+	l := &loop{epfd: epfd, ep: os.NewFile(uintptr(epfd), "test-epoll"), idleEvery: int64(time.Hour)}
+	defer l.ep.Close()
+	if l.rc, err = l.ep.SyscallConn(); err != nil {
+		t.Fatal(err)
+	}
+	l.pollFn = l.poll
+	var p [2]int
+	if err := syscall.Pipe2(p[:], syscall.O_NONBLOCK|syscall.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(p[0])
+	defer syscall.Close(p[1])
+	if err := l.ctl(syscall.EPOLL_CTL_ADD, p[0], syscall.EPOLLIN); err != nil {
+		t.Fatal(err)
+	}
+	syscall.Write(p[1], []byte{1})
+	now := time.Now().UnixNano()
+	l.lastIdle = now
+	if n, err := l.wait(); n != 1 || err != nil {
+		t.Fatalf("wait with the pipe readable: %d events, %v; want 1", n, err)
+	}
+	var b [8]byte
+	rawRead(p[0], b[:])
+	// The next sweep was due an hour ago: the deadline is in the past.
+	l.lastIdle = now - 2*int64(time.Hour)
+	if n, err := l.wait(); n != 0 || err != nil {
+		t.Fatalf("wait past its deadline, nothing readable: %d events, %v; want none", n, err)
 	}
 }
