@@ -105,7 +105,8 @@ func (l *loop) endOrphan(bc *loopBackend) {
 	l.dropOrphan(bc)
 	lat, code := l.now.Sub(bc.tryStart), errNone
 	if l.nowNs >= bc.due {
-		// Found up to a second after it was due.
+		// Found by the sweep after it was due, or ended by its answer
+		// or a close that came later.
 		lat, code = time.Duration(bc.due-bc.tryStart.UnixNano()), errTimeout
 		if bc.state == lcConnecting {
 			code = errConnectFailed
