@@ -22,6 +22,9 @@ func (l *loop) maxConns(b *Backend) int {
 func (l *loop) startTry(c *loopClient, b *Backend, bc *loopBackend) {
 	c.tried.add(b)
 	bc.tryStart = l.now
+	// Begun just before it is attached, so that whatever ends the try
+	// from then on (a panic's cancelTries too) counts it ended.
+	b.target.Begin()
 	l.attach(c, bc)
 	c.state = lcWaiting
 	bc.due = l.tryDeadline(c, bc)
@@ -38,7 +41,6 @@ func (l *loop) startTry(c *loopClient, b *Backend, bc *loopBackend) {
 	if c.waitIdx < 0 {
 		l.addWaiting(c)
 	}
-	b.target.Begin()
 
 	out := l.appendUpstreamRequest(bc.out[:0], c)
 	if bc.state == lcConnecting {
