@@ -376,6 +376,8 @@ var metricHelp = map[string]struct{ typ, help string }{
 	"edgelb_ejections_refused_total":          {help: "Ejections not made because max_ejection_percent of the service's backends were held out already."},
 	"edgelb_event_loop_accept_errors_total":   {help: "Errors accepting client connections in the event loops."},
 	"edgelb_event_loop_batch_waits_total":     {help: "Waits of server.batch_wait that event loops made to gather events."},
+	"edgelb_event_loop_sends_total":           {help: "Sends (answers to clients, requests to backends) the event loops made."},
+	"edgelb_event_loop_send_calls_total":      {help: "System calls that made the event loops' sends: one io_uring_enter for a batch of them, or one sendto each."},
 	"edgelb_event_loop_fallbacks_total":       {help: "Backend tries an event loop left to the fasthttp server."},
 	"edgelb_event_loop_handoff_drops_total":   {help: "Connections an event loop handed over that the fasthttp server did not take."},
 	"edgelb_event_loop_handoffs_total":        {help: "Client connections an event loop handed to the fasthttp server."},

@@ -252,9 +252,17 @@ type ServerConfig struct {
 	// it trades at most that much latency for fewer system calls and
 	// wake-ups per request. A loop waits only while it handles at least
 	// one event per BatchWait, its waits gather a full batch of events
-	// (8) on average, and no connection is on the fasthttp server.
-	// DefaultBatchWait (0: off) is used if not set.
+	// (8) on average, and no connection is on the fasthttp server. If
+	// not set, DefaultBatchWait where the loops send with io_uring, else
+	// 0 (off).
 	BatchWait *time.Duration `yaml:"batch_wait"`
+
+	// IOUring has each event loop make the sends of one batch of events
+	// in one io_uring system call, where the kernel allows it (Linux
+	// 5.6 and later, not forbidden by kernel.io_uring_disabled or a
+	// seccomp profile); otherwise, or with false, each send is its own
+	// sendto. On by default.
+	IOUring *bool `yaml:"io_uring"`
 
 	// HeaderTimeout bounds how long a client may take to send the whole
 	// head of a request: counted from the connection's opening for its
@@ -298,12 +306,19 @@ func parsePrefix(s string) (netip.Prefix, error) {
 // eventLoop reports whether the config asks for the event loops.
 func (c *ServerConfig) eventLoop() bool { return c.EventLoop == nil || *c.EventLoop }
 
-// batchWait returns server.batch_wait, or its default.
-func (c *ServerConfig) batchWait() time.Duration {
-	if c.BatchWait == nil {
+func (c *ServerConfig) ioUring() bool { return c.IOUring == nil || *c.IOUring }
+
+// batchWait returns server.batch_wait, or its default for a loop that
+// sends with io_uring (ring) or one sendto at a time: batched waits pay
+// where the sends they gather go in one system call.
+func (c *ServerConfig) batchWait(ring bool) time.Duration {
+	switch {
+	case c.BatchWait != nil:
+		return *c.BatchWait
+	case ring:
 		return DefaultBatchWait
 	}
-	return *c.BatchWait
+	return 0
 }
 
 // ServiceConfig is one service: where its instances come from and how
@@ -938,7 +953,7 @@ func (s *ServerConfig) validate(path string) []error {
 	if s.MaxRequestBody < 0 {
 		bad(".max_request_body", "must not be negative")
 	}
-	if w := s.batchWait(); w < 0 || w > maxBatchWait {
+	if w := s.batchWait(true); w < 0 || w > maxBatchWait {
 		bad(".batch_wait", "must be between 0 (off) and %v (got %v)", maxBatchWait, w)
 	}
 	if s.HeaderTimeout < minHeaderTimeout {

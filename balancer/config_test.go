@@ -146,8 +146,8 @@ routes:
 	if cfg.Routes[1].Host != "api.example.com" {
 		t.Errorf("route host not lower-cased: %q", cfg.Routes[1].Host)
 	}
-	if w := cfg.Server.batchWait(); w != DefaultBatchWait {
-		t.Errorf("server.batch_wait default: %v", w)
+	if w, off := cfg.Server.batchWait(true), cfg.Server.batchWait(false); w != DefaultBatchWait || off != 0 {
+		t.Errorf("server.batch_wait defaults: %v with io_uring, %v without; want %v and 0", w, off, DefaultBatchWait)
 	}
 	if sc := cfg.Server; sc.HeaderTimeout != DefaultHeaderTimeout || sc.MaxConnsPerIP != 0 {
 		t.Errorf("server.header_timeout, max_conns_per_ip defaults: %v %d", sc.HeaderTimeout, sc.MaxConnsPerIP)
@@ -178,7 +178,7 @@ routes:
 		if err != nil {
 			t.Fatalf("batch_wait %s: %v", yaml, err)
 		}
-		if w := cfg.Server.batchWait(); w != want {
+		if w := cfg.Server.batchWait(false); w != want {
 			t.Errorf("batch_wait %s: got %v", yaml, w)
 		}
 	}

@@ -288,24 +288,32 @@ func (l *loop) tryDeadline(c *loopClient, bc *loopBackend) int64 {
 	return d
 }
 
-// send writes the request to a connected backend connection.
-func (l *loop) send(bc *loopBackend, out []byte) {
-	n, _ := rawWrite(bc.fd, out)
-	bc.out = out[:0]
-	if n == len(out) {
-		if fb := bc.client.pool.cfg.FirstByteTimeout; fb > 0 {
-			l.awaitFirstByte(bc, fb)
+// send queues the request out, in bc.out's buffer, for a connected
+// backend connection; sent goes on once it went.
+func (l *loop) send(bc *loopBackend, out []byte) { l.queueRequest(bc, out) }
+
+// sent goes on with bc once its request went whole (ok) or did not.
+func (l *loop) sent(bc *loopBackend, ok bool) {
+	c := bc.client
+	switch {
+	case ok:
+		if c != nil {
+			if fb := c.pool.cfg.FirstByteTimeout; fb > 0 {
+				l.awaitFirstByte(bc, fb)
+			}
 		}
-		return
-	}
-	// A backend socket that cannot take a small request at once is
-	// broken or closed: a kept-alive one the backend has just closed is
-	// not its failure.
-	if bc.reused {
+	case bc.orphan:
+		l.endOrphan(bc)
+	case c == nil:
+		l.closeBackend(bc)
+	case bc.reused:
+		// A backend socket that cannot take a small request at once is
+		// broken or closed: a kept-alive one the backend has just
+		// closed is not its failure.
 		l.redial(bc)
-		return
+	default:
+		l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 	}
-	l.backendFailed(bc, health.OutcomeConnectFailed, errConnectFailed)
 }
 
 // awaitFirstByte gives the answer to the request just sent on bc until
@@ -629,7 +637,9 @@ const fasthttpHeadLimit = DefaultMaxHeaderBytes
 
 // releaseBackend returns bc to the idle list of its backend, or closes it.
 func (l *loop) releaseBackend(bc *loopBackend) {
-	keep := bc.resp.KeepAlive && !bc.eof && !l.stopping
+	// A connection whose request is still queued answered before it was
+	// asked: it is not reused.
+	keep := bc.resp.KeepAlive && !bc.eof && !l.stopping && !bc.sending
 	bc.parsed, bc.elsewhere = false, false
 	if cap(bc.in) > loopKeepBuf {
 		bc.in = nil

@@ -475,14 +475,12 @@ func (l *loop) settled(c *loopClient) {
 func (l *loop) write(c *loopClient, out, body []byte, bc *loopBackend) {
 	reqLen := c.req.HeadLen
 	if len(body) <= 4096 {
-		// Fast path: one write of head and body.
+		// Fast path: one send of head and body, with the loop's others.
 		out = append(out, body...)
-		l.out = out
-		n, errno := rawWrite(c.fd, out)
 		if bc != nil {
 			l.releaseBackend(bc)
 		}
-		l.afterWrite(c, out, n, errno, reqLen)
+		l.queueAnswer(c, out, reqLen)
 		return
 	}
 	l.out = out

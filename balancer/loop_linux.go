@@ -35,10 +35,13 @@ import (
 // response too large or too odd for the loop to buffer, with its backend
 // connection and the request's attempt, so that nothing is asked twice.
 //
-// The loop's code is in four files: this one (the loop, its polling and
+// The loop's code is in these files: this one (the loop, its polling and
 // batched waits, its connection table), loop_client_linux.go (client
-// connections), loop_backend_linux.go (backend connections and tries)
-// and loop_sys_linux.go (raw system calls).
+// connections), loop_backend_linux.go (backend connections and tries),
+// loop_answer_linux.go (answers it makes itself), loop_send_linux.go (its
+// sends, queued and made together at the end of a batch of events),
+// uring_linux.go (the io_uring that makes them) and loop_sys_linux.go
+// (raw system calls).
 
 const (
 	// loopReadBuf is a client connection's read buffer; a longer head goes
@@ -65,6 +68,7 @@ const (
 	lcIdle       = iota // waiting for a request
 	lcWaiting           // its request is with a backend
 	lcWriting           // a response is partly written
+	lcSending           // its answer is queued for sending (loop_send_linux.go)
 	lcBackend           // a backend connection
 	lcConnecting        // a backend connection being established
 )
@@ -144,6 +148,9 @@ type loopClient struct {
 	// answer written at once is never held by Nagle's algorithm, and a
 	// connection that closes after it is spared the system call.
 	nodelay bool
+	// sendGen counts the answers queued for c, so that a send queued
+	// before c closed, or for another connection c served, is not made.
+	sendGen uint32
 	// rdhup is set once epoll said the client shut its sending side,
 	// before the end of file is read.
 	rdhup bool
@@ -181,6 +188,10 @@ type loopBackend struct {
 	// abandonTries); orphanIdx is then its place in the loop's orphans.
 	orphan    bool
 	orphanIdx int
+	// sending is set while out is queued for sending; sendGen counts
+	// the requests queued on bc, as a client's does its answers.
+	sending bool
+	sendGen uint32
 }
 
 // loop is one event loop.
@@ -212,6 +223,16 @@ type loop struct {
 	nowNs  int64
 	out    []byte
 	body   []byte // a decoded chunked body
+	// sends are queued for the end of the events in hand (flushSends);
+	// ring, if the kernel has io_uring, sends them in one system call.
+	// wbufs are free answer buffers; the rest is flushSends' scratch.
+	sends     []loopSend
+	sendsNext []loopSend
+	ring      *sendRing
+	wbufs     [][]byte
+	sendFDs   []int
+	sendBufs  [][]byte
+	sendRes   []int32
 	// For the stale store's Vary check.
 	vary       [][]byte
 	reqHeaders [][2][]byte
@@ -323,13 +344,26 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		nloops:      nloops,
 		maxHead:     min(loopReadBuf, s.cfg.Server.MaxHeaderBytes),
 		idleTimeout: int64(s.cfg.Server.IdleTimeout),
-		batchWait:   int64(s.cfg.Server.batchWait()),
-		batchSleep:  syscall.NsecToTimespec(int64(s.cfg.Server.batchWait())),
 		deaf:        make(chan struct{}),
 		done:        make(chan struct{}),
 		ids:         newIDSource(),
 	}
 	l.headerTimeout = int64(s.cfg.Server.HeaderTimeout)
+	l.sendFDs = make([]int, 0, sendRingEntries)
+	l.sendBufs = make([][]byte, 0, sendRingEntries)
+	l.sendRes = make([]int32, sendRingEntries)
+	if s.cfg.Server.ioUring() {
+		ring, err := newSendRing()
+		if err != nil {
+			if idx == 0 {
+				s.log.Info("event loop: io_uring unavailable; one sendto per send", "err", err)
+			}
+		} else {
+			l.ring = ring
+		}
+	}
+	l.batchWait = int64(s.cfg.Server.batchWait(l.ring != nil))
+	l.batchSleep = syscall.NsecToTimespec(l.batchWait)
 	// Heads are checked a few times per header_timeout, so that a slow
 	// one is cut close to its time.
 	l.idleEvery = min(int64(time.Second), l.headerTimeout/4)
@@ -381,23 +415,7 @@ func (l *loop) run() {
 		}
 		l.now = time.Now()
 		l.nowNs = l.now.UnixNano()
-		l.swept += n
-		for i := 0; i < n; i++ {
-			ev := &l.events[i]
-			fd := int(ev.Fd)
-			switch {
-			case fd == l.lfd:
-				l.accept()
-			case fd == l.wake[0]:
-				var b [8]byte
-				rawRead(l.wake[0], b[:])
-				l.beginStop()
-			default:
-				if fd < len(l.conns) {
-					l.dispatch(l.conns[fd], ev.Events)
-				}
-			}
-		}
+		l.handle(n)
 		if l.stopping && l.lfd >= 0 {
 			// This batch held the listener's last events. The server
 			// closes it once no loop accepts, so that new connections are
@@ -406,9 +424,32 @@ func (l *loop) run() {
 			l.lfd = -1
 			close(l.deaf)
 		}
+		l.flushSends()
 		l.sweep()
+		l.flushSends()
 		if l.stopping && len(l.waiting) == 0 && l.busy() == 0 {
 			return
+		}
+	}
+}
+
+// handle handles the n events in l.events.
+func (l *loop) handle(n int) {
+	l.swept += n
+	for i := 0; i < n; i++ {
+		ev := &l.events[i]
+		fd := int(ev.Fd)
+		switch {
+		case fd == l.lfd:
+			l.accept()
+		case fd == l.wake[0]:
+			var b [8]byte
+			rawRead(l.wake[0], b[:])
+			l.beginStop()
+		default:
+			if fd < len(l.conns) {
+				l.dispatch(l.conns[fd], ev.Events)
+			}
 		}
 	}
 }
@@ -625,6 +666,9 @@ func (l *loop) closeAll() {
 	syscall.Close(l.wake[0])
 	syscall.Close(l.wake[1])
 	l.ep.Close()
+	if l.ring != nil {
+		l.ring.close()
+	}
 }
 
 // add polls fd, whose socket s is, for events.
@@ -656,6 +700,7 @@ func (l *loop) close(c *loopClient) {
 	// Closing the descriptor, which nothing duplicates, takes it out of
 	// the epoll set: no EPOLL_CTL_DEL.
 	l.conns[c.fd] = loopSock{}
+	c.sendGen++
 	l.unwait(c)
 	// A client gone while its request is with backends: their
 	// connections carry answers nobody reads.
@@ -676,6 +721,7 @@ func (l *loop) closeBackend(bc *loopBackend) {
 		return
 	}
 	l.conns[bc.fd] = loopSock{}
+	bc.unqueue()
 	if cl := bc.client; cl != nil {
 		// Not expected: every path frees the client first. Do not leave
 		// it waiting.

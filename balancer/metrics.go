@@ -303,6 +303,10 @@ var (
 	loopHandoffDrops = metrics.NewCounter(`edgelb_event_loop_handoff_drops_total`)
 	loopAcceptErrors = metrics.NewCounter(`edgelb_event_loop_accept_errors_total`)
 	loopBatchWaits   = metrics.NewCounter(`edgelb_event_loop_batch_waits_total`)
+	// The loops' sends (answers and requests) and the system calls that
+	// made them: fewer calls than sends where io_uring batches them.
+	loopSends     = metrics.NewCounter(`edgelb_event_loop_sends_total`)
+	loopSendCalls = metrics.NewCounter(`edgelb_event_loop_send_calls_total`)
 
 	// Clients held to the server limits: requests whose head or body did
 	// not come within server.header_timeout or idle_timeout, and

@@ -1,0 +1,209 @@
+//go:build linux
+
+package balancer
+
+import (
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+)
+
+// A sendRing sends on many sockets with one system call: an io_uring
+// instance whose submissions are sends with MSG_DONTWAIT, each of which
+// the kernel completes before io_uring_enter returns, as sendto would
+// have, sent, in part or not at all. Where a system call costs as much
+// as a small send's own work (on virtual machines it can be a
+// microsecond), one per batch instead of one per send is most of a
+// forwarded request's cost saved. Only the event loop's goroutine uses
+// its loop's ring.
+type sendRing struct {
+	fd     int
+	sqHead *uint32
+	sqTail *uint32
+	sqMask uint32
+	sqes   []uringSQE
+	cqHead *uint32
+	cqTail *uint32
+	cqMask uint32
+	cqes   []uringCQE
+	// mem and sqeMem are the mappings, unmapped by close.
+	mem, sqeMem []byte
+}
+
+// The io_uring ABI (include/uapi/linux/io_uring.h).
+const (
+	sysIOUringSetup = 425
+	sysIOUringEnter = 426
+
+	uringOffSQRing = 0
+	uringOffSQEs   = 0x10000000
+
+	uringOpSend = 26
+
+	uringEnterGetEvents = 1 << 0
+
+	uringSetupSubmitAll   = 1 << 7
+	uringSetupCoopTaskrun = 1 << 8
+
+	uringFeatSingleMmap = 1 << 0
+	uringFeatNoDrop     = 1 << 1
+)
+
+type uringSQOffsets struct {
+	head, tail, ringMask, ringEntries, flags, dropped, array, resv1 uint32
+	userAddr                                                        uint64
+}
+
+type uringCQOffsets struct {
+	head, tail, ringMask, ringEntries, overflow, cqes, flags, resv1 uint32
+	userAddr                                                        uint64
+}
+
+type uringParams struct {
+	sqEntries, cqEntries, flags, sqThreadCPU, sqThreadIdle, features, wqFD uint32
+	resv                                                                   [3]uint32
+	sqOff                                                                  uringSQOffsets
+	cqOff                                                                  uringCQOffsets
+}
+
+type uringSQE struct {
+	opcode      uint8
+	flags       uint8
+	ioprio      uint16
+	fd          int32
+	off         uint64
+	addr        uint64
+	len         uint32
+	opFlags     uint32
+	userData    uint64
+	bufIndex    uint16
+	personality uint16
+	spliceFD    int32
+	addr3       uint64
+	_           uint64
+}
+
+type uringCQE struct {
+	userData uint64
+	res      int32
+	flags    uint32
+}
+
+// sendRingEntries is how many sends one io_uring_enter takes at most.
+const sendRingEntries = 256
+
+// newSendRing sets up a ring, or says why the kernel would not: io_uring
+// missing (before Linux 5.6), disabled (kernel.io_uring_disabled) or
+// forbidden (a seccomp profile).
+func newSendRing() (*sendRing, error) {
+	var p uringParams
+	p.flags = uringSetupSubmitAll | uringSetupCoopTaskrun
+	fd, _, e := syscall.RawSyscall(sysIOUringSetup, sendRingEntries, uintptr(unsafe.Pointer(&p)), 0)
+	if e == syscall.EINVAL {
+		// A kernel older than these flags (5.18, 5.19).
+		p = uringParams{}
+		fd, _, e = syscall.RawSyscall(sysIOUringSetup, sendRingEntries, uintptr(unsafe.Pointer(&p)), 0)
+	}
+	if e != 0 {
+		return nil, e
+	}
+	r := &sendRing{fd: int(fd)}
+	syscall.CloseOnExec(r.fd)
+	if p.features&uringFeatSingleMmap == 0 || p.features&uringFeatNoDrop == 0 {
+		// Before 5.5: one mapping for both rings is what this code
+		// maps, and a full completion queue must not lose completions.
+		r.close()
+		return nil, syscall.ENOSYS
+	}
+	size := max(p.sqOff.array+p.sqEntries*4, p.cqOff.cqes+p.cqEntries*uint32(unsafe.Sizeof(uringCQE{})))
+	mem, err := syscall.Mmap(r.fd, uringOffSQRing, int(size), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED|syscall.MAP_POPULATE)
+	if err != nil {
+		r.close()
+		return nil, err
+	}
+	r.mem = mem
+	sqeMem, err := syscall.Mmap(r.fd, uringOffSQEs, int(p.sqEntries)*int(unsafe.Sizeof(uringSQE{})), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED|syscall.MAP_POPULATE)
+	if err != nil {
+		r.close()
+		return nil, err
+	}
+	r.sqeMem = sqeMem
+	base := unsafe.Pointer(&mem[0])
+	r.sqHead = (*uint32)(unsafe.Add(base, p.sqOff.head))
+	r.sqTail = (*uint32)(unsafe.Add(base, p.sqOff.tail))
+	r.sqMask = *(*uint32)(unsafe.Add(base, p.sqOff.ringMask))
+	r.cqHead = (*uint32)(unsafe.Add(base, p.cqOff.head))
+	r.cqTail = (*uint32)(unsafe.Add(base, p.cqOff.tail))
+	r.cqMask = *(*uint32)(unsafe.Add(base, p.cqOff.ringMask))
+	r.sqes = unsafe.Slice((*uringSQE)(unsafe.Pointer(&sqeMem[0])), p.sqEntries)
+	r.cqes = unsafe.Slice((*uringCQE)(unsafe.Add(base, p.cqOff.cqes)), p.cqEntries)
+	// Submission i always uses entry i: the array maps each slot to
+	// itself once and for all.
+	array := unsafe.Slice((*uint32)(unsafe.Add(base, p.sqOff.array)), p.sqEntries)
+	for i := range array {
+		array[i] = uint32(i)
+	}
+	return r, nil
+}
+
+func (r *sendRing) close() {
+	if r.sqeMem != nil {
+		syscall.Munmap(r.sqeMem)
+		r.sqeMem = nil
+	}
+	if r.mem != nil {
+		syscall.Munmap(r.mem)
+		r.mem = nil
+	}
+	if r.fd >= 0 {
+		syscall.Close(r.fd)
+		r.fd = -1
+	}
+}
+
+// sendPending marks a send whose completion has not come yet.
+const sendPending = -1 << 31
+
+// sendAll sends bufs[i] on fds[i], at most sendRingEntries of them, and
+// sets res[i] to what send returned: the bytes sent, or a negated errno.
+// The buffers must stay put until it returns, as Go's heap does. An error
+// says the ring is broken: the sends still sendPending in res did not go.
+func (r *sendRing) sendAll(fds []int, bufs [][]byte, res []int32) syscall.Errno {
+	n := uint32(len(fds))
+	tail := *r.sqTail
+	for i := uint32(0); i < n; i++ {
+		s := &r.sqes[(tail+i)&r.sqMask]
+		b := bufs[i]
+		*s = uringSQE{opcode: uringOpSend, fd: int32(fds[i]), len: uint32(len(b)),
+			opFlags: syscall.MSG_DONTWAIT | syscall.MSG_NOSIGNAL, userData: uint64(i)}
+		if len(b) > 0 {
+			s.addr = uint64(uintptr(unsafe.Pointer(&b[0])))
+		}
+		res[i] = sendPending
+	}
+	atomic.StoreUint32(r.sqTail, tail+n)
+	// Every send is complete once io_uring_enter returns (MSG_DONTWAIT
+	// has the kernel fail one that would block rather than wait for
+	// room), so waiting for all of them does not block; the loop is
+	// for a call interrupted before it submitted them all.
+	for got, submit := uint32(0), n; got < n; {
+		_, _, e := syscall.RawSyscall6(sysIOUringEnter, uintptr(r.fd), uintptr(submit), uintptr(n-got), uringEnterGetEvents, 0, 0)
+		switch e {
+		case 0, syscall.EINTR, syscall.EAGAIN, syscall.EBUSY:
+		default:
+			return e
+		}
+		head := *r.cqHead
+		end := atomic.LoadUint32(r.cqTail)
+		for ; head != end; head++ {
+			c := &r.cqes[head&r.cqMask]
+			if c.userData < uint64(n) && res[c.userData] == sendPending {
+				res[c.userData] = c.res
+				got++
+			}
+		}
+		atomic.StoreUint32(r.cqHead, head)
+		submit = tail + n - atomic.LoadUint32(r.sqHead)
+	}
+	return 0
+}
