@@ -203,7 +203,7 @@ const (
 	DefaultMaxHeaderBytes     = 16 << 10
 	DefaultIdleTimeout        = 60 * time.Second
 	DefaultDrainTimeout       = 20 * time.Second
-	DefaultBatchWait          = 0
+	DefaultBatchWait          = 25 * time.Microsecond
 	DefaultHeaderTimeout      = 10 * time.Second
 	// minHeaderTimeout bounds server.header_timeout from below: less
 	// would cut off clients on a slow network.
