@@ -169,7 +169,7 @@ func (a *acceptListener) Accept() (net.Conn, error) {
 			}
 			continue
 		}
-		cc := &clientConn{Conn: c}
+		cc := &clientConn{Conn: c, open: &a.s.fastConns}
 		if ipc := a.s.perIP; ipc != nil {
 			// Slow path: a cap per client address.
 			ip := remoteAddr(c)
@@ -180,6 +180,7 @@ func (a *acceptListener) Accept() (net.Conn, error) {
 			}
 			cc.ipc, cc.ip = ipc, ip
 		}
+		cc.open.Add(1)
 		if a.h2c != nil {
 			return &sniffConn{Conn: cc, h: a.h2c}, nil
 		}
@@ -211,6 +212,9 @@ type clientConn struct {
 	ipc    *ipConns
 	ip     netip.Addr
 	closed atomic.Bool
+	// open counts the connection among the server's fastConns until it
+	// closes.
+	open *atomic.Int64
 }
 
 func (c *clientConn) Read(p []byte) (int, error) {
@@ -226,8 +230,11 @@ func (c *clientConn) sentAny() bool { return c.got }
 
 // Close implements net.Conn.
 func (c *clientConn) Close() error {
-	if c.closed.CompareAndSwap(false, true) && c.ipc != nil {
-		c.ipc.release(c.ip)
+	if c.closed.CompareAndSwap(false, true) {
+		c.open.Add(-1)
+		if c.ipc != nil {
+			c.ipc.release(c.ip)
+		}
 	}
 	return c.Conn.Close()
 }

@@ -640,7 +640,7 @@ func (l *loop) handOffWith(c *loopClient, att *attempt) {
 	if len(c.in) > 0 {
 		pre = append(pre, c.in...)
 	}
-	pc := newPrefixConn(newFDConn(fd, c.remote, l.s.ln.Addr()), pre, &l.s.handedOver)
+	pc := newPrefixConn(newFDConn(fd, c.remote, l.s.ln.Addr()), pre, &l.s.fastConns)
 	pc.att.Store(att)
 	if c.headSince != 0 {
 		pc.headBy = time.Unix(0, c.headSince+l.headerTimeout)

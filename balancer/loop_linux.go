@@ -522,7 +522,7 @@ func (l *loop) wait() (int, error) {
 		l.deadline = next
 		l.ep.SetReadDeadline(time.Unix(0, next))
 	}
-	if l.batching && l.polled > 0 && l.polled < loopBatchFull && l.s.handedOver.Load() == 0 {
+	if l.batching && l.polled > 0 && l.polled < loopBatchFull && l.s.fastConns.Load() == 0 {
 		// A short batch under load: let the next events gather, so
 		// that one poll returns several. The sleep is a raw system
 		// call: the thread keeps its P and nothing else runs on it

@@ -412,7 +412,7 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 	if err := resp.Read(bufio.NewReader(h)); err != nil || resp.StatusCode() != 200 {
 		t.Fatalf("POST: %v %d", err, resp.StatusCode())
 	}
-	if n := s.handedOver.Load(); n != 1 {
+	if n := s.fastConns.Load(); n != 1 {
 		t.Fatalf("%d connections counted handed over, want 1", n)
 	}
 	time.Sleep(20 * time.Millisecond) // a wait begun before ends
@@ -424,9 +424,9 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 
 	// Once it is closed, the loops batch again.
 	h.Close()
-	for deadline := time.Now().Add(5 * time.Second); s.handedOver.Load() != 0; time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(5 * time.Second); s.fastConns.Load() != 0; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d connections still counted handed over", s.handedOver.Load())
+			t.Fatalf("%d connections still counted handed over", s.fastConns.Load())
 		}
 	}
 	load()
@@ -434,6 +434,46 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 		t.Fatal("no batched wait under load after the handed-over connection closed")
 	}
 
+}
+
+// TestEventLoopDoesNotBatchWhileTLSConnectionsAreOpen: a connection the
+// TLS listener accepted is served by goroutines, as a handed-over one is,
+// so the loops do not hold their threads in batched waits while one is
+// open, and batch again once it closes.
+func TestEventLoopDoesNotBatchWhileTLSConnectionsAreOpen(t *testing.T) {
+	o := startOrigin(t, "a", nil)
+	pki := newTestPKI(t)
+	cert, key := pki.issue("a", "a")
+	s := startEdge(t, tlsYAML("", cert, key)+"server: {batch_wait: 1ms}\nservices:\n  web: {static: "+staticList(o)+"}\nroutes: [{service: web}]\n")
+	load := func() { loadEdge(t, s, 300*time.Millisecond, 32, 0) }
+
+	c := mustDialTLS(t, s, pki.client("a"))
+	if resp := c.get(t, "a", "/"); resp.StatusCode() != 200 {
+		t.Fatalf("GET over TLS: %d", resp.StatusCode())
+	}
+	if n := s.fastConns.Load(); n != 1 {
+		t.Fatalf("%d connections counted as served by goroutines, want 1 (the TLS one)", n)
+	}
+	time.Sleep(20 * time.Millisecond) // a wait begun before ends
+	w0 := loopBatchWaits.Get()
+	load()
+	if n := loopBatchWaits.Get() - w0; n != 0 {
+		t.Fatalf("%d batched waits while a TLS connection was open", n)
+	}
+	if resp := c.get(t, "a", "/"); resp.StatusCode() != 200 {
+		t.Fatalf("GET over TLS after the load: %d", resp.StatusCode())
+	}
+
+	c.Close()
+	for deadline := time.Now().Add(5 * time.Second); s.fastConns.Load() != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections still counted after the TLS one closed", s.fastConns.Load())
+		}
+	}
+	load()
+	if loopBatchWaits.Get() == w0 {
+		t.Fatal("no batched wait under load once the TLS connection closed")
+	}
 }
 
 func TestEventLoopDoesNotBatchAModerateRate(t *testing.T) {

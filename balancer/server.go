@@ -66,11 +66,14 @@ type Server struct {
 	loops    []*loop
 	handoff  *handoffListener
 	loopFile *os.File
-	// handedOver counts the connections handed over and not closed: the
-	// loops do not batch their waits while the fasthttp server has any.
-	handedOver atomic.Int64
-	admin      *adminServer
-	consul     *discovery.Consul
+	// fastConns counts the open connections that goroutines serve: those
+	// the loops handed over, and those the fasthttp server accepted
+	// itself (TLS, or every one without loops). The loops do not batch
+	// their waits while there are any: a loop sleeping holds its thread,
+	// which these goroutines need.
+	fastConns atomic.Int64
+	admin     *adminServer
+	consul    *discovery.Consul
 	// tls is the TLS listener and its certificates; nil without a tls
 	// block.
 	tls *tlsState

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side open-loop latency: a proxied keep-alive GET with a 64-byte
-# body through edgelb (default config), edgelb with batch_wait: 25us and
+# body through edgelb (default config), edgelb with batch_wait: 0s and
 # nginx, each pinned to CPU 0 with one worker (GOMAXPROCS=1 for edgelb);
 # the origin and the load generator share CPU 1.
 #
@@ -30,8 +30,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 ORIGIN=127.0.0.1:18911
-NAMES="edgelb edgelb-batch nginx"
-declare -A ADDR=([edgelb]=127.0.0.1:18910 [edgelb-batch]=127.0.0.1:18914 [nginx]=127.0.0.1:18912)
+NAMES="edgelb edgelb-nobatch nginx"
+declare -A ADDR=([edgelb]=127.0.0.1:18910 [edgelb-nobatch]=127.0.0.1:18914 [nginx]=127.0.0.1:18912)
 declare -A PID ADMIN
 BODY=$(head -c 64 /dev/zero | tr '\0' 'x')
 
@@ -57,7 +57,7 @@ CONF
 	ADMIN[$1]=127.0.0.1:$2
 }
 edgelb edgelb 18919 ""
-edgelb edgelb-batch 18918 "batch_wait: 25us"
+edgelb edgelb-nobatch 18918 "batch_wait: 0s"
 
 cat > "$work/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $work/nginx.pid; error_log stderr error;
