@@ -257,11 +257,12 @@ type ServerConfig struct {
 	// 0 (off).
 	BatchWait *time.Duration `yaml:"batch_wait"`
 
-	// IOUring has each event loop make the sends of one batch of events
-	// in one io_uring system call, where the kernel allows it (Linux
-	// 5.6 and later, not forbidden by kernel.io_uring_disabled or a
-	// seccomp profile); otherwise, or with false, each send is its own
-	// sendto. On by default.
+	// IOUring has each event loop make the reads, and the sends, of one
+	// batch of events in one io_uring system call each, where the kernel
+	// allows it (Linux 5.6 and later, not forbidden by
+	// kernel.io_uring_disabled or a seccomp profile); otherwise, or with
+	// false, each read is its own recvfrom and each send its own sendto.
+	// On by default.
 	IOUring *bool `yaml:"io_uring"`
 
 	// HeaderTimeout bounds how long a client may take to send the whole

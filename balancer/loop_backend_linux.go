@@ -443,7 +443,7 @@ func (l *loop) onBackend(bc *loopBackend, ev uint32) {
 			bc.in = append(bc.in[:cap(bc.in)], 0)[:len(bc.in)]
 		}
 		space := cap(bc.in) - len(bc.in)
-		n, errno := rawRead(bc.fd, bc.in[len(bc.in):cap(bc.in)])
+		n, errno := l.recv(nil, bc, bc.fd, bc.in[len(bc.in):cap(bc.in)])
 		if n < 0 && errno == syscall.EAGAIN {
 			break
 		}

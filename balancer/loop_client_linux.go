@@ -245,7 +245,7 @@ func (l *loop) onEvent(c *loopClient, ev uint32) {
 // onClient reads from a client connection and forwards what it can.
 func (l *loop) onClient(c *loopClient) {
 	if space := cap(c.in) - len(c.in); space > 0 && !c.eof {
-		n, errno := rawRead(c.fd, c.in[len(c.in):cap(c.in)])
+		n, errno := l.recv(c, nil, c.fd, c.in[len(c.in):cap(c.in)])
 		// A short read drained the socket; a full one may have left more.
 		c.readable = n == space || c.rdhup
 		switch {

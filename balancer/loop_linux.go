@@ -233,6 +233,8 @@ type loop struct {
 	sendFDs   []int
 	sendBufs  [][]byte
 	sendRes   []int32
+	// ahead holds what was read ahead for the events in hand.
+	ahead []readAhead
 	// For the stale store's Vary check.
 	vary       [][]byte
 	reqHeaders [][2][]byte
@@ -352,6 +354,7 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 	l.sendFDs = make([]int, 0, sendRingEntries)
 	l.sendBufs = make([][]byte, 0, sendRingEntries)
 	l.sendRes = make([]int32, sendRingEntries)
+	l.ahead = make([]readAhead, 0, len(l.events))
 	if s.cfg.Server.ioUring() {
 		ring, err := newSendRing()
 		if err != nil {
@@ -433,9 +436,11 @@ func (l *loop) run() {
 	}
 }
 
-// handle handles the n events in l.events.
+// handle handles the n events in l.events, having read ahead for them.
 func (l *loop) handle(n int) {
 	l.swept += n
+	l.readAhead(n)
+	defer l.dropAhead()
 	for i := 0; i < n; i++ {
 		ev := &l.events[i]
 		fd := int(ev.Fd)
@@ -687,6 +692,10 @@ func (l *loop) add(fd int, s loopSock, events uint32) bool {
 
 // forget takes the socket fd out of the loop without closing it.
 func (l *loop) forget(fd int) {
+	if len(l.ahead) > 0 {
+		s := l.conns[fd]
+		l.forgetAhead(s.c, s.bc)
+	}
 	l.ctl(syscall.EPOLL_CTL_DEL, fd, 0)
 	l.conns[fd] = loopSock{}
 }
@@ -701,6 +710,9 @@ func (l *loop) close(c *loopClient) {
 	// the epoll set: no EPOLL_CTL_DEL.
 	l.conns[c.fd] = loopSock{}
 	c.sendGen++
+	if len(l.ahead) > 0 {
+		l.forgetAhead(c, nil)
+	}
 	l.unwait(c)
 	// A client gone while its request is with backends: their
 	// connections carry answers nobody reads.
@@ -722,6 +734,9 @@ func (l *loop) closeBackend(bc *loopBackend) {
 	}
 	l.conns[bc.fd] = loopSock{}
 	bc.unqueue()
+	if len(l.ahead) > 0 {
+		l.forgetAhead(nil, bc)
+	}
 	if cl := bc.client; cl != nil {
 		// Not expected: every path frees the client first. Do not leave
 		// it waiting.

@@ -109,7 +109,7 @@ func (l *loop) sendBatch(batch []loopSend) {
 	if l.ring != nil && len(fds) > 1 {
 		loopSendCalls.Inc()
 		if errno := l.ring.sendAll(fds, bufs, res); errno != 0 {
-			l.s.log.Warn("event loop: io_uring failed; one sendto per send from now on", "loop", l.idx, "err", errno)
+			l.s.log.Warn("event loop: io_uring failed; one system call per read and per send from now on", "loop", l.idx, "err", errno)
 			l.ring.close()
 			l.ring = nil
 		}

@@ -101,6 +101,41 @@ func TestSendRingSendsOnEverySocket(t *testing.T) {
 	}
 }
 
+// TestSendRingReceivesFromEverySocket checks the ring's reads: one call
+// reads from several sockets and says for each what recv would have said:
+// the bytes waiting, EAGAIN when none are, 0 at the end of the stream,
+// EBADF for a closed descriptor.
+func TestSendRingReceivesFromEverySocket(t *testing.T) {
+	r := newTestRing(t)
+	var fds, peers []int
+	for range 5 {
+		a, b := socketPair(t)
+		fds, peers = append(fds, a), append(peers, b)
+	}
+	syscall.Write(peers[0], []byte("first"))
+	syscall.Write(peers[1], bytes.Repeat([]byte{'x'}, 300))
+	// peers[2] sends nothing.
+	syscall.Shutdown(peers[3], syscall.SHUT_WR)
+	syscall.Close(fds[4])
+	bufs := make([][]byte, len(fds))
+	for i := range bufs {
+		bufs[i] = make([]byte, 100)
+	}
+	res := make([]int32, len(fds))
+	if errno := r.recvAll(fds, bufs, res); errno != 0 {
+		t.Fatalf("recvAll: %v", errno)
+	}
+	want := []int32{5, 100, -int32(syscall.EAGAIN), 0, -int32(syscall.EBADF)}
+	for i := range want {
+		if res[i] != want[i] {
+			t.Errorf("read %d returned %d, want %d", i, res[i], want[i])
+		}
+	}
+	if string(bufs[0][:5]) != "first" {
+		t.Errorf("read 0 gave %q, want %q", bufs[0][:5], "first")
+	}
+}
+
 // fillSocket writes to fd until it would block.
 func fillSocket(fd int) {
 	b := make([]byte, 4096)
@@ -206,14 +241,14 @@ func TestLoopSendsQueuedGoOnlyToTheirConnections(t *testing.T) {
 // TestEventLoopSendsWithAndWithoutIOUring serves the same traffic with
 // server.io_uring on and off: keep-alive and pipelined requests on many
 // connections at once. Every answer must be right either way; without the
-// ring each send is its own system call, with it the calls are at most
-// the sends.
+// ring each send is its own system call and nothing is read ahead, with it
+// the calls are at most the sends.
 func TestEventLoopSendsWithAndWithoutIOUring(t *testing.T) {
 	o := startOrigin(t, "a", func(ctx *fasthttp.RequestCtx) { ctx.WriteString("answer to " + string(ctx.Path())) })
 	for _, ring := range []bool{true, false} {
 		t.Run(fmt.Sprintf("io_uring=%v", ring), func(t *testing.T) {
 			s := startEdge(t, fmt.Sprintf("server: {io_uring: %v}\nservices:\n  web: {static: %s}\nroutes: [{service: web}]\n", ring, staticList(o)))
-			sends0, calls0, h0 := loopSends.Get(), loopSendCalls.Get(), loopHandoffs.Get()
+			sends0, calls0, h0, ahead0 := loopSends.Get(), loopSendCalls.Get(), loopHandoffs.Get(), loopReadsAhead.Get()
 			const conns, perConn = 16, 20
 			var wg sync.WaitGroup
 			errs := make(chan error, conns)
@@ -273,7 +308,11 @@ func TestEventLoopSendsWithAndWithoutIOUring(t *testing.T) {
 			if calls > sends || calls == 0 {
 				t.Errorf("%d send calls for %d sends", calls, sends)
 			}
-			t.Logf("%d sends in %d system calls", sends, calls)
+			ahead := loopReadsAhead.Get() - ahead0
+			if !ring && ahead != 0 {
+				t.Errorf("without io_uring: %d reads ahead, want none", ahead)
+			}
+			t.Logf("%d sends in %d system calls, %d reads ahead", sends, calls, ahead)
 		})
 	}
 }

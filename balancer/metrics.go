@@ -307,6 +307,10 @@ var (
 	// made them: fewer calls than sends where io_uring batches them.
 	loopSends     = metrics.NewCounter(`edgelb_event_loop_sends_total`)
 	loopSendCalls = metrics.NewCounter(`edgelb_event_loop_send_calls_total`)
+	// Reads made ahead for a poll's events, and the system calls that
+	// made them (loop_readahead_linux.go).
+	loopReadsAhead     = metrics.NewCounter(`edgelb_event_loop_reads_ahead_total`)
+	loopReadAheadCalls = metrics.NewCounter(`edgelb_event_loop_read_ahead_calls_total`)
 
 	// Clients held to the server limits: requests whose head or body did
 	// not come within server.header_timeout or idle_timeout, and

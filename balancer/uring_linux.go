@@ -8,10 +8,10 @@ import (
 	"unsafe"
 )
 
-// A sendRing sends on many sockets with one system call: an io_uring
-// instance whose submissions are sends with MSG_DONTWAIT, each of which
-// the kernel completes before io_uring_enter returns, as sendto would
-// have, sent, in part or not at all. Where a system call costs as much
+// A sendRing sends on, or reads from, many sockets with one system call:
+// an io_uring instance whose submissions are sends or recvs with
+// MSG_DONTWAIT, each of which the kernel completes before io_uring_enter
+// returns, as sendto or recvfrom would have: done, in part or not at all. Where a system call costs as much
 // as a small send's own work (on virtual machines it can be a
 // microsecond), one per batch instead of one per send is most of a
 // forwarded request's cost saved. Only the event loop's goroutine uses
@@ -39,6 +39,7 @@ const (
 	uringOffSQEs   = 0x10000000
 
 	uringOpSend = 26
+	uringOpRecv = 27
 
 	uringEnterGetEvents = 1 << 0
 
@@ -169,23 +170,36 @@ const sendPending = -1 << 31
 // The buffers must stay put until it returns, as Go's heap does. An error
 // says the ring is broken: the sends still sendPending in res did not go.
 func (r *sendRing) sendAll(fds []int, bufs [][]byte, res []int32) syscall.Errno {
+	return r.all(uringOpSend, syscall.MSG_DONTWAIT|syscall.MSG_NOSIGNAL, fds, bufs, res)
+}
+
+// recvAll receives into bufs[i] from fds[i], as sendAll sends: res[i] is
+// what recv returned, the bytes read (0 at the end of the stream) or a
+// negated errno (EAGAIN when nothing was waiting).
+func (r *sendRing) recvAll(fds []int, bufs [][]byte, res []int32) syscall.Errno {
+	return r.all(uringOpRecv, syscall.MSG_DONTWAIT, fds, bufs, res)
+}
+
+// all makes the operations op (a send or a recv, with msgFlags, which
+// include MSG_DONTWAIT) on fds and bufs.
+func (r *sendRing) all(op uint8, msgFlags uint32, fds []int, bufs [][]byte, res []int32) syscall.Errno {
 	n := uint32(len(fds))
 	tail := *r.sqTail
 	for i := uint32(0); i < n; i++ {
 		s := &r.sqes[(tail+i)&r.sqMask]
 		b := bufs[i]
-		*s = uringSQE{opcode: uringOpSend, fd: int32(fds[i]), len: uint32(len(b)),
-			opFlags: syscall.MSG_DONTWAIT | syscall.MSG_NOSIGNAL, userData: uint64(i)}
+		*s = uringSQE{opcode: op, fd: int32(fds[i]), len: uint32(len(b)),
+			opFlags: msgFlags, userData: uint64(i)}
 		if len(b) > 0 {
 			s.addr = uint64(uintptr(unsafe.Pointer(&b[0])))
 		}
 		res[i] = sendPending
 	}
 	atomic.StoreUint32(r.sqTail, tail+n)
-	// Every send is complete once io_uring_enter returns (MSG_DONTWAIT
-	// has the kernel fail one that would block rather than wait for
-	// room), so waiting for all of them does not block; the loop is
-	// for a call interrupted before it submitted them all.
+	// Every operation is complete once io_uring_enter returns
+	// (MSG_DONTWAIT has the kernel fail one that would block rather than
+	// wait), so waiting for all of them does not block; the loop is for
+	// a call interrupted before it submitted them all.
 	for got, submit := uint32(0), n; got < n; {
 		_, _, e := syscall.RawSyscall6(sysIOUringEnter, uintptr(r.fd), uintptr(submit), uintptr(n-got), uringEnterGetEvents, 0, 0)
 		switch e {
