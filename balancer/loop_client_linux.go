@@ -266,7 +266,7 @@ func (l *loop) onClient(c *loopClient) {
 		}
 	}
 	if len(c.in) == 0 {
-		if c.eof {
+		if c.eof || l.stopping {
 			l.close(c)
 		}
 		return
@@ -551,7 +551,10 @@ func (l *loop) next(c *loopClient) {
 		l.onClient(c)
 	case len(c.in) > 0:
 		l.serve(c)
-	case c.eof:
+	case c.eof || l.stopping:
+		// A stopping loop keeps no idle connection (beginStop): one
+		// answered since, its answer queued or written in part when the
+		// stop came, closes now.
 		l.close(c)
 	}
 }

@@ -316,3 +316,132 @@ func TestEventLoopSendsWithAndWithoutIOUring(t *testing.T) {
 		})
 	}
 }
+
+// newSendLoop returns a loop with what its sends need, and with the ring
+// if withRing, as newLoop makes them; it polls nothing.
+func newSendLoop(t *testing.T, withRing bool) *loop {
+	t.Helper()
+	l := &loop{now: time.Now(), epfd: -1, lfd: -1, sendFDs: make([]int, 0, sendRingEntries),
+		sendBufs: make([][]byte, 0, sendRingEntries), sendRes: make([]int32, sendRingEntries)}
+	l.nowNs = l.now.UnixNano()
+	if withRing {
+		l.ring = newTestRing(t)
+	}
+	return l
+}
+
+// loopClientOn returns a client connection of l, on one end of a socket
+// pair, that has read req; the other end, the client's, is returned too.
+// The loop closes its end, as it does a client's.
+func loopClientOn(t *testing.T, l *loop, req string) (*loopClient, int) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &loopClient{waitIdx: -1}
+	c.fd = fds[0]
+	c.in = append(make([]byte, 0, 64), req...)
+	c.req.HeadLen = len(req)
+	for c.fd >= len(l.conns) {
+		l.conns = append(l.conns, loopSock{})
+	}
+	l.conns[c.fd] = loopSock{c: c}
+	t.Cleanup(func() {
+		if c.fd >= 0 {
+			syscall.Close(c.fd)
+		}
+		syscall.Close(fds[1])
+	})
+	return c, fds[1]
+}
+
+// readToEOF reads what is waiting on fd, without blocking, and reports
+// whether the end of the connection came after it.
+func readToEOF(t *testing.T, fd int) (string, bool) {
+	t.Helper()
+	var got []byte
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := syscall.Read(fd, buf)
+		switch {
+		case n > 0:
+			got = append(got, buf[:n]...)
+		case err == nil:
+			return string(got), true
+		case errors.Is(err, syscall.EAGAIN):
+			return string(got), false
+		default:
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestLoopStopClosesConnectionsOnceAnswered checks that a loop told to
+// stop closes a kept-alive client connection once its answer has gone,
+// as it closes the idle ones at once: an answer queued by the events that
+// came with the stop, and one a slow reader was still being written when
+// it came. Left open, the connection keeps the loop, and the server's
+// shutdown, waiting until the client leaves or idle_timeout cuts it.
+func TestLoopStopClosesConnectionsOnceAnswered(t *testing.T) {
+	const req = "GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+	const ans = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+	for _, withRing := range []bool{true, false} {
+		name := "sendto"
+		if withRing {
+			name = "io_uring"
+		}
+		t.Run(name, func(t *testing.T) {
+			l := newSendLoop(t, withRing)
+			type conn struct {
+				c    *loopClient
+				peer int
+				want string
+			}
+			var conns []conn
+			// A slow reader: its answer, bigger than the socket takes,
+			// is partly written when the stop comes.
+			slow, slowPeer := loopClientOn(t, l, req)
+			if err := syscall.SetsockoptInt(slow.fd, syscall.SOL_SOCKET, syscall.SO_SNDBUF, 4096); err != nil {
+				t.Fatal(err)
+			}
+			big := "HTTP/1.1 200 OK\r\nContent-Length: 65536\r\n\r\n" + strings.Repeat("b", 64<<10)
+			l.queueAnswer(slow, append([]byte(nil), big...), len(req))
+			l.flushSends()
+			if slow.state != lcWriting {
+				t.Fatalf("a 64KiB answer went whole on a 4KiB socket: state %d", slow.state)
+			}
+			conns = append(conns, conn{slow, slowPeer, big})
+			// Answers queued, then the stop in the same batch of events.
+			for range 2 {
+				c, peer := loopClientOn(t, l, req)
+				l.queueAnswer(c, append([]byte(nil), ans...), len(req))
+				conns = append(conns, conn{c, peer, ans})
+			}
+
+			l.beginStop()
+			l.flushSends()
+
+			// The slow reader reads its answer as it comes.
+			got := make([]string, len(conns))
+			for i := 0; i < 1<<16 && slow.state == lcWriting; i++ {
+				s, _ := readToEOF(t, slowPeer)
+				got[0] += s
+				l.flush(slow)
+			}
+			for i, c := range conns {
+				s, eof := readToEOF(t, c.peer)
+				got[i] += s
+				if got[i] != c.want {
+					t.Errorf("client %d received %d bytes, want its answer (%d bytes)", i, len(got[i]), len(c.want))
+				}
+				if !eof {
+					t.Errorf("client %d: the connection stays open after its answer, while the loop stops (state %d)", i, c.c.state)
+				}
+			}
+			if n := l.busy(); n != 0 {
+				t.Errorf("%d client connections left open: the stopping loop would not exit", n)
+			}
+		})
+	}
+}
