@@ -136,6 +136,23 @@ func TestSendRingReceivesFromEverySocket(t *testing.T) {
 	}
 }
 
+// TestSendRingNeedsIOUringSend checks what a ring asks of the kernel
+// besides io_uring: its send (Linux 5.6), without which, as on 5.5, whose
+// io_uring has every feature newSendRing checks, each send the ring made
+// would fail with EINVAL. The probe finds it on this kernel, and finds
+// nothing on a descriptor that is no ring, as it finds nothing on 5.5,
+// which has no probe.
+func TestSendRingNeedsIOUringSend(t *testing.T) {
+	r := newTestRing(t)
+	if !uringCanSend(r.fd) {
+		t.Error("the probe does not find IORING_OP_SEND on a kernel whose ring sends")
+	}
+	a, _ := socketPair(t)
+	if uringCanSend(a) {
+		t.Error("the probe finds IORING_OP_SEND on a socket")
+	}
+}
+
 // fillSocket writes to fd until it would block.
 func fillSocket(fd int) {
 	b := make([]byte, 4096)

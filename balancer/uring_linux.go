@@ -32,8 +32,9 @@ type sendRing struct {
 
 // The io_uring ABI (include/uapi/linux/io_uring.h).
 const (
-	sysIOUringSetup = 425
-	sysIOUringEnter = 426
+	sysIOUringSetup    = 425
+	sysIOUringEnter    = 426
+	sysIOUringRegister = 427
 
 	uringOffSQRing = 0
 	uringOffSQEs   = 0x10000000
@@ -42,6 +43,9 @@ const (
 	uringOpRecv = 27
 
 	uringEnterGetEvents = 1 << 0
+
+	uringRegisterProbe = 8
+	uringOpSupported   = 1 << 0
 
 	uringSetupSubmitAll   = 1 << 7
 	uringSetupCoopTaskrun = 1 << 8
@@ -90,6 +94,36 @@ type uringCQE struct {
 	flags    uint32
 }
 
+// uringProbe is struct io_uring_probe with room for the opcodes up to
+// send's.
+type uringProbe struct {
+	lastOp uint8
+	opsLen uint8
+	_      uint16
+	_      [3]uint32
+	ops    [uringOpSend + 1]struct {
+		op    uint8
+		_     uint8
+		flags uint16
+		_     uint32
+	}
+}
+
+// uringCanSend reports whether the kernel of the ring fd sends
+// (IORING_OP_SEND, Linux 5.6): the io_uring of 5.5 has the features
+// newSendRing checks, but fails every send with EINVAL, and has no probe.
+func uringCanSend(fd int) bool {
+	var p uringProbe
+	e := syscall.EINTR
+	for e == syscall.EINTR {
+		// Older kernels wait for the ring to be idle first, which a
+		// signal interrupts. The probe must be all zeroes.
+		p = uringProbe{}
+		_, _, e = syscall.Syscall6(sysIOUringRegister, uintptr(fd), uringRegisterProbe, uintptr(unsafe.Pointer(&p)), uintptr(len(p.ops)), 0, 0)
+	}
+	return e == 0 && int(p.opsLen) > uringOpSend && p.ops[uringOpSend].flags&uringOpSupported != 0
+}
+
 // sendRingEntries is how many sends one io_uring_enter takes at most.
 const sendRingEntries = 256
 
@@ -113,6 +147,10 @@ func newSendRing() (*sendRing, error) {
 	if p.features&uringFeatSingleMmap == 0 || p.features&uringFeatNoDrop == 0 {
 		// Before 5.5: one mapping for both rings is what this code
 		// maps, and a full completion queue must not lose completions.
+		r.close()
+		return nil, syscall.ENOSYS
+	}
+	if !uringCanSend(r.fd) {
 		r.close()
 		return nil, syscall.ENOSYS
 	}
