@@ -355,18 +355,6 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 	l.sendBufs = make([][]byte, 0, sendRingEntries)
 	l.sendRes = make([]int32, sendRingEntries)
 	l.ahead = make([]readAhead, 0, len(l.events))
-	if s.cfg.Server.ioUring() {
-		ring, err := newSendRing()
-		if err != nil {
-			if idx == 0 {
-				s.log.Info("event loop: io_uring unavailable; one sendto per send", "err", err)
-			}
-		} else {
-			l.ring = ring
-		}
-	}
-	l.batchWait = int64(s.cfg.Server.batchWait(l.ring != nil))
-	l.batchSleep = syscall.NsecToTimespec(l.batchWait)
 	// Heads are checked a few times per header_timeout, so that a slow
 	// one is cut close to its time.
 	l.idleEvery = min(int64(time.Second), l.headerTimeout/4)
@@ -394,6 +382,21 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 	if err := l.ctl(syscall.EPOLL_CTL_ADD, l.wake[0], syscall.EPOLLIN); err != nil {
 		return nil, err
 	}
+	// Last, as nothing after it fails: a loop without a ring works.
+	if s.cfg.Server.ioUring() {
+		ring, err := newSendRing()
+		if err != nil {
+			// Said once per server: every loop meets the same kernel,
+			// but for a memlock limit (before Linux 5.12) that may let
+			// the first loops have one and not the next.
+			if !s.ringRefused.Swap(true) {
+				s.log.Info("event loop: io_uring unavailable; one system call per read and per send", "loop", idx, "err", err)
+			}
+		} else {
+			l.ring = ring
+		}
+	}
+	l.setBatchWait(s.cfg.Server.batchWait(l.ring != nil))
 	return l, nil
 }
 

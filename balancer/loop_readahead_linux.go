@@ -66,9 +66,7 @@ func (l *loop) readAhead(n int) {
 		loopReadsAhead.Add(len(fds))
 		loopReadAheadCalls.Inc()
 		if errno := l.ring.recvAll(fds, bufs, res); errno != 0 {
-			l.s.log.Warn("event loop: io_uring failed; one system call per read and per send from now on", "loop", l.idx, "err", errno)
-			l.ring.close()
-			l.ring = nil
+			l.ringFailed(errno)
 		}
 		j := 0
 		for i := range l.ahead {

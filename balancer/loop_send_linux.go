@@ -4,6 +4,7 @@ package balancer
 
 import (
 	"syscall"
+	"time"
 )
 
 // The loop's sends wait for the end of the events in hand, and then go
@@ -109,9 +110,7 @@ func (l *loop) sendBatch(batch []loopSend) {
 	if l.ring != nil && len(fds) > 1 {
 		loopSendCalls.Inc()
 		if errno := l.ring.sendAll(fds, bufs, res); errno != 0 {
-			l.s.log.Warn("event loop: io_uring failed; one system call per read and per send from now on", "loop", l.idx, "err", errno)
-			l.ring.close()
-			l.ring = nil
+			l.ringFailed(errno)
 		}
 	}
 	clear(bufs)
@@ -180,4 +179,25 @@ func (l *loop) sendDone(s *loopSend, r int32) {
 	bc.sending = false
 	bc.out = bc.out[:0]
 	l.sent(bc, n == len(s.buf))
+}
+
+// ringFailed gives up the loop's ring after a call on it failed with
+// errno: from then on each read and send is a system call of its own,
+// and batched waits, which pay through the ring, go back to what the
+// configuration says without one.
+func (l *loop) ringFailed(errno syscall.Errno) {
+	l.s.log.Warn("event loop: io_uring failed; one system call per read and per send from now on", "loop", l.idx, "err", errno)
+	l.ring.close()
+	l.ring = nil
+	l.setBatchWait(l.s.cfg.Server.batchWait(false))
+}
+
+// setBatchWait sets how long the loop's batched waits are; 0 turns them
+// off.
+func (l *loop) setBatchWait(d time.Duration) {
+	l.batchWait = int64(d)
+	l.batchSleep = syscall.NsecToTimespec(l.batchWait)
+	if d == 0 {
+		l.batching = false
+	}
 }

@@ -462,3 +462,44 @@ func TestLoopStopClosesConnectionsOnceAnswered(t *testing.T) {
 		})
 	}
 }
+
+// TestLoopRingFailureFallsBackToSystemCalls: a ring whose call fails
+// mid-run is given up; the sends and reads it did not make are made with
+// sendto and recvfrom, and batched waits, which pay only through the
+// ring, go back to their setting without one (off by default).
+func TestLoopRingFailureFallsBackToSystemCalls(t *testing.T) {
+	r := newTestRing(t)
+	fd := r.fd
+	t.Cleanup(func() { syscall.Close(fd) })
+	l := &loop{s: &Server{log: quietLogger(), cfg: mustConfig(t, "services:\n  web: {static: [127.0.0.1:1]}\n")},
+		now: time.Now(), ring: r, sendFDs: make([]int, 0, sendRingEntries),
+		sendBufs: make([][]byte, 0, sendRingEntries), sendRes: make([]int32, sendRingEntries)}
+	l.nowNs = l.now.UnixNano()
+	l.setBatchWait(DefaultBatchWait)
+	l.batching = true
+	// The ring's descriptor is no longer one: its next call fails.
+	r.fd = -1
+
+	var peers []int
+	for i := range 3 {
+		a, b := socketPair(t)
+		peers = append(peers, b)
+		c := &loopClient{waitIdx: -1}
+		c.fd = a
+		c.in = append(make([]byte, 0, 64), "GET / HTTP/1.1\r\n\r\n"...)
+		l.out = append(l.out[:0], fmt.Sprintf("answer %d", i)...)
+		l.queueAnswer(c, l.out, len("GET / HTTP/1.1\r\n\r\n"))
+	}
+	l.flushSends()
+	for i, p := range peers {
+		if got, want := received(t, p), fmt.Sprintf("answer %d", i); got != want {
+			t.Errorf("client %d received %q after the ring failed, want %q", i, got, want)
+		}
+	}
+	if l.ring != nil {
+		t.Error("the loop kept a ring whose call failed")
+	}
+	if l.batchWait != 0 || l.batching {
+		t.Errorf("after the ring failed: batch wait %v, batching %v; want off, as configured without a ring", time.Duration(l.batchWait), l.batching)
+	}
+}

@@ -72,8 +72,11 @@ type Server struct {
 	// their waits while there are any: a loop sleeping holds its thread,
 	// which these goroutines need.
 	fastConns atomic.Int64
-	admin     *adminServer
-	consul    *discovery.Consul
+	// ringRefused is set once a loop could not set up its io_uring,
+	// which is logged once.
+	ringRefused atomic.Bool
+	admin       *adminServer
+	consul      *discovery.Consul
 	// tls is the TLS listener and its certificates; nil without a tls
 	// block.
 	tls *tlsState

@@ -3,6 +3,8 @@
 package balancer
 
 import (
+	"errors"
+	"fmt"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -95,13 +97,13 @@ type uringCQE struct {
 }
 
 // uringProbe is struct io_uring_probe with room for the opcodes up to
-// send's.
+// recv's.
 type uringProbe struct {
 	lastOp uint8
 	opsLen uint8
 	_      uint16
 	_      [3]uint32
-	ops    [uringOpSend + 1]struct {
+	ops    [uringOpRecv + 1]struct {
 		op    uint8
 		_     uint8
 		flags uint16
@@ -109,9 +111,10 @@ type uringProbe struct {
 	}
 }
 
-// uringCanSend reports whether the kernel of the ring fd sends
-// (IORING_OP_SEND, Linux 5.6): the io_uring of 5.5 has the features
-// newSendRing checks, but fails every send with EINVAL, and has no probe.
+// uringCanSend reports whether the kernel of the ring fd sends and
+// receives (IORING_OP_SEND and IORING_OP_RECV, Linux 5.6): the io_uring
+// of 5.5 has the features newSendRing checks, but fails every send and
+// recv with EINVAL, and has no probe.
 func uringCanSend(fd int) bool {
 	var p uringProbe
 	e := syscall.EINTR
@@ -121,7 +124,42 @@ func uringCanSend(fd int) bool {
 		p = uringProbe{}
 		_, _, e = syscall.Syscall6(sysIOUringRegister, uintptr(fd), uringRegisterProbe, uintptr(unsafe.Pointer(&p)), uintptr(len(p.ops)), 0, 0)
 	}
-	return e == 0 && int(p.opsLen) > uringOpSend && p.ops[uringOpSend].flags&uringOpSupported != 0
+	return e == 0 && int(p.opsLen) > uringOpRecv && p.ops[uringOpSend].flags&uringOpSupported != 0 &&
+		p.ops[uringOpRecv].flags&uringOpSupported != 0
+}
+
+// uringCheckBuf is what checkNoWait's recv may write to, whatever
+// becomes of the ring.
+var uringCheckBuf [16]byte
+
+// checkNoWait checks that the kernel completes a recv with MSG_DONTWAIT
+// on an empty socket within the call that submits it, with EAGAIN, as
+// every operation of a batch must be: one that waited instead would hold
+// the loop in all until bytes came. A ring that fails it is not used.
+func (r *sendRing) checkNoWait() error {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer syscall.Close(fds[0])
+	defer syscall.Close(fds[1])
+	tail := *r.sqTail
+	r.sqes[tail&r.sqMask] = uringSQE{opcode: uringOpRecv, fd: int32(fds[0]), len: uint32(len(uringCheckBuf)),
+		addr: uint64(uintptr(unsafe.Pointer(&uringCheckBuf[0]))), opFlags: syscall.MSG_DONTWAIT}
+	atomic.StoreUint32(r.sqTail, tail+1)
+	// Submitted without waiting for its completion.
+	if _, _, e := syscall.RawSyscall6(sysIOUringEnter, uintptr(r.fd), 1, 0, 0, 0, 0); e != 0 {
+		return e
+	}
+	res := []int32{sendPending}
+	r.reap(1, res)
+	switch res[0] {
+	case -int32(syscall.EAGAIN):
+		return nil
+	case sendPending:
+		return errors.New("io_uring waits on a MSG_DONTWAIT recv instead of failing it")
+	}
+	return fmt.Errorf("io_uring recv on an empty socket returned %d, want -EAGAIN", res[0])
 }
 
 // sendRingEntries is how many sends one io_uring_enter takes at most.
@@ -182,6 +220,10 @@ func newSendRing() (*sendRing, error) {
 	for i := range array {
 		array[i] = uint32(i)
 	}
+	if err := r.checkNoWait(); err != nil {
+		r.close()
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -238,24 +280,40 @@ func (r *sendRing) all(op uint8, msgFlags uint32, fds []int, bufs [][]byte, res 
 	// (MSG_DONTWAIT has the kernel fail one that would block rather than
 	// wait), so waiting for all of them does not block; the loop is for
 	// a call interrupted before it submitted them all.
-	for got, submit := uint32(0), n; got < n; {
+	for got, submit, tries := uint32(0), n, 0; ; tries++ {
 		_, _, e := syscall.RawSyscall6(sysIOUringEnter, uintptr(r.fd), uintptr(submit), uintptr(n-got), uringEnterGetEvents, 0, 0)
-		switch e {
-		case 0, syscall.EINTR, syscall.EAGAIN, syscall.EBUSY:
-		default:
+		// What completed is recorded even when the call failed, so that
+		// it is not done again.
+		if got += r.reap(n, res); got == n {
+			return 0
+		}
+		switch {
+		case e != 0 && e != syscall.EINTR && e != syscall.EAGAIN && e != syscall.EBUSY:
 			return e
+		case tries == uringMaxTries:
+			return syscall.EAGAIN
 		}
-		head := *r.cqHead
-		end := atomic.LoadUint32(r.cqTail)
-		for ; head != end; head++ {
-			c := &r.cqes[head&r.cqMask]
-			if c.userData < uint64(n) && res[c.userData] == sendPending {
-				res[c.userData] = c.res
-				got++
-			}
-		}
-		atomic.StoreUint32(r.cqHead, head)
 		submit = tail + n - atomic.LoadUint32(r.sqHead)
 	}
-	return 0
+}
+
+// uringMaxTries bounds the io_uring_enter calls of one batch: a kernel
+// that keeps answering EAGAIN or EBUSY breaks the ring.
+const uringMaxTries = 100
+
+// reap records in res the completions of the n operations of a batch,
+// and returns how many it found.
+func (r *sendRing) reap(n uint32, res []int32) uint32 {
+	got := uint32(0)
+	head := *r.cqHead
+	end := atomic.LoadUint32(r.cqTail)
+	for ; head != end; head++ {
+		c := &r.cqes[head&r.cqMask]
+		if c.userData < uint64(n) && res[c.userData] == sendPending {
+			res[c.userData] = c.res
+			got++
+		}
+	}
+	atomic.StoreUint32(r.cqHead, head)
+	return got
 }
