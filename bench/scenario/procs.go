@@ -149,15 +149,31 @@ func (p *Proc) Output() string {
 	return strings.TrimSpace(string(b))
 }
 
-// FreeAddr returns a free loopback address.
+// FreeAddr returns a free loopback address, never one it returned
+// before: the port is free once its listener closes, and the kernel may
+// give it again at once, to the next caller, whose process would then
+// listen where another means to.
 func FreeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+	freeMu.Lock()
+	defer freeMu.Unlock()
+	for {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return "", err
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		if !freeGiven[addr] {
+			freeGiven[addr] = true
+			return addr, nil
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }
+
+var (
+	freeMu    sync.Mutex
+	freeGiven = map[string]bool{}
+)
 
 // StartOrigin starts a demo origin on a free port.
 func (g *Procs) StartOrigin(name string, args ...string) (*Proc, error) {
