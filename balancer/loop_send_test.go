@@ -471,10 +471,8 @@ func TestLoopRingFailureFallsBackToSystemCalls(t *testing.T) {
 	r := newTestRing(t)
 	fd := r.fd
 	t.Cleanup(func() { syscall.Close(fd) })
-	l := &loop{s: &Server{log: quietLogger(), cfg: mustConfig(t, "services:\n  web: {static: [127.0.0.1:1]}\n")},
-		now: time.Now(), ring: r, sendFDs: make([]int, 0, sendRingEntries),
-		sendBufs: make([][]byte, 0, sendRingEntries), sendRes: make([]int32, sendRingEntries)}
-	l.nowNs = l.now.UnixNano()
+	l := newSendLoop(t, false)
+	l.s, l.ring = &Server{log: quietLogger(), cfg: mustConfig(t, "services:\n  web: {static: [127.0.0.1:1]}\n")}, r
 	l.setBatchWait(DefaultBatchWait)
 	l.batching = true
 	// The ring's descriptor is no longer one: its next call fails.
@@ -482,13 +480,10 @@ func TestLoopRingFailureFallsBackToSystemCalls(t *testing.T) {
 
 	var peers []int
 	for i := range 3 {
-		a, b := socketPair(t)
-		peers = append(peers, b)
-		c := &loopClient{waitIdx: -1}
-		c.fd = a
-		c.in = append(make([]byte, 0, 64), "GET / HTTP/1.1\r\n\r\n"...)
+		c, peer := loopClientOn(t, l, "GET / HTTP/1.1\r\n\r\n")
+		peers = append(peers, peer)
 		l.out = append(l.out[:0], fmt.Sprintf("answer %d", i)...)
-		l.queueAnswer(c, l.out, len("GET / HTTP/1.1\r\n\r\n"))
+		l.queueAnswer(c, l.out, c.req.HeadLen)
 	}
 	l.flushSends()
 	for i, p := range peers {

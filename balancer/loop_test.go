@@ -424,16 +424,23 @@ func TestEventLoopBatchesWaitsOnlyUnderLoad(t *testing.T) {
 
 	// Once it is closed, the loops batch again.
 	h.Close()
-	for deadline := time.Now().Add(5 * time.Second); s.fastConns.Load() != 0; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d connections still counted handed over", s.fastConns.Load())
-		}
-	}
+	waitNoFastConns(t, s)
 	load()
 	if loopBatchWaits.Get() == w1 {
 		t.Fatal("no batched wait under load after the handed-over connection closed")
 	}
 
+}
+
+// waitNoFastConns waits until s counts no connection served by
+// goroutines, the last one having closed.
+func waitNoFastConns(t *testing.T, s *Server) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); s.fastConns.Load() != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections still counted as served by goroutines after the last closed", s.fastConns.Load())
+		}
+	}
 }
 
 // TestEventLoopDoesNotBatchWhileTLSConnectionsAreOpen: a connection the
@@ -465,11 +472,7 @@ func TestEventLoopDoesNotBatchWhileTLSConnectionsAreOpen(t *testing.T) {
 	}
 
 	c.Close()
-	for deadline := time.Now().Add(5 * time.Second); s.fastConns.Load() != 0; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d connections still counted after the TLS one closed", s.fastConns.Load())
-		}
-	}
+	waitNoFastConns(t, s)
 	load()
 	if loopBatchWaits.Get() == w0 {
 		t.Fatal("no batched wait under load once the TLS connection closed")
