@@ -233,8 +233,10 @@ type loop struct {
 	sendFDs   []int
 	sendBufs  [][]byte
 	sendRes   []int32
-	// ahead holds what was read ahead for the events in hand.
+	// ahead holds what was read ahead for the events in hand, in their
+	// order; cur is the one for the event being handled, -1 if none.
 	ahead []readAhead
+	cur   int
 	// For the stale store's Vary check.
 	vary       [][]byte
 	reqHeaders [][2][]byte
@@ -354,7 +356,7 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 	l.sendFDs = make([]int, 0, sendRingEntries)
 	l.sendBufs = make([][]byte, 0, sendRingEntries)
 	l.sendRes = make([]int32, sendRingEntries)
-	l.ahead = make([]readAhead, 0, len(l.events))
+	l.ahead, l.cur = make([]readAhead, 0, len(l.events)), -1
 	// Heads are checked a few times per header_timeout, so that a slow
 	// one is cut close to its time.
 	l.idleEvery = min(int64(time.Second), l.headerTimeout/4)
@@ -444,9 +446,14 @@ func (l *loop) handle(n int) {
 	l.swept += n
 	l.readAhead(n)
 	defer l.dropAhead()
+	next := 0 // the first read ahead not reached yet
 	for i := 0; i < n; i++ {
 		ev := &l.events[i]
 		fd := int(ev.Fd)
+		l.cur = -1
+		if next < len(l.ahead) && l.ahead[next].ev == i {
+			l.cur, next = next, next+1
+		}
 		switch {
 		case fd == l.lfd:
 			l.accept()

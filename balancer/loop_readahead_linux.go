@@ -20,6 +20,7 @@ import (
 // readAhead is what was read ahead for one event: from fd, the socket of
 // c or bc, into the len bytes at base; n bytes, or -1 and errno.
 type readAhead struct {
+	ev    int // the event's index in l.events
 	c     *loopClient
 	bc    *loopBackend
 	fd    int
@@ -55,7 +56,7 @@ func (l *loop) readAhead(n int) {
 		if len(b) == 0 {
 			continue
 		}
-		l.ahead = append(l.ahead, readAhead{c: s.c, bc: s.bc, fd: fd, base: &b[0], len: len(b)})
+		l.ahead = append(l.ahead, readAhead{ev: i, c: s.c, bc: s.bc, fd: fd, base: &b[0], len: len(b)})
 		fds, bufs = append(fds, fd), append(bufs, b)
 	}
 	if len(fds) < 2 {
@@ -91,12 +92,12 @@ func (l *loop) readAhead(n int) {
 }
 
 // recv reads from fd, the socket of c or bc, into p: what was read ahead
-// for it in this batch, if anything, else with recvfrom.
+// for it, if the event being handled is its socket's, else with recvfrom.
 func (l *loop) recv(c *loopClient, bc *loopBackend, fd int, p []byte) (int, syscall.Errno) {
-	for i := range l.ahead {
-		a := &l.ahead[i]
+	if l.cur >= 0 && l.cur < len(l.ahead) {
+		a := &l.ahead[l.cur]
 		if a.taken || a.fd != fd || a.c != c || a.bc != bc {
-			continue
+			return rawRead(fd, p)
 		}
 		a.taken = true
 		if len(p) != a.len || unsafe.SliceData(p) != a.base {
@@ -116,6 +117,7 @@ func (l *loop) recv(c *loopClient, bc *loopBackend, fd int, p []byte) (int, sysc
 // an event read ahead for is handled by a read of its socket unless
 // something closed the connection first.
 func (l *loop) dropAhead() {
+	l.cur = -1
 	for i := range l.ahead {
 		a := &l.ahead[i]
 		if a.taken || a.n <= 0 || a.fd >= len(l.conns) {
