@@ -224,15 +224,17 @@ type loop struct {
 	out    []byte
 	body   []byte // a decoded chunked body
 	// sends are queued for the end of the events in hand (flushSends);
-	// ring, if the kernel has io_uring, sends them in one system call.
-	// wbufs are free answer buffers; the rest is flushSends' scratch.
+	// ring, if the kernel has io_uring, sends them in one system call,
+	// and makes the reads ahead (readAhead) in another. wbufs are free
+	// answer buffers; ringFDs, ringBufs and ringRes are the scratch of
+	// both.
 	sends     []loopSend
 	sendsNext []loopSend
-	ring      *sendRing
+	ring      *ioRing
 	wbufs     [][]byte
-	sendFDs   []int
-	sendBufs  [][]byte
-	sendRes   []int32
+	ringFDs   []int
+	ringBufs  [][]byte
+	ringRes   []int32
 	// ahead holds what was read ahead for the events in hand, in their
 	// order; cur is the one for the event being handled, -1 if none.
 	ahead []readAhead
@@ -353,9 +355,9 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 		ids:         newIDSource(),
 	}
 	l.headerTimeout = int64(s.cfg.Server.HeaderTimeout)
-	l.sendFDs = make([]int, 0, sendRingEntries)
-	l.sendBufs = make([][]byte, 0, sendRingEntries)
-	l.sendRes = make([]int32, sendRingEntries)
+	l.ringFDs = make([]int, 0, ioRingEntries)
+	l.ringBufs = make([][]byte, 0, ioRingEntries)
+	l.ringRes = make([]int32, ioRingEntries)
 	l.ahead, l.cur = make([]readAhead, 0, len(l.events)), -1
 	// Heads are checked a few times per header_timeout, so that a slow
 	// one is cut close to its time.
@@ -386,7 +388,7 @@ func newLoop(s *Server, lfd, idx, nloops int) (*loop, error) {
 	}
 	// Last, as nothing after it fails: a loop without a ring works.
 	if s.cfg.Server.ioUring() {
-		ring, err := newSendRing()
+		ring, err := newIORing()
 		if err != nil {
 			// Said once per server: every loop meets the same kernel,
 			// but for a memlock limit (before Linux 5.12) that may let

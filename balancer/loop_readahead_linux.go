@@ -38,7 +38,7 @@ func (l *loop) readAhead(n int) {
 	if l.ring == nil || n < 2 || l.stopping {
 		return
 	}
-	fds, bufs := l.sendFDs[:0], l.sendBufs[:0]
+	fds, bufs := l.ringFDs[:0], l.ringBufs[:0]
 	for i := 0; i < n; i++ {
 		ev := &l.events[i]
 		fd := int(ev.Fd)
@@ -63,7 +63,7 @@ func (l *loop) readAhead(n int) {
 		// One read is a recvfrom of its own.
 		l.ahead = l.ahead[:0]
 	} else {
-		res := l.sendRes[:len(fds)]
+		res := l.ringRes[:len(fds)]
 		loopReadsAhead.Add(len(fds))
 		loopReadAheadCalls.Inc()
 		if errno := l.ring.recvAll(fds, bufs, res); errno != 0 {
@@ -73,7 +73,7 @@ func (l *loop) readAhead(n int) {
 		for i := range l.ahead {
 			a := &l.ahead[i]
 			switch r := res[i]; {
-			case r == sendPending:
+			case r == ringPending:
 				// Not read: the handling reads it itself.
 				continue
 			case r < 0:
@@ -88,7 +88,7 @@ func (l *loop) readAhead(n int) {
 		l.ahead = l.ahead[:j]
 	}
 	clear(bufs)
-	l.sendFDs, l.sendBufs = fds[:0], bufs[:0]
+	l.ringFDs, l.ringBufs = fds[:0], bufs[:0]
 }
 
 // recv reads from fd, the socket of c or bc, into p: what was read ahead

@@ -8,7 +8,7 @@ import (
 )
 
 // The loop's sends wait for the end of the events in hand, and then go
-// together: with io_uring in one system call (sendRing), else one sendto
+// together: with io_uring in one system call (ioRing), else one sendto
 // each. An answer or a request queued for sending is a loopSend; its
 // connection waits for the send to complete before it does anything else:
 // a client in state lcSending reads nothing, a backend connection with
@@ -83,7 +83,7 @@ func (l *loop) flushSends() {
 		batch := l.sends
 		l.sends, l.sendsNext = l.sendsNext[:0], batch
 		for len(batch) > 0 {
-			k := min(len(batch), sendRingEntries)
+			k := min(len(batch), ioRingEntries)
 			l.sendBatch(batch[:k])
 			batch = batch[k:]
 		}
@@ -96,14 +96,14 @@ func (l *loop) flushSends() {
 // completion does may close the connection of a send further on, sent
 // already or not: that one is then dropped.
 func (l *loop) sendBatch(batch []loopSend) {
-	fds, bufs, res := l.sendFDs[:0], l.sendBufs[:0], l.sendRes
+	fds, bufs, res := l.ringFDs[:0], l.ringBufs[:0], l.ringRes
 	for i := range batch {
 		s := &batch[i]
 		s.idx = -1
 		if s.live() {
 			s.idx = len(fds)
 			fds, bufs = append(fds, s.fd), append(bufs, s.buf)
-			res[s.idx] = sendPending
+			res[s.idx] = ringPending
 		}
 	}
 	loopSends.Add(len(fds))
@@ -114,7 +114,7 @@ func (l *loop) sendBatch(batch []loopSend) {
 		}
 	}
 	clear(bufs)
-	l.sendFDs, l.sendBufs = fds[:0], bufs[:0]
+	l.ringFDs, l.ringBufs = fds[:0], bufs[:0]
 	for i := range batch {
 		s := &batch[i]
 		if s.idx < 0 || !s.live() {
@@ -122,7 +122,7 @@ func (l *loop) sendBatch(batch []loopSend) {
 			continue
 		}
 		r := res[s.idx]
-		if r == sendPending {
+		if r == ringPending {
 			// A send alone, or the ring broke before it went.
 			loopSendCalls.Inc()
 			n, errno := rawWrite(s.fd, s.buf)

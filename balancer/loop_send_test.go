@@ -48,9 +48,9 @@ func received(t *testing.T, fd int) string {
 
 // newTestRing returns a send ring, or skips the test where the kernel
 // has none to give (before Linux 5.6, kernel.io_uring_disabled, seccomp).
-func newTestRing(t *testing.T) *sendRing {
+func newTestRing(t *testing.T) *ioRing {
 	t.Helper()
-	r, err := newSendRing()
+	r, err := newIORing()
 	if err != nil {
 		t.Skipf("io_uring unavailable here (%v): the loop sends with sendto, which the other tests cover", err)
 	}
@@ -138,7 +138,7 @@ func TestSendRingReceivesFromEverySocket(t *testing.T) {
 
 // TestSendRingNeedsIOUringSend checks what a ring asks of the kernel
 // besides io_uring: its send (Linux 5.6), without which, as on 5.5, whose
-// io_uring has every feature newSendRing checks, each send the ring made
+// io_uring has every feature newIORing checks, each send the ring made
 // would fail with EINVAL. The probe finds it on this kernel, and finds
 // nothing on a descriptor that is no ring, as it finds nothing on 5.5,
 // which has no probe.
@@ -178,8 +178,8 @@ func TestLoopSendsQueuedGoOnlyToTheirConnections(t *testing.T) {
 			name = "io_uring"
 		}
 		t.Run(name, func(t *testing.T) {
-			l := &loop{now: time.Now(), sendFDs: make([]int, 0, sendRingEntries),
-				sendBufs: make([][]byte, 0, sendRingEntries), sendRes: make([]int32, sendRingEntries)}
+			l := &loop{now: time.Now(), ringFDs: make([]int, 0, ioRingEntries),
+				ringBufs: make([][]byte, 0, ioRingEntries), ringRes: make([]int32, ioRingEntries)}
 			l.nowNs = l.now.UnixNano()
 			if withRing {
 				l.ring = newTestRing(t)
@@ -338,8 +338,8 @@ func TestEventLoopSendsWithAndWithoutIOUring(t *testing.T) {
 // if withRing, as newLoop makes them; it polls nothing.
 func newSendLoop(t *testing.T, withRing bool) *loop {
 	t.Helper()
-	l := &loop{now: time.Now(), epfd: -1, lfd: -1, sendFDs: make([]int, 0, sendRingEntries),
-		sendBufs: make([][]byte, 0, sendRingEntries), sendRes: make([]int32, sendRingEntries)}
+	l := &loop{now: time.Now(), epfd: -1, lfd: -1, ringFDs: make([]int, 0, ioRingEntries),
+		ringBufs: make([][]byte, 0, ioRingEntries), ringRes: make([]int32, ioRingEntries)}
 	l.nowNs = l.now.UnixNano()
 	if withRing {
 		l.ring = newTestRing(t)

@@ -10,7 +10,7 @@ import (
 	"unsafe"
 )
 
-// A sendRing sends on, or reads from, many sockets with one system call:
+// An ioRing sends on, or reads from, many sockets with one system call:
 // an io_uring instance whose submissions are sends or recvs with
 // MSG_DONTWAIT, each of which the kernel completes before io_uring_enter
 // returns, as sendto or recvfrom would have: done, in part or not at all. Where a system call costs as much
@@ -18,7 +18,7 @@ import (
 // microsecond), one per batch instead of one per send is most of a
 // forwarded request's cost saved. Only the event loop's goroutine uses
 // its loop's ring.
-type sendRing struct {
+type ioRing struct {
 	fd     int
 	sqHead *uint32
 	sqTail *uint32
@@ -113,7 +113,7 @@ type uringProbe struct {
 
 // uringCanSend reports whether the kernel of the ring fd sends and
 // receives (IORING_OP_SEND and IORING_OP_RECV, Linux 5.6): the io_uring
-// of 5.5 has the features newSendRing checks, but fails every send and
+// of 5.5 has the features newIORing checks, but fails every send and
 // recv with EINVAL, and has no probe.
 func uringCanSend(fd int) bool {
 	var p uringProbe
@@ -136,7 +136,7 @@ var uringCheckBuf [16]byte
 // on an empty socket within the call that submits it, with EAGAIN, as
 // every operation of a batch must be: one that waited instead would hold
 // the loop in all until bytes came. A ring that fails it is not used.
-func (r *sendRing) checkNoWait() error {
+func (r *ioRing) checkNoWait() error {
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return err
@@ -151,36 +151,36 @@ func (r *sendRing) checkNoWait() error {
 	if _, _, e := syscall.RawSyscall6(sysIOUringEnter, uintptr(r.fd), 1, 0, 0, 0, 0); e != 0 {
 		return e
 	}
-	res := []int32{sendPending}
+	res := []int32{ringPending}
 	r.reap(1, res)
 	switch res[0] {
 	case -int32(syscall.EAGAIN):
 		return nil
-	case sendPending:
+	case ringPending:
 		return errors.New("io_uring waits on a MSG_DONTWAIT recv instead of failing it")
 	}
 	return fmt.Errorf("io_uring recv on an empty socket returned %d, want -EAGAIN", res[0])
 }
 
-// sendRingEntries is how many sends one io_uring_enter takes at most.
-const sendRingEntries = 256
+// ioRingEntries is how many operations one io_uring_enter takes at most.
+const ioRingEntries = 256
 
-// newSendRing sets up a ring, or says why the kernel would not: io_uring
+// newIORing sets up a ring, or says why the kernel would not: io_uring
 // missing (before Linux 5.6), disabled (kernel.io_uring_disabled) or
 // forbidden (a seccomp profile).
-func newSendRing() (*sendRing, error) {
+func newIORing() (*ioRing, error) {
 	var p uringParams
 	p.flags = uringSetupSubmitAll | uringSetupCoopTaskrun
-	fd, _, e := syscall.RawSyscall(sysIOUringSetup, sendRingEntries, uintptr(unsafe.Pointer(&p)), 0)
+	fd, _, e := syscall.RawSyscall(sysIOUringSetup, ioRingEntries, uintptr(unsafe.Pointer(&p)), 0)
 	if e == syscall.EINVAL {
 		// A kernel older than these flags (5.18, 5.19).
 		p = uringParams{}
-		fd, _, e = syscall.RawSyscall(sysIOUringSetup, sendRingEntries, uintptr(unsafe.Pointer(&p)), 0)
+		fd, _, e = syscall.RawSyscall(sysIOUringSetup, ioRingEntries, uintptr(unsafe.Pointer(&p)), 0)
 	}
 	if e != 0 {
 		return nil, e
 	}
-	r := &sendRing{fd: int(fd)}
+	r := &ioRing{fd: int(fd)}
 	syscall.CloseOnExec(r.fd)
 	if p.features&uringFeatSingleMmap == 0 || p.features&uringFeatNoDrop == 0 {
 		// Before 5.5: one mapping for both rings is what this code
@@ -227,7 +227,7 @@ func newSendRing() (*sendRing, error) {
 	return r, nil
 }
 
-func (r *sendRing) close() {
+func (r *ioRing) close() {
 	if r.sqeMem != nil {
 		syscall.Munmap(r.sqeMem)
 		r.sqeMem = nil
@@ -242,27 +242,27 @@ func (r *sendRing) close() {
 	}
 }
 
-// sendPending marks a send whose completion has not come yet.
-const sendPending = -1 << 31
+// ringPending marks an operation whose completion has not come yet.
+const ringPending = -1 << 31
 
-// sendAll sends bufs[i] on fds[i], at most sendRingEntries of them, and
+// sendAll sends bufs[i] on fds[i], at most ioRingEntries of them, and
 // sets res[i] to what send returned: the bytes sent, or a negated errno.
 // The buffers must stay put until it returns, as Go's heap does. An error
-// says the ring is broken: the sends still sendPending in res did not go.
-func (r *sendRing) sendAll(fds []int, bufs [][]byte, res []int32) syscall.Errno {
+// says the ring is broken: the sends still ringPending in res did not go.
+func (r *ioRing) sendAll(fds []int, bufs [][]byte, res []int32) syscall.Errno {
 	return r.all(uringOpSend, syscall.MSG_DONTWAIT|syscall.MSG_NOSIGNAL, fds, bufs, res)
 }
 
 // recvAll receives into bufs[i] from fds[i], as sendAll sends: res[i] is
 // what recv returned, the bytes read (0 at the end of the stream) or a
 // negated errno (EAGAIN when nothing was waiting).
-func (r *sendRing) recvAll(fds []int, bufs [][]byte, res []int32) syscall.Errno {
+func (r *ioRing) recvAll(fds []int, bufs [][]byte, res []int32) syscall.Errno {
 	return r.all(uringOpRecv, syscall.MSG_DONTWAIT, fds, bufs, res)
 }
 
 // all makes the operations op (a send or a recv, with msgFlags, which
 // include MSG_DONTWAIT) on fds and bufs.
-func (r *sendRing) all(op uint8, msgFlags uint32, fds []int, bufs [][]byte, res []int32) syscall.Errno {
+func (r *ioRing) all(op uint8, msgFlags uint32, fds []int, bufs [][]byte, res []int32) syscall.Errno {
 	n := uint32(len(fds))
 	tail := *r.sqTail
 	for i := uint32(0); i < n; i++ {
@@ -273,7 +273,7 @@ func (r *sendRing) all(op uint8, msgFlags uint32, fds []int, bufs [][]byte, res 
 		if len(b) > 0 {
 			s.addr = uint64(uintptr(unsafe.Pointer(&b[0])))
 		}
-		res[i] = sendPending
+		res[i] = ringPending
 	}
 	atomic.StoreUint32(r.sqTail, tail+n)
 	// Every operation is complete once io_uring_enter returns
@@ -303,13 +303,13 @@ const uringMaxTries = 100
 
 // reap records in res the completions of the n operations of a batch,
 // and returns how many it found.
-func (r *sendRing) reap(n uint32, res []int32) uint32 {
+func (r *ioRing) reap(n uint32, res []int32) uint32 {
 	got := uint32(0)
 	head := *r.cqHead
 	end := atomic.LoadUint32(r.cqTail)
 	for ; head != end; head++ {
 		c := &r.cqes[head&r.cqMask]
-		if c.userData < uint64(n) && res[c.userData] == sendPending {
+		if c.userData < uint64(n) && res[c.userData] == ringPending {
 			res[c.userData] = c.res
 			got++
 		}
